@@ -1,0 +1,213 @@
+"""Data handling for the hippocampus (MSD Task04) segmentation model.
+
+Volumes are kept in the raw array order returned by nibabel
+(``img.get_fdata()``).  For this data set that order is (x, y, z) with an
+identity affine, i.e. axis 0 runs left->right, axis 1 posterior->anterior
+and axis 2 inferior->superior (RAS).  The anterior/posterior labels are
+therefore separated along axis 1, which must never be flipped during
+augmentation.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def case_id(path: str | os.PathLike) -> str:
+    """File name without the NIfTI suffix (``hippocampus_001``)."""
+    name = Path(path).name
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def list_pairs(images_dir: str | os.PathLike, labels_dir: str | os.PathLike) -> dict[str, tuple[Path, Path]]:
+    """Pair image and label files by file name; returns {case_id: (image, label)}."""
+    images_dir, labels_dir = Path(images_dir), Path(labels_dir)
+    labels = {}
+    for p in labels_dir.iterdir():
+        if p.name.startswith(".") or not p.name.endswith(NIFTI_SUFFIXES):
+            continue
+        labels[case_id(p)] = p
+    pairs = {}
+    for p in sorted(images_dir.iterdir()):
+        if p.name.startswith(".") or not p.name.endswith(NIFTI_SUFFIXES):
+            continue
+        cid = case_id(p)
+        if cid in labels:
+            pairs[cid] = (p, labels[cid])
+    return dict(sorted(pairs.items()))
+
+
+def dataset_pairs(data_dir: str | os.PathLike) -> dict[str, tuple[Path, Path]]:
+    """Pairs of a data directory laid out as ``images/`` and ``labels/``."""
+    data_dir = Path(data_dir)
+    return list_pairs(data_dir / "images", data_dir / "labels")
+
+
+def split_cases(cases: list[str], seed: int = 0,
+                fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)) -> dict[str, list[str]]:
+    """Deterministic train/val/test split by volume.
+
+    The sorted case list is shuffled with ``numpy.random.default_rng(seed)``;
+    val and test get ``round(fraction * n)`` cases each (at least one each when
+    there are three or more cases) and the rest goes to train.  Each returned
+    list is sorted.
+    """
+    cases = sorted(set(cases))
+    n = len(cases)
+    order = np.random.default_rng(seed).permutation(n)
+    shuffled = [cases[i] for i in order]
+    n_val = int(round(fractions[1] * n))
+    n_test = int(round(fractions[2] * n))
+    if n >= 3:
+        n_val, n_test = max(n_val, 1), max(n_test, 1)
+    n_train = n - n_val - n_test
+    if n_train < 1:
+        raise ValueError(f"not enough cases ({n}) for a train/val/test split")
+    return {
+        "train": sorted(shuffled[:n_train]),
+        "val": sorted(shuffled[n_train:n_train + n_val]),
+        "test": sorted(shuffled[n_train + n_val:]),
+    }
+
+
+def load_nifti(path: str | os.PathLike) -> np.ndarray:
+    import nibabel as nib
+
+    return np.asarray(nib.load(str(path)).get_fdata(dtype=np.float32))
+
+
+def load_pair(image_path, label_path) -> tuple[np.ndarray, np.ndarray]:
+    image = load_nifti(image_path)
+    label = np.rint(load_nifti(label_path)).astype(np.uint8)
+    if image.shape != label.shape:
+        raise ValueError(f"shape mismatch {image.shape} vs {label.shape} for {image_path}")
+    return image, label
+
+
+def normalize(volume: np.ndarray) -> np.ndarray:
+    """Clip to the 0.5-99.5 percentile range, then z-score (per volume)."""
+    v = np.asarray(volume, dtype=np.float32)
+    lo, hi = np.percentile(v, [0.5, 99.5])
+    v = np.clip(v, lo, hi)
+    std = float(v.std())
+    return ((v - float(v.mean())) / (std if std > 1e-6 else 1.0)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class PadCrop:
+    """Centre padding/cropping of the two trailing axes to a fixed size."""
+
+    in_shape: tuple[int, int]
+    out_shape: tuple[int, int]
+
+    def _params(self, n: int, m: int) -> tuple[int, int]:
+        # returns (offset into source, offset into destination)
+        if n <= m:
+            return 0, (m - n) // 2
+        return (n - m) // 2, 0
+
+    def apply(self, arr: np.ndarray, fill: float = 0.0) -> np.ndarray:
+        out = np.full(arr.shape[:-2] + tuple(self.out_shape), fill, dtype=arr.dtype)
+        (s0, d0), (s1, d1) = (self._params(n, m) for n, m in zip(self.in_shape, self.out_shape))
+        h = min(self.in_shape[0], self.out_shape[0])
+        w = min(self.in_shape[1], self.out_shape[1])
+        out[..., d0:d0 + h, d1:d1 + w] = arr[..., s0:s0 + h, s1:s1 + w]
+        return out
+
+    def undo(self, arr: np.ndarray, fill: float = 0) -> np.ndarray:
+        return PadCrop(tuple(self.out_shape), tuple(self.in_shape)).apply(arr, fill)
+
+
+def target_size(shape: tuple[int, int], size: int, multiple: int) -> tuple[int, int]:
+    """At least ``size``; larger inputs are padded up to a multiple instead of cropped."""
+    return tuple(max(size, int(math.ceil(n / multiple) * multiple)) for n in shape)  # type: ignore[return-value]
+
+
+def context_slices(volume: np.ndarray, axis: int, context: int) -> np.ndarray:
+    """Stack every slice along ``axis`` with its neighbours as channels.
+
+    Returns an array (n_slices, 2 * context + 1, A, B) where (A, B) are the
+    remaining axes in their original order.  Neighbours beyond the volume
+    border repeat the edge slice.
+    """
+    v = np.moveaxis(volume, axis, 0)
+    n = v.shape[0]
+    idx = np.arange(n)[:, None] + np.arange(-context, context + 1)[None, :]
+    idx = np.clip(idx, 0, n - 1)
+    return v[idx]
+
+
+def volume_to_samples(image: np.ndarray, label: np.ndarray | None, axis: int, context: int,
+                      size: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Normalised, padded 2.5D slices (and padded label slices) of one volume."""
+    x = context_slices(normalize(image), axis, context)
+    pc = PadCrop(x.shape[-2:], (size, size))
+    x = pc.apply(x, 0.0)
+    y = None
+    if label is not None:
+        y = pc.apply(np.moveaxis(label, axis, 0), 0)
+    return x, y
+
+
+def load_samples(pairs: dict[str, tuple[Path, Path]], cases: list[str], axis: int, context: int,
+                 size: int) -> tuple[np.ndarray, np.ndarray]:
+    xs, ys = [], []
+    for c in cases:
+        img, lab = load_pair(*pairs[c])
+        x, y = volume_to_samples(img, lab, axis, context, size)
+        xs.append(x)
+        ys.append(y)
+    return np.concatenate(xs).astype(np.float32), np.concatenate(ys).astype(np.int64)
+
+
+def augment_batch(x, y, generator=None, flip_dim: int | None = None, p_affine: float = 0.7):
+    """Batched torch augmentation: random rotation/scale, L-R flip, intensity.
+
+    ``flip_dim`` is the in-plane tensor dimension (2 or 3) corresponding to
+    the left-right axis; None disables flipping (e.g. when slicing along it).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    b = x.shape[0]
+    dev = x.device
+    g = generator
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=g, device=dev)
+
+    if flip_dim is not None:
+        flip = rand(b) < 0.5
+        if flip.any():
+            x = x.clone()
+            y = y.clone()
+            x[flip] = x[flip].flip(flip_dim)
+            y[flip] = y[flip].flip(flip_dim - 1)
+    use = rand(b) < p_affine
+    if use.any():
+        ang = (rand(b) * 2 - 1) * math.radians(15) * use
+        scale = 1 + (rand(b) * 2 - 1) * 0.12 * use
+        tx = (rand(b) * 2 - 1) * 0.08 * use
+        ty = (rand(b) * 2 - 1) * 0.08 * use
+        cos, sin = torch.cos(ang) / scale, torch.sin(ang) / scale
+        theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        y = F.grid_sample(y[:, None].float(), grid, mode="nearest", padding_mode="zeros",
+                          align_corners=False)[:, 0].long()
+    # intensity: gamma-like contrast, scale and shift, small noise
+    gain = 1 + (rand(b, 1, 1, 1) * 2 - 1) * 0.15
+    shift = (rand(b, 1, 1, 1) * 2 - 1) * 0.15
+    x = x * gain + shift
+    noise = rand(b, 1, 1, 1) < 0.3
+    x = x + noise * 0.05 * torch.randn(x.shape, generator=g, device=dev)
+    return x, y

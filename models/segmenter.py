@@ -1,0 +1,135 @@
+"""Inference API for the hippocampus segmentation UNet.
+
+Orientation contract
+--------------------
+``HippocampusSegmenter.segment`` expects a 3D array in exactly the axis
+order and orientation that nibabel returns for the MSD Task04 NIfTI files
+(``nib.load(path).get_fdata()``, shape about (35, 50, 35)).  With the
+identity affine of that data set the axes are RAS: axis 0 = left->right,
+axis 1 = posterior->anterior, axis 2 = inferior->superior.  The model slices
+along the axis stored in the checkpoint config (``config["axis"]``, axis 0 =
+sagittal slices for the shipped weights) and treats the other two axes as
+the image plane.  Do not transpose or flip the array before calling it; a
+flip along axis 1 would swap the anterior (1) and posterior (2) labels.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import PadCrop, context_slices, normalize, target_size
+from .unet import UNet2D
+
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "hippocampus_unet.pt"
+MODEL_NAME = "hippocampus-unet-1.0"
+
+
+def build_model(config: dict) -> UNet2D:
+    return UNet2D(
+        in_channels=2 * int(config["context"]) + 1,
+        n_classes=int(config.get("n_classes", 3)),
+        base=int(config["base"]),
+        depth=int(config["depth"]),
+        dropout=float(config.get("dropout", 0.0)),
+    )
+
+
+@torch.inference_mode()
+def predict_probs(model: UNet2D, volume: np.ndarray, config: dict, device: str | torch.device = "cpu",
+                  batch_size: int = 64) -> np.ndarray:
+    """Class probabilities (n_classes, *volume.shape) for one volume (no TTA)."""
+    axis, context, size = int(config["axis"]), int(config["context"]), int(config["size"])
+    x = context_slices(normalize(volume), axis, context)  # (n, C, A, B)
+    out_hw = target_size(x.shape[-2:], size, model.size_multiple)
+    pc = PadCrop(tuple(x.shape[-2:]), out_hw)
+    x = pc.apply(x, 0.0)
+    probs = []
+    for start in range(0, x.shape[0], batch_size):
+        xb = torch.from_numpy(np.ascontiguousarray(x[start:start + batch_size])).to(device)
+        probs.append(torch.softmax(model(xb).float(), dim=1).cpu().numpy())
+    p = pc.undo(np.concatenate(probs), 0.0)  # (n, K, A, B)
+    p = np.moveaxis(p, 1, 0)  # (K, n, A, B): slice axis now first spatial axis
+    return np.moveaxis(p, 1, axis + 1)
+
+
+def predict_volume(model: UNet2D, volume: np.ndarray, config: dict, device="cpu",
+                   tta: bool | None = None) -> np.ndarray:
+    """uint8 label volume, optionally averaging with a left-right (axis 0) flip."""
+    if tta is None:
+        tta = bool(config.get("tta", False))
+    p = predict_probs(model, volume, config, device)
+    if tta:
+        # Mirroring left<->right (axis 0) keeps anterior/posterior labels valid.
+        p = p + predict_probs(model, volume[::-1], config, device)[:, ::-1]
+    return np.argmax(p, axis=0).astype(np.uint8)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class HippocampusSegmenter:
+    """Segments hippocampus head/body (anterior, label 1) and tail (posterior, label 2)."""
+
+    version: str
+
+    def __init__(self, model: UNet2D, config: dict, version: str, device: str,
+                 split: dict | None = None) -> None:
+        self.split = split  # train/val/test case ids the weights were trained with, if stored
+        self.model = model
+        self.config = config
+        self.version = version
+        self.device = device
+
+    @classmethod
+    def load(cls, weights_path: str | os.PathLike | None = None,
+             device: str | None = None) -> "HippocampusSegmenter":
+        """Load a checkpoint (default: ``hippocampus_unet.pt`` next to this module).
+
+        ``device`` defaults to ``"cuda"`` when available, else ``"cpu"``.
+        """
+        path = Path(weights_path) if weights_path is not None else DEFAULT_WEIGHTS
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        config = dict(ckpt["config"])
+        model = build_model(config)
+        model.load_state_dict({k: v.float() for k, v in ckpt["state_dict"].items()})
+        model.to(device).eval()
+        name = ckpt.get("version", MODEL_NAME)
+        version = f"{name} ({_sha256(path)[:12]})"
+        return cls(model, config, version, device, ckpt.get("split"))
+
+    def segment(self, volume: np.ndarray) -> np.ndarray:
+        """Segment one 3D volume.
+
+        Args:
+            volume: 3D float or integer array in the raw nibabel axis order of
+                the MSD Task04 NIfTI files (``img.get_fdata()``; RAS: axis 0
+                left->right, axis 1 posterior->anterior, axis 2
+                inferior->superior; 1 mm voxels, about 35 x 50 x 35).  The
+                network slices along ``self.config["axis"]`` (axis 0 for the
+                shipped weights) with neighbouring slices as extra channels;
+                any in-plane size works (padded internally, then cropped back).
+
+        Returns:
+            uint8 array of the same shape: 0 background, 1 anterior, 2 posterior.
+        """
+        vol = np.asarray(volume)
+        if vol.ndim != 3:
+            raise ValueError(f"expected a 3D volume, got shape {vol.shape}")
+        if not np.issubdtype(vol.dtype, np.number) or np.issubdtype(vol.dtype, np.complexfloating):
+            raise ValueError(f"expected a real numeric array, got dtype {vol.dtype}")
+        vol = vol.astype(np.float32, copy=False)
+        if not np.all(np.isfinite(vol)):
+            vol = np.nan_to_num(vol, nan=0.0, posinf=0.0, neginf=0.0)
+        with torch.inference_mode():
+            return predict_volume(self.model, vol, self.config, self.device)

@@ -1,0 +1,218 @@
+"""Train the 2.5D hippocampus UNet on MSD Task04 NIfTI pairs.
+
+Usage (from the repository root)::
+
+    python -m models.train_hippocampus --data ../shared/data/hippocampus \
+        --out models/hippocampus_unet.pt [--epochs N --seed S --max-volumes K --max-steps N]
+
+The split is by volume and deterministic in ``--seed``.  The checkpoint with
+the best validation Dice is kept; after training it is evaluated on the test
+split and ``<out stem>.metrics.json`` is written next to the weights.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import augment_batch, dataset_pairs, load_pair, load_samples, split_cases
+from .evaluate import evaluate_pairs
+from .segmenter import MODEL_NAME, build_model, predict_volume
+
+DEFAULTS = dict(epochs=30, seed=0, batch_size=32, lr=2e-3, weight_decay=1e-4, base=16, depth=4,
+                dropout=0.1, axis=0, context=2, size=64, tta=True)
+
+
+def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, n_classes: int = 3) -> torch.Tensor:
+    """Cross-entropy plus soft Dice over the foreground classes (batch-level)."""
+    ce = F.cross_entropy(logits, target)
+    probs = torch.softmax(logits, dim=1)[:, 1:]
+    onehot = F.one_hot(target, n_classes).permute(0, 3, 1, 2).float()[:, 1:]
+    dims = (0, 2, 3)
+    inter = (probs * onehot).sum(dims)
+    denom = probs.sum(dims) + onehot.sum(dims)
+    soft_dice = (2 * inter + 1.0) / (denom + 1.0)
+    return ce + (1 - soft_dice.mean())
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def lr_at(step: int, total: int, base_lr: float, warmup: int = 100) -> float:
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return base_lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def train(data: str | Path, out: str | Path, epochs: int = DEFAULTS["epochs"], seed: int = DEFAULTS["seed"],
+          max_volumes: int | None = None, max_steps: int | None = None, time_limit_min: float | None = None,
+          batch_size: int = DEFAULTS["batch_size"], lr: float = DEFAULTS["lr"],
+          weight_decay: float = DEFAULTS["weight_decay"], base: int = DEFAULTS["base"],
+          depth: int = DEFAULTS["depth"], dropout: float = DEFAULTS["dropout"], axis: int = DEFAULTS["axis"],
+          context: int = DEFAULTS["context"], size: int = DEFAULTS["size"], tta: bool = DEFAULTS["tta"],
+          threads: int = 2, skip_test: bool = False) -> dict:
+    t_start = time.time()
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    metrics_path = out.with_name(out.name.removesuffix(".pt") + ".metrics.json")
+
+    pairs = dataset_pairs(data)
+    if not pairs:
+        raise FileNotFoundError(f"no image/label pairs under {data}")
+    cases = sorted(pairs)
+    if max_volumes:
+        cases = cases[:max_volumes]
+    fractions = (0.7, 0.15, 0.15)
+    split = split_cases(cases, seed, fractions)
+    _log(f"[train] split seed={seed}: train={len(split['train'])} val={len(split['val'])} "
+         f"test={len(split['test'])}")
+
+    config = dict(n_classes=3, base=base, depth=depth, dropout=dropout, axis=axis, context=context,
+                  size=size, tta=tta, normalisation="clip 0.5-99.5 percentile, z-score per volume",
+                  split_seed=seed, split_fractions=list(fractions))
+    x_np, y_np = load_samples(pairs, split["train"], axis, context, size)
+    x_all, y_all = torch.from_numpy(x_np), torch.from_numpy(y_np)
+    val_data = [load_pair(*pairs[c]) for c in split["val"]]
+    _log(f"[train] {len(x_all)} training slices of {tuple(x_all.shape[1:])}, loaded in "
+         f"{time.time() - t_start:.1f}s")
+
+    model = build_model(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = math.ceil(len(x_all) / batch_size)
+    total_steps = epochs * steps_per_epoch
+    if max_steps is not None:
+        total_steps = min(total_steps, max_steps)
+    gen = torch.Generator().manual_seed(seed)
+    flip_dim = None if axis == 0 else 2  # tensor dim of the left-right axis (axis 0 of the volume)
+
+    history = []
+    best = {"val_dice": -1.0, "epoch": 0, "state": None}
+    step = 0
+    stop = False
+    train_t0 = time.time()
+    for epoch in range(1, epochs + 1):
+        model.train()
+        perm = torch.randperm(len(x_all), generator=gen)
+        losses = []
+        t_ep = time.time()
+        for i in range(steps_per_epoch):
+            if step >= total_steps:
+                stop = True
+                break
+            idx = perm[i * batch_size:(i + 1) * batch_size]
+            xb, yb = augment_batch(x_all[idx], y_all[idx], generator=gen, flip_dim=flip_dim)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, total_steps, lr, warmup=min(100, total_steps // 10))
+            opt.zero_grad(set_to_none=True)
+            loss = dice_ce_loss(model(xb), yb)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            step += 1
+            if (i + 1) % 20 == 0 or i + 1 == steps_per_epoch:
+                pct = 100.0 * step / total_steps
+                print(f"\r[train] epoch {epoch}/{epochs} step {i + 1}/{steps_per_epoch} "
+                      f"loss {np.mean(losses):.4f} ({pct:.0f}% of run)", end="", file=sys.stderr, flush=True)
+        print(file=sys.stderr)
+        model.eval()
+        with torch.inference_mode():
+            vd = []
+            for image, label in val_data:
+                pred = predict_volume(model, image, config, tta=False)
+                p, t = pred > 0, label > 0
+                s = p.sum() + t.sum()
+                vd.append(1.0 if s == 0 else 2.0 * np.logical_and(p, t).sum() / s)
+        val_dice = float(np.mean(vd)) if vd else float("nan")
+        entry = {"epoch": epoch, "steps": step, "train_loss": float(np.mean(losses)) if losses else None,
+                 "val_dice": round(val_dice, 5), "epoch_seconds": round(time.time() - t_ep, 1)}
+        history.append(entry)
+        improved = val_dice > best["val_dice"] or best["state"] is None
+        if improved:
+            best = {"val_dice": val_dice, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
+            torch.save({"state_dict": best["state"], "config": config, "version": MODEL_NAME, "split": split,
+                        "epoch": epoch, "val_dice": val_dice}, out)
+        _log(f"[train] epoch {epoch}: loss {entry['train_loss']} val_dice {val_dice:.4f}"
+             f"{' (best, saved)' if improved else ''} [{entry['epoch_seconds']}s, "
+             f"{(time.time() - train_t0) / 60:.1f} min total]")
+        if time_limit_min is not None and time.time() - train_t0 > time_limit_min * 60:
+            _log("[train] time limit reached")
+            stop = True
+        if stop:
+            break
+    train_seconds = time.time() - train_t0
+
+    model.load_state_dict(best["state"])
+    model.eval()
+    test = None
+    if not skip_test and split["test"]:
+        test = evaluate_pairs(pairs, lambda v: predict_volume(model, v, config), split["test"])
+        _log(f"[train] test split (best epoch {best['epoch']}): mean_dice {test['mean_dice']:.4f} "
+             f"jaccard {test['mean_jaccard']:.4f} anterior {test['dice_anterior']:.4f} "
+             f"posterior {test['dice_posterior']:.4f}")
+    metrics = {
+        "model": MODEL_NAME,
+        "weights": out.name,
+        "data": "Medical Segmentation Decathlon Task04_Hippocampus (CC-BY-SA 4.0)",
+        "config": config,
+        "training": {"epochs_requested": epochs, "epochs_run": len(history), "steps": step,
+                     "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
+                     "optimizer": "AdamW, linear warm-up then cosine decay",
+                     "loss": "cross-entropy + soft Dice (foreground classes)",
+                     "max_volumes": max_volumes, "max_steps": max_steps, "threads": threads,
+                     "train_seconds": round(train_seconds, 1),
+                     "total_seconds": round(time.time() - t_start, 1),
+                     "torch": torch.__version__, "python": platform.python_version()},
+        "split": split,
+        "split_counts": {k: len(v) for k, v in split.items()},
+        "best_epoch": best["epoch"],
+        "best_val_dice": round(best["val_dice"], 5),
+        "history": history,
+        "test": test,
+        "dice_definition": "2|P n T|/(|P|+|T|) per volume, 1.0 when both masks are empty; "
+                           "mean_dice uses foreground (label > 0)",
+    }
+    metrics_path.write_text(json.dumps(metrics, indent=1) + "\n")
+    _log(f"[train] wrote {out} and {metrics_path}")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, help="folder with images/ and labels/")
+    ap.add_argument("--out", default="models/hippocampus_unet.pt")
+    ap.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
+    ap.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    ap.add_argument("--max-volumes", type=int, default=None, help="use only the first K cases (sorted)")
+    ap.add_argument("--max-steps", type=int, default=None, help="stop after N optimiser steps")
+    ap.add_argument("--time-limit", type=float, default=None, help="stop after an epoch once N minutes passed")
+    ap.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
+    ap.add_argument("--lr", type=float, default=DEFAULTS["lr"])
+    ap.add_argument("--base", type=int, default=DEFAULTS["base"])
+    ap.add_argument("--depth", type=int, default=DEFAULTS["depth"])
+    ap.add_argument("--axis", type=int, default=DEFAULTS["axis"], choices=[0, 1, 2])
+    ap.add_argument("--context", type=int, default=DEFAULTS["context"])
+    ap.add_argument("--no-tta", action="store_true", help="disable left-right flip test-time augmentation")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip-test", action="store_true")
+    a = ap.parse_args(argv)
+    return train(a.data, a.out, epochs=a.epochs, seed=a.seed, max_volumes=a.max_volumes, max_steps=a.max_steps,
+                 time_limit_min=a.time_limit, batch_size=a.batch_size, lr=a.lr, base=a.base, depth=a.depth,
+                 axis=a.axis, context=a.context, tta=not a.no_tta, threads=a.threads, skip_test=a.skip_test)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""Tests for the hippocampus segmentation model package (models/)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from models.data import PadCrop, context_slices, split_cases, target_size  # noqa: E402
+from models.evaluate import dice, jaccard, volume_metrics  # noqa: E402
+from models.segmenter import DEFAULT_WEIGHTS, HippocampusSegmenter, build_model  # noqa: E402
+from models.unet import UNet2D  # noqa: E402
+
+DATA_DIR = Path(os.environ.get("HIPPOCAMPUS_DATA")
+                or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hippocampus")
+needs_data = pytest.mark.skipif(
+    not (DATA_DIR / "images").is_dir() or not (DATA_DIR / "labels").is_dir(),
+    reason=f"hippocampus data not found at {DATA_DIR} (set HIPPOCAMPUS_DATA to the folder with images/ and labels/)",
+)
+needs_weights = pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(),
+                                   reason=f"shipped weights {DEFAULT_WEIGHTS.name} not present")
+
+TINY_CONFIG = dict(n_classes=3, base=4, depth=3, dropout=0.0, axis=0, context=1, size=32, tta=True)
+
+
+# ---------------------------------------------------------------- unit tests
+def test_unet_output_shape():
+    torch.manual_seed(0)
+    net = UNet2D(in_channels=5, n_classes=3, base=8, depth=4).eval()
+    with torch.inference_mode():
+        out = net(torch.randn(2, 5, 64, 64))
+    assert out.shape == (2, 3, 64, 64)
+    with torch.inference_mode():
+        assert net(torch.randn(1, 5, 48, 40)).shape == (1, 3, 48, 40)
+
+
+def test_dice_and_jaccard_values():
+    pred = np.array([1, 1, 1, 0, 0, 0], bool)
+    truth = np.array([1, 0, 0, 1, 0, 0], bool)
+    # |P|=3, |T|=2, |P n T|=1, |P u T|=4
+    assert dice(pred, truth) == pytest.approx(2 * 1 / 5)
+    assert jaccard(pred, truth) == pytest.approx(1 / 4)
+    # identical masks; disjoint masks; both empty (defined as 1.0); one empty
+    assert dice(truth, truth) == 1.0 and jaccard(truth, truth) == 1.0
+    assert dice(pred, ~pred) == 0.0 and jaccard(pred, ~pred) == 0.0
+    empty = np.zeros(6, bool)
+    assert dice(empty, empty) == 1.0 and jaccard(empty, empty) == 1.0
+    assert dice(empty, truth) == 0.0 and jaccard(truth, empty) == 0.0
+    # Dice and Jaccard are linked: J = D / (2 - D)
+    d = dice(pred, truth)
+    assert jaccard(pred, truth) == pytest.approx(d / (2 - d))
+
+
+def test_volume_metrics_foreground_vs_classes():
+    label = np.zeros((4, 4, 4), np.uint8)
+    label[1, :2] = 1
+    label[1, 2:] = 2
+    swapped = np.where(label == 1, 2, np.where(label == 2, 1, 0)).astype(np.uint8)
+    m = volume_metrics(swapped, label)
+    assert m["dice"] == 1.0 and m["jaccard"] == 1.0  # foreground identical
+    assert m["dice_anterior"] == 0.0 and m["dice_posterior"] == 0.0
+
+
+def test_split_deterministic_and_disjoint():
+    cases = [f"hippocampus_{i:03d}" for i in range(1, 236)]
+    a = split_cases(cases, seed=0)
+    b = split_cases(list(reversed(cases)), seed=0)
+    assert a == b
+    assert {k: len(v) for k, v in a.items()} == {"train": 165, "val": 35, "test": 35}
+    sets = [set(a[k]) for k in ("train", "val", "test")]
+    assert not (sets[0] & sets[1]) and not (sets[0] & sets[2]) and not (sets[1] & sets[2])
+    assert set().union(*sets) == set(cases)
+    assert split_cases(cases, seed=1)["test"] != a["test"]
+    small = split_cases(cases[:6], seed=0)
+    assert all(len(v) >= 1 for v in small.values())
+
+
+def test_padcrop_roundtrip_and_context():
+    rng = np.random.default_rng(0)
+    arr = rng.normal(size=(3, 37, 70)).astype(np.float32)
+    pc = PadCrop((37, 70), (64, 64))
+    out = pc.apply(arr)
+    assert out.shape == (3, 64, 64)
+    back = pc.undo(out)
+    assert back.shape == arr.shape
+    np.testing.assert_array_equal(back[:, :, 3:67], arr[:, :, 3:67])  # the cropped margin is lost
+    assert target_size((37, 70), 64, 8) == (64, 72)
+    vol = np.arange(4)[:, None, None] * np.ones((4, 2, 3))
+    ctx = context_slices(vol, axis=0, context=1)
+    assert ctx.shape == (4, 3, 2, 3)
+    assert ctx[0, :, 0, 0].tolist() == [0, 0, 1] and ctx[3, :, 0, 0].tolist() == [2, 3, 3]
+
+
+@pytest.mark.parametrize("shape", [(35, 50, 35), (31, 71, 9), (1, 20, 20)])
+def test_segment_any_shape(shape):
+    torch.manual_seed(0)
+    model = build_model(TINY_CONFIG).eval()
+    seg = HippocampusSegmenter(model, dict(TINY_CONFIG), "test", "cpu")
+    vol = np.random.default_rng(0).integers(0, 200, size=shape).astype(np.int16)
+    out = seg.segment(vol)
+    assert out.shape == shape and out.dtype == np.uint8
+    assert set(np.unique(out)) <= {0, 1, 2}
+
+
+# ---------------------------------------------------------------- data tests
+@needs_data
+def test_training_smoke(tmp_path):
+    from models.train_hippocampus import train
+
+    out = tmp_path / "smoke.pt"
+    metrics = train(DATA_DIR, out, epochs=1, seed=0, max_volumes=6, max_steps=2, base=8, depth=3, threads=2)
+    mpath = tmp_path / "smoke.metrics.json"
+    assert out.is_file() and mpath.is_file()
+    saved = json.loads(mpath.read_text())
+    assert saved["split_counts"] == metrics["split_counts"]
+    assert sum(saved["split_counts"].values()) == 6
+    assert len(saved["history"]) == 1 and "val_dice" in saved["history"][0]
+    seg = HippocampusSegmenter.load(out, device="cpu")
+    assert seg.version.startswith("hippocampus-unet")
+    from models.data import dataset_pairs, load_pair
+
+    image, _ = load_pair(*dataset_pairs(DATA_DIR)[saved["split"]["test"][0]])
+    pred = seg.segment(image)
+    assert pred.shape == image.shape and pred.dtype == np.uint8
+
+
+@needs_data
+@needs_weights
+def test_shipped_weights_dice(capsys):
+    from models import evaluate
+
+    result = evaluate.main(["--data", str(DATA_DIR), "--split", "test", "--max-cases", "6"])
+    line = capsys.readouterr().out.strip().splitlines()
+    assert len(line) == 1 and json.loads(line[0])["n"] == 6
+    assert result["mean_dice"] >= 0.85, result
+    seg = HippocampusSegmenter.load()
+    assert seg.split is not None and not set(seg.split["test"]) & set(seg.split["train"])
