@@ -1,0 +1,207 @@
+"""The inference gateway: a Flask app that turns viewer requests into handler calls and back.
+
+    app = Gateway(__name__)
+    app.add_inference_route("/", my_handler)   # my_handler(json_input, dicom_instances, input_hash)
+    app.add_healthcheck_route(lambda: "READY")
+
+The gateway parses the ``multipart/related`` request while it streams in, hashes its parts
+(SHA-256), tags every log line with that hash, calls the handler, checks its output against
+the protocol (``utils.protocol``) and streams back a ``multipart/related`` response. Errors are
+answered as JSON ``{"error": ..., "input_hash": ...}`` with a status that says whose fault it is.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+import traceback
+from collections.abc import Callable
+from functools import partial
+
+import flask
+from flask import Flask, Response, g, request
+from werkzeug.exceptions import HTTPException
+
+from handlers.registry import Handler
+from utils import protocol
+from utils.config import Settings, get_settings
+from utils.dicom import dicom_files_in
+from utils.errors import BadRequest, Forbidden, GatewayError, Unauthorized, UnprocessableInput
+from utils.multipart import (
+    PartSpool,
+    ParsedBody,
+    encode_multipart_related,
+    multipart_boundary,
+    parse_content_type,
+    parse_multipart_related,
+    parts_from_files,
+)
+from utils.paths import is_inside, resolve_inside
+from utils.tagged_logger import TaggedLogger
+
+OPEN_ENDPOINTS = ("healthcheck", "ping", "static")
+
+
+class Gateway(Flask):
+    """A Flask app serving inference handlers over the Arterys-style multipart protocol."""
+
+    def __init__(self, import_name: str, settings: Settings | None = None, **kwargs) -> None:
+        super().__init__(import_name, **kwargs)
+        self.settings = settings or get_settings()
+        self.log = TaggedLogger(logging.getLogger("inference.gateway"))
+        self._inference_routes: dict[str, Handler] = {}
+        self.add_url_rule("/ping", "ping", lambda: ("", 200), methods=["GET", "POST"])
+        self.register_error_handler(GatewayError, self._answer_gateway_error)
+        self.register_error_handler(HTTPException, self._answer_http_error)
+        self.register_error_handler(Exception, self._answer_unexpected_error)
+        self.before_request(self._start_request)
+        self.after_request(self._finish_request)
+
+    # -- public API --------------------------------------------------------------------
+    def add_inference_route(self, route: str, handler: Handler) -> None:
+        """Serve ``handler`` on ``POST route``; a route can have only one handler."""
+        if route in self._inference_routes:
+            raise ValueError(f"route {route!r} already serves {self._inference_routes[route].__name__}; "
+                             "register each inference route once")
+        self._inference_routes[route] = handler
+        endpoint = "inference" if route == "/" else f"inference{route.replace('/', '_')}"
+        self.add_url_rule(route, endpoint, partial(self._serve_inference, handler), methods=["POST"])
+
+    def add_healthcheck_route(self, check: Callable[[], str]) -> None:
+        """Serve ``GET|POST /healthcheck``: 200 with the text ``check()`` returns (``READY`` when ready)."""
+        self.add_url_rule("/healthcheck", "healthcheck", lambda: Response(check(), mimetype="text/plain"),
+                          methods=["GET", "POST"])
+
+    @property
+    def inference_routes(self) -> list[str]:
+        return sorted(self._inference_routes)
+
+    # -- request life cycle -----------------------------------------------------------
+    def _start_request(self) -> None:
+        g.started = time.perf_counter()
+        g.input_hash = None
+        g.log = self.log
+        token = self.settings.api_token
+        if token and request.endpoint not in OPEN_ENDPOINTS:
+            header = request.headers.get("Authorization", "")
+            scheme, _, given = header.partition(" ")
+            if not header:
+                raise Unauthorized("this server requires 'Authorization: Bearer <token>'")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+                raise Forbidden("the bearer token is not valid for this server")
+
+    def _finish_request(self, response: Response) -> Response:
+        method, path, status = request.method, request.path, response.status_code
+        bytes_in = g.get("bytes_in", request.content_length or 0)
+        bytes_out = response.content_length or 0
+        started = g.get("started", time.perf_counter())
+        log = g.get("log", self.log)
+        input_hash = g.get("input_hash")
+
+        def log_request() -> None:
+            log.info("%s %s %d in=%dB out=%dB %.3fs input_hash=%s", method, path, status, bytes_in,
+                     bytes_out, time.perf_counter() - started, input_hash or "-")
+
+        if path not in ("/healthcheck", "/ping"):
+            response.call_on_close(log_request)
+        return response
+
+    # -- inference ----------------------------------------------------------------------
+    def _serve_inference(self, handler: Handler) -> Response:
+        spool = PartSpool(self.settings.spool_memory_bytes, self.settings.spool_dir)
+        try:
+            body = self._read_request(spool)
+        except BaseException:
+            spool.close()
+            raise
+        g.input_hash, g.bytes_in = body.input_hash, body.bytes_read
+        g.log = log = self.log.tag({"input_hash": body.input_hash})
+        log.info("received %d parts, %d bytes", len(body.parts), body.bytes_read)
+        try:
+            json_input = request_json(body)
+            response_json, buffers = handler(json_input, body.parts[1:], body.input_hash)
+            response_json, buffers = protocol.prepare_output(response_json, buffers)
+        except GatewayError:
+            spool.close()
+            raise
+        except Exception as exc:
+            spool.close()
+            log.error("handler %s failed:\n%s", getattr(handler, "__name__", handler), traceback.format_exc())
+            raise GatewayError(f"the handler failed: {type(exc).__name__}: {exc}", status=500) from exc
+        json_bytes = json.dumps(response_json).encode()
+        parts = [(protocol.JSON_CONTENT_TYPE, json_bytes)]
+        parts += [(protocol.content_type_for(p["binary_type"]), b) for p, b in zip(response_json["parts"], buffers)]
+        encoded = encode_multipart_related(parts, input_hash=body.input_hash)
+        log.info("answering %d buffers: %s", len(buffers),
+                 ", ".join(p["binary_type"] for p in response_json["parts"]) or "JSON only")
+        response = Response(encoded.chunks, status=200, content_type=encoded.content_type, direct_passthrough=True)
+        response.content_length = encoded.content_length
+        response.call_on_close(spool.close)
+        return response
+
+    def _read_request(self, spool: PartSpool) -> ParsedBody:
+        mimetype, _ = parse_content_type(request.content_type)
+        if mimetype == "application/json":
+            return self._read_study_path(spool)
+        boundary = multipart_boundary(request.content_type)
+        return parse_multipart_related(request.stream, boundary, spool=spool,
+                                       max_bytes=self.settings.max_request_bytes,
+                                       content_length=request.content_length)
+
+    def _read_study_path(self, spool: PartSpool) -> ParsedBody:
+        """A JSON request naming a folder on the server (``studyPath``) instead of uploading it."""
+        if (request.content_length or 0) > 1024 * 1024:
+            raise BadRequest("a JSON request must be under 1 MiB; upload studies as multipart/related")
+        try:
+            json_input = json.loads(request.get_data(cache=False) or b"null")
+        except ValueError as exc:
+            raise BadRequest(f"request body is not valid JSON: {exc}") from exc
+        if not isinstance(json_input, dict) or not isinstance(json_input.get("studyPath"), str):
+            raise BadRequest("a JSON request must be an object with 'studyPath', the folder of the study "
+                             "on the server; otherwise send multipart/related")
+        root = self.settings.data_root
+        folder = resolve_inside(root, json_input["studyPath"])
+        if not folder.is_dir():
+            raise UnprocessableInput(f"studyPath {json_input['studyPath']!r} is not a folder")
+        files = [p for p in dicom_files_in(folder) if is_inside(root, p)]
+        if not files:
+            raise UnprocessableInput(f"studyPath {json_input['studyPath']!r} holds no DICOM files")
+        return parts_from_files(json.dumps(json_input).encode(), files, spool)
+
+    # -- errors ------------------------------------------------------------------------
+    def _error_response(self, status: int, message: str) -> Response:
+        body = {"error": message}
+        if g.get("input_hash"):
+            body["input_hash"] = g.input_hash
+        return flask.jsonify(body), status
+
+    def _answer_gateway_error(self, error: GatewayError) -> Response:
+        log = g.get("log", self.log)
+        (log.error if error.status >= 500 else log.warning)("%d: %s", error.status, error.message)
+        return self._error_response(error.status, error.message)
+
+    def _answer_http_error(self, error: HTTPException) -> Response:
+        message = error.description or error.name
+        if error.code == 405:
+            message = f"{request.method} is not allowed on {request.path}; inference routes take POST"
+        return self._error_response(error.code or 500, message)
+
+    def _answer_unexpected_error(self, error: Exception) -> Response:
+        g.get("log", self.log).error("unexpected error:\n%s", traceback.format_exc())
+        return self._error_response(500, f"internal error: {type(error).__name__}; see the server log")
+
+
+def request_json(body: ParsedBody) -> dict:
+    """Part 0 of a request as a JSON object, or a 400 saying why it is not one."""
+    if not body.parts:
+        raise BadRequest("the request has no parts; part 0 must be the request JSON")
+    first = body.parts[0]
+    try:
+        value = json.loads(first.read_bytes() or b"null")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"part 0 (the request JSON) is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise BadRequest(f"part 0 (the request JSON) must be a JSON object, got {type(value).__name__}")
+    return value

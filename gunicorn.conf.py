@@ -1,0 +1,17 @@
+"""gunicorn settings of the served gateway; every value comes from utils.config (env vars)."""
+
+from utils.config import get_settings
+
+_settings = get_settings()
+
+wsgi_app = "mock_server:create_app()"
+bind = f"{_settings.host}:{_settings.port}"
+workers = _settings.workers
+threads = _settings.threads
+worker_class = "gthread"
+timeout = _settings.timeout  # large studies take minutes on CPU
+graceful_timeout = _settings.graceful_timeout  # SIGTERM: in-flight requests get this long to finish
+keepalive = 5
+accesslog = None  # the gateway logs one line per request itself, tagged with the input hash
+errorlog = "-"
+capture_output = True

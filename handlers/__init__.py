@@ -1,0 +1,20 @@
+"""Handlers the gateway serves; importing a module registers its handlers in ``REGISTRY``."""
+
+from __future__ import annotations
+
+import importlib
+
+from handlers.registry import REGISTRY, Handler, HandlerSpec, register
+
+#: Modules holding the shipped handlers, imported by ``load_handlers``.
+HANDLER_MODULES = ("handlers.mock",)
+
+
+def load_handlers() -> list[HandlerSpec]:
+    """Import every shipped handler module (registering its handlers) and return all specs."""
+    for name in HANDLER_MODULES:
+        importlib.import_module(name)
+    return REGISTRY.specs()
+
+
+__all__ = ["REGISTRY", "Handler", "HandlerSpec", "register", "load_handlers"]

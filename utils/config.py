@@ -1,0 +1,105 @@
+"""Every setting of the gateway, read from the environment in one place.
+
+Each field documents its environment variable and default. Call ``Settings.from_env()``
+(or ``get_settings()`` for the process-wide cached copy); nothing else reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from functools import lru_cache
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env_str(name: str, default: str | None) -> str | None:
+    value = os.environ.get(name)
+    return default if value is None or value == "" else value
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
+
+
+def _env_path(name: str, default: str | None) -> Path | None:
+    value = _env_str(name, default)
+    return None if value is None else Path(value).expanduser()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Gateway settings; the metadata ``env`` names the variable each one comes from."""
+
+    #: INFERENCE_HOST: address the server binds to.
+    host: str = field(default="0.0.0.0", metadata={"env": "INFERENCE_HOST"})
+    #: INFERENCE_PORT: TCP port.
+    port: int = field(default=8900, metadata={"env": "INFERENCE_PORT"})
+    #: INFERENCE_WORKERS: gunicorn worker processes.
+    workers: int = field(default=2, metadata={"env": "INFERENCE_WORKERS"})
+    #: INFERENCE_THREADS: threads per gunicorn worker.
+    threads: int = field(default=4, metadata={"env": "INFERENCE_THREADS"})
+    #: INFERENCE_TIMEOUT: seconds a worker may spend on one request before gunicorn restarts it.
+    timeout: int = field(default=900, metadata={"env": "INFERENCE_TIMEOUT"})
+    #: INFERENCE_GRACEFUL_TIMEOUT: seconds in-flight requests get to finish after SIGTERM.
+    graceful_timeout: int = field(default=120, metadata={"env": "INFERENCE_GRACEFUL_TIMEOUT"})
+    #: INFERENCE_MAX_REQUEST_BYTES: largest accepted request body (default 2 GiB).
+    max_request_bytes: int = field(default=2 * 1024**3, metadata={"env": "INFERENCE_MAX_REQUEST_BYTES"})
+    #: INFERENCE_SPOOL_MEMORY_BYTES: request part bytes kept in memory; the rest spills to a temp file.
+    spool_memory_bytes: int = field(default=64 * 1024**2, metadata={"env": "INFERENCE_SPOOL_MEMORY_BYTES"})
+    #: INFERENCE_SPOOL_DIR: folder for spilled request parts (default: the system temp folder).
+    spool_dir: Path | None = field(default=None, metadata={"env": "INFERENCE_SPOOL_DIR"})
+    #: INFERENCE_DATA_ROOT: folder that ``studyPath`` requests and jobs may read; unset disables both.
+    data_root: Path | None = field(default=None, metadata={"env": "INFERENCE_DATA_ROOT"})
+    #: INFERENCE_OUTPUT_ROOT: folder where jobs write their outputs, one sub-folder per job.
+    output_root: Path = field(default=PROJECT_ROOT / "output" / "jobs", metadata={"env": "INFERENCE_OUTPUT_ROOT"})
+    #: INFERENCE_JOB_WORKERS: jobs run at the same time in each server process.
+    job_workers: int = field(default=1, metadata={"env": "INFERENCE_JOB_WORKERS"})
+    #: INFERENCE_API_TOKEN: when set, every route but /healthcheck and /ping needs ``Authorization: Bearer``.
+    api_token: str | None = field(default=None, metadata={"env": "INFERENCE_API_TOKEN", "secret": True})
+    #: INFERENCE_LOGGING_CONFIG: logging configuration (YAML, ``logging.config.dictConfig`` schema).
+    logging_config: Path = field(default=PROJECT_ROOT / "logging.yaml", metadata={"env": "INFERENCE_LOGGING_CONFIG"})
+    #: INFERENCE_DEFAULT_COMMAND: command used on ``/`` when the request JSON names none.
+    default_command: str = field(default="get-probability-mask", metadata={"env": "INFERENCE_DEFAULT_COMMAND"})
+    #: INFERENCE_MODEL_PATH: weights of the hippocampus model (default: the shipped ones).
+    model_path: Path = field(default=PROJECT_ROOT / "models" / "hippocampus_unet.pt", metadata={"env": "INFERENCE_MODEL_PATH"})
+    #: INFERENCE_HIPPOCAMPUS_SERIES: regular expression matched against SeriesDescription to find the crop.
+    hippocampus_series: str = field(default="HippoCrop", metadata={"env": "INFERENCE_HIPPOCAMPUS_SERIES"})
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        """Build settings from the environment, falling back to each field's default."""
+        values = {}
+        for f in fields(cls):
+            name = f.metadata["env"]
+            if f.type in ("int", int):
+                values[f.name] = _env_int(name, f.default)
+            elif "Path" in str(f.type):
+                default = None if f.default is None else str(f.default)
+                values[f.name] = _env_path(name, default)
+            else:
+                values[f.name] = _env_str(name, f.default)
+        return cls(**values)
+
+    def describe(self) -> dict[str, str]:
+        """Settings as strings for the start-up log, secrets masked."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.metadata.get("secret") and value:
+                value = "***"
+            out[f.metadata["env"]] = str(value)
+        return out
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings.from_env()

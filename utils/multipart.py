@@ -1,0 +1,333 @@
+"""Multipart I/O of the gateway: read a request body into parts while hashing it, write a response.
+
+Requests are parsed while they stream in, with the push parser of the ``multipart`` package
+(taught to accept ``multipart/related`` parts, whose Content-Disposition is optional). Part
+contents are kept in memory up to a budget and spill to one temporary file beyond it, so a
+large study is never held twice. Responses are produced as an iterator of chunks with a
+Content-Length known up front, the output hash computed as the bytes go out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import multipart as multipart_lib
+from werkzeug.http import parse_options_header
+
+from utils.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+
+READ_CHUNK = 1024 * 1024
+WRITE_CHUNK = 4 * 1024 * 1024
+MULTIPART_TYPES = ("multipart/related", "multipart/form-data")
+
+
+def parse_content_type(header: str | None) -> tuple[str, dict[str, str]]:
+    """Split a Content-Type header into its lower-cased media type and its parameters."""
+    mimetype, params = parse_options_header(header or "")
+    return mimetype.lower(), params
+
+
+def multipart_boundary(header: str | None) -> bytes:
+    """The boundary of a multipart Content-Type, or a 415/400 saying what is wrong with it."""
+    mimetype, params = parse_content_type(header)
+    if mimetype not in MULTIPART_TYPES:
+        raise UnsupportedMediaType(
+            f"Content-Type {header!r} is not supported: send multipart/related "
+            "(or multipart/form-data) with a JSON part and DICOM parts"
+        )
+    boundary = params.get("boundary", "")
+    if not boundary:
+        raise BadRequest(f"Content-Type {header!r} has no boundary parameter")
+    if len(boundary) > 200 or any(c in boundary for c in "\r\n"):
+        raise BadRequest("multipart boundary is malformed (longer than 200 characters or has a line break)")
+    return boundary.encode("latin-1", errors="replace")
+
+
+class Part(io.RawIOBase):
+    """One part of a request: its headers, and its content as a seekable binary file.
+
+    ``pydicom.dcmread(part)`` works on it directly. ``index`` is the position in the request
+    (0 is the JSON part); ``filename`` and ``content_type`` come from the part's headers.
+    """
+
+    def __init__(self, index: int, headers: Sequence[tuple[str, str]], spool: "PartSpool") -> None:
+        super().__init__()
+        self.index = index
+        self.headers = list(headers)
+        self._spool = spool
+        self._memory: bytearray | None = bytearray()
+        self._offset = 0  # in the spool file, once spilled
+        self.size = 0
+        self._pos = 0
+        disposition = self.header("Content-Disposition")
+        _, options = parse_options_header(disposition or "")
+        self.name: str | None = options.get("name")
+        self.filename: str | None = options.get("filename")
+        self.content_type: str = parse_content_type(self.header("Content-Type"))[0]
+
+    def header(self, name: str, default: str | None = None) -> str | None:
+        """The value of header ``name`` (case-insensitive), or ``default``."""
+        lowered = name.lower()
+        return next((value for key, value in self.headers if key.lower() == lowered), default)
+
+    def describe(self) -> str:
+        """How error messages name this part: its index, and its file name when it has one."""
+        return f"part {self.index}" + (f" (file {self.filename!r})" if self.filename else "")
+
+    # -- file protocol -----------------------------------------------------------------
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            size = self.size
+        data = self._read_at(self._pos, max(0, min(size, self.size - self._pos)))
+        self._pos += len(data)
+        return data
+
+    def readinto(self, buffer) -> int:
+        n = max(0, min(len(buffer), self.size - self._pos))
+        if n:
+            buffer[:n] = self._read_at(self._pos, n)
+            self._pos += n
+        return n
+
+    def read_bytes(self) -> bytes:
+        """The whole content, whatever the current position."""
+        return self._read_at(0, self.size)
+
+    def _read_at(self, position: int, n: int) -> bytes:
+        if self._memory is not None:
+            return bytes(self._memory[position : position + n])
+        return self._spool.read_at(self._offset + position, n)
+
+    # -- filling (by PartSpool) ----------------------------------------------------------
+    def _append(self, data: bytes) -> None:
+        if self._memory is not None:
+            self._memory += data
+        else:
+            self._spool.write_file(data)
+        self.size += len(data)
+
+    def _spill(self, offset: int) -> bytearray:
+        memory, self._memory, self._offset = self._memory, None, offset
+        return memory
+
+
+class PartSpool:
+    """Holds the parts of one request: in memory up to ``memory_budget`` bytes, then in one temp file."""
+
+    def __init__(self, memory_budget: int, spool_dir: str | os.PathLike | None = None) -> None:
+        self.memory_budget = memory_budget
+        self.spool_dir = spool_dir
+        self.parts: list[Part] = []
+        self._in_memory = 0
+        self._file: BinaryIO | None = None
+        self._file_size = 0
+
+    def begin_part(self, headers: Sequence[tuple[str, str]]) -> Part:
+        part = Part(len(self.parts), headers, self)
+        self.parts.append(part)
+        return part
+
+    def append(self, part: Part, data: bytes) -> None:
+        """Add content to ``part``, the part being filled; spills it to disk past the budget."""
+        if part._memory is not None and self._in_memory + len(data) > self.memory_budget:
+            self._in_memory -= part.size
+            self.write_file(part._spill(self._file_size))
+        if part._memory is not None:
+            self._in_memory += len(data)
+        part._append(data)
+
+    def write_file(self, data: bytes | bytearray) -> None:
+        if self._file is None:
+            self._file = tempfile.TemporaryFile(prefix="inference-parts-", dir=self.spool_dir)
+        self._file.write(data)
+        self._file_size += len(data)
+
+    def read_at(self, offset: int, n: int) -> bytes:
+        assert self._file is not None
+        self._file.flush()
+        return os.pread(self._file.fileno(), n, offset)
+
+    def close(self) -> None:
+        """Release memory and delete the temp file; the parts are unusable afterwards."""
+        for part in self.parts:
+            part._memory = bytearray() if part._memory is not None else None
+            part.size = 0
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+@dataclass
+class ParsedBody:
+    """The parts of a request, the SHA-256 of their contents in order, and the bytes read."""
+
+    parts: list[Part]
+    input_hash: str
+    bytes_read: int
+    spool: PartSpool
+
+
+class _RelatedParser(multipart_lib.PushMultipartParser):
+    """The ``multipart`` push parser, accepting parts without a form-data Content-Disposition."""
+
+    def _create_segment(self, headerlist):
+        return multipart_lib.MultipartSegment(headerlist)
+
+
+def parse_multipart_related(
+    stream: BinaryIO,
+    boundary: bytes,
+    *,
+    spool: PartSpool,
+    max_bytes: int,
+    content_length: int | None = None,
+) -> ParsedBody:
+    """Read ``stream`` to its end, split it into parts and hash their contents in order.
+
+    Raises ``PayloadTooLarge`` past ``max_bytes`` (also when no Content-Length was sent) and
+    ``BadRequest`` for a body that is truncated or not valid multipart.
+    """
+    if content_length is not None and content_length > max_bytes:
+        raise PayloadTooLarge(f"request body of {content_length} bytes exceeds the limit of {max_bytes} bytes")
+    digest = hashlib.sha256()
+    parser = _RelatedParser(boundary, max_header_count=32)
+    bytes_read = 0
+    current: Part | None = None
+    try:
+        while True:
+            try:
+                chunk = stream.read(READ_CHUNK)
+            except Exception as exc:  # the client went away mid-body
+                raise BadRequest(f"request body is truncated: {exc}") from exc
+            if not chunk:
+                break
+            bytes_read += len(chunk)
+            if bytes_read > max_bytes:
+                raise PayloadTooLarge(f"request body exceeds the limit of {max_bytes} bytes")
+            for event in parser.parse(chunk):
+                if isinstance(event, multipart_lib.MultipartSegment):
+                    current = spool.begin_part(event.headerlist)
+                elif event is None:
+                    current = None
+                else:
+                    digest.update(event)
+                    spool.append(current, event)
+        parser.close()
+    except multipart_lib.MultipartError as exc:
+        where = f"part {len(spool.parts) - 1}" if current is not None else f"after part {len(spool.parts) - 1}"
+        if not spool.parts:
+            where = "before the first part"
+        reason = str(exc)
+        if "nexpected end" in reason or "incomplete" in reason.lower():
+            reason = f"body is truncated ({reason}); the closing boundary never came"
+        raise BadRequest(f"malformed multipart body at {where}: {reason}") from exc
+    if content_length is not None and bytes_read < content_length:
+        raise BadRequest(f"request body is truncated: got {bytes_read} of {content_length} bytes")
+    return ParsedBody(spool.parts, digest.hexdigest(), bytes_read, spool)
+
+
+def parts_from_files(json_bytes: bytes, paths: Iterable[Path], spool: PartSpool) -> ParsedBody:
+    """Parts (and their hash) of a JSON part and files on disk, as if they had been uploaded."""
+    digest = hashlib.sha256()
+    total = 0
+    sources = [(None, json_bytes)] + [(path, None) for path in paths]
+    for path, data in sources:
+        if path is None:
+            part = spool.begin_part([("Content-Type", "application/json")])
+            chunks: Iterable[bytes] = [data]
+        else:
+            part = spool.begin_part([("Content-Type", "application/dicom"),
+                                     ("Content-Disposition", f'form-data; name="file"; filename="{path.name}"')])
+            chunks = _file_chunks(path)
+        for chunk in chunks:
+            digest.update(chunk)
+            spool.append(part, chunk)
+            total += len(chunk)
+    return ParsedBody(spool.parts, digest.hexdigest(), total, spool)
+
+
+def _file_chunks(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as handle:
+        while chunk := handle.read(READ_CHUNK):
+            yield chunk
+
+
+# -- responses ---------------------------------------------------------------------------
+@dataclass
+class EncodedResponse:
+    """A multipart response ready to stream: its Content-Type, exact length and body chunks."""
+
+    content_type: str
+    content_length: int
+    chunks: Iterator[bytes | memoryview]
+
+
+def encode_multipart_related(
+    parts: Sequence[tuple[str, bytes | memoryview]],
+    *,
+    input_hash: str | None = None,
+    boundary: str | None = None,
+) -> EncodedResponse:
+    """Encode ``(content_type, body)`` parts as multipart/related.
+
+    With ``input_hash``, a last ``text/plain`` part ``"<input_hash>:<output_hash>"`` is added,
+    ``output_hash`` being the SHA-256 of all part bodies in order, computed while streaming.
+    """
+    boundary = boundary or uuid.uuid4().hex
+    delimiter = f"--{boundary}\r\n".encode()
+    heads = [delimiter + f"Content-Type: {ctype}\r\n\r\n".encode() for ctype, _ in parts]
+    closing = f"\r\n--{boundary}--".encode()
+    hash_head = b"\r\n" + delimiter + b"Content-Type: text/plain\r\n\r\n"
+    length = sum(len(h) + memoryview(body).nbytes for h, (_, body) in zip(heads, parts))
+    length += 2 * max(0, len(parts) - 1) + len(closing)
+    if input_hash is not None:
+        length += len(hash_head) + 129
+
+    def chunks() -> Iterator[bytes | memoryview]:
+        digest = hashlib.sha256()
+        for i, (head, (_, body)) in enumerate(zip(heads, parts)):
+            yield (b"\r\n" + head) if i else head
+            view = memoryview(body).cast("B")
+            for start in range(0, view.nbytes, WRITE_CHUNK):
+                piece = view[start : start + WRITE_CHUNK]
+                digest.update(piece)
+                yield piece
+        if input_hash is not None:
+            yield hash_head + f"{input_hash}:{digest.hexdigest()}".encode()
+        yield closing
+
+    return EncodedResponse(f'multipart/related; boundary="{boundary}"', length, chunks())
+
+
+def decode_multipart_response(content_type: str, body: bytes) -> list[tuple[str, bytes]]:
+    """Split a received multipart body into ``(content_type, content)`` pairs (client side)."""
+    from requests_toolbelt.multipart.decoder import MultipartDecoder
+
+    decoder = MultipartDecoder(body, content_type)
+    out = []
+    for part in decoder.parts:
+        ctype = part.headers.get(b"Content-Type", b"").decode("latin-1")
+        out.append((ctype, part.content))
+    return out
