@@ -1,0 +1,37 @@
+# Set-up and everyday commands. Each target installs what it needs into .venv first.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: serve test bench lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.runtime: requirements.txt | $(BIN)/python
+	$(BIN)/pip install --quiet -r requirements.txt
+	touch $@
+
+$(VENV)/.dev: requirements.txt requirements-dev.txt | $(BIN)/python
+	$(BIN)/pip install --quiet -r requirements-dev.txt
+	touch $@ $(VENV)/.runtime
+
+## serve: install the runtime and serve every handler with gunicorn on port 8900
+serve: $(VENV)/.runtime
+	$(BIN)/gunicorn -c gunicorn.conf.py
+
+## test: install everything and run the test suite
+test: $(VENV)/.dev
+	$(BIN)/python -m pytest -q
+
+## bench: run the benchmark (prints one JSON line)
+bench: $(VENV)/.dev
+	$(BIN)/python -m bench.run
+
+## lint: hadolint on both Dockerfiles
+lint: $(VENV)/.dev
+	$(BIN)/hadolint Dockerfile inference-test-tool/Dockerfile
+
+clean:
+	rm -rf $(VENV) .pytest_cache inference-test-tool/output output

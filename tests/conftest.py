@@ -1,0 +1,112 @@
+"""Shared fixtures: generated DICOM series, the shared data folder, and a real server in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from utils.dicom import series_from_volume, write_series
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
+sys.path.insert(0, str(PROJECT_ROOT))
+
+
+def shared_data(*parts: str) -> Path:
+    """A path under ../shared/data; skips the test (with the reason) when it is not on this machine."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"needs the shared data at {path} (present on the CI machine, not in a fresh clone)")
+    return path
+
+
+def write_study(folder: Path, shape=(8, 32, 40), spacing=(2.0, 0.7, 0.7), seed: int = 0,
+                description: str = "Generated", study_uid: str | None = None) -> list[Path]:
+    """Write a synthetic int16 MR series of ``shape`` (depth, rows, columns) into ``folder``."""
+    rng = np.random.default_rng(seed)
+    voxels = rng.integers(0, 1200, shape).astype(np.int16)
+    return write_series(series_from_volume(voxels, spacing=spacing, description=description,
+                                           study_uid=study_uid), folder)
+
+
+@pytest.fixture
+def study(tmp_path: Path) -> list[Path]:
+    """A small generated series (8 slices of 32 x 40), as DICOM files on disk."""
+    return write_study(tmp_path / "study")
+
+
+@pytest.fixture
+def make_study(tmp_path: Path) -> Callable[..., list[Path]]:
+    """Factory: ``make_study(name, shape=..., spacing=...)`` writes a generated series."""
+    return lambda name="study", **kwargs: write_study(tmp_path / name, **kwargs)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RunningServer:
+    """A gateway served by gunicorn with the project's config, in a subprocess."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path, args: list[str] | None = None,
+                 ready_timeout: float = 120) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        full_env = {**os.environ, "INFERENCE_PORT": str(self.port), "INFERENCE_HOST": "127.0.0.1",
+                    "INFERENCE_WORKERS": "1", "INFERENCE_THREADS": "4", **env}
+        command = args or [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"]
+        self.log_path = Path(log_dir) / f"gateway-{self.port}.log"
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=full_env, stdout=self._log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        self.wait_ready(ready_timeout)
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if requests.get(f"{self.url}/healthcheck", timeout=2).text == "READY":
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"server not READY after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory) -> Iterator[RunningServer]:
+    """The full server (every handler) under gunicorn, with a data root for studyPath and jobs."""
+    root = tmp_path_factory.mktemp("server")
+    (root / "data").mkdir()
+    running = RunningServer({"INFERENCE_DATA_ROOT": str(root / "data"),
+                             "INFERENCE_OUTPUT_ROOT": str(root / "jobs")}, root)
+    running.data_root = root / "data"
+    yield running
+    running.stop()
