@@ -123,20 +123,16 @@ class Gateway(Flask):
             json_input = request_json(body)
             response_json, buffers = handler(json_input, body.parts[1:], body.input_hash)
             response_json, buffers = protocol.prepare_output(response_json, buffers)
-        except GatewayError:
+        except BaseException:
             spool.close()
-            raise
-        except Exception as exc:
-            spool.close()
-            log.error("handler %s failed:\n%s", getattr(handler, "__name__", handler), traceback.format_exc())
-            raise GatewayError(f"the handler failed: {type(exc).__name__}: {exc}", status=500) from exc
+            raise  # answered by the error handlers below (or by the app's own, when registered)
         json_bytes = json.dumps(response_json).encode()
         parts = [(protocol.JSON_CONTENT_TYPE, json_bytes)]
         parts += [(protocol.content_type_for(p["binary_type"]), b) for p, b in zip(response_json["parts"], buffers)]
         encoded = encode_multipart_related(parts, input_hash=body.input_hash)
         log.info("answering %d buffers: %s", len(buffers),
                  ", ".join(p["binary_type"] for p in response_json["parts"]) or "JSON only")
-        response = Response(encoded.chunks, status=200, content_type=encoded.content_type, direct_passthrough=True)
+        response = Response(encoded.chunks, status=200, content_type=encoded.content_type)
         response.content_length = encoded.content_length
         response.call_on_close(spool.close)
         return response
@@ -189,8 +185,9 @@ class Gateway(Flask):
         return self._error_response(error.code or 500, message)
 
     def _answer_unexpected_error(self, error: Exception) -> Response:
-        g.get("log", self.log).error("unexpected error:\n%s", traceback.format_exc())
-        return self._error_response(500, f"internal error: {type(error).__name__}; see the server log")
+        g.get("log", self.log).error("%s %s failed:\n%s", request.method, request.path, traceback.format_exc())
+        return self._error_response(500, f"inference failed: {type(error).__name__}: {error} "
+                                         "(the traceback is in the server log under this input_hash)")
 
 
 def request_json(body: ParsedBody) -> dict:

@@ -19,7 +19,6 @@ from utils.dicom import series_from_volume, write_series
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
-sys.path.insert(0, str(PROJECT_ROOT))
 
 
 def shared_data(*parts: str) -> Path:

@@ -31,8 +31,8 @@ def load_instances(parts: Sequence, *, stop_before_pixels: bool = False) -> list
 
     Leading parts that are not DICOM and not labelled ``application/dicom`` are attachments
     (a licence file, say) and are skipped. Any other part that does not parse as DICOM raises
-    ``UnprocessableInput`` (422) naming its index and file name. Each dataset remembers its
-    part as ``dataset.part_index``.
+    ``UnprocessableInput`` (422) naming its index and file name. Each dataset remembers where
+    it came from (``dataset.source_part``), so ``with_pixels`` can read the pixels later.
     """
     datasets: list[Dataset] = []
     for position, part in enumerate(parts):
@@ -48,11 +48,23 @@ def load_instances(parts: Sequence, *, stop_before_pixels: bool = False) -> list
             if not datasets and not labelled_dicom:
                 continue  # an attachment before the DICOM files
             raise UnprocessableInput(f"{describe} is not a readable DICOM file: {exc}") from exc
-        ds.part_index = index
+        ds.source_part = part
         datasets.append(ds)
     if not datasets:
         raise UnprocessableInput("the request holds no DICOM files; send the study's instances after the JSON part")
     return datasets
+
+
+def with_pixels(datasets: Sequence[Dataset]) -> list[Dataset]:
+    """Re-read header-only datasets (``load_instances(..., stop_before_pixels=True)``) in full."""
+    out = []
+    for ds in datasets:
+        part = ds.source_part
+        part.seek(0)
+        full = pydicom.dcmread(part)
+        full.source_part = part
+        out.append(full)
+    return out
 
 
 def dicom_files_in(folder: Path) -> list[Path]:

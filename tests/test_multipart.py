@@ -1,0 +1,159 @@
+"""Request parsing (streaming, hashing, spooling, errors) and response encoding."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+import pydicom
+import pytest
+
+from utils.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from utils.multipart import (
+    PartSpool,
+    decode_multipart_response,
+    encode_multipart_related,
+    multipart_boundary,
+    parse_multipart_related,
+)
+
+
+def body_of(parts: list[tuple[list[str], bytes]], boundary: str = "XyZ123") -> bytes:
+    out = b""
+    for headers, content in parts:
+        out += f"--{boundary}\r\n".encode() + "".join(h + "\r\n" for h in headers).encode() + b"\r\n"
+        out += content + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode()
+
+
+def parse(body: bytes, boundary: bytes = b"XyZ123", budget: int = 1 << 20, **kwargs):
+    spool = PartSpool(budget)
+    return parse_multipart_related(io.BytesIO(body), boundary, spool=spool,
+                                   max_bytes=kwargs.pop("max_bytes", 1 << 30), **kwargs)
+
+
+class _ChunkedStream(io.RawIOBase):
+    """Hands the body out a few bytes at a time, as a slow network would."""
+
+    def __init__(self, data: bytes, step: int) -> None:
+        self.data, self.step, self.pos = data, step, 0
+
+    def read(self, n: int = -1) -> bytes:
+        piece = self.data[self.pos : self.pos + min(n, self.step)]
+        self.pos += len(piece)
+        return piece
+
+
+@pytest.mark.parametrize("header", [
+    'multipart/related; boundary="XyZ123"',
+    "multipart/related; boundary=XyZ123",
+    'multipart/related; type="application/dicom"; boundary=XyZ123; charset=utf-8',
+    "multipart/form-data; boundary=XyZ123",
+    "Multipart/Related; Boundary=XyZ123",
+])
+def test_boundary_is_read_from_every_accepted_content_type(header):
+    assert multipart_boundary(header) == b"XyZ123"
+
+
+@pytest.mark.parametrize("header", ["application/octet-stream", "text/plain", "", None, "multipart/mixed; boundary=a"])
+def test_other_content_types_are_415(header):
+    with pytest.raises(UnsupportedMediaType):
+        multipart_boundary(header)
+
+
+def test_missing_boundary_is_400():
+    with pytest.raises(BadRequest, match="no boundary"):
+        multipart_boundary("multipart/related")
+
+
+def test_parts_hash_and_headers(study):
+    contents = [b'{"studyUID": "1.2"}'] + [p.read_bytes() for p in study]
+    parts = [(["Content-Type: text/json", 'Content-Disposition: form-data; name="json"'], contents[0])]
+    parts += [([f'Content-Disposition: form-data; name="file"; filename="{p.name}"', "Content-Type: application/dicom"],
+               c) for p, c in zip(study, contents[1:])]
+    parsed = parse(body_of(parts))
+    assert [p.read_bytes() for p in parsed.parts] == contents
+    assert parsed.input_hash == hashlib.sha256(b"".join(contents)).hexdigest()
+    assert parsed.parts[1].filename == study[0].name and parsed.parts[1].content_type == "application/dicom"
+    assert parsed.parts[0].content_type == "text/json"
+    assert pydicom.dcmread(parsed.parts[3]).InstanceNumber == 3
+
+
+def test_parts_without_content_disposition_are_accepted():
+    parsed = parse(body_of([(["Content-Type: application/json"], b"{}"), (["Content-Type: application/dicom"], b"abc")]))
+    assert [p.read_bytes() for p in parsed.parts] == [b"{}", b"abc"]
+    assert parsed.parts[1].filename is None
+
+
+def test_slow_stream_with_boundary_split_across_reads(study):
+    contents = [b"{}"] + [p.read_bytes() for p in study[:3]]
+    body = body_of([(["Content-Type: application/dicom"], c) for c in contents])
+    spool = PartSpool(1 << 20)
+    parsed = parse_multipart_related(_ChunkedStream(body, 7), b"XyZ123", spool=spool, max_bytes=1 << 30)
+    assert [p.read_bytes() for p in parsed.parts] == contents
+
+
+def test_parts_spill_to_disk_past_the_memory_budget(study):
+    contents = [b"{}"] + [p.read_bytes() for p in study]
+    body = body_of([(["Content-Type: application/dicom"], c) for c in contents])
+    parsed = parse(body, budget=len(contents[1]) + 10)
+    spilled = [p for p in parsed.parts if p._memory is None]
+    assert len(spilled) >= len(study) - 1, "parts past the budget must live in the spool file"
+    assert [p.read_bytes() for p in parsed.parts] == contents
+    ds = pydicom.dcmread(parsed.parts[-1])
+    assert ds.pixel_array.shape == (32, 40)
+    parsed.spool.close()
+
+
+def test_part_reads_and_seeks_like_a_file():
+    part = parse(body_of([(["Content-Type: application/dicom"], b"0123456789")])).parts[0]
+    assert part.read(4) == b"0123" and part.tell() == 4
+    part.seek(-2, io.SEEK_END)
+    assert part.read() == b"89"
+    part.seek(1)
+    buffer = bytearray(3)
+    assert part.readinto(buffer) == 3 and bytes(buffer) == b"123"
+
+
+def test_truncated_body_is_400():
+    body = body_of([(["Content-Type: application/json"], b"{}"), (["Content-Type: application/dicom"], b"x" * 100)])
+    with pytest.raises(BadRequest, match="truncated"):
+        parse(body[:-40])
+
+
+def test_body_shorter_than_content_length_is_400():
+    body = body_of([(["Content-Type: application/json"], b"{}")])
+    with pytest.raises(BadRequest, match="truncated"):
+        parse(body, content_length=len(body) + 10)
+
+
+def test_garbage_body_is_400_naming_where():
+    with pytest.raises(BadRequest, match="malformed multipart body"):
+        parse(b"--XyZ123\r\nno colon header line\r\n\r\n{}\r\n--XyZ123--\r\n")
+
+
+def test_too_large_by_content_length_is_413_before_reading():
+    stream = io.BytesIO(b"never read")
+    with pytest.raises(PayloadTooLarge):
+        parse_multipart_related(stream, b"XyZ123", spool=PartSpool(10), max_bytes=100, content_length=101)
+    assert stream.tell() == 0
+
+
+def test_too_large_while_streaming_without_content_length_is_413():
+    body = body_of([(["Content-Type: application/dicom"], b"x" * 5000)])
+    with pytest.raises(PayloadTooLarge):
+        parse(body, max_bytes=1000)
+
+
+def test_encoded_response_has_exact_length_hashes_and_closing_delimiter():
+    parts = [("application/json", b'{"parts": []}'), ("application/octet-stream", memoryview(b"\x00\x01" * 50))]
+    encoded = encode_multipart_related(parts, input_hash="a" * 64, boundary="BOUND")
+    body = b"".join(bytes(c) for c in encoded.chunks)
+    assert len(body) == encoded.content_length
+    assert body.startswith(b"--BOUND\r\n") and body.endswith(b"\r\n--BOUND--")
+    assert encoded.content_type == 'multipart/related; boundary="BOUND"'
+    decoded = decode_multipart_response(encoded.content_type, body)
+    assert [ctype for ctype, _ in decoded] == ["application/json", "application/octet-stream", "text/plain"]
+    expected_output = hashlib.sha256(b'{"parts": []}' + b"\x00\x01" * 50).hexdigest()
+    assert decoded[2][1] == f"{'a' * 64}:{expected_output}".encode()
+    assert len(decoded[2][1]) == 129
