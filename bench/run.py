@@ -1,0 +1,352 @@
+"""The benchmark: the gateway under gunicorn against the floor, printed as one JSON line.
+
+    python -m bench.run                 # everything (what ``make bench`` runs)
+    python -m bench.run --quick         # fewer repeats: a smoke run
+    python -m bench.run --only small    # one section: large, small, blur or hippocampus
+
+Both servers run with the shipped ``gunicorn.conf.py`` (the floor with its app swapped) on
+free ports, and both are driven by the same client code, so their ratio is the gateway's own
+cost. Progress goes to stderr; stdout gets exactly one JSON line. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psutil
+import requests
+
+from bench.floor import SIZE_HEADER
+from bench.study import CACHE_DIR, cached_study
+from utils.client import InferenceResult, build_multipart_request, decode_response, related_content_type
+from utils.config import PROJECT_ROOT, get_settings
+
+log = logging.getLogger("bench")
+
+MB = 1e6
+MASK_COMMAND = "get-probability-mask"
+HIPPOCAMPUS_COMMAND = "get-hippocampus-volume"
+STUDY1 = PROJECT_ROOT.parent / "shared" / "data" / "studies" / "Study1"
+SECTIONS = ("large", "small", "blur", "hippocampus")
+TARGETS = {"large_ratio": ("<=", 1.3), "rss_to_payload": ("<=", 1.5), "small_8_ratio": (">=", 0.85)}
+
+
+# -- servers -------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """gunicorn with the shipped config (``app`` overrides its ``wsgi_app``), on a free local port."""
+
+    def __init__(self, name: str, app: str | None = None, ready_timeout: float = 300) -> None:
+        self.name = name
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        env = {**os.environ, "INFERENCE_HOST": "127.0.0.1", "INFERENCE_PORT": str(port), "INFERENCE_API_TOKEN": ""}
+        command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", *([app] if app else [])]
+        log_dir = CACHE_DIR / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_dir / f"{name}.log"
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=self._log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        self._wait_ready(ready_timeout)
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} server exited with {self.process.returncode}; see {self.log_path}")
+            try:
+                if requests.get(f"{self.url}/healthcheck", timeout=2).text == "READY":
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"{self.name} server not READY after {timeout:.0f}s; see {self.log_path}")
+
+    def tree_rss(self) -> int:
+        """Resident memory of the master and all its workers, in bytes."""
+        try:
+            master = psutil.Process(self.process.pid)
+            processes = [master, *master.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return 0
+        total = 0
+        for process in processes:
+            try:
+                total += process.memory_info().rss
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
+    def commands(self) -> list[str]:
+        """Inference commands the server lists on ``GET /models``."""
+        response = requests.get(f"{self.url}/models", timeout=10)
+        response.raise_for_status()
+        return [m["inference_command"] for m in response.json()["models"]]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()  # gunicorn's master stops its workers on SIGTERM
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+class PeakSampler:
+    """Samples each server's process-tree RSS every ``interval`` seconds in a thread; keeps the peaks."""
+
+    def __init__(self, servers: Sequence[Server], interval: float = 0.02) -> None:
+        self.servers, self.interval = list(servers), interval
+        self.peaks = {s.name: 0 for s in self.servers}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for server in self.servers:
+                self.peaks[server.name] = max(self.peaks[server.name], server.tree_rss())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def idle_rss(server: Server, samples: int = 5) -> int:
+    """Median tree RSS of a server at rest."""
+    time.sleep(0.5)
+    values = []
+    for _ in range(samples):
+        values.append(server.tree_rss())
+        time.sleep(0.05)
+    return int(statistics.median(values))
+
+
+# -- client ----------------------------------------------------------------------------------
+def post_study(url: str, command: str, files: Sequence[Path], floor_bytes: int | None = None) -> InferenceResult:
+    """One request as ``utils.client.send_inference_request`` sends it; the floor gets its response size."""
+    encoder = build_multipart_request({"inference_command": command}, files)
+    headers = {"Content-Type": related_content_type(encoder)}
+    if floor_bytes is not None:
+        headers[SIZE_HEADER] = str(floor_bytes)
+    response = requests.post(url, data=encoder, headers=headers, timeout=900)
+    result = decode_response(response)
+    result.request_bytes = encoder.len
+    return result
+
+
+def timed(call: Callable[[], InferenceResult]) -> tuple[float, InferenceResult]:
+    started = time.perf_counter()
+    result = call()
+    return time.perf_counter() - started, result
+
+
+def requests_per_second(call: Callable[[], object], total: int, clients: int) -> float:
+    """``total`` calls spread over ``clients`` threads; completed calls per second of wall time."""
+    started = time.perf_counter()
+    if clients == 1:
+        for _ in range(total):
+            call()
+    else:
+        with ThreadPoolExecutor(clients) as pool:
+            for future in [pool.submit(call) for _ in range(total)]:
+                future.result()
+    return total / (time.perf_counter() - started)
+
+
+def warm_up(server: Server, files: Sequence[Path], floor_bytes: int | None = None) -> None:
+    """A few concurrent small requests, so every worker has imported and allocated what it needs."""
+    with ThreadPoolExecutor(4) as pool:
+        for future in [pool.submit(post_study, server.url, MASK_COMMAND, files, floor_bytes) for _ in range(8)]:
+            future.result()
+
+
+# -- sections --------------------------------------------------------------------------------
+def measure_large(ours: Server, floor: Server, repeats: int) -> dict:
+    """Large-study round trips (interleaved with the floor's) and both servers' peak RSS above idle."""
+    files = cached_study("large")
+    idle = {s.name: idle_rss(s) for s in (ours, floor)}
+    times: dict[str, list[float]] = {"ours": [], "floor": []}
+    response_bytes = None
+    with PeakSampler([ours, floor]) as sampler:
+        for i in range(repeats):
+            seconds, result = timed(lambda: post_study(ours.url, MASK_COMMAND, files))
+            response_bytes = response_bytes or result.response_bytes
+            times["ours"].append(seconds)
+            seconds, _ = timed(lambda: post_study(floor.url, MASK_COMMAND, files, response_bytes))
+            times["floor"].append(seconds)
+            log.info("large %d/%d: ours %.2fs, floor %.2fs", i + 1, repeats, times["ours"][-1], times["floor"][-1])
+    payload = result.request_bytes
+    ours_s, floor_s = statistics.median(times["ours"]), statistics.median(times["floor"])
+    peak = (sampler.peaks["ours"] - idle["ours"]) / MB
+    return {
+        "large_roundtrip_s": round(ours_s, 3),
+        "floor_large_roundtrip_s": round(floor_s, 3),
+        "large_ratio": round(ours_s / floor_s, 3),
+        "large_roundtrips_s": [round(t, 2) for t in times["ours"]],
+        "floor_large_roundtrips_s": [round(t, 2) for t in times["floor"]],
+        "idle_rss_mb": round(idle["ours"] / MB, 1),
+        "peak_rss_above_idle_mb": round(peak, 1),
+        "floor_peak_rss_above_idle_mb": round((sampler.peaks["floor"] - idle["floor"]) / MB, 1),
+        "payload_mb": round(payload / MB, 1),
+        "response_mb": round(response_bytes / MB, 1),
+        "rss_to_payload": round(peak * MB / payload, 3),
+    }
+
+
+def measure_small(ours: Server, floor: Server, sequential: int, concurrent: int, clients: int = 8) -> dict:
+    """Small-study requests/s, one client then ``clients`` concurrent clients, for both servers."""
+    files = cached_study("small")
+    small_bytes = post_study(ours.url, MASK_COMMAND, files).response_bytes
+    out = {}
+    for key, total, n_clients in (("seq", sequential, 1), (str(clients), concurrent, clients)):
+        ours_rps = requests_per_second(lambda: post_study(ours.url, MASK_COMMAND, files), total, n_clients)
+        floor_rps = requests_per_second(lambda: post_study(floor.url, MASK_COMMAND, files, small_bytes),
+                                        total, n_clients)
+        log.info("small, %d client(s): ours %.1f/s, floor %.1f/s", n_clients, ours_rps, floor_rps)
+        out[f"small_rps_{key}"] = round(ours_rps, 2)
+        out[f"floor_small_rps_{key}"] = round(floor_rps, 2)
+        out[f"small_{key}_ratio"] = round(ours_rps / floor_rps, 3)
+    return out
+
+
+def measure_blur(repeats: int) -> dict:
+    """The blur handler's own section (``bench/blur.py``), when it exists."""
+    try:
+        from bench.blur import measure_blur as blur_section
+    except ImportError as exc:
+        return {"blur_skipped": f"bench/blur.py not importable yet ({exc})"}
+    return {"blur": blur_section(repeats=repeats)}
+
+
+def hippocampus_crop(folder: Path):
+    """The voxels of the study's hippocampus crop (the series matching INFERENCE_HIPPOCAMPUS_SERIES)."""
+    from utils.dicom import dicom_files_in, group_by_series, load_instances, load_volume
+
+    pattern = re.compile(get_settings().hippocampus_series)
+    parts = [open(path, "rb") for path in dicom_files_in(folder)]
+    try:
+        series = group_by_series(load_instances(parts))
+    finally:
+        for part in parts:
+            part.close()
+    for items in series.values():
+        if pattern.search(str(items[0].get("SeriesDescription", ""))):
+            return load_volume(items).voxels
+    return None
+
+
+def measure_hippocampus(ours: Server, repeats: int) -> dict:
+    """Study1 round trip with the hippocampus handler, and the model's own time on the crop."""
+    if not STUDY1.is_dir():
+        return {"hippocampus_skipped": "needs ../shared/data/studies/Study1 (absent on this machine)"}
+    out: dict = {}
+    if HIPPOCAMPUS_COMMAND in ours.commands():
+        from utils.dicom import dicom_files_in
+
+        files = dicom_files_in(STUDY1)
+        post_study(ours.url, HIPPOCAMPUS_COMMAND, files)  # warm-up, not counted
+        times = [timed(lambda: post_study(ours.url, HIPPOCAMPUS_COMMAND, files))[0] for _ in range(repeats)]
+        out["hippocampus_roundtrip_s"] = round(statistics.median(times), 3)
+    else:
+        out["hippocampus_roundtrip_skipped"] = f"{HIPPOCAMPUS_COMMAND} is not served (GET /models)"
+    try:
+        from models.segmenter import HippocampusSegmenter
+
+        segmenter = HippocampusSegmenter.load(get_settings().model_path)
+    except (ImportError, OSError) as exc:
+        out["hippocampus_model_skipped"] = f"the model cannot be loaded: {exc}"
+        return out
+    crop = hippocampus_crop(STUDY1)
+    if crop is None:
+        out["hippocampus_model_skipped"] = "Study1 has no series matching INFERENCE_HIPPOCAMPUS_SERIES"
+        return out
+    segmenter.segment(crop)  # warm-up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        segmenter.segment(crop)
+        times.append(time.perf_counter() - started)
+    out["hippocampus_model_s"] = round(statistics.median(times), 4)
+    out["hippocampus_crop_shape"] = list(crop.shape)
+    return out
+
+
+def targets_met(results: dict) -> dict:
+    """Each target of the issue that was measured: whether this run meets it."""
+    met = {}
+    for key, (op, bound) in TARGETS.items():
+        if key in results:
+            met[f"{key}{op}{bound}"] = results[key] <= bound if op == "<=" else results[key] >= bound
+    return met
+
+
+def run(sections: Sequence[str], quick: bool) -> dict:
+    settings = get_settings()
+    results: dict = {"cpu_count": os.cpu_count(), "workers": settings.workers, "threads": settings.threads,
+                     "quick": quick, "sections": list(sections)}
+    servers: list[Server] = []
+    try:
+        ours = floor = None
+        if {"large", "small", "hippocampus"} & set(sections):
+            ours = Server("ours")
+            servers.append(ours)
+        if {"large", "small"} & set(sections):
+            floor = Server("floor", "bench.floor:app")
+            servers.append(floor)
+            small = cached_study("small")
+            warm_up(ours, small)
+            warm_up(floor, small, post_study(ours.url, MASK_COMMAND, small).response_bytes)
+        if "large" in sections:
+            results.update(measure_large(ours, floor, repeats=2 if quick else 5))
+        if "small" in sections:
+            results.update(measure_small(ours, floor, *((10, 16) if quick else (30, 80))))
+        if "blur" in sections:
+            results.update(measure_blur(repeats=1 if quick else 3))
+        if "hippocampus" in sections:
+            results.update(measure_hippocampus(ours, repeats=2 if quick else 5))
+    finally:
+        for server in servers:
+            server.stop()
+    results["targets_met"] = targets_met(results)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, for a smoke run")
+    parser.add_argument("--only", choices=SECTIONS, help="run one section only")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s bench: %(message)s", stream=sys.stderr)
+    results = run([args.only] if args.only else list(SECTIONS), args.quick)
+    print(json.dumps(results), flush=True)
+
+
+if __name__ == "__main__":
+    main()
