@@ -15,3 +15,6 @@ keepalive = 5
 accesslog = None  # the gateway logs one line per request itself, tagged with the input hash
 errorlog = "-"
 capture_output = True
+# No gunicornc control socket: every instance would share one default path (tests and the
+# benchmark run several at once) and the gateway has no use for it. Ignored by gunicorn < 25.1.
+control_socket_disable = True
