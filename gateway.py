@@ -12,6 +12,7 @@ answered as JSON ``{"error": ..., "input_hash": ...}`` with a status that says w
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
@@ -41,7 +42,8 @@ from utils.multipart import (
 from utils.paths import is_inside, resolve_inside
 from utils.tagged_logger import TaggedLogger
 
-OPEN_ENDPOINTS = ("healthcheck", "ping", "static")
+#: Endpoints served without the bearer token: liveness probes only (not Flask's /static file route).
+OPEN_ENDPOINTS = ("healthcheck", "ping")
 
 
 class Gateway(Flask):
@@ -89,7 +91,7 @@ class Gateway(Flask):
             scheme, _, given = header.partition(" ")
             if not header:
                 raise Unauthorized("this server requires 'Authorization: Bearer <token>'")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+            if scheme.lower() != "bearer" or not _same_secret(given.strip(), token):
                 raise Forbidden("the bearer token is not valid for this server")
 
     def _finish_request(self, response: Response) -> Response:
@@ -148,10 +150,15 @@ class Gateway(Flask):
 
     def _read_study_path(self, spool: PartSpool) -> ParsedBody:
         """A JSON request naming a folder on the server (``studyPath``) instead of uploading it."""
-        if (request.content_length or 0) > 1024 * 1024:
-            raise BadRequest("a JSON request must be under 1 MiB; upload studies as multipart/related")
+        limit = 1024 * 1024
+        too_large = BadRequest("a JSON request must be under 1 MiB; upload studies as multipart/related")
+        if (request.content_length or 0) > limit:
+            raise too_large
+        raw = request.stream.read(limit + 1)  # bounded: a chunked body has no Content-Length to check
+        if len(raw) > limit:
+            raise too_large
         try:
-            json_input = json.loads(request.get_data(cache=False) or b"null")
+            json_input = json.loads(raw or b"null")
         except ValueError as exc:
             raise BadRequest(f"request body is not valid JSON: {exc}") from exc
         if not isinstance(json_input, dict) or not isinstance(json_input.get("studyPath"), str):
@@ -188,6 +195,13 @@ class Gateway(Flask):
         g.get("log", self.log).error("%s %s failed:\n%s", request.method, request.path, traceback.format_exc())
         return self._error_response(500, f"inference failed: {type(error).__name__}: {error} "
                                          "(the traceback is in the server log under this input_hash)")
+
+
+def _same_secret(given: str, expected: str) -> bool:
+    """Constant-time comparison; hashing first keeps the token's length from leaking through timing."""
+    given_digest = hashlib.sha256(given.encode("utf-8", "surrogateescape")).digest()
+    expected_digest = hashlib.sha256(expected.encode("utf-8", "surrogateescape")).digest()
+    return hmac.compare_digest(given_digest, expected_digest)
 
 
 def request_json(body: ParsedBody) -> dict:
