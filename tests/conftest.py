@@ -65,7 +65,9 @@ class RunningServer:
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {**os.environ, "INFERENCE_PORT": str(self.port), "INFERENCE_HOST": "127.0.0.1",
                     "INFERENCE_WORKERS": "1", "INFERENCE_THREADS": "4", **env}
-        command = args or [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"]
+        # ``{port}`` in ``args`` is replaced by the port chosen for this server
+        command = [a.replace("{port}", str(self.port)) for a in args] if args else \
+            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"]
         self.log_path = Path(log_dir) / f"gateway-{self.port}.log"
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=full_env, stdout=self._log,

@@ -281,7 +281,7 @@ class EncodedResponse:
 
     content_type: str
     content_length: int
-    chunks: Iterator[bytes | memoryview]
+    chunks: Iterator[bytes]
 
 
 def encode_multipart_related(
@@ -305,13 +305,13 @@ def encode_multipart_related(
     if input_hash is not None:
         length += len(hash_head) + 129
 
-    def chunks() -> Iterator[bytes | memoryview]:
+    def chunks() -> Iterator[bytes]:
         digest = hashlib.sha256()
         for i, (head, (_, body)) in enumerate(zip(heads, parts)):
             yield (b"\r\n" + head) if i else head
             view = memoryview(body).cast("B")
             for start in range(0, view.nbytes, WRITE_CHUNK):
-                piece = view[start : start + WRITE_CHUNK]
+                piece = bytes(view[start : start + WRITE_CHUNK])  # WSGI servers take bytes only
                 digest.update(piece)
                 yield piece
         if input_hash is not None:
