@@ -1,0 +1,54 @@
+"""Container health check: exit 0 only when the local gateway's ``/healthcheck`` answers ``READY``.
+
+    python healthcheck.py        # used by the Dockerfile's HEALTHCHECK and docker-compose.yml
+
+Standard library only (the slim image has no curl). It asks the port in ``INFERENCE_PORT``
+(default 8900) on the loopback address, or on ``INFERENCE_HOST`` when that names one address.
+Any other answer (``LOADING``, an error status, no server) exits 1 with the reason on stderr,
+which ``docker inspect`` shows under ``State.Health``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import urllib.error
+import urllib.request
+
+#: Bind-all addresses and the loopback address to ask instead.
+WILDCARD_HOSTS = {"0.0.0.0": "127.0.0.1", "::": "::1"}
+
+
+def healthcheck_url(environ: dict[str, str]) -> str:
+    """The URL of the gateway's ``/healthcheck`` for the bind address and port in ``environ``."""
+    port = environ.get("INFERENCE_PORT") or "8900"
+    host = environ.get("INFERENCE_HOST") or "0.0.0.0"
+    host = WILDCARD_HOSTS.get(host, host)
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}/healthcheck"
+
+
+def check(url: str, timeout: float = 5.0) -> tuple[bool, str]:
+    """Whether ``url`` answers 200 with the body ``READY``, and what it answered otherwise."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (fixed local URL)
+            body = response.read(64)
+    except urllib.error.HTTPError as exc:
+        return False, f"{url} answered HTTP {exc.code}"
+    except (OSError, ValueError) as exc:
+        return False, f"{url} is not reachable: {exc}"
+    if body != b"READY":
+        return False, f"{url} answered {body[:32]!r}, not READY (still warming up?)"
+    return True, "READY"
+
+
+def main() -> int:
+    ready, message = check(healthcheck_url(dict(os.environ)))
+    if not ready:
+        sys.stderr.write(message + "\n")
+    return 0 if ready else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
