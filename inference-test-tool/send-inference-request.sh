@@ -1,0 +1,10 @@
+#!/bin/sh
+# Run the inference test tool with the project's Python environment, from any working directory.
+# Usage: send-inference-request.sh -h
+set -eu
+here=$(CDPATH='' cd -- "$(dirname -- "$0")" && pwd)
+python="$here/../.venv/bin/python"
+if [ ! -x "$python" ]; then
+    python=python3
+fi
+exec "$python" "$here/send_inference_request.py" "$@"
