@@ -48,11 +48,11 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def lr_at(step: int, total: int, base_lr: float, warmup: int = 100) -> float:
+def lr_at(step: int, progress: float, base_lr: float, warmup: int = 100) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay over ``progress`` in [0, 1]."""
     if step < warmup:
         return base_lr * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return base_lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+    return base_lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def train(data: str | Path, out: str | Path, epochs: int = DEFAULTS["epochs"], seed: int = DEFAULTS["seed"],
@@ -110,13 +110,18 @@ def train(data: str | Path, out: str | Path, epochs: int = DEFAULTS["epochs"], s
         losses = []
         t_ep = time.time()
         for i in range(steps_per_epoch):
-            if step >= total_steps:
+            # Progress through the run: by steps, or by wall time when a time limit is set
+            # (the cosine schedule then ends at the time limit; see --time-limit).
+            progress = step / total_steps
+            if time_limit_min is not None:
+                progress = max(progress, (time.time() - train_t0) / (time_limit_min * 60))
+            if progress >= 1.0:
                 stop = True
                 break
             idx = perm[i * batch_size:(i + 1) * batch_size]
             xb, yb = augment_batch(x_all[idx], y_all[idx], generator=gen, flip_dim=flip_dim)
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, total_steps, lr, warmup=min(100, total_steps // 10))
+                g["lr"] = lr_at(step, progress, lr, warmup=min(100, total_steps // 10))
             opt.zero_grad(set_to_none=True)
             loss = dice_ce_loss(model(xb), yb)
             loss.backward()
@@ -124,10 +129,12 @@ def train(data: str | Path, out: str | Path, epochs: int = DEFAULTS["epochs"], s
             losses.append(loss.item())
             step += 1
             if (i + 1) % 20 == 0 or i + 1 == steps_per_epoch:
-                pct = 100.0 * step / total_steps
+                pct = 100.0 * progress
                 print(f"\r[train] epoch {epoch}/{epochs} step {i + 1}/{steps_per_epoch} "
                       f"loss {np.mean(losses):.4f} ({pct:.0f}% of run)", end="", file=sys.stderr, flush=True)
         print(file=sys.stderr)
+        if not losses:  # budget used up exactly at an epoch boundary
+            break
         model.eval()
         with torch.inference_mode():
             vd = []
@@ -148,10 +155,9 @@ def train(data: str | Path, out: str | Path, epochs: int = DEFAULTS["epochs"], s
         _log(f"[train] epoch {epoch}: loss {entry['train_loss']} val_dice {val_dice:.4f}"
              f"{' (best, saved)' if improved else ''} [{entry['epoch_seconds']}s, "
              f"{(time.time() - train_t0) / 60:.1f} min total]")
-        if time_limit_min is not None and time.time() - train_t0 > time_limit_min * 60:
-            _log("[train] time limit reached")
-            stop = True
         if stop:
+            if time_limit_min is not None and step < total_steps:
+                _log("[train] time limit reached")
             break
     train_seconds = time.time() - train_t0
 
@@ -172,7 +178,8 @@ def train(data: str | Path, out: str | Path, epochs: int = DEFAULTS["epochs"], s
                      "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
                      "optimizer": "AdamW, linear warm-up then cosine decay",
                      "loss": "cross-entropy + soft Dice (foreground classes)",
-                     "max_volumes": max_volumes, "max_steps": max_steps, "threads": threads,
+                     "max_volumes": max_volumes, "max_steps": max_steps, "time_limit_min": time_limit_min,
+                     "threads": threads,
                      "train_seconds": round(train_seconds, 1),
                      "total_seconds": round(time.time() - t_start, 1),
                      "torch": torch.__version__, "python": platform.python_version()},
@@ -198,7 +205,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     ap.add_argument("--max-volumes", type=int, default=None, help="use only the first K cases (sorted)")
     ap.add_argument("--max-steps", type=int, default=None, help="stop after N optimiser steps")
-    ap.add_argument("--time-limit", type=float, default=None, help="stop after an epoch once N minutes passed")
+    ap.add_argument("--time-limit", type=float, default=None, help="wall-time budget in minutes: the LR schedule follows max(step, time) progress "
+                    "and training stops when the budget is used (non-deterministic on busy machines)")
     ap.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
     ap.add_argument("--lr", type=float, default=DEFAULTS["lr"])
     ap.add_argument("--base", type=int, default=DEFAULTS["base"])
