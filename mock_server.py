@@ -61,7 +61,7 @@ def create_app(mode: str | None = None, settings: Settings | None = None) -> Gat
     configure_logging(settings)
     specs = load_handlers()
     app = Gateway(__name__, settings=settings)
-    ready = threading.Event()
+    health = {"status": "LOADING"}
 
     if mode is None:
         app.add_inference_route("/", dispatch_by_command(settings.default_command))
@@ -70,7 +70,7 @@ def create_app(mode: str | None = None, settings: Settings | None = None) -> Gat
                 app.add_inference_route(spec.route, spec.handler)
     else:
         app.add_inference_route("/", REGISTRY.get(mode).handler)
-    app.add_healthcheck_route(lambda: "READY" if ready.is_set() else "LOADING")
+    app.add_healthcheck_route(lambda: health["status"])
 
     @app.get("/models")
     def list_models():
@@ -83,14 +83,18 @@ def create_app(mode: str | None = None, settings: Settings | None = None) -> Gat
 
     def warm_up() -> None:
         for spec in specs:
-            if spec.warm_up is not None:
+            if spec.warm_up is not None and (mode is None or spec.command == mode):
                 log.info("warming up %s", spec.command)
-                spec.warm_up()
-        ready.set()
+                try:
+                    spec.warm_up()
+                except Exception as exc:  # keep serving the other handlers; the healthcheck tells
+                    health["status"] = f"FAILED: {spec.command}: {type(exc).__name__}: {exc}"
+                    log.exception("warm-up of %s failed; the healthcheck will not say READY", spec.command)
+                    return
+        health["status"] = "READY"
         log.info("READY: serving %s", ", ".join(REGISTRY.commands() if mode is None else [mode]))
 
     threading.Thread(target=warm_up, name="warm-up", daemon=True).start()
-    app.ready = ready
     log.info("settings: %s", settings.describe())
     return app
 

@@ -7,7 +7,7 @@ import importlib
 from handlers.registry import REGISTRY, Handler, HandlerSpec, register
 
 #: Modules holding the shipped handlers, imported by ``load_handlers``.
-HANDLER_MODULES = ("handlers.mock", "handlers.gaussian_blur")
+HANDLER_MODULES = ("handlers.mock", "handlers.hippocampus", "handlers.gaussian_blur")
 
 
 def load_handlers() -> list[HandlerSpec]:

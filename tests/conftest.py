@@ -60,7 +60,7 @@ class RunningServer:
     """A gateway served by gunicorn with the project's config, in a subprocess."""
 
     def __init__(self, env: dict[str, str], log_dir: Path, args: list[str] | None = None,
-                 ready_timeout: float = 120) -> None:
+                 ready_timeout: float = 120, wait: bool = True) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {**os.environ, "INFERENCE_PORT": str(self.port), "INFERENCE_HOST": "127.0.0.1",
@@ -72,7 +72,12 @@ class RunningServer:
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=full_env, stdout=self._log,
                                         stderr=subprocess.STDOUT, start_new_session=True)
-        self.wait_ready(ready_timeout)
+        try:
+            if wait:
+                self.wait_ready(ready_timeout)
+        except BaseException:
+            self.stop()
+            raise
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -82,7 +87,7 @@ class RunningServer:
             try:
                 if requests.get(f"{self.url}/healthcheck", timeout=2).text == "READY":
                     return
-            except requests.ConnectionError:
+            except requests.RequestException:
                 pass
             time.sleep(0.2)
         raise RuntimeError(f"server not READY after {timeout}s:\n{self.log()}")

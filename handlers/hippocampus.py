@@ -1,0 +1,261 @@
+"""Hippocampal volume: segment anterior and posterior hippocampus in a study's crop series.
+
+Over HTTP (``inference_command`` ``get-hippocampus-volume``, or ``POST /hippocampus``) the
+handler finds the crop series (SeriesDescription matching ``INFERENCE_HIPPOCAMPUS_SERIES``),
+segments it with the shipped 2D UNet and answers a ``numeric_label_mask``, the volumes in
+``series_ml_json`` and a Secondary Capture report. From the command line it does the same for
+study folders:
+
+    python -m handlers.hippocampus STUDY_DIR [STUDY_DIR ...] --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import re
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from handlers.registry import register
+from utils.config import get_settings
+from utils.dicom import (
+    Volume,
+    dataset_bytes,
+    describe_series,
+    dicom_files_in,
+    group_by_series,
+    load_instances,
+    load_volume,
+    secondary_capture,
+    series_from_volume,
+    with_pixels,
+)
+from utils.errors import UnprocessableInput
+from utils.render import label_color, overlay_labels, to_rgb, upscale, window_values
+
+log = logging.getLogger("inference.hippocampus")
+
+LABEL_MAP = {"1": "Anterior", "2": "Posterior"}
+COMMAND = "get-hippocampus-volume"
+_segmenter = None
+_segmenter_lock = threading.Lock()
+
+
+def load_segmenter():
+    """The model, loaded once per process (CUDA when available); later calls return the same one."""
+    global _segmenter
+    with _segmenter_lock:
+        if _segmenter is None:
+            from models.segmenter import HippocampusSegmenter
+
+            started = time.perf_counter()
+            _segmenter = HippocampusSegmenter.load(get_settings().model_path)
+            log.info("loaded %s in %.1fs", _segmenter.version, time.perf_counter() - started)
+        return _segmenter
+
+
+def find_crop_series(series: dict[str, list], pattern: str) -> list:
+    """The series whose SeriesDescription matches ``pattern``; a 422 listing the series otherwise."""
+    matcher = re.compile(pattern, re.IGNORECASE)
+    matches = [items for items in series.values() if matcher.search(str(items[0].get("SeriesDescription", "")))]
+    if not matches:
+        raise UnprocessableInput(f"no series has a SeriesDescription matching {pattern!r} (the hippocampus crop); "
+                                 f"series present: {describe_series(series)}")
+    if len(matches) > 1:
+        log.warning("%d series match %r; using the first", len(matches), pattern)
+    return matches[0]
+
+
+def to_model_orientation(voxels: np.ndarray) -> np.ndarray:
+    """(slices, rows, columns) of the crop series -> the model's (x, y, z) NIfTI order."""
+    return np.ascontiguousarray(voxels.transpose(2, 1, 0))
+
+
+def from_model_orientation(labels: np.ndarray) -> np.ndarray:
+    """The model's (x, y, z) labels -> (slices, rows, columns), the order of the 3D mask on the wire."""
+    return np.ascontiguousarray(labels.transpose(2, 1, 0))
+
+
+def series_from_nifti(image_path: str | Path, description: str = "HippoCrop", **kwargs) -> list:
+    """A NIfTI crop (as in the training data) written as the DICOM series a viewer would send.
+
+    The inverse of ``to_model_orientation``: slices along the NIfTI's third axis, rows along its
+    second; spacing taken from the NIfTI header. Used by the tests and to try the model on training cases.
+    """
+    import nibabel
+
+    image = nibabel.load(str(image_path))
+    voxels = from_model_orientation(np.rint(np.asarray(image.dataobj)).astype(np.int16))
+    x, y, z = (float(v) for v in image.header.get_zooms()[:3])
+    return series_from_volume(voxels, spacing=(z, y, x), description=description, **kwargs)
+
+
+def measure_volumes(labels: np.ndarray, volume: Volume) -> dict:
+    """Voxel counts and volumes in mm3 (voxel count x slice spacing x pixel spacing)."""
+    voxel_mm3 = volume.voxel_volume_mm3
+    counts = np.bincount(labels.ravel(), minlength=3)
+    anterior, posterior = int(counts[1]), int(counts[2])
+    return {
+        "anterior_volume_mm3": round(anterior * voxel_mm3, 1),
+        "posterior_volume_mm3": round(posterior * voxel_mm3, 1),
+        "total_volume_mm3": round((anterior + posterior) * voxel_mm3, 1),
+        "anterior_voxels": anterior,
+        "posterior_voxels": posterior,
+        "voxel_volume_mm3": round(voxel_mm3, 4),
+        "spacing_mm": [round(s, 4) for s in volume.spacing],
+    }
+
+
+def segment_study(instances: Sequence) -> tuple[Volume, np.ndarray, dict, float]:
+    """Find and segment the crop series: its volume, labels (slices, rows, columns), measures, seconds."""
+    headers = load_instances(instances, stop_before_pixels=True)
+    crop = find_crop_series(group_by_series(headers), get_settings().hippocampus_series)
+    volume = load_volume(with_pixels(crop))
+    segmenter = load_segmenter()
+    started = time.perf_counter()
+    labels = from_model_orientation(segmenter.segment(to_model_orientation(volume.voxels)))
+    seconds = time.perf_counter() - started
+    return volume, labels, measure_volumes(labels, volume), seconds
+
+
+def render_report(volume: Volume, labels: np.ndarray, measures: dict, model_version: str) -> np.ndarray:
+    """The report image (RGB uint8): three slices with the overlay, the volumes, the model, a warning."""
+    counts = labels.reshape(labels.shape[0], -1).astype(bool).sum(axis=1)
+    present = np.flatnonzero(counts)
+    if present.size:
+        picks = [int(present[int(round(q * (present.size - 1)))]) for q in (0.25, 0.5, 0.75)]
+    else:
+        picks = [labels.shape[0] // 4, labels.shape[0] // 2, 3 * labels.shape[0] // 4]
+    scale = max(1, 240 // max(volume.voxels.shape[1:]))
+    low, high = np.percentile(volume.voxels, [0.5, 99.5])  # one window for the whole crop
+    colors = {int(value): label_color(int(value)) for value in LABEL_MAP}
+    tiles = []
+    for k in picks:
+        gray = window_values(volume.voxels[k], (low + high) / 2, max(high - low, 1.0))
+        rgb = overlay_labels(to_rgb(upscale(gray, scale)), upscale(labels[k], scale), colors)
+        tiles.append((k, Image.fromarray(rgb)))
+    pad, header = 16, 72
+    tile_w, tile_h = tiles[0][1].size
+    width = max(3 * tile_w + 4 * pad, 720)
+    height = header + tile_h + 24 + 170
+    image = Image.new("RGB", (width, height), (12, 12, 12))
+    draw = ImageDraw.Draw(image)
+    draw.text((pad, 12), "Hippocampal volume report", fill=(255, 255, 255))
+    draw.text((pad, 32), "Research use only. NOT FOR CLINICAL USE.", fill=(255, 180, 0))
+    draw.text((pad, 50), f"Series: {volume.datasets[0].get('SeriesDescription', '')}  "
+                         f"({volume.voxels.shape[0]} slices, {volume.voxels.shape[1]}x{volume.voxels.shape[2]})",
+              fill=(200, 200, 200))
+    for i, (k, tile) in enumerate(tiles):
+        x = pad + i * (tile_w + pad)
+        image.paste(tile, (x, header))
+        draw.text((x, header + tile_h + 4), f"slice {k + 1} of {labels.shape[0]}", fill=(200, 200, 200))
+    y = header + tile_h + 32
+    rows = [("Anterior", measures["anterior_volume_mm3"], colors[1]),
+            ("Posterior", measures["posterior_volume_mm3"], colors[2]),
+            ("Total", measures["total_volume_mm3"], (255, 255, 255))]
+    for name, value, color in rows:
+        draw.rectangle((pad, y + 2, pad + 10, y + 12), fill=tuple(color))
+        draw.text((pad + 18, y), f"{name:<10} {value:>10,.1f} mm3", fill=(255, 255, 255))
+        y += 20
+    spacing = " x ".join(f"{s:g}" for s in measures["spacing_mm"])
+    draw.text((pad, y + 6), f"Voxel spacing (slice x row x column): {spacing} mm", fill=(200, 200, 200))
+    draw.text((pad, y + 26), f"Model: {model_version}", fill=(200, 200, 200))
+    return np.asarray(image)
+
+
+@register(COMMAND, route="/hippocampus", warm_up=load_segmenter,
+          description="Anterior/posterior hippocampus segmentation and volumes (HippoCrop series)")
+def hippocampus_volume(json_input: dict, instances: Sequence, input_hash: str) -> tuple[dict, list]:
+    """Segment the hippocampus crop series: label mask, volumes and a Secondary Capture report."""
+    volume, labels, measures, seconds = segment_study(instances)
+    model_version = load_segmenter().version
+    log.info("[input_hash=%s] segmented %s in %.3fs: total %.1f mm3", input_hash, volume.voxels.shape,
+             seconds, measures["total_volume_mm3"])
+    reference = volume.datasets[0]
+    report = secondary_capture(render_report(volume, labels, measures, model_version), reference,
+                               description="Hippocampal volume report")
+    series_uid = volume.series_uid
+    response = {
+        "protocol_version": "1.0",
+        "parts": [
+            {"label": "Hippocampus", "binary_type": "numeric_label_mask", "label_map": LABEL_MAP,
+             "binary_data_shape": {"timepoints": 1, "depth": int(labels.shape[0]),
+                                   "height": int(labels.shape[1]), "width": int(labels.shape[2])},
+             "SeriesInstanceUID": series_uid},
+            {"label": "Hippocampal volume report", "binary_type": "dicom_secondary_capture"},
+        ],
+        "series_ml_json": {series_uid: {**measures, "model": model_version, "inference_seconds": round(seconds, 3)}},
+    }
+    return response, [labels, report]
+
+
+# -- command line -------------------------------------------------------------------------
+def process_study(folder: Path, out_dir: Path) -> dict:
+    """Run the handler on one study folder; write ``report.dcm``, ``report.png`` and ``volumes.json``."""
+    files = dicom_files_in(folder)
+    if not files:
+        raise UnprocessableInput(f"{folder} holds no DICOM files")
+    digest = hashlib.sha256()
+    handles = [open(path, "rb") for path in files]
+    try:
+        for handle in handles:
+            digest.update(handle.read())
+        response, buffers = hippocampus_volume({"inference_command": COMMAND}, handles, digest.hexdigest())
+    finally:
+        for handle in handles:
+            handle.close()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = buffers[1]
+    report.save_as(out_dir / "report.dcm", enforce_file_format=True)
+    Image.fromarray(report.pixel_array).save(out_dir / "report.png")
+    measures = next(iter(response["series_ml_json"].values()))
+    (out_dir / "volumes.json").write_text(json.dumps({"study": str(folder), **measures}, indent=2))
+    assert dataset_bytes(report)  # written and readable
+    return measures
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m handlers.hippocampus",
+                                     description="Measure hippocampal volumes of study folders (not for clinical use).")
+    parser.add_argument("studies", nargs="+", type=Path, help="study folders (DICOM files, any depth)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder; one sub-folder per study")
+    parser.add_argument("--jobs", type=int, default=2, help="studies processed in parallel (default %(default)s)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    load_segmenter()
+    results: dict[str, dict] = {}
+    names = {study: f"{i:02d}-{study.resolve().name}" for i, study in enumerate(args.studies)}
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = {pool.submit(process_study, study, args.out / names[study]): study for study in args.studies}
+        for done, future in enumerate(as_completed(futures), 1):
+            study = futures[future]
+            try:
+                results[str(study)] = {"status": "ok", **future.result()}
+            except Exception as exc:  # one bad study must not stop the others
+                results[str(study)] = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+            print(f"[{done}/{len(futures)}] {study}: {results[str(study)]['status']}", file=sys.stderr)
+    print(f"{'study':<48} {'anterior':>10} {'posterior':>10} {'total mm3':>10}  status")
+    for study in args.studies:
+        r = results[str(study)]
+        if r["status"] == "ok":
+            print(f"{str(study):<48} {r['anterior_volume_mm3']:>10,.1f} {r['posterior_volume_mm3']:>10,.1f} "
+                  f"{r['total_volume_mm3']:>10,.1f}  ok")
+        else:
+            print(f"{str(study):<48} {'':>10} {'':>10} {'':>10}  FAILED: {r['error']}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "summary.json").write_text(json.dumps(results, indent=2))
+    return 1 if any(r["status"] != "ok" for r in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""The hippocampus handler: orientation proven on labelled data, real studies, report, CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pydicom
+import pytest
+
+from handlers import hippocampus
+from tests.conftest import PROJECT_ROOT, shared_data, write_study
+from utils import protocol
+from utils.config import get_settings
+from utils.dicom import dataset_bytes, series_from_volume, write_series
+from utils.errors import UnprocessableInput
+
+WEIGHTS = get_settings().model_path
+
+
+@pytest.fixture(scope="module")
+def weights():
+    if not WEIGHTS.exists():
+        pytest.skip(f"model weights {WEIGHTS.name} are not in models/ yet (train with models.train_hippocampus)")
+    return WEIGHTS
+
+
+def as_parts(datasets):
+    return [io.BytesIO(dataset_bytes(ds)) for ds in datasets]
+
+
+def test_orientation_round_trip_is_lossless(tmp_path):
+    """Writing a NIfTI-ordered volume as DICOM and reading it back gives the same array."""
+    voxels = np.arange(5 * 6 * 7, dtype=np.int16).reshape(5, 6, 7)  # (x, y, z) as the model sees it
+    series = series_from_volume(hippocampus.from_model_orientation(voxels), description="HippoCrop")
+    np.random.default_rng(0).shuffle(series)  # viewers may send any order; positions decide
+    from utils.dicom import load_volume
+
+    volume = load_volume(series, rescale=False)
+    assert np.array_equal(hippocampus.to_model_orientation(volume.voxels), voxels)
+    assert volume.voxels.shape == (7, 6, 5)  # slices along z, rows along y, columns along x
+
+
+def test_labelled_nifti_sent_as_dicom_is_segmented_in_the_training_orientation(weights, tmp_path):
+    from models.data import dataset_pairs, load_nifti, split_cases
+
+    data = shared_data("hippocampus")
+    pairs = dataset_pairs(data)
+    test_cases = split_cases(sorted(pairs), seed=0)["test"][:3]
+    for case in test_cases:
+        image_path, label_path = pairs[case]
+        series = hippocampus.series_from_nifti(image_path)
+        other = series_from_volume(np.zeros((3, 64, 64), np.int16), description="T1 whole brain",
+                                   study_uid=series[0].StudyInstanceUID)
+        response, buffers = hippocampus.hippocampus_volume({}, as_parts(other + series[::-1]), "0" * 64)
+        response, prepared = protocol.prepare_output(response, buffers)
+        shape = response["parts"][0]["binary_data_shape"]
+        labels = np.frombuffer(prepared[0], np.uint8).reshape(shape["depth"], shape["height"], shape["width"])
+        predicted = hippocampus.to_model_orientation(labels)
+        truth = load_nifti(label_path).astype(np.uint8)
+        assert predicted.shape == truth.shape
+        dice = 2 * np.sum((predicted > 0) & (truth > 0)) / (np.sum(predicted > 0) + np.sum(truth > 0))
+        assert dice >= 0.85, f"{case}: foreground Dice {dice:.3f} through DICOM; orientation is off"
+        anterior = np.sum((predicted == 1) & (truth == 1)) * 2 / (np.sum(predicted == 1) + np.sum(truth == 1))
+        assert anterior >= 0.75, f"{case}: anterior Dice {anterior:.3f}; labels swapped or flipped?"
+
+
+def test_missing_crop_series_is_422_listing_series(weights):
+    series = series_from_volume(np.zeros((2, 8, 8), np.int16), description="T2 axial")
+    with pytest.raises(UnprocessableInput, match="series present: .*T2 axial"):
+        hippocampus.hippocampus_volume({}, as_parts(series), "0" * 64)
+
+
+@pytest.mark.parametrize("study_name", ["Study1", "Study2"])
+def test_real_study_gives_plausible_volumes_and_a_valid_report(weights, study_name):
+    folder = shared_data("studies", study_name)
+    files = sorted(p for p in folder.rglob("*.dcm"))
+    handles = [open(p, "rb") for p in files]
+    try:
+        response, buffers = hippocampus.hippocampus_volume({}, handles, "f" * 64)
+        response, prepared = protocol.prepare_output(response, buffers)
+    finally:
+        for handle in handles:
+            handle.close()
+    mask_part, report_part = response["parts"]
+    assert mask_part["binary_type"] == "numeric_label_mask"
+    assert mask_part["label_map"] == {"1": "Anterior", "2": "Posterior"}
+    crop_files = [p for p in files if "HCrop" in p.parent.name]
+    crop = pydicom.dcmread(crop_files[0], stop_before_pixels=True)
+    assert mask_part["SeriesInstanceUID"] == crop.SeriesInstanceUID
+    shape = mask_part["binary_data_shape"]
+    assert (shape["depth"], shape["height"], shape["width"]) == (len(crop_files), crop.Rows, crop.Columns)
+    measures = response["series_ml_json"][crop.SeriesInstanceUID]
+    assert 2000 <= measures["total_volume_mm3"] <= 5000, measures
+    assert measures["anterior_volume_mm3"] > 0 and measures["posterior_volume_mm3"] > 0
+    assert measures["total_volume_mm3"] == pytest.approx(
+        (measures["anterior_voxels"] + measures["posterior_voxels"]) * measures["voxel_volume_mm3"], rel=1e-3)
+    report = pydicom.dcmread(io.BytesIO(bytes(prepared[1])))
+    assert report_part["binary_type"] == "dicom_secondary_capture"
+    assert report.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
+    assert report.StudyInstanceUID == crop.StudyInstanceUID and report.PatientID == crop.PatientID
+    assert report.SeriesInstanceUID != crop.SeriesInstanceUID
+    assert report.PhotometricInterpretation == "RGB" and report.pixel_array.shape[2] == 3
+
+
+def test_volumes_use_spacing_not_voxel_counts(weights):
+    """The same crop at 2 mm slice spacing measures twice the volume."""
+    data = shared_data("hippocampus")
+    from models.data import dataset_pairs
+
+    image_path, _ = dataset_pairs(data)["hippocampus_001"]
+    base = hippocampus.series_from_nifti(image_path)
+    response, _ = hippocampus.hippocampus_volume({}, as_parts(base), "0" * 64)
+    one = next(iter(response["series_ml_json"].values()))
+    for ds in base:
+        ds.ImagePositionPatient = [float(v) * (2 if i == 2 else 1) for i, v in enumerate(ds.ImagePositionPatient)]
+    response, _ = hippocampus.hippocampus_volume({}, as_parts(base), "0" * 64)
+    two = next(iter(response["series_ml_json"].values()))
+    assert two["voxel_volume_mm3"] == pytest.approx(2 * one["voxel_volume_mm3"])
+    assert two["total_volume_mm3"] == pytest.approx(2 * two["anterior_voxels"] + 2 * two["posterior_voxels"], rel=1e-3)
+
+
+def test_command_line_on_studies_writes_reports_and_summary(weights, tmp_path):
+    good = shared_data("studies", "Study1")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = subprocess.run([sys.executable, "-m", "handlers.hippocampus", str(good), str(empty),
+                             "--out", str(tmp_path / "out")], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 1, result.stderr  # one study failed
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary[str(good)]["status"] == "ok" and summary[str(empty)]["status"] == "failed"
+    written = sorted(p.name for p in (tmp_path / "out").glob("00-*/*"))
+    assert written == ["report.dcm", "report.png", "volumes.json"]
+    assert "Study1" in result.stdout and "FAILED" in result.stdout
+
+
+def test_served_over_http(weights, server, tmp_path):
+    from utils.client import send_inference_request
+
+    folder = shared_data("studies", "Study1")
+    files = sorted(folder.rglob("*.dcm"))
+    result = send_inference_request(server.url + "/hippocampus", {"studyUID": "1"}, files)
+    protocol.validate_response(result.response_json, result.buffers)
+    assert [p["binary_type"] for p in result.response_json["parts"]] == ["numeric_label_mask",
+                                                                           "dicom_secondary_capture"]
+    same = send_inference_request(server.url + "/", {"inference_command": "get-hippocampus-volume"}, files)
+    assert same.buffers[0] == result.buffers[0]
+
+
+def test_healthcheck_is_not_ready_when_the_model_cannot_load(tmp_path):
+    """READY only after the model is loaded: with missing weights the healthcheck says FAILED."""
+    import time
+
+    import requests
+
+    from tests.conftest import RunningServer
+
+    running = RunningServer({"INFERENCE_MODEL_PATH": str(tmp_path / "missing.pt")}, tmp_path, wait=False)
+    try:
+        deadline, body = time.monotonic() + 60, ""
+        while time.monotonic() < deadline and not body.startswith("FAILED"):
+            try:
+                body = requests.get(running.url + "/healthcheck", timeout=2).text
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        assert body.startswith("FAILED: get-hippocampus-volume"), body
+        assert requests.get(running.url + "/ping", timeout=5).status_code == 200
+    finally:
+        running.stop()
