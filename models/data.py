@@ -172,8 +172,10 @@ def load_samples(pairs: dict[str, tuple[Path, Path]], cases: list[str], axis: in
 def augment_batch(x, y, generator=None, flip_dim: int | None = None, p_affine: float = 0.7):
     """Batched torch augmentation: random rotation/scale, L-R flip, intensity.
 
-    ``flip_dim`` is the in-plane tensor dimension (2 or 3) corresponding to
-    the left-right axis; None disables flipping (e.g. when slicing along it).
+    ``flip_dim`` is the tensor dimension of ``x`` (B, C, H, W) corresponding
+    to the left-right axis: 2 or 3 when it lies in the image plane, 1 when the
+    volume is sliced along it (a left-right mirror then only reverses the order
+    of the neighbouring-slice channels); None disables flipping.
     """
     import torch
     import torch.nn.functional as F
@@ -191,7 +193,8 @@ def augment_batch(x, y, generator=None, flip_dim: int | None = None, p_affine: f
             x = x.clone()
             y = y.clone()
             x[flip] = x[flip].flip(flip_dim)
-            y[flip] = y[flip].flip(flip_dim - 1)
+            if flip_dim >= 2:  # flip_dim 1 = slice-order (context channel) reversal: label unchanged
+                y[flip] = y[flip].flip(flip_dim - 1)
     use = rand(b) < p_affine
     if use.any():
         ang = (rand(b) * 2 - 1) * math.radians(15) * use

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import augment_batch, dataset_pairs, load_pair, load_samples, split_cases
-from .evaluate import evaluate_pairs
+from .evaluate import dice, evaluate_pairs
 from .segmenter import MODEL_NAME, build_model, predict_volume
 
 DEFAULTS = dict(epochs=30, seed=0, batch_size=32, lr=2e-3, weight_decay=1e-4, base=16, depth=4,
@@ -42,6 +42,10 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, n_classes: int = 3)
     denom = probs.sum(dims) + onehot.sum(dims)
     soft_dice = (2 * inter + 1.0) / (denom + 1.0)
     return ce + (1 - soft_dice.mean())
+
+
+def dice_fg(pred: np.ndarray, label: np.ndarray) -> float:
+    return dice(pred > 0, label > 0)
 
 
 def _log(msg: str) -> None:
@@ -97,7 +101,8 @@ def train(data: str | Path, out: str | Path, epochs: int = DEFAULTS["epochs"], s
     if max_steps is not None:
         total_steps = min(total_steps, max_steps)
     gen = torch.Generator().manual_seed(seed)
-    flip_dim = None if axis == 0 else 2  # tensor dim of the left-right axis (axis 0 of the volume)
+    # left-right mirroring (volume axis 0) is label-safe; anterior/posterior (axis 1) is never flipped
+    flip_dim = 1 if axis == 0 else 2
 
     history = []
     best = {"val_dice": -1.0, "epoch": 0, "state": None}
@@ -139,10 +144,7 @@ def train(data: str | Path, out: str | Path, epochs: int = DEFAULTS["epochs"], s
         with torch.inference_mode():
             vd = []
             for image, label in val_data:
-                pred = predict_volume(model, image, config, tta=False)
-                p, t = pred > 0, label > 0
-                s = p.sum() + t.sum()
-                vd.append(1.0 if s == 0 else 2.0 * np.logical_and(p, t).sum() / s)
+                vd.append(dice_fg(predict_volume(model, image, config, tta=False), label))
         val_dice = float(np.mean(vd)) if vd else float("nan")
         entry = {"epoch": epoch, "steps": step, "train_loss": float(np.mean(losses)) if losses else None,
                  "val_dice": round(val_dice, 5), "epoch_seconds": round(time.time() - t_ep, 1)}
@@ -163,6 +165,16 @@ def train(data: str | Path, out: str | Path, epochs: int = DEFAULTS["epochs"], s
 
     model.load_state_dict(best["state"])
     model.eval()
+    if tta and val_data:
+        # keep the left-right flip test-time augmentation only if it helps on the validation split
+        def val_dice_with(flag: bool) -> float:
+            return float(np.mean([dice_fg(predict_volume(model, im, config, tta=flag), lab)
+                                  for im, lab in val_data]))
+        plain, flipped = val_dice_with(False), val_dice_with(True)
+        config["tta"] = flipped > plain
+        _log(f"[train] val dice without/with flip TTA: {plain:.4f}/{flipped:.4f} -> tta={config['tta']}")
+        torch.save({"state_dict": best["state"], "config": config, "version": MODEL_NAME, "split": split,
+                    "epoch": best["epoch"], "val_dice": max(plain, flipped)}, out)
     test = None
     if not skip_test and split["test"]:
         test = evaluate_pairs(pairs, lambda v: predict_volume(model, v, config), split["test"])
