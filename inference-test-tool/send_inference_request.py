@@ -148,9 +148,12 @@ class InputSeries:
         return str(self.images[0].header.get("SeriesDescription", "") or "no description")
 
     def info(self) -> protocol.SeriesInfo:
-        first = next((image.header for image in self.images if image.has_pixels), self.images[0].header)
-        return protocol.SeriesInfo(int(first.get("Rows", 0)), int(first.get("Columns", 0)),
-                                   [image.sop_instance_uid for image in self.images])
+        """What the response is checked against; images of another size than the first are listed."""
+        sizes = {image.sop_instance_uid: (int(image.header.get("Rows", 0)), int(image.header.get("Columns", 0)))
+                 for image in self.images if image.has_pixels}
+        rows, columns = next(iter(sizes.values()), (0, 0))
+        return protocol.SeriesInfo(rows, columns, [image.sop_instance_uid for image in self.images],
+                                   {sop: size for sop, size in sizes.items() if size != (rows, columns)})
 
 
 @dataclass
@@ -337,10 +340,16 @@ def parse_dicom_parts(response_json: dict, buffers: Sequence[bytes]) -> dict[int
     for index, (part, buffer) in enumerate(zip(response_json.get("parts", []), buffers)):
         if part.get("binary_type") not in protocol.DICOM_TYPES:
             continue
+        where = f"parts[{index}] ({part['binary_type']})"
         try:
-            parsed[index] = pydicom.dcmread(io.BytesIO(buffer))
+            ds = pydicom.dcmread(io.BytesIO(buffer))
         except Exception as exc:
-            raise OutputValidationError(f"parts[{index}] ({part['binary_type']}): does not parse as DICOM: {exc}") from exc
+            raise OutputValidationError(f"{where}: does not parse as DICOM: {exc}") from exc
+        missing = [k for k in ("SOPClassUID", "SOPInstanceUID") if not ds.get(k)]
+        if missing:
+            raise OutputValidationError(f"{where}: does not parse as DICOM: no {' and no '.join(missing)} "
+                                        "(truncated or not a DICOM object?)")
+        parsed[index] = ds
     return parsed
 
 
@@ -451,11 +460,17 @@ def render_image(image: InputImage, series: InputSeries, position: int, masks: S
                  response_json: dict, single_series: bool, plot_labels: bool) -> tuple[Image.Image, list[str]]:
     """The PNG of one input image with everything the response draws on it, and caption lines."""
     ds = pydicom.dcmread(image.path)
-    gray_or_rgb = render.window_image(ds)
+    notes: list[tuple[str, render.Color | None]] = []
+    try:
+        gray_or_rgb = render.window_image(ds)
+    except Exception as exc:  # e.g. a compressed transfer syntax without its decoder installed
+        gray_or_rgb = np.full((int(ds.Rows), int(ds.Columns)), 64, np.uint8)
+        notes.append((f"pixels not shown: {type(exc).__name__}: {exc}", None))
     factor = render.display_factor(*gray_or_rgb.shape[:2])
     rgb = render.upscale(render.to_rgb(gray_or_rgb), factor)
     rgb, legend = overlay_masks(rgb, _masks_for(masks, series, single_series, position, image),
                                 response_json.get("palettes") or {}, factor)
+    legend = notes + legend
     picture = Image.fromarray(rgb)
     sop = image.sop_instance_uid
     for box in response_json.get("bounding_boxes_2d") or []:

@@ -314,6 +314,12 @@ class SeriesInfo:
     rows: int
     columns: int
     sop_instance_uids: list[str] = field(default_factory=list)  # in the order sent
+    #: (rows, columns) of images whose size differs from the series' (e.g. a series of photos)
+    image_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def size_of(self, sop_instance_uid: str) -> tuple[int, int]:
+        """(rows, columns) of one image of the series."""
+        return self.image_sizes.get(sop_instance_uid, (self.rows, self.columns))
 
     @property
     def depth(self) -> int:
@@ -335,6 +341,8 @@ def check_against_study(response_json: Mapping[str, Any], series: Mapping[str, S
             info = series[uid] if uid is not None else (next(iter(series.values())) if len(series) == 1 else None)
             if info is None:
                 _fail(f"{where}: a 3D mask needs SeriesInstanceUID when several series were sent")
+            if len({info.size_of(sop) for sop in info.sop_instance_uids}) > 1:
+                _fail(f"{where}: a 3D mask cannot cover a series whose images differ in size")
             if (shape["depth"], shape["height"], shape["width"]) != (info.depth, info.rows, info.columns):
                 _fail(f"{where}: 3D mask is {shape['depth']}x{shape['height']}x{shape['width']} "
                       f"(depth x height x width), its series is {info.depth}x{info.rows}x{info.columns}")
@@ -342,10 +350,18 @@ def check_against_study(response_json: Mapping[str, Any], series: Mapping[str, S
             sop = part["dicom_image"]["SOPInstanceUID"]
             if sop not in images:
                 _fail(f"{where}: dicom_image.SOPInstanceUID {sop} is not one of the input images")
-            info = images[sop]
-            if (shape["height"], shape["width"]) != (info.rows, info.columns):
-                _fail(f"{where}: 2D mask is {shape['height']}x{shape['width']}, its image is {info.rows}x{info.columns}")
-    for key in ("bounding_boxes_2d", "linear_measurements_2d"):
+            rows, columns = images[sop].size_of(sop)
+            if (shape["height"], shape["width"]) != (rows, columns):
+                _fail(f"{where}: 2D mask is {shape['height']}x{shape['width']}, its image is {rows}x{columns}")
+    for key, corners in (("bounding_boxes_2d", ("top_left", "bottom_right")),
+                         ("linear_measurements_2d", ("start", "end"))):
         for i, item in enumerate(response_json.get(key) or []):
-            if item["SOPInstanceUID"] not in images:
-                _fail(f"{key}[{i}]: SOPInstanceUID {item['SOPInstanceUID']} is not one of the input images")
+            sop = item["SOPInstanceUID"]
+            if sop not in images:
+                _fail(f"{key}[{i}]: SOPInstanceUID {sop} is not one of the input images")
+            rows, columns = images[sop].size_of(sop)
+            for corner in corners:
+                column, row = item[corner]
+                if not (0 <= column <= columns and 0 <= row <= rows):
+                    _fail(f"{key}[{i}].{corner} {item[corner]} is outside its {rows}x{columns} image; "
+                          "points are [column, row] in pixels")
