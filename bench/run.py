@@ -31,7 +31,8 @@ import requests
 
 from bench.floor import SIZE_HEADER
 from bench.study import CACHE_DIR, cached_study
-from utils.client import InferenceResult, build_multipart_request, decode_response, related_content_type
+from utils.client import (InferenceRequestError, InferenceResult, build_multipart_request, decode_response,
+                          related_content_type)
 from utils.config import PROJECT_ROOT, get_settings
 
 log = logging.getLogger("bench")
@@ -40,6 +41,8 @@ MB = 1e6
 MASK_COMMAND = "get-probability-mask"
 HIPPOCAMPUS_COMMAND = "get-hippocampus-volume"
 STUDY1 = PROJECT_ROOT.parent / "shared" / "data" / "studies" / "Study1"
+#: The gateway serving only the 3D mask handler on ``/`` (``mock_server.py -s3D`` under gunicorn).
+MASK_ONLY_APP = f"mock_server:create_app({MASK_COMMAND!r})"
 SECTIONS = ("large", "small", "blur", "hippocampus")
 TARGETS = {"large_ratio": ("<=", 1.3), "rss_to_payload": ("<=", 1.5), "small_8_ratio": (">=", 0.85)}
 
@@ -49,6 +52,10 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+class ServerNotReady(RuntimeError):
+    """A server that exited, reported a failed warm-up, or never said READY."""
 
 
 class Server:
@@ -72,15 +79,20 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} server exited with {self.process.returncode}; see {self.log_path}")
+                raise ServerNotReady(f"{self.name} server exited with {self.process.returncode}; "
+                                     f"see {self.log_path}")
             try:
-                if requests.get(f"{self.url}/healthcheck", timeout=2).text == "READY":
-                    return
-            except requests.ConnectionError:
-                pass
+                status = requests.get(f"{self.url}/healthcheck", timeout=2).text
+            except requests.RequestException:  # not listening yet, or too busy starting to answer
+                status = ""
+            if status == "READY":
+                return
+            if status.startswith("FAILED"):
+                self.stop()
+                raise ServerNotReady(f"{self.name} server: {status}")
             time.sleep(0.2)
         self.stop()
-        raise RuntimeError(f"{self.name} server not READY after {timeout:.0f}s; see {self.log_path}")
+        raise ServerNotReady(f"{self.name} server not READY after {timeout:.0f}s; see {self.log_path}")
 
     def tree_rss(self) -> int:
         """Resident memory of the master and all its workers, in bytes."""
@@ -307,30 +319,57 @@ def targets_met(results: dict) -> dict:
     return met
 
 
+def warm_up_both(ours: Server, floor: Server) -> dict:
+    """Warm both servers up with small requests (the floor answering our response's size)."""
+    small = cached_study("small")
+    warm_up(ours, small)
+    warm_up(floor, small, post_study(ours.url, MASK_COMMAND, small).response_bytes)
+    return {}
+
+
+def start_ours(results: dict) -> Server:
+    """The gateway serving every handler; if one cannot warm up (e.g. no model weights yet), the mask handler only."""
+    try:
+        return Server("ours")
+    except ServerNotReady as exc:
+        log.warning("%s; falling back to the 3D mask handler alone", exc)
+        results["full_server_not_ready"] = str(exc)
+        results["server_app"] = MASK_ONLY_APP
+        return Server("ours", MASK_ONLY_APP)
+
+
 def run(sections: Sequence[str], quick: bool) -> dict:
+    """Measure ``sections`` in order; a section whose requests fail is reported as ``<section>_error``."""
     settings = get_settings()
     results: dict = {"cpu_count": os.cpu_count(), "workers": settings.workers, "threads": settings.threads,
                      "quick": quick, "sections": list(sections)}
     servers: list[Server] = []
+
+    def attempt(section: str, measure: Callable[[], dict]) -> bool:
+        try:
+            results.update(measure())
+            return True
+        except (requests.RequestException, InferenceRequestError) as exc:
+            logs = ", ".join(str(s.log_path.relative_to(PROJECT_ROOT)) for s in servers)
+            results[f"{section}_error"] = f"{type(exc).__name__}: {exc} (server logs: {logs})"
+            log.error("%s failed: %s; see %s", section, exc, logs)
+            return False
+
     try:
-        ours = floor = None
         if {"large", "small", "hippocampus"} & set(sections):
-            ours = Server("ours")
-            servers.append(ours)
+            servers.append(ours := start_ours(results))
         if {"large", "small"} & set(sections):
-            floor = Server("floor", "bench.floor:app")
-            servers.append(floor)
-            small = cached_study("small")
-            warm_up(ours, small)
-            warm_up(floor, small, post_study(ours.url, MASK_COMMAND, small).response_bytes)
-        if "large" in sections:
-            results.update(measure_large(ours, floor, repeats=2 if quick else 5))
-        if "small" in sections:
-            results.update(measure_small(ours, floor, *((10, 16) if quick else (30, 80))))
-        if "blur" in sections:
-            results.update(measure_blur(repeats=1 if quick else 3))
-        if "hippocampus" in sections:
-            results.update(measure_hippocampus(ours, repeats=2 if quick else 5))
+            servers.append(floor := Server("floor", "bench.floor:app"))
+            if not attempt("warm_up", lambda: warm_up_both(ours, floor)):
+                sections = [s for s in sections if s not in ("large", "small")]
+        measures = {
+            "large": lambda: measure_large(ours, floor, repeats=2 if quick else 5),
+            "small": lambda: measure_small(ours, floor, *((10, 16) if quick else (30, 80))),
+            "blur": lambda: measure_blur(repeats=1 if quick else 3),
+            "hippocampus": lambda: measure_hippocampus(ours, repeats=2 if quick else 5),
+        }
+        for section in sections:
+            attempt(section, measures[section])
     finally:
         for server in servers:
             server.stop()
@@ -346,6 +385,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s bench: %(message)s", stream=sys.stderr)
     results = run([args.only] if args.only else list(SECTIONS), args.quick)
     print(json.dumps(results), flush=True)
+    if any(key.endswith("_error") for key in results):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,104 @@
+"""The benchmark's building blocks (floor app, study cache, sampler, targets), fast and untimed."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+
+import pydicom
+import pytest
+from werkzeug.test import Client
+
+from bench import floor
+from bench.run import PeakSampler, requests_per_second, targets_met
+from bench.study import SHAPES, cached_study, payload_bytes
+from utils import protocol
+from utils.multipart import decode_multipart_response
+
+
+def test_floor_answers_the_requested_size_and_echoes_the_body_hash():
+    body = bytes(range(256)) * 9000  # a bit over 2 MiB: several read chunks
+    response = Client(floor.app).post("/", data=body, headers={floor.SIZE_HEADER: str(5_000_123)})
+    assert response.status_code == 200
+    assert len(response.data) == int(response.headers["Content-Length"]) == 5_000_123
+    parts = decode_multipart_response(response.headers["Content-Type"], response.data)
+    assert [ctype for ctype, _ in parts] == ["application/json", "application/octet-stream", "text/plain"]
+    assert json.loads(parts[0][1])["floor"] is True
+    assert protocol.is_hashes_part(*parts[-1])
+    assert parts[-1][1].decode().split(":")[0] == hashlib.sha256(body).hexdigest()
+
+
+def test_floor_streams_bytes_only_because_gunicorn_refuses_memoryviews():
+    chunks = list(floor.canned_response(3 * floor.WRITE_CHUNK + 7, "0" * 64))
+    assert all(type(chunk) is bytes for chunk in chunks)
+    assert sum(map(len, chunks)) == 3 * floor.WRITE_CHUNK + 7
+
+
+def test_floor_size_falls_back_to_the_environment_then_to_its_minimum(monkeypatch):
+    monkeypatch.setenv(floor.SIZE_ENV, "4096")
+    assert len(Client(floor.app).post("/", data=b"x").data) == 4096
+    monkeypatch.delenv(floor.SIZE_ENV)
+    assert len(Client(floor.app).post("/", data=b"x").data) == floor.MIN_RESPONSE_BYTES
+
+
+def test_floor_healthcheck_is_ready():
+    response = Client(floor.app).get("/healthcheck")
+    assert (response.status_code, response.data) == (200, b"READY")
+
+
+def test_read_and_hash_stops_at_content_length():
+    digest, total = floor.read_and_hash(io.BytesIO(b"abcdef-trailing"), 6)
+    assert (digest, total) == (hashlib.sha256(b"abcdef").hexdigest(), 6)
+
+
+def test_study_generator_writes_the_shape_and_reuses_its_cache(tmp_path):
+    files = cached_study("tiny", (3, 8, 10), cache_dir=tmp_path)
+    assert len(files) == 3
+    datasets = [pydicom.dcmread(f) for f in files]
+    assert {ds.pixel_array.shape for ds in datasets} == {(8, 10)}
+    assert {str(ds.SeriesInstanceUID) for ds in datasets} == {str(datasets[0].SeriesInstanceUID)}
+    assert payload_bytes(files) > 3 * 8 * 10 * 2
+
+    first_uid = datasets[0].SOPInstanceUID
+    again = cached_study("tiny", (3, 8, 10), cache_dir=tmp_path)
+    assert again == files and pydicom.dcmread(again[0]).SOPInstanceUID == first_uid  # not regenerated
+
+    regenerated = cached_study("tiny", (2, 8, 10), cache_dir=tmp_path)  # another shape: generated anew
+    assert len(regenerated) == 2 and not files[2].exists()
+
+
+def test_study_sizes_are_the_issues():
+    assert SHAPES["large"] == (256, 512, 512) and SHAPES["small"] == (24, 256, 256)
+
+
+def test_peak_sampler_keeps_each_servers_maximum():
+    class FakeServer:
+        name = "fake"
+
+        def __init__(self):
+            self.values = iter([10, 50, 20])
+
+        def tree_rss(self):
+            return next(self.values, 5)
+
+    with PeakSampler([FakeServer()], interval=0.001) as sampler:
+        time.sleep(0.05)
+    assert sampler.peaks == {"fake": 50}
+
+
+def test_requests_per_second_counts_every_call():
+    calls = []
+    rate = requests_per_second(lambda: calls.append(1), total=12, clients=3)
+    assert len(calls) == 12 and rate > 0
+
+
+@pytest.mark.parametrize("results, expected", [
+    ({"large_ratio": 1.2, "rss_to_payload": 1.6, "small_8_ratio": 0.9},
+     {"large_ratio<=1.3": True, "rss_to_payload<=1.5": False, "small_8_ratio>=0.85": True}),
+    ({"small_8_ratio": 0.5}, {"small_8_ratio>=0.85": False}),
+    ({}, {}),
+])
+def test_targets_met_judges_only_what_was_measured(results, expected):
+    assert targets_met(results) == expected
