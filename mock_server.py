@@ -23,6 +23,7 @@ import yaml
 from gateway import Gateway
 from handlers import REGISTRY, load_handlers
 from utils.config import Settings, get_settings
+from utils.job_api import add_job_routes
 
 log = logging.getLogger("inference.server")
 
@@ -61,6 +62,7 @@ def create_app(mode: str | None = None, settings: Settings | None = None) -> Gat
     configure_logging(settings)
     specs = load_handlers()
     app = Gateway(__name__, settings=settings)
+    add_job_routes(app, settings)  # POST /job/, GET /query/<uid>
     health = {"status": "LOADING"}
 
     if mode is None:

@@ -1,0 +1,270 @@
+"""The asynchronous job API: submit, poll, outputs, bad input, restarts and several processes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+import requests
+
+import handlers.gaussian_blur  # noqa: F401  (registers gaussian-blur-3d, which the 3dblur job runs)
+import handlers.mock  # noqa: F401  (registers get-probability-mask, a handler answering a mask)
+from gateway import Gateway
+from tests.conftest import PROJECT_ROOT, RunningServer, write_study
+from utils.config import Settings
+from utils.job_api import add_job_routes
+from utils.jobs import FAILED, INTERRUPTED, RUNNING, Job, JobStore, LocalPoolRunner
+
+
+@pytest.fixture
+def roots(tmp_path: Path) -> tuple[Path, Path]:
+    data, output = tmp_path / "data", tmp_path / "jobs"
+    data.mkdir()
+    return data, output
+
+
+@pytest.fixture
+def client(roots):
+    data, output = roots
+    settings = dataclasses.replace(Settings(), data_root=data, output_root=output, job_workers=2)
+    app = Gateway(__name__, settings=settings)
+    add_job_routes(app, settings)
+    return app.test_client()
+
+
+def poll(get, uid: str, timeout: float = 60.0):
+    """Query ``uid`` until it is no longer 202; the last response."""
+    deadline = time.monotonic() + timeout
+    while True:
+        response = get(f"/query/{uid}")
+        if response.status_code != 202 or time.monotonic() > deadline:
+            return response
+        time.sleep(0.05)
+
+
+def submit(client, **job):
+    return client.post("/job/", json=job)
+
+
+def test_blur_job_runs_to_completion_and_writes_its_outputs(client, roots):
+    data, output = roots
+    files = write_study(data / "patient" / "study1", shape=(6, 16, 20))
+    response = submit(client, job_name="3dblur", in_dir="patient/study1", sigma_mm=1.5)
+    assert response.status_code == 201, response.get_json()
+    uid = response.get_json()["uid"]
+    assert response.headers["Location"] == f"/query/{uid}"
+
+    done = poll(client.get, uid)
+    assert done.status_code == 200, done.get_json()
+    assert done.get_json() == {"msg": "Job has completed", "output_dir": str(output / uid)}
+    folder = output / uid
+    response_json = json.loads((folder / "response.json").read_text())
+    assert len(response_json["parts"]) == len(files)
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == sorted([p["file"] for p in response_json["parts"]] + ["response.json"])
+    outputs = [pydicom.dcmread(folder / p["file"]) for p in response_json["parts"]]
+    original = pydicom.dcmread(files[0])
+    assert {ds.SeriesDescription for ds in outputs} == {"Gaussian blur 3D sigma 1.5 mm"}
+    assert len({ds.SeriesInstanceUID for ds in outputs}) == 1
+    assert outputs[0].SeriesInstanceUID != original.SeriesInstanceUID
+    assert not list(output.glob("*.partial"))
+
+
+def test_mask_outputs_are_raw_uint8_files(client, roots):
+    data, output = roots
+    write_study(data / "s", shape=(4, 10, 12))
+    uid = submit(client, job_name="get-probability-mask", in_dir="s").get_json()["uid"]
+    assert poll(client.get, uid).status_code == 200
+    part = json.loads((output / uid / "response.json").read_text())["parts"][0]
+    assert part["file"] == "output_masks_0000.raw"
+    assert (output / uid / part["file"]).stat().st_size == 4 * 10 * 12
+
+
+def test_queued_and_running_answer_202(roots):
+    data, output = roots
+    write_study(data / "s", shape=(2, 8, 8))
+
+    class Holding:  # a runner that accepts jobs and never starts them
+        owner = "holding"
+
+        def submit(self, job):
+            pass
+
+        def recover(self):
+            return []
+
+    settings = dataclasses.replace(Settings(), data_root=data, output_root=output)
+    store = JobStore(output / "jobs.sqlite3")
+    app = Gateway(__name__, settings=settings)
+    add_job_routes(app, settings, store=store, runner=Holding())
+    client = app.test_client()
+    uid = submit(client, job_name="3dblur", in_dir="s").get_json()["uid"]
+    assert client.get(f"/query/{uid}").get_json() == {"msg": "Job is queued"}
+    assert store.mark_running(uid)
+    response = client.get(f"/query/{uid}")
+    assert response.status_code == 202 and response.get_json() == {"msg": "Job is running"}
+    assert store.get(uid).owner == "holding" and store.get(uid).params == {}
+
+
+def test_unknown_uid_is_404(client):
+    response = client.get("/query/0123456789abcdef")
+    assert response.status_code == 404 and "no job with uid" in response.get_json()["error"]
+
+
+def test_unknown_job_name_is_400_listing_known_ones(client, roots):
+    write_study(roots[0] / "s", shape=(2, 8, 8))
+    response = submit(client, job_name="sharpen", in_dir="s")
+    assert response.status_code == 400
+    error = response.get_json()["error"]
+    assert "sharpen" in error and "3dblur" in error and "gaussian-blur-3d" in error
+
+
+@pytest.mark.parametrize("body", [None, [], {"in_dir": "s"}, {"job_name": "3dblur"}, {"job_name": "3dblur", "in_dir": 3}])
+def test_malformed_job_is_400(client, roots, body):
+    write_study(roots[0] / "s", shape=(2, 8, 8))
+    response = client.post("/job/", data=json.dumps(body), content_type="application/json")
+    assert response.status_code == 400, response.get_json()
+
+
+def test_paths_outside_the_data_root_are_403(client, roots, tmp_path):
+    data, _ = roots
+    outside = tmp_path / "outside"
+    write_study(outside, shape=(2, 8, 8))
+    (data / "link").symlink_to(outside, target_is_directory=True)
+    for in_dir in ("../outside", str(outside), "link", "/etc"):
+        response = submit(client, job_name="3dblur", in_dir=in_dir)
+        assert response.status_code == 403, in_dir
+        assert "outside the data root" in response.get_json()["error"]
+
+
+def test_folders_without_a_study_are_422(client, roots):
+    data, _ = roots
+    (data / "empty").mkdir()
+    (data / "text").mkdir()
+    (data / "text" / "notes.txt").write_text("no images here")
+    (data / "file.dcm").write_bytes(b"not a folder")
+    cases = {"empty": "empty folder", "text": "holds no DICOM", "file.dcm": "not a folder", "missing": "not a folder"}
+    for in_dir, message in cases.items():
+        response = submit(client, job_name="3dblur", in_dir=in_dir)
+        assert response.status_code == 422, in_dir
+        assert message in response.get_json()["error"]
+
+
+def test_bad_sigma_fails_the_job_with_the_message(client, roots):
+    write_study(roots[0] / "s", shape=(2, 8, 8))
+    uid = submit(client, job_name="3dblur", in_dir="s", sigma_mm=-2).get_json()["uid"]
+    response = poll(client.get, uid)
+    assert response.status_code == 400
+    body = response.get_json()
+    assert body["msg"] == "Job has failed" and "sigma_mm must be a positive number" in body["error"]
+
+
+def test_two_series_fail_the_job_with_a_422(client, roots):
+    data, output = roots
+    write_study(data / "mixed" / "a", shape=(2, 8, 8), description="First")
+    write_study(data / "mixed" / "b", shape=(3, 8, 8), description="Second")
+    uid = submit(client, job_name="3dblur", in_dir="mixed").get_json()["uid"]
+    response = poll(client.get, uid)
+    assert response.status_code == 422
+    assert "First" in response.get_json()["error"] and "Second" in response.get_json()["error"]
+    assert not (output / uid).exists()
+
+
+# -- restarts and several processes -----------------------------------------------------------
+HOLD_LOCK = """
+import sys, time
+from utils.jobs import ProcessLock
+lock = ProcessLock(sys.argv[1])  # held while this process lives
+print(lock.owner, flush=True)
+time.sleep(120)
+"""
+
+
+def test_store_survives_a_restart_and_interrupted_jobs_fail(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    live = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path / "owners")], cwd=PROJECT_ROOT,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        live_owner = live.stdout.readline().strip()
+        dead = store.add(Job("3dblur", "gaussian-blur-3d", "s", {"sigma_mm": 2}, owner="4242-gone"))
+        running = store.add(Job("3dblur", "gaussian-blur-3d", "s", owner=live_owner))
+        store.mark_running(running.uid)
+
+        # A new process (a new store and runner on the same files) starts: only the dead owner's job fails.
+        restarted = JobStore(tmp_path / "jobs.sqlite3")
+        runner = LocalPoolRunner(restarted, lambda job: None, workers=1, lock_dir=tmp_path / "owners")
+        assert runner.recover() == [dead.uid]
+        assert restarted.get(dead.uid).status == FAILED and restarted.get(dead.uid).error == INTERRUPTED
+        assert restarted.get(dead.uid).params == {"sigma_mm": 2}
+        assert restarted.get(running.uid).status == RUNNING
+
+        live.kill()
+        live.wait()
+        assert runner.recover() == [running.uid]
+        assert store.get(running.uid).status == FAILED and store.get(running.uid).error == INTERRUPTED
+        assert not (tmp_path / "owners" / f"{live_owner}.lock").exists()
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_interrupted_job_is_reported_failed_by_the_api(roots):
+    data, output = roots
+    uid = JobStore(output / "jobs.sqlite3").add(Job("3dblur", "gaussian-blur-3d", "s", owner="1-stopped")).uid
+    settings = dataclasses.replace(Settings(), data_root=data, output_root=output)
+    app = Gateway(__name__, settings=settings)
+    add_job_routes(app, settings)  # start-up recovery
+    response = app.test_client().get(f"/query/{uid}")
+    assert response.status_code == 500
+    assert response.get_json() == {"msg": "Job has failed", "error": INTERRUPTED}
+
+
+def _pids_logging(log: str, text: str) -> set[str]:
+    """Process ids of the log lines holding ``text`` (logging.yaml puts the pid in field 4)."""
+    return {line.split()[3] for line in log.splitlines() if text in line}
+
+
+def _wait_for_ping(server: RunningServer, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert server.process.poll() is None, server.log()
+        try:
+            if requests.get(server.url + "/ping", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:  # not listening yet, or busy starting
+            time.sleep(0.2)
+    raise AssertionError(f"server did not answer /ping in {timeout}s:\n{server.log()}")
+
+
+def test_every_gunicorn_worker_answers_for_every_job(tmp_path):
+    data, output = tmp_path / "data", tmp_path / "jobs"
+    write_study(data / "study", shape=(8, 64, 64))
+    server = RunningServer({"INFERENCE_DATA_ROOT": str(data), "INFERENCE_OUTPUT_ROOT": str(output),
+                            "INFERENCE_WORKERS": "2", "INFERENCE_THREADS": "2"}, tmp_path, wait=False)
+    try:
+        _wait_for_ping(server)  # jobs need no model warm-up: do not wait for READY
+        def get(path: str) -> requests.Response:  # a new connection each time: either worker may take it
+            response = requests.get(server.url + path, headers={"Connection": "close"}, timeout=30)
+            assert response.status_code in (200, 202), response.text
+            return response
+
+        uids = [requests.post(server.url + "/job/", json={"job_name": "3dblur", "in_dir": "study"},
+                              timeout=30).json()["uid"] for _ in range(4)]
+        for uid in uids:
+            final = poll(get, uid, timeout=120)
+            assert final.status_code == 200, final.text
+            assert Path(final.json()["output_dir"]).is_dir()
+        for _ in range(10):
+            assert all(get(f"/query/{uid}").json()["msg"] == "Job has completed" for uid in uids)
+    finally:
+        server.stop()
+    log = server.log()
+    assert len(_pids_logging(log, "GET /query/")) == 2, "both workers should have answered queries"
+    assert _pids_logging(log, "completed: ")

@@ -1,0 +1,172 @@
+"""The asynchronous job API: run a registered handler on a folder of the data root, poll for it.
+
+    POST /job/        {"job_name": "3dblur", "in_dir": "study1", "sigma_mm": 2.0}  -> 201 {"uid": ...}
+    GET  /query/<uid> -> 202 {"msg": "Job is queued"} | 202 {"msg": "Job is running"}
+                      -> 200 {"msg": "Job has completed", "output_dir": ...}
+                      -> {"msg": "Job has failed", "error": ...} with the status its error would have
+                         had as a request (400/403/422 for bad input, 500 for a server-side failure
+                         or a job ``interrupted`` by a stopped server)
+                      -> 404 for an unknown uid
+
+A job name is a registered inference command, or an alias of one (``JOB_ALIASES``). The job's
+other JSON keys, plus ``inference_command``, are the handler's request JSON; the handler gets the
+folder's DICOM files as the same ``Part`` objects an upload gives it. Outputs go to
+``<INFERENCE_OUTPUT_ROOT>/<uid>/`` (see ``write_outputs``), which appears only once complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import traceback
+from pathlib import Path
+
+import flask
+from flask import request
+
+from handlers.registry import REGISTRY
+from utils import protocol
+from utils.config import Settings
+from utils.dicom import dicom_files_in
+from utils.errors import BadRequest, GatewayError, NotFound, UnprocessableInput
+from utils.jobs import COMPLETED, FAILED, QUEUED, Job, JobRunner, JobStore, LocalPoolRunner
+from utils.multipart import PartSpool, parts_from_files
+from utils.paths import is_inside, resolve_inside
+
+log = logging.getLogger("inference.jobs")
+
+#: Job names of the seed's clients, mapped to the inference command they run.
+JOB_ALIASES = {"3dblur": "gaussian-blur-3d"}
+#: Keys of the job JSON that are about the job, not parameters of the handler.
+JOB_KEYS = ("job_name", "in_dir")
+MAX_JOB_JSON_BYTES = 1024 * 1024
+
+
+def known_job_names() -> dict[str, str]:
+    """Every job name accepted now, mapped to its command: aliases of registered commands, and the commands."""
+    commands = REGISTRY.commands()
+    aliases = {name: command for name, command in JOB_ALIASES.items() if command in commands}
+    return {**aliases, **{command: command for command in commands}}
+
+
+def study_files(root: Path | None, in_dir: str) -> list[Path]:
+    """The DICOM files of folder ``in_dir`` of the data ``root``: 403 outside it, 422 for no DICOM there."""
+    folder = resolve_inside(root, in_dir)
+    if not folder.is_dir():
+        raise UnprocessableInput(f"in_dir {in_dir!r} is not a folder of the data root; give a folder of DICOM files")
+    if not any(folder.iterdir()):
+        raise UnprocessableInput(f"in_dir {in_dir!r} is an empty folder; put the study's DICOM files in it")
+    files = [path for path in dicom_files_in(folder) if is_inside(root, path)]
+    if not files:
+        raise UnprocessableInput(f"in_dir {in_dir!r} holds no DICOM files (none has the DICM preamble)")
+    return files
+
+
+def write_outputs(folder: Path, response_json: dict, buffers: list) -> None:
+    """Write a prepared handler output into ``folder``: one file per part, then ``response.json``.
+
+    Part ``i`` becomes ``output_dicom_<i>.dcm`` (DICOM types) or ``output_masks_<i>.raw``: the
+    mask's uint8 bytes, C order of its ``binary_data_shape`` ((timepoints,) depth, height, width).
+    Each part of ``response.json`` names its file under ``"file"``.
+    """
+    folder.mkdir(parents=True)
+    for index, (part, buffer) in enumerate(zip(response_json["parts"], buffers)):
+        dicom = part["binary_type"] in protocol.DICOM_TYPES
+        name = f"output_dicom_{index:04d}.dcm" if dicom else f"output_masks_{index:04d}.raw"
+        (folder / name).write_bytes(buffer)
+        part["file"] = name
+    (folder / "response.json").write_text(json.dumps(response_json, indent=1), encoding="utf-8")
+
+
+class JobExecutor:
+    """Runs one job: its handler on its folder's DICOM files, outputs written, state recorded."""
+
+    def __init__(self, store: JobStore, settings: Settings) -> None:
+        self.store = store
+        self.settings = settings
+
+    def __call__(self, job: Job) -> None:
+        spool = PartSpool(self.settings.spool_memory_bytes, self.settings.spool_dir)
+        output = Path(self.settings.output_root) / job.uid
+        partial = output.with_name(f"{job.uid}.partial")
+        try:
+            files = study_files(self.settings.data_root, job.in_dir)
+            json_input = {**job.params, "inference_command": job.command}
+            body = parts_from_files(json.dumps(json_input).encode(), files, spool)
+            log.info("job %s: %s on %d files of %s (input_hash=%s)", job.uid, job.command, len(files), job.in_dir,
+                     body.input_hash)
+            response_json, buffers = REGISTRY.get(job.command).handler(json_input, body.parts[1:], body.input_hash)
+            response_json, buffers = protocol.prepare_output(response_json, buffers)
+            shutil.rmtree(partial, ignore_errors=True)
+            write_outputs(partial, response_json, buffers)
+            os.replace(partial, output)
+        except GatewayError as exc:
+            log.warning("job %s failed (%d): %s", job.uid, exc.status, exc.message)
+            self.store.mark_failed(job.uid, exc.message, exc.status)
+        except Exception as exc:
+            log.error("job %s: handler %s failed:\n%s", job.uid, job.command, traceback.format_exc())
+            self.store.mark_failed(job.uid, f"the handler failed: {type(exc).__name__}: {exc}", 500)
+        else:
+            self.store.mark_completed(job.uid, str(output))
+            log.info("job %s completed: %d outputs in %s", job.uid, len(buffers), output)
+        finally:
+            spool.close()
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def job_from_request(settings: Settings) -> Job:
+    """The job a ``POST /job/`` asks for, checked as far as is cheap (name, folder, DICOM present)."""
+    if (request.content_length or 0) > MAX_JOB_JSON_BYTES:
+        raise BadRequest(f"a job request must be a JSON object under {MAX_JOB_JSON_BYTES} bytes")
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise BadRequest('the job must be a JSON object: {"job_name": "3dblur", "in_dir": "<folder>", ...}')
+    names = known_job_names()
+    job_name, in_dir = body.get("job_name"), body.get("in_dir")
+    if not isinstance(job_name, str) or job_name not in names:
+        raise BadRequest(f"unknown job_name {job_name!r}; known job names: {', '.join(sorted(names))}")
+    if not isinstance(in_dir, str) or not in_dir:
+        raise BadRequest("in_dir must be the folder of the study, relative to the server's data root")
+    study_files(settings.data_root, in_dir)
+    params = {key: value for key, value in body.items() if key not in JOB_KEYS}
+    return Job(job_name=job_name, command=names[job_name], in_dir=in_dir, params=params)
+
+
+def add_job_routes(app: flask.Flask, settings: Settings, *, store: JobStore | None = None,
+                   runner: JobRunner | None = None) -> JobRunner:
+    """Serve ``POST /job/`` and ``GET /query/<uid>`` on ``app``; recover interrupted jobs first.
+
+    Default store: ``<INFERENCE_OUTPUT_ROOT>/jobs.sqlite3``; default runner: a local pool of
+    ``INFERENCE_JOB_WORKERS`` threads.
+    """
+    output_root = Path(settings.output_root)
+    store = store or JobStore(output_root / "jobs.sqlite3")
+    runner = runner or LocalPoolRunner(store, JobExecutor(store, settings), workers=settings.job_workers,
+                                       lock_dir=output_root / ".owners")
+    runner.recover()
+
+    @app.post("/job/")
+    def submit_job():
+        job = job_from_request(settings)
+        job.owner = runner.owner
+        store.add(job)
+        runner.submit(job)
+        log.info("job %s queued: %s (%s) on %s", job.uid, job.job_name, job.command, job.in_dir)
+        response = flask.jsonify({"uid": job.uid})
+        response.headers["Location"] = f"/query/{job.uid}"
+        return response, 201
+
+    @app.get("/query/<uid>")
+    def query_job(uid: str):
+        job = store.get(uid)
+        if job is None:
+            raise NotFound(f"no job with uid {uid!r}; POST /job/ answers the uid of a new job")
+        if job.status == COMPLETED:
+            return flask.jsonify({"msg": "Job has completed", "output_dir": job.output_dir}), 200
+        if job.status == FAILED:
+            return flask.jsonify({"msg": "Job has failed", "error": job.error}), job.error_status or 500
+        return flask.jsonify({"msg": "Job is queued" if job.status == QUEUED else "Job is running"}), 202
+
+    return runner
