@@ -42,6 +42,8 @@ from utils.multipart import (
 from utils.paths import is_inside, resolve_inside
 from utils.tagged_logger import TaggedLogger
 
+#: Largest JSON body read (studyPath requests, jobs): they are read whole, so they are kept small.
+MAX_JSON_BYTES = 1024 * 1024
 #: Endpoints served without the bearer token: liveness probes only (not Flask's /static file route).
 OPEN_ENDPOINTS = ("healthcheck", "ping")
 
@@ -93,6 +95,10 @@ class Gateway(Flask):
                 raise Unauthorized("this server requires 'Authorization: Bearer <token>'")
             if scheme.lower() != "bearer" or not _same_secret(given.strip(), token):
                 raise Forbidden("the bearer token is not valid for this server")
+        if request.mimetype == "application/json":
+            # routes read JSON whole: Werkzeug stops one byte past the limit (a chunked body has no
+            # Content-Length to check first), so a reader sees that the body is too large
+            request.max_content_length = MAX_JSON_BYTES + 1
 
     def _finish_request(self, response: Response) -> Response:
         method, path, status = request.method, request.path, response.status_code
@@ -150,12 +156,11 @@ class Gateway(Flask):
 
     def _read_study_path(self, spool: PartSpool) -> ParsedBody:
         """A JSON request naming a folder on the server (``studyPath``) instead of uploading it."""
-        limit = 1024 * 1024
         too_large = BadRequest("a JSON request must be under 1 MiB; upload studies as multipart/related")
-        if (request.content_length or 0) > limit:
+        if (request.content_length or 0) > MAX_JSON_BYTES:
             raise too_large
-        raw = request.stream.read(limit + 1)  # bounded: a chunked body has no Content-Length to check
-        if len(raw) > limit:
+        raw = request.get_data(cache=False)  # at most MAX_JSON_BYTES + 1 bytes (_start_request)
+        if len(raw) > MAX_JSON_BYTES:
             raise too_large
         try:
             json_input = json.loads(raw or b"null")
@@ -183,12 +188,16 @@ class Gateway(Flask):
     def _answer_gateway_error(self, error: GatewayError) -> Response:
         log = g.get("log", self.log)
         (log.error if error.status >= 500 else log.warning)("%d: %s", error.status, error.message)
-        return self._error_response(error.status, error.message)
+        body, status = self._error_response(error.status, error.message)
+        challenge = {"WWW-Authenticate": 'Bearer realm="inference"'} if status == 401 else {}
+        return body, status, challenge
 
     def _answer_http_error(self, error: HTTPException) -> Response:
         message = error.description or error.name
         if error.code == 405:
             message = f"{request.method} is not allowed on {request.path}; inference routes take POST"
+        elif error.code == 413 and request.mimetype == "application/json":
+            message = "a JSON request must be under 1 MiB; upload studies as multipart/related"
         return self._error_response(error.code or 500, message)
 
     def _answer_unexpected_error(self, error: Exception) -> Response:
