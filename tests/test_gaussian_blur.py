@@ -37,6 +37,7 @@ def test_kernel_is_normalised_and_as_wide_as_scipy():
     ((20, 33, 41), (0.8, 1.7, 2.6)),   # anisotropic, kernels wider than some axes' halves
     ((3, 64, 48), (2.5, 0.5, 1.0)),    # slice kernel (radius 10) far wider than the 3 slices
     ((1, 16, 16), (1.0, 0.0, 3.0)),    # one slice, one axis left alone
+    ((2, 5, 300), (40.0, 9.0, 0.3)),   # kernels folded onto the edges; a sigma so small its radius is 1
 ])
 def test_matches_scipy_nearest(shape, sigmas):
     voxels = (np.random.default_rng(1).random(shape, dtype=np.float32) * 1000 - 200).astype(np.float32)
@@ -46,10 +47,15 @@ def test_matches_scipy_nearest(shape, sigmas):
     np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
 
 
-def test_single_thread_equals_threaded():
-    voxels = np.random.default_rng(2).random((9, 20, 30), dtype=np.float32)
+def test_threads_agree_and_the_input_is_left_alone():
+    voxels = np.random.default_rng(2).random((9, 150, 130), dtype=np.float32)
+    before = voxels.copy()
     sigmas = (1.0, 1.5, 2.0)
-    np.testing.assert_array_equal(gaussian_blur_3d(voxels, sigmas, threads=1), gaussian_blur_3d(voxels, sigmas))
+    threaded = gaussian_blur_3d(voxels, sigmas, threads=2)
+    np.testing.assert_array_equal(voxels, before)
+    np.testing.assert_allclose(gaussian_blur_3d(voxels, sigmas, threads=1), threaded, rtol=1e-6, atol=1e-6)
+    integers = (voxels * 1000).astype(np.int16)
+    np.testing.assert_allclose(gaussian_blur_3d(integers, sigmas), scipy_blur(integers, sigmas), rtol=1e-4, atol=0.1)
 
 
 def test_rejects_bad_sigma_and_shape():
