@@ -147,9 +147,8 @@ def test_handler_exceptions_answer_json_without_a_traceback() -> None:
         assert response.get_json()["error"]
 
 
-def test_the_served_app_has_no_debug_mode(full_app, monkeypatch) -> None:
+def test_the_served_app_has_no_debug_mode(full_app) -> None:
     assert full_app.debug is False and not full_app.testing
-    monkeypatch.setenv("INFERENCE_PORT", "8900")
     config = runpy.run_path(str(PROJECT_ROOT / "gunicorn.conf.py"))
     assert not config.get("reload"), "the served configuration must not use gunicorn's reloader"
     assert config["timeout"] == Settings().timeout >= 600, "large studies take minutes on CPU"
