@@ -41,7 +41,6 @@ log = logging.getLogger("inference.jobs")
 JOB_ALIASES = {"3dblur": "gaussian-blur-3d"}
 #: Keys of the job JSON that are about the job, not parameters of the handler.
 JOB_KEYS = ("job_name", "in_dir")
-MAX_JOB_JSON_BYTES = 1024 * 1024
 
 
 def known_job_names() -> dict[str, str]:
@@ -118,8 +117,6 @@ class JobExecutor:
 
 def job_from_request(settings: Settings) -> Job:
     """The job a ``POST /job/`` asks for, checked as far as is cheap (name, folder, DICOM present)."""
-    if (request.content_length or 0) > MAX_JOB_JSON_BYTES:
-        raise BadRequest(f"a job request must be a JSON object under {MAX_JOB_JSON_BYTES} bytes")
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
         raise BadRequest('the job must be a JSON object: {"job_name": "3dblur", "in_dir": "<folder>", ...}')
