@@ -28,8 +28,8 @@ from werkzeug.exceptions import HTTPException
 from handlers.registry import Handler
 from utils import protocol
 from utils.config import Settings, get_settings
-from utils.dicom import dicom_files_in
-from utils.errors import BadRequest, Forbidden, GatewayError, Unauthorized, UnprocessableInput
+from utils.dicom import study_folder_files
+from utils.errors import BadRequest, Forbidden, GatewayError, Unauthorized
 from utils.multipart import (
     PartSpool,
     ParsedBody,
@@ -39,7 +39,6 @@ from utils.multipart import (
     parse_multipart_related,
     parts_from_files,
 )
-from utils.paths import is_inside, resolve_inside
 from utils.tagged_logger import TaggedLogger
 
 #: Largest JSON body read (studyPath requests, jobs): they are read whole, so they are kept small.
@@ -169,13 +168,7 @@ class Gateway(Flask):
         if not isinstance(json_input, dict) or not isinstance(json_input.get("studyPath"), str):
             raise BadRequest("a JSON request must be an object with 'studyPath', the folder of the study "
                              "on the server; otherwise send multipart/related")
-        root = self.settings.data_root
-        folder = resolve_inside(root, json_input["studyPath"])
-        if not folder.is_dir():
-            raise UnprocessableInput(f"studyPath {json_input['studyPath']!r} is not a folder")
-        files = [p for p in dicom_files_in(folder) if is_inside(root, p)]
-        if not files:
-            raise UnprocessableInput(f"studyPath {json_input['studyPath']!r} holds no DICOM files")
+        files = study_folder_files(self.settings.data_root, json_input["studyPath"], field="studyPath")
         return parts_from_files(json.dumps(json_input).encode(), files, spool)
 
     # -- errors ------------------------------------------------------------------------

@@ -6,7 +6,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -230,7 +229,7 @@ def test_study_path_symlink_out_of_the_root_is_403(tmp_path, make_study):
 def test_study_path_without_dicom_is_422(tmp_path):
     (tmp_path / "root" / "empty").mkdir(parents=True)
     response = make_gateway(data_root=tmp_path / "root").test_client().post("/", json={"studyPath": "empty"})
-    assert response.status_code == 422 and "no DICOM" in response.json["error"]
+    assert response.status_code == 422 and "empty folder" in response.json["error"]
 
 
 def test_json_request_without_study_path_is_400(tmp_path):

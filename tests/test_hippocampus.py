@@ -12,10 +12,10 @@ import pydicom
 import pytest
 
 from handlers import hippocampus
-from tests.conftest import PROJECT_ROOT, shared_data, write_study
+from tests.conftest import PROJECT_ROOT, shared_data
 from utils import protocol
 from utils.config import get_settings
-from utils.dicom import dataset_bytes, series_from_volume, write_series
+from utils.dicom import dataset_bytes, series_from_volume
 from utils.errors import UnprocessableInput
 
 WEIGHTS = get_settings().model_path

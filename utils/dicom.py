@@ -20,6 +20,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from utils.errors import UnprocessableInput
+from utils.paths import is_inside, resolve_inside
 
 SECONDARY_CAPTURE_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 MR_IMAGE_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.4"
@@ -67,15 +68,37 @@ def with_pixels(datasets: Sequence[Dataset]) -> list[Dataset]:
     return out
 
 
-def dicom_files_in(folder: Path) -> list[Path]:
-    """Files below ``folder`` (recursively) that carry the DICOM preamble, sorted by path."""
+def dicom_files_in(folder: Path, *, inside: Path | None = None) -> list[Path]:
+    """Files below ``folder`` (recursively) that carry the DICOM preamble, sorted by path.
+
+    With ``inside``, files that resolve outside that folder (symlinks out) are skipped unopened.
+    """
     found = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        if inside is not None and not is_inside(inside, path):
+            continue
         with open(path, "rb") as handle:
             head = handle.read(132)
         if head[128:132] == b"DICM":
             found.append(path)
     return found
+
+
+def study_folder_files(root: Path | None, requested: str, *, field: str) -> list[Path]:
+    """The DICOM files of folder ``requested`` of the data ``root``, as named by request ``field``.
+
+    403 outside the root (``..``, absolute paths, symlinks); 422 for not a folder, an empty
+    folder or one without DICOM files.
+    """
+    folder = resolve_inside(root, requested)
+    if not folder.is_dir():
+        raise UnprocessableInput(f"{field} {requested!r} is not a folder of the data root; give a folder of DICOM files")
+    if not any(folder.iterdir()):
+        raise UnprocessableInput(f"{field} {requested!r} is an empty folder; put the study's DICOM files in it")
+    files = dicom_files_in(folder, inside=root)
+    if not files:
+        raise UnprocessableInput(f"{field} {requested!r} holds no DICOM files (none has the DICM preamble)")
+    return files
 
 
 def group_by_series(datasets: Iterable[Dataset]) -> dict[str, list[Dataset]]:

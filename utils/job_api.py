@@ -29,11 +29,10 @@ from flask import request
 from handlers.registry import REGISTRY
 from utils import protocol
 from utils.config import Settings
-from utils.dicom import dicom_files_in
-from utils.errors import BadRequest, GatewayError, NotFound, UnprocessableInput
+from utils.dicom import study_folder_files
+from utils.errors import BadRequest, GatewayError, NotFound
 from utils.jobs import COMPLETED, FAILED, QUEUED, Job, JobRunner, JobStore, LocalPoolRunner
 from utils.multipart import PartSpool, parts_from_files
-from utils.paths import is_inside, resolve_inside
 
 log = logging.getLogger("inference.jobs")
 
@@ -51,16 +50,8 @@ def known_job_names() -> dict[str, str]:
 
 
 def study_files(root: Path | None, in_dir: str) -> list[Path]:
-    """The DICOM files of folder ``in_dir`` of the data ``root``: 403 outside it, 422 for no DICOM there."""
-    folder = resolve_inside(root, in_dir)
-    if not folder.is_dir():
-        raise UnprocessableInput(f"in_dir {in_dir!r} is not a folder of the data root; give a folder of DICOM files")
-    if not any(folder.iterdir()):
-        raise UnprocessableInput(f"in_dir {in_dir!r} is an empty folder; put the study's DICOM files in it")
-    files = [path for path in dicom_files_in(folder) if is_inside(root, path)]
-    if not files:
-        raise UnprocessableInput(f"in_dir {in_dir!r} holds no DICOM files (none has the DICM preamble)")
-    return files
+    """The DICOM files of job folder ``in_dir``: 403 outside the data root, 422 for no DICOM there."""
+    return study_folder_files(root, in_dir, field="in_dir")
 
 
 def write_outputs(folder: Path, response_json: dict, buffers: list) -> None:
