@@ -327,6 +327,18 @@ def warm_up_both(ours: Server, floor: Server) -> dict:
     return {}
 
 
+def current_commit() -> str | None:
+    """The checked-out commit (short hash, ``+dirty`` with local changes), to tie figures to code."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
 def start_ours(results: dict) -> Server:
     """The gateway serving every handler; if one cannot warm up (e.g. no model weights yet), the mask handler only."""
     try:
@@ -341,7 +353,8 @@ def start_ours(results: dict) -> Server:
 def run(sections: Sequence[str], quick: bool) -> dict:
     """Measure ``sections`` in order; a section whose requests fail is reported as ``<section>_error``."""
     settings = get_settings()
-    results: dict = {"cpu_count": os.cpu_count(), "workers": settings.workers, "threads": settings.threads,
+    results: dict = {"cpu_count": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
+                     "commit": current_commit(), "workers": settings.workers, "threads": settings.threads,
                      "quick": quick, "sections": list(sections)}
     servers: list[Server] = []
 
