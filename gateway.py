@@ -149,7 +149,12 @@ class Gateway(Flask):
         if mimetype == "application/json":
             return self._read_study_path(spool)
         boundary = multipart_boundary(request.content_type)
-        return parse_multipart_related(request.stream, boundary, spool=spool,
+        environ = request.environ
+        # The server's own input stream, bounded by Content-Length here, saves werkzeug's extra
+        # copies of every chunk; without either a length or a terminated (chunked) input, use werkzeug's.
+        direct = request.content_length is not None or environ.get("wsgi.input_terminated")
+        stream = environ["wsgi.input"] if direct else request.stream
+        return parse_multipart_related(stream, boundary, spool=spool,
                                        max_bytes=self.settings.max_request_bytes,
                                        content_length=request.content_length)
 

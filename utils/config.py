@@ -53,7 +53,7 @@ class Settings:
     #: INFERENCE_MAX_REQUEST_BYTES: largest accepted request body (default 2 GiB).
     max_request_bytes: int = field(default=2 * 1024**3, metadata={"env": "INFERENCE_MAX_REQUEST_BYTES"})
     #: INFERENCE_SPOOL_MEMORY_BYTES: request part bytes kept in memory; the rest spills to a temp file.
-    spool_memory_bytes: int = field(default=64 * 1024**2, metadata={"env": "INFERENCE_SPOOL_MEMORY_BYTES"})
+    spool_memory_bytes: int = field(default=16 * 1024**2, metadata={"env": "INFERENCE_SPOOL_MEMORY_BYTES"})
     #: INFERENCE_SPOOL_DIR: folder for spilled request parts (default: the system temp folder).
     spool_dir: Path | None = field(default=None, metadata={"env": "INFERENCE_SPOOL_DIR"})
     #: INFERENCE_DATA_ROOT: folder that ``studyPath`` requests and jobs may read; unset disables both.

@@ -14,6 +14,7 @@ import io
 import os
 import tempfile
 import uuid
+from functools import cached_property
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from werkzeug.http import parse_options_header
 from utils.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
 READ_CHUNK = 1024 * 1024
+READ_AHEAD = 64 * 1024
 WRITE_CHUNK = 4 * 1024 * 1024
 MULTIPART_TYPES = ("multipart/related", "multipart/form-data")
 
@@ -65,13 +67,28 @@ class Part(io.RawIOBase):
         self._spool = spool
         self._memory: bytearray | None = bytearray()
         self._offset = 0  # in the spool file, once spilled
+        self._window = (0, b"")  # read-ahead of a spilled part: (position, bytes)
         self.size = 0
         self._pos = 0
-        disposition = self.header("Content-Disposition")
-        _, options = parse_options_header(disposition or "")
-        self.name: str | None = options.get("name")
-        self.filename: str | None = options.get("filename")
-        self.content_type: str = parse_content_type(self.header("Content-Type"))[0]
+
+    @cached_property
+    def _disposition(self) -> dict[str, str]:
+        return parse_options_header(self.header("Content-Disposition") or "")[1]
+
+    @property
+    def name(self) -> str | None:
+        """The ``name`` of the Content-Disposition header, if any."""
+        return self._disposition.get("name")
+
+    @property
+    def filename(self) -> str | None:
+        """The ``filename`` of the Content-Disposition header, if any."""
+        return self._disposition.get("filename")
+
+    @cached_property
+    def content_type(self) -> str:
+        """The part's media type, lower-cased, without parameters ("" when absent)."""
+        return parse_content_type(self.header("Content-Type"))[0]
 
     def header(self, name: str, default: str | None = None) -> str | None:
         """The value of header ``name`` (case-insensitive), or ``default``."""
@@ -117,8 +134,14 @@ class Part(io.RawIOBase):
 
     def _read_at(self, position: int, n: int) -> bytes:
         if self._memory is not None:
-            return bytes(self._memory[position : position + n])
-        return self._spool.read_at(self._offset + position, n)
+            return bytes(memoryview(self._memory)[position : position + n])
+        start, window = self._window
+        if not (start <= position and position + n <= start + len(window)):
+            # parsers read headers in many small pieces: fetch ahead, one system call per 64 KiB
+            length = max(n, READ_AHEAD)
+            start, window = position, self._spool.read_at(self._offset + position, min(length, self.size - position))
+            self._window = (start, window)
+        return window[position - start : position - start + n]
 
     # -- filling (by PartSpool) ----------------------------------------------------------
     def _append(self, data: bytes) -> None:
@@ -143,6 +166,7 @@ class PartSpool:
         self._in_memory = 0
         self._file: BinaryIO | None = None
         self._file_size = 0
+        self._unflushed = False
 
     def begin_part(self, headers: Sequence[tuple[str, str]]) -> Part:
         part = Part(len(self.parts), headers, self)
@@ -163,10 +187,13 @@ class PartSpool:
             self._file = tempfile.TemporaryFile(prefix="inference-parts-", dir=self.spool_dir)
         self._file.write(data)
         self._file_size += len(data)
+        self._unflushed = True
 
     def read_at(self, offset: int, n: int) -> bytes:
         assert self._file is not None
-        self._file.flush()
+        if self._unflushed:
+            self._file.flush()
+            self._unflushed = False
         return os.pread(self._file.fileno(), n, offset)
 
     def close(self) -> None:
@@ -204,7 +231,7 @@ def parse_multipart_related(
     max_bytes: int,
     content_length: int | None = None,
 ) -> ParsedBody:
-    """Read ``stream`` to its end, split it into parts and hash their contents in order.
+    """Read ``stream`` (to ``content_length`` or its end), split it into parts, hash their contents.
 
     Raises ``PayloadTooLarge`` past ``max_bytes`` (also when no Content-Length was sent) and
     ``BadRequest`` for a body that is truncated or not valid multipart.
@@ -216,9 +243,10 @@ def parse_multipart_related(
     bytes_read = 0
     current: Part | None = None
     try:
-        while True:
+        while content_length is None or bytes_read < content_length:
+            want = READ_CHUNK if content_length is None else min(READ_CHUNK, content_length - bytes_read)
             try:
-                chunk = stream.read(READ_CHUNK)
+                chunk = stream.read(want)
             except Exception as exc:  # the client went away mid-body
                 raise BadRequest(f"request body is truncated: {exc}") from exc
             if not chunk:
