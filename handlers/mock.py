@@ -13,7 +13,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from handlers.registry import register
-from utils.dicom import group_by_series, load_instances, secondary_capture, slice_normal, sort_by_position
+from utils.dicom import (group_by_series, load_instances, secondary_capture, slice_normal, sort_by_position,
+                         structured_report)
 
 HEATMAP_PALETTE = {
     "type": "anchorpoint",
@@ -163,3 +164,15 @@ def secondary_capture_report(json_input: dict, instances: Sequence, input_hash: 
     first = next(iter(series.values()))[0]
     ds = secondary_capture(np.asarray(image), first, description="Mock report")
     return {"protocol_version": "1.0", "parts": [{"label": "Mock report", "binary_type": "dicom_secondary_capture"}]}, [ds]
+
+
+@register("get-structured-report")
+def structured_report_mock(json_input: dict, instances: Sequence, input_hash: str) -> tuple[dict, list]:
+    """A Basic Text SR with one finding per series received."""
+    series = group_by_series(load_instances(instances, stop_before_pixels=True))
+    findings = {str(items[0].get("SeriesDescription", uid)): f"{len(items)} images, no finding (mock)"
+                for uid, items in series.items()}
+    first = next(iter(series.values()))[0]
+    report = structured_report(first, findings, description="Mock structured report")
+    return {"protocol_version": "1.0",
+            "parts": [{"label": "Mock report", "binary_type": "dicom_structured_report"}]}, [report]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import socket
 import sys
 
 import numpy as np
+import pydicom
 import pytest
 import requests
 
@@ -16,7 +18,7 @@ from utils.dicom import load_instances, sort_by_position
 
 MOCK_COMMANDS = ["get-probability-mask", "get-boolean-mask", "get-heatmap", "get-label-mask",
                  "get-probability-mask-2d", "get-bounding-box-2d", "get-linear-measurements",
-                 "get-classification", "get-secondary-capture"]
+                 "get-classification", "get-secondary-capture", "get-structured-report"]
 
 
 def series_info(files):
@@ -42,6 +44,10 @@ def test_every_mock_command_answers_a_valid_response(server, study, command):
         assert result.response_json["study_ml_json"]["label"]
     elif command == "get-secondary-capture":
         assert kinds == ["dicom_secondary_capture"]
+    elif command == "get-structured-report":
+        report = pydicom.dcmread(io.BytesIO(result.buffers[0]))
+        assert kinds == ["dicom_structured_report"] and report.Modality == "SR"
+        assert "no finding" in report.ContentSequence[0].TextValue
     else:
         assert len(kinds) == 1
 

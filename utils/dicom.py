@@ -23,6 +23,7 @@ from utils.errors import UnprocessableInput
 from utils.paths import is_inside, resolve_inside
 
 SECONDARY_CAPTURE_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+BASIC_TEXT_SR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.11"
 MR_IMAGE_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.4"
 DICOM_CONTENT_TYPES = ("application/dicom", "application/octet-stream", "")
 
@@ -286,6 +287,43 @@ def secondary_capture(rgb: np.ndarray, reference: Dataset, *, description: str, 
     ds.PixelRepresentation = 0
     ds.BurnedInAnnotation = "YES"
     ds.PixelData = np.ascontiguousarray(rgb).tobytes()
+    return ds
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+    return item
+
+
+def structured_report(reference: Dataset, findings: dict[str, str], *, description: str,
+                      series_number: int = 9100) -> Dataset:
+    """A Basic Text SR: one TEXT finding per ``findings`` entry (name -> text), under a report title.
+
+    Patient and study come from ``reference``; series and instance UIDs are new.
+    """
+    ds = _new_file_dataset(BASIC_TEXT_SR_SOP_CLASS)
+    for keyword in PATIENT_STUDY_KEYWORDS:
+        if keyword in reference:
+            setattr(ds, keyword, reference.data_element(keyword).value)
+    now = datetime.now()
+    ds.Modality = "SR"
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesNumber, ds.InstanceNumber = series_number, 1
+    ds.SeriesDescription = description[:64]
+    ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    ds.ValueType = "CONTAINER"
+    ds.ConceptNameCodeSequence = [_code("18748-4", "LN", "Diagnostic Imaging Report")]
+    ds.ContinuityOfContent = "SEPARATE"
+    ds.CompletionFlag, ds.VerificationFlag = "COMPLETE", "UNVERIFIED"
+    items = []
+    for name, text in findings.items():
+        item = Dataset()
+        item.RelationshipType, item.ValueType = "CONTAINS", "TEXT"
+        item.ConceptNameCodeSequence = [_code("121071", "DCM", "Finding")]
+        item.TextValue = f"{name}: {text}"[:1024]
+        items.append(item)
+    ds.ContentSequence = items
     return ds
 
 

@@ -1,0 +1,32 @@
+"""Settings come from the environment, with documented defaults, in one place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from utils.config import Settings
+
+
+def test_defaults_without_environment(monkeypatch):
+    for name in [n for n in __import__("os").environ if n.startswith("INFERENCE_")]:
+        monkeypatch.delenv(name)
+    settings = Settings.from_env()
+    assert settings.port == 8900 and settings.max_request_bytes == 2 * 1024**3
+    assert settings.data_root is None and settings.api_token is None
+
+
+def test_values_from_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("INFERENCE_PORT", "9000")
+    monkeypatch.setenv("INFERENCE_DATA_ROOT", str(tmp_path))
+    monkeypatch.setenv("INFERENCE_API_TOKEN", "s3cret")
+    settings = Settings.from_env()
+    assert settings.port == 9000 and settings.data_root == Path(tmp_path)
+    assert settings.describe()["INFERENCE_API_TOKEN"] == "***"
+
+
+def test_bad_integer_names_the_variable(monkeypatch):
+    monkeypatch.setenv("INFERENCE_WORKERS", "two")
+    with pytest.raises(ValueError, match="INFERENCE_WORKERS must be an integer"):
+        Settings.from_env()
