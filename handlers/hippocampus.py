@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
+from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 from PIL import Image, ImageDraw
 
 from handlers.registry import register
@@ -76,28 +77,56 @@ def find_crop_series(series: dict[str, list], pattern: str) -> list:
     return matches[0]
 
 
-def to_model_orientation(voxels: np.ndarray) -> np.ndarray:
-    """(slices, rows, columns) of the crop series -> the model's (x, y, z) NIfTI order."""
-    return np.ascontiguousarray(voxels.transpose(2, 1, 0))
+def ras_affine(volume: Volume) -> np.ndarray:
+    """4x4 affine from (column, row, slice) indices of ``volume`` to RAS millimetres.
+
+    DICOM patient coordinates are LPS; NIfTI, which the model was trained on, is RAS: the two
+    differ by the sign of x and y. Without orientation tags the series is taken as axial.
+    """
+    first = volume.datasets[0]
+    orientation = np.asarray(first.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), float)
+    row_direction, column_direction = orientation[:3], orientation[3:]
+    slice_spacing, row_spacing, column_spacing = volume.spacing
+    affine = np.eye(4)
+    affine[:3, 0] = row_direction * column_spacing  # along a row: the column index grows
+    affine[:3, 1] = column_direction * row_spacing
+    affine[:3, 2] = np.cross(row_direction, column_direction) * slice_spacing
+    affine[:3, 3] = np.asarray(first.get("ImagePositionPatient", [0, 0, 0]), float)
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
 
 
-def from_model_orientation(labels: np.ndarray) -> np.ndarray:
-    """The model's (x, y, z) labels -> (slices, rows, columns), the order of the 3D mask on the wire."""
-    return np.ascontiguousarray(labels.transpose(2, 1, 0))
+def to_model_orientation(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
+    """The crop as the model saw its training data (RAS axes, as nibabel loads the NIfTI files).
+
+    Returns the array and the orientation that ``from_model_orientation`` needs to undo it.
+    """
+    orientation = io_orientation(ras_affine(volume))
+    voxels = volume.voxels.transpose(2, 1, 0)  # (slices, rows, columns) -> (columns, rows, slices)
+    return np.ascontiguousarray(apply_orientation(voxels, orientation)), orientation
+
+
+def from_model_orientation(labels: np.ndarray, orientation: np.ndarray) -> np.ndarray:
+    """Labels in the model's RAS order back to (slices, rows, columns), the 3D mask's order on the wire."""
+    undo = ornt_transform(axcodes2ornt("RAS"), orientation)
+    return np.ascontiguousarray(apply_orientation(labels, undo).transpose(2, 1, 0))
 
 
 def series_from_nifti(image_path: str | Path, description: str = "HippoCrop", **kwargs) -> list:
     """A NIfTI crop (as in the training data) written as the DICOM series a viewer would send.
 
-    The inverse of ``to_model_orientation``: slices along the NIfTI's third axis, rows along its
-    second; spacing taken from the NIfTI header. Used by the tests and to try the model on training cases.
+    The voxels are reoriented from the NIfTI's axes to LPS (DICOM's patient axes) and stored as
+    axial slices (rows run posterior-wards, columns leftwards). Used by the tests, and to try the
+    model on training cases through the whole DICOM path.
     """
     import nibabel
 
     image = nibabel.load(str(image_path))
-    voxels = from_model_orientation(np.rint(np.asarray(image.dataobj)).astype(np.int16))
-    x, y, z = (float(v) for v in image.header.get_zooms()[:3])
-    return series_from_volume(voxels, spacing=(z, y, x), description=description, **kwargs)
+    to_lps = ornt_transform(io_orientation(image.affine), axcodes2ornt("LPS"))
+    voxels = apply_orientation(np.rint(np.asarray(image.dataobj)).astype(np.int16), to_lps)
+    zooms = np.asarray(image.header.get_zooms()[:3], float)[to_lps[:, 0].astype(int).argsort()]
+    x, y, z = (float(v) for v in zooms)
+    return series_from_volume(np.ascontiguousarray(voxels.transpose(2, 1, 0)), spacing=(z, y, x),
+                              description=description, orientation=(1, 0, 0, 0, 1, 0), **kwargs)
 
 
 def measure_volumes(labels: np.ndarray, volume: Volume) -> dict:
@@ -123,7 +152,8 @@ def segment_study(instances: Sequence) -> tuple[Volume, np.ndarray, dict, float]
     volume = load_volume(with_pixels(crop))
     segmenter = load_segmenter()
     started = time.perf_counter()
-    labels = from_model_orientation(segmenter.segment(to_model_orientation(volume.voxels)))
+    voxels, orientation = to_model_orientation(volume)
+    labels = from_model_orientation(segmenter.segment(voxels), orientation)
     seconds = time.perf_counter() - started
     return volume, labels, measure_volumes(labels, volume), seconds
 

@@ -32,25 +32,51 @@ def as_parts(datasets):
     return [io.BytesIO(dataset_bytes(ds)) for ds in datasets]
 
 
-def test_orientation_round_trip_is_lossless(tmp_path):
-    """Writing a NIfTI-ordered volume as DICOM and reading it back gives the same array."""
-    voxels = np.arange(5 * 6 * 7, dtype=np.int16).reshape(5, 6, 7)  # (x, y, z) as the model sees it
-    series = series_from_volume(hippocampus.from_model_orientation(voxels), description="HippoCrop")
-    np.random.default_rng(0).shuffle(series)  # viewers may send any order; positions decide
+def write_nifti(path, array, affine=None):
+    import nibabel
+
+    nibabel.save(nibabel.Nifti1Image(array, np.eye(4) if affine is None else affine), str(path))
+    return path
+
+
+def test_nifti_written_as_dicom_comes_back_in_the_training_orientation(tmp_path):
+    """NIfTI (RAS) -> DICOM series (LPS, any order sent) -> the model's array: the same voxels."""
     from utils.dicom import load_volume
 
+    ras = np.arange(5 * 6 * 7, dtype=np.int16).reshape(5, 6, 7)  # (x, y, z) as nibabel loads it
+    series = hippocampus.series_from_nifti(write_nifti(tmp_path / "crop.nii.gz", ras))
+    np.random.default_rng(0).shuffle(series)  # viewers may send any order; positions decide
     volume = load_volume(series, rescale=False)
-    assert np.array_equal(hippocampus.to_model_orientation(volume.voxels), voxels)
-    assert volume.voxels.shape == (7, 6, 5)  # slices along z, rows along y, columns along x
+    assert volume.voxels.shape == (7, 6, 5)  # axial slices, rows along y, columns along x
+    # DICOM rows run posterior-wards and columns leftwards (LPS): both flipped against RAS
+    assert volume.voxels[0, 0, 0] == ras[4, 5, 0]
+    model_view, orientation = hippocampus.to_model_orientation(volume)
+    assert np.array_equal(model_view, ras)
+    assert np.array_equal(hippocampus.from_model_orientation(model_view, orientation), volume.voxels)
+
+
+def test_sagittal_series_is_reoriented_too():
+    """The same anatomy stored as sagittal slices reaches the model in the same RAS order."""
+    from utils.dicom import load_volume
+
+    ras = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+    # sagittal: columns run posterior-wards (+y LPS), rows downwards (-z), so the slice normal is
+    # row x column = -x LPS, i.e. slices go rightwards: slice k is x = k in RAS
+    sagittal = np.ascontiguousarray(ras[:, ::-1, ::-1].transpose(0, 2, 1))  # (slice R, row I, column P)
+    series = series_from_volume(sagittal, orientation=(0, 1, 0, 0, 0, -1), description="HippoCrop")
+    volume = load_volume(series, rescale=False)
+    model_view, orientation = hippocampus.to_model_orientation(volume)
+    assert np.array_equal(model_view, ras)
+    assert np.array_equal(hippocampus.from_model_orientation(model_view, orientation), sagittal)
 
 
 def test_labelled_nifti_sent_as_dicom_is_segmented_in_the_training_orientation(weights, tmp_path):
-    from models.data import dataset_pairs, load_nifti, split_cases
+    from models.data import dataset_pairs, split_cases
+    from utils.dicom import load_volume
 
     data = shared_data("hippocampus")
     pairs = dataset_pairs(data)
-    test_cases = split_cases(sorted(pairs), seed=0)["test"][:3]
-    for case in test_cases:
+    for case in split_cases(sorted(pairs), seed=0)["test"][:3]:
         image_path, label_path = pairs[case]
         series = hippocampus.series_from_nifti(image_path)
         other = series_from_volume(np.zeros((3, 64, 64), np.int16), description="T1 whole brain",
@@ -58,9 +84,8 @@ def test_labelled_nifti_sent_as_dicom_is_segmented_in_the_training_orientation(w
         response, buffers = hippocampus.hippocampus_volume({}, as_parts(other + series[::-1]), "0" * 64)
         response, prepared = protocol.prepare_output(response, buffers)
         shape = response["parts"][0]["binary_data_shape"]
-        labels = np.frombuffer(prepared[0], np.uint8).reshape(shape["depth"], shape["height"], shape["width"])
-        predicted = hippocampus.to_model_orientation(labels)
-        truth = load_nifti(label_path).astype(np.uint8)
+        predicted = np.frombuffer(prepared[0], np.uint8).reshape(shape["depth"], shape["height"], shape["width"])
+        truth = load_volume(hippocampus.series_from_nifti(label_path), rescale=False).voxels
         assert predicted.shape == truth.shape
         dice = 2 * np.sum((predicted > 0) & (truth > 0)) / (np.sum(predicted > 0) + np.sum(truth > 0))
         assert dice >= 0.85, f"{case}: foreground Dice {dice:.3f} through DICOM; orientation is off"
