@@ -166,7 +166,7 @@ def render_report(volume: Volume, labels: np.ndarray, measures: dict, model_vers
         picks = [int(present[int(round(q * (present.size - 1)))]) for q in (0.25, 0.5, 0.75)]
     else:
         picks = [labels.shape[0] // 4, labels.shape[0] // 2, 3 * labels.shape[0] // 4]
-    scale = max(1, 240 // max(volume.voxels.shape[1:]))
+    scale = max(1, 300 // max(volume.voxels.shape[1:]))
     low, high = np.percentile(volume.voxels, [0.5, 99.5])  # one window for the whole crop
     colors = {int(value): label_color(int(value)) for value in LABEL_MAP}
     tiles = []
@@ -176,7 +176,7 @@ def render_report(volume: Volume, labels: np.ndarray, measures: dict, model_vers
         tiles.append((k, Image.fromarray(rgb)))
     pad, header = 16, 72
     tile_w, tile_h = tiles[0][1].size
-    width = max(3 * tile_w + 4 * pad, 720)
+    width = max(3 * tile_w + 4 * pad, 600)
     height = header + tile_h + 24 + 170
     image = Image.new("RGB", (width, height), (12, 12, 12))
     draw = ImageDraw.Draw(image)
