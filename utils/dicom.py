@@ -41,8 +41,7 @@ def load_instances(parts: Sequence, *, stop_before_pixels: bool = False) -> list
         index = getattr(part, "index", position + 1)
         describe = part.describe() if hasattr(part, "describe") else f"part {index}"
         try:
-            part.seek(0)
-            ds = pydicom.dcmread(part, stop_before_pixels=stop_before_pixels)
+            ds = pydicom.dcmread(_open(part), stop_before_pixels=stop_before_pixels)
             if "SOPInstanceUID" not in ds:
                 raise InvalidDicomError("no SOPInstanceUID")
         except Exception as exc:  # pydicom raises many kinds on garbage
@@ -57,13 +56,20 @@ def load_instances(parts: Sequence, *, stop_before_pixels: bool = False) -> list
     return datasets
 
 
+def _open(part) -> "io.BufferedIOBase":
+    """A request part (``utils.multipart.Part``) or any binary file, rewound for reading."""
+    if hasattr(part, "open"):
+        return part.open()
+    part.seek(0)
+    return part
+
+
 def with_pixels(datasets: Sequence[Dataset]) -> list[Dataset]:
     """Re-read header-only datasets (``load_instances(..., stop_before_pixels=True)``) in full."""
     out = []
     for ds in datasets:
         part = ds.source_part
-        part.seek(0)
-        full = pydicom.dcmread(part)
+        full = pydicom.dcmread(_open(part))
         full.source_part = part
         out.append(full)
     return out

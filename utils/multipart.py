@@ -132,6 +132,17 @@ class Part(io.RawIOBase):
         """The whole content, whatever the current position."""
         return self._read_at(0, self.size)
 
+    def open(self) -> BinaryIO:
+        """An independent binary file over the content, positioned at 0; fastest for parsers.
+
+        A part held in memory gives an ``io.BytesIO`` (reads in C, no Python call per read);
+        a part spilled to disk gives itself, rewound, with its read-ahead.
+        """
+        if self._memory is not None:
+            return io.BytesIO(self.read_bytes())
+        self.seek(0)
+        return self
+
     def _read_at(self, position: int, n: int) -> bytes:
         if self._memory is not None:
             return bytes(memoryview(self._memory)[position : position + n])
