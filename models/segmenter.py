@@ -7,9 +7,11 @@ order and orientation that nibabel returns for the MSD Task04 NIfTI files
 (``nib.load(path).get_fdata()``, shape about (35, 50, 35)).  With the
 identity affine of that data set the axes are RAS: axis 0 = left->right,
 axis 1 = posterior->anterior, axis 2 = inferior->superior.  The model slices
-along the axis stored in the checkpoint config (``config["axis"]``, axis 0 =
-sagittal slices for the shipped weights) and treats the other two axes as
-the image plane.  Do not transpose or flip the array before calling it; a
+along the axis stored in each network's config (``config["axis"]``: 0 =
+sagittal slices, 2 = axial slices) and treats the other two axes as the
+image plane; a checkpoint may hold several networks (e.g. one per slicing
+axis) whose probabilities are averaged, optionally with a left-right
+(axis 0) mirrored pass.  Do not transpose or flip the array before calling it; a
 flip along axis 1 would swap the anterior (1) and posterior (2) labels.
 """
 from __future__ import annotations
@@ -56,16 +58,34 @@ def predict_probs(model: UNet2D, volume: np.ndarray, config: dict, device: str |
     return np.moveaxis(p, 1, axis + 1)
 
 
-def predict_volume(model: UNet2D, volume: np.ndarray, config: dict, device="cpu",
-                   tta: bool | None = None) -> np.ndarray:
-    """uint8 label volume, optionally averaging with a left-right (axis 0) flip."""
+def predict_probs_tta(model: UNet2D, volume: np.ndarray, config: dict, device="cpu",
+                      tta: bool | None = None) -> np.ndarray:
+    """Probabilities, optionally averaged with those of the left-right (axis 0) mirror."""
     if tta is None:
         tta = bool(config.get("tta", False))
     p = predict_probs(model, volume, config, device)
     if tta:
         # Mirroring left<->right (axis 0) keeps anterior/posterior labels valid.
-        p = p + predict_probs(model, volume[::-1], config, device)[:, ::-1]
+        p = 0.5 * (p + predict_probs(model, volume[::-1], config, device)[:, ::-1])
+    return p
+
+
+def predict_volume(model: UNet2D, volume: np.ndarray, config: dict, device="cpu",
+                   tta: bool | None = None) -> np.ndarray:
+    """uint8 label volume of a single network."""
+    return np.argmax(predict_probs_tta(model, volume, config, device, tta), axis=0).astype(np.uint8)
+
+
+def predict_ensemble(members: list[tuple[UNet2D, dict]], volume: np.ndarray, device="cpu") -> np.ndarray:
+    """uint8 label volume from the mean class probabilities of several networks."""
+    p = sum(predict_probs_tta(m, volume, cfg, device) for m, cfg in members) / len(members)
     return np.argmax(p, axis=0).astype(np.uint8)
+
+
+def _build_loaded(state_dict: dict, config: dict, device: str) -> UNet2D:
+    model = build_model(config)
+    model.load_state_dict({k: v.float() for k, v in state_dict.items()})
+    return model.to(device).eval()
 
 
 def _sha256(path: Path) -> str:
@@ -77,14 +97,20 @@ def _sha256(path: Path) -> str:
 
 
 class HippocampusSegmenter:
-    """Segments hippocampus head/body (anterior, label 1) and tail (posterior, label 2)."""
+    """Segments hippocampus head/body (anterior, label 1) and tail (posterior, label 2).
+
+    A checkpoint holds either one network (``state_dict`` + ``config``) or
+    several (``members``: list of {``state_dict``, ``config``}, e.g. networks
+    slicing along different axes) whose class probabilities are averaged.
+    """
 
     version: str
 
     def __init__(self, model: UNet2D, config: dict, version: str, device: str,
-                 split: dict | None = None) -> None:
+                 split: dict | None = None, members: list[tuple[UNet2D, dict]] | None = None) -> None:
         self.split = split  # train/val/test case ids the weights were trained with, if stored
         self.model = model
+        self.members = members if members else [(model, config)]
         self.config = config
         self.version = version
         self.device = device
@@ -101,12 +127,14 @@ class HippocampusSegmenter:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         config = dict(ckpt["config"])
-        model = build_model(config)
-        model.load_state_dict({k: v.float() for k, v in ckpt["state_dict"].items()})
-        model.to(device).eval()
+        if "members" in ckpt:
+            members = [(_build_loaded(m["state_dict"], dict(m["config"]), device), dict(m["config"]))
+                       for m in ckpt["members"]]
+        else:
+            members = [(_build_loaded(ckpt["state_dict"], config, device), config)]
         name = ckpt.get("version", MODEL_NAME)
         version = f"{name} ({_sha256(path)[:12]})"
-        return cls(model, config, version, device, ckpt.get("split"))
+        return cls(members[0][0], config, version, device, ckpt.get("split"), members)
 
     def segment(self, volume: np.ndarray) -> np.ndarray:
         """Segment one 3D volume.
@@ -115,10 +143,11 @@ class HippocampusSegmenter:
             volume: 3D float or integer array in the raw nibabel axis order of
                 the MSD Task04 NIfTI files (``img.get_fdata()``; RAS: axis 0
                 left->right, axis 1 posterior->anterior, axis 2
-                inferior->superior; 1 mm voxels, about 35 x 50 x 35).  The
-                network slices along ``self.config["axis"]`` (axis 0 for the
-                shipped weights) with neighbouring slices as extra channels;
-                any in-plane size works (padded internally, then cropped back).
+                inferior->superior; 1 mm voxels, about 35 x 50 x 35).  Each
+                network slices along its ``config["axis"]`` (see
+                ``self.members``; 0 = sagittal, 2 = axial) with neighbouring
+                slices as extra channels; any size works (padded internally,
+                then cropped back).
 
         Returns:
             uint8 array of the same shape: 0 background, 1 anterior, 2 posterior.
@@ -132,4 +161,4 @@ class HippocampusSegmenter:
         if not np.all(np.isfinite(vol)):
             vol = np.nan_to_num(vol, nan=0.0, posinf=0.0, neginf=0.0)
         with torch.inference_mode():
-            return predict_volume(self.model, vol, self.config, self.device)
+            return predict_ensemble(self.members, vol, self.device)

@@ -5,6 +5,12 @@ Usage (from the repository root)::
     python -m models.train_hippocampus --data ../shared/data/hippocampus \
         --out models/hippocampus_unet.pt [--epochs N --seed S --max-volumes K --max-steps N]
 
+Several trained networks (same split, e.g. different slicing axes) can be
+merged into one checkpoint whose class probabilities are averaged::
+
+    python -m models.train_hippocampus --data ../shared/data/hippocampus \
+        --out models/hippocampus_unet.pt --combine sagittal.pt axial.pt
+
 The split is by volume and deterministic in ``--seed``.  The checkpoint with
 the best validation Dice is kept; after training it is evaluated on the test
 split and ``<out stem>.metrics.json`` is written next to the weights.
@@ -26,7 +32,7 @@ import torch.nn.functional as F
 
 from .data import augment_batch, dataset_pairs, load_pair, load_samples, split_cases
 from .evaluate import dice, evaluate_pairs
-from .segmenter import MODEL_NAME, build_model, predict_volume
+from .segmenter import MODEL_NAME, HippocampusSegmenter, build_model, predict_ensemble, predict_volume
 
 DEFAULTS = dict(epochs=30, seed=0, batch_size=32, lr=2e-3, weight_decay=1e-4, base=16, depth=4,
                 dropout=0.1, axis=0, context=2, size=64, tta=True)
@@ -209,6 +215,64 @@ def train(data: str | Path, out: str | Path, epochs: int = DEFAULTS["epochs"], s
     return metrics
 
 
+def _member_metrics(path: Path) -> dict | None:
+    mp = path.with_name(path.name.removesuffix(".pt") + ".metrics.json")
+    if not mp.is_file():
+        return None
+    m = json.loads(mp.read_text())
+    return {k: m.get(k) for k in ("config", "training", "best_epoch", "best_val_dice", "history", "test")}
+
+
+def combine(data: str | Path, out: str | Path, member_paths: list[str | Path], threads: int = 2) -> dict:
+    """Merge trained checkpoints into one averaging checkpoint; evaluate it on val and test."""
+    t0 = time.time()
+    torch.set_num_threads(threads)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    metrics_path = out.with_name(out.name.removesuffix(".pt") + ".metrics.json")
+    ckpts = [torch.load(p, map_location="cpu", weights_only=True) for p in member_paths]
+    split = ckpts[0]["split"]
+    if any(c["split"] != split for c in ckpts):
+        raise ValueError("members were trained on different splits")
+    pairs = dataset_pairs(data)
+    members = [dict(state_dict=c["state_dict"], config=dict(c["config"])) for c in ckpts]
+    top = dict(n_classes=3, ensemble="mean of member class probabilities",
+               axes=[m["config"]["axis"] for m in members], split_seed=ckpts[0]["config"]["split_seed"],
+               split_fractions=ckpts[0]["config"]["split_fractions"])
+    ckpt = {"members": members, "config": top, "version": MODEL_NAME, "split": split}
+    torch.save(ckpt, out)
+    seg = HippocampusSegmenter.load(out, device="cpu")
+
+    def run(cases, fn):
+        return evaluate_pairs(pairs, fn, cases)
+
+    result = {"val": {}, "test": {}}
+    for name, cases in (("val", split["val"]), ("test", split["test"])):
+        for i, (model, cfg) in enumerate(seg.members):
+            r = run(cases, lambda v, m=model, c=cfg: predict_volume(m, v, c))
+            result[name][f"member{i}_axis{cfg['axis']}"] = {k: v for k, v in r.items() if k != "per_volume"}
+        result[name]["ensemble"] = run(cases, lambda v: predict_ensemble(seg.members, v))
+        _log(f"[combine] {name}: " + ", ".join(f"{k} {v['mean_dice']:.4f}" for k, v in result[name].items()))
+    metrics = {
+        "model": MODEL_NAME,
+        "weights": out.name,
+        "data": "Medical Segmentation Decathlon Task04_Hippocampus (CC-BY-SA 4.0)",
+        "config": top,
+        "members": [{"file": Path(p).name, "metrics": _member_metrics(Path(p))} for p in member_paths],
+        "split": split,
+        "split_counts": {k: len(v) for k, v in split.items()},
+        "val": result["val"],
+        "test": result["test"]["ensemble"],
+        "test_members": {k: v for k, v in result["test"].items() if k != "ensemble"},
+        "combine_seconds": round(time.time() - t0, 1),
+        "dice_definition": "2|P n T|/(|P|+|T|) per volume, 1.0 when both masks are empty; "
+                           "mean_dice uses foreground (label > 0)",
+    }
+    metrics_path.write_text(json.dumps(metrics, indent=1) + "\n")
+    _log(f"[combine] wrote {out} and {metrics_path}")
+    return metrics
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="folder with images/ and labels/")
@@ -228,7 +292,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-tta", action="store_true", help="disable left-right flip test-time augmentation")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-test", action="store_true")
+    ap.add_argument("--combine", nargs="+", metavar="CKPT",
+                    help="do not train: merge these trained checkpoints (same split) into --out")
     a = ap.parse_args(argv)
+    if a.combine:
+        return combine(a.data, a.out, a.combine, threads=a.threads)
     return train(a.data, a.out, epochs=a.epochs, seed=a.seed, max_volumes=a.max_volumes, max_steps=a.max_steps,
                  time_limit_min=a.time_limit, batch_size=a.batch_size, lr=a.lr, base=a.base, depth=a.depth,
                  axis=a.axis, context=a.context, tta=not a.no_tta, threads=a.threads, skip_test=a.skip_test)

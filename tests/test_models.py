@@ -106,6 +106,29 @@ def test_segment_any_shape(shape):
     assert set(np.unique(out)) <= {0, 1, 2}
 
 
+def test_load_single_and_ensemble_checkpoints(tmp_path):
+    torch.manual_seed(0)
+    cfg0 = dict(TINY_CONFIG, split_seed=0)
+    cfg2 = dict(TINY_CONFIG, axis=2, tta=False)
+    m0, m2 = build_model(cfg0), build_model(cfg2)
+    split = {"train": ["a"], "val": ["b"], "test": ["c"]}
+    torch.save({"state_dict": m0.state_dict(), "config": cfg0, "version": "hippocampus-unet-test",
+                "split": split}, tmp_path / "one.pt")
+    torch.save({"members": [{"state_dict": m0.state_dict(), "config": cfg0},
+                            {"state_dict": m2.state_dict(), "config": cfg2}],
+                "config": {"n_classes": 3, "split_seed": 0}, "version": "hippocampus-unet-test",
+                "split": split}, tmp_path / "two.pt")
+    vol = np.random.default_rng(1).normal(size=(20, 30, 25)).astype(np.float32)
+    one = HippocampusSegmenter.load(tmp_path / "one.pt", device="cpu")
+    two = HippocampusSegmenter.load(tmp_path / "two.pt", device="cpu")
+    assert len(one.members) == 1 and len(two.members) == 2
+    assert one.version.startswith("hippocampus-unet-test (") and one.version != two.version
+    assert one.split == split
+    for seg in (one, two):
+        out = seg.segment(vol)
+        assert out.shape == vol.shape and out.dtype == np.uint8
+
+
 # ---------------------------------------------------------------- data tests
 @needs_data
 def test_training_smoke(tmp_path):
