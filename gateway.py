@@ -39,7 +39,7 @@ from utils.multipart import (
     parse_multipart_related,
     parts_from_files,
 )
-from utils.tagged_logger import TaggedLogger
+from utils.tagged_logger import TaggedLogger, bind_request_tags
 
 #: Largest JSON body read (studyPath requests, jobs): they are read whole, so they are kept small.
 MAX_JSON_BYTES = 1024 * 1024
@@ -86,6 +86,7 @@ class Gateway(Flask):
         g.started = time.perf_counter()
         g.input_hash = None
         g.log = self.log
+        bind_request_tags({})  # this thread served other requests before
         token = self.settings.api_token
         if token and request.endpoint not in OPEN_ENDPOINTS:
             header = request.headers.get("Authorization", "")
@@ -124,6 +125,7 @@ class Gateway(Flask):
             spool.close()
             raise
         g.input_hash, g.bytes_in = body.input_hash, body.bytes_read
+        bind_request_tags({"input_hash": body.input_hash})  # handlers' TaggedLoggers carry it too
         g.log = log = self.log.tag({"input_hash": body.input_hash})
         log.info("received %d parts, %d bytes", len(body.parts), body.bytes_read)
         try:

@@ -43,8 +43,9 @@ from utils.dicom import (
 )
 from utils.errors import UnprocessableInput
 from utils.render import label_color, overlay_labels, to_rgb, upscale, window_values
+from utils.tagged_logger import TaggedLogger
 
-log = logging.getLogger("inference.hippocampus")
+log = TaggedLogger(logging.getLogger("inference.hippocampus"))
 
 LABEL_MAP = {"1": "Anterior", "2": "Posterior"}
 COMMAND = "get-hippocampus-volume"
@@ -209,8 +210,7 @@ def hippocampus_volume(json_input: dict, instances: Sequence, input_hash: str) -
     """Segment the hippocampus crop series: label mask, volumes and a Secondary Capture report."""
     volume, labels, measures, seconds = segment_study(instances)
     model_version = load_segmenter().version
-    log.info("[input_hash=%s] segmented %s in %.3fs: total %.1f mm3", input_hash, volume.voxels.shape,
-             seconds, measures["total_volume_mm3"])
+    log.info("segmented %s in %.3fs: total %.1f mm3", volume.voxels.shape, seconds, measures["total_volume_mm3"])
     reference = volume.datasets[0]
     report = secondary_capture(render_report(volume, labels, measures, model_version), reference,
                                description="Hippocampal volume report")

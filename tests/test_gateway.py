@@ -197,6 +197,24 @@ def test_every_log_line_of_a_request_carries_its_hash(study, caplog):
     assert summary and "in=" in summary[0] and "out=" in summary[0]
 
 
+def test_handler_log_lines_carry_the_request_hash_too(study, caplog):
+    from utils.tagged_logger import TaggedLogger
+
+    handler_log = TaggedLogger(logging.getLogger("inference.my_model"))
+
+    def logging_handler(json_input, instances, input_hash):
+        handler_log.info("model ran")
+        return echo_series_mask(json_input, instances, input_hash)
+
+    client = make_gateway(logging_handler).test_client()
+    with caplog.at_level(logging.INFO, logger="inference"):
+        input_hash = decoded(post(client, study))[0]["input_hash_seen"]
+        client.get("/ping")  # the next request in this thread starts untagged
+        handler_log.info("outside a request")
+    lines = [r.getMessage() for r in caplog.records if r.name == "inference.my_model"]
+    assert lines == [f"[input_hash={input_hash}] model ran", "outside a request"]
+
+
 def test_study_path_is_refused_without_a_data_root():
     response = make_gateway().test_client().post("/", json={"studyPath": "x"})
     assert response.status_code == 403 and "INFERENCE_DATA_ROOT" in response.json["error"]

@@ -33,8 +33,9 @@ from utils.dicom import study_folder_files
 from utils.errors import BadRequest, GatewayError, NotFound
 from utils.jobs import COMPLETED, FAILED, QUEUED, Job, JobRunner, JobStore, LocalPoolRunner
 from utils.multipart import PartSpool, parts_from_files
+from utils.tagged_logger import TaggedLogger, bind_request_tags
 
-log = logging.getLogger("inference.jobs")
+log = TaggedLogger(logging.getLogger("inference.jobs"))
 
 #: Job names of the seed's clients, mapped to the inference command they run.
 JOB_ALIASES = {"3dblur": "gaussian-blur-3d"}
@@ -81,10 +82,12 @@ class JobExecutor:
         spool = PartSpool(self.settings.spool_memory_bytes, self.settings.spool_dir)
         output = Path(self.settings.output_root) / job.uid
         partial = output.with_name(f"{job.uid}.partial")
+        bind_request_tags({"job": job.uid})
         try:
             files = study_files(self.settings.data_root, job.in_dir)
             json_input = {**job.params, "inference_command": job.command}
             body = parts_from_files(json.dumps(json_input).encode(), files, spool)
+            bind_request_tags({"job": job.uid, "input_hash": body.input_hash})
             log.info("job %s: %s on %d files of %s (input_hash=%s)", job.uid, job.command, len(files), job.in_dir,
                      body.input_hash)
             response_json, buffers = REGISTRY.get(job.command).handler(json_input, body.parts[1:], body.input_hash)

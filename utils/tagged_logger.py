@@ -5,13 +5,24 @@
     req_log.info("parsed %d parts", n)   # -> "[input_hash=1a2b3c4d5e6f] parsed 12 parts"
 
 Tags also land on the record as ``record.tags`` (a dict) for structured formatters.
+
+The gateway binds the request's tags to the serving thread (``bind_request_tags``), so a
+handler's own ``TaggedLogger`` carries them too without being passed anything.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, MutableMapping
+from contextvars import ContextVar
 from typing import Any
+
+_request_tags: ContextVar[Mapping[str, Any]] = ContextVar("request_tags", default={})
+
+
+def bind_request_tags(tags: Mapping[str, Any]) -> None:
+    """Tag every ``TaggedLogger`` line of the current request (thread or task) with ``tags``."""
+    _request_tags.set(dict(tags))
 
 
 class TaggedLogger(logging.LoggerAdapter):
@@ -30,10 +41,11 @@ class TaggedLogger(logging.LoggerAdapter):
         return TaggedLogger(self.logger, {**self.tags, **tags})
 
     def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+        tags = {**_request_tags.get(), **self.tags}
         extra = dict(kwargs.get("extra") or {})
-        extra["tags"] = dict(self.tags)
+        extra["tags"] = tags
         kwargs["extra"] = extra
-        if not self.tags:
+        if not tags:
             return msg, kwargs
-        prefix = " ".join(f"{key}={value}" for key, value in self.tags.items())
+        prefix = " ".join(f"{key}={value}" for key, value in tags.items())
         return f"[{prefix}] {msg}", kwargs
