@@ -263,6 +263,22 @@ PATIENT_STUDY_KEYWORDS = (
 )
 
 
+def _new_result_object(sop_class_uid: str, reference: Dataset, modality: str, description: str,
+                       series_number: int) -> Dataset:
+    """A new single-instance series in the study of ``reference``: patient and study copied, UIDs new."""
+    ds = _new_file_dataset(sop_class_uid)
+    for keyword in PATIENT_STUDY_KEYWORDS:
+        if keyword in reference:
+            setattr(ds, keyword, reference.data_element(keyword).value)
+    now = datetime.now()
+    ds.Modality = modality
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesNumber, ds.InstanceNumber = series_number, 1
+    ds.SeriesDescription = description[:64]
+    ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    return ds
+
+
 def secondary_capture(rgb: np.ndarray, reference: Dataset, *, description: str, series_number: int = 9000) -> Dataset:
     """A Secondary Capture Image Storage object of an RGB image (rows, columns, 3 uint8).
 
@@ -270,20 +286,9 @@ def secondary_capture(rgb: np.ndarray, reference: Dataset, *, description: str, 
     """
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"secondary capture needs (rows, columns, 3) uint8 pixels, got {rgb.shape} {rgb.dtype}")
-    ds = _new_file_dataset(SECONDARY_CAPTURE_SOP_CLASS)
-    for keyword in PATIENT_STUDY_KEYWORDS:
-        if keyword in reference:
-            setattr(ds, keyword, reference.data_element(keyword).value)
-    now = datetime.now()
-    ds.Modality = "OT"
+    ds = _new_result_object(SECONDARY_CAPTURE_SOP_CLASS, reference, "OT", description, series_number)
     ds.ConversionType = "WSD"
-    ds.SeriesInstanceUID = generate_uid()
-    ds.SeriesNumber = series_number
-    ds.InstanceNumber = 1
-    ds.SeriesDescription = description[:64]
     ds.ImageType = ["DERIVED", "SECONDARY"]
-    ds.ContentDate = now.strftime("%Y%m%d")
-    ds.ContentTime = now.strftime("%H%M%S")
     ds.SamplesPerPixel = 3
     ds.PhotometricInterpretation = "RGB"
     ds.PlanarConfiguration = 0
@@ -308,16 +313,7 @@ def structured_report(reference: Dataset, findings: dict[str, str], *, descripti
 
     Patient and study come from ``reference``; series and instance UIDs are new.
     """
-    ds = _new_file_dataset(BASIC_TEXT_SR_SOP_CLASS)
-    for keyword in PATIENT_STUDY_KEYWORDS:
-        if keyword in reference:
-            setattr(ds, keyword, reference.data_element(keyword).value)
-    now = datetime.now()
-    ds.Modality = "SR"
-    ds.SeriesInstanceUID = generate_uid()
-    ds.SeriesNumber, ds.InstanceNumber = series_number, 1
-    ds.SeriesDescription = description[:64]
-    ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    ds = _new_result_object(BASIC_TEXT_SR_SOP_CLASS, reference, "SR", description, series_number)
     ds.ValueType = "CONTAINER"
     ds.ConceptNameCodeSequence = [_code("18748-4", "LN", "Diagnostic Imaging Report")]
     ds.ContinuityOfContent = "SEPARATE"
