@@ -40,11 +40,16 @@ def _blob(depth: int, rows: int, columns: int) -> np.ndarray:
     """uint8 probabilities of an ellipsoid centred in the volume, 255 at its centre, 0 at its rim."""
     row_axis = (np.arange(rows, dtype=np.float32) - (rows - 1) / 2) / (rows / 4)
     column_axis = (np.arange(columns, dtype=np.float32) - (columns - 1) / 2) / (columns / 4)
-    plane = row_axis[:, None] ** 2 + column_axis[None, :] ** 2
-    out = np.zeros((depth, rows, columns), np.uint8)
+    # 255 x (1 - in-plane distance^2), as int16 so each slice is one subtraction and one clip
+    plane = np.rint(255 * (1 - (row_axis[:, None] ** 2 + column_axis[None, :] ** 2))).clip(-32768, 255)
+    plane = plane.astype(np.int16)
+    out = np.empty((depth, rows, columns), np.uint8)
+    work = np.empty((rows, columns), np.int16)
     for k in range(depth):
         z = (k - (depth - 1) / 2) / max(depth / 2, 1)
-        out[k] = np.clip(255 * (1 - z * z - plane), 0, 255)
+        np.subtract(plane, int(round(255 * z * z)), out=work)
+        np.clip(work, 0, 255, out=work)
+        out[k] = work
     return out
 
 

@@ -67,7 +67,6 @@ class Part(io.RawIOBase):
         self._spool = spool
         self._memory: bytearray | None = bytearray()
         self._offset = 0  # in the spool file, once spilled
-        self._window = (0, b"")  # read-ahead of a spilled part: (position, bytes)
         self.size = 0
         self._pos = 0
 
@@ -135,24 +134,20 @@ class Part(io.RawIOBase):
     def open(self) -> BinaryIO:
         """An independent binary file over the content, positioned at 0; fastest for parsers.
 
-        A part held in memory gives an ``io.BytesIO`` (reads in C, no Python call per read);
-        a part spilled to disk gives itself, rewound, with its read-ahead.
+        A part held in memory gives an ``io.BytesIO``; a part spilled to disk gives a 64 KiB
+        ``io.BufferedReader`` over its own view of the spool file. Either way parsers' many small
+        reads are served in C, not by a Python call each.
         """
         if self._memory is not None:
             return io.BytesIO(self.read_bytes())
-        self.seek(0)
-        return self
+        view = Part(self.index, self.headers, self._spool)
+        view._memory, view._offset, view.size = None, self._offset, self.size
+        return io.BufferedReader(view, READ_AHEAD)
 
     def _read_at(self, position: int, n: int) -> bytes:
         if self._memory is not None:
             return bytes(memoryview(self._memory)[position : position + n])
-        start, window = self._window
-        if not (start <= position and position + n <= start + len(window)):
-            # parsers read headers in many small pieces: fetch ahead, one system call per 64 KiB
-            length = max(n, READ_AHEAD)
-            start, window = position, self._spool.read_at(self._offset + position, min(length, self.size - position))
-            self._window = (start, window)
-        return window[position - start : position - start + n]
+        return self._spool.read_at(self._offset + position, n)
 
     # -- filling (by PartSpool) ----------------------------------------------------------
     def _append(self, data: bytes) -> None:
