@@ -56,6 +56,13 @@ def build_multipart_request(
     return MultipartEncoder(fields=fields)
 
 
+def close_request_files(encoder: MultipartEncoder) -> None:
+    """Close the files ``build_multipart_request`` opened for ``encoder``."""
+    for _, value in encoder.fields:
+        if isinstance(value, tuple) and hasattr(value[1], "close"):
+            value[1].close()
+
+
 def related_content_type(encoder: MultipartEncoder) -> str:
     return f'multipart/related; boundary="{encoder.boundary_value}"'
 
@@ -104,7 +111,11 @@ def send_inference_request(
         size = encoder.len
         headers["Content-Type"] = related_content_type(encoder)
         body = MultipartEncoderMonitor(encoder, (lambda m: progress(m.bytes_read, size)) if progress else None)
-    response = requests.post(url, data=body, headers=headers, timeout=timeout)
+    try:
+        response = requests.post(url, data=body, headers=headers, timeout=timeout)
+    finally:
+        if files:
+            close_request_files(encoder)
     result = decode_response(response)
     result.request_bytes = size
     return result
