@@ -82,7 +82,8 @@ def predict_ensemble(members: list[tuple[UNet2D, dict]], volume: np.ndarray, dev
     return np.argmax(p, axis=0).astype(np.uint8)
 
 
-def _build_loaded(state_dict: dict, config: dict, device: str) -> UNet2D:
+def load_network(state_dict: dict, config: dict, device: str) -> UNet2D:
+    """One network from its ``state_dict`` and ``config``, in eval mode on ``device``."""
     model = build_model(config)
     model.load_state_dict({k: v.float() for k, v in state_dict.items()})
     return model.to(device).eval()
@@ -128,10 +129,10 @@ class HippocampusSegmenter:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         config = dict(ckpt["config"])
         if "members" in ckpt:
-            members = [(_build_loaded(m["state_dict"], dict(m["config"]), device), dict(m["config"]))
+            members = [(load_network(m["state_dict"], dict(m["config"]), device), dict(m["config"]))
                        for m in ckpt["members"]]
         else:
-            members = [(_build_loaded(ckpt["state_dict"], config, device), config)]
+            members = [(load_network(ckpt["state_dict"], config, device), config)]
         name = ckpt.get("version", MODEL_NAME)
         version = f"{name} ({_sha256(path)[:12]})"
         return cls(members[0][0], config, version, device, ckpt.get("split"), members)

@@ -9,7 +9,10 @@ Several trained networks (same split, e.g. different slicing axes) can be
 merged into one checkpoint whose class probabilities are averaged::
 
     python -m models.train_hippocampus --data ../shared/data/hippocampus \
-        --out models/hippocampus_unet.pt --combine sagittal.pt axial.pt
+        --out models/hippocampus_unet.pt --combine sagittal.pt axial.pt [--select]
+
+``--select`` keeps only the members that a greedy forward selection on the
+validation split picks (see ``select_members``).
 
 The split is by volume and deterministic in ``--seed``.  The checkpoint with
 the best validation Dice is kept; after training it is evaluated on the test
@@ -32,7 +35,8 @@ import torch.nn.functional as F
 
 from .data import augment_batch, dataset_pairs, load_pair, load_samples, split_cases
 from .evaluate import dice, evaluate_pairs
-from .segmenter import MODEL_NAME, HippocampusSegmenter, build_model, predict_ensemble, predict_volume
+from .segmenter import (MODEL_NAME, HippocampusSegmenter, build_model, load_network, predict_ensemble,
+                        predict_probs_tta, predict_volume)
 
 DEFAULTS = dict(epochs=30, seed=0, batch_size=32, lr=2e-3, weight_decay=1e-4, base=16, depth=4,
                 dropout=0.1, axis=0, context=2, size=64, tta=True)
@@ -223,18 +227,62 @@ def _member_metrics(path: Path) -> dict | None:
     return {k: m.get(k) for k in ("config", "training", "best_epoch", "best_val_dice", "history", "test")}
 
 
-def combine(data: str | Path, out: str | Path, member_paths: list[str | Path], threads: int = 2) -> dict:
-    """Merge trained checkpoints into one averaging checkpoint; evaluate it on val and test."""
+def select_members(pairs: dict, cases: list[str], members: list[tuple[torch.nn.Module, dict]]) -> list[dict]:
+    """Greedy forward selection of ensemble members by mean foreground Dice on ``cases``.
+
+    Starts from the best single network and keeps adding the one whose
+    inclusion raises the Dice of the averaged probabilities most; stops when
+    no addition helps.  Returns the steps taken: [{"members": [...], "val_dice": ...}].
+    """
+    labels, probs = [], []  # probs[case][member]: class probabilities with the member's own TTA
+    for c in cases:
+        image, label = load_pair(*pairs[c])
+        labels.append(label)
+        probs.append([predict_probs_tta(m, image, cfg) for m, cfg in members])
+
+    def score(chosen: list[int]) -> float:
+        return float(np.mean([dice_fg(np.argmax(sum(p[i] for i in chosen), axis=0), lab)
+                              for p, lab in zip(probs, labels)]))
+
+    steps: list[dict] = []
+    chosen: list[int] = []
+    best = -1.0
+    while len(chosen) < len(members):
+        trials = {i: score(chosen + [i]) for i in range(len(members)) if i not in chosen}
+        i, value = max(trials.items(), key=lambda kv: kv[1])
+        if value <= best:
+            break
+        chosen, best = chosen + [i], value
+        steps.append({"members": list(chosen), "val_dice": round(value, 5)})
+        _log(f"[combine] selection: members {chosen} -> val dice {value:.4f}")
+    return steps
+
+
+def combine(data: str | Path, out: str | Path, member_paths: list[str | Path], threads: int = 2,
+            select: bool = False) -> dict:
+    """Merge trained checkpoints into one averaging checkpoint; evaluate it on val and test.
+
+    With ``select`` only the members picked by :func:`select_members` on the
+    validation split are kept (the test split plays no part in the choice).
+    """
     t0 = time.time()
     torch.set_num_threads(threads)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     metrics_path = out.with_name(out.name.removesuffix(".pt") + ".metrics.json")
+    candidate_paths = list(member_paths)
     ckpts = [torch.load(p, map_location="cpu", weights_only=True) for p in member_paths]
     split = ckpts[0]["split"]
     if any(c["split"] != split for c in ckpts):
         raise ValueError("members were trained on different splits")
     pairs = dataset_pairs(data)
+    selection = None
+    if select:
+        candidates = [(load_network(c["state_dict"], dict(c["config"]), "cpu"), dict(c["config"])) for c in ckpts]
+        selection = select_members(pairs, split["val"], candidates)
+        keep = sorted(selection[-1]["members"])
+        ckpts = [ckpts[i] for i in keep]
+        member_paths = [member_paths[i] for i in keep]
     members = [dict(state_dict=c["state_dict"], config=dict(c["config"])) for c in ckpts]
     top = dict(n_classes=3, ensemble="mean of member class probabilities",
                axes=[m["config"]["axis"] for m in members], split_seed=ckpts[0]["config"]["split_seed"],
@@ -259,6 +307,9 @@ def combine(data: str | Path, out: str | Path, member_paths: list[str | Path], t
         "data": "Medical Segmentation Decathlon Task04_Hippocampus (CC-BY-SA 4.0)",
         "config": top,
         "members": [{"file": Path(p).name, "metrics": _member_metrics(Path(p))} for p in member_paths],
+        "selection": None if selection is None else {
+            "method": "greedy forward selection on the validation split (mean foreground Dice)",
+            "candidates": [Path(p).name for p in candidate_paths], "steps": selection},
         "split": split,
         "split_counts": {k: len(v) for k, v in split.items()},
         "val": result["val"],
@@ -294,9 +345,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--skip-test", action="store_true")
     ap.add_argument("--combine", nargs="+", metavar="CKPT",
                     help="do not train: merge these trained checkpoints (same split) into --out")
+    ap.add_argument("--select", action="store_true",
+                    help="with --combine: keep only the members chosen greedily on the validation split")
     a = ap.parse_args(argv)
     if a.combine:
-        return combine(a.data, a.out, a.combine, threads=a.threads)
+        return combine(a.data, a.out, a.combine, threads=a.threads, select=a.select)
     return train(a.data, a.out, epochs=a.epochs, seed=a.seed, max_volumes=a.max_volumes, max_steps=a.max_steps,
                  time_limit_min=a.time_limit, batch_size=a.batch_size, lr=a.lr, base=a.base, depth=a.depth,
                  axis=a.axis, context=a.context, tta=not a.no_tta, threads=a.threads, skip_test=a.skip_test)

@@ -152,6 +152,32 @@ def test_training_smoke(tmp_path):
 
 
 @needs_data
+def test_combine_selects_members_on_validation(tmp_path):
+    """--combine --select keeps what helps on the validation split and records why."""
+    from models.train_hippocampus import combine, train
+
+    def tiny(name, axis, steps):
+        path = tmp_path / f"{name}.pt"
+        train(DATA_DIR, path, epochs=1, seed=0, max_volumes=8, max_steps=steps, base=4, depth=3, axis=axis,
+              threads=2, skip_test=True)
+        return path
+
+    paths = [tiny("a0", 0, 6), tiny("a2", 2, 6), tiny("short", 0, 1)]
+    metrics = combine(DATA_DIR, tmp_path / "ens.pt", paths, select=True)
+    steps = metrics["selection"]["steps"]
+    assert metrics["selection"]["candidates"] == ["a0.pt", "a2.pt", "short.pt"]
+    # every step raised the validation Dice, and the kept members are the last step's
+    assert all(b["val_dice"] > a["val_dice"] for a, b in zip(steps, steps[1:]))
+    kept = [paths[i].name for i in sorted(steps[-1]["members"])]
+    assert [m["file"] for m in metrics["members"]] == kept
+    seg = HippocampusSegmenter.load(tmp_path / "ens.pt", device="cpu")
+    assert len(seg.members) == len(kept)
+    assert metrics["val"]["ensemble"]["mean_dice"] == pytest.approx(steps[-1]["val_dice"], abs=1e-5)
+    plain = combine(DATA_DIR, tmp_path / "all.pt", paths)
+    assert plain["selection"] is None and len(plain["members"]) == 3
+
+
+@needs_data
 @needs_weights
 def test_shipped_weights_dice(capsys):
     from models import evaluate
