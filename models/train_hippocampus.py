@@ -11,8 +11,8 @@ merged into one checkpoint whose class probabilities are averaged::
     python -m models.train_hippocampus --data ../shared/data/hippocampus \
         --out models/hippocampus_unet.pt --combine sagittal.pt axial.pt [--select]
 
-``--select`` keeps only the members that a greedy forward selection on the
-validation split picks (see ``select_members``).
+``--select`` keeps only the subset of members that scores best on the
+validation split (see ``select_members``).
 
 The split is by volume and deterministic in ``--seed``.  The checkpoint with
 the best validation Dice is kept; after training it is evaluated on the test
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import math
 import platform
@@ -227,43 +228,42 @@ def _member_metrics(path: Path) -> dict | None:
     return {k: m.get(k) for k in ("config", "training", "best_epoch", "best_val_dice", "history", "test")}
 
 
-def select_members(pairs: dict, cases: list[str], members: list[tuple[torch.nn.Module, dict]]) -> list[dict]:
-    """Greedy forward selection of ensemble members by mean foreground Dice on ``cases``.
+MAX_SELECTION_CANDIDATES = 10  # 2**10 - 1 subsets; each costs one argmax per validation volume
 
-    Starts from the best single network and keeps adding the one whose
-    inclusion raises the Dice of the averaged probabilities most; stops when
-    no addition helps.  Returns the steps taken: [{"members": [...], "val_dice": ...}].
+
+def select_members(pairs: dict, cases: list[str], members: list[tuple[torch.nn.Module, dict]]) -> list[dict]:
+    """Rank every non-empty subset of ``members`` by mean foreground Dice on ``cases``.
+
+    Each network's probabilities are computed once; a subset's score is the
+    Dice of the argmax of their average.  Ties go to the smaller subset (it
+    is cheaper to serve).  Returns the five best: [{"members": [...], "val_dice": ...}],
+    best first.
     """
+    if not 1 <= len(members) <= MAX_SELECTION_CANDIDATES:
+        raise ValueError(f"selection takes 1 to {MAX_SELECTION_CANDIDATES} candidates, got {len(members)}")
     labels, probs = [], []  # probs[case][member]: class probabilities with the member's own TTA
     for c in cases:
         image, label = load_pair(*pairs[c])
         labels.append(label)
         probs.append([predict_probs_tta(m, image, cfg) for m, cfg in members])
 
-    def score(chosen: list[int]) -> float:
-        return float(np.mean([dice_fg(np.argmax(sum(p[i] for i in chosen), axis=0), lab)
+    def score(subset: tuple[int, ...]) -> float:
+        return float(np.mean([dice_fg(np.argmax(sum(p[i] for i in subset), axis=0), lab)
                               for p, lab in zip(probs, labels)]))
 
-    steps: list[dict] = []
-    chosen: list[int] = []
-    best = -1.0
-    while len(chosen) < len(members):
-        trials = {i: score(chosen + [i]) for i in range(len(members)) if i not in chosen}
-        i, value = max(trials.items(), key=lambda kv: kv[1])
-        if value <= best:
-            break
-        chosen, best = chosen + [i], value
-        steps.append({"members": list(chosen), "val_dice": round(value, 5)})
-        _log(f"[combine] selection: members {chosen} -> val dice {value:.4f}")
-    return steps
+    subsets = [c for r in range(1, len(members) + 1) for c in itertools.combinations(range(len(members)), r)]
+    ranked = sorted(((score(c), c) for c in subsets), key=lambda sc: (-sc[0], len(sc[1])))
+    for value, subset in ranked[:5]:
+        _log(f"[combine] selection: members {list(subset)} -> val dice {value:.4f}")
+    return [{"members": list(subset), "val_dice": round(value, 5)} for value, subset in ranked[:5]]
 
 
 def combine(data: str | Path, out: str | Path, member_paths: list[str | Path], threads: int = 2,
             select: bool = False) -> dict:
     """Merge trained checkpoints into one averaging checkpoint; evaluate it on val and test.
 
-    With ``select`` only the members picked by :func:`select_members` on the
-    validation split are kept (the test split plays no part in the choice).
+    With ``select`` only the best subset found by :func:`select_members` on
+    the validation split is kept (the test split plays no part in the choice).
     """
     t0 = time.time()
     torch.set_num_threads(threads)
@@ -280,7 +280,7 @@ def combine(data: str | Path, out: str | Path, member_paths: list[str | Path], t
     if select:
         candidates = [(load_network(c["state_dict"], dict(c["config"]), "cpu"), dict(c["config"])) for c in ckpts]
         selection = select_members(pairs, split["val"], candidates)
-        keep = sorted(selection[-1]["members"])
+        keep = selection[0]["members"]
         ckpts = [ckpts[i] for i in keep]
         member_paths = [member_paths[i] for i in keep]
     members = [dict(state_dict=c["state_dict"], config=dict(c["config"])) for c in ckpts]
@@ -308,8 +308,8 @@ def combine(data: str | Path, out: str | Path, member_paths: list[str | Path], t
         "config": top,
         "members": [{"file": Path(p).name, "metrics": _member_metrics(Path(p))} for p in member_paths],
         "selection": None if selection is None else {
-            "method": "greedy forward selection on the validation split (mean foreground Dice)",
-            "candidates": [Path(p).name for p in candidate_paths], "steps": selection},
+            "method": "every subset of the candidates scored on the validation split (mean foreground Dice)",
+            "candidates": [Path(p).name for p in candidate_paths], "best_subsets": selection},
         "split": split,
         "split_counts": {k: len(v) for k, v in split.items()},
         "val": result["val"],
@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--combine", nargs="+", metavar="CKPT",
                     help="do not train: merge these trained checkpoints (same split) into --out")
     ap.add_argument("--select", action="store_true",
-                    help="with --combine: keep only the members chosen greedily on the validation split")
+                    help="with --combine: keep only the subset of members that scores best on the validation split")
     a = ap.parse_args(argv)
     if a.combine:
         return combine(a.data, a.out, a.combine, threads=a.threads, select=a.select)

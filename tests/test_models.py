@@ -153,7 +153,7 @@ def test_training_smoke(tmp_path):
 
 @needs_data
 def test_combine_selects_members_on_validation(tmp_path):
-    """--combine --select keeps what helps on the validation split and records why."""
+    """--combine --select keeps the subset that scores best on the validation split and records the ranking."""
     from models.train_hippocampus import combine, train
 
     def tiny(name, axis, steps):
@@ -164,15 +164,16 @@ def test_combine_selects_members_on_validation(tmp_path):
 
     paths = [tiny("a0", 0, 6), tiny("a2", 2, 6), tiny("short", 0, 1)]
     metrics = combine(DATA_DIR, tmp_path / "ens.pt", paths, select=True)
-    steps = metrics["selection"]["steps"]
+    ranked = metrics["selection"]["best_subsets"]
     assert metrics["selection"]["candidates"] == ["a0.pt", "a2.pt", "short.pt"]
-    # every step raised the validation Dice, and the kept members are the last step's
-    assert all(b["val_dice"] > a["val_dice"] for a, b in zip(steps, steps[1:]))
-    kept = [paths[i].name for i in sorted(steps[-1]["members"])]
+    # 7 subsets of 3 candidates, the best five reported best first; the kept members are the best subset
+    assert len(ranked) == 5 and len({tuple(r["members"]) for r in ranked}) == 5
+    assert all(a["val_dice"] >= b["val_dice"] for a, b in zip(ranked, ranked[1:]))
+    kept = [paths[i].name for i in ranked[0]["members"]]
     assert [m["file"] for m in metrics["members"]] == kept
     seg = HippocampusSegmenter.load(tmp_path / "ens.pt", device="cpu")
     assert len(seg.members) == len(kept)
-    assert metrics["val"]["ensemble"]["mean_dice"] == pytest.approx(steps[-1]["val_dice"], abs=1e-5)
+    assert metrics["val"]["ensemble"]["mean_dice"] == pytest.approx(ranked[0]["val_dice"], abs=1e-5)
     plain = combine(DATA_DIR, tmp_path / "all.pt", paths)
     assert plain["selection"] is None and len(plain["members"]) == 3
 
