@@ -4,7 +4,9 @@ from utils.config import get_settings
 
 _settings = get_settings()
 
-wsgi_app = "mock_server:create_app()"
+# Each worker loads the models before it accepts a connection: a ready worker answers every
+# healthcheck and request, never one that is still loading (see mock_server.create_app).
+wsgi_app = "mock_server:create_app(warm_up_first=True)"
 bind = f"{_settings.host}:{_settings.port}"
 workers = _settings.workers
 threads = _settings.threads

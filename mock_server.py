@@ -56,8 +56,15 @@ def dispatch_by_command(default_command: str):
     return run_named_handler
 
 
-def create_app(mode: str | None = None, settings: Settings | None = None) -> Gateway:
-    """Build the gateway with every shipped handler; ``mode`` (a command) serves only that one on ``/``."""
+def create_app(mode: str | None = None, settings: Settings | None = None, *,
+               warm_up_first: bool = False) -> Gateway:
+    """Build the gateway with every shipped handler; ``mode`` (a command) serves only that one on ``/``.
+
+    Handlers' warm-ups (model loading) run in a background thread while ``/healthcheck`` answers
+    ``LOADING``, or, with ``warm_up_first``, before this returns. gunicorn uses the latter: a worker
+    then accepts no connection until it is warm, so with several workers the healthcheck (and every
+    request) is answered by a ready worker, never by one that is still loading.
+    """
     settings = settings or get_settings()
     configure_logging(settings)
     specs = load_handlers()
@@ -96,8 +103,11 @@ def create_app(mode: str | None = None, settings: Settings | None = None) -> Gat
         health["status"] = "READY"
         log.info("READY: serving %s", ", ".join(REGISTRY.commands() if mode is None else [mode]))
 
-    threading.Thread(target=warm_up, name="warm-up", daemon=True).start()
     log.info("settings: %s", settings.describe())
+    if warm_up_first:
+        warm_up()
+    else:
+        threading.Thread(target=warm_up, name="warm-up", daemon=True).start()
     return app
 
 

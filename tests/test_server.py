@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import runpy
 import socket
 import sys
+import threading
+import time
 
 import numpy as np
 import pydicom
 import pytest
 import requests
 
-from tests.conftest import RunningServer
+import mock_server
+from handlers import REGISTRY, load_handlers
+from tests.conftest import PROJECT_ROOT, RunningServer
 from utils import protocol
 from utils.client import InferenceRequestError, build_multipart_request, related_content_type, send_inference_request
+from utils.config import Settings
 from utils.dicom import load_instances, sort_by_position
 
 MOCK_COMMANDS = ["get-probability-mask", "get-boolean-mask", "get-heatmap", "get-label-mask",
@@ -125,3 +132,44 @@ def test_mock_server_script_flags(tmp_path, study):
         assert len(result.response_json["bounding_boxes_2d"]) == len(study)
     finally:
         port_server.stop()
+
+
+# -- warm-up and the healthcheck ----------------------------------------------------------------
+@pytest.fixture
+def gated_warm_up(monkeypatch, tmp_path):
+    """The 3D mock's spec with a warm-up that blocks until the returned event is set."""
+    gate = threading.Event()
+    load_handlers()
+    spec = REGISTRY.get("get-probability-mask")
+    monkeypatch.setitem(REGISTRY._specs, spec.command, dataclasses.replace(spec, warm_up=lambda: gate.wait(30)))
+    settings = dataclasses.replace(Settings(), output_root=tmp_path / "jobs")
+    return gate, lambda **options: mock_server.create_app("get-probability-mask", settings, **options)
+
+
+def test_background_warm_up_answers_loading_until_it_is_done(gated_warm_up):
+    gate, create_app = gated_warm_up
+    client = create_app().test_client()
+    assert client.get("/healthcheck").text == "LOADING"
+    gate.set()
+    deadline = time.monotonic() + 10
+    while client.get("/healthcheck").text != "READY" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert client.get("/healthcheck").text == "READY"
+
+
+def test_warm_up_first_returns_a_ready_app(gated_warm_up):
+    """What gunicorn's workers use: no worker answers (healthcheck or request) while it loads."""
+    gate, create_app = gated_warm_up
+    created = []
+    builder = threading.Thread(target=lambda: created.append(create_app(warm_up_first=True)))
+    builder.start()
+    builder.join(0.3)
+    assert builder.is_alive() and not created, "create_app returned before the warm-up finished"
+    gate.set()
+    builder.join(10)
+    assert created[0].test_client().get("/healthcheck").text == "READY"
+
+
+def test_gunicorn_workers_warm_up_before_they_accept():
+    config = runpy.run_path(str(PROJECT_ROOT / "gunicorn.conf.py"))
+    assert config["wsgi_app"] == "mock_server:create_app(warm_up_first=True)"
