@@ -118,6 +118,10 @@ def main(argv: list[str] | None = None) -> dict:
     seg = HippocampusSegmenter.load(args.weights, device=args.device)
     cases = list(pairs)
     if args.split:
+        trained_on = {name for _, cfg in seg.members for name in cfg.get("trained_on", ["train"])}
+        if args.split in trained_on:
+            print(f"warning: the weights were trained on the {args.split} split; these figures are not held out",
+                  file=sys.stderr)
         if args.seed is None and seg.split:
             # the split stored in the checkpoint at training time
             cases = [c for c in seg.split[args.split] if c in pairs]

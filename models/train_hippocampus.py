@@ -17,6 +17,11 @@ validation split (see ``select_members``).
 The split is by volume and deterministic in ``--seed``.  The checkpoint with
 the best validation Dice is kept; after training it is evaluated on the test
 split and ``<out stem>.metrics.json`` is written next to the weights.
+
+``--include-val`` is the final refit once a recipe has been chosen on the
+validation split: it trains on the training and validation volumes together
+for the same budget and keeps the last epoch (nothing is held out to choose
+another); the test split stays unseen.
 """
 from __future__ import annotations
 
@@ -76,7 +81,7 @@ def train(data: str | Path, out: str | Path, epochs: int = DEFAULTS["epochs"], s
           weight_decay: float = DEFAULTS["weight_decay"], base: int = DEFAULTS["base"],
           depth: int = DEFAULTS["depth"], dropout: float = DEFAULTS["dropout"], axis: int = DEFAULTS["axis"],
           context: int = DEFAULTS["context"], size: int = DEFAULTS["size"], tta: bool = DEFAULTS["tta"],
-          threads: int = 2, skip_test: bool = False) -> dict:
+          threads: int = 2, skip_test: bool = False, include_val: bool = False) -> dict:
     t_start = time.time()
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -99,9 +104,14 @@ def train(data: str | Path, out: str | Path, epochs: int = DEFAULTS["epochs"], s
     config = dict(n_classes=3, base=base, depth=depth, dropout=dropout, axis=axis, context=context,
                   size=size, tta=tta, normalisation="clip 0.5-99.5 percentile, z-score per volume",
                   split_seed=seed, split_fractions=list(fractions))
-    x_np, y_np = load_samples(pairs, split["train"], axis, context, size)
+    trained_on = ["train", "val"] if include_val else ["train"]
+    config["trained_on"] = trained_on
+    x_np, y_np = load_samples(pairs, [c for name in trained_on for c in split[name]], axis, context, size)
     x_all, y_all = torch.from_numpy(x_np), torch.from_numpy(y_np)
-    val_data = [load_pair(*pairs[c]) for c in split["val"]]
+    if include_val:
+        _log("[train] --include-val: training on the training and validation splits; the test split stays unseen")
+    # with --include-val nothing is held out: no per-epoch validation, the last epoch is kept
+    val_data = [] if include_val else [load_pair(*pairs[c]) for c in split["val"]]
     _log(f"[train] {len(x_all)} training slices of {tuple(x_all.shape[1:])}, loaded in "
          f"{time.time() - t_start:.1f}s")
 
@@ -156,17 +166,20 @@ def train(data: str | Path, out: str | Path, epochs: int = DEFAULTS["epochs"], s
             vd = []
             for image, label in val_data:
                 vd.append(dice_fg(predict_volume(model, image, config, tta=False), label))
-        val_dice = float(np.mean(vd)) if vd else float("nan")
+        val_dice = float(np.mean(vd)) if vd else None
         entry = {"epoch": epoch, "steps": step, "train_loss": float(np.mean(losses)) if losses else None,
-                 "val_dice": round(val_dice, 5), "epoch_seconds": round(time.time() - t_ep, 1)}
+                 "val_dice": None if val_dice is None else round(val_dice, 5),
+                 "epoch_seconds": round(time.time() - t_ep, 1)}
         history.append(entry)
-        improved = val_dice > best["val_dice"] or best["state"] is None
+        # nothing held out (--include-val, or too few volumes): the latest epoch is kept
+        improved = val_dice is None or best["state"] is None or val_dice > best["val_dice"]
         if improved:
             best = {"val_dice": val_dice, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
             torch.save({"state_dict": best["state"], "config": config, "version": MODEL_NAME, "split": split,
                         "epoch": epoch, "val_dice": val_dice}, out)
-        _log(f"[train] epoch {epoch}: loss {entry['train_loss']} val_dice {val_dice:.4f}"
-             f"{' (best, saved)' if improved else ''} [{entry['epoch_seconds']}s, "
+        held_out = "(nothing held out), saved" if val_dice is None else f"val_dice {val_dice:.4f}" + \
+            (" (best, saved)" if improved else "")
+        _log(f"[train] epoch {epoch}: loss {entry['train_loss']:.4f} {held_out} [{entry['epoch_seconds']}s, "
              f"{(time.time() - train_t0) / 60:.1f} min total]")
         if stop:
             if time_limit_min is not None and step < total_steps:
@@ -208,8 +221,9 @@ def train(data: str | Path, out: str | Path, epochs: int = DEFAULTS["epochs"], s
                      "torch": torch.__version__, "python": platform.python_version()},
         "split": split,
         "split_counts": {k: len(v) for k, v in split.items()},
+        "trained_on": trained_on,
         "best_epoch": best["epoch"],
-        "best_val_dice": round(best["val_dice"], 5),
+        "best_val_dice": None if best["val_dice"] is None else round(best["val_dice"], 5),
         "history": history,
         "test": test,
         "dice_definition": "2|P n T|/(|P|+|T|) per volume, 1.0 when both masks are empty; "
@@ -264,6 +278,8 @@ def combine(data: str | Path, out: str | Path, member_paths: list[str | Path], t
 
     With ``select`` only the best subset found by :func:`select_members` on
     the validation split is kept (the test split plays no part in the choice).
+    When a member was refitted with ``--include-val`` the validation split is
+    no longer held out: selection is refused and only the test split is scored.
     """
     t0 = time.time()
     torch.set_num_threads(threads)
@@ -275,6 +291,10 @@ def combine(data: str | Path, out: str | Path, member_paths: list[str | Path], t
     split = ckpts[0]["split"]
     if any(c["split"] != split for c in ckpts):
         raise ValueError("members were trained on different splits")
+    saw_val = [Path(p).name for p, c in zip(member_paths, ckpts) if "val" in c["config"].get("trained_on", [])]
+    if select and saw_val:
+        raise ValueError(f"--select chooses on the validation split, which {', '.join(saw_val)} trained on "
+                         "(--include-val): choose members with held-out runs, then combine the refits without --select")
     pairs = dataset_pairs(data)
     selection = None
     if select:
@@ -295,7 +315,8 @@ def combine(data: str | Path, out: str | Path, member_paths: list[str | Path], t
         return evaluate_pairs(pairs, fn, cases)
 
     result = {"val": {}, "test": {}}
-    for name, cases in (("val", split["val"]), ("test", split["test"])):
+    held_out = [("test", split["test"])] if saw_val else [("val", split["val"]), ("test", split["test"])]
+    for name, cases in held_out:
         for i, (model, cfg) in enumerate(seg.members):
             r = run(cases, lambda v, m=model, c=cfg: predict_volume(m, v, c))
             result[name][f"member{i}_axis{cfg['axis']}"] = {k: v for k, v in r.items() if k != "per_volume"}
@@ -312,7 +333,8 @@ def combine(data: str | Path, out: str | Path, member_paths: list[str | Path], t
             "candidates": [Path(p).name for p in candidate_paths], "best_subsets": selection},
         "split": split,
         "split_counts": {k: len(v) for k, v in split.items()},
-        "val": result["val"],
+        "trained_on_val": saw_val,
+        "val": result["val"] or None,  # None: a member trained on the validation split
         "test": result["test"]["ensemble"],
         "test_members": {k: v for k, v in result["test"].items() if k != "ensemble"},
         "combine_seconds": round(time.time() - t0, 1),
@@ -343,6 +365,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-tta", action="store_true", help="disable left-right flip test-time augmentation")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-test", action="store_true")
+    ap.add_argument("--include-val", action="store_true",
+                    help="final refit: train on the training and validation splits together, keep the last epoch")
     ap.add_argument("--combine", nargs="+", metavar="CKPT",
                     help="do not train: merge these trained checkpoints (same split) into --out")
     ap.add_argument("--select", action="store_true",
@@ -352,7 +376,8 @@ def main(argv: list[str] | None = None) -> dict:
         return combine(a.data, a.out, a.combine, threads=a.threads, select=a.select)
     return train(a.data, a.out, epochs=a.epochs, seed=a.seed, max_volumes=a.max_volumes, max_steps=a.max_steps,
                  time_limit_min=a.time_limit, batch_size=a.batch_size, lr=a.lr, base=a.base, depth=a.depth,
-                 axis=a.axis, context=a.context, tta=not a.no_tta, threads=a.threads, skip_test=a.skip_test)
+                 axis=a.axis, context=a.context, tta=not a.no_tta, threads=a.threads, skip_test=a.skip_test,
+                 include_val=a.include_val)
 
 
 if __name__ == "__main__":

@@ -189,3 +189,32 @@ def test_shipped_weights_dice(capsys):
     assert result["mean_dice"] >= 0.85, result
     seg = HippocampusSegmenter.load()
     assert seg.split is not None and not set(seg.split["test"]) & set(seg.split["train"])
+
+
+@needs_data
+def test_include_val_refit_trains_on_validation_and_keeps_the_last_epoch(tmp_path, capsys):
+    """--include-val: validation volumes join training, nothing is chosen on them, and --select refuses them."""
+    from models.train_hippocampus import combine, train
+
+    kwargs = dict(epochs=2, seed=0, max_volumes=8, base=4, depth=3, threads=2, skip_test=True)
+    held_out = train(DATA_DIR, tmp_path / "held.pt", **kwargs)
+    refit = train(DATA_DIR, tmp_path / "refit.pt", include_val=True, **kwargs)
+    assert held_out["trained_on"] == ["train"] and refit["trained_on"] == ["train", "val"]
+    assert held_out["split"] == refit["split"] and refit["split"]["val"], "the split itself does not change"
+    assert all(h["val_dice"] is None for h in refit["history"]) and refit["best_val_dice"] is None
+    assert refit["best_epoch"] == len(refit["history"]) == 2
+    assert json.loads((tmp_path / "refit.metrics.json").read_text())["trained_on"] == ["train", "val"]
+    ckpt = torch.load(tmp_path / "refit.pt", weights_only=True)
+    assert ckpt["config"]["trained_on"] == ["train", "val"] and ckpt["epoch"] == 2
+    with pytest.raises(ValueError, match="refit.pt trained on"):
+        combine(DATA_DIR, tmp_path / "ens.pt", [tmp_path / "held.pt", tmp_path / "refit.pt"], select=True)
+    merged = combine(DATA_DIR, tmp_path / "ens.pt", [tmp_path / "held.pt", tmp_path / "refit.pt"])
+    assert merged["val"] is None and merged["trained_on_val"] == ["refit.pt"]
+    assert merged["test"]["n"] == len(refit["split"]["test"])
+    from models import evaluate
+
+    capsys.readouterr()
+    evaluate.main(["--data", str(DATA_DIR), "--weights", str(tmp_path / "ens.pt"), "--split", "val"])
+    assert "trained on the val split; these figures are not held out" in capsys.readouterr().err
+    evaluate.main(["--data", str(DATA_DIR), "--weights", str(tmp_path / "ens.pt"), "--split", "test"])
+    assert "not held out" not in capsys.readouterr().err
