@@ -104,32 +104,38 @@ def normalize(volume: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class PadCrop:
-    """Centre padding/cropping of the two trailing axes to a fixed size."""
+    """Centre padding/cropping of the trailing ``len(in_shape)`` axes to a fixed size."""
 
-    in_shape: tuple[int, int]
-    out_shape: tuple[int, int]
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
 
-    def _params(self, n: int, m: int) -> tuple[int, int]:
-        # returns (offset into source, offset into destination)
-        if n <= m:
-            return 0, (m - n) // 2
-        return (n - m) // 2, 0
+    def _slices(self) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+        """(source, destination) index per axis: pad where the output is larger, crop where smaller."""
+        src, dst = [], []
+        for n, m in zip(self.in_shape, self.out_shape):
+            k = min(n, m)
+            s, d = ((n - m) // 2, 0) if n > m else (0, (m - n) // 2)
+            src.append(slice(s, s + k))
+            dst.append(slice(d, d + k))
+        return tuple(src), tuple(dst)
 
     def apply(self, arr: np.ndarray, fill: float = 0.0) -> np.ndarray:
-        out = np.full(arr.shape[:-2] + tuple(self.out_shape), fill, dtype=arr.dtype)
-        (s0, d0), (s1, d1) = (self._params(n, m) for n, m in zip(self.in_shape, self.out_shape))
-        h = min(self.in_shape[0], self.out_shape[0])
-        w = min(self.in_shape[1], self.out_shape[1])
-        out[..., d0:d0 + h, d1:d1 + w] = arr[..., s0:s0 + h, s1:s1 + w]
+        if len(self.in_shape) != len(self.out_shape):
+            raise ValueError(f"shapes {self.in_shape} and {self.out_shape} differ in rank")
+        lead = arr.shape[:arr.ndim - len(self.in_shape)]
+        out = np.full(lead + tuple(self.out_shape), fill, dtype=arr.dtype)
+        src, dst = self._slices()
+        out[(Ellipsis, *dst)] = arr[(Ellipsis, *src)]
         return out
 
     def undo(self, arr: np.ndarray, fill: float = 0) -> np.ndarray:
         return PadCrop(tuple(self.out_shape), tuple(self.in_shape)).apply(arr, fill)
 
 
-def target_size(shape: tuple[int, int], size: int, multiple: int) -> tuple[int, int]:
-    """At least ``size``; larger inputs are padded up to a multiple instead of cropped."""
-    return tuple(max(size, int(math.ceil(n / multiple) * multiple)) for n in shape)  # type: ignore[return-value]
+def target_size(shape: tuple[int, ...], size: int | tuple[int, ...], multiple: int) -> tuple[int, ...]:
+    """At least ``size`` per axis; larger inputs are padded up to a multiple instead of cropped."""
+    sizes = (size,) * len(shape) if isinstance(size, int) else tuple(size)
+    return tuple(max(s, int(math.ceil(n / multiple) * multiple)) for n, s in zip(shape, sizes))
 
 
 def context_slices(volume: np.ndarray, axis: int, context: int) -> np.ndarray:
@@ -160,6 +166,7 @@ def volume_to_samples(image: np.ndarray, label: np.ndarray | None, axis: int, co
 
 def load_samples(pairs: dict[str, tuple[Path, Path]], cases: list[str], axis: int, context: int,
                  size: int) -> tuple[np.ndarray, np.ndarray]:
+    """2.5D training samples of ``cases``: (slices, 2 * context + 1, size, size) and their labels."""
     xs, ys = [], []
     for c in cases:
         img, lab = load_pair(*pairs[c])
@@ -169,8 +176,46 @@ def load_samples(pairs: dict[str, tuple[Path, Path]], cases: list[str], axis: in
     return np.concatenate(xs).astype(np.float32), np.concatenate(ys).astype(np.int64)
 
 
+def load_volumes(pairs: dict[str, tuple[Path, Path]], cases: list[str],
+                 shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """3D training samples of ``cases``: normalised volumes centre-padded to ``shape`` (N, 1, *shape), labels (N, *shape)."""
+    xs, ys = [], []
+    for c in cases:
+        img, lab = load_pair(*pairs[c])
+        pc = PadCrop(img.shape, tuple(shape))
+        xs.append(pc.apply(normalize(img), 0.0))
+        ys.append(pc.apply(lab, 0))
+    return np.stack(xs)[:, None].astype(np.float32), np.stack(ys).astype(np.int64)
+
+
+def _uniform(rand, *shape, spread: float):
+    """Uniform samples in [-spread, spread]."""
+    return (rand(*shape) * 2 - 1) * spread
+
+
+def _augment_intensity(x, rand, generator):
+    """Per-sample gain and offset (+-15 %), Gaussian noise on 30 % of the samples."""
+    import torch
+
+    ones = (1,) * (x.ndim - 1)
+    x = x * (1 + _uniform(rand, x.shape[0], *ones, spread=0.15)) + _uniform(rand, x.shape[0], *ones, spread=0.15)
+    noise = rand(x.shape[0], *ones) < 0.3
+    return x + noise * 0.05 * torch.randn(x.shape, generator=generator, device=x.device)
+
+
+def _warp(x, y, theta):
+    """Resample images bilinearly and labels by nearest neighbour on the grid of ``theta``."""
+    import torch.nn.functional as F
+
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    y = F.grid_sample(y[:, None].float(), grid, mode="nearest", padding_mode="zeros",
+                      align_corners=False)[:, 0].long()
+    return x, y
+
+
 def augment_batch(x, y, generator=None, flip_dim: int | None = None, p_affine: float = 0.7):
-    """Batched torch augmentation: random rotation/scale, L-R flip, intensity.
+    """Batched torch augmentation of 2.5D slices: random rotation/scale, L-R flip, intensity.
 
     ``flip_dim`` is the tensor dimension of ``x`` (B, C, H, W) corresponding
     to the left-right axis: 2 or 3 when it lies in the image plane, 1 when the
@@ -178,14 +223,11 @@ def augment_batch(x, y, generator=None, flip_dim: int | None = None, p_affine: f
     of the neighbouring-slice channels); None disables flipping.
     """
     import torch
-    import torch.nn.functional as F
 
     b = x.shape[0]
-    dev = x.device
-    g = generator
 
     def rand(*shape):
-        return torch.rand(*shape, generator=g, device=dev)
+        return torch.rand(*shape, generator=generator, device=x.device)
 
     if flip_dim is not None:
         flip = rand(b) < 0.5
@@ -197,20 +239,57 @@ def augment_batch(x, y, generator=None, flip_dim: int | None = None, p_affine: f
                 y[flip] = y[flip].flip(flip_dim - 1)
     use = rand(b) < p_affine
     if use.any():
-        ang = (rand(b) * 2 - 1) * math.radians(15) * use
-        scale = 1 + (rand(b) * 2 - 1) * 0.12 * use
-        tx = (rand(b) * 2 - 1) * 0.08 * use
-        ty = (rand(b) * 2 - 1) * 0.08 * use
+        ang = _uniform(rand, b, spread=math.radians(15)) * use
+        scale = 1 + _uniform(rand, b, spread=0.12) * use
+        tx = _uniform(rand, b, spread=0.08) * use
+        ty = _uniform(rand, b, spread=0.08) * use
         cos, sin = torch.cos(ang) / scale, torch.sin(ang) / scale
         theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        y = F.grid_sample(y[:, None].float(), grid, mode="nearest", padding_mode="zeros",
-                          align_corners=False)[:, 0].long()
-    # intensity: gamma-like contrast, scale and shift, small noise
-    gain = 1 + (rand(b, 1, 1, 1) * 2 - 1) * 0.15
-    shift = (rand(b, 1, 1, 1) * 2 - 1) * 0.15
-    x = x * gain + shift
-    noise = rand(b, 1, 1, 1) < 0.3
-    x = x + noise * 0.05 * torch.randn(x.shape, generator=g, device=dev)
-    return x, y
+        x, y = _warp(x, y, theta)
+    return _augment_intensity(x, rand, generator), y
+
+
+def _rotation_3d(angles):
+    """Rotation matrices (B, 3, 3) from per-sample angles (B, 3) about the three axes."""
+    import torch
+
+    c, s = torch.cos(angles), torch.sin(angles)
+    one, zero = torch.ones_like(c[:, 0]), torch.zeros_like(c[:, 0])
+
+    def mat(rows):
+        return torch.stack([torch.stack(r, 1) for r in rows], 1)
+
+    rx = mat([[one, zero, zero], [zero, c[:, 0], -s[:, 0]], [zero, s[:, 0], c[:, 0]]])
+    ry = mat([[c[:, 1], zero, s[:, 1]], [zero, one, zero], [-s[:, 1], zero, c[:, 1]]])
+    rz = mat([[c[:, 2], -s[:, 2], zero], [s[:, 2], c[:, 2], zero], [zero, zero, one]])
+    return rz @ ry @ rx
+
+
+def augment_volumes(x, y, crop: tuple[int, int, int], generator=None, p_affine: float = 0.8):
+    """Batched augmentation of 3D samples (B, 1, D, H, W) and labels (B, D, H, W).
+
+    A random ``crop`` (the same window for the whole batch), a left-right
+    mirror (volume axis 0, label-safe; anterior/posterior is never flipped),
+    rotation (+-15 deg about each axis), scaling (+-12 %), shift (+-6 %) and
+    the intensity changes of the 2.5D augmentation.
+    """
+    import torch
+
+    b = x.shape[0]
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=generator, device=x.device)
+
+    offsets = [int(torch.randint(0, n - c + 1, (1,), generator=generator)) for n, c in zip(x.shape[2:], crop)]
+    window = tuple(slice(o, o + c) for o, c in zip(offsets, crop))
+    x, y = x[(slice(None), slice(None), *window)].clone(), y[(slice(None), *window)].clone()
+    flip = rand(b) < 0.5
+    x[flip] = x[flip].flip(2)
+    y[flip] = y[flip].flip(1)
+    use = (rand(b) < p_affine).float()
+    rot = _rotation_3d(_uniform(rand, b, 3, spread=math.radians(15)) * use[:, None])
+    scale = 1 + _uniform(rand, b, spread=0.12) * use
+    shift = _uniform(rand, b, 3, spread=0.06) * use[:, None]
+    theta = torch.cat([rot / scale[:, None, None], shift[:, :, None]], 2)
+    x, y = _warp(x, y, theta)
+    return _augment_intensity(x, rand, generator), y

@@ -24,13 +24,17 @@ import numpy as np
 import torch
 
 from .data import PadCrop, context_slices, normalize, target_size
-from .unet import UNet2D
+from .unet import UNet, UNet2D, UNet3D
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "hippocampus_unet.pt"
 MODEL_NAME = "hippocampus-unet-1.0"
 
 
-def build_model(config: dict) -> UNet2D:
+def build_model(config: dict) -> UNet:
+    """The untrained network a config describes (``arch`` "unet2.5d", the default, or "unet3d")."""
+    if is_3d(config):
+        return UNet3D(n_classes=int(config.get("n_classes", 3)), base=int(config["base"]),
+                      depth=int(config["depth"]), dropout=float(config.get("dropout", 0.0)))
     return UNet2D(
         in_channels=2 * int(config["context"]) + 1,
         n_classes=int(config.get("n_classes", 3)),
@@ -40,10 +44,16 @@ def build_model(config: dict) -> UNet2D:
     )
 
 
+def is_3d(config: dict) -> bool:
+    return config.get("arch", "unet2.5d") == "unet3d"
+
+
 @torch.inference_mode()
-def predict_probs(model: UNet2D, volume: np.ndarray, config: dict, device: str | torch.device = "cpu",
+def predict_probs(model: UNet, volume: np.ndarray, config: dict, device: str | torch.device = "cpu",
                   batch_size: int = 64) -> np.ndarray:
     """Class probabilities (n_classes, *volume.shape) for one volume (no TTA)."""
+    if is_3d(config):
+        return _predict_probs_3d(model, volume, config, device)
     axis, context, size = int(config["axis"]), int(config["context"]), int(config["size"])
     x = context_slices(normalize(volume), axis, context)  # (n, C, A, B)
     out_hw = target_size(x.shape[-2:], size, model.size_multiple)
@@ -58,7 +68,15 @@ def predict_probs(model: UNet2D, volume: np.ndarray, config: dict, device: str |
     return np.moveaxis(p, 1, axis + 1)
 
 
-def predict_probs_tta(model: UNet2D, volume: np.ndarray, config: dict, device="cpu",
+def _predict_probs_3d(model: UNet, volume: np.ndarray, config: dict, device: str | torch.device) -> np.ndarray:
+    """One forward pass over the whole volume, centre-padded to the training shape (or a multiple above it)."""
+    pc = PadCrop(volume.shape, target_size(volume.shape, tuple(config["shape"]), model.size_multiple))
+    x = torch.from_numpy(pc.apply(normalize(volume), 0.0)[None, None]).to(device)
+    p = torch.softmax(model(x).float(), dim=1)[0].cpu().numpy()
+    return pc.undo(p, 0.0)
+
+
+def predict_probs_tta(model: UNet, volume: np.ndarray, config: dict, device="cpu",
                       tta: bool | None = None) -> np.ndarray:
     """Probabilities, optionally averaged with those of the left-right (axis 0) mirror."""
     if tta is None:
@@ -70,19 +88,19 @@ def predict_probs_tta(model: UNet2D, volume: np.ndarray, config: dict, device="c
     return p
 
 
-def predict_volume(model: UNet2D, volume: np.ndarray, config: dict, device="cpu",
+def predict_volume(model: UNet, volume: np.ndarray, config: dict, device="cpu",
                    tta: bool | None = None) -> np.ndarray:
     """uint8 label volume of a single network."""
     return np.argmax(predict_probs_tta(model, volume, config, device, tta), axis=0).astype(np.uint8)
 
 
-def predict_ensemble(members: list[tuple[UNet2D, dict]], volume: np.ndarray, device="cpu") -> np.ndarray:
+def predict_ensemble(members: list[tuple[UNet, dict]], volume: np.ndarray, device="cpu") -> np.ndarray:
     """uint8 label volume from the mean class probabilities of several networks."""
     p = sum(predict_probs_tta(m, volume, cfg, device) for m, cfg in members) / len(members)
     return np.argmax(p, axis=0).astype(np.uint8)
 
 
-def load_network(state_dict: dict, config: dict, device: str) -> UNet2D:
+def load_network(state_dict: dict, config: dict, device: str) -> UNet:
     """One network from its ``state_dict`` and ``config``, in eval mode on ``device``."""
     model = build_model(config)
     model.load_state_dict({k: v.float() for k, v in state_dict.items()})
@@ -107,8 +125,8 @@ class HippocampusSegmenter:
 
     version: str
 
-    def __init__(self, model: UNet2D, config: dict, version: str, device: str,
-                 split: dict | None = None, members: list[tuple[UNet2D, dict]] | None = None) -> None:
+    def __init__(self, model: UNet, config: dict, version: str, device: str,
+                 split: dict | None = None, members: list[tuple[UNet, dict]] | None = None) -> None:
         self.split = split  # train/val/test case ids the weights were trained with, if stored
         self.model = model
         self.members = members if members else [(model, config)]
@@ -145,10 +163,10 @@ class HippocampusSegmenter:
                 the MSD Task04 NIfTI files (``img.get_fdata()``; RAS: axis 0
                 left->right, axis 1 posterior->anterior, axis 2
                 inferior->superior; 1 mm voxels, about 35 x 50 x 35).  Each
-                network slices along its ``config["axis"]`` (see
+                2.5D network slices along its ``config["axis"]`` (see
                 ``self.members``; 0 = sagittal, 2 = axial) with neighbouring
-                slices as extra channels; any size works (padded internally,
-                then cropped back).
+                slices as extra channels, a 3D network takes the whole
+                volume; any size works (padded internally, then cropped back).
 
         Returns:
             uint8 array of the same shape: 0 background, 1 anterior, 2 posterior.

@@ -1,69 +1,80 @@
-"""A compact 2D UNet used for hippocampus segmentation.
+"""Compact UNets used for hippocampus segmentation.
 
-The network takes a stack of neighbouring slices as input channels (2.5D)
-and predicts per-pixel logits for three classes (background, anterior,
-posterior hippocampus) for the centre slice.
+``UNet2D`` takes a stack of neighbouring slices as input channels (2.5D) and
+predicts per-pixel logits for the centre slice; ``UNet3D`` takes the whole
+(padded) volume and predicts per-voxel logits.  Both predict three classes
+(background, anterior, posterior hippocampus) and share one layout: ``depth``
+resolution levels, two 3x3(x3) convolutions per level, channels doubled at
+every level, transposed convolutions on the way up.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+# per dimensionality: convolution, transposed convolution, pooling, normalisation, activation
+_LAYERS = {
+    # 2D: batch norm (batches of 32 slices) and ReLU
+    2: (nn.Conv2d, nn.ConvTranspose2d, nn.MaxPool2d, nn.BatchNorm2d, lambda: nn.ReLU(inplace=True)),
+    # 3D: batches of two volumes are too small for batch statistics, so instance norm and leaky ReLU
+    3: (nn.Conv3d, nn.ConvTranspose3d, nn.MaxPool3d, lambda ch: nn.InstanceNorm3d(ch, affine=True),
+        lambda: nn.LeakyReLU(0.01, inplace=True)),
+}
+
 
 class ConvBlock(nn.Sequential):
-    """Two 3x3 convolutions, each followed by batch norm and ReLU."""
+    """Two 3x3 (or 3x3x3) convolutions, each followed by normalisation and activation."""
 
-    def __init__(self, in_ch: int, out_ch: int, dropout: float = 0.0) -> None:
-        layers: list[nn.Module] = [
-            nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False),
-            nn.BatchNorm2d(out_ch),
-            nn.ReLU(inplace=True),
-        ]
+    def __init__(self, in_ch: int, out_ch: int, dropout: float = 0.0, dims: int = 2) -> None:
+        conv, _, _, norm, act = _LAYERS[dims]
+        layers: list[nn.Module] = [conv(in_ch, out_ch, 3, padding=1, bias=False), norm(out_ch), act()]
         if dropout > 0:
-            layers.append(nn.Dropout2d(dropout))
-        layers += [
-            nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False),
-            nn.BatchNorm2d(out_ch),
-            nn.ReLU(inplace=True),
-        ]
+            layers.append(nn.Dropout2d(dropout) if dims == 2 else nn.Dropout3d(dropout))
+        layers += [conv(out_ch, out_ch, 3, padding=1, bias=False), norm(out_ch), act()]
         super().__init__(*layers)
 
 
-class UNet2D(nn.Module):
-    """Encoder/decoder with skip connections.
+class UNet(nn.Module):
+    """Encoder/decoder with skip connections, in 2 or 3 spatial dimensions.
 
     Args:
-        in_channels: number of input channels (1 + 2 * context for 2.5D input).
+        in_channels: number of input channels (1 + 2 * context for 2.5D input, 1 for 3D).
         n_classes: number of output classes (3 for this task).
         base: channel count of the first level; doubled at every level.
-        depth: number of resolution levels (input size must be divisible by
-            ``2 ** (depth - 1)``).
+        depth: number of resolution levels (every spatial size must be
+            divisible by ``2 ** (depth - 1)``, see ``size_multiple``).
         dropout: dropout rate used in the bottleneck block.
+        dims: 2 for images (N, C, H, W), 3 for volumes (N, C, D, H, W).
     """
 
     def __init__(self, in_channels: int = 3, n_classes: int = 3, base: int = 32,
-                 depth: int = 4, dropout: float = 0.1) -> None:
+                 depth: int = 4, dropout: float = 0.1, dims: int = 2) -> None:
         super().__init__()
         if depth < 2:
             raise ValueError("depth must be >= 2")
+        if dims not in _LAYERS:
+            raise ValueError(f"dims must be 2 or 3, got {dims}")
+        conv, upconv, pool, _, _ = _LAYERS[dims]
         self.depth = depth
+        self.dims = dims
         widths = [base * 2 ** i for i in range(depth)]
         self.down = nn.ModuleList()
         ch = in_channels
         for i, w in enumerate(widths):
-            self.down.append(ConvBlock(ch, w, dropout if i == depth - 1 else 0.0))
+            self.down.append(ConvBlock(ch, w, dropout if i == depth - 1 else 0.0, dims))
             ch = w
-        self.pool = nn.MaxPool2d(2)
+        self.pool = pool(2)
         self.upconv = nn.ModuleList()
         self.up = nn.ModuleList()
         for w in reversed(widths[:-1]):
-            self.upconv.append(nn.ConvTranspose2d(ch, w, 2, stride=2))
-            self.up.append(ConvBlock(2 * w, w))
+            self.upconv.append(upconv(ch, w, 2, stride=2))
+            self.up.append(ConvBlock(2 * w, w, dims=dims))
             ch = w
-        self.head = nn.Conv2d(ch, n_classes, 1)
+        self.head = conv(ch, n_classes, 1)
 
     @property
     def size_multiple(self) -> int:
+        """Every spatial size of the input must be a multiple of this."""
         return 2 ** (self.depth - 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,3 +88,19 @@ class UNet2D(nn.Module):
             x = upconv(x)
             x = block(torch.cat([x, skips.pop()], dim=1))
         return self.head(x)
+
+
+class UNet2D(UNet):
+    """The 2.5D network: slices with their neighbours as channels."""
+
+    def __init__(self, in_channels: int = 3, n_classes: int = 3, base: int = 32, depth: int = 4,
+                 dropout: float = 0.1) -> None:
+        super().__init__(in_channels, n_classes, base, depth, dropout, dims=2)
+
+
+class UNet3D(UNet):
+    """The 3D network: one channel, the whole padded volume."""
+
+    def __init__(self, in_channels: int = 1, n_classes: int = 3, base: int = 16, depth: int = 4,
+                 dropout: float = 0.0) -> None:
+        super().__init__(in_channels, n_classes, base, depth, dropout, dims=3)

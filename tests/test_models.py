@@ -10,10 +10,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from models.data import PadCrop, context_slices, split_cases, target_size  # noqa: E402
+from models.data import PadCrop, augment_volumes, context_slices, split_cases, target_size  # noqa: E402
 from models.evaluate import dice, jaccard, volume_metrics  # noqa: E402
 from models.segmenter import DEFAULT_WEIGHTS, HippocampusSegmenter, build_model  # noqa: E402
-from models.unet import UNet2D  # noqa: E402
+from models.unet import UNet, UNet2D, UNet3D  # noqa: E402
 
 DATA_DIR = Path(os.environ.get("HIPPOCAMPUS_DATA")
                 or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hippocampus")
@@ -25,6 +25,7 @@ needs_weights = pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(),
                                    reason=f"shipped weights {DEFAULT_WEIGHTS.name} not present")
 
 TINY_CONFIG = dict(n_classes=3, base=4, depth=3, dropout=0.0, axis=0, context=1, size=32, tta=True)
+TINY_3D_CONFIG = dict(arch="unet3d", n_classes=3, base=4, depth=3, shape=[16, 24, 16], tta=True)
 
 
 # ---------------------------------------------------------------- unit tests
@@ -36,6 +37,39 @@ def test_unet_output_shape():
     assert out.shape == (2, 3, 64, 64)
     with torch.inference_mode():
         assert net(torch.randn(1, 5, 48, 40)).shape == (1, 3, 48, 40)
+
+
+def test_unet3d_output_shape():
+    torch.manual_seed(0)
+    net = UNet3D(base=4, depth=4).eval()
+    assert net.size_multiple == 8
+    with torch.inference_mode():
+        assert net(torch.randn(2, 1, 16, 24, 8)).shape == (2, 3, 16, 24, 8)
+    with pytest.raises(ValueError, match="dims"):
+        UNet(dims=4)
+
+
+def _two_part_label(shape=(24, 32, 24)) -> np.ndarray:
+    """A box whose anterior half (high axis-1 index) is label 1 and posterior half label 2, left of centre."""
+    label = np.zeros(shape, np.int64)
+    label[4:10, 8:16, 8:16] = 2
+    label[4:10, 16:24, 8:16] = 1
+    return label
+
+
+def test_augment_volumes_never_swaps_anterior_and_posterior():
+    label = torch.from_numpy(np.stack([_two_part_label()] * 16))
+    image = label[:, None].float()
+    gen = torch.Generator().manual_seed(0)
+    x, y = augment_volumes(image, label, crop=(20, 28, 20), generator=gen)
+    assert x.shape == (16, 1, 20, 28, 20) and y.shape == (16, 20, 28, 20)
+    mirrored = 0
+    for lab in y.numpy():
+        ant, post = np.argwhere(lab == 1), np.argwhere(lab == 2)
+        assert len(ant) and len(post)
+        assert ant[:, 1].mean() > post[:, 1].mean() + 3  # anterior stays anterior (axis 1)
+        mirrored += ant[:, 0].mean() > lab.shape[0] / 2  # the box started left of centre on axis 0
+    assert 0 < mirrored < 16, "left-right mirroring should apply to some samples, not all"
 
 
 def test_dice_and_jaccard_values():
@@ -95,11 +129,12 @@ def test_padcrop_roundtrip_and_context():
     assert ctx[0, :, 0, 0].tolist() == [0, 0, 1] and ctx[3, :, 0, 0].tolist() == [2, 3, 3]
 
 
+@pytest.mark.parametrize("config", [TINY_CONFIG, TINY_3D_CONFIG], ids=["2.5d", "3d"])
 @pytest.mark.parametrize("shape", [(35, 50, 35), (31, 71, 9), (1, 20, 20)])
-def test_segment_any_shape(shape):
+def test_segment_any_shape(shape, config):
     torch.manual_seed(0)
-    model = build_model(TINY_CONFIG).eval()
-    seg = HippocampusSegmenter(model, dict(TINY_CONFIG), "test", "cpu")
+    model = build_model(config).eval()
+    seg = HippocampusSegmenter(model, dict(config), "test", "cpu")
     vol = np.random.default_rng(0).integers(0, 200, size=shape).astype(np.int16)
     out = seg.segment(vol)
     assert out.shape == shape and out.dtype == np.uint8
@@ -110,18 +145,20 @@ def test_load_single_and_ensemble_checkpoints(tmp_path):
     torch.manual_seed(0)
     cfg0 = dict(TINY_CONFIG, split_seed=0)
     cfg2 = dict(TINY_CONFIG, axis=2, tta=False)
-    m0, m2 = build_model(cfg0), build_model(cfg2)
+    m0, m2, m3 = build_model(cfg0), build_model(cfg2), build_model(TINY_3D_CONFIG)
     split = {"train": ["a"], "val": ["b"], "test": ["c"]}
     torch.save({"state_dict": m0.state_dict(), "config": cfg0, "version": "hippocampus-unet-test",
                 "split": split}, tmp_path / "one.pt")
     torch.save({"members": [{"state_dict": m0.state_dict(), "config": cfg0},
-                            {"state_dict": m2.state_dict(), "config": cfg2}],
+                            {"state_dict": m2.state_dict(), "config": cfg2},
+                            {"state_dict": m3.state_dict(), "config": TINY_3D_CONFIG}],
                 "config": {"n_classes": 3, "split_seed": 0}, "version": "hippocampus-unet-test",
                 "split": split}, tmp_path / "two.pt")
     vol = np.random.default_rng(1).normal(size=(20, 30, 25)).astype(np.float32)
     one = HippocampusSegmenter.load(tmp_path / "one.pt", device="cpu")
     two = HippocampusSegmenter.load(tmp_path / "two.pt", device="cpu")
-    assert len(one.members) == 1 and len(two.members) == 2
+    assert len(one.members) == 1 and len(two.members) == 3
+    assert isinstance(two.members[2][0], UNet3D)
     assert one.version.startswith("hippocampus-unet-test (") and one.version != two.version
     assert one.split == split
     for seg in (one, two):
@@ -152,6 +189,21 @@ def test_training_smoke(tmp_path):
 
 
 @needs_data
+def test_training_smoke_3d(tmp_path):
+    from models.train_hippocampus import train
+
+    out = tmp_path / "smoke3d.pt"
+    metrics = train(DATA_DIR, out, epochs=1, seed=0, max_volumes=6, max_steps=2, base=4, depth=3, threads=2,
+                    arch="unet3d", skip_test=True)
+    assert metrics["config"]["arch"] == "unet3d" and metrics["training"]["steps"] == 2
+    assert metrics["history"][0]["val_dice"] is not None
+    seg = HippocampusSegmenter.load(out, device="cpu")
+    assert isinstance(seg.members[0][0], UNet3D)
+    vol = np.random.default_rng(0).normal(size=(43, 58, 47)).astype(np.float32)  # the largest training shape
+    assert seg.segment(vol).shape == vol.shape
+
+
+@needs_data
 def test_combine_selects_members_on_validation(tmp_path):
     """--combine --select keeps the subset that scores best on the validation split and records the ranking."""
     from models.train_hippocampus import combine, train
@@ -176,6 +228,9 @@ def test_combine_selects_members_on_validation(tmp_path):
     assert metrics["val"]["ensemble"]["mean_dice"] == pytest.approx(ranked[0]["val_dice"], abs=1e-5)
     plain = combine(DATA_DIR, tmp_path / "all.pt", paths)
     assert plain["selection"] is None and len(plain["members"]) == 3
+    # a combined checkpoint is a list of candidates of its own, named as its metrics recorded them
+    again = combine(DATA_DIR, tmp_path / "again.pt", [tmp_path / "ens.pt", paths[2]], select=True)
+    assert again["selection"]["candidates"] == kept + ["short.pt"]
 
 
 @needs_data
