@@ -45,6 +45,7 @@ def build_model(config: dict) -> UNet:
 
 
 def is_3d(config: dict) -> bool:
+    """Whether a network config describes the 3D UNet (else the 2.5D one)."""
     return config.get("arch", "unet2.5d") == "unet3d"
 
 

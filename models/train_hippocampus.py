@@ -103,7 +103,7 @@ def train(data: str | Path, out: str | Path, epochs: int = DEFAULTS["epochs"], s
     np.random.seed(seed)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    metrics_path = out.with_name(out.name.removesuffix(".pt") + ".metrics.json")
+    metrics_path = _metrics_path(out)
 
     pairs = dataset_pairs(data)
     if not pairs:
@@ -345,7 +345,7 @@ def combine(data: str | Path, out: str | Path, member_paths: list[str | Path], t
     torch.set_num_threads(threads)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    metrics_path = out.with_name(out.name.removesuffix(".pt") + ".metrics.json")
+    metrics_path = _metrics_path(out)
     ckpts = load_candidates(member_paths)
     candidate_names = [c["name"] for c in ckpts]
     split = ckpts[0]["split"]
