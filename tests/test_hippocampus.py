@@ -160,6 +160,13 @@ def test_command_line_on_studies_writes_reports_and_summary(weights, tmp_path):
     assert summary[str(good)]["status"] == "ok" and summary[str(empty)]["status"] == "failed"
     written = sorted(p.name for p in (tmp_path / "out").glob("00-*/*"))
     assert written == ["report.dcm", "report.png", "volumes.json"]
+    study_out = next((tmp_path / "out").glob("00-*"))
+    from PIL import Image
+
+    report = pydicom.dcmread(study_out / "report.dcm")
+    assert np.array_equal(np.asarray(Image.open(study_out / "report.png")), report.pixel_array)
+    volumes = json.loads((study_out / "volumes.json").read_text())
+    assert volumes["total_volume_mm3"] == summary[str(good)]["total_volume_mm3"]
     assert "Study1" in result.stdout and "FAILED" in result.stdout
 
 
