@@ -155,7 +155,18 @@ def test_check_against_study():
         check_against_study({"parts": [mask_part(SeriesInstanceUID="9.9")]}, series)
     wrong = mask_part()
     wrong["binary_data_shape"]["depth"] = 3
-    with pytest.raises(OutputValidationError, match="its series is 2x3x4"):
+    with pytest.raises(OutputValidationError, match="its series has 2 images of 3x4"):
         check_against_study({"parts": [wrong]}, series)
     with pytest.raises(OutputValidationError, match="not one of the input images"):
         check_against_study({"parts": [], "bounding_boxes_2d": [{"SOPInstanceUID": "zz"}]}, series)
+
+
+def test_check_against_study_with_several_timepoints():
+    """A cine series of 3 timepoints x 2 slices sends 6 images; its mask is 3 x 2 x rows x columns."""
+    series = {"1.2.3": SeriesInfo(rows=3, columns=4, sop_instance_uids=list("abcdef"))}
+    cine = mask_part()
+    cine["binary_data_shape"].update(timepoints=3, depth=2)
+    check_against_study({"parts": [cine]}, series)
+    cine["binary_data_shape"].update(timepoints=1, depth=2)
+    with pytest.raises(OutputValidationError, match="1x2x3x4 .* its series has 6 images"):
+        check_against_study({"parts": [cine]}, series)

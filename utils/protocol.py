@@ -355,9 +355,12 @@ def check_against_study(response_json: Mapping[str, Any], series: Mapping[str, S
                 _fail(f"{where}: a 3D mask needs SeriesInstanceUID when several series were sent")
             if len({info.size_of(sop) for sop in info.sop_instance_uids}) > 1:
                 _fail(f"{where}: a 3D mask cannot cover a series whose images differ in size")
-            if (shape["depth"], shape["height"], shape["width"]) != (info.depth, info.rows, info.columns):
-                _fail(f"{where}: 3D mask is {shape['depth']}x{shape['height']}x{shape['width']} "
-                      f"(depth x height x width), its series is {info.depth}x{info.rows}x{info.columns}")
+            # a series with several timepoints sends timepoints x depth images (e.g. a cardiac cine)
+            timepoints = shape.get("timepoints", 1)
+            if (timepoints * shape["depth"], shape["height"], shape["width"]) != (info.depth, info.rows, info.columns):
+                _fail(f"{where}: 3D mask is {timepoints}x{shape['depth']}x{shape['height']}x{shape['width']} "
+                      f"(timepoints x depth x height x width), its series has {info.depth} images of "
+                      f"{info.rows}x{info.columns}")
         else:
             sop = part["dicom_image"]["SOPInstanceUID"]
             if sop not in images:
