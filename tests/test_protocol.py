@@ -167,6 +167,9 @@ def test_check_against_study_with_several_timepoints():
     cine = mask_part()
     cine["binary_data_shape"].update(timepoints=3, depth=2)
     check_against_study({"parts": [cine]}, series)
+    cine["binary_data_shape"].update(timepoints=2, depth=2)
+    with pytest.raises(OutputValidationError, match=r"is 2x2x3x4 \(timepoints x depth x height x width\)"):
+        check_against_study({"parts": [cine]}, series)
     cine["binary_data_shape"].update(timepoints=1, depth=2)
-    with pytest.raises(OutputValidationError, match="1x2x3x4 .* its series has 6 images"):
+    with pytest.raises(OutputValidationError, match=r"is 2x3x4 \(depth x height x width\), its series has 6 images"):
         check_against_study({"parts": [cine]}, series)

@@ -358,9 +358,10 @@ def check_against_study(response_json: Mapping[str, Any], series: Mapping[str, S
             # a series with several timepoints sends timepoints x depth images (e.g. a cardiac cine)
             timepoints = shape.get("timepoints", 1)
             if (timepoints * shape["depth"], shape["height"], shape["width"]) != (info.depth, info.rows, info.columns):
-                _fail(f"{where}: 3D mask is {timepoints}x{shape['depth']}x{shape['height']}x{shape['width']} "
-                      f"(timepoints x depth x height x width), its series has {info.depth} images of "
-                      f"{info.rows}x{info.columns}")
+                size = f"{shape['depth']}x{shape['height']}x{shape['width']}"
+                size = f"{size} (depth x height x width)" if timepoints == 1 else \
+                    f"{timepoints}x{size} (timepoints x depth x height x width)"
+                _fail(f"{where}: 3D mask is {size}, its series has {info.depth} images of {info.rows}x{info.columns}")
         else:
             sop = part["dicom_image"]["SOPInstanceUID"]
             if sop not in images:
