@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pydicom
 import pytest
+from PIL import Image
 
 from handlers import hippocampus
 from tests.conftest import PROJECT_ROOT, shared_data
@@ -161,8 +162,6 @@ def test_command_line_on_studies_writes_reports_and_summary(weights, tmp_path):
     written = sorted(p.name for p in (tmp_path / "out").glob("00-*/*"))
     assert written == ["report.dcm", "report.png", "volumes.json"]
     study_out = next((tmp_path / "out").glob("00-*"))
-    from PIL import Image
-
     report = pydicom.dcmread(study_out / "report.dcm")
     assert np.array_equal(np.asarray(Image.open(study_out / "report.png")), report.pixel_array)
     volumes = json.loads((study_out / "volumes.json").read_text())
