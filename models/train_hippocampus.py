@@ -40,6 +40,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
 from .data import augment_batch, augment_volumes, dataset_pairs, load_pair, load_samples, load_volumes, split_cases
 from .evaluate import dice, evaluate_pairs
 from .segmenter import (MODEL_NAME, HippocampusSegmenter, build_model, load_network, predict_ensemble,
@@ -87,9 +89,15 @@ def train(data: str | Path, out: str | Path, epochs: int = DEFAULTS["epochs"], s
           depth: int = DEFAULTS["depth"], dropout: float | None = None, axis: int = DEFAULTS["axis"],
           context: int = DEFAULTS["context"], size: int = DEFAULTS["size"], tta: bool = DEFAULTS["tta"],
           threads: int = 2, skip_test: bool = False, include_val: bool = False,
-          arch: str = DEFAULTS["arch"]) -> dict:
+          arch: str = DEFAULTS["arch"], ema: float | None = None) -> dict:
     """Train one network (``arch`` "unet2.5d": slices along ``axis``; "unet3d": whole volumes) and write
-    the best checkpoint to ``out`` and its metrics JSON next to it; returns the metrics."""
+    the best checkpoint to ``out`` and its metrics JSON next to it; returns the metrics.
+
+    With ``ema`` (a decay such as 0.999) an exponential moving average of the weights (and batch-norm
+    statistics) is what gets validated and saved, instead of the raw weights of the last step.
+    """
+    if ema is not None and not 0.0 < ema < 1.0:
+        raise ValueError(f"ema decay must be between 0 and 1, got {ema}")
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
     three_d = arch == "unet3d"
@@ -139,6 +147,9 @@ def train(data: str | Path, out: str | Path, epochs: int = DEFAULTS["epochs"], s
          f"{time.time() - t_start:.1f}s")
 
     model = build_model(config)
+    # the network that is validated and saved: the raw one, or the running average of its weights
+    averaged = None if ema is None else AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema), use_buffers=True)
+    kept = model if averaged is None else averaged.module
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(len(x_all) / batch_size)
     total_steps = epochs * steps_per_epoch
@@ -180,6 +191,8 @@ def train(data: str | Path, out: str | Path, epochs: int = DEFAULTS["epochs"], s
             loss = dice_ce_loss(model(xb), yb)
             loss.backward()
             opt.step()
+            if averaged is not None:
+                averaged.update_parameters(model)
             losses.append(loss.item())
             step += 1
             if (i + 1) % 20 == 0 or i + 1 == steps_per_epoch:
@@ -189,11 +202,11 @@ def train(data: str | Path, out: str | Path, epochs: int = DEFAULTS["epochs"], s
         print(file=sys.stderr)
         if not losses:  # budget used up exactly at an epoch boundary
             break
-        model.eval()
+        kept.eval()
         with torch.inference_mode():
             vd = []
             for image, label in val_data:
-                vd.append(dice_fg(predict_volume(model, image, config, tta=False), label))
+                vd.append(dice_fg(predict_volume(kept, image, config, tta=False), label))
         val_dice = float(np.mean(vd)) if vd else None
         entry = {"epoch": epoch, "steps": step, "train_loss": float(np.mean(losses)) if losses else None,
                  "val_dice": None if val_dice is None else round(val_dice, 5),
@@ -202,7 +215,7 @@ def train(data: str | Path, out: str | Path, epochs: int = DEFAULTS["epochs"], s
         # nothing held out (--include-val, or too few volumes): the latest epoch is kept
         improved = val_dice is None or best["state"] is None or val_dice > best["val_dice"]
         if improved:
-            best = {"val_dice": val_dice, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
+            best = {"val_dice": val_dice, "epoch": epoch, "state": copy.deepcopy(kept.state_dict())}
             torch.save({"state_dict": best["state"], "config": config, "version": MODEL_NAME, "split": split,
                         "epoch": epoch, "val_dice": val_dice}, out)
         held_out = "(nothing held out), saved" if val_dice is None else f"val_dice {val_dice:.4f}" + \
@@ -243,7 +256,7 @@ def train(data: str | Path, out: str | Path, epochs: int = DEFAULTS["epochs"], s
                      "optimizer": "AdamW, linear warm-up then cosine decay",
                      "loss": "cross-entropy + soft Dice (foreground classes)",
                      "max_volumes": max_volumes, "max_steps": max_steps, "time_limit_min": time_limit_min,
-                     "threads": threads,
+                     "threads": threads, "ema_decay": ema,
                      "train_seconds": round(train_seconds, 1),
                      "total_seconds": round(time.time() - t_start, 1),
                      "torch": torch.__version__, "python": platform.python_version()},
@@ -426,6 +439,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--context", type=int, default=DEFAULTS["context"])
     ap.add_argument("--no-tta", action="store_true", help="disable left-right flip test-time augmentation")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ema", type=float, default=None, metavar="DECAY",
+                    help="validate and save an exponential moving average of the weights (e.g. 0.999)")
     ap.add_argument("--skip-test", action="store_true")
     ap.add_argument("--include-val", action="store_true",
                     help="final refit: train on the training and validation splits together, keep the last epoch")
@@ -439,7 +454,7 @@ def main(argv: list[str] | None = None) -> dict:
     return train(a.data, a.out, epochs=a.epochs, seed=a.seed, max_volumes=a.max_volumes, max_steps=a.max_steps,
                  time_limit_min=a.time_limit, batch_size=a.batch_size, lr=a.lr, base=a.base, depth=a.depth,
                  axis=a.axis, context=a.context, tta=not a.no_tta, threads=a.threads, skip_test=a.skip_test,
-                 include_val=a.include_val, arch=a.arch)
+                 include_val=a.include_val, arch=a.arch, ema=a.ema)
 
 
 if __name__ == "__main__":

@@ -189,6 +189,25 @@ def test_training_smoke(tmp_path):
 
 
 @needs_data
+def test_training_ema_saves_the_averaged_weights(tmp_path):
+    """--ema validates and saves the moving average: a decay near 0 gives the raw weights, 0.9 does not."""
+    from models.train_hippocampus import train
+
+    kwargs = dict(epochs=1, seed=0, max_volumes=6, max_steps=3, base=4, depth=3, threads=2, skip_test=True)
+    runs = {}
+    for name, decay in (("raw", None), ("tiny", 1e-9), ("ema", 0.9)):
+        metrics = train(DATA_DIR, tmp_path / f"{name}.pt", ema=decay, **kwargs)
+        assert metrics["training"]["ema_decay"] == decay
+        runs[name] = torch.load(tmp_path / f"{name}.pt", weights_only=True)["state_dict"]
+    floats = [k for k, v in runs["raw"].items() if v.is_floating_point()]
+    assert set(runs["raw"]) == set(runs["ema"])
+    assert all(torch.allclose(runs["raw"][k], runs["tiny"][k], atol=1e-6) for k in floats)
+    assert not all(torch.allclose(runs["raw"][k], runs["ema"][k], atol=1e-6) for k in floats)
+    with pytest.raises(ValueError, match="ema decay"):
+        train(DATA_DIR, tmp_path / "bad.pt", ema=1.0, **kwargs)
+
+
+@needs_data
 def test_training_smoke_3d(tmp_path):
     from models.train_hippocampus import train
 
