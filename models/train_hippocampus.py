@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from .data import augment_batch, augment_volumes, dataset_pairs, load_pair, load_samples, load_volumes, split_cases
 from .evaluate import dice, evaluate_pairs
@@ -65,6 +65,16 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, n_classes: int = 3)
     denom = probs.sum(dims) + onehot.sum(dims)
     soft_dice = (2 * inter + 1.0) / (denom + 1.0)
     return ce + (1 - soft_dice.mean())
+
+
+def ema_update(decay: float):
+    """Moving-average step for ``AveragedModel``: the decay ramps up as (1 + n) / (10 + n) after n updates,
+    capped at ``decay``, so the random initial weights do not linger in the average of a short run."""
+    def update(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        n = float(num_averaged)
+        d = min(decay, (1.0 + n) / (10.0 + n))
+        return d * averaged + (1.0 - d) * current
+    return update
 
 
 def dice_fg(pred: np.ndarray, label: np.ndarray) -> float:
@@ -148,7 +158,7 @@ def train(data: str | Path, out: str | Path, epochs: int = DEFAULTS["epochs"], s
 
     model = build_model(config)
     # the network that is validated and saved: the raw one, or the running average of its weights
-    averaged = None if ema is None else AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema), use_buffers=True)
+    averaged = None if ema is None else AveragedModel(model, avg_fn=ema_update(ema), use_buffers=True)
     kept = model if averaged is None else averaged.module
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(len(x_all) / batch_size)
