@@ -42,7 +42,7 @@ from utils.dicom import (
     with_pixels,
 )
 from utils.errors import UnprocessableInput
-from utils.render import label_color, overlay_labels, to_rgb, upscale, window_values
+from utils.render import font, label_color, overlay_labels, to_rgb, upscale, window_values
 from utils.tagged_logger import TaggedLogger
 
 log = TaggedLogger(logging.getLogger("inference.hippocampus"))
@@ -175,32 +175,37 @@ def render_report(volume: Volume, labels: np.ndarray, measures: dict, model_vers
         gray = window_values(volume.voxels[k], (low + high) / 2, max(high - low, 1.0))
         rgb = overlay_labels(to_rgb(upscale(gray, scale)), upscale(labels[k], scale), colors)
         tiles.append((k, Image.fromarray(rgb)))
-    pad, header = 16, 72
+    pad, header = 16, 78
     tile_w, tile_h = tiles[0][1].size
     width = max(3 * tile_w + 4 * pad, 600)
     height = header + tile_h + 24 + 170
     image = Image.new("RGB", (width, height), (12, 12, 12))
     draw = ImageDraw.Draw(image)
-    draw.text((pad, 12), "Hippocampal volume report", fill=(255, 255, 255))
-    draw.text((pad, 32), "Research use only. NOT FOR CLINICAL USE.", fill=(255, 180, 0))
-    draw.text((pad, 50), f"Series: {volume.datasets[0].get('SeriesDescription', '')}  "
+    draw.text((pad, 10), "Hippocampal volume report", fill=(255, 255, 255), font=font(18))
+    draw.text((pad, 34), "Research use only. NOT FOR CLINICAL USE.", fill=(255, 180, 0), font=font(14))
+    draw.text((pad, 54), f"Series: {volume.datasets[0].get('SeriesDescription', '')}  "
                          f"({volume.voxels.shape[0]} slices, {volume.voxels.shape[1]}x{volume.voxels.shape[2]})",
-              fill=(200, 200, 200))
+              fill=(200, 200, 200), font=font(13))
     for i, (k, tile) in enumerate(tiles):
         x = pad + i * (tile_w + pad)
         image.paste(tile, (x, header))
-        draw.text((x, header + tile_h + 4), f"slice {k + 1} of {labels.shape[0]}", fill=(200, 200, 200))
+        draw.text((x, header + tile_h + 4), f"slice {k + 1} of {labels.shape[0]}", fill=(200, 200, 200),
+                  font=font(13))
     y = header + tile_h + 32
     rows = [("Anterior", measures["anterior_volume_mm3"], colors[1]),
             ("Posterior", measures["posterior_volume_mm3"], colors[2]),
             ("Total", measures["total_volume_mm3"], (255, 255, 255))]
     for name, value, color in rows:
-        draw.rectangle((pad, y + 2, pad + 10, y + 12), fill=tuple(color))
-        draw.text((pad + 18, y), f"{name:<10} {value:>10,.1f} mm3", fill=(255, 255, 255))
-        y += 20
+        draw.rectangle((pad, y + 3, pad + 12, y + 15), fill=tuple(color))
+        draw.text((pad + 20, y), name, fill=(255, 255, 255), font=font(15))
+        amount = f"{value:,.1f} mm3"  # right-aligned so the digits line up (the bundled font has no "³")
+        draw.text((pad + 200 - draw.textlength(amount, font=font(15)), y), amount, fill=(255, 255, 255),
+                  font=font(15))
+        y += 24
     spacing = " x ".join(f"{s:g}" for s in measures["spacing_mm"])
-    draw.text((pad, y + 6), f"Voxel spacing (slice x row x column): {spacing} mm", fill=(200, 200, 200))
-    draw.text((pad, y + 26), f"Model: {model_version}", fill=(200, 200, 200))
+    draw.text((pad, y + 6), f"Voxel spacing (slice x row x column): {spacing} mm", fill=(200, 200, 200),
+              font=font(13))
+    draw.text((pad, y + 28), f"Model: {model_version}", fill=(200, 200, 200), font=font(13))
     return np.asarray(image)
 
 
