@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw
 from handlers.registry import register
 from utils.dicom import (group_by_series, load_instances, secondary_capture, slice_normal, sort_by_position,
                          structured_report)
+from utils.render import font
 
 HEATMAP_PALETTE = {
     "type": "anchorpoint",
@@ -161,11 +162,11 @@ def secondary_capture_report(json_input: dict, instances: Sequence, input_hash: 
     series = group_by_series(load_instances(instances, stop_before_pixels=True))
     image = Image.new("RGB", (512, 96 + 24 * len(series)), (16, 16, 16))
     draw = ImageDraw.Draw(image)
-    draw.text((16, 16), "Mock report - not for clinical use", fill=(255, 200, 0))
-    draw.text((16, 40), f"input {input_hash[:16]}...", fill=(200, 200, 200))
+    draw.text((16, 16), "Mock report - not for clinical use", fill=(255, 200, 0), font=font(16))
+    draw.text((16, 40), f"input {input_hash[:16]}...", fill=(200, 200, 200), font=font(13))
     for i, (uid, items) in enumerate(series.items()):
         text = f"{items[0].get('SeriesDescription', '?')}: {len(items)} images"
-        draw.text((16, 72 + 24 * i), text, fill=(255, 255, 255))
+        draw.text((16, 72 + 24 * i), text, fill=(255, 255, 255), font=font(14))
     first = next(iter(series.values()))[0]
     ds = secondary_capture(np.asarray(image), first, description="Mock report")
     return {"protocol_version": "1.0", "parts": [{"label": "Mock report", "binary_type": "dicom_secondary_capture"}]}, [ds]
