@@ -181,31 +181,29 @@ def render_report(volume: Volume, labels: np.ndarray, measures: dict, model_vers
     height = header + tile_h + 24 + 170
     image = Image.new("RGB", (width, height), (12, 12, 12))
     draw = ImageDraw.Draw(image)
-    draw.text((pad, 10), "Hippocampal volume report", fill=(255, 255, 255), font=font(18))
+    white, grey, small, value_font = (255, 255, 255), (200, 200, 200), font(13), font(15)
+    draw.text((pad, 10), "Hippocampal volume report", fill=white, font=font(18))
     draw.text((pad, 34), "Research use only. NOT FOR CLINICAL USE.", fill=(255, 180, 0), font=font(14))
     draw.text((pad, 54), f"Series: {volume.datasets[0].get('SeriesDescription', '')}  "
                          f"({volume.voxels.shape[0]} slices, {volume.voxels.shape[1]}x{volume.voxels.shape[2]})",
-              fill=(200, 200, 200), font=font(13))
+              fill=grey, font=small)
     for i, (k, tile) in enumerate(tiles):
         x = pad + i * (tile_w + pad)
         image.paste(tile, (x, header))
-        draw.text((x, header + tile_h + 4), f"slice {k + 1} of {labels.shape[0]}", fill=(200, 200, 200),
-                  font=font(13))
+        draw.text((x, header + tile_h + 4), f"slice {k + 1} of {labels.shape[0]}", fill=grey, font=small)
     y = header + tile_h + 32
     rows = [("Anterior", measures["anterior_volume_mm3"], colors[1]),
             ("Posterior", measures["posterior_volume_mm3"], colors[2]),
-            ("Total", measures["total_volume_mm3"], (255, 255, 255))]
+            ("Total", measures["total_volume_mm3"], white)]
     for name, value, color in rows:
         draw.rectangle((pad, y + 3, pad + 12, y + 15), fill=tuple(color))
-        draw.text((pad + 20, y), name, fill=(255, 255, 255), font=font(15))
+        draw.text((pad + 20, y), name, fill=white, font=value_font)
         amount = f"{value:,.1f} mm3"  # right-aligned so the digits line up (the bundled font has no "³")
-        draw.text((pad + 200 - draw.textlength(amount, font=font(15)), y), amount, fill=(255, 255, 255),
-                  font=font(15))
+        draw.text((pad + 200 - draw.textlength(amount, font=value_font), y), amount, fill=white, font=value_font)
         y += 24
     spacing = " x ".join(f"{s:g}" for s in measures["spacing_mm"])
-    draw.text((pad, y + 6), f"Voxel spacing (slice x row x column): {spacing} mm", fill=(200, 200, 200),
-              font=font(13))
-    draw.text((pad, y + 28), f"Model: {model_version}", fill=(200, 200, 200), font=font(13))
+    draw.text((pad, y + 6), f"Voxel spacing (slice x row x column): {spacing} mm", fill=grey, font=small)
+    draw.text((pad, y + 28), f"Model: {model_version}", fill=grey, font=small)
     return np.asarray(image)
 
 

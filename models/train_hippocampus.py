@@ -39,7 +39,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from torch.optim.swa_utils import AveragedModel
 
 from .data import augment_batch, augment_volumes, dataset_pairs, load_pair, load_samples, load_volumes, split_cases
