@@ -587,7 +587,7 @@ def run(args: argparse.Namespace, work_dir: Path) -> int:
                         f"(response JSON written to {Path(args.output) / 'response.json'})")
     index = Path(args.output) / "index.html"
     summary.append(f"wrote {gallery.png_count} PNGs, {len(gallery.masks)} mask files and "
-                   f"{len(gallery.dicom_parts)} DICOM files; open {index}")
+                   f"{len(gallery.dicom_parts) + sum(map(len, gallery.derived_files.values()))} DICOM files; open {index}")
     print("\n".join(summary))
     return 0
 

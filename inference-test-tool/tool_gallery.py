@@ -265,7 +265,7 @@ class Gallery:
     viewers: list[Viewer] = field(default_factory=list)
     dicom_parts: list[DicomPart] = field(default_factory=list)
     masks: list[tuple[str, str]] = field(default_factory=list)  # npy file, description
-    derived_files: list[tuple[str, str]] = field(default_factory=list)  # dcm file, the series it belongs to
+    derived_files: dict[str, list[str]] = field(default_factory=dict)  # derived series description -> dcm files
     png_count: int = 0
 
 
@@ -516,7 +516,8 @@ def write_outputs(output: Path, result: InferenceResult, study: Study | None, di
     for index, ds in dicom_parts.items():
         part = response_json["parts"][index]
         if str(ds.get("SeriesInstanceUID", "")) in paired:
-            gallery.derived_files.append((f"output_dicom_{index}.dcm", str(ds.get("SeriesDescription", "") or "")))
+            description = str(ds.get("SeriesDescription", "") or ds.SeriesInstanceUID)
+            gallery.derived_files.setdefault(description, []).append(f"output_dicom_{index}.dcm")
             continue
         title = str(part.get("label") or ds.get("SeriesDescription", "") or part["binary_type"])
         shown = DicomPart(index, part["binary_type"], title, f"output_dicom_{index}.dcm")

@@ -1,12 +1,14 @@
 """The asynchronous job API: run a registered handler on a folder of the data root, poll for it.
 
-    POST /job/        {"job_name": "3dblur", "in_dir": "study1", "sigma_mm": 2.0}  -> 201 {"uid": ...}
+    POST /job/ (or /job) {"job_name": "3dblur", "in_dir": "study1", "sigma_mm": 2.0}  -> 201 {"uid": ...}
     GET  /query/<uid> -> 202 {"msg": "Job is queued"} | 202 {"msg": "Job is running"}
                       -> 200 {"msg": "Job has completed", "output_dir": ...}
                       -> {"msg": "Job has failed", "error": ...} with the status its error would have
                          had as a request (400/403/422 for bad input, 500 for a server-side failure
                          or a job ``interrupted`` by a stopped server)
                       -> 404 for an unknown uid
+    GET  /job/<uid>/files         -> 200 {"uid": ..., "files": [{"name": ..., "bytes": ...}]} of a completed job
+    GET  /job/<uid>/files/<name>  -> that file (only files of that job's folder); 409 while not completed
 
 A job name is a registered inference command, or an alias of one (``JOB_ALIASES``). The job's
 other JSON keys, plus ``inference_command``, are the handler's request JSON; the handler gets the
@@ -30,9 +32,10 @@ from handlers.registry import REGISTRY
 from utils import protocol
 from utils.config import Settings
 from utils.dicom import study_folder_files
-from utils.errors import BadRequest, GatewayError, NotFound
+from utils.errors import BadRequest, Conflict, GatewayError, NotFound
 from utils.jobs import COMPLETED, FAILED, QUEUED, Job, JobRunner, JobStore, LocalPoolRunner
 from utils.multipart import PartSpool, parts_from_files
+from utils.paths import is_inside
 from utils.tagged_logger import TaggedLogger, bind_request_tags
 
 log = TaggedLogger(logging.getLogger("inference.jobs"))
@@ -51,8 +54,18 @@ def known_job_names() -> dict[str, str]:
 
 
 def study_files(root: Path | None, in_dir: str) -> list[Path]:
-    """The DICOM files of job folder ``in_dir``: 403 outside the data root, 422 for no DICOM there."""
-    return study_folder_files(root, in_dir, field="in_dir")
+    """The DICOM files of job folder ``in_dir``: 403 outside the data root, 422 for no DICOM there.
+
+    Errors name the data root as configured (``INFERENCE_DATA_ROOT``), so a client can tell
+    which folder ``in_dir`` is read from.
+    """
+    try:
+        return study_folder_files(root, in_dir, field="in_dir")
+    except GatewayError as exc:
+        if root is None:
+            raise
+        raise type(exc)(f"{exc.message} (in_dir is relative to the data root INFERENCE_DATA_ROOT={root})",
+                        status=exc.status) from None
 
 
 def write_outputs(folder: Path, response_json: dict, buffers: list) -> None:
@@ -138,7 +151,7 @@ def add_job_routes(app: flask.Flask, settings: Settings, *, store: JobStore | No
                                        lock_dir=output_root / ".owners")
     runner.recover()
 
-    @app.post("/job/")
+    @app.post("/job/", strict_slashes=False)  # POST /job answers too, without a redirect
     def submit_job():
         job = job_from_request(settings)
         job.owner = runner.owner
@@ -159,5 +172,31 @@ def add_job_routes(app: flask.Flask, settings: Settings, *, store: JobStore | No
         if job.status == FAILED:
             return flask.jsonify({"msg": "Job has failed", "error": job.error}), job.error_status or 500
         return flask.jsonify({"msg": "Job is queued" if job.status == QUEUED else "Job is running"}), 202
+
+    def completed_folder(uid: str) -> Path:
+        """The output folder of completed job ``uid``: 404 unknown, 409 not (or not successfully) complete."""
+        job = store.get(uid)
+        if job is None:
+            raise NotFound(f"no job with uid {uid!r}; POST /job/ answers the uid of a new job")
+        if job.status != COMPLETED:
+            state = "has failed" if job.status == FAILED else "is queued" if job.status == QUEUED else "is running"
+            raise Conflict(f"job {uid} {state}: it has no files; GET /query/{uid} tells its state")
+        return Path(job.output_dir) if job.output_dir else output_root / uid
+
+    @app.get("/job/<uid>/files")
+    def list_job_files(uid: str):
+        folder = completed_folder(uid)
+        files = [{"name": path.name, "bytes": path.stat().st_size}
+                 for path in sorted(folder.iterdir()) if path.is_file() and is_inside(folder, path)]
+        return flask.jsonify({"uid": uid, "files": files})
+
+    @app.get("/job/<uid>/files/<name>")
+    def get_job_file(uid: str, name: str):
+        folder = completed_folder(uid)
+        path = folder / name
+        if "/" in name or name.startswith(".") or not path.is_file() or not is_inside(folder, path):
+            raise NotFound(f"job {uid} has no file {name!r}; GET /job/{uid}/files lists them")
+        return flask.send_file(path, as_attachment=True, download_name=name,
+                               mimetype="application/json" if name.endswith(".json") else None)
 
     return runner
