@@ -117,6 +117,7 @@ class ResultTable:
     title: str
     rows: list[ResultRow]
     subtitle: str = ""
+    columns: tuple[str, str, str] = ("measure", "value", "unit")
 
 
 def _format_value(value: Any) -> str:
@@ -193,7 +194,7 @@ def result_tables(response_json: dict, study: Study | None) -> list[ResultTable]
                 size += f" ({(c1 - c0 + 1) * float(spacing[1]):.1f} × {(r1 - r0 + 1) * float(spacing[0]):.1f} mm)"
             rows.append(ResultRow(f"{box['label']} · {_where(box['SOPInstanceUID'], lookup)}",
                                   f"[{c0:g}, {r0:g}] - [{c1:g}, {r1:g}], {size}", "column, row"))
-        tables.append(ResultTable(f"Bounding boxes ({len(boxes)})", rows))
+        tables.append(ResultTable(f"Bounding boxes ({len(boxes)})", rows, columns=("box", "corners, size", "corners as")))
     measurements = response_json.get("linear_measurements_2d") or []
     if measurements:
         rows = []
@@ -202,7 +203,7 @@ def result_tables(response_json: dict, study: Study | None) -> list[ResultTable]
             length = render.measurement_text(item["start"], item["end"], "", spacing)
             value, _, unit = length.partition(" ")
             rows.append(ResultRow(f"{item.get('label') or 'length'} · {_where(item['SOPInstanceUID'], lookup)}", value, unit))
-        tables.append(ResultTable(f"Linear measurements ({len(measurements)})", rows))
+        tables.append(ResultTable(f"Linear measurements ({len(measurements)})", rows, columns=("measurement", "length", "unit")))
     return tables
 
 
@@ -513,6 +514,8 @@ def write_outputs(output: Path, result: InferenceResult, study: Study | None, di
             viewer = build_viewer(number, series, output, masks, response_json, single, plot_labels, pair, step)
             gallery.viewers.append(viewer)
             gallery.png_count += sum(1 + bool(s.overlay) + bool(s.derived) for s in viewer.slices)
+    # series the response draws on (or derived from) first: what the person came to see
+    gallery.viewers.sort(key=lambda viewer: not (viewer.has_overlay or viewer.derived_title))
     for index, ds in dicom_parts.items():
         part = response_json["parts"][index]
         if str(ds.get("SeriesInstanceUID", "")) in paired:
