@@ -301,7 +301,7 @@ def is_colour(ds: Dataset) -> bool:
 def _voi_output_range(ds: Dataset) -> tuple[float, float]:
     """The range of what ``pydicom.pixels.apply_voi_lut`` returns for ``ds`` (PS3.3 C.11.2.1.2 / C.11.1.1.1)."""
     if "VOILUTSequence" in ds and "WindowWidth" not in ds:
-        return 0.0, float(2 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1)
+        return 0.0, float(2 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1)  # the LUT's own output range
     bits = int(ds.get("BitsStored", 16) or 16)
     if ds.get("ModalityLUTSequence"):
         low, high = 0.0, float(2 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1)
@@ -317,7 +317,9 @@ def _voi_output_range(ds: Dataset) -> tuple[float, float]:
 
 def apply_header_voi(values: np.ndarray, ds: Dataset) -> np.ndarray:
     """Real-world ``values`` through the header's VOI (first window, or VOI LUT) with pydicom, as uint8."""
-    out = apply_voi_lut(np.asarray(values, np.float64), ds, index=0, prefer_lut=False)
+    uses_lut = "VOILUTSequence" in ds and "WindowWidth" not in ds
+    values = np.rint(values).astype(np.int64) if uses_lut else np.asarray(values, np.float64)  # a LUT indexes
+    out = apply_voi_lut(values, ds, index=0, prefer_lut=False)
     low, high = _voi_output_range(ds)
     scaled = (np.asarray(out, np.float64) - low) / max(high - low, 1e-12)
     return np.rint(np.clip(scaled, 0.0, 1.0) * 255).astype(np.uint8)
