@@ -112,7 +112,8 @@ def create_app(mode: str | None = None, settings: Settings | None = None, *,
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python mock_server.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     modes = parser.add_mutually_exclusive_group()
     for flag, command in MODE_FLAGS.items():
         modes.add_argument(flag, dest="mode", action="store_const", const=command, help=f"serve only {command}")

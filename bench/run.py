@@ -26,7 +26,6 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import psutil
 import requests
 
 from bench.floor import SIZE_HEADER
@@ -96,6 +95,8 @@ class Server:
 
     def tree_rss(self) -> int:
         """Resident memory of the master and all its workers, in bytes."""
+        import psutil  # here, not at the top: --help works with the runtime's packages alone
+
         try:
             master = psutil.Process(self.process.pid)
             processes = [master, *master.children(recursive=True)]
@@ -391,9 +392,10 @@ def run(sections: Sequence[str], quick: bool) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats, for a smoke run")
-    parser.add_argument("--only", choices=SECTIONS, help="run one section only")
+    parser.add_argument("--only", choices=SECTIONS, help="run one section only (%(choices)s)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s bench: %(message)s", stream=sys.stderr)
     results = run([args.only] if args.only else list(SECTIONS), args.quick)

@@ -1,6 +1,6 @@
-"""Evaluate hippocampus segmentation weights on NIfTI image/label pairs.
+r"""Evaluate hippocampus segmentation weights on NIfTI image/label pairs.
 
-Examples (from the repository root)::
+Examples (from the repository root):
 
     # any folder pair, files matched by name
     python -m models.evaluate --images ../shared/data/hippocampus/images \
@@ -90,7 +90,8 @@ def read_case_list(path: str | Path, split: str = "test") -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m models.evaluate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", help="folder of image NIfTI files")
     ap.add_argument("--labels", help="folder of label NIfTI files (same file names)")
     ap.add_argument("--data", help="folder with images/ and labels/ (alternative to --images/--labels)")
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cases", help="text file of case ids or a metrics JSON (uses its test split)")
     ap.add_argument("--max-cases", type=int, help="evaluate only the first N selected cases")
     ap.add_argument("--weights", help="checkpoint path (default models/hippocampus_unet.pt)")
-    ap.add_argument("--device", default=None)
+    ap.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: CUDA when available)")
     ap.add_argument("--progress", action="store_true", help="progress on stderr")
     args = ap.parse_args(argv)
 

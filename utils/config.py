@@ -38,8 +38,8 @@ def _env_path(name: str, default: str | None) -> Path | None:
 class Settings:
     """Gateway settings; the metadata ``env`` names the variable each one comes from."""
 
-    #: INFERENCE_HOST: address the server binds to.
-    host: str = field(default="0.0.0.0", metadata={"env": "INFERENCE_HOST"})
+    #: INFERENCE_HOST: address the server binds to; this machine only unless set (the Docker image sets 0.0.0.0).
+    host: str = field(default="127.0.0.1", metadata={"env": "INFERENCE_HOST"})
     #: INFERENCE_PORT: TCP port.
     port: int = field(default=8900, metadata={"env": "INFERENCE_PORT"})
     #: INFERENCE_WORKERS: gunicorn worker processes.
