@@ -405,25 +405,43 @@ def describe_response(response_json: dict) -> list[str]:
 # -- the output folder ---------------------------------------------------------------------------
 @contextmanager
 def staged_output(output: Path) -> Iterator[Path]:
-    """A new folder beside ``output`` to write into; renamed to ``output`` when the block completes.
+    """A new folder to write into, which becomes ``output`` when the block completes.
 
-    An interrupted or failed run removes its staging folder and leaves an earlier ``output`` as it
-    was. An existing ``output`` that does not look like this tool's (no response.json) and is not
-    empty is refused rather than replaced.
+    The new folder is made beside ``output`` and renamed into place. When that cannot be done
+    (``output`` is a mount point, as ``/output`` in the tool's image, or its parent is not
+    writable) it is made inside ``output`` and its files replace the old ones at the end. An
+    interrupted or failed run removes it and leaves an earlier ``output`` as it was. An existing
+    ``output`` that is not empty and does not look like this tool's (no response.json) is refused.
     """
-    output = output.absolute()
-    if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not (output / "response.json").exists())):
+    output = Path(os.path.realpath(output))
+    if output.exists() and (not output.is_dir() or (any(p for p in output.iterdir() if not p.name.startswith("."))
+                                                    and not (output / "response.json").exists())):
         raise ToolError(f"output folder {output} exists and holds files this tool did not write; "
                         "give a new or empty folder with -o")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    beside = not os.path.ismount(output) and (output.parent.is_dir() or not output.parent.exists())
+    if beside:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        beside = os.access(output.parent, os.W_OK)
+    if not beside:
+        output.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-" if beside else ".partial-",
+                                    dir=output.parent if beside else output))
     try:
         yield staging
-        old = output.with_name(f".{output.name}.old-{os.getpid()}")
-        if output.exists():
-            os.replace(output, old)
-        os.replace(staging, output)
-        shutil.rmtree(old, ignore_errors=True)
+        if beside:
+            old = output.with_name(f".{output.name}.old-{os.getpid()}")
+            if output.exists():
+                os.replace(output, old)
+            os.replace(staging, output)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old = Path(tempfile.mkdtemp(prefix=".old-", dir=output))
+            for entry in output.iterdir():
+                if entry not in (staging, old):
+                    os.replace(entry, old / entry.name)
+            for entry in staging.iterdir():
+                os.replace(entry, output / entry.name)
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

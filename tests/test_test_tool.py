@@ -572,3 +572,17 @@ def test_job_with_a_bad_folder_names_the_data_root(server, tmp_path, capsys):
     assert run_tool("--job", "missing", "-c", "gaussian-blur-3d", "--port", server.port, "-o", tmp_path / "o") == 1
     err = capsys.readouterr().err
     assert "HTTP 422" in err and "INFERENCE_DATA_ROOT=" in err
+
+
+def test_an_output_folder_that_cannot_be_renamed_is_replaced_from_inside(fresh_fake, study_dir, tmp_path, monkeypatch):
+    """As /output in the tool's image (a mount point): the new files replace the old ones in place."""
+    fresh_fake.answer = lambda _: multipart_answer({"parts": []}, [])
+    output = tmp_path / "mounted"
+    assert run_tool(study_dir, "--port", fresh_fake.port, "-o", output) == 0
+    (output / "images" / "stale.png").write_bytes(b"old")
+    inode = output.stat().st_ino
+    monkeypatch.setattr(tool.os.path, "ismount", lambda path: Path(path) == output)
+    assert run_tool(study_dir, "--port", fresh_fake.port, "-o", output) == 0
+    assert output.stat().st_ino == inode  # the same folder, not a renamed one
+    assert not (output / "images" / "stale.png").exists() and (output / "index.html").is_file()
+    assert sorted(p.name for p in output.iterdir() if p.name.startswith(".")) == []
