@@ -588,6 +588,8 @@ def run(args: argparse.Namespace, work_dir: Path) -> int:
         summary = [f"sent {sent} ({result.request_bytes / 1e6:.2f} MB) to {url}"
                    + (f" with inference_command {args.inference_command}" if args.inference_command else ""),
                    f"round trip {elapsed:.2f} s, response {result.response_bytes / 1e6:.2f} MB"]
+        if args.request_options:
+            summary.insert(1, f"request options: {json.dumps(args.request_options)}")
         if study is not None and study.converted:
             summary.append(f"converted {len(study.converted)} PNG/JPEG images to a Secondary Capture series")
         if study is not None and study.skipped:

@@ -16,8 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_DATA, write_study
+import numpy as np
+from PIL import Image
+
+from conftest import SHARED_DATA
 from test_test_tool import run_tool
+from utils.dicom import series_from_volume, write_series
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--no-first-run", "--disable-sync"]
@@ -52,19 +56,36 @@ def screenshots(tmp_path_factory) -> Path:
     return folder
 
 
+def phantom(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    """A head-like phantom (a bright shell around a textured disc or ball) so the pictures look like images."""
+    grid = np.indices(shape, dtype=np.float64)
+    centre = [(n - 1) / 2 for n in shape]
+    radius = np.sqrt(sum(((g - c) / (n / 2)) ** 2 for g, c, n in zip(grid, centre, shape)))
+    rng = np.random.default_rng(seed)
+    values = np.where(radius < 0.8, 400 + 150 * np.cos(grid[-1] / 3) * np.sin(grid[-2] / 4), 20)
+    values = np.where((radius >= 0.8) & (radius < 0.92), 900, values) + rng.normal(0, 25, shape)
+    return np.clip(values, 0, 1200)
+
+
 @pytest.fixture(scope="module")
 def pages(server, tmp_path_factory) -> dict[str, Path]:
     """One generated page per kind of result: its output folder by name."""
     root = tmp_path_factory.mktemp("pages")
     study = root / "study"
-    write_study(study, shape=(6, 48, 64))
+    write_series(series_from_volume(phantom((12, 64, 80)).astype(np.int16), spacing=(2.0, 0.8, 0.8),
+                                    description="Phantom T1"), study)
+    xrays = root / "xrays"  # 2D images without a position: converted to a Secondary Capture series
+    xrays.mkdir()
+    for number in range(3):
+        picture = phantom((200, 160), seed=number) / 1200 * 255
+        Image.fromarray(picture.astype(np.uint8)).save(xrays / f"chest-{number}.png")
     out: dict[str, Path] = {}
     hippocampus = SHARED_DATA / "studies" / "Study1"
     if hippocampus.is_dir():
         runs = {"hippocampus": [hippocampus, "-c", "get-hippocampus-volume"]}
     else:  # a labels case of the same kind without the shared data
         runs = {"labels": [study, "-c", "get-label-mask"]}
-    runs.update({"box-2d": [study, "-c", "get-bounding-box-2d"],
+    runs.update({"box-2d": [xrays, "-c", "get-bounding-box-2d"],
                  "heatmap": [study, "-c", "get-heatmap"],
                  "blur": [study, "-c", "gaussian-blur-3d", "-R", "sigma_mm=2"]})
     for name, args in runs.items():
@@ -117,13 +138,14 @@ def test_page_works_in_a_browser(browser, pages, screenshots, kind):
         first_src, first_position = base.get_attribute("src"), position.text_content()
         slider.fill(str(count - 1))
         assert base.get_attribute("src") != first_src
-        assert position.text_content() != first_position and position.text_content().startswith(f"slice {count}/")
+        word = "image" if name == "box-2d" else "slice"  # 2D images have no position along a normal
+        assert position.text_content() != first_position and position.text_content().startswith(f"{word} {count}/")
         viewer.focus()
         page.keyboard.press("ArrowLeft")
-        assert position.text_content().startswith(f"slice {count - 1}/")
+        assert position.text_content().startswith(f"{word} {count - 1}/")
         assert slider.input_value() == str(count - 2)
         page.keyboard.press("ArrowRight")
-        assert position.text_content().startswith(f"slice {count}/")
+        assert position.text_content().startswith(f"{word} {count}/")
 
         middle = (count - 1) // 2
         slider.fill(str(middle))
