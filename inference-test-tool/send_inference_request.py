@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 import threading
@@ -169,16 +170,23 @@ def server_url(host: str, port: int, route: str) -> str:
     return f"{base_url(host, port)}/{route.lstrip('/')}"
 
 
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and what it wraps: causes, contexts, urllib3's ``reason`` and exceptions passed as arguments."""
+    seen: set[int] = set()
+    pending = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen or len(seen) > 20:
+            continue
+        seen.add(id(current))
+        yield current
+        pending += [current.__cause__, current.__context__, getattr(current, "reason", None),
+                    *(arg for arg in current.args if isinstance(arg, BaseException))]
+
+
 def host_error(exc: requests.ConnectionError, url: str, host: str) -> ToolError:
-    """A connection failure in words: an unknown host name, or nothing listening there."""
-    chain, current = [], exc
-    while current is not None and len(chain) < 10:
-        chain.append(current)
-        current = current.__cause__ or current.__context__ or (current.args[0] if current.args and
-                                                                isinstance(current.args[0], BaseException) else None)
-    text = " ".join(f"{type(e).__name__}: {e}" for e in chain)
-    if "NameResolutionError" in text or "Name or service not known" in text or "nodename nor servname" in text \
-            or "getaddrinfo failed" in text or "Temporary failure in name resolution" in text:
+    """A connection failure in words: a host name that does not resolve, or nothing listening there."""
+    if any(isinstance(cause, socket.gaierror) for cause in _causes(exc)):
         return ToolError(f"cannot resolve the host name {host!r}: check --host (a misspelt name, or no DNS entry)")
     return ToolError(f"cannot reach the server at {url}: is it running (make serve) on that host and port? ({exc})")
 

@@ -347,8 +347,8 @@ def draw_overlay(shape: tuple[int, int], factor: int, masks: Sequence[tuple[Mask
         else:
             render.paint_mask(layer, plane.astype(bool), render.label_color(mask.index + 1))
             legend.append((f"{mask.name}{empty}", css(render.label_color(mask.index + 1))))
-    if not masks and not boxes and not measurements:
-        return None, legend
+    if not boxes and not measurements and not layer[..., 3].any():
+        return None, legend  # nothing drawn on this image: no overlay file
     picture = render.layer_image(layer)
     for box in boxes:
         render.draw_box(picture, box["top_left"], box["bottom_right"], box["label"], BOX_COLOR, factor)

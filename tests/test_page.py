@@ -127,7 +127,7 @@ def test_page_works_in_a_browser(browser, pages, screenshots, kind):
         wait_loaded(page)
         viewer = page.locator(".viewer[data-key]").first
         if name == "hippocampus":  # the crop carries the labels; it is the first series of Study1
-            viewer = page.locator(".viewer", has=page.locator("img.overlay[src]")).first
+            viewer = page.locator(".viewer", has=page.locator("input.show-overlay")).first
         slider = viewer.locator("input.slider")
         base = viewer.locator("img.base")
         position = viewer.locator(".position")

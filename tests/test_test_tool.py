@@ -332,6 +332,7 @@ def test_3d_mask_is_drawn_on_the_right_image_and_the_right_way_up(fake, study_di
             assert not coloured[8 * factor:].any() and not coloured[:, 10 * factor:].any()
         else:
             assert not coloured.any(), f"image {position + 1} shows a mask meant for image 3"
+            assert not path.with_name(f"{path.stem}-overlay.png").exists()  # an empty plane: no overlay file
 
 
 def test_2d_annotations_go_on_the_named_image(fake, study_dir, tmp_path):
