@@ -10,8 +10,11 @@ the same slider. The page itself is ``templates/index.html.j2`` (Jinja2), self-c
 from __future__ import annotations
 
 import json
+import os
 import re
+import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,7 @@ BOX_COLOR = (255, 210, 0)
 MEASUREMENT_COLOR = (0, 230, 190)
 PNG_COMPRESSION = 1  # fast; the pictures of a full study are written in seconds
 WINDOW_SAMPLE_SLICES = 16  # slices read to choose a series' window
+RENDER_THREADS = min(4, os.cpu_count() or 1)
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
 Progress = Callable[[int, int], None]
@@ -397,10 +401,11 @@ def build_viewer(number: int, series: InputSeries, output: Path, masks: Sequence
     if derived is not None:
         description = str(derived[1][0].get("SeriesDescription", "") or "derived series")
         viewer.derived_title = f"{description} (returned, same window)"
-    for position, image in enumerate(series.images):
+
+    def render_slice(position: int, image: InputImage) -> Slice | None:
+        """Write one image's PNGs; None for an image without pixels."""
         if not image.has_pixels:
-            step()
-            continue
+            return None
         ds = pydicom.dcmread(image.path)
         notes: list[tuple[str, str]] = []
         try:
@@ -410,7 +415,7 @@ def build_viewer(number: int, series: InputSeries, output: Path, masks: Sequence
             notes.append((f"pixels not shown: {type(exc).__name__}: {exc}", ""))
         factor = render.display_factor(*pixels.shape[:2])
         stem = folder / f"{position + 1:04d}"
-        save_png(render.upscale(render.to_rgb(pixels), factor), output / f"{stem}.png")
+        save_png(render.upscale(pixels, factor), output / f"{stem}.png")  # grey stays one channel
         sop = image.sop_instance_uid
         overlay, legend = draw_overlay(
             pixels.shape[:2], factor, masks_on_image(masks, series, single_series, position, image), palettes,
@@ -423,10 +428,19 @@ def build_viewer(number: int, series: InputSeries, output: Path, masks: Sequence
             current.overlay = f"{stem.as_posix()}-overlay.png"
         if derived is not None:
             derived_pixels = render.display_image(derived[1][position], window)
-            save_png(render.upscale(render.to_rgb(derived_pixels), factor), output / f"{stem}-derived.png")
+            save_png(render.upscale(derived_pixels, factor), output / f"{stem}-derived.png")
             current.derived = f"{stem.as_posix()}-derived.png"
-        viewer.slices.append(current)
-        step()
+        return current
+
+    def render_and_count(item: tuple[int, InputImage]) -> Slice | None:
+        try:
+            return render_slice(*item)
+        finally:
+            step()
+
+    # PNG encoding and most numpy work release the GIL: a few threads use the cores
+    with ThreadPoolExecutor(max_workers=RENDER_THREADS) as pool:
+        viewer.slices = [s for s in pool.map(render_and_count, enumerate(series.images)) if s is not None]
     sops = {image.sop_instance_uid for image in series.images}
     for mask in masks:
         if mask.part["binary_type"] != "heatmap" or mask.part["palette"] in {bar.palette for bar in viewer.colorbars}:
@@ -471,8 +485,8 @@ def sr_text(ds: Dataset) -> list[str]:
 
 
 def image_count(study: Study | None) -> int:
-    """How many PNG steps rendering ``study`` takes (one per image with pixels)."""
-    return 0 if study is None else sum(1 for image in study.images if image.has_pixels)
+    """How many steps rendering ``study`` takes (one per image sent)."""
+    return 0 if study is None else len(study.images)
 
 
 def write_outputs(output: Path, result: InferenceResult, study: Study | None, dicom_parts: dict[int, Dataset],
@@ -498,12 +512,13 @@ def write_outputs(output: Path, result: InferenceResult, study: Study | None, di
             derived.setdefault(str(ds.SeriesInstanceUID), []).append(ds)
     derived = {uid: sort_by_position(datasets) for uid, datasets in derived.items()}
     paired: set[str] = set()
-    total, done = image_count(study), [0]
+    total, done, lock = image_count(study), [0], threading.Lock()
 
-    def step() -> None:
-        done[0] += 1
-        if progress is not None:
-            progress(done[0], total)
+    def step() -> None:  # called from the rendering threads
+        with lock:
+            done[0] += 1
+            if progress is not None:
+                progress(done[0], total)
 
     if study is not None:
         single = len(study.series) == 1

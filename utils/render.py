@@ -379,19 +379,40 @@ def transparent_layer(rows: int, columns: int) -> np.ndarray:
     return np.zeros((rows, columns, 4), np.float32)
 
 
+def _extent(where: np.ndarray) -> tuple[slice, slice] | None:
+    """The bounding box of the true pixels of a 2D boolean array (None when there are none)."""
+    rows, columns = np.flatnonzero(where.any(axis=1)), np.flatnonzero(where.any(axis=0))
+    if rows.size == 0:
+        return None
+    return slice(rows[0], rows[-1] + 1), slice(columns[0], columns[-1] + 1)
+
+
 def paint(layer: np.ndarray, where: np.ndarray, color: Sequence[float], alpha: float | np.ndarray) -> None:
-    """Lay ``color`` over ``layer`` where ``where`` holds, at opacity ``alpha`` (scalar or per pixel), in place."""
-    weight = np.where(where, alpha, 0.0).astype(np.float32)[..., None]
+    """Lay ``color`` over ``layer`` where ``where`` holds, at opacity ``alpha`` (scalar or per pixel), in place.
+
+    Only the bounding box of ``where`` is computed: masks cover a small part of large images.
+    """
+    where = np.asarray(where, bool)
+    box = _extent(where)
+    if box is None:
+        return
+    alpha = alpha[box] if isinstance(alpha, np.ndarray) else alpha
+    weight = np.where(where[box], alpha, 0.0).astype(np.float32)[..., None]
+    region = layer[box]
     rgb = np.asarray(color, np.float32)[:3] / 255
-    layer[..., :3] = rgb * weight + layer[..., :3] * (1 - weight)
-    layer[..., 3:] = weight + layer[..., 3:] * (1 - weight)
+    region[..., :3] = rgb * weight + region[..., :3] * (1 - weight)
+    region[..., 3:] = weight + region[..., 3:] * (1 - weight)
 
 
 def paint_mask(layer: np.ndarray, mask: np.ndarray, color: Color, alpha: float = MASK_ALPHA) -> None:
     """A boolean mask as a translucent fill with an opaque outline (as ``overlay_mask``), on a layer."""
     mask = np.asarray(mask, bool)
-    paint(layer, mask, color, alpha)
-    paint(layer, outline(mask), color, 1.0)
+    box = _extent(mask)
+    if box is None:
+        return
+    region, inside = layer[box], mask[box]  # the outline of the crop is the mask's: nothing lies outside it
+    paint(region, inside, color, alpha)
+    paint(region, outline(inside), color, 1.0)
 
 
 def paint_labels(layer: np.ndarray, labels: np.ndarray, colors: Mapping[int, Color], alpha: float = MASK_ALPHA) -> None:
@@ -403,16 +424,26 @@ def paint_labels(layer: np.ndarray, labels: np.ndarray, colors: Mapping[int, Col
 
 
 def paint_heatmap(layer: np.ndarray, values: np.ndarray, palette: Mapping[str, Any]) -> None:
-    """A heatmap in its palette's colours and alphas, on a layer."""
-    lut = palette_lut(palette)[np.asarray(values, np.uint8)].astype(np.float32)
-    weight = lut[..., 3:4] / 255
-    layer[..., :3] = lut[..., :3] / 255 * weight + layer[..., :3] * (1 - weight)
-    layer[..., 3:] = weight + layer[..., 3:] * (1 - weight)
+    """A heatmap in its palette's colours and alphas, on a layer (only where the palette is not transparent)."""
+    lut = palette_lut(palette)
+    values = np.asarray(values, np.uint8)
+    box = _extent(lut[values, 3] > 0)
+    if box is None:
+        return
+    rgba = lut[values[box]].astype(np.float32) / 255
+    weight = rgba[..., 3:4]
+    region = layer[box]
+    region[..., :3] = rgba[..., :3] * weight + region[..., :3] * (1 - weight)
+    region[..., 3:] = weight + region[..., 3:] * (1 - weight)
 
 
 def layer_image(layer: np.ndarray) -> Image.Image:
     """A layer as a Pillow RGBA image (straight alpha), ready for vector annotations and PNG."""
-    alpha = layer[..., 3:]
-    rgb = np.divide(layer[..., :3], alpha, out=np.zeros_like(layer[..., :3]), where=alpha > 0)
-    out = np.concatenate([rgb, alpha], axis=2)
-    return Image.fromarray(np.rint(np.clip(out, 0, 1) * 255).astype(np.uint8), "RGBA")
+    out = np.zeros(layer.shape, np.uint8)
+    box = _extent(layer[..., 3] > 0)
+    if box is not None:
+        region = layer[box]
+        alpha = region[..., 3:]
+        rgb = np.divide(region[..., :3], alpha, out=np.zeros_like(region[..., :3]), where=alpha > 0)
+        out[box] = np.rint(np.clip(np.concatenate([rgb, alpha], axis=2), 0, 1) * 255).astype(np.uint8)
+    return Image.fromarray(out, "RGBA")
