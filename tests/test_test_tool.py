@@ -585,3 +585,12 @@ def test_an_output_folder_that_cannot_be_renamed_is_replaced_from_inside(fresh_f
     assert output.stat().st_ino == inode  # the same folder, not a renamed one
     assert not (output / "images" / "stale.png").exists() and (output / "index.html").is_file()
     assert sorted(p.name for p in output.iterdir() if p.name.startswith(".")) == []
+
+
+def test_study_size_refused_by_the_server_is_explained(fresh_fake, study_dir, tmp_path, capsys):
+    """-S (the Arterys tool's study size) sends depth/height/width; servers that declare no such parameter say 400."""
+    error = {"error": "unknown parameter 'depth' for get-probability-mask; its parameters: none"}
+    fresh_fake.answer = lambda _: ("400 Bad Request", "application/json", json.dumps(error).encode())
+    assert run_tool(study_dir, "-S", "--port", fresh_fake.port, "-o", tmp_path / "out") == 1
+    err = capsys.readouterr().err
+    assert "HTTP 400: unknown parameter 'depth'" in err and "-S adds depth, height and width" in err
