@@ -22,6 +22,7 @@ ENTRY_POINTS = [
     ("python -m handlers.hippocampus", "handlers.hippocampus",
      "python -m handlers.hippocampus ../shared/data/studies/Study1"),
     ("python -m utils.volume_io", "utils.volume_io", "python -m utils.volume_io dicom-to-hdf5 -i DICOM_DIR"),
+    ("python -m models.registry", "models.registry", "python -m models.registry verify"),
     ("python -m bench.run", "bench.run", "python -m bench.run --only small"),
     ("python -m bench.blur", "bench.blur", "python -m bench.blur --repeats 5"),
     ("python mock_server.py", "mock_server", "python mock_server.py -s3D"),
