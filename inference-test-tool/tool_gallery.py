@@ -154,7 +154,12 @@ def result_rows(values: Any) -> list[ResultRow]:
 
 
 def model_version(response_json: dict) -> str:
-    """The model version the response names in its results (``model``/``model_version``), or ''."""
+    """The model the response names: its provenance (``"model": {"family", "version", "weights_sha256"}``),
+    else a ``model``/``model_version`` entry of its results, else ''."""
+    provenance = response_json.get("model")
+    if isinstance(provenance, dict) and provenance.get("version"):
+        text = f"{provenance.get('family', '')} {provenance['version']}".strip()
+        return text + (f" (weights {str(provenance['weights_sha256'])[:12]})" if provenance.get("weights_sha256") else "")
     objects = [response_json.get("study_ml_json"), *(response_json.get("series_ml_json") or {}).values()]
     for values in objects:
         if isinstance(values, dict):

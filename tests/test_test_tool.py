@@ -594,3 +594,12 @@ def test_study_size_refused_by_the_server_is_explained(fresh_fake, study_dir, tm
     assert run_tool(study_dir, "-S", "--port", fresh_fake.port, "-o", tmp_path / "out") == 1
     err = capsys.readouterr().err
     assert "HTTP 400: unknown parameter 'depth'" in err and "-S adds depth, height and width" in err
+
+
+def test_the_page_names_the_model_from_its_provenance_or_its_results():
+    import tool_gallery
+
+    provenance = {"model": {"family": "hippocampus", "version": "1.0", "weights_sha256": "ab" * 32}}
+    assert tool_gallery.model_version(provenance) == "hippocampus 1.0 (weights abababababab)"
+    assert tool_gallery.model_version({"series_ml_json": {"1.2": {"model": "unet 2"}}}) == "unet 2"
+    assert tool_gallery.model_version({"parts": []}) == ""
