@@ -10,7 +10,8 @@ wsgi_app = "mock_server:create_app(warm_up_first=True)"
 bind = f"{_settings.host}:{_settings.port}"
 workers = _settings.workers
 threads = _settings.threads
-worker_class = "gthread"
+# gthread plus JSON errors for what gunicorn refuses itself, probe threads, socket timeouts
+worker_class = "utils.gunicorn_worker.GatewayWorker"
 timeout = _settings.timeout  # large studies take minutes on CPU
 graceful_timeout = _settings.graceful_timeout  # SIGTERM: in-flight requests get this long to finish
 keepalive = 5

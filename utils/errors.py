@@ -43,6 +43,12 @@ class NotFound(GatewayError):
     status = 404
 
 
+class RequestTimeout(GatewayError):
+    """The request body stalled or arrived slower than the minimum upload rate (408)."""
+
+    status = 408
+
+
 class PayloadTooLarge(GatewayError):
     """Body larger than the configured limit (413)."""
 
