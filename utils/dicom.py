@@ -35,11 +35,16 @@ def load_instances(parts: Sequence, *, stop_before_pixels: bool = False) -> list
     (a licence file, say) and are skipped. Any other part that does not parse as DICOM raises
     ``UnprocessableInput`` (422) naming its index and file name. Each dataset remembers where
     it came from (``dataset.source_part``), so ``with_pixels`` can read the pixels later.
+    Header-only reads reuse the dataset ``utils.dicom_validation`` kept on the part.
     """
     datasets: list[Dataset] = []
     for position, part in enumerate(parts):
         index = getattr(part, "index", position + 1)
         describe = part.describe() if hasattr(part, "describe") else f"part {index}"
+        cached = getattr(part, "header_dataset", None) if stop_before_pixels else None
+        if cached is not None:  # read (and checked) by utils.dicom_validation before the handler ran
+            datasets.append(cached)
+            continue
         try:
             ds = pydicom.dcmread(_open(part), stop_before_pixels=stop_before_pixels)
             if "SOPInstanceUID" not in ds:
