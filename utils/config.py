@@ -66,6 +66,9 @@ class Settings:
     max_series_voxels: int = field(default=512 * 1024**2, metadata={"env": "INFERENCE_MAX_SERIES_VOXELS"})
     #: INFERENCE_MAX_RESPONSE_BYTES: largest response body a handler may produce (413 above).
     max_response_bytes: int = field(default=2 * 1024**3, metadata={"env": "INFERENCE_MAX_RESPONSE_BYTES"})
+    #: PROMETHEUS_MULTIPROC_DIR: folder where gunicorn's workers keep their metrics (prometheus-client's
+    #: variable); gunicorn.conf.py empties it at start, or makes a temporary one when unset.
+    metrics_dir: Path | None = field(default=None, metadata={"env": "PROMETHEUS_MULTIPROC_DIR"})
     #: INFERENCE_DATA_ROOT: folder that ``studyPath`` requests and jobs may read; unset disables both.
     data_root: Path | None = field(default=None, metadata={"env": "INFERENCE_DATA_ROOT"})
     #: INFERENCE_OUTPUT_ROOT: folder where jobs write their outputs, one sub-folder per job.

@@ -31,7 +31,7 @@ from utils import protocol
 from utils.config import Settings
 from utils.dicom import study_folder_files
 from utils.errors import BadRequest, GatewayError, NotFound
-from utils.jobs import COMPLETED, FAILED, QUEUED, Job, JobRunner, JobStore, LocalPoolRunner
+from utils.jobs import COMPLETED, FAILED, QUEUED, UNFINISHED, Job, JobRunner, JobStore, LocalPoolRunner
 from utils.multipart import PartSpool, parts_from_files
 from utils.tagged_logger import TaggedLogger, bind_request_tags
 
@@ -109,6 +109,25 @@ class JobExecutor:
             shutil.rmtree(partial, ignore_errors=True)
 
 
+def remove_debris(output_root: Path, store: JobStore) -> list[Path]:
+    """Delete the ``<uid>.partial`` folders of jobs that are no longer queued or running; their paths.
+
+    A job killed mid-write leaves one behind. It goes once the job is marked failed (``interrupted``,
+    at start-up) or is unknown; a folder of a job some live worker still runs is kept.
+    """
+    removed = []
+    for partial in sorted(Path(output_root).glob("*.partial")):
+        job = store.get(partial.name.removesuffix(".partial"))
+        if job is not None and job.status in UNFINISHED:
+            continue
+        shutil.rmtree(partial, ignore_errors=True)
+        removed.append(partial)
+    if removed:
+        log.warning("removed %d unfinished output folders of stopped jobs: %s", len(removed),
+                    ", ".join(p.name for p in removed))
+    return removed
+
+
 def job_from_request(settings: Settings) -> Job:
     """The job a ``POST /job/`` asks for, checked as far as is cheap (name, folder, DICOM present)."""
     body = request.get_json(silent=True)
@@ -137,6 +156,7 @@ def add_job_routes(app: flask.Flask, settings: Settings, *, store: JobStore | No
     runner = runner or LocalPoolRunner(store, JobExecutor(store, settings), workers=settings.job_workers,
                                        lock_dir=output_root / ".owners")
     runner.recover()
+    remove_debris(output_root, store)
 
     @app.post("/job/")
     def submit_job():
