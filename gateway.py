@@ -18,6 +18,7 @@ import json
 import logging
 import time
 import traceback
+import uuid
 from collections.abc import Callable
 from functools import partial
 
@@ -39,6 +40,7 @@ from utils.multipart import (
     parse_multipart_related,
     parts_from_files,
 )
+from utils.request_json import parse_json_object
 from utils.tagged_logger import TaggedLogger, bind_request_tags
 
 #: Largest JSON body read (studyPath requests, jobs): they are read whole, so they are kept small.
@@ -168,11 +170,8 @@ class Gateway(Flask):
         raw = request.get_data(cache=False)  # at most MAX_JSON_BYTES + 1 bytes (_start_request)
         if len(raw) > MAX_JSON_BYTES:
             raise too_large
-        try:
-            json_input = json.loads(raw or b"null")
-        except ValueError as exc:
-            raise BadRequest(f"request body is not valid JSON: {exc}") from exc
-        if not isinstance(json_input, dict) or not isinstance(json_input.get("studyPath"), str):
+        json_input = parse_json_object(raw, "the request body")
+        if not isinstance(json_input.get("studyPath"), str):
             raise BadRequest("a JSON request must be an object with 'studyPath', the folder of the study "
                              "on the server; otherwise send multipart/related")
         files = study_folder_files(self.settings.data_root, json_input["studyPath"], field="studyPath")
@@ -201,9 +200,19 @@ class Gateway(Flask):
         return self._error_response(error.code or 500, message)
 
     def _answer_unexpected_error(self, error: Exception) -> Response:
-        g.get("log", self.log).error("%s %s failed:\n%s", request.method, request.path, traceback.format_exc())
-        return self._error_response(500, f"inference failed: {type(error).__name__}: {error} "
-                                         "(the traceback is in the server log under this input_hash)")
+        """A 500 that says nothing of the error itself (its text may hold paths or internals): the log has it."""
+        log = g.get("log", self.log)
+        if isinstance(error, TimeoutError):  # a request body read by werkzeug (JSON routes) stalled
+            log.warning("%s %s: request body too slow: %s", request.method, request.path, error)
+            return self._error_response(408, f"request body too slow: {error}")
+        if g.get("input_hash"):
+            log.error("%s %s failed:\n%s", request.method, request.path, traceback.format_exc())
+            return self._error_response(500, "internal error while handling the request; the detail is in "
+                                             "the server log under this input_hash")
+        error_id = uuid.uuid4().hex
+        log.error("%s %s failed (error_id=%s):\n%s", request.method, request.path, error_id, traceback.format_exc())
+        return flask.jsonify({"error": "internal error while handling the request; the detail is in the server "
+                                       "log under this error_id", "error_id": error_id}), 500
 
 
 def _same_secret(given: str, expected: str) -> bool:
@@ -217,11 +226,4 @@ def request_json(body: ParsedBody) -> dict:
     """Part 0 of a request as a JSON object, or a 400 saying why it is not one."""
     if not body.parts:
         raise BadRequest("the request has no parts; part 0 must be the request JSON")
-    first = body.parts[0]
-    try:
-        value = json.loads(first.read_bytes() or b"null")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"part 0 (the request JSON) is not valid JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise BadRequest(f"part 0 (the request JSON) must be a JSON object, got {type(value).__name__}")
-    return value
+    return parse_json_object(body.parts[0].read_bytes(), "part 0 (the request JSON)")

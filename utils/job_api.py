@@ -30,9 +30,10 @@ from handlers.registry import REGISTRY
 from utils import protocol
 from utils.config import Settings
 from utils.dicom import study_folder_files
-from utils.errors import BadRequest, GatewayError, NotFound
+from utils.errors import BadRequest, GatewayError, NotFound, UnsupportedMediaType
 from utils.jobs import COMPLETED, FAILED, QUEUED, UNFINISHED, Job, JobRunner, JobStore, LocalPoolRunner
 from utils.multipart import PartSpool, parts_from_files
+from utils.request_json import parse_json_object
 from utils.tagged_logger import TaggedLogger, bind_request_tags
 
 log = TaggedLogger(logging.getLogger("inference.jobs"))
@@ -100,7 +101,8 @@ class JobExecutor:
             self.store.mark_failed(job.uid, exc.message, exc.status)
         except Exception as exc:
             log.error("job %s: handler %s failed:\n%s", job.uid, job.command, traceback.format_exc())
-            self.store.mark_failed(job.uid, f"the handler failed: {type(exc).__name__}: {exc}", 500)
+            self.store.mark_failed(job.uid, "internal error while running the job; the detail is in the server "
+                                            f"log under job {job.uid}", 500)
         else:
             self.store.mark_completed(job.uid, str(output))
             log.info("job %s completed: %d outputs in %s", job.uid, len(buffers), output)
@@ -130,9 +132,10 @@ def remove_debris(output_root: Path, store: JobStore) -> list[Path]:
 
 def job_from_request(settings: Settings) -> Job:
     """The job a ``POST /job/`` asks for, checked as far as is cheap (name, folder, DICOM present)."""
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise BadRequest('the job must be a JSON object: {"job_name": "3dblur", "in_dir": "<folder>", ...}')
+    if request.mimetype != "application/json":
+        raise UnsupportedMediaType('send the job as Content-Type: application/json: '
+                                   '{"job_name": "3dblur", "in_dir": "<folder>", ...}')
+    body = parse_json_object(request.get_data(cache=False), "the job")
     names = known_job_names()
     job_name, in_dir = body.get("job_name"), body.get("in_dir")
     if not isinstance(job_name, str) or job_name not in names:
