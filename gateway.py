@@ -27,7 +27,7 @@ from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from handlers.registry import Handler
-from utils import protocol
+from utils import metrics, protocol
 from utils.config import Settings, get_settings
 from utils.dicom import study_folder_files
 from utils.errors import BadRequest, Forbidden, GatewayError, Unauthorized
@@ -58,6 +58,9 @@ class Gateway(Flask):
         self.log = TaggedLogger(logging.getLogger("inference.gateway"))
         self._inference_routes: dict[str, Handler] = {}
         self.add_url_rule("/ping", "ping", lambda: ("", 200), methods=["GET", "POST"])
+        #: Collected at each scrape of ``GET /metrics`` besides the request metrics (e.g. job counts).
+        self.metrics_collectors: list = []
+        self.add_url_rule("/metrics", "metrics", self._serve_metrics, methods=["GET"])
         self.register_error_handler(GatewayError, self._answer_gateway_error)
         self.register_error_handler(HTTPException, self._answer_http_error)
         self.register_error_handler(Exception, self._answer_unexpected_error)
@@ -82,6 +85,11 @@ class Gateway(Flask):
     @property
     def inference_routes(self) -> list[str]:
         return sorted(self._inference_routes)
+
+    def _serve_metrics(self) -> Response:
+        """``GET /metrics``: Prometheus text format, summed over gunicorn's workers (``utils.metrics``)."""
+        text, content_type = metrics.render(self.settings.metrics_dir, tuple(self.metrics_collectors))
+        return Response(text, content_type=content_type)
 
     # -- request life cycle -----------------------------------------------------------
     def _start_request(self) -> None:
@@ -110,12 +118,17 @@ class Gateway(Flask):
         log = g.get("log", self.log)
         input_hash = g.get("input_hash")
 
-        def log_request() -> None:
-            log.info("%s %s %d in=%dB out=%dB %.3fs input_hash=%s", method, path, status, bytes_in,
-                     bytes_out, time.perf_counter() - started, input_hash or "-")
+        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        command = g.get("command")
 
-        if path not in ("/healthcheck", "/ping"):
-            response.call_on_close(log_request)
+        def log_request() -> None:
+            seconds = time.perf_counter() - started
+            metrics.observe_request(route, command, status, seconds, bytes_in, bytes_out)
+            if path not in ("/healthcheck", "/ping", "/metrics"):
+                log.info("%s %s %d in=%dB out=%dB %.3fs input_hash=%s", method, path, status, bytes_in,
+                         bytes_out, seconds, input_hash or "-")
+
+        response.call_on_close(log_request)
         return response
 
     # -- inference ----------------------------------------------------------------------

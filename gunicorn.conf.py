@@ -36,13 +36,13 @@ control_socket_disable = True
 
 
 def on_starting(server):
-    from utils.metrics import prepare_multiproc_dir
+    from utils.metrics_dir import prepare_multiproc_dir
 
     prepare_multiproc_dir(_metrics_dir)
 
 
 def child_exit(server, worker):
-    from utils.metrics import worker_exited
+    from utils.metrics_dir import worker_exited
 
     worker_exited(_metrics_dir, worker.pid)
 

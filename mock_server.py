@@ -23,7 +23,8 @@ import yaml
 from gateway import Gateway
 from handlers import REGISTRY, load_handlers
 from utils.config import Settings, get_settings
-from utils.job_api import add_job_routes
+from utils.job_api import add_job_routes, known_job_names
+from utils.openapi import openapi_document
 
 log = logging.getLogger("inference.server")
 
@@ -89,6 +90,12 @@ def create_app(mode: str | None = None, settings: Settings | None = None, *,
             "models": [{"inference_command": s.command, "route": s.route or "/", "description": s.description}
                        for s in served],
         })
+
+    @app.get("/openapi.json")
+    def openapi():
+        served = specs if mode is None else [REGISTRY.get(mode)]
+        return flask.jsonify(openapi_document([s.command for s in served], sorted(known_job_names()),
+                                              token_required=bool(settings.api_token)))
 
     def warm_up() -> None:
         for spec in specs:

@@ -31,7 +31,8 @@ from utils import protocol
 from utils.config import Settings
 from utils.dicom import study_folder_files
 from utils.errors import BadRequest, GatewayError, NotFound, UnsupportedMediaType
-from utils.jobs import COMPLETED, FAILED, QUEUED, UNFINISHED, Job, JobRunner, JobStore, LocalPoolRunner
+from utils.jobs import COMPLETED, FAILED, QUEUED, RUNNING, UNFINISHED, Job, JobRunner, JobStore, LocalPoolRunner
+from utils.metrics import JobCountsCollector
 from utils.multipart import PartSpool, parts_from_files
 from utils.request_json import parse_json_object
 from utils.tagged_logger import TaggedLogger, bind_request_tags
@@ -40,6 +41,8 @@ log = TaggedLogger(logging.getLogger("inference.jobs"))
 
 #: Job names of the seed's clients, mapped to the inference command they run.
 JOB_ALIASES = {"3dblur": "gaussian-blur-3d"}
+#: Job states reported by /metrics.
+JOB_STATES = (QUEUED, RUNNING, COMPLETED, FAILED)
 #: Keys of the job JSON that are about the job, not parameters of the handler.
 JOB_KEYS = ("job_name", "in_dir")
 
@@ -160,6 +163,8 @@ def add_job_routes(app: flask.Flask, settings: Settings, *, store: JobStore | No
                                        lock_dir=output_root / ".owners")
     runner.recover()
     remove_debris(output_root, store)
+    if hasattr(app, "metrics_collectors"):  # a Gateway: /metrics counts jobs by state from the store
+        app.metrics_collectors.append(JobCountsCollector(store.count_by_status, JOB_STATES))
 
     @app.post("/job/")
     def submit_job():

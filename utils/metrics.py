@@ -3,7 +3,8 @@
 Under gunicorn, ``gunicorn.conf.py`` points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh folder before
 the workers start, so every worker writes its samples there and any worker's ``/metrics`` sums
 them (prometheus-client's multiprocess mode); a dead worker's gauges are dropped by the
-``child_exit`` hook. Without that variable (``python mock_server.py``, tests in one process)
+``child_exit`` hook (``utils.metrics_dir``, which gunicorn's master imports instead of this module:
+importing this one creates the metrics, and their files, in the importing process). Without that variable (``python mock_server.py``, tests in one process)
 the process's own registry is served.
 
 The DICOM node reports through ``record_dicom_received``, ``record_dicom_sent`` and
@@ -12,7 +13,6 @@ The DICOM node reports through ``record_dicom_received``, ``record_dicom_sent`` 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -101,16 +101,3 @@ def render(multiproc_dir: Path | None, extra: tuple[Collector, ...] = ()) -> tup
     for collector in extra:
         registry.register(collector)
     return generate_latest(registry), CONTENT_TYPE_LATEST
-
-
-def prepare_multiproc_dir(path: Path) -> None:
-    """Empty (or create) the multiprocess folder at server start: old samples would be summed in."""
-    path.mkdir(parents=True, exist_ok=True)
-    for stale in path.glob("*.db"):
-        stale.unlink()
-
-
-def worker_exited(multiproc_dir: Path | None, pid: int) -> None:
-    """gunicorn ``child_exit`` hook: drop the live gauges of a dead worker."""
-    if multiproc_dir is not None and os.path.isdir(multiproc_dir):
-        multiprocess.mark_process_dead(pid, str(multiproc_dir))
