@@ -30,6 +30,7 @@ from handlers.registry import Handler
 from utils import metrics, protocol
 from utils.config import Settings, get_settings
 from utils.dicom import study_folder_files
+from utils.dicom_validation import validate_instances
 from utils.errors import BadRequest, Forbidden, GatewayError, Unauthorized
 from utils.multipart import (
     PartSpool,
@@ -145,6 +146,7 @@ class Gateway(Flask):
         log.info("received %d parts, %d bytes", len(body.parts), body.bytes_read)
         try:
             json_input = request_json(body)
+            validate_instances(body.parts[1:], max_series_voxels=self.settings.max_series_voxels)
             response_json, buffers = handler(json_input, body.parts[1:], body.input_hash)
             response_json, buffers = protocol.prepare_output(response_json, buffers)
         except BaseException:

@@ -30,6 +30,7 @@ from handlers.registry import REGISTRY
 from utils import protocol
 from utils.config import Settings
 from utils.dicom import study_folder_files
+from utils.dicom_validation import validate_instances
 from utils.errors import BadRequest, GatewayError, NotFound, UnsupportedMediaType
 from utils.jobs import COMPLETED, FAILED, QUEUED, RUNNING, UNFINISHED, Job, JobRunner, JobStore, LocalPoolRunner
 from utils.metrics import JobCountsCollector
@@ -94,6 +95,7 @@ class JobExecutor:
             bind_request_tags({"job": job.uid, "input_hash": body.input_hash})
             log.info("job %s: %s on %d files of %s (input_hash=%s)", job.uid, job.command, len(files), job.in_dir,
                      body.input_hash)
+            validate_instances(body.parts[1:], max_series_voxels=self.settings.max_series_voxels)
             response_json, buffers = REGISTRY.get(job.command).handler(json_input, body.parts[1:], body.input_hash)
             response_json, buffers = protocol.prepare_output(response_json, buffers)
             shutil.rmtree(partial, ignore_errors=True)
