@@ -32,6 +32,7 @@ from utils.config import Settings, get_settings
 from utils.dicom import study_folder_files
 from utils.dicom_validation import validate_instances
 from utils.errors import BadRequest, Forbidden, GatewayError, Unauthorized
+from utils.limits import check_response_size
 from utils.multipart import (
     PartSpool,
     ParsedBody,
@@ -153,6 +154,11 @@ class Gateway(Flask):
             spool.close()
             raise  # answered by the error handlers below (or by the app's own, when registered)
         json_bytes = json.dumps(response_json).encode()
+        try:
+            check_response_size(buffers, len(json_bytes), self.settings.max_response_bytes)
+        except BaseException:
+            spool.close()
+            raise
         parts = [(protocol.JSON_CONTENT_TYPE, json_bytes)]
         parts += [(protocol.content_type_for(p["binary_type"]), b) for p, b in zip(response_json["parts"], buffers)]
         encoded = encode_multipart_related(parts, input_hash=body.input_hash)

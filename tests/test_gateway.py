@@ -261,3 +261,54 @@ def test_protocol_module_is_what_the_gateway_enforces():
     import gateway
 
     assert gateway.protocol is protocol
+
+
+# -- hostile input: corrupt DICOM, limits, JSON, paths (issue 19) --------------------------------
+def test_corrupt_dicom_is_422_naming_the_part_before_the_handler_runs(study, tmp_path):
+    ran = []
+
+    def handler(json_input, instances, input_hash):
+        ran.append(True)
+        return echo_series_mask(json_input, instances, input_hash)
+
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes(study[2].read_bytes()[:-200])
+    response = post(make_gateway(handler).test_client(), [*study[:2], truncated])
+    assert response.status_code == 422 and ran == []
+    assert "part 3 (file 'truncated.dcm')" in response.json["error"] and "truncated" in response.json["error"]
+    assert len(response.json["input_hash"]) == 64
+
+
+def test_series_over_the_voxel_limit_is_422_before_the_handler_runs(study):
+    response = post(make_gateway(max_series_voxels=3 * 32 * 40).test_client(), study)  # 8 slices sent
+    assert response.status_code == 422 and "INFERENCE_MAX_SERIES_VOXELS" in response.json["error"]
+
+
+def test_response_over_the_byte_limit_is_413(study):
+    response = post(make_gateway(max_response_bytes=4096).test_client(), study)  # the mask is 10,240 bytes
+    assert response.status_code == 413 and "INFERENCE_MAX_RESPONSE_BYTES" in response.json["error"]
+
+
+@pytest.mark.parametrize("json_input, words", [
+    ({"a": json.loads("[" * 40 + "]" * 40)}, "nested too deeply"),
+    ({"sigma_mm": 10**300}, "parameter sigma_mm is an integer of 301 digits"),
+])
+def test_hostile_request_json_is_400_naming_the_parameter(study, json_input, words):
+    response = post(make_gateway().test_client(), study, json_input)
+    assert response.status_code == 400 and words in response.json["error"]
+
+
+def test_json_nested_a_thousand_levels_is_400(study):
+    client = make_gateway().test_client()
+    response = client.post("/", data=b"[" * 1000 + b"]" * 1000, content_type="application/json")
+    assert response.status_code == 400 and "nested too deeply" in response.json["error"]
+
+
+def test_over_long_study_path_is_400_without_the_root(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    client = make_gateway(data_root=root).test_client()
+    for path in ["a" * 5000, ("b" * 200 + "/") * 8]:
+        response = client.post("/", json={"studyPath": path})
+        assert response.status_code == 400 and "too long" in response.json["error"]
+        assert str(root) not in response.text and str(tmp_path) not in response.text

@@ -63,9 +63,9 @@ class Settings:
     #: arriving for utils.gunicorn_worker.UPLOAD_GRACE_SECONDS (5 s; 408 below it); 0 turns the check off.
     min_upload_rate: int = field(default=32 * 1024, metadata={"env": "INFERENCE_MIN_UPLOAD_RATE"})
     #: INFERENCE_MAX_SERIES_VOXELS: largest series (rows x columns x frames x instances) read (422 above).
-    max_series_voxels: int = field(default=512 * 1024**2, metadata={"env": "INFERENCE_MAX_SERIES_VOXELS"})
+    max_series_voxels: int = field(default=256 * 1024**2, metadata={"env": "INFERENCE_MAX_SERIES_VOXELS"})
     #: INFERENCE_MAX_RESPONSE_BYTES: largest response body a handler may produce (413 above).
-    max_response_bytes: int = field(default=2 * 1024**3, metadata={"env": "INFERENCE_MAX_RESPONSE_BYTES"})
+    max_response_bytes: int = field(default=1024**3, metadata={"env": "INFERENCE_MAX_RESPONSE_BYTES"})
     #: PROMETHEUS_MULTIPROC_DIR: folder where gunicorn's workers keep their metrics (prometheus-client's
     #: variable); gunicorn.conf.py empties it at start, or makes a temporary one when unset.
     metrics_dir: Path | None = field(default=None, metadata={"env": "PROMETHEUS_MULTIPROC_DIR"})
