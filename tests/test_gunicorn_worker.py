@@ -136,3 +136,22 @@ def test_slow_senders_do_not_starve_probes_or_clients(live, study):
     assert all(line.startswith(b"HTTP/1.1 408") for line in outcomes), outcomes
     print(f"healthcheck median {statistics.median(latencies):.3f}s max {max(latencies):.3f}s; "
           f"valid request served after {served_after:.1f}s")
+
+
+def test_paced_socket_gives_up_on_a_slow_sender_and_on_silence():
+    from utils.gunicorn_worker import PacedSocket, set_socket_timeouts
+
+    server, client = socket.socketpair()
+    with server, client:
+        paced = PacedSocket(server, min_rate=1000, read_timeout=0.3, grace=0.2)
+        client.sendall(b"x" * 10)
+        assert paced.recv(100) == b"x" * 10  # within the grace time: fine
+        time.sleep(0.25)
+        client.sendall(b"y")
+        with pytest.raises(TimeoutError, match="under the minimum of 1000 bytes/s"):
+            paced.recv(100)
+        set_socket_timeouts(server, 0.3)
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match="no data for 0.3 s"):
+            PacedSocket(server, min_rate=0, read_timeout=0.3).recv(100)
+        assert 0.2 < time.monotonic() - started < 2
