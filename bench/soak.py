@@ -3,8 +3,8 @@
     python -m bench.soak                       # 10 minutes, 16 clients (what bench/README.md reports)
     python -m bench.soak --minutes 2 --clients 8
 
-Starts the gateway with the shipped ``gunicorn.conf.py`` (a small in-memory spool budget, so
-request parts spill to temp files too) and runs ``--clients`` threads for ``--minutes``, each
+Starts the gateway with the shipped ``gunicorn.conf.py`` (mocks enabled, a small in-memory spool
+budget, so request parts spill to temp files too) and runs ``--clients`` threads for ``--minutes``, each
 picking at random: a valid small-study request (60 %), an invalid one (corrupt DICOM, bad JSON,
 unknown command, deeply nested JSON, a header gunicorn refuses: 20 %), an aborted upload (half
 the body, then the connection closes: 10 %) or a slow sender (under the minimum upload rate:
@@ -80,7 +80,7 @@ class Soak:
         corrupt = bytearray(files[3].read_bytes())
         corrupt_file = Path(tempfile.mkdtemp(prefix="soak-")) / "corrupt.dcm"
         corrupt_file.write_bytes(bytes(corrupt[: len(corrupt) // 2]))
-        self.corrupt_body, self.corrupt_type = multipart_body([*files[:3], corrupt_file], {})
+        self.corrupt_body, self.corrupt_type = multipart_body([*files[:3], corrupt_file], {"inference_command": COMMAND})
         self.seed = seed
         self.lock = threading.Lock()
         self.latencies: list[float] = []
@@ -210,7 +210,8 @@ def percentile(values: list[float], q: float) -> float | None:
 def run(minutes: float, clients: int, seed: int) -> dict:
     files = cached_study("small", (24, 256, 256))
     spool_dir = Path(tempfile.mkdtemp(prefix="soak-spool-"))
-    os.environ.update({"INFERENCE_SPOOL_DIR": str(spool_dir), "INFERENCE_SPOOL_MEMORY_BYTES": str(1024 * 1024)})
+    os.environ.update({"INFERENCE_SPOOL_DIR": str(spool_dir), "INFERENCE_SPOOL_MEMORY_BYTES": str(1024 * 1024),
+                       "INFERENCE_ENABLE_MOCKS": "1"})
     server = Server("soak")
     try:
         soak = Soak(server, files, seed)

@@ -22,7 +22,8 @@ from utils.gunicorn_worker import error_response_bytes, parser_error_answer
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
     """The shipped 2 workers x 4 request threads, a short read timeout and the default minimum upload rate."""
-    running = RunningServer({"INFERENCE_READ_TIMEOUT": "5", "INFERENCE_WORKERS": "2"}, tmp_path_factory.mktemp("worker"))
+    running = RunningServer({"INFERENCE_READ_TIMEOUT": "5", "INFERENCE_WORKERS": "2", "INFERENCE_ENABLE_MOCKS": "1"},
+                            tmp_path_factory.mktemp("worker"))
     yield running
     running.stop()
 

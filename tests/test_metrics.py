@@ -20,6 +20,7 @@ def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("metrics")
     write_study(root / "data" / "study", shape=(4, 16, 16))
     server = RunningServer({"INFERENCE_WORKERS": "2", "INFERENCE_THREADS": "2", "INFERENCE_API_TOKEN": TOKEN,
+                            "INFERENCE_ENABLE_MOCKS": "1",
                             "INFERENCE_DATA_ROOT": str(root / "data"), "INFERENCE_OUTPUT_ROOT": str(root / "jobs"),
                             "PROMETHEUS_MULTIPROC_DIR": str(root / "prometheus")}, root)
     server.metrics_dir = root / "prometheus"
