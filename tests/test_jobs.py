@@ -248,7 +248,8 @@ def test_partial_outputs_of_interrupted_jobs_are_removed_at_start_up(roots):
 
     settings = dataclasses.replace(Settings(), data_root=data, output_root=output)
     runner = KeepsLiveOwner(store, lambda job: None, workers=1, lock_dir=output / ".owners")
-    add_job_routes(Gateway(__name__, settings=settings), settings, store=store, runner=runner)
+    pipeline = Pipeline(settings)
+    add_job_routes(Gateway(__name__, pipeline=pipeline), pipeline, store=store, runner=runner)
     assert store.get(killed.uid).error == INTERRUPTED
     assert not (output / f"{killed.uid}.partial").exists()
     assert (output / f"{live.uid}.partial").is_dir()  # its job may still finish
