@@ -61,6 +61,18 @@ def test_counts_are_summed_over_the_workers(served):
         assert ("inference_http_response_bytes_bucket", (("le", "+Inf"), ("route", "/models"))) in samples
 
 
+def test_requests_refused_by_gunicorns_parser_are_counted(served):
+    import socket
+
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", served.port), timeout=10) as sock:
+            sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: foo\r\n\r\n")
+            assert sock.recv(100).startswith(b"HTTP/1.1 501")
+    samples = scrape(served)
+    assert samples[("inference_http_requests_total", (("command", "-"), ("route", "unparsed"),
+                                                      ("status", "501")))] == 3
+
+
 def test_job_gauges_come_from_the_store(served):
     auth = {"Authorization": f"Bearer {TOKEN}"}
     response = requests.post(f"{served.url}/job/", json={"job_name": "get-probability-mask", "in_dir": "study"},

@@ -205,11 +205,16 @@ class GatewayWorker(ThreadWorker):
             self.log.exception("error handling request from %s", (addr or ("",))[0])
         else:
             self.log.warning("invalid request from %s: %s (%d)", (addr or ("",))[0], exc, status)
+        answer = error_response_bytes(status, reason, message)
         try:
             client.setblocking(True)
-            client.sendall(error_response_bytes(status, reason, message))
+            client.sendall(answer)
         except OSError:
             self.log.debug("could not send the error response; the client went away")
+        # imported here: gunicorn's master imports this module, and must not create metric files itself
+        from utils.metrics import observe_request
+
+        observe_request("unparsed", None, status, 0.0, 0, len(answer))
 
     def handle_quit(self, sig, frame) -> None:
         self.probe_pool.shutdown(wait=False)
