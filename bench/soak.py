@@ -86,6 +86,7 @@ class Soak:
         self.latencies: list[float] = []
         self.outcomes: Counter = Counter()
         self.problems: list[str] = []
+        self.local = threading.local()
 
     def record(self, kind: str, status: int | str, seconds: float | None = None, problem: str | None = None) -> None:
         with self.lock:
@@ -93,7 +94,7 @@ class Soak:
             if seconds is not None:
                 self.latencies.append(seconds)
             if problem and len(self.problems) < 20:
-                self.problems.append(problem)
+                self.problems.append(f"{problem} (session connection idle {self.local.idle:.1f} s before)")
 
     # -- request kinds -------------------------------------------------------------------
     def valid(self, session: requests.Session, rng: random.Random) -> None:
@@ -175,12 +176,17 @@ class Soak:
         rng = random.Random(self.seed * 1000 + index)
         session = requests.Session()
         names, weights = zip(*KINDS)
+        last_session_use = time.monotonic()
         while time.monotonic() < deadline:
             kind = rng.choices(names, weights)[0]
+            # how long the session's kept-alive connection sat unused, for the problems list
+            self.local.idle = time.monotonic() - last_session_use
             try:
                 getattr(self, kind)(session, rng)
             except Exception as exc:  # a client-side failure of an invalid/aborted/slow request
                 self.record(kind, "client-error", problem=f"{kind}: {type(exc).__name__}: {exc}"[:300])
+            if kind in ("valid", "invalid"):
+                last_session_use = time.monotonic()
 
 
 def read_rest(sock: socket.socket) -> bytes:
