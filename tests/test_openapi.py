@@ -9,7 +9,8 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-OPERATIONS = ["GET /healthcheck", "GET /metrics", "GET /models", "POST /job/", "GET /query/{uid}", "POST /"]
+OPERATIONS = ["GET /healthcheck", "GET /metrics", "GET /models", "GET /models/{family}", "POST /job/",
+              "GET /query/{uid}", "POST /"]
 
 
 def test_document_lists_the_served_commands(server):

@@ -45,6 +45,12 @@ def openapi_document(commands: list[str], job_names: list[str], *, token_require
             "summary": "The inference commands served", "operationId": "listModels",
             "responses": {"200": _json({"$ref": "#/components/schemas/Models"}, "served commands"),
                           **_errors(*auth_errors)}}},
+        "/models/{family}": {"get": {
+            "summary": "A model family of the registry: its versions and which one is the default",
+            "operationId": "showModelFamily",
+            "parameters": [{"name": "family", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"200": _json({"type": "object"}, "the family"),
+                          "404": _json(ERROR, "no such family"), **_errors(*auth_errors)}}},
         "/job/": {"post": {
             "summary": "Run a command as a job on a folder of the data root", "operationId": "submitJob",
             "requestBody": {"required": True, "content": {"application/json": {
@@ -80,7 +86,8 @@ def openapi_document(commands: list[str], job_names: list[str], *, token_require
             "Error": {"type": "object", "required": ["error"],
                       "properties": {"error": {"type": "string"}, "input_hash": {"type": "string"}}},
             "Models": {"type": "object", "required": ["default_command", "models"],
-                       "properties": {"default_command": {"type": "string"},
+                       "properties": {"default_command": {"type": "string", "nullable": True},
+                                      "families": {"type": "object"},
                                       "models": {"type": "array", "items": {
                                           "type": "object", "required": ["inference_command", "route"],
                                           "properties": {"inference_command": {"type": "string", "enum": commands},
