@@ -87,7 +87,7 @@ def openapi_document(commands: list[str], job_names: list[str], *, token_require
                       "properties": {"error": {"type": "string"}, "input_hash": {"type": "string"}}},
             "Models": {"type": "object", "required": ["default_command", "models"],
                        "properties": {"default_command": {"type": "string", "nullable": True},
-                                      "families": {"type": "object"},
+                                      "families": {"type": "array", "items": {"type": "object"}},
                                       "models": {"type": "array", "items": {
                                           "type": "object", "required": ["inference_command", "route"],
                                           "properties": {"inference_command": {"type": "string", "enum": commands},
