@@ -33,7 +33,7 @@ from bench.floor import SIZE_HEADER
 from bench.study import CACHE_DIR, cached_study
 from utils.client import (InferenceRequestError, InferenceResult, build_multipart_request, decode_response,
                           related_content_type)
-from utils.config import PROJECT_ROOT, Settings, get_settings
+from utils.config import PROJECT_ROOT, get_settings
 
 log = logging.getLogger("bench")
 
@@ -46,9 +46,8 @@ MASK_ONLY_APP = f"mock_server:create_app({MASK_COMMAND!r})"
 SECTIONS = ("large", "small", "blur", "hippocampus")
 TARGETS = {"large_ratio": ("<=", 1.3), "rss_to_payload": ("<=", 1.5), "small_8_ratio": (">=", 0.85),
            "hippocampus_model_s": ("<=", 0.35), "hippocampus_fast_model_s": ("<=", 0.08)}
-#: The fast hippocampus version's inference settings (issue 14): member 0 alone, no mirrored pass,
-#: chosen on the validation split (models/MODEL_CARD.md, "Inference settings and speed").
-FAST_HIPPOCAMPUS = {"members": [0], "flips": False}
+#: The registry's fast hippocampus version (models/manifest.yaml): member 0 alone, no mirrored pass.
+FAST_HIPPOCAMPUS_VERSION = "1.0-fast"
 
 
 # -- servers -------------------------------------------------------------------------------
@@ -268,6 +267,7 @@ def measure_hippocampus(ours: Server, repeats: int) -> dict:
     """
     if not STUDY1.is_dir():
         return {"hippocampus_skipped": "needs ../shared/data/studies/Study1 (absent on this machine)"}
+    from handlers import load_handlers
     from utils.dicom import dicom_files_in
     from utils.pipeline import Pipeline
 
@@ -280,6 +280,7 @@ def measure_hippocampus(ours: Server, repeats: int) -> dict:
     else:
         out["hippocampus_roundtrip_skipped"] = f"{HIPPOCAMPUS_COMMAND} is not served (GET /models)"
     settings = get_settings()
+    load_handlers()  # registers the handlers the pipeline looks commands up in
     pipeline = Pipeline(settings, commands=[HIPPOCAMPUS_COMMAND])
     failed = pipeline.warm_up().failed
     if failed:
@@ -292,32 +293,12 @@ def measure_hippocampus(ours: Server, repeats: int) -> dict:
     out["hippocampus_model_s"] = round(statistics.median(m["inference_seconds"] for m in measures), 4)
     out["hippocampus_pipeline_s"] = round(statistics.median(r.seconds for r in runs), 4)
     out["hippocampus_crop_shape"] = runs[0].response_json["parts"][0]["binary_data_shape"]
-    out["hippocampus_fast_model_s"] = fast_hippocampus_model_s(settings, files, repeats)
+    fast = {**request, "model_version": FAST_HIPPOCAMPUS_VERSION}
+    pipeline.run_files(fast, files)  # warm-up (loads the version)
+    fast_measures = [next(iter(pipeline.run_files(fast, files).response_json["series_ml_json"].values()))
+                     for _ in range(repeats)]
+    out["hippocampus_fast_model_s"] = round(statistics.median(m["inference_seconds"] for m in fast_measures), 4)
     return out
-
-
-def fast_hippocampus_model_s(settings: Settings, files: Sequence[Path], repeats: int) -> float:
-    """Median seconds of the fast version (``FAST_HIPPOCAMPUS``) on the study's crop, as the model sees it."""
-    from handlers.hippocampus import find_crop_series, to_model_orientation, with_pixels
-    from models.segmenter import HippocampusSegmenter
-    from utils.dicom import group_by_series, load_instances, load_volume
-
-    parts = [open(path, "rb") for path in files]
-    try:
-        headers = load_instances(parts, stop_before_pixels=True)
-        volume = load_volume(with_pixels(find_crop_series(group_by_series(headers), settings.hippocampus_series)))
-    finally:
-        for part in parts:
-            part.close()
-    voxels, _ = to_model_orientation(volume)
-    segmenter = HippocampusSegmenter.load(settings.model_path, **FAST_HIPPOCAMPUS)
-    segmenter.segment(voxels)  # warm-up
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        segmenter.segment(voxels)
-        times.append(time.perf_counter() - started)
-    return round(statistics.median(times), 4)
 
 
 def targets_met(results: dict) -> dict:
