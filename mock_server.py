@@ -24,9 +24,10 @@ import yaml
 from gateway import Gateway
 from handlers import REGISTRY, load_handlers
 from utils.config import Settings, get_settings
-from utils.job_api import add_job_routes
 from models.registry import ManifestError, registry_for
 from utils.errors import BadRequest, NotFound
+from utils.job_api import add_job_routes, known_job_names
+from utils.openapi import openapi_document
 from utils.pipeline import Pipeline
 
 log = logging.getLogger("inference.server")
@@ -105,6 +106,12 @@ def create_app(mode: str | None = None, settings: Settings | None = None, *,
             return flask.jsonify(registry.family(family).describe(registry.failures))
         except BadRequest as exc:
             raise NotFound(exc.message) from None
+
+    @app.get("/openapi.json")
+    def openapi():
+        return flask.jsonify(openapi_document([spec.command for spec in pipeline.specs],
+                                              sorted(known_job_names(pipeline)),
+                                              token_required=bool(settings.api_token)))
 
     def warm_up() -> None:
         health["status"] = pipeline.warm_up().health()

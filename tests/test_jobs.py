@@ -231,6 +231,30 @@ def test_interrupted_job_is_reported_failed_by_the_api(roots):
     assert response.get_json() == {"msg": "Job has failed", "error": INTERRUPTED}
 
 
+def test_partial_outputs_of_interrupted_jobs_are_removed_at_start_up(roots):
+    data, output = roots
+    store = JobStore(output / "jobs.sqlite3")
+    killed = store.add(Job("3dblur", "gaussian-blur-3d", "s", owner="1-stopped"))
+    store.mark_running(killed.uid)
+    live = store.add(Job("3dblur", "gaussian-blur-3d", "s", owner="2-alive"))
+    store.mark_running(live.uid)
+    for uid in (killed.uid, live.uid):
+        (output / f"{uid}.partial").mkdir()
+        (output / f"{uid}.partial" / "output_masks_0000.raw").write_bytes(b"half")
+
+    class KeepsLiveOwner(LocalPoolRunner):
+        def recover(self):  # the owner "2-alive" stands for a worker that is still running its job
+            return self.store.fail_unfinished_of("1-stopped", INTERRUPTED)
+
+    settings = dataclasses.replace(Settings(), data_root=data, output_root=output)
+    runner = KeepsLiveOwner(store, lambda job: None, workers=1, lock_dir=output / ".owners")
+    pipeline = Pipeline(settings)
+    add_job_routes(Gateway(__name__, pipeline=pipeline), pipeline, store=store, runner=runner)
+    assert store.get(killed.uid).error == INTERRUPTED
+    assert not (output / f"{killed.uid}.partial").exists()
+    assert (output / f"{live.uid}.partial").is_dir()  # its job may still finish
+
+
 def _pids_logging(log: str, text: str) -> set[str]:
     """Process ids of the log lines holding ``text`` (logging.yaml puts the pid in field 4)."""
     return {line.split()[3] for line in log.splitlines() if text in line}

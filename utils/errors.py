@@ -49,6 +49,12 @@ class Conflict(GatewayError):
     status = 409
 
 
+class RequestTimeout(GatewayError):
+    """The request body stalled or arrived slower than the minimum upload rate (408)."""
+
+    status = 408
+
+
 class PayloadTooLarge(GatewayError):
     """Body larger than the configured limit (413)."""
 

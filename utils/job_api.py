@@ -31,16 +31,20 @@ from flask import request
 
 from utils import protocol
 from utils.dicom import study_folder_files
-from utils.errors import BadRequest, Conflict, GatewayError, NotFound
-from utils.jobs import COMPLETED, FAILED, QUEUED, Job, JobRunner, JobStore, LocalPoolRunner
+from utils.errors import BadRequest, Conflict, GatewayError, NotFound, UnsupportedMediaType
+from utils.jobs import COMPLETED, FAILED, QUEUED, RUNNING, UNFINISHED, Job, JobRunner, JobStore, LocalPoolRunner
+from utils.metrics import JobCountsCollector
 from utils.paths import is_inside
 from utils.pipeline import Pipeline
+from utils.request_json import parse_json_object
 from utils.tagged_logger import TaggedLogger, bind_request_tags
 
 log = TaggedLogger(logging.getLogger("inference.jobs"))
 
 #: Job names of the seed's clients, mapped to the inference command they run.
 JOB_ALIASES = {"3dblur": "gaussian-blur-3d"}
+#: Job states reported by /metrics.
+JOB_STATES = (QUEUED, RUNNING, COMPLETED, FAILED)
 #: Keys of the job JSON that are about the job, not parameters of the handler.
 JOB_KEYS = ("job_name", "in_dir")
 
@@ -111,12 +115,32 @@ class JobExecutor:
             self.store.mark_failed(job.uid, exc.message, exc.status)
         except Exception as exc:
             log.error("job %s: handler %s failed:\n%s", job.uid, job.command, traceback.format_exc())
-            self.store.mark_failed(job.uid, f"the handler failed: {type(exc).__name__}: {exc}", 500)
+            self.store.mark_failed(job.uid, "internal error while running the job; the detail is in the server "
+                                            f"log under job {job.uid}", 500)
         else:
             self.store.mark_completed(job.uid, str(output))
             log.info("job %s completed: %d outputs in %s", job.uid, len(result.buffers), output)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
+
+
+def remove_debris(output_root: Path, store: JobStore) -> list[Path]:
+    """Delete the ``<uid>.partial`` folders of jobs that are no longer queued or running; their paths.
+
+    A job killed mid-write leaves one behind. It goes once the job is marked failed (``interrupted``,
+    at start-up) or is unknown; a folder of a job some live worker still runs is kept.
+    """
+    removed = []
+    for partial in sorted(Path(output_root).glob("*.partial")):
+        job = store.get(partial.name.removesuffix(".partial"))
+        if job is not None and job.status in UNFINISHED:
+            continue
+        shutil.rmtree(partial, ignore_errors=True)
+        removed.append(partial)
+    if removed:
+        log.warning("removed %d unfinished output folders of stopped jobs: %s", len(removed),
+                    ", ".join(p.name for p in removed))
+    return removed
 
 
 def job_request_json(job: Job) -> dict:
@@ -126,9 +150,10 @@ def job_request_json(job: Job) -> dict:
 
 def job_from_request(pipeline: Pipeline) -> Job:
     """The job a ``POST /job/`` asks for, checked up front: name, parameters, folder, DICOM present."""
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise BadRequest('the job must be a JSON object: {"job_name": "3dblur", "in_dir": "<folder>", ...}')
+    if request.mimetype != "application/json":
+        raise UnsupportedMediaType('send the job as Content-Type: application/json: '
+                                   '{"job_name": "3dblur", "in_dir": "<folder>", ...}')
+    body = parse_json_object(request.get_data(cache=False), "the job")
     names = known_job_names(pipeline)
     job_name, in_dir = body.get("job_name"), body.get("in_dir")
     if not isinstance(job_name, str) or job_name not in names:
@@ -155,6 +180,9 @@ def add_job_routes(app: flask.Flask, pipeline: Pipeline, *, store: JobStore | No
     runner = runner or LocalPoolRunner(store, JobExecutor(store, pipeline), workers=settings.job_workers,
                                        lock_dir=output_root / ".owners")
     runner.recover()
+    remove_debris(output_root, store)
+    if hasattr(app, "metrics_collectors"):  # a Gateway: /metrics counts jobs by state from the store
+        app.metrics_collectors.append(JobCountsCollector(store.count_by_status, JOB_STATES))
 
     @app.post("/job/", strict_slashes=False)  # POST /job answers too, without a redirect
     def submit_job():
