@@ -642,9 +642,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except InferenceRequestError as exc:
         print(f"error: the server answered HTTP {exc.status}: {exc.message}", file=sys.stderr)
-        if args.include_study_size and re.search(r"parameter '(depth|height|width)'", exc.message):
-            print("(-S adds depth, height and width to the request JSON; this server does not take them: "
-                  "leave -S out)", file=sys.stderr)
     except ToolError as exc:
         print(f"error: {exc}", file=sys.stderr)
     return 1
