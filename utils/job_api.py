@@ -7,6 +7,7 @@
                          had as a request (400/403/422 for bad input, 500 for a server-side failure
                          or a job ``interrupted`` by a stopped server)
                       -> 404 for an unknown uid
+                      every answer for a job also carries "attempts": how many times a worker started it
 
 A job name is a registered inference command, or an alias of one (``JOB_ALIASES``). The job's
 other JSON keys, plus ``inference_command``, are the handler's request JSON; the handler gets the
@@ -72,17 +73,28 @@ def write_outputs(folder: Path, response_json: dict, buffers: list) -> None:
 
 
 class JobExecutor:
-    """Runs one job: its handler on its folder's DICOM files, outputs written, state recorded."""
+    """Runs one job: its handler on its folder's DICOM files, outputs written, state recorded.
 
-    def __init__(self, store: JobStore, settings: Settings) -> None:
+    Exceptions of the ``reraise`` types are not recorded but raised to the runner, which decides
+    (the celery runner retries transient errors and fails timeouts). Running a job again after its
+    output folder appeared only records it completed: a re-delivered job is not written twice.
+    """
+
+    def __init__(self, store: JobStore, settings: Settings, *,
+                 reraise: tuple[type[BaseException], ...] = ()) -> None:
         self.store = store
         self.settings = settings
+        self.reraise = reraise
 
     def __call__(self, job: Job) -> None:
-        spool = PartSpool(self.settings.spool_memory_bytes, self.settings.spool_dir)
         output = Path(self.settings.output_root) / job.uid
         partial = output.with_name(f"{job.uid}.partial")
         bind_request_tags({"job": job.uid})
+        if output.is_dir():  # an earlier attempt finished it (the folder appears only once whole)
+            log.info("job %s: output already complete in %s", job.uid, output)
+            self.store.mark_completed(job.uid, str(output))
+            return
+        spool = PartSpool(self.settings.spool_memory_bytes, self.settings.spool_dir)
         try:
             files = study_files(self.settings.data_root, job.in_dir)
             json_input = {**job.params, "inference_command": job.command}
@@ -95,6 +107,8 @@ class JobExecutor:
             shutil.rmtree(partial, ignore_errors=True)
             write_outputs(partial, response_json, buffers)
             os.replace(partial, output)
+        except self.reraise:
+            raise
         except GatewayError as exc:
             log.warning("job %s failed (%d): %s", job.uid, exc.status, exc.message)
             self.store.mark_failed(job.uid, exc.message, exc.status)
@@ -130,9 +144,16 @@ def add_job_routes(app: flask.Flask, settings: Settings, *, store: JobStore | No
     """Serve ``POST /job/`` and ``GET /query/<uid>`` on ``app``; recover interrupted jobs first.
 
     Default store: ``<INFERENCE_OUTPUT_ROOT>/jobs.sqlite3``; default runner: a local pool of
-    ``INFERENCE_JOB_WORKERS`` threads.
+    ``INFERENCE_JOB_WORKERS`` threads. ``INFERENCE_JOB_BACKEND=celery``: records in Redis, jobs
+    run by celery workers (``utils.celery_jobs``).
     """
     output_root = Path(settings.output_root)
+    if store is None and runner is None and settings.job_backend == "celery":
+        from utils.celery_jobs import celery_backend  # celery is imported only by servers that use it
+
+        store, runner = celery_backend(settings)
+    elif settings.job_backend not in ("local", "celery"):
+        raise ValueError(f"INFERENCE_JOB_BACKEND must be 'local' or 'celery', got {settings.job_backend!r}")
     store = store or JobStore(output_root / "jobs.sqlite3")
     runner = runner or LocalPoolRunner(store, JobExecutor(store, settings), workers=settings.job_workers,
                                        lock_dir=output_root / ".owners")
@@ -155,9 +176,12 @@ def add_job_routes(app: flask.Flask, settings: Settings, *, store: JobStore | No
         if job is None:
             raise NotFound(f"no job with uid {uid!r}; POST /job/ answers the uid of a new job")
         if job.status == COMPLETED:
-            return flask.jsonify({"msg": "Job has completed", "output_dir": job.output_dir}), 200
+            return flask.jsonify({"msg": "Job has completed", "output_dir": job.output_dir,
+                                  "attempts": job.attempts}), 200
         if job.status == FAILED:
-            return flask.jsonify({"msg": "Job has failed", "error": job.error}), job.error_status or 500
-        return flask.jsonify({"msg": "Job is queued" if job.status == QUEUED else "Job is running"}), 202
+            return flask.jsonify({"msg": "Job has failed", "error": job.error,
+                                  "attempts": job.attempts}), job.error_status or 500
+        return flask.jsonify({"msg": "Job is queued" if job.status == QUEUED else "Job is running",
+                              "attempts": job.attempts}), 202
 
     return runner

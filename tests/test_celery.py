@@ -1,0 +1,405 @@
+"""The celery job backend with the real thing: redis-server, celery worker processes, jobs over HTTP.
+
+Each cluster gets its own redis-server (free port, no persistence) and workers started with
+``celery -A worker worker``; the API is the gunicorn server (``INFERENCE_JOB_BACKEND=celery``) or
+an in-process gateway with the same settings. Visibility timeouts are seconds here, so a killed
+worker's job comes back quickly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import redis
+import requests
+
+import handlers.gaussian_blur  # noqa: F401  (registers the blur for the in-process gateways)
+import handlers.hippocampus  # noqa: F401  (registers get-hippocampus-volume, routed to the gpu queue)
+import handlers.mock  # noqa: F401
+from gateway import Gateway
+from handlers.registry import REGISTRY
+from tests.conftest import PROJECT_ROOT, RunningServer, free_port, write_study
+from utils.celery_jobs import CeleryRunner, make_celery
+from utils.client import build_multipart_request
+from utils.config import Settings
+from utils.errors import ServiceUnavailable
+from utils.job_api import add_job_routes
+from utils.jobs import Job
+from utils.redis_jobs import RedisJobStore
+
+REDIS_SERVER = shutil.which("redis-server")
+if REDIS_SERVER is None and not os.environ.get("CI"):
+    pytest.skip("needs redis-server (Debian package redis-server; .ci/run installs it)", allow_module_level=True)
+
+
+class RedisServer:
+    """A redis-server on a free loopback port, without persistence, in a subprocess."""
+
+    def __init__(self, log_dir: Path, port: int | None = None) -> None:
+        assert REDIS_SERVER, "redis-server is not installed: apt-get install -y redis-server (CI must have it)"
+        self.port = port or free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._log = open(Path(log_dir) / f"redis-{self.port}.log", "ab")
+        self.process = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(log_dir)], stdout=self._log, stderr=subprocess.STDOUT)
+        client = redis.Redis.from_url(self.url)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                assert self.process.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+        self._log.close()
+
+
+class CeleryWorker:
+    """``celery -A worker worker`` in its own process group (so SIGKILL takes the pool with it)."""
+
+    def __init__(self, name: str, env: dict[str, str], log_dir: Path, args: tuple[str, ...] = ()) -> None:
+        self.name = f"{name}@test"
+        self.log_path = Path(log_dir) / f"worker-{name}.log"
+        self._log = open(self.log_path, "wb")
+        command = [sys.executable, "-m", "celery", "-A", "worker", "worker", "--concurrency", "1", "-n", self.name,
+                   "--without-mingle", "--without-gossip", *args]
+        self.process = subprocess.Popen(command, cwd=PROJECT_ROOT, env={**os.environ, **env}, stdout=self._log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 120) -> "CeleryWorker":
+        deadline = time.monotonic() + timeout
+        while f"{self.name} ready." not in self.log():
+            assert self.process.poll() is None, f"worker exited with {self.process.returncode}:\n{self.log()}"
+            assert time.monotonic() < deadline, f"worker not ready after {timeout}s:\n{self.log()}"
+            time.sleep(0.1)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL the worker and its pool processes: a machine that died."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._log.close()
+
+
+@dataclasses.dataclass
+class Cluster:
+    """A redis-server, the worker environment and the roots they share; workers started on demand."""
+
+    root: Path
+    redis: RedisServer
+    env: dict[str, str]
+    workers: list[CeleryWorker] = dataclasses.field(default_factory=list)
+
+    @property
+    def data(self) -> Path:
+        return Path(self.env["INFERENCE_DATA_ROOT"])
+
+    @property
+    def output(self) -> Path:
+        return Path(self.env["INFERENCE_OUTPUT_ROOT"])
+
+    def settings(self) -> Settings:
+        return dataclasses.replace(
+            Settings(), job_backend="celery", broker_url=self.redis.url, data_root=self.data,
+            output_root=self.output, job_time_limit=int(self.env["INFERENCE_JOB_TIME_LIMIT"]),
+            broker_visibility_timeout=int(self.env["INFERENCE_BROKER_VISIBILITY_TIMEOUT"]))
+
+    def start_workers(self, *names: str, args: tuple[str, ...] = ()) -> list[CeleryWorker]:
+        started = [CeleryWorker(name, self.env, self.root, args) for name in names]
+        self.workers += started
+        return [worker.wait_ready() for worker in started]
+
+    def store(self) -> RedisJobStore:
+        return RedisJobStore(self.redis.url)
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        self.redis.stop()
+
+
+def make_cluster(root: Path, time_limit: int, visibility: int) -> Cluster:
+    (root / "data").mkdir(parents=True)
+    (root / "jobs").mkdir()
+    server = RedisServer(root)
+    env = {"INFERENCE_JOB_BACKEND": "celery", "INFERENCE_BROKER_URL": server.url,
+           "INFERENCE_DATA_ROOT": str(root / "data"), "INFERENCE_OUTPUT_ROOT": str(root / "jobs"),
+           "INFERENCE_JOB_TIME_LIMIT": str(time_limit), "INFERENCE_BROKER_VISIBILITY_TIMEOUT": str(visibility)}
+    return Cluster(root, server, env)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Redis and two workers (one process each) serving every queue, for the tests that keep them alive."""
+    running = make_cluster(tmp_path_factory.mktemp("celery"), time_limit=60, visibility=120)
+    try:
+        running.start_workers("w1", "w2")
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture(scope="module")
+def api(cluster, tmp_path_factory):
+    """The gunicorn server with the celery backend, on the cluster's Redis."""
+    server = RunningServer(cluster.env, tmp_path_factory.mktemp("api"), wait=False)
+    wait_for_ping(server.url)
+    yield server
+    server.stop()
+
+
+def wait_for_ping(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url + "/ping", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            time.sleep(0.2)
+    raise AssertionError(f"{url} did not answer /ping in {timeout}s")
+
+
+def submit(url: str, **job) -> requests.Response:
+    return requests.post(url + "/job/", json=job, timeout=30)
+
+
+def poll(url: str, uid: str, timeout: float = 90) -> requests.Response:
+    """Query ``uid`` until it is no longer 202 (or ``timeout``); the last answer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        response = requests.get(f"{url}/query/{uid}", timeout=30)
+        if response.status_code != 202 or time.monotonic() > deadline:
+            return response
+        time.sleep(0.05)
+
+
+def local_outputs(data: Path, tmp_path: Path, **job) -> Path:
+    """Run ``job`` on the local backend (in-process gateway, thread pool, SQLite); its output folder."""
+    settings = dataclasses.replace(Settings(), data_root=data, output_root=tmp_path / "local-jobs")
+    app = Gateway(__name__, settings=settings)
+    add_job_routes(app, settings)
+    client = app.test_client()
+    uid = client.post("/job/", json=job).get_json()["uid"]
+    deadline = time.monotonic() + 90
+    while (response := client.get(f"/query/{uid}")).status_code == 202 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert response.status_code == 200, response.get_json()
+    return Path(response.get_json()["output_dir"])
+
+
+def assert_whole(folder: Path) -> dict:
+    """``folder`` holds exactly response.json and the file each part names, and no partial folder is left."""
+    response_json = json.loads((folder / "response.json").read_text())
+    assert sorted(p.name for p in folder.iterdir()) == sorted([p["file"] for p in response_json["parts"]]
+                                                              + ["response.json"])
+    assert not list(folder.parent.glob("*.partial"))
+    return response_json
+
+
+# -- the tests ----------------------------------------------------------------------------------
+def test_results_are_identical_to_the_local_backend(cluster, api, tmp_path):
+    write_study(cluster.data / "same", shape=(6, 24, 28))
+    for job in ({"job_name": "get-probability-mask", "in_dir": "same"},
+                {"job_name": "3dblur", "in_dir": "same", "sigma_mm": 1.5}):
+        response = submit(api.url, **job)
+        assert response.status_code == 201, response.text
+        done = poll(api.url, response.json()["uid"])
+        assert done.status_code == 200, done.text
+        assert done.json()["attempts"] == 1 and done.json()["msg"] == "Job has completed"
+        celery_dir, local_dir = Path(done.json()["output_dir"]), local_outputs(cluster.data, tmp_path, **job)
+        celery_json, local_json = assert_whole(celery_dir), assert_whole(local_dir)
+        assert celery_json == local_json
+        for part in celery_json["parts"]:
+            ours, theirs = celery_dir / part["file"], local_dir / part["file"]
+            if part["binary_type"] == "dicom":  # a derived series: new UIDs each run, the same pixels
+                assert np.array_equal(pydicom.dcmread(ours).pixel_array, pydicom.dcmread(theirs).pixel_array)
+            else:
+                assert ours.read_bytes() == theirs.read_bytes()
+    record = cluster.store().get(response.json()["uid"])
+    assert record.worker in {w.name for w in cluster.workers} and record.started <= record.finished
+
+
+def test_bad_parameters_are_refused_at_submission(cluster, api):
+    write_study(cluster.data / "bad", shape=(2, 8, 8))
+    keys_before = set(redis.Redis.from_url(cluster.redis.url).keys())
+    for job in ({"job_name": "3dblur", "in_dir": "bad", "sigma_mm": -2},
+                {"job_name": "3dblur", "in_dir": "bad", "sigma": 2}):
+        response = submit(api.url, **job)
+        assert response.status_code == 400, response.text
+        assert "sigma" in response.json()["error"]
+    assert set(redis.Redis.from_url(cluster.redis.url).keys()) == keys_before, "no record, no message"
+
+
+def test_two_api_instances_answer_for_the_same_job(cluster, api, tmp_path):
+    write_study(cluster.data / "two", shape=(4, 16, 16))
+    other = RunningServer(cluster.env, tmp_path, wait=False)
+    try:
+        wait_for_ping(other.url)
+        uid = submit(api.url, job_name="get-probability-mask", in_dir="two").json()["uid"]
+        answer = poll(other.url, uid)
+        assert answer.status_code == 200, answer.text
+        again = requests.get(f"{api.url}/query/{uid}", timeout=30)
+        assert again.status_code == 200 and again.json() == answer.json()
+        assert answer.json()["attempts"] == 1
+        assert requests.get(f"{other.url}/query/0123abcd", timeout=30).status_code == 404
+    finally:
+        other.stop()
+
+
+def test_jobs_go_to_the_queue_of_their_command(tmp_path):
+    running = make_cluster(tmp_path, time_limit=60, visibility=120)  # no worker: messages stay queued
+    try:
+        write_study(running.data / "q", shape=(2, 8, 8))
+        settings = running.settings()
+        app = Gateway(__name__, settings=settings)
+        add_job_routes(app, settings)
+        client = app.test_client()
+        for name in ("3dblur", "get-hippocampus-volume", "get-probability-mask"):
+            response = client.post("/job/", json={"job_name": name, "in_dir": "q"})
+            assert response.status_code == 201, response.get_json()
+            assert client.get(response.headers["Location"]).get_json() == {"msg": "Job is queued", "attempts": 0}
+        queues = redis.Redis.from_url(running.redis.url)
+        assert (queues.llen("cpu"), queues.llen("gpu")) == (2, 1)
+    finally:
+        running.stop()
+
+
+def test_a_killed_worker_s_job_is_run_again_by_another(tmp_path):
+    running = make_cluster(tmp_path, time_limit=8, visibility=10)
+    try:
+        write_study(running.data / "slow", shape=(32, 128, 128))
+        first, second = running.start_workers("k1", "k2")
+        settings = running.settings()
+        app = Gateway(__name__, settings=settings)
+        add_job_routes(app, settings)
+        client = app.test_client()
+        uid = client.post("/job/", json={"job_name": "3dblur", "in_dir": "slow"}).get_json()["uid"]
+        store = running.store()
+        deadline = time.monotonic() + 60
+        while (job := store.get(uid)).status != "running":
+            assert time.monotonic() < deadline and job.status == "queued", job
+            time.sleep(0.01)
+        victim, survivor = (first, second) if job.worker == first.name else (second, first)
+        victim.kill()
+        assert store.get(uid).status == "running" and not (running.output / uid).exists(), "killed mid-job"
+
+        deadline = time.monotonic() + 60
+        while (response := client.get(f"/query/{uid}")).status_code == 202 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert response.status_code == 200, (response.get_json(), survivor.log())
+        assert response.get_json()["attempts"] == 2
+        assert store.get(uid).worker == survivor.name
+        response_json = assert_whole(running.output / uid)
+        assert len(response_json["parts"]) == 32
+        assert survivor.log().count(f"job {uid} completed") == 1
+    finally:
+        running.stop()
+
+
+def test_a_job_past_its_time_limit_fails_with_timeout(tmp_path):
+    running = make_cluster(tmp_path, time_limit=1, visibility=5)
+    try:
+        write_study(running.data / "big", shape=(64, 256, 256))
+        running.start_workers("t1")
+        settings = running.settings()
+        app = Gateway(__name__, settings=settings)
+        add_job_routes(app, settings)
+        client = app.test_client()
+        uid = client.post("/job/", json={"job_name": "3dblur", "in_dir": "big"}).get_json()["uid"]
+        deadline = time.monotonic() + 60
+        while (response := client.get(f"/query/{uid}")).status_code == 202 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert response.status_code == 500
+        assert response.get_json() == {"msg": "Job has failed", "error": "timeout", "attempts": 1}
+        time.sleep(1)  # not retried: still one attempt, no output
+        assert running.store().get(uid).attempts == 1 and not (running.output / uid).exists()
+    finally:
+        running.stop()
+
+
+def test_broker_down_at_submission_is_a_503_and_synchronous_requests_still_work(tmp_path, study):
+    running = make_cluster(tmp_path, time_limit=60, visibility=120)
+    write_study(running.data / "s", shape=(2, 8, 8))
+    settings = running.settings()
+    app = Gateway(__name__, settings=settings)
+    add_job_routes(app, settings)
+    app.add_inference_route("/", REGISTRY.get("get-probability-mask").handler)
+    client = app.test_client()
+    assert client.post("/job/", json={"job_name": "3dblur", "in_dir": "s"}).status_code == 201
+    running.redis.stop()
+
+    started = time.monotonic()
+    response = client.post("/job/", json={"job_name": "3dblur", "in_dir": "s"})
+    assert response.status_code == 503 and time.monotonic() - started < 10
+    assert "unreachable" in response.get_json()["error"] and "retry later" in response.get_json()["error"]
+    assert client.get("/query/0123abcd").status_code == 503
+    body = build_multipart_request({"inference_command": "get-probability-mask"}, study)  # as a viewer sends it
+    assert client.post("/", data=body.to_string(), content_type=body.content_type).status_code == 200
+
+    restarted = RedisServer(tmp_path, port=running.redis.port)  # back (empty: no persistence in tests)
+    try:
+        assert client.post("/job/", json={"job_name": "3dblur", "in_dir": "s"}).status_code == 201
+    finally:
+        restarted.stop()
+
+
+def test_a_submission_the_broker_refuses_leaves_no_record(tmp_path):
+    server = RedisServer(tmp_path)
+    try:
+        store = RedisJobStore(server.url)  # records reachable, broker not: the runner must take the record back
+        dead_broker = dataclasses.replace(Settings(), broker_url=f"redis://127.0.0.1:{free_port()}/0")
+        runner = CeleryRunner(make_celery(dead_broker), store)
+        job = store.add(Job("3dblur", "gaussian-blur-3d", "s"))
+        with pytest.raises(ServiceUnavailable, match="not queued"):
+            runner.submit(job)
+        assert store.get(job.uid) is None
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("problem", ["missing", "read-only"])
+def test_worker_refuses_to_start_without_writable_roots(tmp_path, problem):
+    data, output = tmp_path / "data", tmp_path / "jobs"
+    data.mkdir()
+    if problem == "read-only":
+        output.mkdir()
+        output.chmod(0o555)
+    env = {"INFERENCE_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0", "INFERENCE_DATA_ROOT": str(data),
+           "INFERENCE_OUTPUT_ROOT": str(output)}
+    if problem == "read-only" and os.geteuid() == 0:
+        env["INFERENCE_OUTPUT_ROOT"] = "/proc"  # root writes anywhere chmod allows; /proc takes no files
+    worker = CeleryWorker("refused", env, tmp_path)
+    try:
+        assert worker.process.wait(120) == 2
+    finally:
+        worker.stop()
+    expected = "does not exist" if problem == "missing" else "is not writable"
+    assert "worker not started" in worker.log() and expected in worker.log(), worker.log()

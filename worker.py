@@ -1,0 +1,87 @@
+"""The job worker of the celery backend: ``celery -A worker worker --concurrency N [-Q gpu,cpu]``.
+
+Runs the jobs that API instances with ``INFERENCE_JOB_BACKEND=celery`` publish, with the same
+handlers and job executor as the gateway. Settings come from the same ``INFERENCE_*`` variables
+(``INFERENCE_BROKER_URL``, ``INFERENCE_DATA_ROOT``, ``INFERENCE_OUTPUT_ROOT``...). Before it
+consumes anything it checks that the data root and output root exist and are writable (with
+several machines they are shared volumes) and refuses to start otherwise. Without ``-Q`` it
+serves every queue of ``INFERENCE_JOB_QUEUES``. Handlers warm up (models load) in each pool
+process after the fork: CUDA cannot be initialised before one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from celery import signals
+
+from utils.config import PROJECT_ROOT
+
+# celery imports this module with the current folder on sys.path, then removes it: keep the project
+# importable for what handlers import later (models at warm-up, in pool processes)
+if str(PROJECT_ROOT) not in sys.path:
+    sys.path.insert(0, str(PROJECT_ROOT))
+
+from handlers import REGISTRY, load_handlers  # noqa: E402
+from mock_server import configure_logging  # noqa: E402
+from utils.celery_jobs import make_celery  # noqa: E402
+from utils.config import get_settings  # noqa: E402
+
+log = logging.getLogger("inference.worker")
+
+settings = get_settings()
+app = make_celery(settings)
+
+
+def storage_problems(data_root: Path | None, output_root: Path) -> list[str]:
+    """What stops a worker from reading inputs and writing outputs; empty when nothing does."""
+    problems = []
+    for variable, root in (("INFERENCE_DATA_ROOT", data_root), ("INFERENCE_OUTPUT_ROOT", output_root)):
+        if root is None:
+            problems.append(f"{variable} is not set: workers read job inputs and write outputs under it")
+        elif not root.is_dir():
+            problems.append(f"{variable}={root} does not exist or is not a folder on this machine")
+        else:
+            try:  # a real write: permissions, read-only mounts and full disks all show here
+                with tempfile.NamedTemporaryFile(dir=root, prefix=".worker-check-"):
+                    pass
+            except OSError as exc:
+                problems.append(f"{variable}={root} is not writable by this worker ({exc.strerror})")
+    return problems
+
+
+@signals.setup_logging.connect
+def _logging(**_) -> None:
+    configure_logging(settings)  # logging.yaml, as the API: celery leaves the root logger alone
+
+
+@signals.worker_init.connect
+def _check_and_load(**_) -> None:
+    problems = storage_problems(settings.data_root, settings.output_root)
+    if problems:
+        message = ("worker not started: " + "; ".join(problems) + ". Both roots must be the same storage the API "
+                   "instances use (a shared volume across machines), existing and writable.")
+        log.critical(message)
+        print(message, file=sys.stderr, flush=True)
+        os._exit(2)  # celery would catch an exception here and start anyway
+    load_handlers()
+    log.info("job worker: queues %s, time limit %d s, visibility timeout %d s, data %s, output %s",
+             sorted(q.name for q in app.amqp.queues.consume_from.values()) if app.amqp.queues.consume_from
+             else sorted(app.amqp.queues), settings.job_time_limit, settings.broker_visibility_timeout,
+             settings.data_root, settings.output_root)
+
+
+@signals.worker_process_init.connect
+def _warm_up(**_) -> None:
+    consumed = app.amqp.queues.consume_from or app.amqp.queues
+    for spec in REGISTRY.specs():
+        if spec.warm_up is not None and settings.job_queue(spec.command) in consumed:
+            log.info("warming up %s", spec.command)
+            try:
+                spec.warm_up()
+            except Exception:  # keep serving the other queues' jobs; this command's jobs will fail and say why
+                log.exception("warm-up of %s failed", spec.command)
