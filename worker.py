@@ -4,7 +4,8 @@ Runs the jobs that API instances with ``INFERENCE_JOB_BACKEND=celery`` publish, 
 handlers and job executor as the gateway. Settings come from the same ``INFERENCE_*`` variables
 (``INFERENCE_BROKER_URL``, ``INFERENCE_DATA_ROOT``, ``INFERENCE_OUTPUT_ROOT``...). Before it
 consumes anything it checks that the data root and output root exist and are writable (with
-several machines they are shared volumes) and refuses to start otherwise. Without ``-Q`` it
+several machines they are shared volumes: the data root readable, the output root writable) and
+refuses to start otherwise. Without ``-Q`` it
 serves every queue of ``INFERENCE_JOB_QUEUES``. Handlers warm up (models load) in each pool
 process after the fork: CUDA cannot be initialised before one.
 """
@@ -38,15 +39,26 @@ app = make_celery(settings)
 
 
 def storage_problems(data_root: Path | None, output_root: Path) -> list[str]:
-    """What stops a worker from reading inputs and writing outputs; empty when nothing does."""
+    """What stops a worker from reading job inputs and writing outputs; empty when nothing does.
+
+    The data root must be readable (it is mounted read-only in docker-compose.yml: jobs never
+    write there), the output root writable: checked by creating a file, so permissions,
+    read-only mounts and full disks all show.
+    """
     problems = []
     for variable, root in (("INFERENCE_DATA_ROOT", data_root), ("INFERENCE_OUTPUT_ROOT", output_root)):
         if root is None:
-            problems.append(f"{variable} is not set: workers read job inputs and write outputs under it")
+            problems.append(f"{variable} is not set: workers read job inputs and write outputs below it")
         elif not root.is_dir():
             problems.append(f"{variable}={root} does not exist or is not a folder on this machine")
+        elif variable == "INFERENCE_DATA_ROOT":
+            try:
+                with os.scandir(root) as entries:
+                    next(entries, None)
+            except OSError as exc:
+                problems.append(f"{variable}={root} is not readable by this worker ({exc.strerror})")
         else:
-            try:  # a real write: permissions, read-only mounts and full disks all show here
+            try:
                 with tempfile.NamedTemporaryFile(dir=root, prefix=".worker-check-"):
                     pass
             except OSError as exc:
@@ -63,8 +75,8 @@ def _logging(**_) -> None:
 def _check_and_load(**_) -> None:
     problems = storage_problems(settings.data_root, settings.output_root)
     if problems:
-        message = ("worker not started: " + "; ".join(problems) + ". Both roots must be the same storage the API "
-                   "instances use (a shared volume across machines), existing and writable.")
+        message = ("worker not started: " + "; ".join(problems) + ". Both roots must be the storage the API "
+                   "instances use (a shared volume across machines): inputs readable, outputs writable.")
         log.critical(message)
         print(message, file=sys.stderr, flush=True)
         os._exit(2)  # celery would catch an exception here and start anyway

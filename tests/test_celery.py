@@ -28,9 +28,9 @@ import handlers.gaussian_blur  # noqa: F401  (registers the blur for the in-proc
 import handlers.hippocampus  # noqa: F401  (registers get-hippocampus-volume, routed to the gpu queue)
 import handlers.mock  # noqa: F401
 from gateway import Gateway
-from handlers.registry import REGISTRY
+from handlers.registry import REGISTRY, HandlerSpec
 from tests.conftest import PROJECT_ROOT, RunningServer, free_port, write_study
-from utils.celery_jobs import CeleryRunner, make_celery
+from utils.celery_jobs import TASK_NAME, CeleryRunner, make_celery, retry_delay
 from utils.client import build_multipart_request
 from utils.config import Settings
 from utils.errors import ServiceUnavailable
@@ -158,10 +158,10 @@ def make_cluster(root: Path, time_limit: int, visibility: int) -> Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """Redis and two workers (one process each) serving every queue, for the tests that keep them alive."""
+    """Redis and a worker (one process) serving every queue, for the tests that keep them alive."""
     running = make_cluster(tmp_path_factory.mktemp("celery"), time_limit=60, visibility=120)
     try:
-        running.start_workers("w1", "w2")
+        running.start_workers("w1")
         yield running
     finally:
         running.stop()
@@ -381,6 +381,51 @@ def test_a_submission_the_broker_refuses_leaves_no_record(tmp_path):
         with pytest.raises(ServiceUnavailable, match="not queued"):
             runner.submit(job)
         assert store.get(job.uid) is None
+    finally:
+        server.stop()
+
+
+def test_transient_errors_are_retried_a_bounded_number_of_times_and_bad_input_never(tmp_path, monkeypatch):
+    server = RedisServer(tmp_path)
+    try:
+        data, output = tmp_path / "data", tmp_path / "jobs"
+        write_study(data / "s", shape=(2, 8, 8))
+        write_study(data / "mixed" / "a", shape=(2, 8, 8), description="First")
+        write_study(data / "mixed" / "b", shape=(2, 8, 8), description="Second")
+        settings = dataclasses.replace(Settings(), broker_url=server.url, data_root=data, output_root=output,
+                                       job_retries=2)
+        calls = {"flaky": 0, "broken": 0}
+        mask = REGISTRY.get("get-probability-mask").handler
+
+        def flaky(json_input, instances, input_hash):  # out of memory twice, then fine
+            calls["flaky"] += 1
+            if calls["flaky"] <= 2:
+                raise MemoryError("no memory left")
+            return mask(json_input, instances, input_hash)
+
+        def broken(json_input, instances, input_hash):
+            calls["broken"] += 1
+            raise ConnectionResetError("connection reset by peer")
+
+        for name, handler in (("test-flaky", flaky), ("test-broken", broken)):
+            monkeypatch.setitem(REGISTRY._specs, name, HandlerSpec(name, handler))
+        task = make_celery(settings).tasks[TASK_NAME]  # run eagerly: a retry runs at once, in this process
+        store = RedisJobStore(server.url)
+
+        def run(command: str, in_dir: str = "s") -> Job:
+            job = store.add(Job(command, command, in_dir))
+            task.apply(args=[job.uid])
+            return store.get(job.uid)
+
+        flaky_job = run("test-flaky")
+        assert (flaky_job.status, flaky_job.attempts, calls["flaky"]) == ("completed", 3, 3)
+        assert_whole(Path(flaky_job.output_dir))
+        broken_job = run("test-broken")
+        assert (broken_job.status, broken_job.attempts, calls["broken"]) == ("failed", 3, 3), "1 run + 2 retries"
+        assert broken_job.error.startswith("gave up after 3 runs") and "connection reset" in broken_job.error
+        bad = run("gaussian-blur-3d", "mixed")
+        assert (bad.status, bad.error_status, bad.attempts) == ("failed", 422, 1), "bad input is not retried"
+        assert retry_delay(0) < retry_delay(1) < retry_delay(2) <= 60
     finally:
         server.stop()
 

@@ -22,7 +22,7 @@ from functools import lru_cache
 
 import redis
 from celery import Celery, Task
-from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+from celery.exceptions import Reject, SoftTimeLimitExceeded, TimeLimitExceeded
 from kombu import Exchange, Queue
 from kombu.exceptions import OperationalError
 
@@ -146,7 +146,12 @@ def run_job(task: Task, uid: str) -> None:
         log.warning("job %s: transient error %r; retry %d of %d in %.0f s", uid, exc, retries + 1,
                     settings.job_retries, delay)
         store.mark_queued(uid)
-        raise task.retry(exc=exc, countdown=delay, max_retries=settings.job_retries)
+        try:
+            retry = task.retry(exc=exc, countdown=delay, max_retries=settings.job_retries, throw=False)
+        except Reject:  # the retry could not be published: the broker is gone too
+            store.mark_failed(uid, f"could not be queued for a retry after {type(exc).__name__}: {exc}", 500)
+            raise
+        raise retry
 
 
 def make_celery(settings: Settings) -> Celery:
