@@ -77,9 +77,8 @@ def _check_and_load(**_) -> None:
     if problems:
         message = ("worker not started: " + "; ".join(problems) + ". Both roots must be the storage the API "
                    "instances use (a shared volume across machines): inputs readable, outputs writable.")
-        log.critical(message)
-        print(message, file=sys.stderr, flush=True)
-        os._exit(2)  # celery would catch an exception here and start anyway
+        print(message, file=sys.stderr, flush=True)  # before celery's logging is set up: plain stderr
+        os._exit(2)  # an exception would not do: celery logs and ignores those of signal handlers
     load_handlers()
     log.info("job worker: queues %s, time limit %d s, visibility timeout %d s, data %s, output %s",
              sorted(q.name for q in app.amqp.queues.consume_from.values()) if app.amqp.queues.consume_from

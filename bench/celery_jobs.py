@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -43,6 +44,9 @@ log = logging.getLogger("bench.celery")
 SHAPE, QUICK_SHAPE = (128, 256, 256), (64, 256, 256)
 LATENCY_SHAPE = (8, 64, 64)  # dispatch does not depend on the study: small, so the latency phase is quick
 TARGETS = {"throughput_ratio": (">=", 1.7), "submit_to_start_ms": ("<=", 50.0), "overhead_per_job": ("<=", 0.10)}
+#: Seconds between two /query calls: figures come from the records, so polling need not be fast, and
+#: in the local backend's process it competes with the jobs for the interpreter.
+POLL_S = 0.1
 #: One compute thread per process, for the workers and the local pool alike.
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
@@ -84,13 +88,13 @@ class RedisServer:
 
 
 class CeleryWorker:
-    """``celery -A worker worker`` in its own process group, started with ``env`` on top of this one's."""
+    """``celery -A worker worker -n NODE`` in its own process group, with ``env`` on top of this process's."""
 
-    def __init__(self, name: str, env: dict[str, str], log_dir: Path, args: Sequence[str] = ()) -> None:
-        self.name = f"{name}@bench"
-        self.log_path = Path(log_dir) / f"worker-{name}.log"
+    def __init__(self, node: str, env: dict[str, str], log_dir: Path, args: Sequence[str] = ()) -> None:
+        self.name = node
+        self.log_path = Path(log_dir) / f"worker-{node.partition('@')[0]}.log"
         self._log = open(self.log_path, "wb")
-        command = [sys.executable, "-m", "celery", "-A", "worker", "worker", "-n", self.name,
+        command = [sys.executable, "-m", "celery", "-A", "worker", "worker", "-n", node,
                    "--without-mingle", "--without-gossip", *args]
         self.process = subprocess.Popen(command, cwd=PROJECT_ROOT, env={**os.environ, **env}, stdout=self._log,
                                         stderr=subprocess.STDOUT, start_new_session=True)
@@ -102,18 +106,24 @@ class CeleryWorker:
         deadline = time.monotonic() + timeout
         while f"{self.name} ready." not in self.log():
             if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"worker {self.name} did not start; see {self.log_path}")
+                raise RuntimeError(f"worker {self.name} did not start:\n{self.log()[-3000:]}")
             time.sleep(0.1)
         return self
 
-    def stop(self) -> None:
+    def kill(self) -> None:
+        """SIGKILL the worker and its pool processes at once: a machine that died."""
         if self.process.poll() is None:
-            os.killpg(self.process.pid, 15)
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self) -> None:
+        """SIGTERM (a warm shutdown: the running job finishes), SIGKILL after a minute."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
             try:
                 self.process.wait(60)
             except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, 9)
-                self.process.wait()
+                self.kill()
         self._log.close()
 
 
@@ -139,7 +149,7 @@ def run_jobs(client, store, in_dir: str, count: int, *, one_at_a_time: bool = Fa
             while (response := client.get(f"/query/{uid}")).status_code == 202:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"job {uid} still {response.get_json()['msg']} after 30 minutes")
-                time.sleep(0.02)
+                time.sleep(POLL_S)
             if response.status_code != 200:
                 raise RuntimeError(f"job {uid} failed: {response.get_json()}")
 
@@ -223,7 +233,7 @@ def measure_celery_jobs(quick: bool = False, jobs: int | None = None) -> dict:
         celery: dict = {}
         try:
             for processes in (1, 2):
-                worker = CeleryWorker(f"p{processes}", env, work, ["--concurrency", str(processes)]).wait_ready()
+                worker = CeleryWorker(f"p{processes}@bench", env, work, ["--concurrency", str(processes)]).wait_ready()
                 try:
                     run_jobs(client, store, "jobs-latency", processes)  # warm-up, as for the local backend
                     log.info("celery, %d worker process(es): %d jobs", processes, count)

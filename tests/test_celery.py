@@ -12,9 +12,7 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,14 +21,16 @@ import pydicom
 import pytest
 import redis
 import requests
+from celery.exceptions import TimeLimitExceeded
 
 import handlers.gaussian_blur  # noqa: F401  (registers the blur for the in-process gateways)
 import handlers.hippocampus  # noqa: F401  (registers get-hippocampus-volume, routed to the gpu queue)
 import handlers.mock  # noqa: F401
+from bench.celery_jobs import CeleryWorker, RedisServer
 from gateway import Gateway
 from handlers.registry import REGISTRY, HandlerSpec
-from tests.conftest import PROJECT_ROOT, RunningServer, free_port, write_study
-from utils.celery_jobs import TASK_NAME, CeleryRunner, make_celery, retry_delay
+from tests.conftest import RunningServer, free_port, write_study
+from utils.celery_jobs import TASK_NAME, CeleryRunner, hard_time_limit, make_celery, retry_delay
 from utils.client import build_multipart_request
 from utils.config import Settings
 from utils.errors import ServiceUnavailable
@@ -38,75 +38,8 @@ from utils.job_api import add_job_routes
 from utils.jobs import Job
 from utils.redis_jobs import RedisJobStore
 
-REDIS_SERVER = shutil.which("redis-server")
-if REDIS_SERVER is None and not os.environ.get("CI"):
+if shutil.which("redis-server") is None and not os.environ.get("CI"):
     pytest.skip("needs redis-server (Debian package redis-server; .ci/run installs it)", allow_module_level=True)
-
-
-class RedisServer:
-    """A redis-server on a free loopback port, without persistence, in a subprocess."""
-
-    def __init__(self, log_dir: Path, port: int | None = None) -> None:
-        assert REDIS_SERVER, "redis-server is not installed: apt-get install -y redis-server (CI must have it)"
-        self.port = port or free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self._log = open(Path(log_dir) / f"redis-{self.port}.log", "ab")
-        self.process = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(log_dir)], stdout=self._log, stderr=subprocess.STDOUT)
-        client = redis.Redis.from_url(self.url)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                assert self.process.poll() is None and time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(10)
-        self._log.close()
-
-
-class CeleryWorker:
-    """``celery -A worker worker`` in its own process group (so SIGKILL takes the pool with it)."""
-
-    def __init__(self, name: str, env: dict[str, str], log_dir: Path, args: tuple[str, ...] = ()) -> None:
-        self.name = f"{name}@test"
-        self.log_path = Path(log_dir) / f"worker-{name}.log"
-        self._log = open(self.log_path, "wb")
-        command = [sys.executable, "-m", "celery", "-A", "worker", "worker", "--concurrency", "1", "-n", self.name,
-                   "--without-mingle", "--without-gossip", *args]
-        self.process = subprocess.Popen(command, cwd=PROJECT_ROOT, env={**os.environ, **env}, stdout=self._log,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self, timeout: float = 120) -> "CeleryWorker":
-        deadline = time.monotonic() + timeout
-        while f"{self.name} ready." not in self.log():
-            assert self.process.poll() is None, f"worker exited with {self.process.returncode}:\n{self.log()}"
-            assert time.monotonic() < deadline, f"worker not ready after {timeout}s:\n{self.log()}"
-            time.sleep(0.1)
-        return self
-
-    def kill(self) -> None:
-        """SIGKILL the worker and its pool processes: a machine that died."""
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self._log.close()
 
 
 @dataclasses.dataclass
@@ -133,7 +66,7 @@ class Cluster:
             broker_visibility_timeout=int(self.env["INFERENCE_BROKER_VISIBILITY_TIMEOUT"]))
 
     def start_workers(self, *names: str, args: tuple[str, ...] = ()) -> list[CeleryWorker]:
-        started = [CeleryWorker(name, self.env, self.root, args) for name in names]
+        started = [CeleryWorker(f"{name}@test", self.env, self.root, ["--concurrency", "1", *args]) for name in names]
         self.workers += started
         return [worker.wait_ready() for worker in started]
 
@@ -430,6 +363,22 @@ def test_transient_errors_are_retried_a_bounded_number_of_times_and_bad_input_ne
         server.stop()
 
 
+def test_a_job_killed_by_the_hard_time_limit_is_recorded_as_timeout(tmp_path):
+    server = RedisServer(tmp_path)  # the hook the worker's main process calls once it killed the job's process
+    try:
+        settings = dataclasses.replace(Settings(), broker_url=server.url, job_time_limit=5)
+        task = make_celery(settings).tasks[TASK_NAME]
+        store = RedisJobStore(server.url)
+        job = store.add(Job("3dblur", "gaussian-blur-3d", "s"))
+        store.mark_running(job.uid, worker="w@test")
+        task.on_failure(TimeLimitExceeded(6), job.uid, [job.uid], {}, None)
+        record = store.get(job.uid)
+        assert (record.status, record.error, record.error_status, record.attempts) == ("failed", "timeout", 500, 1)
+        assert hard_time_limit(5) == 6 and hard_time_limit(900) == 930
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize("problem", ["missing", "read-only"])
 def test_worker_refuses_to_start_without_writable_roots(tmp_path, problem):
     data, output = tmp_path / "data", tmp_path / "jobs"
@@ -441,7 +390,7 @@ def test_worker_refuses_to_start_without_writable_roots(tmp_path, problem):
            "INFERENCE_OUTPUT_ROOT": str(output)}
     if problem == "read-only" and os.geteuid() == 0:
         env["INFERENCE_OUTPUT_ROOT"] = "/proc"  # root writes anywhere chmod allows; /proc takes no files
-    worker = CeleryWorker("refused", env, tmp_path)
+    worker = CeleryWorker("refused@test", env, tmp_path)
     try:
         assert worker.process.wait(120) == 2
     finally:
