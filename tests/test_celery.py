@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pydicom
 import pytest
 import redis
@@ -253,6 +254,34 @@ def test_a_killed_worker_s_job_is_run_again_by_another(tmp_path):
         response_json = assert_whole(running.output / uid)
         assert len(response_json["parts"]) == 32
         assert survivor.log().count(f"job {uid} completed") == 1
+    finally:
+        running.stop()
+
+
+def test_a_lost_pool_process_gives_its_job_back_at_once(tmp_path):
+    running = make_cluster(tmp_path, time_limit=60, visibility=600)  # far beyond this test: no redelivery by timeout
+    try:
+        write_study(running.data / "slow", shape=(32, 128, 128))
+        worker, = running.start_workers("p1")
+        settings = running.settings()
+        app = Gateway(__name__, settings=settings)
+        add_job_routes(app, settings)
+        client = app.test_client()
+        uid = client.post("/job/", json={"job_name": "3dblur", "in_dir": "slow"}).get_json()["uid"]
+        store = running.store()
+        deadline = time.monotonic() + 60
+        while store.get(uid).status != "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        pool, = psutil.Process(worker.process.pid).children()
+        pool.kill()  # the process running the job dies (out-of-memory killer, say); the worker lives on
+
+        deadline = time.monotonic() + 60
+        while (response := client.get(f"/query/{uid}")).status_code == 202 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert response.status_code == 200 and response.get_json()["attempts"] == 2, (response.get_json(), worker.log())
+        assert_whole(running.output / uid)
+        assert "WorkerLostError" in worker.log() or "signal 9" in worker.log(), worker.log()
     finally:
         running.stop()
 
