@@ -27,15 +27,16 @@ from utils.config import PROJECT_ROOT
 if str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))
 
-from handlers import REGISTRY, load_handlers  # noqa: E402
-from mock_server import configure_logging  # noqa: E402
+from handlers import REGISTRY  # noqa: E402
+from mock_server import configure_logging, served_commands  # noqa: E402
 from utils.celery_jobs import make_celery  # noqa: E402
 from utils.config import get_settings  # noqa: E402
+from utils.pipeline import Pipeline  # noqa: E402
 
 log = logging.getLogger("inference.worker")
 
 settings = get_settings()
-app = make_celery(settings)
+app = make_celery(settings)  # its pipeline is made at worker start, once the handlers are loaded
 
 
 def storage_problems(data_root: Path | None, output_root: Path) -> list[str]:
@@ -79,20 +80,22 @@ def _check_and_load(**_) -> None:
                    "instances use (a shared volume across machines): inputs readable, outputs writable.")
         print(message, file=sys.stderr, flush=True)  # before celery's logging is set up: plain stderr
         os._exit(2)  # an exception would not do: celery logs and ignores those of signal handlers
-    load_handlers()
-    log.info("job worker: queues %s, time limit %d s, visibility timeout %d s, data %s, output %s",
-             sorted(q.name for q in app.amqp.queues.consume_from.values()) if app.amqp.queues.consume_from
-             else sorted(app.amqp.queues), settings.job_time_limit, settings.broker_visibility_timeout,
-             settings.data_root, settings.output_root)
+    # the commands the API serves (the same settings: mocks only with INFERENCE_ENABLE_MOCKS)
+    app.job_pipeline = Pipeline(settings, REGISTRY, commands=served_commands(settings))
+    log.info("job worker: queues %s, commands %s, time limit %d s, visibility timeout %d s, data %s, output %s",
+             sorted(consumed_queues()), ", ".join(spec.command for spec in app.job_pipeline.specs),
+             settings.job_time_limit, settings.broker_visibility_timeout, settings.data_root, settings.output_root)
+
+
+def consumed_queues() -> set[str]:
+    """The queues this worker consumes: those of ``-Q``, or every configured queue."""
+    return set(app.amqp.queues.consume_from or app.amqp.queues)
 
 
 @signals.worker_process_init.connect
 def _warm_up(**_) -> None:
-    consumed = app.amqp.queues.consume_from or app.amqp.queues
-    for spec in REGISTRY.specs():
-        if spec.warm_up is not None and settings.job_queue(spec.command) in consumed:
-            log.info("warming up %s", spec.command)
-            try:
-                spec.warm_up()
-            except Exception:  # keep serving the other queues' jobs; this command's jobs will fail and say why
-                log.exception("warm-up of %s failed", spec.command)
+    # in each pool process, after the fork; only the handlers whose queue this worker serves. A failed
+    # warm-up is logged and does not stop the worker: that command's jobs fail and say why.
+    consumed = consumed_queues()
+    commands = [spec.command for spec in app.job_pipeline.specs if settings.job_queue(spec.command) in consumed]
+    Pipeline(settings, REGISTRY, commands=commands).warm_up()

@@ -130,12 +130,13 @@ class CeleryWorker:
 def job_client(settings: Settings):
     """An in-process gateway serving the job routes with ``settings``: its test client and its store."""
     from gateway import Gateway
-    from handlers import load_handlers
+    from mock_server import served_commands
     from utils.job_api import add_job_routes
+    from utils.pipeline import Pipeline
 
-    load_handlers()
-    app = Gateway(__name__, settings=settings)
-    runner = add_job_routes(app, settings)
+    pipeline = Pipeline(settings, commands=served_commands(settings))
+    app = Gateway(__name__, pipeline=pipeline)
+    runner = add_job_routes(app, pipeline)
     return app.test_client(), runner.store
 
 

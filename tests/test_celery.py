@@ -37,6 +37,7 @@ from utils.config import Settings
 from utils.errors import ServiceUnavailable
 from utils.job_api import add_job_routes
 from utils.jobs import Job
+from utils.pipeline import Pipeline
 from utils.redis_jobs import RedisJobStore
 
 if shutil.which("redis-server") is None and not os.environ.get("CI"):
@@ -86,6 +87,7 @@ def make_cluster(root: Path, time_limit: int, visibility: int) -> Cluster:
     server = RedisServer(root)
     env = {"INFERENCE_JOB_BACKEND": "celery", "INFERENCE_BROKER_URL": server.url,
            "INFERENCE_DATA_ROOT": str(root / "data"), "INFERENCE_OUTPUT_ROOT": str(root / "jobs"),
+           "INFERENCE_ENABLE_MOCKS": "1",  # the API and the workers serve the mocks too
            "INFERENCE_JOB_TIME_LIMIT": str(time_limit), "INFERENCE_BROKER_VISIBILITY_TIMEOUT": str(visibility)}
     return Cluster(root, server, env)
 
@@ -108,6 +110,14 @@ def api(cluster, tmp_path_factory):
     wait_for_ping(server.url)
     yield server
     server.stop()
+
+
+def job_client(settings: Settings):
+    """An in-process gateway serving the job routes (and every registered handler) with ``settings``."""
+    pipeline = Pipeline(settings)
+    app = Gateway(__name__, pipeline=pipeline)
+    add_job_routes(app, pipeline)
+    return app
 
 
 def wait_for_ping(url: str, timeout: float = 60) -> None:
@@ -137,10 +147,7 @@ def poll(url: str, uid: str, timeout: float = 90) -> requests.Response:
 
 def local_outputs(data: Path, tmp_path: Path, **job) -> Path:
     """Run ``job`` on the local backend (in-process gateway, thread pool, SQLite); its output folder."""
-    settings = dataclasses.replace(Settings(), data_root=data, output_root=tmp_path / "local-jobs")
-    app = Gateway(__name__, settings=settings)
-    add_job_routes(app, settings)
-    client = app.test_client()
+    client = job_client(dataclasses.replace(Settings(), data_root=data, output_root=tmp_path / "local-jobs")).test_client()
     uid = client.post("/job/", json=job).get_json()["uid"]
     deadline = time.monotonic() + 90
     while (response := client.get(f"/query/{uid}")).status_code == 202 and time.monotonic() < deadline:
@@ -150,10 +157,10 @@ def local_outputs(data: Path, tmp_path: Path, **job) -> Path:
 
 
 def assert_whole(folder: Path) -> dict:
-    """``folder`` holds exactly response.json and the file each part names, and no partial folder is left."""
+    """``folder`` holds exactly response.json, job.json and the file each part names; no partial folder is left."""
     response_json = json.loads((folder / "response.json").read_text())
     assert sorted(p.name for p in folder.iterdir()) == sorted([p["file"] for p in response_json["parts"]]
-                                                              + ["response.json"])
+                                                              + ["response.json", "job.json"])
     assert not list(folder.parent.glob("*.partial"))
     return response_json
 
@@ -212,10 +219,7 @@ def test_jobs_go_to_the_queue_of_their_command(tmp_path):
     running = make_cluster(tmp_path, time_limit=60, visibility=120)  # no worker: messages stay queued
     try:
         write_study(running.data / "q", shape=(2, 8, 8))
-        settings = running.settings()
-        app = Gateway(__name__, settings=settings)
-        add_job_routes(app, settings)
-        client = app.test_client()
+        client = job_client(running.settings()).test_client()
         for name in ("3dblur", "get-hippocampus-volume", "get-probability-mask"):
             response = client.post("/job/", json={"job_name": name, "in_dir": "q"})
             assert response.status_code == 201, response.get_json()
@@ -231,10 +235,7 @@ def test_a_killed_worker_s_job_is_run_again_by_another(tmp_path):
     try:
         write_study(running.data / "slow", shape=(32, 128, 128))
         first, second = running.start_workers("k1", "k2")
-        settings = running.settings()
-        app = Gateway(__name__, settings=settings)
-        add_job_routes(app, settings)
-        client = app.test_client()
+        client = job_client(running.settings()).test_client()
         uid = client.post("/job/", json={"job_name": "3dblur", "in_dir": "slow"}).get_json()["uid"]
         store = running.store()
         deadline = time.monotonic() + 60
@@ -263,10 +264,7 @@ def test_a_lost_pool_process_gives_its_job_back_at_once(tmp_path):
     try:
         write_study(running.data / "slow", shape=(32, 128, 128))
         worker, = running.start_workers("p1")
-        settings = running.settings()
-        app = Gateway(__name__, settings=settings)
-        add_job_routes(app, settings)
-        client = app.test_client()
+        client = job_client(running.settings()).test_client()
         uid = client.post("/job/", json={"job_name": "3dblur", "in_dir": "slow"}).get_json()["uid"]
         store = running.store()
         deadline = time.monotonic() + 60
@@ -291,10 +289,7 @@ def test_a_job_past_its_time_limit_fails_with_timeout(tmp_path):
     try:
         write_study(running.data / "big", shape=(64, 256, 256))
         running.start_workers("t1")
-        settings = running.settings()
-        app = Gateway(__name__, settings=settings)
-        add_job_routes(app, settings)
-        client = app.test_client()
+        client = job_client(running.settings()).test_client()
         uid = client.post("/job/", json={"job_name": "3dblur", "in_dir": "big"}).get_json()["uid"]
         deadline = time.monotonic() + 60
         while (response := client.get(f"/query/{uid}")).status_code == 202 and time.monotonic() < deadline:
@@ -310,10 +305,8 @@ def test_a_job_past_its_time_limit_fails_with_timeout(tmp_path):
 def test_broker_down_at_submission_is_a_503_and_synchronous_requests_still_work(tmp_path, study):
     running = make_cluster(tmp_path, time_limit=60, visibility=120)
     write_study(running.data / "s", shape=(2, 8, 8))
-    settings = running.settings()
-    app = Gateway(__name__, settings=settings)
-    add_job_routes(app, settings)
-    app.add_inference_route("/", REGISTRY.get("get-probability-mask").handler)
+    app = job_client(running.settings())
+    app.add_inference_route("/", "get-probability-mask")
     client = app.test_client()
     assert client.post("/job/", json={"job_name": "3dblur", "in_dir": "s"}).status_code == 201
     running.redis.stop()
@@ -371,7 +364,7 @@ def test_transient_errors_are_retried_a_bounded_number_of_times_and_bad_input_ne
 
         for name, handler in (("test-flaky", flaky), ("test-broken", broken)):
             monkeypatch.setitem(REGISTRY._specs, name, HandlerSpec(name, handler))
-        task = make_celery(settings).tasks[TASK_NAME]  # run eagerly: a retry runs at once, in this process
+        task = make_celery(settings, Pipeline(settings)).tasks[TASK_NAME]  # eager: a retry runs at once, here
         store = RedisJobStore(server.url)
 
         def run(command: str, in_dir: str = "s") -> Job:

@@ -29,6 +29,7 @@ from kombu.exceptions import OperationalError
 from utils.config import Settings
 from utils.errors import ServiceUnavailable
 from utils.jobs import FINISHED, TIMEOUT, Job
+from utils.pipeline import Pipeline
 from utils.redis_jobs import RedisJobStore
 
 log = logging.getLogger("inference.jobs")
@@ -116,6 +117,9 @@ def run_job(task: Task, uid: str) -> None:
     from utils.job_api import JobExecutor  # the API's executor; imported here: job_api imports this module
 
     settings: Settings = task.app.job_settings
+    pipeline: Pipeline | None = task.app.job_pipeline
+    if pipeline is None:
+        raise RuntimeError("this celery app has no job pipeline: workers set app.job_pipeline at start (worker.py)")
     store = job_store(settings)
     job = store.get(uid)
     if job is None:
@@ -132,7 +136,7 @@ def run_job(task: Task, uid: str) -> None:
         return  # finished meanwhile by another delivery
     log.info("job %s: attempt %d on %s", uid, job.attempts + 1, worker)
     try:
-        JobExecutor(store, settings, reraise=(SoftTimeLimitExceeded, *TRANSIENT_ERRORS))(job)
+        JobExecutor(store, pipeline, reraise=(SoftTimeLimitExceeded, *TRANSIENT_ERRORS))(job)
     except SoftTimeLimitExceeded:
         log.error("job %s: past its time limit (%d s)", uid, settings.job_time_limit)
         store.mark_failed(uid, TIMEOUT, 500)
@@ -154,11 +158,16 @@ def run_job(task: Task, uid: str) -> None:
         raise retry
 
 
-def make_celery(settings: Settings) -> Celery:
-    """The Celery application of the job backend, configured from ``settings``."""
+def make_celery(settings: Settings, pipeline: Pipeline | None = None) -> Celery:
+    """The Celery application of the job backend, configured from ``settings``.
+
+    ``pipeline`` runs the jobs: workers need one (``worker.py`` gives it the commands the API
+    serves), an API that only publishes does not.
+    """
     app = Celery("inference", task_cls=JobTask)
     app.conf.update(celery_config(settings))
     app.job_settings = settings
+    app.job_pipeline = pipeline
     app.task(bind=True, name=TASK_NAME)(run_job)
     return app
 
