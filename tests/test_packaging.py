@@ -383,8 +383,8 @@ def test_compose_api_and_workers_share_the_backend_and_volumes(compose: dict) ->
     api, worker = compose["services"]["inference"], compose["services"]["worker"]
     assert worker["image"] == api["image"] and worker["build"] == api["build"], "one image for both"
     for name in ("INFERENCE_JOB_BACKEND", "INFERENCE_BROKER_URL", "INFERENCE_JOB_QUEUES", "INFERENCE_JOB_TIME_LIMIT",
-                 "INFERENCE_BROKER_VISIBILITY_TIMEOUT", "INFERENCE_JOB_RETRIES", "INFERENCE_DATA_ROOT",
-                 "INFERENCE_OUTPUT_ROOT"):
+                 "INFERENCE_BROKER_VISIBILITY_TIMEOUT", "INFERENCE_JOB_RETRIES", "INFERENCE_ENABLE_MOCKS",
+                 "INFERENCE_DATA_ROOT", "INFERENCE_OUTPUT_ROOT"):
         assert worker["environment"][name] == api["environment"][name], name
     assert set(worker["environment"]) <= SETTING_VARIABLES
     assert api["environment"]["INFERENCE_JOB_BACKEND"] == "celery"
