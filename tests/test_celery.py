@@ -186,6 +186,8 @@ def test_results_are_identical_to_the_local_backend(cluster, api, tmp_path):
                 assert ours.read_bytes() == theirs.read_bytes()
     record = cluster.store().get(response.json()["uid"])
     assert record.worker in {w.name for w in cluster.workers} and record.started <= record.finished
+    banner = cluster.workers[0].log()  # started without -Q: it consumes every configured queue
+    assert ".> cpu " in banner and ".> gpu " in banner
 
 
 def test_bad_parameters_are_refused_at_submission(cluster, api):
@@ -215,17 +217,29 @@ def test_two_api_instances_answer_for_the_same_job(cluster, api, tmp_path):
         other.stop()
 
 
-def test_jobs_go_to_the_queue_of_their_command(tmp_path):
-    running = make_cluster(tmp_path, time_limit=60, visibility=120)  # no worker: messages stay queued
+def test_jobs_go_to_the_queue_of_their_command_and_a_q_worker_takes_only_its_queue(tmp_path):
+    running = make_cluster(tmp_path, time_limit=60, visibility=120)  # no worker yet: messages stay queued
     try:
         write_study(running.data / "q", shape=(2, 8, 8))
         client = job_client(running.settings()).test_client()
+        uids = {}
         for name in ("3dblur", "get-hippocampus-volume", "get-probability-mask"):
             response = client.post("/job/", json={"job_name": name, "in_dir": "q"})
             assert response.status_code == 201, response.get_json()
+            uids[name] = response.get_json()["uid"]
             assert client.get(response.headers["Location"]).get_json() == {"msg": "Job is queued", "attempts": 0}
         queues = redis.Redis.from_url(running.redis.url)
         assert (queues.llen("cpu"), queues.llen("gpu")) == (2, 1)
+
+        gpu_box, = running.start_workers("gpu", args=("-Q", "gpu"))  # takes the model's job, not the others
+        deadline = time.monotonic() + 60
+        while queues.llen("gpu") or running.store().get(uids["get-hippocampus-volume"]).status in ("queued", "running"):
+            assert time.monotonic() < deadline, gpu_box.log()
+            time.sleep(0.1)
+        hippocampus = client.get(f"/query/{uids['get-hippocampus-volume']}")
+        assert hippocampus.status_code == 422 and "HippoCrop" in hippocampus.get_json()["error"]  # ran: no crop here
+        time.sleep(1)
+        assert queues.llen("cpu") == 2 and client.get(f"/query/{uids['3dblur']}").get_json()["msg"] == "Job is queued"
     finally:
         running.stop()
 
