@@ -44,6 +44,11 @@ if shutil.which("redis-server") is None and not os.environ.get("CI"):
     pytest.skip("needs redis-server (Debian package redis-server; .ci/run installs it)", allow_module_level=True)
 
 
+#: Workers for blur jobs only: they skip loading the hippocampus model (slow on a busy machine), which
+#: a pool process started to replace a lost one would otherwise do before taking the job again.
+CPU_ONLY = ("-Q", "cpu")
+
+
 @dataclasses.dataclass
 class Cluster:
     """A redis-server, the worker environment and the roots they share; workers started on demand."""
@@ -248,7 +253,7 @@ def test_a_killed_worker_s_job_is_run_again_by_another(tmp_path):
     running = make_cluster(tmp_path, time_limit=8, visibility=10)
     try:
         write_study(running.data / "slow", shape=(32, 128, 128))
-        first, second = running.start_workers("k1", "k2")
+        first, second = running.start_workers("k1", "k2", args=CPU_ONLY)
         client = job_client(running.settings()).test_client()
         uid = client.post("/job/", json={"job_name": "3dblur", "in_dir": "slow"}).get_json()["uid"]
         store = running.store()
@@ -277,7 +282,7 @@ def test_a_lost_pool_process_gives_its_job_back_at_once(tmp_path):
     running = make_cluster(tmp_path, time_limit=60, visibility=600)  # far beyond this test: no redelivery by timeout
     try:
         write_study(running.data / "slow", shape=(32, 128, 128))
-        worker, = running.start_workers("p1")
+        worker, = running.start_workers("p1", args=CPU_ONLY)
         client = job_client(running.settings()).test_client()
         uid = client.post("/job/", json={"job_name": "3dblur", "in_dir": "slow"}).get_json()["uid"]
         store = running.store()
@@ -302,7 +307,7 @@ def test_a_job_past_its_time_limit_fails_with_timeout(tmp_path):
     running = make_cluster(tmp_path, time_limit=1, visibility=5)
     try:
         write_study(running.data / "big", shape=(64, 256, 256))
-        running.start_workers("t1")
+        running.start_workers("t1", args=CPU_ONLY)
         client = job_client(running.settings()).test_client()
         uid = client.post("/job/", json={"job_name": "3dblur", "in_dir": "big"}).get_json()["uid"]
         deadline = time.monotonic() + 60
