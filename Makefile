@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test bench lint fuzz soak clean
+.PHONY: serve worker test bench lint fuzz soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ $(VENV)/.dev: requirements.txt requirements-dev.txt | $(BIN)/python
 ## serve: install the runtime and serve every handler with gunicorn on port 8900
 serve: $(VENV)/.runtime
 	$(BIN)/gunicorn -c gunicorn.conf.py
+
+## worker: install the runtime and run a celery job worker (INFERENCE_JOB_BACKEND=celery; CONCURRENCY jobs at once)
+CONCURRENCY ?= 1
+worker: $(VENV)/.runtime
+	$(BIN)/celery -A worker worker --concurrency $(CONCURRENCY) --loglevel INFO
 
 ## test: install everything and run the test suite
 test: $(VENV)/.dev

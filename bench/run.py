@@ -2,7 +2,7 @@
 
     python -m bench.run                 # everything (what ``make bench`` runs)
     python -m bench.run --quick         # fewer repeats: a smoke run
-    python -m bench.run --only small    # one section: large, small, blur or hippocampus
+    python -m bench.run --only small    # one section: large, small, blur, hippocampus or celery
 
 Both servers run with the shipped ``gunicorn.conf.py`` (the floor with its app swapped) on
 free ports, and both are driven by the same client code, so their ratio is the gateway's own
@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
 import statistics
 import subprocess
@@ -42,7 +43,7 @@ HIPPOCAMPUS_COMMAND = "get-hippocampus-volume"
 STUDY1 = PROJECT_ROOT.parent / "shared" / "data" / "studies" / "Study1"
 #: The gateway serving only the 3D mask handler on ``/`` (``mock_server.py -s3D`` under gunicorn).
 MASK_ONLY_APP = f"mock_server:create_app({MASK_COMMAND!r})"
-SECTIONS = ("large", "small", "blur", "hippocampus")
+SECTIONS = ("large", "small", "blur", "hippocampus", "celery")
 TARGETS = {"large_ratio": ("<=", 1.3), "rss_to_payload": ("<=", 1.5), "small_8_ratio": (">=", 0.85),
            "hippocampus_model_s": ("<=", 0.35), "hippocampus_fast_model_s": ("<=", 0.08)}
 #: The registry's fast hippocampus version (models/manifest.yaml): member 0 alone, no mirrored pass.
@@ -259,6 +260,15 @@ def measure_blur(repeats: int) -> dict:
     return {"blur": blur_section(repeats=repeats)}
 
 
+def measure_celery(quick: bool) -> dict:
+    """The celery job backend's section (``bench/celery_jobs.py``); skipped without redis-server."""
+    if shutil.which("redis-server") is None:
+        return {"celery_jobs_skipped": "redis-server is not installed (apt-get install -y redis-server)"}
+    from bench.celery_jobs import measure_celery_jobs
+
+    return {"celery_jobs": measure_celery_jobs(quick)}
+
+
 def measure_hippocampus(ours: Server, repeats: int) -> dict:
     """Study1 round trip over HTTP, and the same study through the pipeline in-process.
 
@@ -372,6 +382,7 @@ def run(sections: Sequence[str], quick: bool) -> dict:
             "small": lambda: measure_small(ours, floor, *((10, 16) if quick else (30, 80))),
             "blur": lambda: measure_blur(repeats=1 if quick else 3),
             "hippocampus": lambda: measure_hippocampus(ours, repeats=2 if quick else 5),
+            "celery": lambda: measure_celery(quick),
         }
         for section in sections:
             attempt(section, measures[section])

@@ -102,3 +102,15 @@ def test_requests_per_second_counts_every_call():
 ])
 def test_targets_met_judges_only_what_was_measured(results, expected):
     assert targets_met(results) == expected
+
+
+def test_celery_jobs_summary_takes_its_times_from_the_job_records():
+    from bench.celery_jobs import summary
+
+    jobs = [{"submitted": 100.0, "started": 100.01, "finished": 102.0},
+            {"submitted": 100.1, "started": 102.0, "finished": 104.0},
+            {"submitted": 100.2, "started": 104.0, "finished": 106.0}]
+    figures = summary(jobs)
+    assert figures["wall_s"] == 6.0 and figures["jobs_per_s"] == 0.5
+    assert figures["median_run_s"] == 2.0 and figures["run_s"] == [1.99, 2.0, 2.0]
+    assert figures["median_submit_to_start_ms"] == 1900.0  # jobs queued behind others wait: not the dispatch latency

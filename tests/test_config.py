@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -30,3 +31,17 @@ def test_bad_integer_names_the_variable(monkeypatch):
     monkeypatch.setenv("INFERENCE_WORKERS", "two")
     with pytest.raises(ValueError, match="INFERENCE_WORKERS must be an integer"):
         Settings.from_env()
+
+
+def test_job_queues_route_commands_and_the_rest(monkeypatch):
+    monkeypatch.setenv("INFERENCE_JOB_QUEUES", " get-hippocampus-volume = gpu , gaussian-blur-3d=blur ")
+    settings = Settings.from_env()
+    assert settings.job_queue("get-hippocampus-volume") == "gpu" and settings.job_queue("gaussian-blur-3d") == "blur"
+    assert settings.job_queue("get-probability-mask") == "cpu", "commands not named go to '*', cpu by default"
+    assert Settings().job_queue_routes() == {"get-hippocampus-volume": "gpu", "*": "cpu"}
+
+
+@pytest.mark.parametrize("value", ["gpu", "=gpu", "get-heatmap="])
+def test_bad_job_queues_name_the_variable_and_the_form(value):
+    with pytest.raises(ValueError, match="INFERENCE_JOB_QUEUES.*command=queue"):
+        dataclasses.replace(Settings(), job_queues=value).job_queue_routes()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sqlite3
 import subprocess
 import sys
 import time
@@ -64,7 +65,7 @@ def test_blur_job_runs_to_completion_and_writes_its_outputs(client, roots):
 
     done = poll(client.get, uid)
     assert done.status_code == 200, done.get_json()
-    assert done.get_json() == {"msg": "Job has completed", "output_dir": str(output / uid)}
+    assert done.get_json() == {"msg": "Job has completed", "output_dir": str(output / uid), "attempts": 1}
     folder = output / uid
     response_json = json.loads((folder / "response.json").read_text())
     assert len(response_json["parts"]) == len(files)
@@ -108,11 +109,12 @@ def test_queued_and_running_answer_202(roots):
     add_job_routes(app, pipeline, store=store, runner=Holding())
     client = app.test_client()
     uid = submit(client, job_name="3dblur", in_dir="s").get_json()["uid"]
-    assert client.get(f"/query/{uid}").get_json() == {"msg": "Job is queued"}
-    assert store.mark_running(uid)
+    assert client.get(f"/query/{uid}").get_json() == {"msg": "Job is queued", "attempts": 0}
+    assert store.mark_running(uid, worker="w1")
     response = client.get(f"/query/{uid}")
-    assert response.status_code == 202 and response.get_json() == {"msg": "Job is running"}
-    assert store.get(uid).owner == "holding" and store.get(uid).params == {}
+    assert response.status_code == 202 and response.get_json() == {"msg": "Job is running", "attempts": 1}
+    job = store.get(uid)
+    assert job.owner == "holding" and job.params == {} and job.worker == "w1" and job.created <= job.started
 
 
 def test_unknown_uid_is_404(client):
@@ -191,6 +193,22 @@ time.sleep(120)
 """
 
 
+def test_a_store_file_from_before_attempts_were_counted_is_upgraded(tmp_path):
+    path = tmp_path / "jobs.sqlite3"
+    with sqlite3.connect(path) as db:  # the first release's table
+        db.execute("CREATE TABLE jobs (uid TEXT PRIMARY KEY, job_name TEXT NOT NULL, command TEXT NOT NULL, in_dir TEXT "
+                   "NOT NULL, params TEXT NOT NULL, status TEXT NOT NULL, owner TEXT, error TEXT, error_status INTEGER, "
+                   "output_dir TEXT, created REAL NOT NULL, updated REAL NOT NULL)")
+        db.execute("INSERT INTO jobs VALUES ('old', '3dblur', 'gaussian-blur-3d', 's', '{}', 'completed', NULL, NULL, "
+                   "NULL, '/out/old', 1.0, 2.0)")
+    db.close()
+    store = JobStore(path)
+    assert store.get("old").attempts == 0 and store.get("old").output_dir == "/out/old"
+    new = store.add(Job("3dblur", "gaussian-blur-3d", "s"))
+    assert store.mark_running(new.uid) and store.get(new.uid).attempts == 1
+    assert not store.mark_running(new.uid), "a running job is not started twice by the local runner"
+
+
 def test_store_survives_a_restart_and_interrupted_jobs_fail(tmp_path):
     store = JobStore(tmp_path / "jobs.sqlite3")
     live = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path / "owners")], cwd=PROJECT_ROOT,
@@ -228,7 +246,7 @@ def test_interrupted_job_is_reported_failed_by_the_api(roots):
     add_job_routes(app, pipeline)  # start-up recovery
     response = app.test_client().get(f"/query/{uid}")
     assert response.status_code == 500
-    assert response.get_json() == {"msg": "Job has failed", "error": INTERRUPTED}
+    assert response.get_json() == {"msg": "Job has failed", "error": INTERRUPTED, "attempts": 0}
 
 
 def test_partial_outputs_of_interrupted_jobs_are_removed_at_start_up(roots):

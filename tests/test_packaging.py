@@ -16,6 +16,7 @@ import threading
 from dataclasses import fields
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -281,7 +282,7 @@ def test_dockerignore_matching_model() -> None:
 
 
 @pytest.mark.parametrize("path", [
-    "gateway.py", "mock_server.py", "gunicorn.conf.py", "logging.yaml", "healthcheck.py", "requirements.txt",
+    "gateway.py", "mock_server.py", "gunicorn.conf.py", "logging.yaml", "healthcheck.py", "requirements.txt", "worker.py",
     "handlers/__init__.py", "utils/config.py", "models/unet.py", "models/hippocampus_unet.pt",
     "inference-test-tool/send-inference-request.sh",
 ])
@@ -322,7 +323,7 @@ def module_file(name: str) -> str | None:
 def test_every_module_the_server_imports_is_in_the_build_context(context_files: list[str]) -> None:
     sent = set(context_files)
     handlers = importlib.import_module("handlers")
-    wanted = {"gunicorn.conf.py", "mock_server.py", "healthcheck.py"}
+    wanted = {"gunicorn.conf.py", "mock_server.py", "healthcheck.py", "worker.py"}
     wanted |= {module_file(m) for m in handlers.HANDLER_MODULES}
     seen: set[str] = set()
     while wanted - seen:
@@ -367,6 +368,49 @@ def test_compose_volumes(compose: dict) -> None:
     assert [m[1] for m in named] == [env["INFERENCE_OUTPUT_ROOT"]], "job outputs live in a named volume"
     data = [m for m in mounts if len(m) > 1 and m[1] == env["INFERENCE_DATA_ROOT"]]
     assert len(data) == 1 and data[0][2:] == ["ro"], "the data root is bind-mounted read-only"
+
+
+def test_compose_redis_keeps_its_data_and_has_a_healthcheck(compose: dict) -> None:
+    redis = compose["services"]["redis"]
+    assert re.fullmatch(r"redis:\d+\.\d+-alpine", redis["image"]), "a pinned Redis image"
+    assert redis["command"][:1] == ["redis-server"] and "--appendonly" in redis["command"]
+    assert redis["command"][redis["command"].index("--appendonly") + 1] == "yes", "job records survive a restart"
+    assert [mount_fields(v)[0] for v in redis["volumes"]] == ["redis-data"] and "redis-data" in compose["volumes"]
+    assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    assert "ports" not in redis, "the broker is reachable on the compose network only"
+
+
+def test_compose_api_and_workers_share_the_backend_and_volumes(compose: dict) -> None:
+    api, worker = compose["services"]["inference"], compose["services"]["worker"]
+    assert worker["image"] == api["image"] and worker["build"] == api["build"], "one image for both"
+    for name in ("INFERENCE_JOB_BACKEND", "INFERENCE_BROKER_URL", "INFERENCE_JOB_QUEUES", "INFERENCE_JOB_TIME_LIMIT",
+                 "INFERENCE_BROKER_VISIBILITY_TIMEOUT", "INFERENCE_JOB_RETRIES", "INFERENCE_ENABLE_MOCKS",
+                 "INFERENCE_DATA_ROOT", "INFERENCE_OUTPUT_ROOT"):
+        assert worker["environment"][name] == api["environment"][name], name
+    assert set(worker["environment"]) <= SETTING_VARIABLES
+    assert api["environment"]["INFERENCE_JOB_BACKEND"] == "celery"
+    assert urlsplit(api["environment"]["INFERENCE_BROKER_URL"]).hostname == "redis"
+    assert worker["volumes"] == api["volumes"], "workers read and write where the API expects"
+    for service in (api, worker):
+        assert service["depends_on"]["redis"]["condition"] == "service_healthy"
+        assert set(service["networks"]) & set(compose["services"]["redis"]["networks"])
+
+
+def test_compose_worker_runs_celery_and_can_be_scaled(compose: dict) -> None:
+    worker = compose["services"]["worker"]
+    assert worker["command"][:4] == ["celery", "-A", "worker", "worker"]
+    assert "-Q" not in worker["command"], "the default worker serves every queue"
+    assert "ports" not in worker and "container_name" not in worker, "--scale worker=N needs neither"
+    check = worker["healthcheck"]["test"]
+    assert check[0] == "CMD-SHELL" and "celery -A worker inspect ping" in check[1]
+    assert "celery@$$HOSTNAME" in check[1], "pings this container's own node (compose unescapes $$)"
+    defaults = Settings()
+    assert worker["restart"] == "unless-stopped"
+    grace = int(re.fullmatch(r"(\d+)s", worker["stop_grace_period"]).group(1))
+    assert grace >= 60
+    visibility = int(re.search(r":-(\d+)}", worker["environment"]["INFERENCE_BROKER_VISIBILITY_TIMEOUT"]).group(1))
+    limit = int(re.search(r":-(\d+)}", worker["environment"]["INFERENCE_JOB_TIME_LIMIT"]).group(1))
+    assert (visibility, limit) == (defaults.broker_visibility_timeout, defaults.job_time_limit)
 
 
 def test_compose_test_tool_profile(compose: dict) -> None:

@@ -86,6 +86,19 @@ class Settings:
     output_root: Path = field(default=PROJECT_ROOT / "output" / "jobs", metadata={"env": "INFERENCE_OUTPUT_ROOT"})
     #: INFERENCE_JOB_WORKERS: jobs run at the same time in each server process.
     job_workers: int = field(default=1, metadata={"env": "INFERENCE_JOB_WORKERS"})
+    #: INFERENCE_JOB_BACKEND: where jobs run: ``local`` (thread pool + SQLite) or ``celery`` (workers + Redis).
+    job_backend: str = field(default="local", metadata={"env": "INFERENCE_JOB_BACKEND"})
+    #: INFERENCE_BROKER_URL: Redis of the celery backend: its broker and its job records.
+    broker_url: str = field(default="redis://localhost:6379/0", metadata={"env": "INFERENCE_BROKER_URL", "secret": True})
+    #: INFERENCE_JOB_QUEUES: celery queue of each command, ``command=queue`` comma-separated, ``*`` for the rest.
+    job_queues: str = field(default="get-hippocampus-volume=gpu,*=cpu", metadata={"env": "INFERENCE_JOB_QUEUES"})
+    #: INFERENCE_JOB_TIME_LIMIT: seconds a celery job may run; it then fails with reason ``timeout``.
+    job_time_limit: int = field(default=900, metadata={"env": "INFERENCE_JOB_TIME_LIMIT"})
+    #: INFERENCE_JOB_RETRIES: re-runs of a celery job after a transient error (out of memory, Redis lost).
+    job_retries: int = field(default=3, metadata={"env": "INFERENCE_JOB_RETRIES"})
+    #: INFERENCE_BROKER_VISIBILITY_TIMEOUT: seconds before Redis hands an unacknowledged job to another
+    #: worker; above the job time limit plus its grace, and the longest a dead worker's job waits.
+    broker_visibility_timeout: int = field(default=1200, metadata={"env": "INFERENCE_BROKER_VISIBILITY_TIMEOUT"})
     #: INFERENCE_API_TOKEN: when set, every route but /healthcheck and /ping needs ``Authorization: Bearer``.
     api_token: str | None = field(default=None, metadata={"env": "INFERENCE_API_TOKEN", "secret": True})
     #: INFERENCE_LOGGING_CONFIG: logging configuration (YAML, ``logging.config.dictConfig`` schema).
@@ -117,6 +130,22 @@ class Settings:
             else:
                 values[f.name] = _env_str(name, f.default)
         return cls(**values)
+
+    def job_queue(self, command: str) -> str:
+        """The celery queue that jobs of ``command`` go to (``INFERENCE_JOB_QUEUES``)."""
+        routes = self.job_queue_routes()
+        return routes.get(command, routes["*"])
+
+    def job_queue_routes(self) -> dict[str, str]:
+        """``INFERENCE_JOB_QUEUES`` parsed: command (or ``*``) -> queue; ``*`` defaults to ``cpu``."""
+        routes = {"*": "cpu"}
+        for item in filter(None, (part.strip() for part in self.job_queues.split(","))):
+            command, sep, queue = (text.strip() for text in item.partition("="))
+            if not sep or not command or not queue:
+                raise ValueError(f"INFERENCE_JOB_QUEUES: {item!r} is not command=queue; "
+                                 "e.g. 'get-hippocampus-volume=gpu,*=cpu'")
+            routes[command] = queue
+        return routes
 
     def describe(self) -> dict[str, str]:
         """Settings as strings for the start-up log, secrets masked."""

@@ -77,3 +77,9 @@ class OutputValidationError(GatewayError):
     """A handler's output breaks the protocol; the model developer must fix the handler (500)."""
 
     status = 500
+
+
+class ServiceUnavailable(GatewayError):
+    """A service the request needs is unreachable (the job broker, say); retrying later may work (503)."""
+
+    status = 503

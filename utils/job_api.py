@@ -7,6 +7,7 @@
                          had as a request (400/403/422 for bad input, 500 for a server-side failure
                          or a job ``interrupted`` by a stopped server)
                       -> 404 for an unknown uid
+                      every answer for a job also carries "attempts": how many times a worker started it
     GET  /job/<uid>/files         -> 200 {"uid": ..., "files": [{"name": ..., "bytes": ...}]} of a completed job
     GET  /job/<uid>/files/<name>  -> that file (only files of that job's folder); 409 while not completed
 
@@ -88,17 +89,28 @@ def write_outputs(folder: Path, response_json: dict, buffers: list) -> None:
 
 
 class JobExecutor:
-    """Runs one job through the pipeline on its folder's DICOM files; outputs written, state recorded."""
+    """Runs one job through the pipeline on its folder's DICOM files; outputs written, state recorded.
 
-    def __init__(self, store: JobStore, pipeline: Pipeline) -> None:
+    Exceptions of the ``reraise`` types are not recorded but raised to the runner, which decides
+    (the celery runner retries transient errors and fails timeouts). Running a job again after its
+    output folder appeared only records it completed: a re-delivered job is not written twice.
+    """
+
+    def __init__(self, store: JobStore, pipeline: Pipeline, *,
+                 reraise: tuple[type[BaseException], ...] = ()) -> None:
         self.store = store
         self.pipeline = pipeline
+        self.reraise = reraise
 
     def __call__(self, job: Job) -> None:
         settings = self.pipeline.settings
         output = Path(settings.output_root) / job.uid
         partial = output.with_name(f"{job.uid}.partial")
         bind_request_tags({"job": job.uid})
+        if output.is_dir():  # an earlier attempt finished it (the folder appears only once whole)
+            log.info("job %s: output already complete in %s", job.uid, output)
+            self.store.mark_completed(job.uid, str(output))
+            return
         try:
             files = study_files(settings.data_root, job.in_dir)
             log.info("job %s: %s on %d files of %s", job.uid, job.command, len(files), job.in_dir)
@@ -110,6 +122,8 @@ class JobExecutor:
                 "params": job.params, "input_hash": result.input_hash, "seconds": round(result.seconds, 3),
             }, indent=1), encoding="utf-8")
             os.replace(partial, output)
+        except self.reraise:
+            raise
         except GatewayError as exc:
             log.warning("job %s failed (%d): %s", job.uid, exc.status, exc.message)
             self.store.mark_failed(job.uid, exc.message, exc.status)
@@ -173,9 +187,17 @@ def add_job_routes(app: flask.Flask, pipeline: Pipeline, *, store: JobStore | No
 
     Jobs run ``pipeline``'s handlers with its settings. Default store:
     ``<INFERENCE_OUTPUT_ROOT>/jobs.sqlite3``; default runner: a local pool of ``INFERENCE_JOB_WORKERS`` threads.
+    ``INFERENCE_JOB_BACKEND=celery``: records in Redis, jobs run by celery workers (``utils.celery_jobs``)
+    with the same handlers.
     """
     settings = pipeline.settings
     output_root = Path(settings.output_root)
+    if store is None and runner is None and settings.job_backend == "celery":
+        from utils.celery_jobs import celery_backend  # celery is imported only by servers that use it
+
+        store, runner = celery_backend(settings)
+    elif settings.job_backend not in ("local", "celery"):
+        raise ValueError(f"INFERENCE_JOB_BACKEND must be 'local' or 'celery', got {settings.job_backend!r}")
     store = store or JobStore(output_root / "jobs.sqlite3")
     runner = runner or LocalPoolRunner(store, JobExecutor(store, pipeline), workers=settings.job_workers,
                                        lock_dir=output_root / ".owners")
@@ -201,10 +223,13 @@ def add_job_routes(app: flask.Flask, pipeline: Pipeline, *, store: JobStore | No
         if job is None:
             raise NotFound(f"no job with uid {uid!r}; POST /job/ answers the uid of a new job")
         if job.status == COMPLETED:
-            return flask.jsonify({"msg": "Job has completed", "output_dir": job.output_dir}), 200
+            return flask.jsonify({"msg": "Job has completed", "output_dir": job.output_dir,
+                                  "attempts": job.attempts}), 200
         if job.status == FAILED:
-            return flask.jsonify({"msg": "Job has failed", "error": job.error}), job.error_status or 500
-        return flask.jsonify({"msg": "Job is queued" if job.status == QUEUED else "Job is running"}), 202
+            return flask.jsonify({"msg": "Job has failed", "error": job.error,
+                                  "attempts": job.attempts}), job.error_status or 500
+        return flask.jsonify({"msg": "Job is queued" if job.status == QUEUED else "Job is running",
+                              "attempts": job.attempts}), 202
 
     def completed_folder(uid: str) -> Path:
         """The output folder of completed job ``uid``: 404 unknown, 409 not (or not successfully) complete."""

@@ -3,8 +3,8 @@
 ``JobStore`` keeps every job in one SQLite file (WAL mode, one connection per call), so every
 gunicorn worker answers for every job and a restarted server still knows past jobs. A runner
 (``JobRunner``) executes jobs somewhere; ``LocalPoolRunner`` uses a bounded thread pool in this
-process. A queue-backed runner (Celery with Redis, say) can replace it behind the same two
-methods without touching handlers or routes.
+process. ``utils.celery_jobs`` holds the distributed one (Celery workers, records in Redis through
+``utils.redis_jobs.RedisJobStore``, which has this store's interface).
 
 Interrupted jobs: each runner stamps the jobs it accepts with its ``owner`` id. A local runner
 holds an exclusive ``flock`` on ``<lock_dir>/<owner>.lock`` for as long as its process lives;
@@ -34,6 +34,8 @@ log = logging.getLogger("inference.jobs")
 
 QUEUED, RUNNING, COMPLETED, FAILED = "queued", "running", "completed", "failed"
 INTERRUPTED = "interrupted"
+TIMEOUT = "timeout"
+FINISHED = (COMPLETED, FAILED)
 UNFINISHED = (QUEUED, RUNNING)
 _UNFINISHED_SQL = "('queued', 'running')"
 
@@ -50,10 +52,16 @@ CREATE TABLE IF NOT EXISTS jobs (
     error_status INTEGER,
     output_dir TEXT,
     created REAL NOT NULL,
-    updated REAL NOT NULL
+    updated REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    worker TEXT,
+    started REAL,
+    finished REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_unfinished ON jobs (status, owner);
 """
+#: Columns added after the first release, with their type: added to older files when opened.
+ADDED_COLUMNS = {"attempts": "INTEGER NOT NULL DEFAULT 0", "worker": "TEXT", "started": "REAL", "finished": "REAL"}
 
 
 @dataclass
@@ -72,6 +80,10 @@ class Job:
     output_dir: str | None = None
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
+    attempts: int = 0  # times a worker started it (a re-delivery or a retry counts again)
+    worker: str | None = None  # who started the last attempt
+    started: float | None = None  # when the last attempt started
+    finished: float | None = None
 
 
 class JobStore:
@@ -84,6 +96,10 @@ class JobStore:
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
             db.executescript(SCHEMA)
+            present = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
+            for name, kind in ADDED_COLUMNS.items():
+                if name not in present:
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
 
     @contextlib.contextmanager
     def _connect(self, *, write: bool = False) -> Iterator[sqlite3.Connection]:
@@ -107,9 +123,11 @@ class JobStore:
         with self._connect(write=True) as db:
             db.execute(
                 "INSERT INTO jobs (uid, job_name, command, in_dir, params, status, owner, error, error_status,"
-                " output_dir, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " output_dir, created, updated, attempts, worker, started, finished)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job.uid, job.job_name, job.command, job.in_dir, json.dumps(job.params), job.status, job.owner,
-                 job.error, job.error_status, job.output_dir, job.created, job.updated))
+                 job.error, job.error_status, job.output_dir, job.created, job.updated, job.attempts, job.worker,
+                 job.started, job.finished))
         return job
 
     def get(self, uid: str) -> Job | None:
@@ -121,25 +139,26 @@ class JobStore:
         values["params"] = json.loads(values["params"])
         return Job(**values)
 
-    def _update(self, uid: str, only_if: tuple[str, ...], **changes) -> bool:
+    def _update(self, uid: str, only_if: tuple[str, ...], *, count_attempt: bool = False, **changes) -> bool:
         """Set ``changes`` on job ``uid`` when its status is one of ``only_if``; whether it was."""
         changes["updated"] = time.time()
-        assignments = ", ".join(f"{name} = ?" for name in changes)
+        assignments = ", ".join([f"{name} = ?" for name in changes] + ["attempts = attempts + 1"] * count_attempt)
         marks = ", ".join("?" * len(only_if))
         with self._connect(write=True) as db:
             cursor = db.execute(f"UPDATE jobs SET {assignments} WHERE uid = ? AND status IN ({marks})",
                                 (*changes.values(), uid, *only_if))
         return cursor.rowcount == 1
 
-    def mark_running(self, uid: str) -> bool:
-        """Queued -> running; False when the job is no longer queued (e.g. marked interrupted)."""
-        return self._update(uid, (QUEUED,), status=RUNNING)
+    def mark_running(self, uid: str, worker: str | None = None) -> bool:
+        """Queued -> running, one more attempt by ``worker``; False when the job is no longer queued."""
+        return self._update(uid, (QUEUED,), count_attempt=True, status=RUNNING, worker=worker, started=time.time())
 
     def mark_completed(self, uid: str, output_dir: str) -> bool:
-        return self._update(uid, UNFINISHED, status=COMPLETED, output_dir=output_dir)
+        return self._update(uid, UNFINISHED, status=COMPLETED, output_dir=output_dir, finished=time.time())
 
     def mark_failed(self, uid: str, error: str, error_status: int = 500) -> bool:
-        return self._update(uid, UNFINISHED, status=FAILED, error=error, error_status=error_status)
+        return self._update(uid, UNFINISHED, status=FAILED, error=error, error_status=error_status,
+                            finished=time.time())
 
     def count_by_status(self) -> dict[str, int]:
         """How many jobs are in each status (for the metrics)."""
@@ -159,8 +178,9 @@ class JobStore:
         arguments = () if owner is None else (owner,)
         with self._connect(write=True) as db:
             rows = db.execute(f"SELECT uid FROM jobs WHERE status IN {_UNFINISHED_SQL} AND {match}", arguments).fetchall()
-            db.execute(f"UPDATE jobs SET status = ?, error = ?, error_status = 500, updated = ? "
-                       f"WHERE status IN {_UNFINISHED_SQL} AND {match}", (FAILED, error, time.time(), *arguments))
+            db.execute(f"UPDATE jobs SET status = ?, error = ?, error_status = 500, updated = ?, finished = ? "
+                       f"WHERE status IN {_UNFINISHED_SQL} AND {match}",
+                       (FAILED, error, time.time(), time.time(), *arguments))
         return [row["uid"] for row in rows]
 
 
@@ -240,7 +260,7 @@ class LocalPoolRunner:
             self._pool.submit(self._run, job)
 
     def _run(self, job: Job) -> None:
-        if not self.store.mark_running(job.uid):
+        if not self.store.mark_running(job.uid, worker=self.owner):
             log.warning("job %s is no longer queued; not running it", job.uid)
             return
         try:

@@ -1,0 +1,101 @@
+"""The job worker of the celery backend: ``celery -A worker worker --concurrency N [-Q gpu,cpu]``.
+
+Runs the jobs that API instances with ``INFERENCE_JOB_BACKEND=celery`` publish, with the same
+handlers and job executor as the gateway. Settings come from the same ``INFERENCE_*`` variables
+(``INFERENCE_BROKER_URL``, ``INFERENCE_DATA_ROOT``, ``INFERENCE_OUTPUT_ROOT``...). Before it
+consumes anything it checks that the data root and output root exist and are writable (with
+several machines they are shared volumes: the data root readable, the output root writable) and
+refuses to start otherwise. Without ``-Q`` it
+serves every queue of ``INFERENCE_JOB_QUEUES``. Handlers warm up (models load) in each pool
+process after the fork: CUDA cannot be initialised before one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from celery import signals
+
+from utils.config import PROJECT_ROOT
+
+# celery imports this module with the current folder on sys.path, then removes it: keep the project
+# importable for what handlers import later (models at warm-up, in pool processes)
+if str(PROJECT_ROOT) not in sys.path:
+    sys.path.insert(0, str(PROJECT_ROOT))
+
+from handlers import REGISTRY  # noqa: E402
+from mock_server import configure_logging, served_commands  # noqa: E402
+from utils.celery_jobs import make_celery  # noqa: E402
+from utils.config import get_settings  # noqa: E402
+from utils.pipeline import Pipeline  # noqa: E402
+
+log = logging.getLogger("inference.worker")
+
+settings = get_settings()
+app = make_celery(settings)  # its pipeline is made at worker start, once the handlers are loaded
+
+
+def storage_problems(data_root: Path | None, output_root: Path) -> list[str]:
+    """What stops a worker from reading job inputs and writing outputs; empty when nothing does.
+
+    The data root must be readable (it is mounted read-only in docker-compose.yml: jobs never
+    write there), the output root writable: checked by creating a file, so permissions,
+    read-only mounts and full disks all show.
+    """
+    problems = []
+    for variable, root in (("INFERENCE_DATA_ROOT", data_root), ("INFERENCE_OUTPUT_ROOT", output_root)):
+        if root is None:
+            problems.append(f"{variable} is not set: workers read job inputs and write outputs below it")
+        elif not root.is_dir():
+            problems.append(f"{variable}={root} does not exist or is not a folder on this machine")
+        elif variable == "INFERENCE_DATA_ROOT":
+            try:
+                with os.scandir(root) as entries:
+                    next(entries, None)
+            except OSError as exc:
+                problems.append(f"{variable}={root} is not readable by this worker ({exc.strerror})")
+        else:
+            try:
+                with tempfile.NamedTemporaryFile(dir=root, prefix=".worker-check-"):
+                    pass
+            except OSError as exc:
+                problems.append(f"{variable}={root} is not writable by this worker ({exc.strerror})")
+    return problems
+
+
+@signals.setup_logging.connect
+def _logging(**_) -> None:
+    configure_logging(settings)  # logging.yaml, as the API: celery leaves the root logger alone
+
+
+@signals.worker_init.connect
+def _check_and_load(**_) -> None:
+    problems = storage_problems(settings.data_root, settings.output_root)
+    if problems:
+        message = ("worker not started: " + "; ".join(problems) + ". Both roots must be the storage the API "
+                   "instances use (a shared volume across machines): inputs readable, outputs writable.")
+        print(message, file=sys.stderr, flush=True)  # before celery's logging is set up: plain stderr
+        os._exit(2)  # an exception would not do: celery logs and ignores those of signal handlers
+    # the commands the API serves (the same settings: mocks only with INFERENCE_ENABLE_MOCKS)
+    app.job_pipeline = Pipeline(settings, REGISTRY, commands=served_commands(settings))
+    log.info("job worker: queues %s, commands %s, time limit %d s, visibility timeout %d s, data %s, output %s",
+             sorted(consumed_queues()), ", ".join(spec.command for spec in app.job_pipeline.specs),
+             settings.job_time_limit, settings.broker_visibility_timeout, settings.data_root, settings.output_root)
+
+
+def consumed_queues() -> set[str]:
+    """The queues this worker consumes: those of ``-Q``, or every configured queue."""
+    return set(app.amqp.queues.consume_from or app.amqp.queues)
+
+
+@signals.worker_process_init.connect
+def _warm_up(**_) -> None:
+    # in each pool process, after the fork; only the handlers whose queue this worker serves. A failed
+    # warm-up is logged and does not stop the worker: that command's jobs fail and say why.
+    consumed = consumed_queues()
+    commands = [spec.command for spec in app.job_pipeline.specs if settings.job_queue(spec.command) in consumed]
+    Pipeline(settings, REGISTRY, commands=commands).warm_up()
