@@ -71,6 +71,21 @@ class RedisJobStore:
             return None
         return Job(**{name.decode(): json.loads(value) for name, value in values.items()})
 
+    def count_by_status(self) -> dict[str, int]:
+        """How many jobs are in each status (for the metrics): one scan of the job keys."""
+        with self._reaching():
+            keys = list(self.client.scan_iter(match=KEY_PREFIX + "*", count=1000))
+            pipe = self.client.pipeline(transaction=False)
+            for key in keys:
+                pipe.hget(key, "status")
+            statuses = pipe.execute()
+        counts: dict[str, int] = {}
+        for status in statuses:
+            if status is not None:
+                name = json.loads(status)
+                counts[name] = counts.get(name, 0) + 1
+        return counts
+
     def remove(self, uid: str) -> None:
         """Forget job ``uid`` (a submission whose message could not be queued)."""
         with self._reaching():
