@@ -27,6 +27,7 @@ import numpy as np
 import pydicom
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 from PIL import Image, ImageDraw
+from pydicom.sr.codedict import codes
 
 from handlers.registry import register
 from utils.config import get_settings
@@ -41,13 +42,22 @@ from utils.dicom import (
     series_from_volume,
     with_pixels,
 )
-from utils.errors import UnprocessableInput
+from utils.dicom_results import Algorithm, Structure, measurement_report, segmentation
+from utils.errors import BadRequest, UnprocessableInput
 from utils.render import font, label_color, overlay_labels, to_rgb, upscale, window_values
 from utils.tagged_logger import TaggedLogger
 
 log = TaggedLogger(logging.getLogger("inference.hippocampus"))
 
 LABEL_MAP = {"1": "Anterior", "2": "Posterior"}
+#: The labels as coded structures for DICOM results: Hippocampus (SCT 5366008, CID 7140) with the
+#: anatomic modifiers Anterior / Posterior (SCT 255549009 / 255551008, CID 2).
+STRUCTURES = (
+    Structure("Anterior hippocampus", 1, label_color(1), codes.SCT.Hippocampus, codes.SCT.Anterior),
+    Structure("Posterior hippocampus", 2, label_color(2), codes.SCT.Hippocampus, codes.SCT.Posterior),
+)
+#: What ``dicom_outputs`` may ask for: a DICOM Segmentation, a TID 1500 measurement report.
+DICOM_OUTPUTS = ("seg", "sr")
 COMMAND = "get-hippocampus-volume"
 _segmenter = None
 _segmenter_lock = threading.Lock()
@@ -207,10 +217,38 @@ def render_report(volume: Volume, labels: np.ndarray, measures: dict, model_vers
     return np.asarray(image)
 
 
+def requested_dicom_outputs(json_input: dict) -> list[str]:
+    """The request's ``dicom_outputs`` (a list drawn from ``DICOM_OUTPUTS``); a 400 naming the bad value."""
+    wanted = json_input.get("dicom_outputs", [])
+    if not isinstance(wanted, list) or any(item not in DICOM_OUTPUTS for item in wanted):
+        raise BadRequest(f"dicom_outputs must be a list of {', '.join(map(repr, DICOM_OUTPUTS))}, got {wanted!r}")
+    return wanted
+
+
+def dicom_results(volume: Volume, labels: np.ndarray, measures: dict, model_version: str,
+                  wanted: Sequence[str]) -> list[tuple[dict, object]]:
+    """The SEG and/or SR asked for, as (response part, dataset) pairs, in the study of ``volume``."""
+    algorithm = Algorithm("Hippocampus UNet", model_version)
+    seg = segmentation(volume.datasets, labels, STRUCTURES, algorithm, description="Hippocampus segmentation")
+    out = []
+    if "seg" in wanted:
+        out.append(({"label": "Hippocampus segmentation", "binary_type": "dicom"}, seg))
+    if "sr" in wanted:
+        volumes = {STRUCTURES[0].name: measures["anterior_volume_mm3"], STRUCTURES[1].name: measures["posterior_volume_mm3"]}
+        report = measurement_report(volume.datasets, seg, volumes, STRUCTURES, algorithm,
+                                    description="Hippocampal volume measurements")
+        out.append(({"label": "Hippocampal volume measurements", "binary_type": "dicom"}, report))
+    return out
+
+
 @register(COMMAND, route="/hippocampus", warm_up=load_segmenter,
           description="Anterior/posterior hippocampus segmentation and volumes (HippoCrop series)")
 def hippocampus_volume(json_input: dict, instances: Sequence, input_hash: str) -> tuple[dict, list]:
-    """Segment the hippocampus crop series: label mask, volumes and a Secondary Capture report."""
+    """Segment the hippocampus crop series: label mask, volumes and a Secondary Capture report.
+
+    ``"dicom_outputs": ["seg", "sr"]`` adds a DICOM Segmentation and a measurement report.
+    """
+    wanted = requested_dicom_outputs(json_input)
     volume, labels, measures, seconds = segment_study(instances)
     model_version = load_segmenter().version
     log.info("segmented %s in %.3fs: total %.1f mm3", volume.voxels.shape, seconds, measures["total_volume_mm3"])
@@ -229,7 +267,11 @@ def hippocampus_volume(json_input: dict, instances: Sequence, input_hash: str) -
         ],
         "series_ml_json": {series_uid: {**measures, "model": model_version, "inference_seconds": round(seconds, 3)}},
     }
-    return response, [labels, report]
+    buffers = [labels, report]
+    for part, dataset in dicom_results(volume, labels, measures, model_version, wanted) if wanted else []:
+        response["parts"].append(part)
+        buffers.append(dataset)
+    return response, buffers
 
 
 # -- command line -------------------------------------------------------------------------
