@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test bench lint clean
+.PHONY: serve test bench lint clean pacs-node
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ $(VENV)/.dev: requirements.txt requirements-dev.txt | $(BIN)/python
 ## serve: install the runtime and serve every handler with gunicorn on port 8900
 serve: $(VENV)/.runtime
 	$(BIN)/gunicorn -c gunicorn.conf.py
+
+## pacs-node: the DICOM node (dicom_node.py): flags via PACS_ARGS, settings from INFERENCE_PACS_* variables
+pacs-node: $(VENV)/.runtime
+	$(BIN)/python dicom_node.py $(PACS_ARGS)
 
 ## test: install everything and run the test suite
 test: $(VENV)/.dev
