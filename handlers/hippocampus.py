@@ -229,12 +229,17 @@ def dicom_results(volume: Volume, labels: np.ndarray, measures: dict, model_vers
                   wanted: Sequence[str]) -> list[tuple[dict, object]]:
     """The SEG and/or SR asked for, as (response part, dataset) pairs, in the study of ``volume``."""
     algorithm = Algorithm("Hippocampus UNet", model_version)
-    seg = segmentation(volume.datasets, labels, STRUCTURES, algorithm, description="Hippocampus segmentation")
+    try:
+        seg = segmentation(volume.datasets, labels, STRUCTURES, algorithm, description="Hippocampus segmentation")
+    except ValueError as exc:  # highdicom's checks of the source images (e.g. no FrameOfReferenceUID)
+        raise UnprocessableInput(f"no DICOM Segmentation can be made on series {volume.series_uid}: {exc}; "
+                                 f"request without dicom_outputs for the mask alone") from exc
     out = []
     if "seg" in wanted:
         out.append(({"label": "Hippocampus segmentation", "binary_type": "dicom"}, seg))
     if "sr" in wanted:
-        volumes = {STRUCTURES[0].name: measures["anterior_volume_mm3"], STRUCTURES[1].name: measures["posterior_volume_mm3"]}
+        volumes = {STRUCTURES[0].name: measures["anterior_volume_mm3"],
+                   STRUCTURES[1].name: measures["posterior_volume_mm3"]}
         report = measurement_report(volume.datasets, seg, volumes, STRUCTURES, algorithm,
                                     description="Hippocampal volume measurements")
         out.append(({"label": "Hippocampal volume measurements", "binary_type": "dicom"}, report))

@@ -358,7 +358,7 @@ def series_from_volume(
     if voxels.ndim != 3 or voxels.dtype not in (np.int16, np.uint16):
         raise ValueError(f"voxels must be a 3D int16 or uint16 array, got {voxels.ndim}D {voxels.dtype}")
     study_uid = study_uid or generate_uid()
-    series_uid = generate_uid()
+    series_uid, frame_of_reference = generate_uid(), generate_uid()
     row_dir, col_dir = np.asarray(orientation[:3], float), np.asarray(orientation[3:], float)
     normal = np.cross(row_dir, col_dir)
     out = []
@@ -368,6 +368,7 @@ def series_from_volume(
         ds.PatientID = patient_id
         ds.StudyInstanceUID = study_uid
         ds.SeriesInstanceUID = series_uid
+        ds.FrameOfReferenceUID = frame_of_reference
         ds.Modality = "MR"
         ds.SeriesDescription = description
         ds.SeriesNumber = 1
