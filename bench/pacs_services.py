@@ -56,10 +56,11 @@ def read_orthanc_json(path: Path) -> dict:
 class Orthanc:
     """Debian's Orthanc on free ports with the shipped configuration and Lua script."""
 
-    def __init__(self, folder: Path, *, node_port: int, node_ae: str = "HIPPOAI", stable_age: int = 1) -> None:
+    def __init__(self, folder: Path, *, node_port: int, node_ae: str = "HIPPOAI", stable_age: int = 1,
+                 dicom_port: int | None = None) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.http_port, self.dicom_port = free_port(), free_port()
+        self.http_port, self.dicom_port = free_port(), dicom_port or free_port()
         self.aet = "ORTHANC"
         self.url = f"http://127.0.0.1:{self.http_port}"
         config = read_orthanc_json(ORTHANC_CONFIG)

@@ -1,0 +1,201 @@
+"""The DICOM node against a real Orthanc (Debian's package, the shipped config and Lua script).
+
+End to end: Study1 sent to Orthanc comes back as SEG + SR + Secondary Capture in the same study,
+equal to what the HTTP path answers. Then the node alone: calling AEs not allowed are refused, a
+study no rule matches is logged and left, a half-sent study waits until stable and runs once, and
+results for a destination that is down wait in the outbox (across a restart) until it is up.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from bench.pacs_services import DicomNodeProcess, Orthanc, c_store, free_port, orthanc_missing
+from tests.conftest import require, shared_data, write_study
+from utils.jobs import COMPLETED, JobStore
+
+#: Rules for the node-only tests: a mock command (no model to load) on generated series.
+LIGHT_RULES = """
+rules:
+  - name: mock-report
+    match:
+      series_description: "^Report me"
+    command: get-secondary-capture
+"""
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory):
+    """Orthanc routing to a node with the shipped rules, the node sending results back to Orthanc."""
+    require(orthanc_missing())
+    root = tmp_path_factory.mktemp("pacs")
+    node_port = free_port()
+    orthanc = Orthanc(root / "orthanc", node_port=node_port)
+    try:
+        node = DicomNodeProcess(root / "node", port=node_port, args=[
+            "--destination", f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}", "--stable-seconds", "1"])
+    except BaseException:
+        orthanc.stop()
+        raise
+    yield orthanc, node
+    node.stop()
+    orthanc.stop()
+
+
+def eventually(condition, timeout: float = 10) -> bool:
+    """Whether ``condition()`` becomes true within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def wait_for_results(orthanc: Orthanc, study_uid: str, timeout: float) -> dict[str, dict]:
+    """The SEG, SR and result Secondary Capture series of a study, once Orthanc holds all three."""
+    deadline = time.monotonic() + timeout
+    found: dict[str, dict] = {}
+    while time.monotonic() < deadline:
+        found = {}
+        for series in orthanc.series_of(study_uid):
+            modality = series["MainDicomTags"].get("Modality")
+            if modality in ("SEG", "SR", "OT"):
+                found[modality] = series
+        if len(found) == 3:
+            return found
+        time.sleep(0.5)
+    raise AssertionError(f"after {timeout}s Orthanc holds only {sorted(found)} of SEG, SR, OT for {study_uid};\n"
+                         f"Orthanc log:\n{orthanc.log_text()[-2000:]}")
+
+
+def test_study_routed_by_orthanc_comes_back_as_seg_sr_and_report(pacs, server, tmp_path):
+    from handlers.hippocampus import STRUCTURES
+    from utils.client import send_inference_request
+    from utils.dicom import sort_by_position
+    from utils.dicom_results import decode_segmentation, report_volumes
+
+    orthanc, node = pacs
+    files = sorted(shared_data("studies", "Study1").rglob("*.dcm"))
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in files]
+    study_uid = str(headers[0].StudyInstanceUID)
+    started = time.monotonic()
+    assert c_store(files, "127.0.0.1", orthanc.dicom_port, orthanc.aet) == len(files)
+    results = wait_for_results(orthanc, study_uid, 60)
+    elapsed = time.monotonic() - started
+    seg = pydicom.dcmread(__import__("io").BytesIO(orthanc.instance_file(results["SEG"])))
+    sr = pydicom.dcmread(__import__("io").BytesIO(orthanc.instance_file(results["SR"])))
+    sc = pydicom.dcmread(__import__("io").BytesIO(orthanc.instance_file(results["OT"])))
+    assert {seg.StudyInstanceUID, sr.StudyInstanceUID, sc.StudyInstanceUID} == {study_uid}
+    assert seg.PatientID == sr.PatientID == sc.PatientID == headers[0].PatientID
+
+    http = send_inference_request(server.url + "/hippocampus", {}, files)
+    part = http.response_json["parts"][0]
+    shape = part["binary_data_shape"]
+    mask = np.frombuffer(http.buffers[0], np.uint8).reshape(shape["depth"], shape["height"], shape["width"])
+    crop = sort_by_position([ds for ds in headers if ds.SeriesInstanceUID == part["SeriesInstanceUID"]])
+    labels = decode_segmentation(seg, STRUCTURES, [ds.SOPInstanceUID for ds in crop])
+    assert np.array_equal(labels, mask) and mask.any()
+    measures = http.response_json["series_ml_json"][part["SeriesInstanceUID"]]
+    assert report_volumes(sr) == {"Anterior hippocampus": measures["anterior_volume_mm3"],
+                                  "Posterior hippocampus": measures["posterior_volume_mm3"]}
+
+    log = node.wait_for_log(r"study done", 30)
+    hashes = set(re.findall(rf"study={re.escape(study_uid)} input_hash=([0-9a-f]{{64}})", log))
+    assert len(hashes) == 1, "every step logs the study and one input hash"
+    jobs = [JobStore(node.folder / "jobs" / "jobs.sqlite3").get(uid)
+            for uid in re.findall(r"job ([0-9a-f]{32}) queued", log)]
+    assert [job.status for job in jobs] == [COMPLETED]
+    # Orthanc's stable event fires again when the results arrive: the Lua script must not route again
+    time.sleep(3)
+    assert "was already routed" in orthanc.log_text() or elapsed < 0
+    assert len(re.findall(r"sent to hippoai", orthanc.log_text())) == 1
+    assert len(re.findall(r"job [0-9a-f]{32} queued", node.log_text())) == 1
+
+
+@pytest.fixture
+def light_node(tmp_path):
+    """A node with mock rules (no model), stable after 2 s, accepting only SCANNER and ORTHANC."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(LIGHT_RULES)
+    started = []
+
+    def start(*args: str, env: dict | None = None) -> DicomNodeProcess:
+        node = DicomNodeProcess(tmp_path / "node", args=["--rules", str(rules), "--stable-seconds", "2",
+                                                         "--allow-ae", "SCANNER", "--allow-ae", "ORTHANC", *args],
+                                env=env, port=started[0].port if started else None)
+        started.append(node)
+        return node
+
+    yield start
+    for node in started:
+        node.stop()
+
+
+def test_calling_ae_not_allowed_is_rejected(light_node, tmp_path):
+    node = light_node()
+    files = write_study(tmp_path / "study", description="Report me")
+    with pytest.raises(ConnectionError, match="refused the association from INTRUDER"):
+        c_store(files, "127.0.0.1", node.port, node.ae_title, calling_ae="INTRUDER")
+    node.wait_for_log(r"association from INTRUDER .* rejected", 10)
+    assert c_store(files[:1], "127.0.0.1", node.port, node.ae_title, calling_ae="SCANNER") == 1
+
+
+def test_study_no_rule_matches_is_logged_and_left(light_node, tmp_path):
+    node = light_node()
+    files = write_study(tmp_path / "study", description="T2 axial")
+    study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    assert c_store(files, "127.0.0.1", node.port, node.ae_title) == len(files)
+    log = node.wait_for_log(rf"study={re.escape(study_uid)}\] no routing rule matches", 30)
+    assert "queued" not in log and node.process.poll() is None
+    assert eventually(lambda: not list((node.folder / "pacs" / "spool" / "work").iterdir()))
+    # still serving
+    assert c_store(files[:1], "127.0.0.1", node.port, node.ae_title) == 1
+
+
+def test_half_sent_study_waits_until_stable_and_runs_once(light_node, tmp_path):
+    node = light_node()
+    files = write_study(tmp_path / "study", description="Report me")
+    study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    assert c_store(files, "127.0.0.1", node.port, node.ae_title, abort_after=3) == 3
+    time.sleep(0.8)  # less than --stable-seconds: the study is still being received
+    assert f"study={study_uid}] study complete" not in node.log_text()
+    assert c_store(files[3:], "127.0.0.1", node.port, node.ae_title) == len(files) - 3
+    log = node.wait_for_log(rf"study={re.escape(study_uid)} input_hash=\w+\] job \w+ completed", 60)
+    assert f"study complete: {len(files)} instances in 1 series" in log
+    # the same study again (a PACS's stable event firing twice): recognised, not run again
+    assert c_store(files, "127.0.0.1", node.port, node.ae_title) == len(files)
+    log = node.wait_for_log("already processed", 30)
+    assert len(re.findall(rf"study={re.escape(study_uid)} input_hash=\w+\] rule mock-report: job", log)) == 1
+
+
+def test_results_wait_in_the_outbox_while_the_destination_is_down_and_after_a_restart(light_node, tmp_path):
+    require(orthanc_missing())
+    orthanc_port = free_port()
+    args = ("--destination", f"ORTHANC@127.0.0.1:{orthanc_port}")
+    env = {"INFERENCE_PACS_RETRY_MAX_SECONDS": "1"}
+    node = light_node(*args, env=env)
+    files = write_study(tmp_path / "study", description="Report me")
+    study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    assert c_store(files, "127.0.0.1", node.port, node.ae_title) == len(files)
+    node.wait_for_log(rf"study={re.escape(study_uid)} input_hash=\w+\] delivery of 1 results to .* failed", 60)
+    outbox = node.folder / "pacs" / "outbox"
+    assert len(list(outbox.rglob("*.dcm"))) == 1
+    node.stop()
+    node = light_node(*args, env=env)  # a restart, same folders: the outbox is still there
+    orthanc = Orthanc(tmp_path / "orthanc", node_port=node.port, dicom_port=orthanc_port)
+    try:
+        node.wait_for_log(rf"study={re.escape(study_uid)} input_hash=\w+\] 1 results delivered", 30)
+        modalities = [s["MainDicomTags"].get("Modality") for s in orthanc.series_of(study_uid)]
+        assert modalities == ["OT"]
+        assert not list(outbox.rglob("*.dcm"))
+        node.wait_for_log("study done", 10)
+        assert eventually(lambda: not list((node.folder / "pacs" / "spool" / "work").iterdir()))
+    finally:
+        orthanc.stop()
