@@ -30,3 +30,19 @@ def test_bad_integer_names_the_variable(monkeypatch):
     monkeypatch.setenv("INFERENCE_WORKERS", "two")
     with pytest.raises(ValueError, match="INFERENCE_WORKERS must be an integer"):
         Settings.from_env()
+
+
+def test_dicom_node_settings_from_environment(monkeypatch):
+    monkeypatch.setenv("INFERENCE_PACS_DESTINATIONS", "ORTHANC@pacs:4242, BACKUP@10.0.0.2:104")
+    monkeypatch.setenv("INFERENCE_PACS_STABLE_SECONDS", "2.5")
+    monkeypatch.setenv("INFERENCE_PACS_ALLOWED_AES", "ORTHANC")
+    settings = Settings.from_env()
+    assert settings.pacs_destinations == ("ORTHANC@pacs:4242", "BACKUP@10.0.0.2:104")
+    assert settings.pacs_stable_seconds == 2.5 and settings.pacs_allowed_aes == ("ORTHANC",)
+    assert settings.pacs_ae_title == "HIPPOAI" and settings.pacs_port == 11112 and settings.pacs_stow_url is None
+
+
+def test_bad_number_names_the_variable(monkeypatch):
+    monkeypatch.setenv("INFERENCE_PACS_STABLE_SECONDS", "soon")
+    with pytest.raises(ValueError, match="INFERENCE_PACS_STABLE_SECONDS must be a number"):
+        Settings.from_env()

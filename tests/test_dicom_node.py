@@ -200,3 +200,27 @@ def test_results_wait_in_the_outbox_while_the_destination_is_down_and_after_a_re
         assert eventually(lambda: not list((node.folder / "pacs" / "spool" / "work").iterdir()))
     finally:
         orthanc.stop()
+
+
+def test_shipped_orthanc_compose_and_node_settings_agree():
+    import yaml
+
+    from bench.pacs_services import AUTOROUTE_LUA, ORTHANC_CONFIG, read_orthanc_json
+    from utils.config import PROJECT_ROOT, Settings
+
+    orthanc = read_orthanc_json(ORTHANC_CONFIG)
+    lua = AUTOROUTE_LUA.read_text()
+    ae, host, port = orthanc["DicomModalities"]["hippoai"]
+    assert re.search(rf"AI_MODALITY = 'hippoai'", lua) and re.search(rf"AI_AET = '{ae}'", lua)
+    assert re.search(r"AI_MARK = '(\w+)'", lua).group(1) in orthanc["UserMetadata"]
+    compose = yaml.safe_load((PROJECT_ROOT / "docker-compose.yml").read_text())
+    node = compose["services"]["hippoai"]
+    assert (node["environment"]["INFERENCE_PACS_AE_TITLE"], int(node["environment"]["INFERENCE_PACS_PORT"])) == \
+        (ae, port) and host == "hippoai"
+    known = {f.metadata["env"] for f in __import__("dataclasses").fields(Settings)}
+    assert set(node["environment"]) <= known
+    assert node["environment"]["INFERENCE_PACS_DESTINATIONS"] == f"{orthanc['DicomAet']}@orthanc:{orthanc['DicomPort']}"
+    mounts = compose["services"]["orthanc"]["volumes"]
+    for path in ("deploy/orthanc/orthanc.json", "deploy/orthanc/autoroute.lua"):
+        assert any(str(m).startswith(f"./{path}:") for m in mounts) and (PROJECT_ROOT / path).exists()
+    assert orthanc["LuaScripts"] == ["/etc/orthanc/autoroute.lua"]
