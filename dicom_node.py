@@ -122,6 +122,7 @@ class DicomNode:
         self._server = None
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        self._received: dict[int, int] = {}  # instances stored per open association (by id)
 
     # -- DICOM ----------------------------------------------------------------------------
     def _make_ae(self) -> AE:
@@ -144,11 +145,17 @@ class DicomNode:
             log.error("could not spool an instance from %s: %s", calling, exc)
             return 0xA700  # out of resources
         log.tag({"study": header.StudyInstanceUID}).debug("stored %s from %s", header.SOPInstanceUID, calling)
+        self._received[id(event.assoc)] = self._received.get(id(event.assoc), 0) + 1
         return 0x0000
 
     def _on_association(self, event) -> None:
         log.info("association from %s (%s:%s)", event.assoc.requestor.ae_title, event.assoc.requestor.address,
                  event.assoc.requestor.port)
+
+    def _on_association_end(self, event) -> None:
+        ended = "released" if event.event is evt.EVT_RELEASED else "aborted"
+        log.info("association from %s %s: %d instances stored", event.assoc.requestor.ae_title, ended,
+                 self._received.pop(id(event.assoc), 0))
 
     def _on_rejected(self, event) -> None:
         log.warning("association from %s (%s) rejected: calling AE title not in INFERENCE_PACS_ALLOWED_AES",
@@ -164,7 +171,8 @@ class DicomNode:
         self._watcher = threading.Thread(target=self._watch, name="pacs-watch", daemon=True)
         self._watcher.start()
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_ACCEPTED, self._on_association),
-                    (evt.EVT_REJECTED, self._on_rejected)]
+                    (evt.EVT_REJECTED, self._on_rejected), (evt.EVT_RELEASED, self._on_association_end),
+                    (evt.EVT_ABORTED, self._on_association_end)]
         self._server = self.ae.start_server((self.settings.pacs_host, self.settings.pacs_port), block=False,
                                             evt_handlers=handlers)
         log.info("DICOM node %s listening on %s:%d; destinations: %s; study stable after %.1fs; rules: %s",
