@@ -215,7 +215,7 @@ class DicomNode:
                                         f" calling_ae={r.calling_ae}" for r in self.rules))
             shutil.rmtree(folder)
             return
-        entries = {}
+        state = {"study_uid": study_uid, "jobs": {}}
         for rule in rules:
             digest = input_hash(request_json(rule), files)
             run_log = study_log.tag({"input_hash": digest})
@@ -224,22 +224,25 @@ class DicomNode:
                 run_log.info("rule %s: this input was already processed (job %s); not running it again",
                              rule.name, marker.read_text().strip())
                 continue
-            job = self._submit(rule, folder)
+            # recorded before the job exists: after a crash in between, advance() finds the job
+            # missing and submits it, and a second arrival of the study is still recognised
+            job = self._new_job(rule, folder)
             marker.write_text(job.uid)
-            entries[job.uid] = {"rule": rule.name, "input_hash": digest, "state": "running"}
+            state["jobs"][job.uid] = {"rule": rule.name, "input_hash": digest, "state": "running"}
+            self._save_state(folder, state)
+            self._submit(job)
             run_log.info("rule %s: job %s queued (%s %s)", rule.name, job.uid, rule.command, json.dumps(rule.params))
-        if not entries:
+        if not state["jobs"]:
             shutil.rmtree(folder)
-            return
-        self._save_state(folder, {"study_uid": study_uid, "jobs": entries})
 
-    def _submit(self, rule: Rule, folder: Path) -> Job:
-        job = Job(job_name=rule.command, command=rule.command, in_dir=str(folder.relative_to(self.spool.root)),
-                  params=dict(rule.params))
+    def _new_job(self, rule: Rule, folder: Path) -> Job:
+        return Job(job_name=rule.command, command=rule.command, in_dir=str(folder.relative_to(self.spool.root)),
+                   params=dict(rule.params))
+
+    def _submit(self, job: Job) -> None:
         job.owner = self.runner.owner
         self.store.add(job)
         self.runner.submit(job)
-        return job
 
     def advance(self, folder: Path) -> None:
         """Move a study's jobs on: finished ones to the outbox; the folder goes once all is delivered."""
@@ -255,10 +258,19 @@ class DicomNode:
                 continue
             job = self.store.get(uid)
             if job is None or (job.status == FAILED and job.error == INTERRUPTED):
-                replacement = self._submit(next(r for r in self.rules if r.name == entry["rule"]), folder)
-                (self.processed / entry["input_hash"]).write_text(replacement.uid)
-                state["jobs"][replacement.uid] = state["jobs"].pop(uid)
-                run_log.warning("job %s was interrupted; resubmitted as %s", uid, replacement.uid)
+                rule = next((r for r in self.rules if r.name == entry["rule"]), None)
+                if rule is None:
+                    entry["state"] = DONE_FAILED
+                    run_log.error("job %s was interrupted and its rule %s is no longer in the rules; not resubmitted",
+                                  uid, entry["rule"])
+                else:
+                    replacement = self._new_job(rule, folder)
+                    (self.processed / entry["input_hash"]).write_text(replacement.uid)
+                    state["jobs"][replacement.uid] = state["jobs"].pop(uid)
+                    self._save_state(folder, state)
+                    self._submit(replacement)
+                    run_log.warning("job %s was interrupted or never started; resubmitted as %s", uid,
+                                    replacement.uid)
                 changed = True
             elif job.status == COMPLETED:
                 files = self._dicom_outputs(Path(job.output_dir))

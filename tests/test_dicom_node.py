@@ -165,7 +165,8 @@ def test_half_sent_study_waits_until_stable_and_runs_once(light_node, tmp_path):
     files = write_study(tmp_path / "study", description="Report me")
     study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
     assert c_store(files, "127.0.0.1", node.port, node.ae_title, abort_after=3) == 3
-    time.sleep(0.8)  # less than --stable-seconds: the study is still being received
+    node.wait_for_log("association from SCANNER aborted: 3 instances stored", 10)
+    time.sleep(0.5)  # less than --stable-seconds: the study is still being received
     assert f"study={study_uid}] study complete" not in node.log_text()
     assert c_store(files[3:], "127.0.0.1", node.port, node.ae_title) == len(files) - 3
     log = node.wait_for_log(rf"study={re.escape(study_uid)} input_hash=\w+\] job \w+ completed", 60)
