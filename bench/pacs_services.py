@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pydicom
 import requests
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from utils.config import PROJECT_ROOT
@@ -186,11 +185,13 @@ def c_store(paths: Sequence[Path], host: str, port: int, called_ae: str, *, call
     With ``abort_after``, the association is aborted (not released) after that many files, as a
     sender that crashed would leave it. Raises ``ConnectionError`` when the association is refused.
     """
-    classes = sorted({str(pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["SOPClassUID"]).SOPClassUID)
-                      for p in paths})
+    contexts = set()
+    for path in paths:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+        contexts.add((str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)))
     ae = AE(ae_title=calling_ae)
-    for sop_class in classes:
-        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    for sop_class, syntax in sorted(contexts):  # one context per syntax: each file goes as it is stored
+        ae.add_requested_context(sop_class, syntax)
     assoc = ae.associate(host, port, ae_title=called_ae)
     if not assoc.is_established:
         raise ConnectionError(f"{called_ae}@{host}:{port} refused the association from {calling_ae}")

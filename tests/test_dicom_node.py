@@ -224,3 +224,47 @@ def test_shipped_orthanc_compose_and_node_settings_agree():
     for path in ("deploy/orthanc/orthanc.json", "deploy/orthanc/autoroute.lua"):
         assert any(str(m).startswith(f"./{path}:") for m in mounts) and (PROJECT_ROOT / path).exists()
     assert orthanc["LuaScripts"] == ["/etc/orthanc/autoroute.lua"]
+
+
+def test_echo_and_compressed_instances_are_accepted_as_sent(light_node, tmp_path):
+    from pydicom.uid import JPEGLSLossless, RLELossless
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    from utils.dicom import load_volume
+
+    node = light_node
+    ae = AE(ae_title="SCANNER")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+    assert assoc.is_established and assoc.send_c_echo().Status == 0
+    assoc.release()
+    files = write_study(tmp_path / "study", description="T1 compressed")
+    originals = load_volume([pydicom.dcmread(p) for p in files]).voxels
+    for index, path in enumerate(files):
+        ds = pydicom.dcmread(path)
+        ds.compress(RLELossless if index % 2 else JPEGLSLossless)
+        ds.save_as(path, enforce_file_format=True)
+    study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    assert c_store(files, "127.0.0.1", node.port, node.ae_title) == len(files)
+    spooled = sorted((node.folder / "pacs" / "spool" / "incoming").glob(f"{study_uid}/*.dcm"))
+    assert {str(pydicom.dcmread(p).file_meta.TransferSyntaxUID) for p in spooled} == {RLELossless, JPEGLSLossless}
+    assert np.array_equal(load_volume([pydicom.dcmread(p) for p in spooled]).voxels, originals)
+    node.wait_for_log(rf"study={re.escape(study_uid)}\] study complete: {len(files)} instances", 30)
+
+
+def test_results_stored_by_stow_rs(tmp_path):
+    require(orthanc_missing())
+    orthanc = Orthanc(tmp_path / "orthanc", node_port=free_port())
+    node = None
+    try:
+        node = start_light_node(tmp_path, "--stow-url", f"{orthanc.url}/dicom-web")
+        files = write_study(tmp_path / "study", description="Report me")
+        study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+        assert c_store(files, "127.0.0.1", node.port, node.ae_title) == len(files)
+        node.wait_for_log(rf"study={re.escape(study_uid)} input_hash=\w+\] 1 results delivered to STOW-RS", 60)
+        assert [s["MainDicomTags"].get("Modality") for s in orthanc.series_of(study_uid)] == ["OT"]
+    finally:
+        if node is not None:
+            node.stop()
+        orthanc.stop()
