@@ -48,6 +48,11 @@ def test_segmentation_round_trips_with_coded_segments_in_the_source_study(source
     back = pydicom.dcmread(path)
     assert back.SegmentationType == "BINARY" and back.Modality == "SEG"
     assert int(back.NumberOfFrames) == 2 * labels.shape[0]  # every frame kept, empty or not
+    # what OHIF needs to place it: the source series, and each frame's source image
+    assert back.ReferencedSeriesSequence[0].SeriesInstanceUID == volume.series_uid
+    sources = [f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+               for f in back.PerFrameFunctionalGroupsSequence]
+    assert set(sources) == {ds.SOPInstanceUID for ds in volume.datasets}
     first = volume.datasets[0]
     assert back.StudyInstanceUID == first.StudyInstanceUID and back.PatientID == first.PatientID
     assert back.SeriesInstanceUID != first.SeriesInstanceUID
