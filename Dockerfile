@@ -1,4 +1,4 @@
-# The inference gateway: gunicorn serving every handler, with the model weights, on port 8900.
+# The inference gateway: gunicorn serving the real handlers (mocks with INFERENCE_ENABLE_MOCKS=1), with the model weights, on port 8900.
 # See docs/deployment.md.
 #   docker build -t hippocampus-inference .                                        # CPU torch
 #   docker build --build-arg TORCH_VARIANT=cu128 -t hippocampus-inference:cuda .   # CUDA torch

@@ -48,9 +48,11 @@ from handlers import load_handlers
 from utils import protocol
 from utils.config import Settings
 from utils.dicom import dicom_files_in
-from utils.job_api import JobExecutor
+from utils.errors import GatewayError
+from utils.job_api import JobExecutor, job_request_json
 from utils.jobs import COMPLETED, FAILED, INTERRUPTED, Job, JobStore, LocalPoolRunner
 from utils.outbox import DicomDestination, Outbox, StowDestination
+from utils.pipeline import Pipeline
 from utils.routing import Rule, load_rules, matching_rules
 from utils.study_spool import StudySpool, read_series_info
 from utils.tagged_logger import TaggedLogger
@@ -93,9 +95,23 @@ def input_hash(json_bytes: bytes, files: Sequence[Path]) -> str:
     return digest.hexdigest()
 
 
-def request_json(rule: Rule) -> bytes:
-    """The request JSON a rule's job runs with, encoded as the job executor encodes it."""
-    return json.dumps({**rule.params, "inference_command": rule.command}).encode()
+def job_pipeline(settings: Settings, rules: Sequence[Rule]) -> Pipeline:
+    """The pipeline the node's jobs run through: the rules' commands, each rule's parameters checked.
+
+    Its data root is the node's spool, where the jobs' study folders are. ``ValueError`` naming the
+    rule when a command is unknown or a parameter is refused.
+    """
+    job_settings = dataclasses.replace(settings, data_root=Path(settings.pacs_root) / "spool")
+    try:
+        pipeline = Pipeline(job_settings, commands=sorted({rule.command for rule in rules}))
+    except GatewayError as exc:
+        raise ValueError(f"routing rules: {exc.message}") from None
+    for rule in rules:
+        try:
+            pipeline.check_request({"inference_command": rule.command, **rule.params})
+        except GatewayError as exc:
+            raise ValueError(f"routing rule {rule.name}: {exc.message}") from None
+    return pipeline
 
 
 class DicomNode:
@@ -105,7 +121,8 @@ class DicomNode:
         self.settings = settings
         self.rules = list(rules)
         root = Path(settings.pacs_root)
-        self.spool = StudySpool(root / "spool", settings.pacs_stable_seconds)
+        self.pipeline = job_pipeline(settings, self.rules)
+        self.spool = StudySpool(self.pipeline.settings.data_root, settings.pacs_stable_seconds)
         self.processed = root / "processed"
         self.processed.mkdir(parents=True, exist_ok=True)
         destinations = [DicomDestination.parse(text, settings.pacs_ae_title) for text in settings.pacs_destinations]
@@ -114,9 +131,7 @@ class DicomNode:
         self.outbox = Outbox(root / "outbox", destinations, retry_max_seconds=settings.pacs_retry_max_seconds)
         output_root = Path(settings.output_root)
         self.store = JobStore(output_root / "jobs.sqlite3")
-        # jobs read the study from the spool: it is their data root
-        job_settings = dataclasses.replace(settings, data_root=self.spool.root)
-        self.runner = LocalPoolRunner(self.store, JobExecutor(self.store, job_settings),
+        self.runner = LocalPoolRunner(self.store, JobExecutor(self.store, self.pipeline),
                                       workers=settings.job_workers, lock_dir=output_root / ".owners")
         self.ae = self._make_ae()
         self._server = None
@@ -217,7 +232,8 @@ class DicomNode:
             return
         state = {"study_uid": study_uid, "jobs": {}}
         for rule in rules:
-            digest = input_hash(request_json(rule), files)
+            job = self._new_job(rule, folder)
+            digest = input_hash(json.dumps(job_request_json(job)).encode(), files)
             run_log = study_log.tag({"input_hash": digest})
             marker = self.processed / digest
             if marker.exists():
@@ -226,7 +242,6 @@ class DicomNode:
                 continue
             # recorded before the job exists: after a crash in between, advance() finds the job
             # missing and submits it, and a second arrival of the study is still recognised
-            job = self._new_job(rule, folder)
             marker.write_text(job.uid)
             state["jobs"][job.uid] = {"rule": rule.name, "input_hash": digest, "state": "running"}
             self._save_state(folder, state)
@@ -359,22 +374,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv, defaults)
     with open(defaults.logging_config, encoding="utf-8") as handle:
         logging.config.dictConfig(yaml.safe_load(handle))
+    load_handlers()
     try:
         settings = settings_from_args(args, defaults)
         rules = load_rules(settings.pacs_rules)
+        node = DicomNode(settings, rules)
     except ValueError as exc:
         print(f"dicom_node: {exc}", file=sys.stderr)
         return 2
-    known = {spec.command for spec in load_handlers()}
-    unknown = [rule for rule in rules if rule.command not in known]
-    if unknown:
-        print(f"dicom_node: rules name unknown commands: {', '.join(r.command for r in unknown)}; "
-              f"known: {', '.join(sorted(known))}", file=sys.stderr)
-        return 2
-    for spec in load_handlers():
-        if spec.warm_up is not None and spec.command in {rule.command for rule in rules}:
-            spec.warm_up()
-    node = DicomNode(settings, rules)
+    for spec in node.pipeline.specs:
+        if spec.warm_up is not None:
+            spec.warm_up(node.pipeline.settings)
     stopped = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopped.set())

@@ -25,12 +25,13 @@ import flask
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from handlers.registry import Handler
+from handlers.registry import Handler, Registry
 from utils import protocol
 from utils.config import Settings, get_settings
 from utils.dicom import study_folder_files
 from utils.errors import BadRequest, Forbidden, GatewayError, Unauthorized
 from utils.multipart import (
+    EncodedResponse,
     PartSpool,
     ParsedBody,
     encode_multipart_related,
@@ -39,6 +40,7 @@ from utils.multipart import (
     parse_multipart_related,
     parts_from_files,
 )
+from utils.pipeline import InferenceResult, Pipeline
 from utils.tagged_logger import TaggedLogger, bind_request_tags
 
 #: Largest JSON body read (studyPath requests, jobs): they are read whole, so they are kept small.
@@ -48,13 +50,19 @@ OPEN_ENDPOINTS = ("healthcheck", "ping")
 
 
 class Gateway(Flask):
-    """A Flask app serving inference handlers over the Arterys-style multipart protocol."""
+    """A Flask app serving inference handlers over the Arterys-style multipart protocol.
 
-    def __init__(self, import_name: str, settings: Settings | None = None, **kwargs) -> None:
+    Every inference route goes through one ``Pipeline`` (``utils.pipeline``): the app's own, built
+    from its settings, or the one passed in.
+    """
+
+    def __init__(self, import_name: str, settings: Settings | None = None, *, pipeline: Pipeline | None = None,
+                 **kwargs) -> None:
         super().__init__(import_name, **kwargs)
-        self.settings = settings or get_settings()
+        self.settings = settings or (pipeline.settings if pipeline else get_settings())
+        self.pipeline = pipeline or Pipeline(self.settings, Registry())
         self.log = TaggedLogger(logging.getLogger("inference.gateway"))
-        self._inference_routes: dict[str, Handler] = {}
+        self._routes: set[str] = set()
         self.add_url_rule("/ping", "ping", lambda: ("", 200), methods=["GET", "POST"])
         self.register_error_handler(GatewayError, self._answer_gateway_error)
         self.register_error_handler(HTTPException, self._answer_http_error)
@@ -63,23 +71,30 @@ class Gateway(Flask):
         self.after_request(self._finish_request)
 
     # -- public API --------------------------------------------------------------------
-    def add_inference_route(self, route: str, handler: Handler) -> None:
-        """Serve ``handler`` on ``POST route``; a route can have only one handler."""
-        if route in self._inference_routes:
-            raise ValueError(f"route {route!r} already serves {self._inference_routes[route].__name__}; "
-                             "register each inference route once")
-        self._inference_routes[route] = handler
+    def add_inference_route(self, route: str, handler: str | Handler | None = None) -> None:
+        """Serve ``POST route`` through the pipeline; a route can be added once.
+
+        ``handler`` is a command the pipeline serves (that command always runs there), ``None`` (the
+        request's ``inference_command`` picks, else the default command), or a plain handler
+        function, served on its own with no declared parameters (for apps built by hand).
+        """
+        if route in self._routes:
+            raise ValueError(f"route {route!r} is already served; add each inference route once")
+        pipeline, command = self.pipeline, handler
+        if callable(handler):
+            registry = Registry()
+            registry.register(handler.__name__, params=None)(handler)
+            pipeline, command = Pipeline(self.settings, registry), handler.__name__
+        elif command is not None:
+            pipeline.spec(command)  # fail now, not on the first request, for a command not served
+        self._routes.add(route)
         endpoint = "inference" if route == "/" else f"inference{route.replace('/', '_')}"
-        self.add_url_rule(route, endpoint, partial(self._serve_inference, handler), methods=["POST"])
+        self.add_url_rule(route, endpoint, partial(self._serve_inference, pipeline, command), methods=["POST"])
 
     def add_healthcheck_route(self, check: Callable[[], str]) -> None:
         """Serve ``GET|POST /healthcheck``: 200 with the text ``check()`` returns (``READY`` when ready)."""
         self.add_url_rule("/healthcheck", "healthcheck", lambda: Response(check(), mimetype="text/plain"),
                           methods=["GET", "POST"])
-
-    @property
-    def inference_routes(self) -> list[str]:
-        return sorted(self._inference_routes)
 
     # -- request life cycle -----------------------------------------------------------
     def _start_request(self) -> None:
@@ -117,30 +132,19 @@ class Gateway(Flask):
         return response
 
     # -- inference ----------------------------------------------------------------------
-    def _serve_inference(self, handler: Handler) -> Response:
+    def _serve_inference(self, pipeline: Pipeline, command: str | None) -> Response:
         spool = PartSpool(self.settings.spool_memory_bytes, self.settings.spool_dir)
         try:
             body = self._read_request(spool)
-        except BaseException:
-            spool.close()
-            raise
-        g.input_hash, g.bytes_in = body.input_hash, body.bytes_read
-        bind_request_tags({"input_hash": body.input_hash})  # handlers' TaggedLoggers carry it too
-        g.log = log = self.log.tag({"input_hash": body.input_hash})
-        log.info("received %d parts, %d bytes", len(body.parts), body.bytes_read)
-        try:
-            json_input = request_json(body)
-            response_json, buffers = handler(json_input, body.parts[1:], body.input_hash)
-            response_json, buffers = protocol.prepare_output(response_json, buffers)
+            g.input_hash, g.bytes_in = body.input_hash, body.bytes_read
+            bind_request_tags({"input_hash": body.input_hash})  # handlers' TaggedLoggers carry it too
+            g.log = log = self.log.tag({"input_hash": body.input_hash})
+            log.info("received %d parts, %d bytes", len(body.parts), body.bytes_read)
+            result = pipeline.run_body(body, command=command)
         except BaseException:
             spool.close()
             raise  # answered by the error handlers below (or by the app's own, when registered)
-        json_bytes = json.dumps(response_json).encode()
-        parts = [(protocol.JSON_CONTENT_TYPE, json_bytes)]
-        parts += [(protocol.content_type_for(p["binary_type"]), b) for p, b in zip(response_json["parts"], buffers)]
-        encoded = encode_multipart_related(parts, input_hash=body.input_hash)
-        log.info("answering %d buffers: %s", len(buffers),
-                 ", ".join(p["binary_type"] for p in response_json["parts"]) or "JSON only")
+        encoded = encode_inference_response(result)
         response = Response(encoded.chunks, status=200, content_type=encoded.content_type)
         response.content_length = encoded.content_length
         response.call_on_close(spool.close)
@@ -206,22 +210,16 @@ class Gateway(Flask):
                                          "(the traceback is in the server log under this input_hash)")
 
 
+def encode_inference_response(result: InferenceResult) -> EncodedResponse:
+    """The multipart/related response of a pipeline result: JSON, one part per buffer, the hashes part."""
+    response_json = result.response_json
+    parts = [(protocol.JSON_CONTENT_TYPE, json.dumps(response_json).encode())]
+    parts += [(protocol.content_type_for(p["binary_type"]), b) for p, b in zip(response_json["parts"], result.buffers)]
+    return encode_multipart_related(parts, input_hash=result.input_hash)
+
+
 def _same_secret(given: str, expected: str) -> bool:
     """Constant-time comparison; hashing first keeps the token's length from leaking through timing."""
     given_digest = hashlib.sha256(given.encode("utf-8", "surrogateescape")).digest()
     expected_digest = hashlib.sha256(expected.encode("utf-8", "surrogateescape")).digest()
     return hmac.compare_digest(given_digest, expected_digest)
-
-
-def request_json(body: ParsedBody) -> dict:
-    """Part 0 of a request as a JSON object, or a 400 saying why it is not one."""
-    if not body.parts:
-        raise BadRequest("the request has no parts; part 0 must be the request JSON")
-    first = body.parts[0]
-    try:
-        value = json.loads(first.read_bytes() or b"null")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"part 0 (the request JSON) is not valid JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise BadRequest(f"part 0 (the request JSON) must be a JSON object, got {type(value).__name__}")
-    return value

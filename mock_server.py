@@ -1,17 +1,18 @@
-"""The server: every registered handler behind one Gateway (gunicorn runs ``create_app()``).
+"""The server: registered handlers behind one Gateway (gunicorn runs ``create_app()``).
 
-    python mock_server.py            # every handler; inference_command picks one on POST /
+    python mock_server.py            # development: every handler, mocks included
     python mock_server.py -s3D       # only the 3D probability mask mock, on POST /
-    gunicorn -c gunicorn.conf.py     # production: the same app under gunicorn
+    gunicorn -c gunicorn.conf.py     # production: the real handlers (mocks with INFERENCE_ENABLE_MOCKS=1)
 
-Without a flag, ``POST /`` runs the handler named by the request's ``inference_command``
-(``INFERENCE_DEFAULT_COMMAND``, default ``get-probability-mask``, when it names none), and
-handlers with their own route answer there too. ``GET /models`` lists what is served.
+``POST /`` runs the handler named by the request's ``inference_command`` (``INFERENCE_DEFAULT_COMMAND``
+when it names none; ``python mock_server.py`` defaults to ``get-probability-mask`` as the Arterys mock
+server does), and handlers with their own route answer there too. ``GET /models`` lists what is served.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import logging.config
 import threading
@@ -24,6 +25,7 @@ from gateway import Gateway
 from handlers import REGISTRY, load_handlers
 from utils.config import Settings, get_settings
 from utils.job_api import add_job_routes
+from utils.pipeline import Pipeline
 
 log = logging.getLogger("inference.server")
 
@@ -46,20 +48,20 @@ def configure_logging(settings: Settings) -> None:
         log.warning("logging config %s not found; logging to stderr", settings.logging_config)
 
 
-def dispatch_by_command(default_command: str):
-    """A handler for ``POST /`` that runs the handler named by ``inference_command``."""
-
-    def run_named_handler(json_input: dict, instances: Sequence, input_hash: str):
-        command = json_input.get("inference_command") or default_command
-        return REGISTRY.get(str(command)).handler(json_input, instances, input_hash)
-
-    return run_named_handler
+def served_commands(settings: Settings, mode: str | None = None) -> list[str]:
+    """The commands an app serves: ``mode`` alone, else the real handlers, plus the mocks when enabled."""
+    specs = load_handlers()
+    if mode is not None:
+        return [REGISTRY.get(mode).command]
+    return [spec.command for spec in specs if settings.enable_mocks or not spec.mock]
 
 
 def create_app(mode: str | None = None, settings: Settings | None = None, *,
                warm_up_first: bool = False) -> Gateway:
-    """Build the gateway with every shipped handler; ``mode`` (a command) serves only that one on ``/``.
+    """Build the gateway; ``mode`` (a command) serves only that one on ``/``.
 
+    Without ``mode`` it serves the real handlers, and the mocks too when ``INFERENCE_ENABLE_MOCKS`` is
+    set; ``POST /`` runs the request's ``inference_command`` (else ``INFERENCE_DEFAULT_COMMAND``).
     Handlers' warm-ups (model loading) run in a background thread while ``/healthcheck`` answers
     ``LOADING``, or, with ``warm_up_first``, before this returns. gunicorn uses the latter: a worker
     then accepts no connection until it is warm, so with several workers the healthcheck (and every
@@ -67,41 +69,36 @@ def create_app(mode: str | None = None, settings: Settings | None = None, *,
     """
     settings = settings or get_settings()
     configure_logging(settings)
-    specs = load_handlers()
-    app = Gateway(__name__, settings=settings)
-    add_job_routes(app, settings)  # POST /job/, GET /query/<uid>
+    commands = served_commands(settings, mode)
+    default = mode or settings.default_command
+    if default is not None and default not in commands:
+        raise SystemExit(f"INFERENCE_DEFAULT_COMMAND={default!r} is not served; served: {', '.join(commands)} "
+                         "(mocks need INFERENCE_ENABLE_MOCKS=1)")
+    pipeline = Pipeline(settings, REGISTRY, commands=commands, default_command=default)
+    app = Gateway(__name__, pipeline=pipeline)
+    add_job_routes(app, pipeline)  # POST /job/, GET /query/<uid>
     health = {"status": "LOADING"}
 
+    app.add_inference_route("/", mode)
     if mode is None:
-        app.add_inference_route("/", dispatch_by_command(settings.default_command))
-        for spec in specs:
+        for spec in pipeline.specs:
             if spec.route:
-                app.add_inference_route(spec.route, spec.handler)
-    else:
-        app.add_inference_route("/", REGISTRY.get(mode).handler)
+                app.add_inference_route(spec.route, spec.command)
     app.add_healthcheck_route(lambda: health["status"])
 
     @app.get("/models")
     def list_models():
-        served = specs if mode is None else [REGISTRY.get(mode)]
-        return flask.jsonify({
-            "default_command": settings.default_command if mode is None else mode,
-            "models": [{"inference_command": s.command, "route": s.route or "/", "description": s.description}
-                       for s in served],
-        })
+        return flask.jsonify({"default_command": pipeline.default_command,
+                              "models": [spec.describe() for spec in pipeline.specs]})
 
     def warm_up() -> None:
-        for spec in specs:
-            if spec.warm_up is not None and (mode is None or spec.command == mode):
-                log.info("warming up %s", spec.command)
-                try:
-                    spec.warm_up()
-                except Exception as exc:  # keep serving the other handlers; the healthcheck tells
-                    health["status"] = f"FAILED: {spec.command}: {type(exc).__name__}: {exc}"
-                    log.exception("warm-up of %s failed; the healthcheck will not say READY", spec.command)
-                    return
+        failures = pipeline.warm_up()
+        if failures:
+            health["status"] = "FAILED: " + "; ".join(f"{command}: {why}" for command, why in failures.items())
+            log.error("warm-up failed; the healthcheck will not say READY: %s", health["status"])
+            return
         health["status"] = "READY"
-        log.info("READY: serving %s", ", ".join(REGISTRY.commands() if mode is None else [mode]))
+        log.info("READY: serving %s", ", ".join(commands))
 
     log.info("settings: %s", settings.describe())
     if warm_up_first:
@@ -121,6 +118,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=settings.port, help="port (default %(default)s)")
     parser.add_argument("--debug", action="store_true", help="Flask debug mode (never in production)")
     args = parser.parse_args(argv)
+    # the development server serves the mocks too, and answers a bare POST / with the 3D mock as before
+    settings = dataclasses.replace(settings, enable_mocks=True,
+                                   default_command=settings.default_command or MODE_FLAGS["-s3D"])
     app = create_app(args.mode, settings)
     app.run(host=args.host, port=args.port, debug=args.debug, use_reloader=False, threaded=True)
 

@@ -250,64 +250,45 @@ def measure_small(ours: Server, floor: Server, sequential: int, concurrent: int,
 
 
 def measure_blur(repeats: int) -> dict:
-    """The blur handler's own section (``bench/blur.py``), when it exists."""
-    try:
-        from bench.blur import measure_blur as blur_section
-    except ImportError as exc:
-        return {"blur_skipped": f"bench/blur.py not importable yet ({exc})"}
+    """The blur handler's own section (``bench/blur.py``)."""
+    from bench.blur import measure_blur as blur_section
+
     return {"blur": blur_section(repeats=repeats)}
 
 
-def hippocampus_crop(folder: Path):
-    """The voxels of the study's hippocampus crop (the series matching INFERENCE_HIPPOCAMPUS_SERIES)."""
-    from utils.dicom import dicom_files_in, group_by_series, load_instances, load_volume
-
-    pattern = re.compile(get_settings().hippocampus_series)
-    parts = [open(path, "rb") for path in dicom_files_in(folder)]
-    try:
-        series = group_by_series(load_instances(parts))
-    finally:
-        for part in parts:
-            part.close()
-    for items in series.values():
-        if pattern.search(str(items[0].get("SeriesDescription", ""))):
-            return load_volume(items).voxels
-    return None
-
-
 def measure_hippocampus(ours: Server, repeats: int) -> dict:
-    """Study1 round trip with the hippocampus handler, and the model's own time on the crop."""
+    """Study1 round trip over HTTP, and the same study through the pipeline in-process.
+
+    The in-process row runs the one pipeline (``utils.pipeline``) exactly as every front door does:
+    series selection, orientation, the model, the report. ``hippocampus_model_s`` is the handler's
+    own ``inference_seconds`` (reorientation + model on the crop), ``hippocampus_pipeline_s`` the whole run.
+    """
     if not STUDY1.is_dir():
         return {"hippocampus_skipped": "needs ../shared/data/studies/Study1 (absent on this machine)"}
-    out: dict = {}
-    if HIPPOCAMPUS_COMMAND in ours.commands():
-        from utils.dicom import dicom_files_in
+    from utils.dicom import dicom_files_in
+    from utils.pipeline import Pipeline
 
-        files = dicom_files_in(STUDY1)
+    out: dict = {}
+    files = dicom_files_in(STUDY1)
+    if HIPPOCAMPUS_COMMAND in ours.commands():
         post_study(ours.url, HIPPOCAMPUS_COMMAND, files)  # warm-up, not counted
         times = [timed(lambda: post_study(ours.url, HIPPOCAMPUS_COMMAND, files))[0] for _ in range(repeats)]
         out["hippocampus_roundtrip_s"] = round(statistics.median(times), 3)
     else:
         out["hippocampus_roundtrip_skipped"] = f"{HIPPOCAMPUS_COMMAND} is not served (GET /models)"
-    try:
-        from models.segmenter import HippocampusSegmenter
-
-        segmenter = HippocampusSegmenter.load(get_settings().model_path)
-    except (ImportError, OSError) as exc:
-        out["hippocampus_model_skipped"] = f"the model cannot be loaded: {exc}"
+    settings = get_settings()
+    pipeline = Pipeline(settings, commands=[HIPPOCAMPUS_COMMAND])
+    failures = pipeline.warm_up()
+    if failures:
+        out["hippocampus_model_skipped"] = f"the model cannot be loaded: {failures[HIPPOCAMPUS_COMMAND]}"
         return out
-    crop = hippocampus_crop(STUDY1)
-    if crop is None:
-        out["hippocampus_model_skipped"] = "Study1 has no series matching INFERENCE_HIPPOCAMPUS_SERIES"
-        return out
-    segmenter.segment(crop)  # warm-up
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        segmenter.segment(crop)
-        times.append(time.perf_counter() - started)
-    out["hippocampus_model_s"] = round(statistics.median(times), 4)
-    out["hippocampus_crop_shape"] = list(crop.shape)
+    request = {"inference_command": HIPPOCAMPUS_COMMAND}
+    pipeline.run_files(request, files)  # warm-up
+    runs = [pipeline.run_files(request, files) for _ in range(repeats)]
+    measures = [next(iter(r.response_json["series_ml_json"].values())) for r in runs]
+    out["hippocampus_model_s"] = round(statistics.median(m["inference_seconds"] for m in measures), 4)
+    out["hippocampus_pipeline_s"] = round(statistics.median(r.seconds for r in runs), 4)
+    out["hippocampus_crop_shape"] = runs[0].response_json["parts"][0]["binary_data_shape"]
     return out
 
 

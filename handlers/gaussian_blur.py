@@ -1,35 +1,25 @@
 """3D Gaussian blur of one series, isotropic in millimetres: answers a derived DICOM series.
 
 Request JSON: ``{"inference_command": "gaussian-blur-3d", "sigma_mm": 2.0}`` (``sigma_mm`` is
-optional, default ``DEFAULT_SIGMA_MM``). Sigma per axis is ``sigma_mm / spacing`` (slice spacing
+optional, default ``DEFAULT_SIGMA_MM``; the pipeline checks it). Sigma per axis is ``sigma_mm / spacing`` (slice spacing
 from the slice positions, row and column spacing from PixelSpacing), so thick slices are blurred
 less in voxels than fine pixels. One ``dicom`` part per input instance comes back.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
 
-from handlers.registry import register
+from handlers.registry import Param, register
 from utils.blur import gaussian_blur_3d
 from utils.dicom import Volume, derived_series, describe_series, group_by_series, load_instances, load_volume
-from utils.errors import BadRequest, UnprocessableInput
+from utils.errors import UnprocessableInput
+from utils.pipeline import current_run
 
 DEFAULT_SIGMA_MM = 2.0
 MAX_SIGMA_MM = 1000.0  # beyond this every voxel is the mean of the edge-padded volume: a typo
-
-
-def sigma_from_request(json_input: dict) -> float:
-    """``sigma_mm`` of the request (default ``DEFAULT_SIGMA_MM``); a 400 unless it is a positive number."""
-    value = json_input.get("sigma_mm", DEFAULT_SIGMA_MM)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not 0 < value <= MAX_SIGMA_MM:
-        raise BadRequest(f"sigma_mm must be a positive number of millimetres (at most {MAX_SIGMA_MM:g}), "
-                         f"got {value!r}; e.g. {{\"sigma_mm\": {DEFAULT_SIGMA_MM}}}")
-    return float(value)
 
 
 def single_series_volume(instances: Sequence, command: str) -> Volume:
@@ -50,10 +40,12 @@ def single_series_volume(instances: Sequence, command: str) -> Volume:
     return volume
 
 
-@register("gaussian-blur-3d", route="/gaussian-blur")
+@register("gaussian-blur-3d", route="/gaussian-blur", params=[
+    Param("sigma_mm", "number", default=DEFAULT_SIGMA_MM, minimum=0, exclusive_minimum=True, maximum=MAX_SIGMA_MM,
+          description="standard deviation of the Gaussian, in millimetres, the same along every axis")])
 def gaussian_blur(json_input: dict, instances: Sequence, input_hash: str) -> tuple[dict, list]:
     """3D Gaussian blur of one series (sigma_mm, default 2 mm): a derived DICOM series."""
-    sigma_mm = sigma_from_request(json_input)
+    sigma_mm = current_run().params["sigma_mm"]
     volume = single_series_volume(instances, "gaussian-blur-3d")
     sigma_voxels = tuple(sigma_mm / spacing for spacing in volume.spacing)
     blurred = gaussian_blur_3d(volume.voxels.astype(np.float32, copy=False), sigma_voxels)

@@ -12,7 +12,6 @@ study folders:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import re
@@ -29,8 +28,8 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation
 from PIL import Image, ImageDraw
 from pydicom.sr.codedict import codes
 
-from handlers.registry import register
-from utils.config import get_settings
+from handlers.registry import Param, register
+from utils.config import Settings
 from utils.dicom import (
     Volume,
     describe_series,
@@ -43,7 +42,8 @@ from utils.dicom import (
     with_pixels,
 )
 from utils.dicom_results import Algorithm, Structure, measurement_report, segmentation
-from utils.errors import BadRequest, UnprocessableInput
+from utils.errors import UnprocessableInput
+from utils.pipeline import Pipeline, current_run
 from utils.render import font, label_color, overlay_labels, to_rgb, upscale, window_values
 from utils.tagged_logger import TaggedLogger
 
@@ -59,21 +59,21 @@ STRUCTURES = (
 #: What ``dicom_outputs`` may ask for: a DICOM Segmentation, a TID 1500 measurement report.
 DICOM_OUTPUTS = ("seg", "sr")
 COMMAND = "get-hippocampus-volume"
-_segmenter = None
-_segmenter_lock = threading.Lock()
+_segmenters: dict[Path, object] = {}
+_segmenters_lock = threading.Lock()
 
 
-def load_segmenter():
-    """The model, loaded once per process (CUDA when available); later calls return the same one."""
-    global _segmenter
-    with _segmenter_lock:
-        if _segmenter is None:
+def load_segmenter(settings: Settings):
+    """The model of ``settings.model_path``, loaded once per process (CUDA when available)."""
+    path = Path(settings.model_path)
+    with _segmenters_lock:
+        if path not in _segmenters:
             from models.segmenter import HippocampusSegmenter
 
             started = time.perf_counter()
-            _segmenter = HippocampusSegmenter.load(get_settings().model_path)
-            log.info("loaded %s in %.1fs", _segmenter.version, time.perf_counter() - started)
-        return _segmenter
+            _segmenters[path] = segmenter = HippocampusSegmenter.load(path)
+            log.info("loaded %s in %.1fs", segmenter.version, time.perf_counter() - started)
+        return _segmenters[path]
 
 
 def find_crop_series(series: dict[str, list], pattern: str) -> list:
@@ -156,12 +156,12 @@ def measure_volumes(labels: np.ndarray, volume: Volume) -> dict:
     }
 
 
-def segment_study(instances: Sequence) -> tuple[Volume, np.ndarray, dict, float]:
+def segment_study(instances: Sequence, settings: Settings) -> tuple[Volume, np.ndarray, dict, float]:
     """Find and segment the crop series: its volume, labels (slices, rows, columns), measures, seconds."""
     headers = load_instances(instances, stop_before_pixels=True)
-    crop = find_crop_series(group_by_series(headers), get_settings().hippocampus_series)
+    crop = find_crop_series(group_by_series(headers), settings.hippocampus_series)
     volume = load_volume(with_pixels(crop))
-    segmenter = load_segmenter()
+    segmenter = load_segmenter(settings)
     started = time.perf_counter()
     voxels, orientation = to_model_orientation(volume)
     labels = from_model_orientation(segmenter.segment(voxels), orientation)
@@ -217,14 +217,6 @@ def render_report(volume: Volume, labels: np.ndarray, measures: dict, model_vers
     return np.asarray(image)
 
 
-def requested_dicom_outputs(json_input: dict) -> list[str]:
-    """The request's ``dicom_outputs`` (a list drawn from ``DICOM_OUTPUTS``); a 400 naming the bad value."""
-    wanted = json_input.get("dicom_outputs", [])
-    if not isinstance(wanted, list) or any(item not in DICOM_OUTPUTS for item in wanted):
-        raise BadRequest(f"dicom_outputs must be a list of {', '.join(map(repr, DICOM_OUTPUTS))}, got {wanted!r}")
-    return wanted
-
-
 def dicom_results(volume: Volume, labels: np.ndarray, measures: dict, model_version: str,
                   wanted: Sequence[str]) -> list[tuple[dict, object]]:
     """The SEG and/or SR asked for, as (response part, dataset) pairs, in the study of ``volume``."""
@@ -247,15 +239,19 @@ def dicom_results(volume: Volume, labels: np.ndarray, measures: dict, model_vers
 
 
 @register(COMMAND, route="/hippocampus", warm_up=load_segmenter,
-          description="Anterior/posterior hippocampus segmentation and volumes (HippoCrop series)")
+          description="Anterior/posterior hippocampus segmentation and volumes (HippoCrop series)",
+          params=[Param("dicom_outputs", "string-list", default=[], choices=DICOM_OUTPUTS,
+                        description="DICOM results to add: 'seg' (a DICOM Segmentation), 'sr' (a TID 1500 "
+                                    "volume report)")])
 def hippocampus_volume(json_input: dict, instances: Sequence, input_hash: str) -> tuple[dict, list]:
     """Segment the hippocampus crop series: label mask, volumes and a Secondary Capture report.
 
     ``"dicom_outputs": ["seg", "sr"]`` adds a DICOM Segmentation and a measurement report.
     """
-    wanted = requested_dicom_outputs(json_input)
-    volume, labels, measures, seconds = segment_study(instances)
-    model_version = load_segmenter().version
+    run = current_run()
+    settings, wanted = run.settings, run.params["dicom_outputs"]
+    volume, labels, measures, seconds = segment_study(instances, settings)
+    model_version = load_segmenter(settings).version
     log.info("segmented %s in %.3fs: total %.1f mm3", volume.voxels.shape, seconds, measures["total_volume_mm3"])
     reference = volume.datasets[0]
     report = secondary_capture(render_report(volume, labels, measures, model_version), reference,
@@ -280,27 +276,21 @@ def hippocampus_volume(json_input: dict, instances: Sequence, input_hash: str) -
 
 
 # -- command line -------------------------------------------------------------------------
-def process_study(folder: Path, out_dir: Path) -> dict:
-    """Run the handler on one study folder; write ``report.dcm``, ``report.png`` and ``volumes.json``."""
+def process_study(pipeline: Pipeline, folder: Path, out_dir: Path) -> dict:
+    """Run the pipeline on one study folder; write ``report.dcm``, ``report.png`` and ``volumes.json``."""
     files = dicom_files_in(folder)
     if not files:
         raise UnprocessableInput(f"{folder} holds no DICOM files")
-    digest = hashlib.sha256()
-    handles = [open(path, "rb") for path in files]
-    try:
-        for handle in handles:
-            digest.update(handle.read())
-        response, buffers = hippocampus_volume({"inference_command": COMMAND}, handles, digest.hexdigest())
-    finally:
-        for handle in handles:
-            handle.close()
+    result = pipeline.run_files({"inference_command": COMMAND}, files)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = buffers[1]
-    report.save_as(out_dir / "report.dcm", enforce_file_format=True)
+    report_index = next(i for i, part in enumerate(result.response_json["parts"])
+                        if part["binary_type"] == "dicom_secondary_capture")
+    (out_dir / "report.dcm").write_bytes(result.buffers[report_index])
     # the PNG is drawn from the file as written, so a report that does not read back fails the study
     Image.fromarray(pydicom.dcmread(out_dir / "report.dcm").pixel_array).save(out_dir / "report.png")
-    measures = next(iter(response["series_ml_json"].values()))
-    (out_dir / "volumes.json").write_text(json.dumps({"study": str(folder), **measures}, indent=2))
+    measures = next(iter(result.response_json["series_ml_json"].values()))
+    (out_dir / "volumes.json").write_text(json.dumps({"study": str(folder), "input_hash": result.input_hash,
+                                                      **measures}, indent=2))
     return measures
 
 
@@ -312,11 +302,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="studies processed in parallel (default %(default)s)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    load_segmenter()
+    settings = Settings.from_env()
+    pipeline = Pipeline(settings, commands=[COMMAND])
+    failures = pipeline.warm_up()
+    if failures:
+        parser.exit(1, f"error: the model cannot be loaded: {failures[COMMAND]}\n")
     results: dict[str, dict] = {}
     names = {study: f"{i:02d}-{study.resolve().name}" for i, study in enumerate(args.studies)}
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        futures = {pool.submit(process_study, study, args.out / names[study]): study for study in args.studies}
+        futures = {pool.submit(process_study, pipeline, study, args.out / names[study]): study for study in args.studies}
         for done, future in enumerate(as_completed(futures), 1):
             study = futures[future]
             try:

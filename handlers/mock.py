@@ -1,5 +1,6 @@
 """Mock handlers, one per output kind of the protocol, for integrators and tests.
 
+Registered with ``mock=True``: a production server serves them only with ``INFERENCE_ENABLE_MOCKS=1``.
 They read only DICOM headers and draw shapes from the geometry (a blob growing from the
 centre, a box around the middle), so a viewer shows something recognisable in the right place.
 """
@@ -70,28 +71,28 @@ def _mask3d_parts(instances: Sequence, binary_type: str, **extra) -> tuple[list[
     return parts, buffers
 
 
-@register("get-probability-mask", description="3D probability mask per series: a blob growing from the centre")
+@register("get-probability-mask", mock=True)
 def probability_mask_3d(json_input: dict, instances: Sequence, input_hash: str) -> tuple[dict, list]:
     """3D probability mask per series: a blob growing from the centre."""
     parts, buffers = _mask3d_parts(instances, "probability_mask", probability_threshold=0.5)
     return {"protocol_version": "1.0", "parts": parts}, buffers
 
 
-@register("get-boolean-mask")
+@register("get-boolean-mask", mock=True)
 def boolean_mask_3d(json_input: dict, instances: Sequence, input_hash: str) -> tuple[dict, list]:
     """3D boolean mask per series: the blob's core."""
     parts, buffers = _mask3d_parts(instances, "boolean_mask")
     return {"protocol_version": "1.0", "parts": parts}, [buffer > 127 for buffer in buffers]
 
 
-@register("get-heatmap")
+@register("get-heatmap", mock=True)
 def heatmap_3d(json_input: dict, instances: Sequence, input_hash: str) -> tuple[dict, list]:
     """3D heatmap per series with a blue-green-red palette."""
     parts, buffers = _mask3d_parts(instances, "heatmap", palette="mock_heat")
     return {"protocol_version": "1.0", "parts": parts, "palettes": {"mock_heat": HEATMAP_PALETTE}}, buffers
 
 
-@register("get-label-mask")
+@register("get-label-mask", mock=True)
 def label_mask_3d(json_input: dict, instances: Sequence, input_hash: str) -> tuple[dict, list]:
     """3D numeric label mask per series: a core (2) inside a shell (1)."""
     parts, buffers = _mask3d_parts(instances, "numeric_label_mask", label_map={"1": "Shell", "2": "Core"})
@@ -99,7 +100,7 @@ def label_mask_3d(json_input: dict, instances: Sequence, input_hash: str) -> tup
     return {"protocol_version": "1.0", "parts": parts}, labels
 
 
-@register("get-probability-mask-2d")
+@register("get-probability-mask-2d", mock=True)
 def probability_mask_2d(json_input: dict, instances: Sequence, input_hash: str) -> tuple[dict, list]:
     """2D probability mask per image: a disc in the middle of each image."""
     parts, buffers = [], []
@@ -119,7 +120,7 @@ def _middle_box(ds, fraction: float) -> tuple[list[int], list[int]]:
     return [columns // 2 - half_w, rows // 2 - half_h], [columns // 2 + half_w, rows // 2 + half_h]
 
 
-@register("get-bounding-box-2d")
+@register("get-bounding-box-2d", mock=True)
 def bounding_boxes_2d(json_input: dict, instances: Sequence, input_hash: str) -> tuple[dict, list]:
     """One bounding box per image, around its middle third."""
     boxes = []
@@ -130,7 +131,7 @@ def bounding_boxes_2d(json_input: dict, instances: Sequence, input_hash: str) ->
     return {"protocol_version": "1.0", "parts": [], "bounding_boxes_2d": boxes}, []
 
 
-@register("get-linear-measurements")
+@register("get-linear-measurements", mock=True)
 def linear_measurements(json_input: dict, instances: Sequence, input_hash: str) -> tuple[dict, list]:
     """One horizontal measurement across the middle of each image, in pixel coordinates."""
     items = []
@@ -142,7 +143,7 @@ def linear_measurements(json_input: dict, instances: Sequence, input_hash: str) 
     return {"protocol_version": "1.0", "parts": [], "linear_measurements_2d": items}, []
 
 
-@register("get-classification")
+@register("get-classification", mock=True)
 def classification(json_input: dict, instances: Sequence, input_hash: str) -> tuple[dict, list]:
     """Study and per-series classification labels, derived from the input hash (stable per input)."""
     series = group_by_series(load_instances(instances, stop_before_pixels=True))
@@ -156,7 +157,7 @@ def classification(json_input: dict, instances: Sequence, input_hash: str) -> tu
     return {"protocol_version": "1.0", "parts": [], "study_ml_json": study, "series_ml_json": per_series}, []
 
 
-@register("get-secondary-capture")
+@register("get-secondary-capture", mock=True)
 def secondary_capture_report(json_input: dict, instances: Sequence, input_hash: str) -> tuple[dict, list]:
     """A Secondary Capture image listing the series received."""
     series = group_by_series(load_instances(instances, stop_before_pixels=True))
@@ -172,7 +173,7 @@ def secondary_capture_report(json_input: dict, instances: Sequence, input_hash: 
     return {"protocol_version": "1.0", "parts": [{"label": "Mock report", "binary_type": "dicom_secondary_capture"}]}, [ds]
 
 
-@register("get-structured-report")
+@register("get-structured-report", mock=True)
 def structured_report_mock(json_input: dict, instances: Sequence, input_hash: str) -> tuple[dict, list]:
     """A Basic Text SR with one finding per series received."""
     series = group_by_series(load_instances(instances, stop_before_pixels=True))

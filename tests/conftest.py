@@ -108,10 +108,12 @@ class RunningServer:
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory) -> Iterator[RunningServer]:
-    """The full server (every handler) under gunicorn, with a data root for studyPath and jobs."""
+    """The full server under gunicorn, mocks enabled as ``mock_server.py`` serves them (the 3D mask the
+    default command), with a data root for studyPath and jobs."""
     root = tmp_path_factory.mktemp("server")
     (root / "data").mkdir()
-    running = RunningServer({"INFERENCE_DATA_ROOT": str(root / "data"),
+    running = RunningServer({"INFERENCE_DATA_ROOT": str(root / "data"), "INFERENCE_ENABLE_MOCKS": "1",
+                             "INFERENCE_DEFAULT_COMMAND": "get-probability-mask",
                              "INFERENCE_OUTPUT_ROOT": str(root / "jobs")}, root)
     running.data_root = root / "data"
     yield running

@@ -9,7 +9,10 @@ results for a destination that is down wait in the outbox (across a restart) unt
 from __future__ import annotations
 
 import io
+import json
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -113,6 +116,8 @@ def test_study_routed_by_orthanc_comes_back_as_seg_sr_and_report(pacs, server, t
     jobs = [JobStore(node.folder / "jobs" / "jobs.sqlite3").get(uid)
             for uid in re.findall(r"job ([0-9a-f]{32}) queued", log)]
     assert [job.status for job in jobs] == [COMPLETED]
+    # the node's input hash is the pipeline's (the same study and JSON hash the same through every door)
+    assert json.loads((Path(jobs[0].output_dir) / "job.json").read_text())["input_hash"] in hashes
     assert elapsed < 60
     # Orthanc's stable event fires again when the results arrive: the Lua script must not route again
     assert eventually(lambda: "was already routed" in orthanc.log_text(), 15)
@@ -268,3 +273,17 @@ def test_results_stored_by_stow_rs(tmp_path):
         if node is not None:
             node.stop()
         orthanc.stop()
+
+
+@pytest.mark.parametrize("rules, message", [
+    ("rules: [{command: get-nothing}]", "unknown inference_command 'get-nothing'"),
+    ("rules: [{command: get-hippocampus-volume, params: {dicom_outputs: [mesh]}}]", "routing rule rule 1: .*dicom_outputs"),
+])
+def test_rules_the_pipeline_refuses_stop_the_node_at_start(tmp_path, rules, message):
+    from utils.config import PROJECT_ROOT
+
+    (tmp_path / "rules.yaml").write_text(rules)
+    result = subprocess.run([sys.executable, "dicom_node.py", "--rules", str(tmp_path / "rules.yaml"),
+                             "--root", str(tmp_path / "pacs")], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                            timeout=120, env={**__import__("os").environ, "INFERENCE_OUTPUT_ROOT": str(tmp_path)})
+    assert result.returncode == 2 and re.search(message, result.stderr), result.stderr

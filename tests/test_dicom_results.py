@@ -111,19 +111,16 @@ def test_report_needs_every_structure_volume(source):
 
 def test_hippocampus_dicom_outputs_on_study1_match_the_mask_and_pass_dciodvfy(tmp_path):
     from handlers import hippocampus
-    from utils import protocol
+    from utils.config import get_settings
     from utils.dicom import sort_by_position
+    from utils.pipeline import Pipeline
 
-    if not hippocampus.get_settings().model_path.exists():
+    if not get_settings().model_path.exists():
         pytest.skip("the hippocampus weights are not in models/")
     files = sorted(shared_data("studies", "Study1").rglob("*.dcm"))
-    handles = [open(path, "rb") for path in files]
-    try:
-        response, buffers = hippocampus.hippocampus_volume({"dicom_outputs": ["seg", "sr"]}, handles, "0" * 64)
-    finally:
-        for handle in handles:
-            handle.close()
-    response, buffers = protocol.prepare_output(response, buffers)
+    result = Pipeline(get_settings(), commands=[hippocampus.COMMAND]).run_files(
+        {"inference_command": hippocampus.COMMAND, "dicom_outputs": ["seg", "sr"]}, files)
+    response, buffers = result.response_json, result.buffers
     assert [p["binary_type"] for p in response["parts"]] == ["numeric_label_mask", "dicom_secondary_capture",
                                                              "dicom", "dicom"]
     paths = {}
@@ -147,7 +144,10 @@ def test_hippocampus_dicom_outputs_on_study1_match_the_mask_and_pass_dciodvfy(tm
 @pytest.mark.parametrize("value", ["seg", ["seg", "mesh"], [1]])
 def test_hippocampus_refuses_unknown_dicom_outputs(value):
     from handlers import hippocampus
+    from utils.config import get_settings
     from utils.errors import BadRequest
+    from utils.pipeline import Pipeline
 
-    with pytest.raises(BadRequest, match="dicom_outputs must be a list of 'seg', 'sr'"):
-        hippocampus.hippocampus_volume({"dicom_outputs": value}, [], "0" * 64)
+    pipeline = Pipeline(get_settings(), commands=[hippocampus.COMMAND])
+    with pytest.raises(BadRequest, match=r"dicom_outputs.*a list of 'seg', 'sr'"):
+        pipeline.check_request({"inference_command": hippocampus.COMMAND, "dicom_outputs": value})

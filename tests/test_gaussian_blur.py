@@ -11,12 +11,14 @@ import pytest
 from scipy import ndimage
 
 from gateway import Gateway
-from handlers.gaussian_blur import DEFAULT_SIGMA_MM, gaussian_blur
+from handlers import load_handlers
+from handlers.gaussian_blur import DEFAULT_SIGMA_MM
 from utils.blur import gaussian_blur_3d, gaussian_kernel
 from utils.client import build_multipart_request, related_content_type
 from utils.config import Settings
 from utils.dicom import series_from_volume, write_series
 from utils.multipart import decode_multipart_response
+from utils.pipeline import Pipeline
 
 SPACING = (3.0, 0.8, 1.2)  # slice, row, column (mm): anisotropic on every axis
 RESCALE = (2.0, -100.0)  # slope, intercept
@@ -70,8 +72,9 @@ def test_rejects_bad_sigma_and_shape():
 # -- the handler through the gateway ---------------------------------------------------------
 @pytest.fixture
 def client():
-    app = Gateway(__name__, settings=Settings())
-    app.add_inference_route("/gaussian-blur", gaussian_blur)
+    load_handlers()
+    app = Gateway(__name__, pipeline=Pipeline(Settings(), commands=["gaussian-blur-3d"]))
+    app.add_inference_route("/gaussian-blur", "gaussian-blur-3d")
     return app.test_client()
 
 
@@ -134,7 +137,7 @@ def test_default_sigma_is_documented_value(client, stored):
 def test_bad_sigma_is_a_400(client, stored, sigma):
     response = post(client, stored[1], {"sigma_mm": sigma})
     assert response.status_code == 400
-    assert "sigma_mm must be a positive number" in response.get_json()["error"]
+    assert "parameter 'sigma_mm' must be a number > 0 and <= 1000, got" in response.get_json()["error"]
 
 
 def test_non_dicom_part_is_a_422(client, stored, tmp_path):

@@ -18,6 +18,7 @@ from utils import protocol
 from utils.config import get_settings
 from utils.dicom import dataset_bytes, series_from_volume
 from utils.errors import UnprocessableInput
+from utils.pipeline import Pipeline
 
 WEIGHTS = get_settings().model_path
 
@@ -31,6 +32,13 @@ def weights():
 
 def as_parts(datasets):
     return [io.BytesIO(dataset_bytes(ds)) for ds in datasets]
+
+
+def run(instances, settings=None):
+    """The hippocampus command through the pipeline, as every front door runs it: (JSON, checked buffers)."""
+    pipeline = Pipeline(settings or get_settings(), commands=[hippocampus.COMMAND])
+    result = pipeline.run({}, instances, "0" * 64, command=hippocampus.COMMAND)
+    return result.response_json, result.buffers
 
 
 def write_nifti(path, array, affine=None):
@@ -82,8 +90,7 @@ def test_labelled_nifti_sent_as_dicom_is_segmented_in_the_training_orientation(w
         series = hippocampus.series_from_nifti(image_path)
         other = series_from_volume(np.zeros((3, 64, 64), np.int16), description="T1 whole brain",
                                    study_uid=series[0].StudyInstanceUID)
-        response, buffers = hippocampus.hippocampus_volume({}, as_parts(other + series[::-1]), "0" * 64)
-        response, prepared = protocol.prepare_output(response, buffers)
+        response, prepared = run(as_parts(other + series[::-1]))
         shape = response["parts"][0]["binary_data_shape"]
         predicted = np.frombuffer(prepared[0], np.uint8).reshape(shape["depth"], shape["height"], shape["width"])
         truth = load_volume(hippocampus.series_from_nifti(label_path), rescale=False).voxels
@@ -97,7 +104,7 @@ def test_labelled_nifti_sent_as_dicom_is_segmented_in_the_training_orientation(w
 def test_missing_crop_series_is_422_listing_series(weights):
     series = series_from_volume(np.zeros((2, 8, 8), np.int16), description="T2 axial")
     with pytest.raises(UnprocessableInput, match="series present: .*T2 axial"):
-        hippocampus.hippocampus_volume({}, as_parts(series), "0" * 64)
+        run(as_parts(series))
 
 
 @pytest.mark.parametrize("study_name", ["Study1", "Study2"])
@@ -106,8 +113,7 @@ def test_real_study_gives_plausible_volumes_and_a_valid_report(weights, study_na
     files = sorted(p for p in folder.rglob("*.dcm"))
     handles = [open(p, "rb") for p in files]
     try:
-        response, buffers = hippocampus.hippocampus_volume({}, handles, "f" * 64)
-        response, prepared = protocol.prepare_output(response, buffers)
+        response, prepared = run(handles)
     finally:
         for handle in handles:
             handle.close()
@@ -139,11 +145,11 @@ def test_volumes_use_spacing_not_voxel_counts(weights):
 
     image_path, _ = dataset_pairs(data)["hippocampus_001"]
     base = hippocampus.series_from_nifti(image_path)
-    response, _ = hippocampus.hippocampus_volume({}, as_parts(base), "0" * 64)
+    response, _ = run(as_parts(base))
     one = next(iter(response["series_ml_json"].values()))
     for ds in base:
         ds.ImagePositionPatient = [float(v) * (2 if i == 2 else 1) for i, v in enumerate(ds.ImagePositionPatient)]
-    response, _ = hippocampus.hippocampus_volume({}, as_parts(base), "0" * 64)
+    response, _ = run(as_parts(base))
     two = next(iter(response["series_ml_json"].values()))
     assert two["voxel_volume_mm3"] == pytest.approx(2 * one["voxel_volume_mm3"])
     assert two["total_volume_mm3"] == pytest.approx(2 * two["anterior_voxels"] + 2 * two["posterior_voxels"], rel=1e-3)

@@ -19,6 +19,7 @@ from gateway import Gateway
 from tests.conftest import PROJECT_ROOT, RunningServer, write_study
 from utils.config import Settings
 from utils.job_api import add_job_routes
+from utils.pipeline import Pipeline
 from utils.jobs import FAILED, INTERRUPTED, RUNNING, Job, JobStore, LocalPoolRunner
 
 
@@ -33,8 +34,9 @@ def roots(tmp_path: Path) -> tuple[Path, Path]:
 def client(roots):
     data, output = roots
     settings = dataclasses.replace(Settings(), data_root=data, output_root=output, job_workers=2)
-    app = Gateway(__name__, settings=settings)
-    add_job_routes(app, settings)
+    pipeline = Pipeline(settings)
+    app = Gateway(__name__, pipeline=pipeline)
+    add_job_routes(app, pipeline)
     return app.test_client()
 
 
@@ -67,7 +69,7 @@ def test_blur_job_runs_to_completion_and_writes_its_outputs(client, roots):
     response_json = json.loads((folder / "response.json").read_text())
     assert len(response_json["parts"]) == len(files)
     names = sorted(p.name for p in folder.iterdir())
-    assert names == sorted([p["file"] for p in response_json["parts"]] + ["response.json"])
+    assert names == sorted([p["file"] for p in response_json["parts"]] + ["job.json", "response.json"])
     outputs = [pydicom.dcmread(folder / p["file"]) for p in response_json["parts"]]
     original = pydicom.dcmread(files[0])
     assert {ds.SeriesDescription for ds in outputs} == {"Gaussian blur 3D sigma 1.5 mm"}
@@ -101,8 +103,9 @@ def test_queued_and_running_answer_202(roots):
 
     settings = dataclasses.replace(Settings(), data_root=data, output_root=output)
     store = JobStore(output / "jobs.sqlite3")
-    app = Gateway(__name__, settings=settings)
-    add_job_routes(app, settings, store=store, runner=Holding())
+    pipeline = Pipeline(settings)
+    app = Gateway(__name__, pipeline=pipeline)
+    add_job_routes(app, pipeline, store=store, runner=Holding())
     client = app.test_client()
     uid = submit(client, job_name="3dblur", in_dir="s").get_json()["uid"]
     assert client.get(f"/query/{uid}").get_json() == {"msg": "Job is queued"}
@@ -156,13 +159,15 @@ def test_folders_without_a_study_are_422(client, roots):
         assert message in response.get_json()["error"]
 
 
-def test_bad_sigma_fails_the_job_with_the_message(client, roots):
+def test_bad_parameters_are_refused_at_submission(client, roots):
     write_study(roots[0] / "s", shape=(2, 8, 8))
-    uid = submit(client, job_name="3dblur", in_dir="s", sigma_mm=-2).get_json()["uid"]
-    response = poll(client.get, uid)
+    response = submit(client, job_name="3dblur", in_dir="s", sigma_mm=-2)
     assert response.status_code == 400
-    body = response.get_json()
-    assert body["msg"] == "Job has failed" and "sigma_mm must be a positive number" in body["error"]
+    assert "parameter 'sigma_mm' must be a number > 0 and <= 1000, got -2" in response.get_json()["error"]
+    response = submit(client, job_name="3dblur", in_dir="s", sigma=2)
+    assert response.status_code == 400
+    assert "unknown parameter 'sigma'" in response.get_json()["error"]
+    assert "did you mean 'sigma_mm'" in response.get_json()["error"]
 
 
 def test_two_series_fail_the_job_with_a_422(client, roots):
@@ -218,8 +223,9 @@ def test_interrupted_job_is_reported_failed_by_the_api(roots):
     data, output = roots
     uid = JobStore(output / "jobs.sqlite3").add(Job("3dblur", "gaussian-blur-3d", "s", owner="1-stopped")).uid
     settings = dataclasses.replace(Settings(), data_root=data, output_root=output)
-    app = Gateway(__name__, settings=settings)
-    add_job_routes(app, settings)  # start-up recovery
+    pipeline = Pipeline(settings)
+    app = Gateway(__name__, pipeline=pipeline)
+    add_job_routes(app, pipeline)  # start-up recovery
     response = app.test_client().get(f"/query/{uid}")
     assert response.status_code == 500
     assert response.get_json() == {"msg": "Job has failed", "error": INTERRUPTED}

@@ -47,6 +47,17 @@ def _env_list(name: str, default: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(item for item in value.replace(",", " ").split() if item)
 
 
+def _env_bool(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"environment variable {name} must be 1/true/yes/on or 0/false/no/off, got {value!r}")
+
+
 def _env_path(name: str, default: str | None) -> Path | None:
     value = _env_str(name, default)
     return None if value is None else Path(value).expanduser()
@@ -84,8 +95,10 @@ class Settings:
     api_token: str | None = field(default=None, metadata={"env": "INFERENCE_API_TOKEN", "secret": True})
     #: INFERENCE_LOGGING_CONFIG: logging configuration (YAML, ``logging.config.dictConfig`` schema).
     logging_config: Path = field(default=PROJECT_ROOT / "logging.yaml", metadata={"env": "INFERENCE_LOGGING_CONFIG"})
-    #: INFERENCE_DEFAULT_COMMAND: command used on ``/`` when the request JSON names none.
-    default_command: str = field(default="get-probability-mask", metadata={"env": "INFERENCE_DEFAULT_COMMAND"})
+    #: INFERENCE_DEFAULT_COMMAND: command run on ``POST /`` when the request JSON names none; unset: a 400.
+    default_command: str | None = field(default=None, metadata={"env": "INFERENCE_DEFAULT_COMMAND"})
+    #: INFERENCE_ENABLE_MOCKS: also serve the mock handlers (integration and tests); off in production.
+    enable_mocks: bool = field(default=False, metadata={"env": "INFERENCE_ENABLE_MOCKS"})
     #: INFERENCE_MODEL_PATH: weights of the hippocampus model (default: the shipped ones).
     model_path: Path = field(default=PROJECT_ROOT / "models" / "hippocampus_unet.pt", metadata={"env": "INFERENCE_MODEL_PATH"})
     #: INFERENCE_HIPPOCAMPUS_SERIES: regular expression matched against SeriesDescription to find the crop.
@@ -124,6 +137,10 @@ class Settings:
                 values[f.name] = _env_float(name, f.default)
             elif str(f.type).startswith("tuple"):
                 values[f.name] = _env_list(name, f.default)
+
+
+            elif f.type in ("bool", bool):
+                values[f.name] = _env_bool(name, f.default)
             elif "Path" in str(f.type):
                 default = None if f.default is None else str(f.default)
                 values[f.name] = _env_path(name, default)

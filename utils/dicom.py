@@ -25,7 +25,6 @@ from utils.paths import is_inside, resolve_inside
 SECONDARY_CAPTURE_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 BASIC_TEXT_SR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.11"
 MR_IMAGE_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.4"
-DICOM_CONTENT_TYPES = ("application/dicom", "application/octet-stream", "")
 
 
 def load_instances(parts: Sequence, *, stop_before_pixels: bool = False) -> list[Dataset]:

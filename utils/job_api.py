@@ -8,10 +8,11 @@
                          or a job ``interrupted`` by a stopped server)
                       -> 404 for an unknown uid
 
-A job name is a registered inference command, or an alias of one (``JOB_ALIASES``). The job's
-other JSON keys, plus ``inference_command``, are the handler's request JSON; the handler gets the
-folder's DICOM files as the same ``Part`` objects an upload gives it. Outputs go to
-``<INFERENCE_OUTPUT_ROOT>/<uid>/`` (see ``write_outputs``), which appears only once complete.
+A job name is a served inference command, or an alias of one (``JOB_ALIASES``). The job's other
+JSON keys, plus ``inference_command``, are the handler's request JSON, checked at submission; the
+job runs through the same pipeline as an upload, on the folder's DICOM files. Outputs go to
+``<INFERENCE_OUTPUT_ROOT>/<uid>/`` (see ``write_outputs``, plus ``job.json``: the job, its input hash and run
+time), which appears only once complete.
 """
 
 from __future__ import annotations
@@ -26,13 +27,11 @@ from pathlib import Path
 import flask
 from flask import request
 
-from handlers.registry import REGISTRY
 from utils import protocol
-from utils.config import Settings
 from utils.dicom import study_folder_files
 from utils.errors import BadRequest, GatewayError, NotFound
 from utils.jobs import COMPLETED, FAILED, QUEUED, Job, JobRunner, JobStore, LocalPoolRunner
-from utils.multipart import PartSpool, parts_from_files
+from utils.pipeline import Pipeline
 from utils.tagged_logger import TaggedLogger, bind_request_tags
 
 log = TaggedLogger(logging.getLogger("inference.jobs"))
@@ -43,9 +42,9 @@ JOB_ALIASES = {"3dblur": "gaussian-blur-3d"}
 JOB_KEYS = ("job_name", "in_dir")
 
 
-def known_job_names() -> dict[str, str]:
-    """Every job name accepted now, mapped to its command: aliases of registered commands, and the commands."""
-    commands = REGISTRY.commands()
+def known_job_names(pipeline: Pipeline) -> dict[str, str]:
+    """Every job name accepted now, mapped to its command: aliases of served commands, and the commands."""
+    commands = [spec.command for spec in pipeline.specs]
     aliases = {name: command for name, command in JOB_ALIASES.items() if command in commands}
     return {**aliases, **{command: command for command in commands}}
 
@@ -72,28 +71,27 @@ def write_outputs(folder: Path, response_json: dict, buffers: list) -> None:
 
 
 class JobExecutor:
-    """Runs one job: its handler on its folder's DICOM files, outputs written, state recorded."""
+    """Runs one job through the pipeline on its folder's DICOM files; outputs written, state recorded."""
 
-    def __init__(self, store: JobStore, settings: Settings) -> None:
+    def __init__(self, store: JobStore, pipeline: Pipeline) -> None:
         self.store = store
-        self.settings = settings
+        self.pipeline = pipeline
 
     def __call__(self, job: Job) -> None:
-        spool = PartSpool(self.settings.spool_memory_bytes, self.settings.spool_dir)
-        output = Path(self.settings.output_root) / job.uid
+        settings = self.pipeline.settings
+        output = Path(settings.output_root) / job.uid
         partial = output.with_name(f"{job.uid}.partial")
         bind_request_tags({"job": job.uid})
         try:
-            files = study_files(self.settings.data_root, job.in_dir)
-            json_input = {**job.params, "inference_command": job.command}
-            body = parts_from_files(json.dumps(json_input).encode(), files, spool)
-            bind_request_tags({"job": job.uid, "input_hash": body.input_hash})
-            log.info("job %s: %s on %d files of %s (input_hash=%s)", job.uid, job.command, len(files), job.in_dir,
-                     body.input_hash)
-            response_json, buffers = REGISTRY.get(job.command).handler(json_input, body.parts[1:], body.input_hash)
-            response_json, buffers = protocol.prepare_output(response_json, buffers)
+            files = study_files(settings.data_root, job.in_dir)
+            log.info("job %s: %s on %d files of %s", job.uid, job.command, len(files), job.in_dir)
+            result = self.pipeline.run_files(job_request_json(job), files, command=job.command)
             shutil.rmtree(partial, ignore_errors=True)
-            write_outputs(partial, response_json, buffers)
+            write_outputs(partial, result.response_json, result.buffers)
+            (partial / "job.json").write_text(json.dumps({
+                "uid": job.uid, "job_name": job.job_name, "command": result.command, "in_dir": job.in_dir,
+                "params": job.params, "input_hash": result.input_hash, "seconds": round(result.seconds, 3),
+            }, indent=1), encoding="utf-8")
             os.replace(partial, output)
         except GatewayError as exc:
             log.warning("job %s failed (%d): %s", job.uid, exc.status, exc.message)
@@ -103,44 +101,51 @@ class JobExecutor:
             self.store.mark_failed(job.uid, f"the handler failed: {type(exc).__name__}: {exc}", 500)
         else:
             self.store.mark_completed(job.uid, str(output))
-            log.info("job %s completed: %d outputs in %s", job.uid, len(buffers), output)
+            log.info("job %s completed: %d outputs in %s", job.uid, len(result.buffers), output)
         finally:
-            spool.close()
             shutil.rmtree(partial, ignore_errors=True)
 
 
-def job_from_request(settings: Settings) -> Job:
-    """The job a ``POST /job/`` asks for, checked as far as is cheap (name, folder, DICOM present)."""
+def job_request_json(job: Job) -> dict:
+    """The request JSON a job runs with: its parameters and its command, as an HTTP request would carry them."""
+    return {"inference_command": job.command, **job.params}
+
+
+def job_from_request(pipeline: Pipeline) -> Job:
+    """The job a ``POST /job/`` asks for, checked up front: name, parameters, folder, DICOM present."""
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
         raise BadRequest('the job must be a JSON object: {"job_name": "3dblur", "in_dir": "<folder>", ...}')
-    names = known_job_names()
+    names = known_job_names(pipeline)
     job_name, in_dir = body.get("job_name"), body.get("in_dir")
     if not isinstance(job_name, str) or job_name not in names:
         raise BadRequest(f"unknown job_name {job_name!r}; known job names: {', '.join(sorted(names))}")
     if not isinstance(in_dir, str) or not in_dir:
         raise BadRequest("in_dir must be the folder of the study, relative to the server's data root")
-    study_files(settings.data_root, in_dir)
     params = {key: value for key, value in body.items() if key not in JOB_KEYS}
-    return Job(job_name=job_name, command=names[job_name], in_dir=in_dir, params=params)
+    job = Job(job_name=job_name, command=names[job_name], in_dir=in_dir, params=params)
+    pipeline.check_request(job_request_json(job), command=job.command)  # bad parameters: 400 now, not later
+    study_files(pipeline.settings.data_root, in_dir)
+    return job
 
 
-def add_job_routes(app: flask.Flask, settings: Settings, *, store: JobStore | None = None,
+def add_job_routes(app: flask.Flask, pipeline: Pipeline, *, store: JobStore | None = None,
                    runner: JobRunner | None = None) -> JobRunner:
     """Serve ``POST /job/`` and ``GET /query/<uid>`` on ``app``; recover interrupted jobs first.
 
-    Default store: ``<INFERENCE_OUTPUT_ROOT>/jobs.sqlite3``; default runner: a local pool of
-    ``INFERENCE_JOB_WORKERS`` threads.
+    Jobs run ``pipeline``'s handlers with its settings. Default store:
+    ``<INFERENCE_OUTPUT_ROOT>/jobs.sqlite3``; default runner: a local pool of ``INFERENCE_JOB_WORKERS`` threads.
     """
+    settings = pipeline.settings
     output_root = Path(settings.output_root)
     store = store or JobStore(output_root / "jobs.sqlite3")
-    runner = runner or LocalPoolRunner(store, JobExecutor(store, settings), workers=settings.job_workers,
+    runner = runner or LocalPoolRunner(store, JobExecutor(store, pipeline), workers=settings.job_workers,
                                        lock_dir=output_root / ".owners")
     runner.recover()
 
     @app.post("/job/")
     def submit_job():
-        job = job_from_request(settings)
+        job = job_from_request(pipeline)
         job.owner = runner.owner
         store.add(job)
         runner.submit(job)

@@ -23,6 +23,7 @@ from typing import BinaryIO
 import multipart as multipart_lib
 from werkzeug.http import parse_options_header
 
+from utils import protocol
 from utils.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
 READ_CHUNK = 1024 * 1024
@@ -333,11 +334,11 @@ def encode_multipart_related(
     delimiter = f"--{boundary}\r\n".encode()
     heads = [delimiter + f"Content-Type: {ctype}\r\n\r\n".encode() for ctype, _ in parts]
     closing = f"\r\n--{boundary}--".encode()
-    hash_head = b"\r\n" + delimiter + b"Content-Type: text/plain\r\n\r\n"
+    hash_head = b"\r\n" + delimiter + f"Content-Type: {protocol.HASHES_CONTENT_TYPE}\r\n\r\n".encode()
     length = sum(len(h) + memoryview(body).nbytes for h, (_, body) in zip(heads, parts))
     length += 2 * max(0, len(parts) - 1) + len(closing)
     if input_hash is not None:
-        length += len(hash_head) + 129
+        length += len(hash_head) + protocol.HASHES_LENGTH
 
     def chunks() -> Iterator[bytes]:
         digest = hashlib.sha256()
@@ -349,7 +350,7 @@ def encode_multipart_related(
                 digest.update(piece)
                 yield piece
         if input_hash is not None:
-            yield hash_head + f"{input_hash}:{digest.hexdigest()}".encode()
+            yield hash_head + protocol.format_hashes(input_hash, digest.hexdigest()).encode()
         yield closing
 
     return EncodedResponse(f'multipart/related; boundary="{boundary}"', length, chunks())

@@ -25,6 +25,11 @@ def bind_request_tags(tags: Mapping[str, Any]) -> None:
     _request_tags.set(dict(tags))
 
 
+def current_request_tags() -> dict[str, Any]:
+    """The tags bound to the current request (thread or task), as a new dict."""
+    return dict(_request_tags.get())
+
+
 class TaggedLogger(logging.LoggerAdapter):
     """Prefixes every message with ``[key=value ...]`` and attaches the tags to the record."""
 
