@@ -9,6 +9,8 @@ Examples (from the repository root)::
     python -m models.evaluate --data ../shared/data/hippocampus --split test
     # an explicit case list (text file, one id per line, or a metrics JSON's test split)
     python -m models.evaluate --data ../shared/data/hippocampus --cases models/hippocampus_unet.metrics.json
+    # a version that reuses the weights with other inference settings: member 2 alone, no mirrored pass
+    python -m models.evaluate --data ../shared/data/hippocampus --split test --members 2 --no-flip
 
 Prints one JSON line.  Dice/Jaccard of two empty masks is defined as 1.0.
 """
@@ -89,7 +91,17 @@ def read_case_list(path: str | Path, split: str = "test") -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
+def member_list(text: str) -> list[int]:
+    """``--members`` value: comma-separated member indices such as ``0,2``."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated member indices such as 0,2, got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> dict:
+    from .runtime import BACKENDS
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", help="folder of image NIfTI files")
     ap.add_argument("--labels", help="folder of label NIfTI files (same file names)")
@@ -101,6 +113,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-cases", type=int, help="evaluate only the first N selected cases")
     ap.add_argument("--weights", help="checkpoint path (default models/hippocampus_unet.pt)")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--members", type=member_list, metavar="I[,J...]",
+                    help="indices of the checkpoint's networks to run, comma-separated (default: all)")
+    ap.add_argument("--no-flip", action="store_true", help="skip the left-right mirrored pass of every network")
+    ap.add_argument("--backend", choices=BACKENDS, default="auto",
+                    help="auto: ONNX Runtime on the CPU when installed, else PyTorch (same labels)")
     ap.add_argument("--progress", action="store_true", help="progress on stderr")
     args = ap.parse_args(argv)
 
@@ -115,7 +132,11 @@ def main(argv: list[str] | None = None) -> dict:
         pairs = list_pairs(args.images, args.labels)
     else:
         ap.error("give --images and --labels, or --data")
-    seg = HippocampusSegmenter.load(args.weights, device=args.device)
+    try:
+        seg = HippocampusSegmenter.load(args.weights, device=args.device, members=args.members,
+                                        flips=not args.no_flip, backend=args.backend)
+    except ValueError as exc:  # members out of range, onnxruntime asked for on a GPU
+        ap.error(str(exc))
     cases = list(pairs)
     if args.split:
         trained_on = {name for _, cfg in seg.members for name in cfg.get("trained_on", ["train"])}
@@ -139,6 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
         cases = cases[: args.max_cases]
     result = evaluate_pairs(pairs, seg.segment, cases, progress=args.progress)
     result["weights_version"] = seg.version
+    result["inference"] = {"members": list(seg.member_indices), "flips": seg.flips, "backend": seg.backend}
     print(json.dumps(result))
     return result
 

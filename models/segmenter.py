@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .data import PadCrop, context_slices, normalize, target_size
+from .runtime import Runner, make_runner
 from .unet import UNet, UNet2D, UNet3D
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "hippocampus_unet.pt"
@@ -101,6 +103,26 @@ def predict_ensemble(members: list[tuple[UNet, dict]], volume: np.ndarray, devic
     return np.argmax(p, axis=0).astype(np.uint8)
 
 
+def fast_member_probs(run: Runner, model: UNet, normalized: np.ndarray, config: dict, flip: bool,
+                      max_batch: int = 128) -> np.ndarray:
+    """Class probabilities (n_classes, *shape) of one 2.5D network, the mirrored pass batched in.
+
+    Same result as ``predict_probs_tta`` (up to float rounding), with the volume normalised once by
+    the caller and every slice of both passes sent through ``run`` in as few batches as possible.
+    """
+    axis, context, size = int(config["axis"]), int(config["context"]), int(config["size"])
+    views = [normalized, normalized[::-1]] if flip else [normalized]
+    stacks = [context_slices(v, axis, context) for v in views]  # each (n, C, A, B)
+    pc = PadCrop(tuple(stacks[0].shape[-2:]), target_size(stacks[0].shape[-2:], size, model.size_multiple))
+    x = np.concatenate([pc.apply(s, 0.0) for s in stacks])
+    p = pc.undo(np.concatenate([run(x[i:i + max_batch]) for i in range(0, len(x), max_batch)]), 0.0)
+    n = stacks[0].shape[0]
+    passes = [np.moveaxis(np.moveaxis(p[k * n:(k + 1) * n], 1, 0), 1, axis + 1) for k in range(len(views))]
+    if flip:
+        return 0.5 * (passes[0] + passes[1][:, ::-1])
+    return passes[0]
+
+
 def load_network(state_dict: dict, config: dict, device: str) -> UNet:
     """One network from its ``state_dict`` and ``config``, in eval mode on ``device``."""
     model = build_model(config)
@@ -122,39 +144,63 @@ class HippocampusSegmenter:
     A checkpoint holds either one network (``state_dict`` + ``config``) or
     several (``members``: list of {``state_dict``, ``config``}, e.g. networks
     slicing along different axes) whose class probabilities are averaged.
+
+    Inference settings let several model versions share one weights file: ``member_indices``
+    (which networks of the checkpoint run) and ``flips`` (the left-right mirrored pass of each
+    network whose config enables it).  ``segment`` runs the fast path (``models.runtime``:
+    ONNX Runtime on the CPU, folded PyTorch on a GPU); ``segment_reference`` runs the plain
+    PyTorch networks one slice batch at a time, as trained, for comparison.
     """
 
     version: str
 
     def __init__(self, model: UNet, config: dict, version: str, device: str,
-                 split: dict | None = None, members: list[tuple[UNet, dict]] | None = None) -> None:
+                 split: dict | None = None, members: list[tuple[UNet, dict]] | None = None, *,
+                 flips: bool = True, member_indices: tuple[int, ...] | None = None,
+                 backend: str = "auto", threads: int | None = None, sha256: str | None = None) -> None:
         self.split = split  # train/val/test case ids the weights were trained with, if stored
         self.model = model
         self.members = members if members else [(model, config)]
+        self.member_indices = tuple(member_indices) if member_indices is not None else tuple(range(len(self.members)))
+        self.flips = bool(flips)
         self.config = config
         self.version = version
         self.device = device
+        self.sha256 = sha256  # of the weights file, when loaded from one
+        self.runners = [make_runner(m, device, backend, threads) for m, _ in self.members]
+        self.backend = ",".join(sorted({r.backend for r in self.runners}))
 
     @classmethod
-    def load(cls, weights_path: str | os.PathLike | None = None,
-             device: str | None = None) -> "HippocampusSegmenter":
+    def load(cls, weights_path: str | os.PathLike | None = None, device: str | None = None, *,
+             members: Sequence[int] | None = None, flips: bool = True, backend: str = "auto",
+             threads: int | None = None) -> "HippocampusSegmenter":
         """Load a checkpoint (default: ``hippocampus_unet.pt`` next to this module).
 
-        ``device`` defaults to ``"cuda"`` when available, else ``"cpu"``.
+        Args:
+            device: ``"cuda"`` when available, else ``"cpu"``, unless given.
+            members: indices of the checkpoint's networks to run (default: all of them).
+            flips: run the left-right mirrored pass of networks whose config enables it
+                (all four shipped ones); False runs each network once.
+            backend: ``"auto"`` (ONNX Runtime on the CPU when installed, else PyTorch),
+                ``"onnxruntime"`` or ``"torch"``.
+            threads: ONNX Runtime threads per network (default ``torch.get_num_threads()``).
+
+        ``version`` is ``"<name> (<first 12 hex digits of the file's SHA-256>)"``, followed by
+        ``members=i,j`` and/or ``flips=off`` when those differ from the defaults.
         """
         path = Path(weights_path) if weights_path is not None else DEFAULT_WEIGHTS
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         config = dict(ckpt["config"])
-        if "members" in ckpt:
-            members = [(load_network(m["state_dict"], dict(m["config"]), device), dict(m["config"]))
-                       for m in ckpt["members"]]
-        else:
-            members = [(load_network(ckpt["state_dict"], config, device), config)]
-        name = ckpt.get("version", MODEL_NAME)
-        version = f"{name} ({_sha256(path)[:12]})"
-        return cls(members[0][0], config, version, device, ckpt.get("split"), members)
+        stored = ckpt["members"] if "members" in ckpt else [{"state_dict": ckpt["state_dict"], "config": config}]
+        indices = select_members(members, len(stored))
+        chosen = [(load_network(stored[i]["state_dict"], dict(stored[i]["config"]), device), dict(stored[i]["config"]))
+                  for i in indices]
+        sha256 = _sha256(path)
+        version = f"{ckpt.get('version', MODEL_NAME)} ({sha256[:12]})" + settings_suffix(indices, len(stored), flips)
+        return cls(chosen[0][0], config, version, device, ckpt.get("split"), chosen, flips=flips,
+                   member_indices=indices, backend=backend, threads=threads, sha256=sha256)
 
     def segment(self, volume: np.ndarray) -> np.ndarray:
         """Segment one 3D volume.
@@ -172,13 +218,67 @@ class HippocampusSegmenter:
         Returns:
             uint8 array of the same shape: 0 background, 1 anterior, 2 posterior.
         """
-        vol = np.asarray(volume)
-        if vol.ndim != 3:
-            raise ValueError(f"expected a 3D volume, got shape {vol.shape}")
-        if not np.issubdtype(vol.dtype, np.number) or np.issubdtype(vol.dtype, np.complexfloating):
-            raise ValueError(f"expected a real numeric array, got dtype {vol.dtype}")
-        vol = vol.astype(np.float32, copy=False)
-        if not np.all(np.isfinite(vol)):
-            vol = np.nan_to_num(vol, nan=0.0, posinf=0.0, neginf=0.0)
+        return np.argmax(self.probabilities(volume), axis=0).astype(np.uint8)
+
+    def probabilities(self, volume: np.ndarray) -> np.ndarray:
+        """Mean class probabilities (n_classes, *volume.shape) of the selected members (fast path)."""
+        vol = _checked_volume(volume)
+        normalized = normalize(vol)
+        total = 0.0
+        for (model, cfg), run in zip(self.members, self.runners):
+            flip = self.flips and bool(cfg.get("tta", False))
+            if is_3d(cfg):
+                total = total + predict_probs_tta(model, vol, cfg, self.device, flip)
+            else:
+                total = total + fast_member_probs(run, model, normalized, cfg, flip)
+        return total / len(self.members)
+
+    def reference_probabilities(self, volume: np.ndarray) -> np.ndarray:
+        """``probabilities`` by the plain PyTorch path (unfolded networks, one pass per mirror), for comparison."""
+        vol = _checked_volume(volume)
+        tta = None if self.flips else False
         with torch.inference_mode():
-            return predict_ensemble(self.members, vol, self.device)
+            return sum(predict_probs_tta(m, vol, cfg, self.device, tta) for m, cfg in self.members) / len(self.members)
+
+    def segment_reference(self, volume: np.ndarray) -> np.ndarray:
+        """``segment`` by the plain PyTorch path, for comparison."""
+        return np.argmax(self.reference_probabilities(volume), axis=0).astype(np.uint8)
+
+
+def select_members(members: Sequence[int] | None, available: int) -> tuple[int, ...]:
+    """Validated member indices (all ``available`` ones when ``members`` is None)."""
+    if members is None:
+        return tuple(range(available))
+    indices = tuple(int(i) for i in members)
+    if not indices:
+        raise ValueError("members: give at least one member index, or None for all")
+    bad = [i for i in indices if not 0 <= i < available]
+    if bad:
+        raise ValueError(f"members: index {bad[0]} is out of range; the checkpoint has {available} "
+                         f"member(s), indices 0-{available - 1}")
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"members: {list(indices)} lists a member twice")
+    return indices
+
+
+def settings_suffix(indices: tuple[int, ...], available: int, flips: bool) -> str:
+    """The part of ``version`` naming non-default inference settings ("" for the full ensemble with flips)."""
+    parts = []
+    if indices != tuple(range(available)):
+        parts.append("members=" + ",".join(map(str, indices)))
+    if not flips:
+        parts.append("flips=off")
+    return "".join(" " + p for p in parts)
+
+
+def _checked_volume(volume: np.ndarray) -> np.ndarray:
+    """``volume`` as finite float32 after checking it is a real 3D array (ValueError otherwise)."""
+    vol = np.asarray(volume)
+    if vol.ndim != 3:
+        raise ValueError(f"expected a 3D volume, got shape {vol.shape}")
+    if not np.issubdtype(vol.dtype, np.number) or np.issubdtype(vol.dtype, np.complexfloating):
+        raise ValueError(f"expected a real numeric array, got dtype {vol.dtype}")
+    vol = vol.astype(np.float32, copy=False)
+    if not np.all(np.isfinite(vol)):
+        vol = np.nan_to_num(vol, nan=0.0, posinf=0.0, neginf=0.0)
+    return vol

@@ -9,8 +9,11 @@ every level, transposed convolutions on the way up.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 # per dimensionality: convolution, transposed convolution, pooling, normalisation, activation
 _LAYERS = {
@@ -104,3 +107,24 @@ class UNet3D(UNet):
     def __init__(self, in_channels: int = 1, n_classes: int = 3, base: int = 16, depth: int = 4,
                  dropout: float = 0.0) -> None:
         super().__init__(in_channels, n_classes, base, depth, dropout, dims=3)
+
+
+def fold_batch_norm(model: UNet) -> UNet:
+    """An eval-mode copy of ``model`` with each batch norm folded into the convolution before it.
+
+    In eval mode a batch norm is a fixed per-channel affine map, so convolution + batch norm is one
+    convolution with rescaled weights and a bias: the copy computes the same function (up to float
+    rounding) with a third fewer layers to run.  Dropout, an identity in eval mode, is dropped.
+    Instance norm (the 3D network) depends on the input and cannot be folded: such blocks are kept.
+    """
+    folded = copy.deepcopy(model).eval()
+    for blocks in (folded.down, folded.up):
+        for i, block in enumerate(blocks):
+            kept: list[nn.Module] = []
+            for layer in block:
+                if isinstance(layer, nn.BatchNorm2d) and kept and isinstance(kept[-1], nn.Conv2d):
+                    kept[-1] = fuse_conv_bn_eval(kept[-1], layer)
+                elif not isinstance(layer, (nn.Dropout2d, nn.Dropout3d)):
+                    kept.append(layer)
+            blocks[i] = nn.Sequential(*kept)
+    return folded

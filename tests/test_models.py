@@ -12,8 +12,9 @@ torch = pytest.importorskip("torch")
 
 from models.data import PadCrop, augment_volumes, context_slices, split_cases, target_size  # noqa: E402
 from models.evaluate import dice, jaccard, volume_metrics  # noqa: E402
-from models.segmenter import DEFAULT_WEIGHTS, HippocampusSegmenter, build_model  # noqa: E402
-from models.unet import UNet, UNet2D, UNet3D  # noqa: E402
+from models.runtime import make_runner, onnxruntime_available  # noqa: E402
+from models.segmenter import DEFAULT_WEIGHTS, HippocampusSegmenter, build_model, predict_volume  # noqa: E402
+from models.unet import UNet, UNet2D, UNet3D, fold_batch_norm  # noqa: E402
 
 DATA_DIR = Path(os.environ.get("HIPPOCAMPUS_DATA")
                 or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hippocampus")
@@ -23,6 +24,11 @@ needs_data = pytest.mark.skipif(
 )
 needs_weights = pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(),
                                    reason=f"shipped weights {DEFAULT_WEIGHTS.name} not present")
+
+# onnxruntime is a runtime requirement: missing, its tests skip locally and fail on CI
+needs_onnxruntime = pytest.mark.skipif(not onnxruntime_available() and not os.environ.get("CI"),
+                                       reason="onnxruntime/onnx not installed (pip install -r requirements.txt)")
+BACKEND_PARAMS = [pytest.param("onnxruntime", marks=needs_onnxruntime), "torch"]
 
 TINY_CONFIG = dict(n_classes=3, base=4, depth=3, dropout=0.0, axis=0, context=1, size=32, tta=True)
 TINY_3D_CONFIG = dict(arch="unet3d", n_classes=3, base=4, depth=3, shape=[16, 24, 16], tta=True)
@@ -166,6 +172,121 @@ def test_load_single_and_ensemble_checkpoints(tmp_path):
         assert out.shape == vol.shape and out.dtype == np.uint8
 
 
+def _randomise_batch_norm(model: UNet, seed: int = 0) -> UNet:
+    """Give every batch norm non-trivial statistics and affine terms, as training would."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
+            m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.randn(n, generator=gen) * 0.1 + 0.1)
+    return model.eval()
+
+
+def test_fold_batch_norm_computes_the_same_function():
+    torch.manual_seed(0)
+    net = _randomise_batch_norm(UNet2D(in_channels=5, n_classes=3, base=8, depth=3, dropout=0.2))
+    folded = fold_batch_norm(net)
+    kinds = {type(m) for m in folded.modules()}
+    assert torch.nn.BatchNorm2d not in kinds and torch.nn.Dropout2d not in kinds
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()), "the original is left as it was"
+    x = torch.randn(4, 5, 32, 24)
+    with torch.inference_mode():
+        expected, got = net(x), folded(x)
+    assert expected.std() > 0.01  # outputs that vary, so a wrong fold would show
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    net3d = UNet3D(base=4, depth=3).eval()
+    assert any(isinstance(m, torch.nn.InstanceNorm3d) for m in fold_batch_norm(net3d).modules())
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_runner_matches_the_network(backend):
+    torch.manual_seed(0)
+    net = _randomise_batch_norm(UNet2D(in_channels=5, n_classes=3, base=4, depth=3))
+    run = make_runner(net, "cpu", backend, threads=1)
+    assert run.backend == backend
+    x = np.random.default_rng(0).normal(size=(3, 5, 24, 40)).astype(np.float32)  # any batch and plane size
+    with torch.inference_mode():
+        expected = torch.softmax(net(torch.from_numpy(x)), dim=1).numpy()
+    np.testing.assert_allclose(run(x), expected, atol=1e-5)
+
+
+def test_runner_backend_choice():
+    net = UNet2D(in_channels=3, n_classes=3, base=4, depth=2)
+    with pytest.raises(ValueError, match="unknown backend 'tensorrt'"):
+        make_runner(net, "cpu", "tensorrt")
+    with pytest.raises(ValueError, match="CPU only"):
+        make_runner(net, "cuda", "onnxruntime")  # refused before any CUDA call
+    assert make_runner(UNet3D(base=4, depth=2), "cpu").backend == "torch"  # auto: ONNX Runtime for 2D only
+    if onnxruntime_available():
+        assert make_runner(net, "cpu").backend == "onnxruntime"
+
+
+def _structured_volume(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
+    """Smooth waves plus noise: structure a random network's labels can follow."""
+    z, y, x = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    noise = np.random.default_rng(seed).normal(0, 10, shape)
+    return (100 + 60 * np.sin(3 * z + 2 * y) * np.cos(4 * x) + noise).astype(np.float32)
+
+
+def _tiny_ensemble(tmp_path, tta=True) -> Path:
+    """A checkpoint of three tiny 2.5D members (axes 0, 2, 0) with trained-looking batch norms."""
+    torch.manual_seed(0)
+    members = []
+    for i, axis in enumerate((0, 2, 0)):
+        cfg = dict(TINY_CONFIG, axis=axis, tta=tta)
+        net = _randomise_batch_norm(build_model(cfg), seed=i)
+        with torch.no_grad():  # an untrained head gives near-uniform classes: sharpen it so labels vary
+            net.head.weight.mul_(10)
+            net.head.bias.zero_()
+        members.append({"state_dict": net.state_dict(), "config": cfg})
+    path = tmp_path / "tiny_ensemble.pt"
+    torch.save({"members": members, "config": {"n_classes": 3, "split_seed": 0}, "version": "hippocampus-unet-test"},
+               path)
+    return path
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("flips", [True, False])
+def test_fast_path_matches_the_reference_path(tmp_path, backend, flips):
+    """Folded networks, batched mirror pass, ONNX Runtime: the same probabilities and labels as plain PyTorch."""
+    seg = HippocampusSegmenter.load(_tiny_ensemble(tmp_path), device="cpu", flips=flips, backend=backend, threads=1)
+    vol = _structured_volume((21, 30, 17))  # odd sizes: uneven padding
+    fast, ref = seg.probabilities(vol), seg.reference_probabilities(vol)
+    assert fast.shape == (3, *vol.shape)
+    np.testing.assert_allclose(fast, ref, atol=2e-5)
+    top2 = np.sort(ref, axis=0)[-2:]
+    clear = (top2[1] - top2[0]) > 1e-4  # voxels whose arg-max cannot flip by float rounding
+    assert clear.mean() > 0.99
+    labels, ref_labels = seg.segment(vol), seg.segment_reference(vol)
+    assert labels.dtype == np.uint8 and len(np.unique(ref_labels)) > 1
+    np.testing.assert_array_equal(labels[clear], ref_labels[clear])
+
+
+def test_members_and_flips_options(tmp_path):
+    path = _tiny_ensemble(tmp_path)
+    vol = _structured_volume((20, 26, 18), seed=1)
+    full = HippocampusSegmenter.load(path, device="cpu")
+    assert full.member_indices == (0, 1, 2) and full.flips and len(full.members) == 3
+    sha = full.sha256[:12]
+    assert full.version == f"hippocampus-unet-test ({sha})"
+    one = HippocampusSegmenter.load(path, device="cpu", members=[1], flips=False)
+    assert one.member_indices == (1,) and not one.flips and len(one.members) == 1
+    assert one.version == f"hippocampus-unet-test ({sha}) members=1 flips=off"
+    assert one.members[0][1]["axis"] == 2  # member 1 of the checkpoint, not member 0
+    # member 1 alone, without the mirror, is that network's own single pass
+    np.testing.assert_array_equal(one.segment(vol), predict_volume(one.members[0][0], vol, one.members[0][1], tta=False))
+    assert HippocampusSegmenter.load(path, device="cpu", members=[2, 0]).version.endswith(" members=2,0")
+    assert HippocampusSegmenter.load(path, device="cpu", flips=False).version.endswith(f"({sha}) flips=off")
+    flipped = HippocampusSegmenter.load(path, device="cpu", members=[1])
+    assert np.abs(flipped.probabilities(vol) - one.probabilities(vol)).max() > 1e-3, "flips must change the result"
+    for bad, match in (([3], "index 3 is out of range.*indices 0-2"), ([], "at least one"), ([0, 0], "twice")):
+        with pytest.raises(ValueError, match=match):
+            HippocampusSegmenter.load(path, device="cpu", members=bad)
+
+
 # ---------------------------------------------------------------- data tests
 @needs_data
 def test_training_smoke(tmp_path):
@@ -292,3 +413,37 @@ def test_include_val_refit_trains_on_validation_and_keeps_the_last_epoch(tmp_pat
     assert "trained on the val split; these figures are not held out" in capsys.readouterr().err
     evaluate.main(["--data", str(DATA_DIR), "--weights", str(tmp_path / "ens.pt"), "--split", "test"])
     assert "not held out" not in capsys.readouterr().err
+
+
+@needs_data
+@needs_weights
+def test_shipped_fast_path_labels_identical_to_reference():
+    """On real test volumes the optimised path (ONNX Runtime, folded, batched) gives the reference labels exactly."""
+    from models.data import dataset_pairs, load_pair
+
+    seg = HippocampusSegmenter.load(device="cpu")
+    pairs = dataset_pairs(DATA_DIR)
+    for case in seg.split["test"][:2]:
+        image, label = load_pair(*pairs[case])
+        labels = seg.segment(image)
+        assert (labels > 0).sum() > 1000  # a real segmentation, not an empty one
+        np.testing.assert_array_equal(labels, seg.segment_reference(image))
+
+
+@needs_data
+@needs_weights
+def test_evaluate_members_and_no_flip_options(capsys):
+    from models import evaluate
+
+    result = evaluate.main(["--data", str(DATA_DIR), "--split", "test", "--max-cases", "2",
+                            "--members", "0", "--no-flip"])
+    assert result["n"] == 2 and result["mean_dice"] > 0.8
+    assert result["inference"]["members"] == [0] and result["inference"]["flips"] is False
+    assert result["weights_version"].endswith(" members=0 flips=off")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        evaluate.main(["--data", str(DATA_DIR), "--members", "7"])
+    assert "index 7 is out of range" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.main(["--data", str(DATA_DIR), "--members", "zero"])
+    assert "comma-separated member indices" in capsys.readouterr().err
