@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test bench lint clean pacs-node
+.PHONY: serve test bench lint fuzz soak clean pacs-node
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,14 @@ test: $(VENV)/.dev
 ## bench: run the benchmark (prints one JSON line)
 bench: $(VENV)/.dev
 	$(BIN)/python -m bench.run
+
+## fuzz: the live mutation fuzz at 3,000 requests (the suite runs 60), fixed seed
+fuzz: $(VENV)/.dev
+	FUZZ_EXAMPLES=3000 $(BIN)/python -m pytest -q -s tests/test_fuzz.py
+
+## soak: 10 minutes at 16 mixed clients against the served gateway (one JSON line)
+soak: $(VENV)/.dev
+	$(BIN)/python -m bench.soak
 
 ## lint: hadolint on both Dockerfiles
 lint: $(VENV)/.dev

@@ -18,6 +18,7 @@ import json
 import logging
 import time
 import traceback
+import uuid
 from collections.abc import Callable
 from functools import partial
 
@@ -26,7 +27,7 @@ from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from handlers.registry import Handler, Registry
-from utils import protocol
+from utils import metrics, protocol
 from utils.config import Settings, get_settings
 from utils.dicom import study_folder_files
 from utils.errors import BadRequest, Forbidden, GatewayError, Unauthorized
@@ -41,6 +42,7 @@ from utils.multipart import (
     parts_from_files,
 )
 from utils.pipeline import InferenceResult, Pipeline
+from utils.request_json import parse_json_object
 from utils.tagged_logger import TaggedLogger, bind_request_tags
 
 #: Largest JSON body read (studyPath requests, jobs): they are read whole, so they are kept small.
@@ -64,6 +66,9 @@ class Gateway(Flask):
         self.log = TaggedLogger(logging.getLogger("inference.gateway"))
         self._routes: set[str] = set()
         self.add_url_rule("/ping", "ping", lambda: ("", 200), methods=["GET", "POST"])
+        #: Collected at each scrape of ``GET /metrics`` besides the request metrics (e.g. job counts).
+        self.metrics_collectors: list = []
+        self.add_url_rule("/metrics", "metrics", self._serve_metrics, methods=["GET"])
         self.register_error_handler(GatewayError, self._answer_gateway_error)
         self.register_error_handler(HTTPException, self._answer_http_error)
         self.register_error_handler(Exception, self._answer_unexpected_error)
@@ -96,6 +101,11 @@ class Gateway(Flask):
         self.add_url_rule("/healthcheck", "healthcheck", lambda: Response(check(), mimetype="text/plain"),
                           methods=["GET", "POST"])
 
+    def _serve_metrics(self) -> Response:
+        """``GET /metrics``: Prometheus text format, summed over gunicorn's workers (``utils.metrics``)."""
+        text, content_type = metrics.render(self.settings.metrics_dir, tuple(self.metrics_collectors))
+        return Response(text, content_type=content_type)
+
     # -- request life cycle -----------------------------------------------------------
     def _start_request(self) -> None:
         g.started = time.perf_counter()
@@ -123,12 +133,17 @@ class Gateway(Flask):
         log = g.get("log", self.log)
         input_hash = g.get("input_hash")
 
-        def log_request() -> None:
-            log.info("%s %s %d in=%dB out=%dB %.3fs input_hash=%s", method, path, status, bytes_in,
-                     bytes_out, time.perf_counter() - started, input_hash or "-")
+        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        command = g.get("command")
 
-        if path not in ("/healthcheck", "/ping"):
-            response.call_on_close(log_request)
+        def log_request() -> None:
+            seconds = time.perf_counter() - started
+            metrics.observe_request(route, command, status, seconds, bytes_in, bytes_out)
+            if path not in ("/healthcheck", "/ping", "/metrics"):
+                log.info("%s %s %d in=%dB out=%dB %.3fs input_hash=%s", method, path, status, bytes_in,
+                         bytes_out, seconds, input_hash or "-")
+
+        response.call_on_close(log_request)
         return response
 
     # -- inference ----------------------------------------------------------------------
@@ -140,7 +155,9 @@ class Gateway(Flask):
             bind_request_tags({"input_hash": body.input_hash})  # handlers' TaggedLoggers carry it too
             g.log = log = self.log.tag({"input_hash": body.input_hash})
             log.info("received %d parts, %d bytes", len(body.parts), body.bytes_read)
+            g.command = command
             result = pipeline.run_body(body, command=command)
+            g.command = result.command
         except BaseException:
             spool.close()
             raise  # answered by the error handlers below (or by the app's own, when registered)
@@ -172,11 +189,8 @@ class Gateway(Flask):
         raw = request.get_data(cache=False)  # at most MAX_JSON_BYTES + 1 bytes (_start_request)
         if len(raw) > MAX_JSON_BYTES:
             raise too_large
-        try:
-            json_input = json.loads(raw or b"null")
-        except ValueError as exc:
-            raise BadRequest(f"request body is not valid JSON: {exc}") from exc
-        if not isinstance(json_input, dict) or not isinstance(json_input.get("studyPath"), str):
+        json_input = parse_json_object(raw, "the request body")
+        if not isinstance(json_input.get("studyPath"), str):
             raise BadRequest("a JSON request must be an object with 'studyPath', the folder of the study "
                              "on the server; otherwise send multipart/related")
         files = study_folder_files(self.settings.data_root, json_input["studyPath"], field="studyPath")
@@ -205,9 +219,19 @@ class Gateway(Flask):
         return self._error_response(error.code or 500, message)
 
     def _answer_unexpected_error(self, error: Exception) -> Response:
-        g.get("log", self.log).error("%s %s failed:\n%s", request.method, request.path, traceback.format_exc())
-        return self._error_response(500, f"inference failed: {type(error).__name__}: {error} "
-                                         "(the traceback is in the server log under this input_hash)")
+        """A 500 that says nothing of the error itself (its text may hold paths or internals): the log has it."""
+        log = g.get("log", self.log)
+        if isinstance(error, TimeoutError):  # a request body read by werkzeug (JSON routes) stalled
+            log.warning("%s %s: request body too slow: %s", request.method, request.path, error)
+            return self._error_response(408, f"request body too slow: {error}")
+        if g.get("input_hash"):
+            log.error("%s %s failed:\n%s", request.method, request.path, traceback.format_exc())
+            return self._error_response(500, "internal error while handling the request; the detail is in "
+                                             "the server log under this input_hash")
+        error_id = uuid.uuid4().hex
+        log.error("%s %s failed (error_id=%s):\n%s", request.method, request.path, error_id, traceback.format_exc())
+        return flask.jsonify({"error": "internal error while handling the request; the detail is in the server "
+                                       "log under this error_id", "error_id": error_id}), 500
 
 
 def encode_inference_response(result: InferenceResult) -> EncodedResponse:

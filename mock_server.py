@@ -24,9 +24,10 @@ import yaml
 from gateway import Gateway
 from handlers import REGISTRY, load_handlers
 from utils.config import Settings, get_settings
-from utils.job_api import add_job_routes
 from models.registry import ManifestError, registry_for
 from utils.errors import BadRequest, NotFound
+from utils.job_api import add_job_routes, known_job_names
+from utils.openapi import openapi_document
 from utils.pipeline import Pipeline
 
 log = logging.getLogger("inference.server")
@@ -106,6 +107,12 @@ def create_app(mode: str | None = None, settings: Settings | None = None, *,
         except BadRequest as exc:
             raise NotFound(exc.message) from None
 
+    @app.get("/openapi.json")
+    def openapi():
+        return flask.jsonify(openapi_document([spec.command for spec in pipeline.specs],
+                                              sorted(known_job_names(pipeline)),
+                                              token_required=bool(settings.api_token)))
+
     def warm_up() -> None:
         health["status"] = pipeline.warm_up().health()
         if health["status"] != "READY":
@@ -122,7 +129,8 @@ def create_app(mode: str | None = None, settings: Settings | None = None, *,
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python mock_server.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     modes = parser.add_mutually_exclusive_group()
     for flag, command in MODE_FLAGS.items():
         modes.add_argument(flag, dest="mode", action="store_const", const=command, help=f"serve only {command}")

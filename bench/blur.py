@@ -63,7 +63,8 @@ def measure_blur(repeats: int = 3, shape: Sequence[int] = SHAPE,
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.blur", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3, help="runs of each blur; the median counts (default 3)")
     args = parser.parse_args(argv)
     print(json.dumps(measure_blur(args.repeats)))

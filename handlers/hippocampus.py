@@ -317,8 +317,14 @@ def process_study(pipeline: Pipeline, folder: Path, out_dir: Path) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m handlers.hippocampus",
-                                     description="Measure hippocampal volumes of study folders (not for clinical use).")
+    parser = argparse.ArgumentParser(
+        prog="python -m handlers.hippocampus",
+        description="Measure hippocampal volumes of study folders (not for clinical use): each study's HippoCrop\n"
+                    "series is segmented; report.dcm, report.png and volumes.json go to OUT/<NN>-<study>/.",
+        epilog="Example:\n"
+               "  python -m handlers.hippocampus ../shared/data/studies/Study1 ../shared/data/studies/Study2 "
+               "--out reports/",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("studies", nargs="+", type=Path, help="study folders (DICOM files, any depth)")
     parser.add_argument("--out", type=Path, required=True, help="output folder; one sub-folder per study")
     parser.add_argument("--jobs", type=int, default=2, help="studies processed in parallel (default %(default)s)")

@@ -19,7 +19,9 @@ from utils.errors import BadRequest
 Handler = Callable[[dict, Sequence[Any], str], tuple[dict, list]]
 
 #: Request keys of the protocol itself, accepted whatever the command: they are not handler parameters.
-PROTOCOL_KEYS = frozenset({"inference_command", "studyUID", "seriesUID", "studyPath", "model_version"})
+#: ``depth``/``height``/``width`` are the volume size the Arterys test tool's ``-S`` option sends.
+PROTOCOL_KEYS = frozenset({"inference_command", "studyUID", "seriesUID", "studyPath", "model_version",
+                           "depth", "height", "width"})
 #: Parameter kinds and the JSON type each one takes.
 PARAM_KINDS = ("number", "integer", "boolean", "string", "string-list")
 

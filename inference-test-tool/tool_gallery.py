@@ -1,30 +1,46 @@
-"""The test tool's output: mask and DICOM files, one PNG per input image as a viewer would draw it, index.html."""
+"""The test tool's output folder: the response's files, one viewer per series as PNGs, and index.html.
+
+Each input series becomes one viewer on the page: its images as PNGs (one window for the whole
+series), the response's overlays as transparent PNGs beside them (switched on and off, and
+faded, in the browser), and a derived series the response returned (the blur) side by side on
+the same slider. The page itself is ``templates/index.html.j2`` (Jinja2), self-contained: open
+``index.html`` from disk or attach the folder to a ticket.
+"""
 
 from __future__ import annotations
 
-import html
 import json
+import os
 import re
-import shutil
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import numpy as np
 import pydicom
-from PIL import Image
+from PIL import Image, ImageDraw
 from pydicom.dataset import Dataset
 
 from tool_input import InputImage, InputSeries, Study
 from utils import protocol, render
 from utils.client import InferenceResult
+from utils.dicom import slice_normal, sort_by_position
 
 BOX_COLOR = (255, 210, 0)
 MEASUREMENT_COLOR = (0, 230, 190)
-PNG_COMPRESSION = 3  # fast; the gallery of a full study is written in seconds
+PNG_COMPRESSION = 1  # fast; the pictures of a full study are written in seconds
+WINDOW_SAMPLE_SLICES = 16  # slices read to choose a series' window
+RENDER_THREADS = min(4, os.cpu_count() or 1)
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+
+Progress = Callable[[int, int], None]
 
 
+# -- the response's masks --------------------------------------------------------------------
 @dataclass
 class MaskPart:
     """A mask of the response as an array of its binary_data_shape: (T, D, H, W) for 3D, (H, W) for 2D."""
@@ -53,6 +69,7 @@ class MaskPart:
 
 
 def mask_parts(response_json: dict, buffers: Sequence[bytes]) -> list[MaskPart]:
+    """The response's mask parts as arrays shaped like their ``binary_data_shape``."""
     out = []
     for index, (part, buffer) in enumerate(zip(response_json.get("parts", []), buffers)):
         if part.get("binary_type") in protocol.MASK_TYPES:
@@ -61,8 +78,8 @@ def mask_parts(response_json: dict, buffers: Sequence[bytes]) -> list[MaskPart]:
     return out
 
 
-def _masks_for(masks: Sequence[MaskPart], series: InputSeries, single_series: bool, position: int,
-               image: InputImage) -> list[tuple[MaskPart, np.ndarray]]:
+def masks_on_image(masks: Sequence[MaskPart], series: InputSeries, single_series: bool, position: int,
+                   image: InputImage) -> list[tuple[MaskPart, np.ndarray]]:
     """(mask, plane) pairs drawn on one image: 3D masks of its series, 2D masks naming it."""
     out = []
     for mask in masks:
@@ -84,119 +101,406 @@ def format_result(value: Any) -> str:
     return json.dumps(value)
 
 
-def overlay_masks(rgb: np.ndarray, masks: Sequence[tuple[MaskPart, np.ndarray]], palettes: dict,
-                  factor: int) -> tuple[np.ndarray, list[tuple[str, render.Color | None]]]:
-    """Draw masks in viewer order (heatmaps, label maps, then probability/boolean masks); returns the legend."""
-    order = {"heatmap": 0, "numeric_label_mask": 1, "probability_mask": 2, "boolean_mask": 2}
-    legend: list[tuple[str, render.Color | None]] = []
-    for mask, plane in sorted(masks, key=lambda item: order[item[0].part["binary_type"]]):
-        part, binary_type = mask.part, mask.part["binary_type"]
-        plane = render.upscale(plane, factor)
-        empty = "" if plane.any() else " - empty here"
-        color = render.label_color(mask.index + 1)
-        if binary_type == "heatmap":
-            palette = palettes[part["palette"]]
-            rgb = render.overlay_heatmap(rgb, plane, palette)
-            top = tuple(int(c) for c in render.palette_lut(palette)[255][:3])
-            legend.append((f"heatmap {mask.name}, palette {part['palette']}{empty}", top))
-        elif binary_type == "numeric_label_mask":
-            colors = {int(k): render.label_color(int(k)) for k in part["label_map"] if int(k) != 0}
-            rgb = render.overlay_labels(rgb, plane, colors)
-            legend.append((f"{mask.name}{empty}", None))
-            legend += [(f"  {k}: {part['label_map'][str(k)]}", c) for k, c in colors.items()]
-        elif binary_type == "probability_mask":
-            threshold = part.get("probability_threshold")
-            drawn = plane > render.probability_cutoff(threshold)
-            rgb = render.overlay_mask(rgb, drawn, color)
-            rule = f"> {threshold} x 255" if threshold is not None else f"> {protocol.DEFAULT_DRAW_THRESHOLD}"
-            legend.append((f"{mask.name} {rule}{'' if drawn.any() else ' - nothing drawn here'}", color))
-        else:
-            rgb = render.overlay_mask(rgb, plane.astype(bool), color)
-            legend.append((f"{mask.name}{empty}", color))
-    return rgb, legend
+# -- the results table ------------------------------------------------------------------------
+#: Key suffixes of result values and the unit they stand for (``anterior_volume_mm3`` is in mm³).
+UNIT_SUFFIXES = (("_mm3", "mm³"), ("_mm2", "mm²"), ("_mm", "mm"), ("_ml", "mL"), ("_cm3", "cm³"),
+                 ("_seconds", "s"), ("_ms", "ms"), ("_percent", "%"), ("_voxels", "voxels"))
+#: Result keys that name the model's version.
+VERSION_KEYS = ("model_version", "model", "version")
 
 
-def render_image(image: InputImage, series: InputSeries, position: int, masks: Sequence[MaskPart],
-                 response_json: dict, single_series: bool, plot_labels: bool) -> tuple[Image.Image, list[str]]:
-    """The PNG of one input image with everything the response draws on it, and caption lines."""
-    ds = pydicom.dcmread(image.path)
-    notes: list[tuple[str, render.Color | None]] = []
-    try:
-        gray_or_rgb = render.window_image(ds)
-    except Exception as exc:  # e.g. a compressed transfer syntax without its decoder installed
-        gray_or_rgb = np.full((int(ds.Rows), int(ds.Columns)), 64, np.uint8)
-        notes.append((f"pixels not shown: {type(exc).__name__}: {exc}", None))
-    if gray_or_rgb.ndim == 2 and "WindowWidth" in ds and int(gray_or_rgb.max()) - int(gray_or_rgb.min()) < 64:
-        notes.append(("note: the header's window leaves this image dark or flat; so will the viewer", None))
-    factor = render.display_factor(*gray_or_rgb.shape[:2])
-    rgb = render.upscale(render.to_rgb(gray_or_rgb), factor)
-    rgb, legend = overlay_masks(rgb, _masks_for(masks, series, single_series, position, image),
-                                response_json.get("palettes") or {}, factor)
-    legend = notes + legend
-    picture = Image.fromarray(rgb)
-    sop = image.sop_instance_uid
-    for box in response_json.get("bounding_boxes_2d") or []:
-        if box["SOPInstanceUID"] == sop:
-            render.draw_box(picture, box["top_left"], box["bottom_right"], box["label"], BOX_COLOR, factor)
-            legend.append((f"box {box['label']}: {box['top_left']} - {box['bottom_right']}", BOX_COLOR))
-    for item in response_json.get("linear_measurements_2d") or []:
-        if item["SOPInstanceUID"] == sop:
-            text = render.measurement_text(item["start"], item["end"], item.get("label", ""), ds.get("PixelSpacing"))
-            render.draw_measurement(picture, item["start"], item["end"], text, MEASUREMENT_COLOR, factor)
-            legend.append((f"measurement {text}", MEASUREMENT_COLOR))
-    if plot_labels:
-        if "study_ml_json" in response_json:
-            legend.append((f"study: {format_result(response_json['study_ml_json'])}", None))
-        series_result = (response_json.get("series_ml_json") or {}).get(series.uid)
-        if series_result is not None:
-            legend.append((f"series: {format_result(series_result)}", None))
-    caption = [f"{position + 1}/{len(series.images)} · instance {ds.get('InstanceNumber', '?')} · {window_description(ds)}"]
-    caption += [text.strip() for text, _ in legend]
-    return render.add_panel(picture, legend), caption
+@dataclass
+class ResultRow:
+    name: str
+    value: str
+    unit: str = ""
 
 
-def window_description(ds: Dataset) -> str:
-    """How the image was windowed, for its caption (a header window can make an image look dark)."""
-    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
-    if int(ds.get("SamplesPerPixel", 1) or 1) > 1 or ds.get("PhotometricInterpretation") == "PALETTE COLOR":
-        return "colour"
-    if center is not None and width is not None:
-        return f"window {render.first_value(center):g}/{render.first_value(width):g} (header)"
-    return "window min/max"
+@dataclass
+class ResultTable:
+    title: str
+    rows: list[ResultRow]
+    subtitle: str = ""
+    columns: tuple[str, str, str] = ("measure", "value", "unit")
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:40] or "series"
+def _format_value(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, float):
+        return f"{value:,.6g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return " × ".join(_format_value(v) for v in value)
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    return str(value)
+
+
+def result_rows(values: Any) -> list[ResultRow]:
+    """One row per entry of a result object, the unit read from the key's suffix (``_mm3`` -> mm³)."""
+    if not isinstance(values, dict):
+        return [ResultRow("value", _format_value(values))]
+    rows = []
+    for key, value in values.items():
+        name, unit = str(key), ""
+        for suffix, symbol in UNIT_SUFFIXES:
+            if name.lower().endswith(suffix) and len(name) > len(suffix):
+                name, unit = name[: -len(suffix)], symbol
+                break
+        rows.append(ResultRow(name.replace("_", " "), _format_value(value), unit))
+    return rows
+
+
+def model_version(response_json: dict) -> str:
+    """The model the response names: its provenance (``"model": {"family", "version", "weights_sha256"}``),
+    else a ``model``/``model_version`` entry of its results, else ''."""
+    provenance = response_json.get("model")
+    if isinstance(provenance, dict) and provenance.get("version"):
+        text = f"{provenance.get('family', '')} {provenance['version']}".strip()
+        return text + (f" (weights {str(provenance['weights_sha256'])[:12]})" if provenance.get("weights_sha256") else "")
+    objects = [response_json.get("study_ml_json"), *(response_json.get("series_ml_json") or {}).values()]
+    for values in objects:
+        if isinstance(values, dict):
+            for key in VERSION_KEYS:
+                if isinstance(values.get(key), (str, int, float)):
+                    return str(values[key])
+    return ""
+
+
+def _image_lookup(study: Study | None) -> dict[str, tuple[InputSeries, int, InputImage]]:
+    if study is None:
+        return {}
+    return {image.sop_instance_uid: (series, position, image)
+            for series in study.series for position, image in enumerate(series.images)}
+
+
+def _where(sop: str, lookup: dict) -> str:
+    if sop not in lookup:
+        return f"image {sop}"
+    series, position, _ = lookup[sop]
+    return f"{series.description}, image {position + 1}/{len(series.images)}"
+
+
+def result_tables(response_json: dict, study: Study | None) -> list[ResultTable]:
+    """The numbers of the response as tables: study and series results, boxes, measurements."""
+    tables = []
+    if "study_ml_json" in response_json:
+        tables.append(ResultTable("Study", result_rows(response_json["study_ml_json"])))
+    names = {series.uid: series.description for series in study.series} if study else {}
+    for uid, values in (response_json.get("series_ml_json") or {}).items():
+        tables.append(ResultTable(f"Series {names.get(uid, '')}".strip(), result_rows(values), uid))
+    lookup = _image_lookup(study)
+    boxes = response_json.get("bounding_boxes_2d") or []
+    if boxes:
+        rows = []
+        for box in boxes:
+            (c0, r0), (c1, r1) = box["top_left"], box["bottom_right"]
+            size = f"{c1 - c0 + 1:g} × {r1 - r0 + 1:g} px"
+            spacing = lookup[box["SOPInstanceUID"]][2].header.get("PixelSpacing") if box["SOPInstanceUID"] in lookup else None
+            if spacing:
+                size += f" ({(c1 - c0 + 1) * float(spacing[1]):.1f} × {(r1 - r0 + 1) * float(spacing[0]):.1f} mm)"
+            rows.append(ResultRow(f"{box['label']} · {_where(box['SOPInstanceUID'], lookup)}",
+                                  f"[{c0:g}, {r0:g}] - [{c1:g}, {r1:g}], {size}", "column, row"))
+        tables.append(ResultTable(f"Bounding boxes ({len(boxes)})", rows, columns=("box", "corners, size", "corners as")))
+    measurements = response_json.get("linear_measurements_2d") or []
+    if measurements:
+        rows = []
+        for item in measurements:
+            spacing = lookup[item["SOPInstanceUID"]][2].header.get("PixelSpacing") if item["SOPInstanceUID"] in lookup else None
+            length = render.measurement_text(item["start"], item["end"], "", spacing)
+            value, _, unit = length.partition(" ")
+            rows.append(ResultRow(f"{item.get('label') or 'length'} · {_where(item['SOPInstanceUID'], lookup)}", value, unit))
+        tables.append(ResultTable(f"Linear measurements ({len(measurements)})", rows, columns=("measurement", "length", "unit")))
+    return tables
+
+
+# -- one viewer per series ---------------------------------------------------------------------
+@dataclass
+class Slice:
+    """One step of a viewer's slider: picture files (relative to the page) and what it shows."""
+
+    base: str
+    position: str
+    overlay: str = ""
+    derived: str = ""
+    legend: list[tuple[str, str]] = field(default_factory=list)  # text, CSS colour ("" for none)
+
+
+@dataclass
+class ColorBar:
+    """A heatmap's palette as a CSS gradient from 0 to 1."""
+
+    title: str
+    gradient: str
+    palette: str
+
+
+@dataclass
+class Viewer:
+    """A series on the page: its slices, window, overlay key, and the derived series shown beside it."""
+
+    key: str
+    title: str
+    uid: str
+    window: str
+    note: str = ""
+    slices: list[Slice] = field(default_factory=list)
+    derived_title: str = ""
+    key_entries: list[tuple[str, str]] = field(default_factory=list)
+    colorbars: list[ColorBar] = field(default_factory=list)
+
+    @property
+    def has_overlay(self) -> bool:
+        return any(s.overlay for s in self.slices)
+
+
+@dataclass
+class DicomPart:
+    """A DICOM object of the response shown on its own (report image, SR text)."""
+
+    index: int
+    binary_type: str
+    title: str
+    file: str
+    png: str = ""
+    text: list[str] = field(default_factory=list)
 
 
 @dataclass
 class Gallery:
     """What was written, for index.html and the summary."""
 
-    series: list[tuple[InputSeries, list[tuple[str, list[str]]]]] = field(default_factory=list)
-    dicom_parts: list[tuple[str, str, list[str]]] = field(default_factory=list)  # dcm, png or "", caption
+    viewers: list[Viewer] = field(default_factory=list)
+    dicom_parts: list[DicomPart] = field(default_factory=list)
     masks: list[tuple[str, str]] = field(default_factory=list)  # npy file, description
-
-    @property
-    def png_count(self) -> int:
-        return sum(len(items) for _, items in self.series) + sum(1 for _, png, _ in self.dicom_parts if png)
+    derived_files: dict[str, list[str]] = field(default_factory=dict)  # derived series description -> dcm files
+    png_count: int = 0
 
 
-def clear_previous_output(output: Path) -> None:
-    """Remove what an earlier run of the tool wrote there, so the gallery never shows stale pictures."""
-    if not (output / "response.json").exists():
-        return
-    for pattern in ("response.json", "index.html", "output_masks_*.npy", "output_dicom_*"):
-        for path in output.glob(pattern):
-            path.unlink()
-    shutil.rmtree(output / "images", ignore_errors=True)
+def css(color: render.Color | None) -> str:
+    return "" if color is None else "rgb({},{},{})".format(*color)
 
 
-def write_outputs(output: Path, result: InferenceResult, study: Study | None,
-                  dicom_parts: dict[int, Dataset], plot_labels: bool) -> Gallery:
-    """response.json, mask .npy files, DICOM parts (.dcm and .png) and one PNG per input image."""
+def palette_gradient(palette: dict) -> str:
+    """A CSS ``linear-gradient`` of an anchor-point palette (colours with their alpha)."""
+    stops = [f"rgba({c[0]},{c[1]},{c[2]},{c[3] / 255:.3f}) {100 * p['threshold']:.1f}%"
+             for p in palette["data"] for c in [p["color"]]]
+    return f"linear-gradient(to right, {', '.join(stops)})"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:40] or "series"
+
+
+def position_text(ds: Dataset, position: int, count: int) -> str:
+    """``slice 3/8 · instance 3 · 12.0 mm along the normal`` (image instead of slice without a position)."""
+    parts = [f"instance {ds.get('InstanceNumber', '?')}"]
+    normal, ipp = slice_normal(ds), ds.get("ImagePositionPatient")
+    if normal is not None and ipp is not None and len(ipp) == 3:
+        parts.append(f"{float(np.dot(np.asarray(ipp, float), normal)):.2f} mm along the slice normal")
+        return f"slice {position + 1}/{count} · " + " · ".join(parts)
+    return f"image {position + 1}/{count} · " + " · ".join(parts)
+
+
+def series_window(series: InputSeries) -> render.SeriesWindow:
+    """The window of a series, chosen from up to ``WINDOW_SAMPLE_SLICES`` of its images."""
+    images = [image for image in series.images if image.has_pixels]
+    if not images:
+        return render.SeriesWindow("min/max")
+    step = max(1, len(images) // WINDOW_SAMPLE_SLICES)
+    samples, first = [], None
+    for image in images[::step]:
+        ds = pydicom.dcmread(image.path)
+        first = first or ds
+        if render.is_colour(ds):
+            return render.SeriesWindow("colour")
+        try:
+            pixels = ds.pixel_array
+        except Exception:  # e.g. a compressed transfer syntax without its decoder; shown as a note per slice
+            continue
+        values = np.asarray(render.apply_modality_lut(pixels, ds), np.float64)
+        samples.append(values.ravel()[:: max(1, values.size // 65536)])
+    return render.choose_window(np.concatenate(samples) if samples else np.zeros(0), first)
+
+
+def draw_overlay(shape: tuple[int, int], factor: int, masks: Sequence[tuple[MaskPart, np.ndarray]], palettes: dict,
+                 boxes: Sequence[dict], measurements: Sequence[dict], pixel_spacing: Any
+                 ) -> tuple[Image.Image | None, list[tuple[str, str]]]:
+    """The transparent overlay of one image (None when nothing is drawn on it) and its legend lines."""
+    order = {"heatmap": 0, "numeric_label_mask": 1, "probability_mask": 2, "boolean_mask": 2}
+    layer = render.transparent_layer(shape[0] * factor, shape[1] * factor)
+    legend: list[tuple[str, str]] = []
+    for mask, plane in sorted(masks, key=lambda item: order[item[0].part["binary_type"]]):
+        part, binary_type = mask.part, mask.part["binary_type"]
+        plane = render.upscale(plane, factor)
+        empty = "" if plane.any() else " - empty here"
+        if binary_type == "heatmap":
+            render.paint_heatmap(layer, plane, palettes[part["palette"]])
+            legend.append((f"heatmap {mask.name}, palette {part['palette']}{empty}", ""))
+        elif binary_type == "numeric_label_mask":
+            colors = {int(k): render.label_color(int(k)) for k in part["label_map"] if int(k) != 0}
+            render.paint_labels(layer, plane, colors)
+            present = set(np.unique(plane).tolist())
+            title = part.get("label") or f"part {mask.index}"
+            legend += [(f"{part['label_map'][str(k)]} ({title})" + ("" if k in present else " - not on this slice"),
+                        css(c)) for k, c in colors.items()]
+        elif binary_type == "probability_mask":
+            threshold = part.get("probability_threshold")
+            drawn = plane > render.probability_cutoff(threshold)
+            render.paint_mask(layer, drawn, render.label_color(mask.index + 1))
+            rule = f"> {threshold} x 255" if threshold is not None else f"> {protocol.DEFAULT_DRAW_THRESHOLD}"
+            legend.append((f"{mask.name} {rule}{'' if drawn.any() else ' - nothing drawn here'}",
+                           css(render.label_color(mask.index + 1))))
+        else:
+            render.paint_mask(layer, plane.astype(bool), render.label_color(mask.index + 1))
+            legend.append((f"{mask.name}{empty}", css(render.label_color(mask.index + 1))))
+    if not boxes and not measurements and not layer[..., 3].any():
+        return None, legend  # nothing drawn on this image: no overlay file
+    picture = render.layer_image(layer)
+    for box in boxes:
+        render.draw_box(picture, box["top_left"], box["bottom_right"], box["label"], BOX_COLOR, factor)
+        legend.append((f"box {box['label']}: {box['top_left']} - {box['bottom_right']}", css(BOX_COLOR)))
+    for item in measurements:
+        text = render.measurement_text(item["start"], item["end"], item.get("label", ""), pixel_spacing)
+        render.draw_measurement(picture, item["start"], item["end"], text, MEASUREMENT_COLOR, factor)
+        legend.append((f"measurement {text}", css(MEASUREMENT_COLOR)))
+    return picture, legend
+
+
+def save_png(array_or_image: np.ndarray | Image.Image, path: Path) -> None:
+    picture = array_or_image if isinstance(array_or_image, Image.Image) else Image.fromarray(array_or_image)
+    picture.save(path, compress_level=PNG_COMPRESSION)
+
+
+def derived_series_for(series: InputSeries, derived: dict[str, list[Dataset]]) -> tuple[str, list[Dataset]] | None:
+    """A series the response returned whose slices lie where ``series``' do (a derived series), if any."""
+    positions = [tuple(float(v) for v in image.header.get("ImagePositionPatient", ()) or ()) for image in series.images]
+    for uid, datasets in derived.items():
+        if len(datasets) != len(series.images):
+            continue
+        theirs = [tuple(float(v) for v in ds.get("ImagePositionPatient", ()) or ()) for ds in datasets]
+        if all(a and b and np.allclose(a, b, atol=1e-3) for a, b in zip(positions, theirs)):
+            return uid, datasets
+    return None
+
+
+def build_viewer(number: int, series: InputSeries, output: Path, masks: Sequence[MaskPart], response_json: dict,
+                 single_series: bool, plot_labels: bool, derived: tuple[str, list[Dataset]] | None,
+                 step: Callable[[], None]) -> Viewer:
+    """Write one series' PNGs (image, overlay, derived image per slice) and describe its viewer."""
+    folder = Path("images") / f"{number:02d}-{_slug(series.description)}"
+    (output / folder).mkdir(parents=True, exist_ok=True)
+    window = series_window(series)
+    viewer = Viewer(f"series-{number}", series.description, series.uid, window.describe(), window.note)
+    palettes = response_json.get("palettes") or {}
+    boxes = response_json.get("bounding_boxes_2d") or []
+    measurements = response_json.get("linear_measurements_2d") or []
+    classification = []
+    if plot_labels:
+        if "study_ml_json" in response_json:
+            classification.append((f"study: {format_result(response_json['study_ml_json'])}", ""))
+        if series.uid in (response_json.get("series_ml_json") or {}):
+            classification.append((f"series: {format_result(response_json['series_ml_json'][series.uid])}", ""))
+    if derived is not None:
+        description = str(derived[1][0].get("SeriesDescription", "") or "derived series")
+        viewer.derived_title = f"{description} (returned, same window)"
+
+    def render_slice(position: int, image: InputImage) -> Slice | None:
+        """Write one image's PNGs; None for an image without pixels."""
+        if not image.has_pixels:
+            return None
+        ds = pydicom.dcmread(image.path)
+        notes: list[tuple[str, str]] = []
+        try:
+            pixels = render.display_image(ds, window)
+        except Exception as exc:  # e.g. a compressed transfer syntax without its decoder installed
+            pixels = np.full((int(ds.Rows), int(ds.Columns)), 64, np.uint8)
+            notes.append((f"pixels not shown: {type(exc).__name__}: {exc}", ""))
+        factor = render.display_factor(*pixels.shape[:2])
+        stem = folder / f"{position + 1:04d}"
+        save_png(render.upscale(pixels, factor), output / f"{stem}.png")  # grey stays one channel
+        sop = image.sop_instance_uid
+        overlay, legend = draw_overlay(
+            pixels.shape[:2], factor, masks_on_image(masks, series, single_series, position, image), palettes,
+            [b for b in boxes if b["SOPInstanceUID"] == sop], [m for m in measurements if m["SOPInstanceUID"] == sop],
+            ds.get("PixelSpacing"))
+        current = Slice(f"{stem.as_posix()}.png", position_text(ds, position, len(series.images)),
+                        legend=notes + legend + classification)
+        if overlay is not None:
+            overlay.save(output / f"{stem}-overlay.png", compress_level=PNG_COMPRESSION)
+            current.overlay = f"{stem.as_posix()}-overlay.png"
+        if derived is not None:
+            derived_pixels = render.display_image(derived[1][position], window)
+            save_png(render.upscale(derived_pixels, factor), output / f"{stem}-derived.png")
+            current.derived = f"{stem.as_posix()}-derived.png"
+        return current
+
+    def render_and_count(item: tuple[int, InputImage]) -> Slice | None:
+        try:
+            return render_slice(*item)
+        finally:
+            step()
+
+    # PNG encoding and most numpy work release the GIL: a few threads use the cores
+    with ThreadPoolExecutor(max_workers=RENDER_THREADS) as pool:
+        viewer.slices = [s for s in pool.map(render_and_count, enumerate(series.images)) if s is not None]
+    sops = {image.sop_instance_uid for image in series.images}
+    for mask in masks:
+        if mask.part["binary_type"] != "heatmap" or mask.part["palette"] in {bar.palette for bar in viewer.colorbars}:
+            continue
+        target = mask.part.get("SeriesInstanceUID")
+        on_series = (target == series.uid or (target is None and single_series)) if mask.is_3d else \
+            mask.part.get("dicom_image", {}).get("SOPInstanceUID") in sops
+        if on_series:
+            viewer.colorbars.append(ColorBar(f"{mask.part.get('label') or 'heatmap'}: palette {mask.part['palette']}",
+                                             palette_gradient(palettes[mask.part["palette"]]), mask.part["palette"]))
+    for current in viewer.slices:  # the key: every coloured entry once; each slice then lists only the rest
+        for text, color in current.legend:
+            label = re.sub(r" - (empty|not|nothing) .*$", "", text)
+            if color and not text.startswith(("box ", "measurement ")) and (label, color) not in viewer.key_entries:
+                viewer.key_entries.append((label, color))
+    for current in viewer.slices:
+        current.legend = [entry for entry in current.legend if entry not in viewer.key_entries]
+    return viewer
+
+
+# -- writing the folder ---------------------------------------------------------------------------
+def sr_text(ds: Dataset) -> list[str]:
+    """The lines of a Structured Report's content tree: ``concept: value``, nested items indented."""
+    lines: list[str] = []
+
+    def walk(items: Sequence[Dataset], depth: int) -> None:
+        for item in items:
+            concept = item.get("ConceptNameCodeSequence")
+            name = str(concept[0].CodeMeaning) if concept else ""
+            value = item.get("TextValue") or item.get("UID") or ""
+            if "MeasuredValueSequence" in item and item.MeasuredValueSequence:
+                measured = item.MeasuredValueSequence[0]
+                unit = measured.get("MeasurementUnitsCodeSequence")
+                value = f"{measured.NumericValue} {unit[0].CodeValue if unit else ''}".strip()
+            if "ConceptCodeSequence" in item and item.ConceptCodeSequence:
+                value = str(item.ConceptCodeSequence[0].CodeMeaning)
+            lines.append("  " * depth + (f"{name}: {value}" if value else name))
+            walk(item.get("ContentSequence", []), depth + 1)
+
+    walk(ds.get("ContentSequence", []), 0)
+    return lines
+
+
+def image_count(study: Study | None) -> int:
+    """How many steps rendering ``study`` takes (one per image sent)."""
+    return 0 if study is None else len(study.images)
+
+
+def write_outputs(output: Path, result: InferenceResult, study: Study | None, dicom_parts: dict[int, Dataset],
+                  plot_labels: bool, progress: Progress | None = None) -> Gallery:
+    """response.json, mask .npy files, DICOM parts (.dcm, and .png for images), and every viewer's PNGs.
+
+    ``output`` is a new, empty folder (the tool renames it into place once complete).
+    """
     output.mkdir(parents=True, exist_ok=True)
-    clear_previous_output(output)
     response_json = result.response_json
     (output / "response.json").write_text(json.dumps(response_json, indent=2) + "\n", encoding="utf-8")
     gallery = Gallery()
@@ -205,76 +509,71 @@ def write_outputs(output: Path, result: InferenceResult, study: Study | None,
         name = f"output_masks_{mask.index}.npy"
         np.save(output / name, mask.array)
         gallery.masks.append((name, f"{mask.part['binary_type']} {mask.name}, shape {list(mask.array.shape)}"))
+    derived: dict[str, list[Dataset]] = {}
     for index, ds in dicom_parts.items():
-        name = f"output_dicom_{index}"
-        (output / f"{name}.dcm").write_bytes(result.buffers[index])
-        caption = [f"part {index}: {response_json['parts'][index]['binary_type']}",
-                   str(ds.get("SeriesDescription", "") or ds.get("SOPClassUID", ""))]
-        png = ""
+        (output / f"output_dicom_{index}.dcm").write_bytes(result.buffers[index])
+        binary_type = response_json["parts"][index]["binary_type"]
+        if binary_type == "dicom" and "PixelData" in ds and "ImagePositionPatient" in ds:
+            derived.setdefault(str(ds.SeriesInstanceUID), []).append(ds)
+    derived = {uid: sort_by_position(datasets) for uid, datasets in derived.items()}
+    paired: set[str] = set()
+    total, done, lock = image_count(study), [0], threading.Lock()
+
+    def step() -> None:  # called from the rendering threads
+        with lock:
+            done[0] += 1
+            if progress is not None:
+                progress(done[0], total)
+
+    if study is not None:
+        single = len(study.series) == 1
+        for number, series in enumerate(study.series, start=1):
+            pair = derived_series_for(series, {u: d for u, d in derived.items() if u not in paired})
+            if pair is not None:
+                paired.add(pair[0])
+            viewer = build_viewer(number, series, output, masks, response_json, single, plot_labels, pair, step)
+            gallery.viewers.append(viewer)
+            gallery.png_count += sum(1 + bool(s.overlay) + bool(s.derived) for s in viewer.slices)
+    # series the response draws on (or derived from) first: what the person came to see
+    gallery.viewers.sort(key=lambda viewer: not (viewer.has_overlay or viewer.derived_title))
+    for index, ds in dicom_parts.items():
+        part = response_json["parts"][index]
+        if str(ds.get("SeriesInstanceUID", "")) in paired:
+            description = str(ds.get("SeriesDescription", "") or ds.SeriesInstanceUID)
+            gallery.derived_files.setdefault(description, []).append(f"output_dicom_{index}.dcm")
+            continue
+        title = str(part.get("label") or ds.get("SeriesDescription", "") or part["binary_type"])
+        shown = DicomPart(index, part["binary_type"], title, f"output_dicom_{index}.dcm")
         if "PixelData" in ds:
             pixels = render.to_rgb(render.window_image(ds))
-            Image.fromarray(render.upscale(pixels, render.display_factor(*pixels.shape[:2]))).save(
-                output / f"{name}.png", compress_level=PNG_COMPRESSION)
-            png = f"{name}.png"
-        gallery.dicom_parts.append((f"{name}.dcm", png, caption))
-    if study is None:
-        return gallery
-    single = len(study.series) == 1
-    for number, series in enumerate(study.series, start=1):
-        folder = Path("images") / f"{number:02d}-{_slug(series.description)}"
-        (output / folder).mkdir(parents=True, exist_ok=True)
-        items = []
-        for position, image in enumerate(series.images):
-            if not image.has_pixels:
-                continue
-            picture, caption = render_image(image, series, position, masks, response_json, single, plot_labels)
-            name = (folder / f"{position + 1:04d}.png").as_posix()
-            picture.save(output / name, compress_level=PNG_COMPRESSION)
-            items.append((name, caption))
-        gallery.series.append((series, items))
+            save_png(render.upscale(pixels, render.display_factor(*pixels.shape[:2])), output / f"output_dicom_{index}.png")
+            shown.png = f"output_dicom_{index}.png"
+            gallery.png_count += 1
+        elif "ContentSequence" in ds:
+            shown.text = sr_text(ds)
+        gallery.dicom_parts.append(shown)
     return gallery
 
 
-# -- index.html ----------------------------------------------------------------------------
-PAGE_STYLE = """
-body { font-family: sans-serif; background: #111; color: #ddd; margin: 1.5em; }
-h1, h2 { font-weight: normal; } h2 small { color: #999; font-size: 60%; }
-.grid { display: flex; flex-wrap: wrap; gap: 10px; }
-figure { margin: 0; background: #1c1c1c; padding: 6px; width: 260px; }
-figure img { width: 256px; image-rendering: pixelated; }
-figcaption { font-size: 12px; line-height: 1.35; word-break: break-word; }
-pre { background: #1c1c1c; padding: 1em; overflow: auto; font-size: 12px; }
-a { color: #7cf; }
-"""
+@dataclass
+class PageInfo:
+    """What the page says above the pictures: what was run, on what, and how it went."""
+
+    command: str
+    description: str = ""
+    summary: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
-def _figure(href: str, caption: Sequence[str]) -> str:
-    text = "<br>".join(html.escape(line) for line in caption)
-    return f'<figure><a href="{html.escape(href)}"><img src="{html.escape(href)}" loading="lazy" alt=""></a>' \
-           f"<figcaption>{text}</figcaption></figure>"
-
-
-def write_index(output: Path, gallery: Gallery, response_json: dict, summary: Sequence[str]) -> Path:
-    """A self-contained gallery page (relative links): returned DICOM images, then each input series with
-    its overlays, the mask files and the JSON response."""
-    body = ["<h1>Inference test tool</h1>", "<p>" + "<br>".join(html.escape(line) for line in summary) + "</p>"]
-    if gallery.dicom_parts:
-        body.append("<h2>DICOM parts returned</h2><div class=\"grid\">")
-        for dcm, png, caption in gallery.dicom_parts:
-            link = f'<a href="{html.escape(dcm)}">{html.escape(dcm)}</a>'
-            body.append(_figure(png, caption + [dcm]) if png else f"<figure>{link}<br>{'<br>'.join(map(html.escape, caption))}</figure>")
-        body.append("</div>")
-    for series, items in gallery.series:
-        body.append(f"<h2>{html.escape(series.description)} <small>{html.escape(series.uid)} · "
-                    f"{len(series.images)} images</small></h2>")
-        body.append('<div class="grid">' + "".join(_figure(name, caption) for name, caption in items) + "</div>")
-    if gallery.masks:
-        body.append("<h2>Mask buffers</h2><ul>" + "".join(
-            f'<li><a href="{html.escape(n)}">{html.escape(n)}</a>: {html.escape(d)}</li>' for n, d in gallery.masks) + "</ul>")
-    body.append('<h2>Response JSON <small><a href="response.json">response.json</a></small></h2>')
-    body.append(f"<pre>{html.escape(json.dumps(response_json, indent=2))}</pre>")
-    page = (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>Inference test tool</title>"
-            f"<style>{PAGE_STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+def write_index(output: Path, gallery: Gallery, response_json: dict, info: PageInfo, study: Study | None) -> Path:
+    """index.html from ``templates/index.html.j2``: results first, then one viewer per series, then files."""
+    environment = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES),
+                                     autoescape=jinja2.select_autoescape(default=True), undefined=jinja2.StrictUndefined)
+    page = environment.get_template("index.html.j2").render(
+        info=info, version=model_version(response_json), tables=result_tables(response_json, study),
+        gallery=gallery, response_text=json.dumps(response_json, indent=2),
+        viewer_data={v.key: [{"base": s.base, "overlay": s.overlay, "derived": s.derived, "position": s.position,
+                              "legend": s.legend} for s in v.slices] for v in gallery.viewers})
     path = output / "index.html"
     path.write_text(page, encoding="utf-8")
     return path

@@ -1,4 +1,4 @@
-"""The test tool's input: a folder of DICOM files and PNG/JPEG images, as the series it sends.
+"""The test tool's input: DICOM files and PNG/JPEG images (files or folders), as the series it sends.
 
 Images are converted to one new Secondary Capture series; DICOM files without the file
 preamble are rewritten with one; every series is sorted as viewers send it.
@@ -158,13 +158,39 @@ def convert_images(paths: Sequence[Path], headers: Sequence[Dataset], folder: Pa
     return out
 
 
-def load_study(folder: Path, work_dir: Path) -> Study:
-    """Find DICOM files and images below ``folder``, group them by series and sort each series."""
-    if not folder.is_dir():
-        raise ToolError(f"input folder {folder} does not exist or is not a folder")
+def input_files(paths: Sequence[Path]) -> list[Path]:
+    """The files to consider: each file given, and every file below each folder (hidden ones skipped)."""
+    found: list[Path] = []
+    for path in paths:
+        if path.is_file():
+            found.append(path)
+        elif path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        else:
+            raise ToolError(f"input {path} does not exist (give DICOM files or folders)")
+    return list(dict.fromkeys(found))
+
+
+def select_series(series: list[InputSeries], wanted: Sequence[str]) -> list[InputSeries]:
+    """The series named by ``wanted``: a SeriesInstanceUID, or text found in the SeriesDescription (any case)."""
+    if not wanted:
+        return series
+    chosen = [s for s in series if any(w == s.uid or w.lower() in s.description.lower() for w in wanted)]
+    if not chosen:
+        present = "; ".join(f"{s.description!r} ({len(s.images)} images, {s.uid})" for s in series)
+        raise ToolError(f"no series matches --series {' / '.join(wanted)}; the input holds: {present}")
+    return chosen
+
+
+def load_study(paths: Path | Sequence[Path], work_dir: Path, series_wanted: Sequence[str] = ()) -> Study:
+    """Find DICOM files and images in ``paths`` (files or folders), group them by series, sort each series.
+
+    ``series_wanted`` keeps only the series it names (see ``select_series``).
+    """
+    paths = [paths] if isinstance(paths, Path) else list(paths)
     found: list[tuple[Path, Dataset]] = []
     images, skipped = [], []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+    for path in input_files(paths):
         if path.suffix.lower() in IMAGE_SUFFIXES:
             images.append(path)
             continue
@@ -176,7 +202,7 @@ def load_study(folder: Path, work_dir: Path) -> Study:
     if images:
         found += convert_images(images, [h for _, h in found], work_dir / "converted")
     if not found:
-        raise ToolError(f"no DICOM, PNG or JPEG files found below {folder}")
+        raise ToolError(f"no DICOM, PNG or JPEG files found in {', '.join(map(str, paths))}")
     groups: dict[str, list[InputImage]] = {}
     for path, header in found:
         groups.setdefault(str(header.get("SeriesInstanceUID", "")), []).append(InputImage(path, header))
@@ -186,4 +212,4 @@ def load_study(folder: Path, work_dir: Path) -> Study:
         ordered = sort_by_position([item.header for item in items])
         series.append(InputSeries(uid, [by_header[id(h)] for h in ordered]))
     series.sort(key=lambda s: (int(s.images[0].header.get("SeriesNumber", 0) or 0), s.uid))
-    return Study(series, images, skipped)
+    return Study(select_series(series, series_wanted), images, skipped)

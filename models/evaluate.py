@@ -1,6 +1,6 @@
-"""Evaluate hippocampus segmentation weights on NIfTI image/label pairs.
+r"""Evaluate hippocampus segmentation weights on NIfTI image/label pairs.
 
-Examples (from the repository root)::
+Examples (from the repository root):
 
     # any folder pair, files matched by name
     python -m models.evaluate --images ../shared/data/hippocampus/images \
@@ -102,7 +102,8 @@ def member_list(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> dict:
     from .runtime import BACKENDS
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m models.evaluate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", help="folder of image NIfTI files")
     ap.add_argument("--labels", help="folder of label NIfTI files (same file names)")
     ap.add_argument("--data", help="folder with images/ and labels/ (alternative to --images/--labels)")
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cases", help="text file of case ids or a metrics JSON (uses its test split)")
     ap.add_argument("--max-cases", type=int, help="evaluate only the first N selected cases")
     ap.add_argument("--weights", help="checkpoint path (default models/hippocampus_unet.pt)")
-    ap.add_argument("--device", default=None)
+    ap.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: CUDA when available)")
     ap.add_argument("--members", type=member_list, metavar="I[,J...]",
                     help="indices of the checkpoint's networks to run, comma-separated (default: all)")
     ap.add_argument("--no-flip", action="store_true", help="skip the left-right mirrored pass of every network")

@@ -4,9 +4,9 @@ A runner takes a batch of network inputs (float32 numpy) and returns the softmax
 probabilities (float32 numpy, classes on axis 1).  Both kinds run the network with its batch
 norms folded into the convolutions (``models.unet.fold_batch_norm``).  The ONNX graph is
 exported in memory from the loaded PyTorch weights every time a segmenter loads, so no second
-weights file exists and the two can never disagree about which weights they run.  Measured on
-2 CPU cores (bench/README.md, "Hippocampus model speed"), ONNX Runtime ran the 2.5D UNets
-about 3x faster than eager PyTorch with the same outputs (labels identical on the test split).
+weights file exists and the two can never disagree about which weights they run.  On this project's 2-core CPU
+(bench/README.md, "Hippocampus model speed") the ensemble ran 1.7x (1 thread, CPU time) to
+3x (2 threads) faster than before, with identical labels on the test split.
 """
 from __future__ import annotations
 

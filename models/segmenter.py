@@ -159,8 +159,9 @@ class HippocampusSegmenter:
         self.version = version
         self.device = device
         self.sha256 = sha256  # of the weights file, when loaded from one
-        self.runners = [make_runner(m, device, backend, threads) for m, _ in self.members]
-        self.backend = ",".join(sorted({r.backend for r in self.runners}))
+        # 3D networks (instance norm, nothing to fold) keep the reference path and get no runner
+        self.runners = [None if is_3d(cfg) else make_runner(m, device, backend, threads) for m, cfg in self.members]
+        self.backend = ",".join(sorted({r.backend for r in self.runners if r is not None} or {"torch"}))
 
     @classmethod
     def load(cls, weights_path: str | os.PathLike | None = None, device: str | None = None, *,
@@ -219,7 +220,7 @@ class HippocampusSegmenter:
         total = 0.0
         for (model, cfg), run in zip(self.members, self.runners):
             flip = self.flips and bool(cfg.get("tta", False))
-            if is_3d(cfg):
+            if run is None:
                 total = total + predict_probs_tta(model, vol, cfg, self.device, flip)
             else:
                 total = total + fast_member_probs(run, model, normalized, cfg, flip)

@@ -1,12 +1,12 @@
-"""Train a hippocampus UNet (2.5D slices or 3D volumes) on MSD Task04 NIfTI pairs.
+r"""Train a hippocampus UNet (2.5D slices or 3D volumes) on MSD Task04 NIfTI pairs.
 
-Usage (from the repository root)::
+Usage (from the repository root):
 
     python -m models.train_hippocampus --data ../shared/data/hippocampus \
         --out models/hippocampus_unet.pt [--arch unet2.5d|unet3d --epochs N --seed S --max-volumes K]
 
 Several trained networks (same split, e.g. different slicing axes) can be
-merged into one checkpoint whose class probabilities are averaged::
+merged into one checkpoint whose class probabilities are averaged:
 
     python -m models.train_hippocampus --data ../shared/data/hippocampus \
         --out models/hippocampus_unet.pt --combine sagittal.pt axial.pt [--select]
@@ -428,11 +428,13 @@ def combine(data: str | Path, out: str | Path, member_paths: list[str | Path], t
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m models.train_hippocampus", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="folder with images/ and labels/")
-    ap.add_argument("--out", default="models/hippocampus_unet.pt")
-    ap.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
-    ap.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    ap.add_argument("--out", default="models/hippocampus_unet.pt",
+                    help="checkpoint to write; <stem>.metrics.json goes beside it (default %(default)s)")
+    ap.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="passes over the training split (default %(default)s)")
+    ap.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="seed of the split and of training (default %(default)s)")
     ap.add_argument("--max-volumes", type=int, default=None, help="use only the first K cases (sorted)")
     ap.add_argument("--max-steps", type=int, default=None, help="stop after N optimiser steps")
     ap.add_argument("--time-limit", type=float, default=None, help="wall-time budget in minutes: the LR schedule follows max(step, time) progress "
@@ -441,16 +443,18 @@ def main(argv: list[str] | None = None) -> dict:
                     help="unet2.5d: 2D slices with neighbours (default); unet3d: whole volumes")
     ap.add_argument("--batch-size", type=int, default=None,
                     help=f"default {DEFAULTS['batch_size']} slices, or {DEFAULTS_3D['batch_size']} volumes for unet3d")
-    ap.add_argument("--lr", type=float, default=DEFAULTS["lr"])
-    ap.add_argument("--base", type=int, default=DEFAULTS["base"])
-    ap.add_argument("--depth", type=int, default=DEFAULTS["depth"])
-    ap.add_argument("--axis", type=int, default=DEFAULTS["axis"], choices=[0, 1, 2])
-    ap.add_argument("--context", type=int, default=DEFAULTS["context"])
+    ap.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="peak learning rate (default %(default)s)")
+    ap.add_argument("--base", type=int, default=DEFAULTS["base"], help="channels of the first UNet level (default %(default)s)")
+    ap.add_argument("--depth", type=int, default=DEFAULTS["depth"], help="UNet levels (default %(default)s)")
+    ap.add_argument("--axis", type=int, default=DEFAULTS["axis"], choices=[0, 1, 2],
+                    help="volume axis the 2.5D slices are cut along (default %(default)s)")
+    ap.add_argument("--context", type=int, default=DEFAULTS["context"],
+                    help="neighbouring slices on each side given as extra channels (default %(default)s)")
     ap.add_argument("--no-tta", action="store_true", help="disable left-right flip test-time augmentation")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default %(default)s)")
     ap.add_argument("--ema", type=float, default=None, metavar="DECAY",
                     help="validate and save an exponential moving average of the weights (e.g. 0.999)")
-    ap.add_argument("--skip-test", action="store_true")
+    ap.add_argument("--skip-test", action="store_true", help="do not evaluate on the test split after training")
     ap.add_argument("--include-val", action="store_true",
                     help="final refit: train on the training and validation splits together, keep the last epoch")
     ap.add_argument("--combine", nargs="+", metavar="CKPT",

@@ -154,14 +154,15 @@ def test_attachments_before_dicom_are_passed_on_and_skipped(study, tmp_path):
 
 def test_handler_exception_is_500_with_hash_and_traceback_in_log(study, caplog):
     def broken(json_input, instances, input_hash):
-        raise ZeroDivisionError("model exploded")
+        raise ZeroDivisionError("model exploded in /srv/secret/models/net.py")
 
     client = make_gateway(broken).test_client()
     with caplog.at_level(logging.INFO, logger="inference"):
         response = post(client, study)
     assert response.status_code == 500
-    assert "model exploded" in response.json["error"] and len(response.json["input_hash"]) == 64
-    assert "Traceback" not in response.json["error"]
+    assert len(response.json["input_hash"]) == 64 and "server log" in response.json["error"]
+    # the body says nothing of the exception: its text may carry paths and library internals
+    assert "exploded" not in response.text and "/srv" not in response.text and "Traceback" not in response.text
     failure = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert any("Traceback" in r.getMessage() and response.json["input_hash"] in r.getMessage() for r in failure)
 
@@ -260,3 +261,54 @@ def test_protocol_module_is_what_the_gateway_enforces():
     import gateway
 
     assert gateway.protocol is protocol
+
+
+# -- hostile input: corrupt DICOM, limits, JSON, paths (issue 19) --------------------------------
+def test_corrupt_dicom_is_422_naming_the_part_before_the_handler_runs(study, tmp_path):
+    ran = []
+
+    def handler(json_input, instances, input_hash):
+        ran.append(True)
+        return echo_series_mask(json_input, instances, input_hash)
+
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes(study[2].read_bytes()[:-200])
+    response = post(make_gateway(handler).test_client(), [*study[:2], truncated])
+    assert response.status_code == 422 and ran == []
+    assert "part 3 (file 'truncated.dcm')" in response.json["error"] and "truncated" in response.json["error"]
+    assert len(response.json["input_hash"]) == 64
+
+
+def test_series_over_the_voxel_limit_is_422_before_the_handler_runs(study):
+    response = post(make_gateway(max_series_voxels=3 * 32 * 40).test_client(), study)  # 8 slices sent
+    assert response.status_code == 422 and "INFERENCE_MAX_SERIES_VOXELS" in response.json["error"]
+
+
+def test_response_over_the_byte_limit_is_413(study):
+    response = post(make_gateway(max_response_bytes=4096).test_client(), study)  # the mask is 10,240 bytes
+    assert response.status_code == 413 and "INFERENCE_MAX_RESPONSE_BYTES" in response.json["error"]
+
+
+@pytest.mark.parametrize("json_input, words", [
+    ({"a": json.loads("[" * 40 + "]" * 40)}, "nested too deeply"),
+    ({"sigma_mm": 10**300}, "parameter sigma_mm is an integer of 301 digits"),
+])
+def test_hostile_request_json_is_400_naming_the_parameter(study, json_input, words):
+    response = post(make_gateway().test_client(), study, json_input)
+    assert response.status_code == 400 and words in response.json["error"]
+
+
+def test_json_nested_a_thousand_levels_is_400(study):
+    client = make_gateway().test_client()
+    response = client.post("/", data=b"[" * 1000 + b"]" * 1000, content_type="application/json")
+    assert response.status_code == 400 and "nested too deeply" in response.json["error"]
+
+
+def test_over_long_study_path_is_400_without_the_root(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    client = make_gateway(data_root=root).test_client()
+    for path in ["a" * 5000, ("b" * 200 + "/") * 8]:
+        response = client.post("/", json={"studyPath": path})
+        assert response.status_code == 400 and "too long" in response.json["error"]
+        assert str(root) not in response.text and str(tmp_path) not in response.text

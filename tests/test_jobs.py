@@ -231,6 +231,30 @@ def test_interrupted_job_is_reported_failed_by_the_api(roots):
     assert response.get_json() == {"msg": "Job has failed", "error": INTERRUPTED}
 
 
+def test_partial_outputs_of_interrupted_jobs_are_removed_at_start_up(roots):
+    data, output = roots
+    store = JobStore(output / "jobs.sqlite3")
+    killed = store.add(Job("3dblur", "gaussian-blur-3d", "s", owner="1-stopped"))
+    store.mark_running(killed.uid)
+    live = store.add(Job("3dblur", "gaussian-blur-3d", "s", owner="2-alive"))
+    store.mark_running(live.uid)
+    for uid in (killed.uid, live.uid):
+        (output / f"{uid}.partial").mkdir()
+        (output / f"{uid}.partial" / "output_masks_0000.raw").write_bytes(b"half")
+
+    class KeepsLiveOwner(LocalPoolRunner):
+        def recover(self):  # the owner "2-alive" stands for a worker that is still running its job
+            return self.store.fail_unfinished_of("1-stopped", INTERRUPTED)
+
+    settings = dataclasses.replace(Settings(), data_root=data, output_root=output)
+    runner = KeepsLiveOwner(store, lambda job: None, workers=1, lock_dir=output / ".owners")
+    pipeline = Pipeline(settings)
+    add_job_routes(Gateway(__name__, pipeline=pipeline), pipeline, store=store, runner=runner)
+    assert store.get(killed.uid).error == INTERRUPTED
+    assert not (output / f"{killed.uid}.partial").exists()
+    assert (output / f"{live.uid}.partial").is_dir()  # its job may still finish
+
+
 def _pids_logging(log: str, text: str) -> set[str]:
     """Process ids of the log lines holding ``text`` (logging.yaml puts the pid in field 4)."""
     return {line.split()[3] for line in log.splitlines() if text in line}
@@ -277,3 +301,96 @@ def test_every_gunicorn_worker_answers_for_every_job(tmp_path):
     log = server.log()
     assert len(_pids_logging(log, "GET /query/")) == 2, "both workers should have answered queries"
     assert _pids_logging(log, "completed: ")
+
+
+# -- what a client needs to finish a job: both URLs, the data root named, the files fetched ------------
+def test_post_job_without_the_slash_is_served_not_redirected(client, roots):
+    write_study(roots[0] / "s", shape=(2, 8, 8))
+    response = client.post("/job", json={"job_name": "3dblur", "in_dir": "s"})
+    assert response.status_code == 201, (response.status_code, response.data[:200])
+    assert poll(client.get, response.get_json()["uid"]).status_code == 200
+
+
+def test_in_dir_errors_name_the_data_root_as_configured(roots):
+    data, output = roots
+    pipeline = Pipeline(dataclasses.replace(Settings(), data_root=data, output_root=output))
+    app = Gateway(__name__, pipeline=pipeline)
+    add_job_routes(app, pipeline)
+    response = app.test_client().post("/job", json={"job_name": "3dblur", "in_dir": "case1"})
+    assert response.status_code == 422
+    assert f"INFERENCE_DATA_ROOT={data}" in response.get_json()["error"]
+
+
+def test_a_completed_jobs_files_are_listed_and_downloaded(client, roots):
+    data, output = roots
+    write_study(data / "s", shape=(3, 8, 10))
+    uid = submit(client, job_name="get-probability-mask", in_dir="s").get_json()["uid"]
+    assert poll(client.get, uid).status_code == 200
+    listing = client.get(f"/job/{uid}/files")
+    assert listing.status_code == 200
+    files = listing.get_json()["files"]
+    on_disk = sorted(p.name for p in (output / uid).iterdir())
+    assert [f["name"] for f in files] == on_disk
+    for entry in files:
+        got = client.get(f"/job/{uid}/files/{entry['name']}")
+        assert got.status_code == 200
+        assert got.data == (output / uid / entry["name"]).read_bytes() and len(got.data) == entry["bytes"]
+    response_json = json.loads(client.get(f"/job/{uid}/files/response.json").data)
+    assert response_json["parts"][0]["file"] in on_disk
+
+
+def test_job_files_stay_inside_the_jobs_folder(client, roots, tmp_path):
+    data, output = roots
+    write_study(data / "s", shape=(2, 8, 8))
+    first = submit(client, job_name="get-probability-mask", in_dir="s").get_json()["uid"]
+    second = submit(client, job_name="get-probability-mask", in_dir="s").get_json()["uid"]
+    assert poll(client.get, first).status_code == 200 and poll(client.get, second).status_code == 200
+    (tmp_path / "secret.txt").write_text("secret")
+    (output / first / "link.txt").symlink_to(tmp_path / "secret.txt")
+    for name in ("../jobs.sqlite3", "..%2Fjobs.sqlite3", f"..%2F{second}%2Fresponse.json", "link.txt",
+                 "%2Fetc%2Fpasswd", ".", ".."):
+        response = client.get(f"/job/{first}/files/{name}")
+        assert response.status_code == 404, name
+        assert b"secret" not in response.data
+    assert "link.txt" not in [f["name"] for f in client.get(f"/job/{first}/files").get_json()["files"]]
+
+
+def test_files_of_unknown_failed_or_unfinished_jobs_are_refused(client, roots):
+    assert client.get("/job/nope/files").status_code == 404
+    write_study(roots[0] / "mixed" / "a", shape=(2, 8, 8), description="First")
+    write_study(roots[0] / "mixed" / "b", shape=(3, 8, 8), description="Second")  # the blur takes one series
+    failed = submit(client, job_name="3dblur", in_dir="mixed").get_json()["uid"]
+    poll(client.get, failed)
+    response = client.get(f"/job/{failed}/files")
+    assert response.status_code == 409 and "has failed" in response.get_json()["error"]
+    assert client.get(f"/job/{failed}/files/response.json").status_code == 409
+
+
+def readme_job_example() -> str:
+    """The shell block of the README's job section."""
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    section = readme[readme.index("## Asynchronous jobs"):]
+    start = section.index("```sh\n") + 6
+    return section[start:section.index("\n```", start)]
+
+
+def test_the_readme_job_example_runs_verbatim(tmp_path):
+    """The README's commands, as written (only the port differs), against a server started as it says."""
+    example = readme_job_example()
+    root = "../shared/data/studies"
+    assert f"INFERENCE_DATA_ROOT={root}" in example
+    if not (PROJECT_ROOT / root / "Study1").is_dir():
+        pytest.skip(f"needs the shared data at {root} (present on the CI machine, not in a fresh clone)")
+    commands = [line for line in example.splitlines() if not line.startswith(("INFERENCE_DATA_ROOT", "make "))]
+    server = RunningServer({"INFERENCE_DATA_ROOT": root, "INFERENCE_OUTPUT_ROOT": str(tmp_path / "jobs")}, tmp_path)
+    try:
+        script = "\n".join(commands).replace("localhost:8900", f"127.0.0.1:{server.port}")
+        done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300)
+    finally:
+        server.stop()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert '"msg":"Job has completed"' in done.stdout
+    assert (tmp_path / "response.json").is_file()
+    response_json = json.loads((tmp_path / "response.json").read_text())
+    assert all(part["binary_type"] == "dicom" for part in response_json["parts"]) and response_json["parts"]

@@ -157,3 +157,47 @@ def test_encoded_response_has_exact_length_hashes_and_closing_delimiter():
     expected_output = hashlib.sha256(b'{"parts": []}' + b"\x00\x01" * 50).hexdigest()
     assert decoded[2][1] == f"{'a' * 64}:{expected_output}".encode()
     assert len(decoded[2][1]) == 129
+
+
+# -- properties (hypothesis, fixed seed) --------------------------------------------------------
+from hypothesis import HealthCheck, given, seed, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+CONTENTS = st.lists(st.binary(max_size=300).filter(lambda b: b"--XyZ123" not in b), min_size=1, max_size=6)
+
+
+@seed(1919)
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(CONTENTS, st.integers(1, 97), st.integers(0, 700))
+def test_any_parts_in_any_chunking_and_budget_come_back_whole(contents, step, budget):
+    body = body_of([(["Content-Type: application/octet-stream"], c) for c in contents])
+    spool = PartSpool(budget)
+    try:
+        parsed = parse_multipart_related(_ChunkedStream(body, step), b"XyZ123", spool=spool, max_bytes=1 << 20)
+        assert [p.read_bytes() for p in parsed.parts] == contents
+        assert parsed.input_hash == hashlib.sha256(b"".join(contents)).hexdigest()
+        assert parsed.bytes_read == len(body)
+    finally:
+        spool.close()
+
+
+@seed(1920)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(CONTENTS, st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=5),
+       st.integers(0, 10_000), st.booleans())
+def test_damaged_bodies_parse_or_are_a_400(contents, flips, cut, declare_length):
+    """Flipped bytes and truncation: parts or a 400/413, never another exception."""
+    body = bytearray(body_of([(["Content-Type: application/dicom"], c) for c in contents]))
+    for position, value in flips:
+        body[position % len(body)] = value
+    body = bytes(body[: cut % (len(body) + 1)])
+    spool = PartSpool(256)
+    try:
+        parsed = parse_multipart_related(io.BytesIO(body), b"XyZ123", spool=spool, max_bytes=1 << 20,
+                                         content_length=len(body) + (7 if declare_length else 0))
+    except (BadRequest, PayloadTooLarge) as exc:
+        assert exc.message and "Traceback" not in exc.message
+    else:
+        assert sum(p.size for p in parsed.parts) <= len(body)
+    finally:
+        spool.close()

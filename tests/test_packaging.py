@@ -387,3 +387,27 @@ def test_compose_gpu_override_reserves_a_device() -> None:
     devices = override["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
     assert not override["build"]["args"]["TORCH_VARIANT"].endswith(":-cpu}")
+
+
+def test_the_tool_image_copies_every_module_and_template_the_tool_uses() -> None:
+    """inference-test-tool/Dockerfile copies files one by one: each one the tool imports, and the page template."""
+    text = (PROJECT_ROOT / "inference-test-tool" / "Dockerfile").read_text().replace("\\\n", " ")
+    copied = set()
+    for line in text.splitlines():
+        if line.startswith("COPY "):
+            *sources, target = line.split()[1:]
+            copied |= set(sources)
+    tool_dir = PROJECT_ROOT / "inference-test-tool"
+    wanted = {"inference-test-tool/send_inference_request.py"}
+    seen: set[str] = set()
+    while wanted - seen:
+        path = (wanted - seen).pop()
+        seen.add(path)
+        assert path in copied, f"{path} is imported by the test tool but its Dockerfile does not copy it"
+        tree = ast.parse((PROJECT_ROOT / path).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tool_"):
+                wanted.add(f"inference-test-tool/{node.module}.py")
+        wanted |= {f for f in map(module_file, project_modules_imported_by(PROJECT_ROOT / path)) if f}
+    assert "inference-test-tool/templates" in copied and (tool_dir / "templates" / "index.html.j2").is_file()
+    assert "utils/paths.py" in seen

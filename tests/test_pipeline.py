@@ -255,8 +255,9 @@ def test_benchmark_times_the_pipeline(monkeypatch):
             return []
 
     out = bench.run.measure_hippocampus(NoServer(), repeats=1)
-    assert len(calls) == 2  # warm-up + one timed run
+    assert len(calls) == 4  # warm-up + one timed run, for the default version and for the fast one
     assert 0 < out["hippocampus_model_s"] <= out["hippocampus_pipeline_s"]
+    assert out["hippocampus_fast_model_s"] > 0
     assert out["hippocampus_crop_shape"]["depth"] > 0
 
 

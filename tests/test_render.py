@@ -194,3 +194,80 @@ def test_panel_lists_entries_below_the_image_without_covering_it():
     assert out.width == 300 and out.height > 100 + 3 * 18  # the long line wraps
     assert np.all(np.asarray(out)[:100] == GREY)
     assert render.add_panel(image, []) is image
+
+
+# -- a series' window: the header's when it shows the data, else percentiles ----------------------------
+def test_a_header_window_that_shows_the_data_is_kept():
+    values = np.linspace(0, 1000, 400).reshape(20, 20).astype(np.int16)
+    ds = mr_image(values, WindowCenter=500, WindowWidth=1000)
+    window = render.choose_window(values, ds)
+    assert window.source == "header" and window.note == ""
+    assert window.describe() == "window 500/1000 (header)"
+    shown = render.display_image(ds, window)
+    assert shown.min() == 0 and shown.max() == 255
+
+
+def test_a_header_window_that_misses_the_data_falls_back_to_percentiles_with_one_note():
+    # Study1's crop: values 5-114 under a header window of 470/950 look nearly black
+    values = np.linspace(5, 114, 400).reshape(20, 20).astype(np.int16)
+    ds = mr_image(values, WindowCenter=470, WindowWidth=950)
+    window = render.choose_window(values, ds)
+    assert window.source == "percentile"
+    assert "window 470/950" in window.note and "percentile window" in window.note
+    assert 50 < window.center < 70 and 100 < window.width < 115
+    shown = render.display_image(ds, window)
+    assert shown.min() == 0 and shown.max() == 255  # the data spans the grey scale
+    header = render.apply_header_voi(render.apply_modality_lut(ds.pixel_array, ds), ds)
+    assert int(header.max()) - int(header.min()) < 40  # what the header's window alone would show
+
+
+def test_a_wide_ct_window_with_air_and_bone_is_kept():
+    values = np.concatenate([np.full(200, -1000), np.linspace(0, 80, 150), np.full(50, 1500)]).reshape(20, 20)
+    ds = mr_image(values.astype(np.int16), WindowCenter=40, WindowWidth=80)
+    assert render.choose_window(values, ds).source == "header"
+
+
+def test_without_a_header_window_the_percentiles_are_used_without_a_note():
+    values = np.linspace(0, 100, 400).reshape(20, 20).astype(np.int16)
+    window = render.choose_window(values, mr_image(values))
+    assert window.source == "percentile" and window.note == ""
+
+
+def test_a_voi_lut_sequence_is_applied_by_pydicom():
+    from pydicom.dataset import Dataset
+    values = np.array([[0, 1], [2, 3]], np.uint16)
+    ds = mr_image(values)
+    item = Dataset()
+    item.LUTDescriptor = [4, 0, 8]
+    item.LUTData = [0, 200, 100, 255]  # not monotonic: only a LUT gives this
+    ds.VOILUTSequence = [item]
+    assert render.apply_header_voi(values, ds).tolist() == [[0, 200], [100, 255]]
+
+
+def test_monochrome1_is_inverted_through_the_chosen_window():
+    values = np.linspace(0, 100, 400).reshape(20, 20).astype(np.int16)
+    ds = mr_image(values, PhotometricInterpretation="MONOCHROME1")
+    shown = render.display_image(ds, render.choose_window(values, ds))
+    assert shown[0, 0] == 255 and shown[-1, -1] == 0
+
+
+# -- overlays on a transparent layer -------------------------------------------------------------------
+def test_painted_masks_are_translucent_fills_with_opaque_outlines():
+    layer = render.transparent_layer(9, 9)
+    mask = np.zeros((9, 9), bool)
+    mask[2:7, 2:7] = True
+    render.paint_mask(layer, mask, (255, 0, 0))
+    picture = np.asarray(render.layer_image(layer))
+    assert picture[0, 0, 3] == 0  # outside: transparent
+    assert picture[2, 2].tolist() == [255, 0, 0, 255]  # the outline
+    assert picture[4, 4, :3].tolist() == [255, 0, 0] and 95 <= picture[4, 4, 3] <= 110  # the fill, 40 %
+
+
+def test_painted_heatmaps_keep_their_palette_colours_and_alpha():
+    palette = {"type": "anchorpoints", "data": [{"threshold": 0.0, "color": [0, 0, 255, 0]},
+                                                {"threshold": 1.0, "color": [255, 0, 0, 255]}]}
+    layer = render.transparent_layer(1, 3)
+    render.paint_heatmap(layer, np.array([[0, 128, 255]], np.uint8), palette)
+    picture = np.asarray(render.layer_image(layer))
+    assert picture[0, 0, 3] == 0 and picture[0, 2].tolist() == [255, 0, 0, 255]
+    assert 126 <= picture[0, 1, 3] <= 130

@@ -8,8 +8,11 @@ import io
 import json
 import random
 import shutil
+import signal
+import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -56,7 +59,19 @@ def run_tool(*args: str) -> int:
 
 
 def pngs(output: Path) -> list[Path]:
-    return sorted((output / "images").rglob("*.png"))
+    """The pictures of the input images (not their overlays nor derived images), in order."""
+    return sorted(p for p in (output / "images").rglob("*.png") if not p.stem.endswith(("-overlay", "-derived")))
+
+
+def overlay_alpha(picture: Path) -> np.ndarray:
+    """The alpha channel of an image's overlay PNG (all zero when it has none)."""
+    overlay = picture.with_name(f"{picture.stem}-overlay.png")
+    if not overlay.exists():
+        with Image.open(picture) as base:
+            return np.zeros((base.height, base.width), np.uint8)
+    with Image.open(overlay) as image:
+        assert image.mode == "RGBA"
+        return np.asarray(image)[..., 3]
 
 
 def check_mask_files(output: Path) -> list[np.ndarray]:
@@ -98,7 +113,7 @@ def test_every_mock_command_renders_one_png_per_image(server, study_dir, tmp_pat
         assert (output / "output_dicom_0.dcm").is_file() and (output / "output_dicom_0.png").is_file()
     if command == "get-classification":
         assert "study classification: label=" in summary
-        assert "study: label=" in index  # the captions carry what -l wrote on the images
+        assert "study: label=" in index  # -l lists the results under every image
     with Image.open(images[0]) as first:
         assert first.width >= 256  # 32 x 40 images are upscaled to be legible
 
@@ -143,9 +158,9 @@ def test_request_study_path_reads_the_study_on_the_server(server, tmp_path, caps
 
 
 def test_http_error_exits_1_with_the_server_message(server, study_dir, tmp_path, capsys):
-    assert run_tool(study_dir, "--port", server.port, "-o", tmp_path, "-c", "no-such-command") == 1
+    assert run_tool(study_dir, "--port", server.port, "-o", tmp_path, "-c", "gaussian-blur-3d", "-R", "sigma_mm=-1") == 1
     err = capsys.readouterr().err
-    assert "HTTP 400" in err and "unknown inference_command 'no-such-command'" in err
+    assert "HTTP 400" in err and "sigma_mm" in err
 
 
 def test_unreachable_server_exits_1(study_dir, tmp_path, capsys):
@@ -194,7 +209,13 @@ class FakeServer:
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
 
+    models: dict | None = None  # what GET /models answers; None: 404, as servers without that route
+
     def __call__(self, environ, start_response):
+        if environ["PATH_INFO"] == "/models":
+            payload = json.dumps(self.models or {"error": "not found"}).encode()
+            start_response("200 OK" if self.models else "404 Not Found", [("Content-Type", "application/json")])
+            return [payload]
         body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
         headers = {key[5:].replace("_", "-").lower(): value for key, value in environ.items() if key.startswith("HTTP_")}
         headers["content-type"] = environ.get("CONTENT_TYPE", "")
@@ -215,6 +236,15 @@ def fake() -> Iterator[FakeServer]:
     server = FakeServer()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def fresh_fake(fake) -> Iterator[FakeServer]:
+    """The fake server with its recorded requests and /models answer reset."""
+    fake.requests.clear()
+    fake.models = None
+    yield fake
+    fake.models = None
 
 
 def multipart_answer(response_json: dict, buffers: list[bytes]) -> tuple[str, str, bytes]:
@@ -269,12 +299,12 @@ def test_request_is_built_as_viewers_send_it(fake, study_dir, tmp_path, monkeypa
     licence.write_text("licence")
     monkeypatch.setenv("INFERENCE_API_TOKEN", "secret-token")
     assert run_tool(study_dir, "--port", fake.port, "-o", tmp_path / "out", "-c", "cmd", "-r", "/other",
-                    "-S", "--request_options", "a=1", "b=x=y", "-a", licence) == 0
+                    "-S", "--request_options", "a=1", "b=x=y", 'c="1"', "-a", licence) == 0
     headers, parts = fake.requests[-1]
     assert headers["path"] == "/other" and headers["authorization"] == "Bearer secret-token"
     assert headers["content-type"].startswith('multipart/related; boundary="')
     request = json.loads(parts[0][1])
-    assert request["inference_command"] == "cmd" and request["a"] == "1" and request["b"] == "x=y"
+    assert request["inference_command"] == "cmd" and request["a"] == 1 and request["b"] == "x=y" and request["c"] == "1"
     assert (request["depth"], request["height"], request["width"]) == SHAPE
     assert parts[1][1] == b"licence"  # attachments before the DICOM files
     datasets = [pydicom.dcmread(io.BytesIO(body)) for _, body in parts[2:]]
@@ -292,14 +322,15 @@ def test_3d_mask_is_drawn_on_the_right_image_and_the_right_way_up(fake, study_di
     assert run_tool(study_dir, "--port", fake.port, "-o", output) == 0
     factor = 8  # 32 x 40 images are shown 8 times larger
     for position, path in enumerate(pngs(output)):
-        pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)[: SHAPE[1] * factor, : SHAPE[2] * factor]
-        coloured = pixels[..., 0] - pixels[..., 1] > 20  # the grey image has R == G; the overlay is red
+        coloured = overlay_alpha(path) > 0
+        assert coloured.shape == (SHAPE[1] * factor, SHAPE[2] * factor)
         if position == 2:
             assert coloured[4 * factor, 5 * factor]  # inside the marked corner
-            assert coloured[: 8 * factor, : 10 * factor].mean() > 0.9
+            assert coloured[: 8 * factor, : 10 * factor].all()
             assert not coloured[8 * factor:].any() and not coloured[:, 10 * factor:].any()
         else:
             assert not coloured.any(), f"image {position + 1} shows a mask meant for image 3"
+            assert not path.with_name(f"{path.stem}-overlay.png").exists()  # an empty plane: no overlay file
 
 
 def test_2d_annotations_go_on_the_named_image(fake, study_dir, tmp_path):
@@ -317,13 +348,13 @@ def test_2d_annotations_go_on_the_named_image(fake, study_dir, tmp_path):
     assert run_tool(study_dir, "--port", fake.port, "-o", output) == 0
     factor = 8
     for position, path in enumerate(pngs(output)):
-        pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)[: SHAPE[1] * factor, : SHAPE[2] * factor]
-        coloured = np.abs(pixels[..., 0] - pixels[..., 2]) > 20
+        coloured = overlay_alpha(path) > 0
         if position == 4:  # instance 5
             assert coloured[25 * factor, 35 * factor] and not coloured[12 * factor, 20 * factor]
             assert coloured[1 * factor, 3 * factor]  # the box's top edge
         else:
             assert not coloured.any()
+            assert not path.with_name(f"{path.stem}-overlay.png").exists()  # nothing to draw: no overlay file
 
 
 def test_secondary_capture_dicom_part_is_saved_and_rendered(fake, study_dir, tmp_path):
@@ -371,3 +402,204 @@ def test_boxes_and_measurements_must_lie_inside_their_image():
     swapped = {"SOPInstanceUID": "a", "label": "x", "start": [2, 10], "end": [19, 59]}  # [row, column]
     with pytest.raises(protocol.OutputValidationError, match=r"linear_measurements_2d\[0\].end .* outside its 20x60"):
         protocol.check_against_study({"parts": [], "linear_measurements_2d": [swapped]}, series)
+
+
+# -- the tool as a person uses it (issue 18) ------------------------------------------------------
+@pytest.mark.parametrize("text, value", [("1.5", 1.5), ("2", 2), ("true", True), ("null", None), ("[1, 2]", [1, 2]),
+                                         ('{"a": 1}', {"a": 1}), ("left", "left"), ('"1.5"', "1.5"),
+                                         ("x=y", "x=y"), ("NaN", "NaN"), ("", "")])
+def test_request_option_values_are_json_with_a_string_escape(text, value):
+    assert tool.option_value(text) == value
+
+
+def test_numeric_parameter_reaches_the_server_as_a_number(server, study_dir, tmp_path, capsys):
+    output = tmp_path / "out"
+    assert run_tool(study_dir, "--port", server.port, "-o", output, "-c", "gaussian-blur-3d", "-R", "sigma_mm=1.5") == 0
+    derived = [p for p in (output / "images").rglob("*-derived.png")]
+    assert len(derived) == SHAPE[0]  # the blurred series, beside the input on the same slider
+    assert "Gaussian blur 3D sigma 1.5 mm" in (output / "index.html").read_text()
+
+
+def test_unknown_command_exits_2_with_the_nearest_names_before_uploading(server, study_dir, tmp_path, capsys):
+    assert run_tool(study_dir, "--port", server.port, "-o", tmp_path / "out", "-c", "get-hipocampus-volume") == 2
+    err = capsys.readouterr().err
+    assert "does not serve inference_command 'get-hipocampus-volume'" in err
+    assert "did you mean get-hippocampus-volume" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_command_is_not_checked_when_the_server_has_no_models_route(fresh_fake, study_dir, tmp_path):
+    fresh_fake.answer = lambda _: multipart_answer({"parts": [], "study_ml_json": {"label": "x"}}, [])
+    assert run_tool(study_dir, "--port", fresh_fake.port, "-o", tmp_path / "out", "-c", "anything") == 0
+    assert len(fresh_fake.requests) == 1
+
+
+def test_series_are_picked_by_description_or_uid(fresh_fake, tmp_path, capsys):
+    study = tmp_path / "study"
+    write_study(study / "a", shape=(3, 8, 8), description="T1 axial", study_uid="1.2.3")
+    write_study(study / "b", shape=(4, 8, 8), description="HippoCrop left", study_uid="1.2.3")
+    uid_b = series_uid_of(study / "b")
+    fresh_fake.answer = lambda _: multipart_answer({"parts": []}, [])
+    for wanted in ("hippocrop", uid_b):
+        assert run_tool(study, "--series", wanted, "--port", fresh_fake.port, "-o", tmp_path / "out") == 0
+        _, parts = fresh_fake.requests[-1]
+        assert len(parts) == 1 + 4  # the JSON part and series b's four files
+    assert run_tool(study, "--series", "flair", "--port", fresh_fake.port, "-o", tmp_path / "out") == 1
+    err = capsys.readouterr().err
+    assert "no series matches --series flair" in err and "'T1 axial' (3 images" in err
+
+
+def test_single_files_are_accepted_as_input(fresh_fake, study_dir, tmp_path):
+    fresh_fake.answer = lambda _: multipart_answer({"parts": []}, [])
+    files = sorted(study_dir.iterdir())[:2]
+    assert run_tool(files[0], "-i", files[1], "--port", fresh_fake.port, "-o", tmp_path / "out") == 0
+    _, parts = fresh_fake.requests[-1]
+    assert sorted(body for _, body in parts[1:]) == sorted(f.read_bytes() for f in files)
+
+
+def test_capital_r_is_request_options_as_in_the_arterys_tool(fresh_fake, study_dir, tmp_path):
+    fresh_fake.answer = lambda _: multipart_answer({"parts": []}, [])
+    assert run_tool(study_dir, "--port", fresh_fake.port, "-o", tmp_path / "out", "-R", "k=3", "name=x y") == 0
+    request = json.loads(fresh_fake.requests[-1][1][0][1])
+    assert request["k"] == 3 and request["name"] == "x y"
+
+
+def test_an_answer_without_parts_warns_naming_commands_for_the_study(fresh_fake, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(np.zeros((20, 30), np.uint8)).save(photos / "xray.png")
+    fresh_fake.models = {"default_command": "get-mask", "models": [
+        {"inference_command": "get-mask", "description": "3D mask per series"},
+        {"inference_command": "get-box-2d", "description": "a box per image"},
+        {"inference_command": "get-label", "description": "classification"}]}
+    fresh_fake.answer = lambda _: multipart_answer({"protocol_version": "1.0", "parts": []}, [])
+    output = tmp_path / "out"
+    assert run_tool(photos, "--port", fresh_fake.port, "-o", output) == 0
+    err = capsys.readouterr().err
+    assert "warning: the response holds no parts" in err and "get-mask found nothing" in err
+    assert "this 2D study; commands for 2D studies: get-box-2d" in err
+    assert "commands for 2D studies: get-box-2d" in (output / "index.html").read_text()
+
+
+def test_misspelt_host_is_reported_as_a_host_name_error(study_dir, tmp_path, capsys):
+    assert run_tool(study_dir, "--host", "no-such-host.invalid", "-o", tmp_path / "out") == 1
+    err = capsys.readouterr().err
+    assert "cannot resolve the host name 'no-such-host.invalid'" in err and "Traceback" not in err
+
+
+def test_progress_is_shown_for_waiting_and_rendering(fresh_fake, study_dir, tmp_path, capsys):
+    fresh_fake.answer = lambda _: multipart_answer({"parts": []}, [])
+    assert run_tool(study_dir, "--port", fresh_fake.port, "-o", tmp_path / "out") == 0
+    err = capsys.readouterr().err
+    assert "waiting for the answer" in err and f"rendering images {SHAPE[0]}/{SHAPE[0]}" in err
+
+
+def test_interrupted_rendering_leaves_the_previous_output_untouched(fresh_fake, study_dir, tmp_path, capsys,
+                                                                  monkeypatch):
+    fresh_fake.answer = lambda _: multipart_answer({"parts": []}, [])
+    output = tmp_path / "out"
+    assert run_tool(study_dir, "--port", fresh_fake.port, "-o", output) == 0
+    before = {p.relative_to(output): p.read_bytes() for p in output.rglob("*") if p.is_file()}
+    capsys.readouterr()
+
+    def interrupted(staging, *args, **kwargs):
+        (staging / "half-written.png").write_bytes(b"x")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tool, "write_outputs", interrupted)
+    assert run_tool(study_dir, "--port", fresh_fake.port, "-o", output) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == f"interrupted; {output} is as it was before this run"
+    assert "Traceback" not in err
+    after = {p.relative_to(output): p.read_bytes() for p in output.rglob("*") if p.is_file()}
+    assert after == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left behind
+
+
+def test_ctrl_c_while_waiting_exits_130_with_one_line(fresh_fake, study_dir, tmp_path):
+    """A real SIGINT to the tool as a process, while the server takes its time."""
+    release = threading.Event()
+
+    def slow(_):
+        release.wait(30)
+        return multipart_answer({"parts": []}, [])
+
+    fresh_fake.answer = slow
+    process = subprocess.Popen([sys.executable, str(PROJECT_ROOT / "inference-test-tool" / "send_inference_request.py"),
+                                str(study_dir), "--port", str(fresh_fake.port), "-o", str(tmp_path / "out")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not fresh_fake.requests and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.3)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=30)
+    finally:
+        release.set()
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[-1].startswith("interrupted;") and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_folder_of_other_files_is_not_replaced(fresh_fake, study_dir, tmp_path, capsys):
+    precious = tmp_path / "mine"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("keep me")
+    assert run_tool(study_dir, "--port", fresh_fake.port, "-o", precious) == 1
+    assert "holds files this tool did not write" in capsys.readouterr().err
+    assert (precious / "thesis.txt").read_text() == "keep me"
+
+
+def test_job_is_submitted_fetched_and_rendered(server, tmp_path, capsys):
+    folder = server.data_root / "job-study"
+    write_study(folder, shape=(4, 16, 20))
+    output = tmp_path / "out"
+    assert run_tool("--job", "job-study", "-c", "get-label-mask", "-i", folder, "--port", server.port,
+                    "-o", output) == 0
+    captured = capsys.readouterr()
+    assert "sent job on 'job-study'" in captured.out and "completed; fetched" in captured.err
+    assert [m.shape for m in check_mask_files(output)] == [(1, 4, 16, 20)]
+    assert len(pngs(output)) == 4 and any(overlay_alpha(p).any() for p in pngs(output))
+    assert "file" not in json.loads((output / "response.json").read_text())["parts"][0]
+
+
+def test_job_with_a_bad_folder_names_the_data_root(server, tmp_path, capsys):
+    assert run_tool("--job", "missing", "-c", "gaussian-blur-3d", "--port", server.port, "-o", tmp_path / "o") == 1
+    err = capsys.readouterr().err
+    assert "HTTP 422" in err and "INFERENCE_DATA_ROOT=" in err
+
+
+def test_an_output_folder_that_cannot_be_renamed_is_replaced_from_inside(fresh_fake, study_dir, tmp_path, monkeypatch):
+    """As /output in the tool's image (a mount point): the new files replace the old ones in place."""
+    fresh_fake.answer = lambda _: multipart_answer({"parts": []}, [])
+    output = tmp_path / "mounted"
+    assert run_tool(study_dir, "--port", fresh_fake.port, "-o", output) == 0
+    (output / "images" / "stale.png").write_bytes(b"old")
+    inode = output.stat().st_ino
+    monkeypatch.setattr(tool.os.path, "ismount", lambda path: Path(path) == output)
+    assert run_tool(study_dir, "--port", fresh_fake.port, "-o", output) == 0
+    assert output.stat().st_ino == inode  # the same folder, not a renamed one
+    assert not (output / "images" / "stale.png").exists() and (output / "index.html").is_file()
+    assert sorted(p.name for p in output.iterdir() if p.name.startswith(".")) == []
+
+
+def test_study_size_refused_by_the_server_is_explained(fresh_fake, study_dir, tmp_path, capsys):
+    """-S (the Arterys tool's study size) sends depth/height/width; servers that declare no such parameter say 400."""
+    error = {"error": "unknown parameter 'depth' for get-probability-mask; its parameters: none"}
+    fresh_fake.answer = lambda _: ("400 Bad Request", "application/json", json.dumps(error).encode())
+    assert run_tool(study_dir, "-S", "--port", fresh_fake.port, "-o", tmp_path / "out") == 1
+    err = capsys.readouterr().err
+    assert "HTTP 400: unknown parameter 'depth'" in err and "-S adds depth, height and width" in err
+
+
+def test_the_page_names_the_model_from_its_provenance_or_its_results():
+    import tool_gallery
+
+    provenance = {"model": {"family": "hippocampus", "version": "1.0", "weights_sha256": "ab" * 32}}
+    assert tool_gallery.model_version(provenance) == "hippocampus 1.0 (weights abababababab)"
+    assert tool_gallery.model_version({"series_ml_json": {"1.2": {"model": "unet 2"}}}) == "unet 2"
+    assert tool_gallery.model_version({"parts": []}) == ""

@@ -67,8 +67,8 @@ def _env_path(name: str, default: str | None) -> Path | None:
 class Settings:
     """Gateway settings; the metadata ``env`` names the variable each one comes from."""
 
-    #: INFERENCE_HOST: address the server binds to.
-    host: str = field(default="0.0.0.0", metadata={"env": "INFERENCE_HOST"})
+    #: INFERENCE_HOST: address the server binds to; this machine only unless set (the Docker image sets 0.0.0.0).
+    host: str = field(default="127.0.0.1", metadata={"env": "INFERENCE_HOST"})
     #: INFERENCE_PORT: TCP port.
     port: int = field(default=8900, metadata={"env": "INFERENCE_PORT"})
     #: INFERENCE_WORKERS: gunicorn worker processes.
@@ -85,6 +85,19 @@ class Settings:
     spool_memory_bytes: int = field(default=16 * 1024**2, metadata={"env": "INFERENCE_SPOOL_MEMORY_BYTES"})
     #: INFERENCE_SPOOL_DIR: folder for spilled request parts (default: the system temp folder).
     spool_dir: Path | None = field(default=None, metadata={"env": "INFERENCE_SPOOL_DIR"})
+    #: INFERENCE_READ_TIMEOUT: seconds a socket read or write may wait without progress before the
+    #: connection is dropped (a stalled client frees its thread; 408 while reading a body).
+    read_timeout: int = field(default=30, metadata={"env": "INFERENCE_READ_TIMEOUT"})
+    #: INFERENCE_MIN_UPLOAD_RATE: bytes per second a request body must average once it has been
+    #: arriving for utils.gunicorn_worker.UPLOAD_GRACE_SECONDS (5 s; 408 below it); 0 turns the check off.
+    min_upload_rate: int = field(default=32 * 1024, metadata={"env": "INFERENCE_MIN_UPLOAD_RATE"})
+    #: INFERENCE_MAX_SERIES_VOXELS: largest series (rows x columns x frames x instances) read (422 above).
+    max_series_voxels: int = field(default=256 * 1024**2, metadata={"env": "INFERENCE_MAX_SERIES_VOXELS"})
+    #: INFERENCE_MAX_RESPONSE_BYTES: largest response body a handler may produce (413 above).
+    max_response_bytes: int = field(default=1024**3, metadata={"env": "INFERENCE_MAX_RESPONSE_BYTES"})
+    #: PROMETHEUS_MULTIPROC_DIR: folder where gunicorn's workers keep their metrics (prometheus-client's
+    #: variable); gunicorn.conf.py empties it at start, or makes a temporary one when unset.
+    metrics_dir: Path | None = field(default=None, metadata={"env": "PROMETHEUS_MULTIPROC_DIR"})
     #: INFERENCE_DATA_ROOT: folder that ``studyPath`` requests and jobs may read; unset disables both.
     data_root: Path | None = field(default=None, metadata={"env": "INFERENCE_DATA_ROOT"})
     #: INFERENCE_OUTPUT_ROOT: folder where jobs write their outputs, one sub-folder per job.

@@ -7,6 +7,7 @@ slice normal, ascending, which is the order viewers send them in and expect 3D m
 from __future__ import annotations
 
 import io
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -21,11 +22,13 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from utils.errors import UnprocessableInput
-from utils.paths import is_inside, resolve_inside
+from utils.paths import is_inside, resolve_inside, shown
 
 SECONDARY_CAPTURE_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 BASIC_TEXT_SR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.11"
 MR_IMAGE_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.4"
+
+log = logging.getLogger("inference.dicom")
 
 
 def load_instances(parts: Sequence, *, stop_before_pixels: bool = False) -> list[Dataset]:
@@ -35,11 +38,16 @@ def load_instances(parts: Sequence, *, stop_before_pixels: bool = False) -> list
     (a licence file, say) and are skipped. Any other part that does not parse as DICOM raises
     ``UnprocessableInput`` (422) naming its index and file name. Each dataset remembers where
     it came from (``dataset.source_part``), so ``with_pixels`` can read the pixels later.
+    Header-only reads reuse the dataset ``utils.dicom_validation`` kept on the part.
     """
     datasets: list[Dataset] = []
     for position, part in enumerate(parts):
         index = getattr(part, "index", position + 1)
         describe = part.describe() if hasattr(part, "describe") else f"part {index}"
+        cached = getattr(part, "header_dataset", None) if stop_before_pixels else None
+        if cached is not None:  # read (and checked) by utils.dicom_validation before the handler ran
+            datasets.append(cached)
+            continue
         try:
             ds = pydicom.dcmread(_open(part), stop_before_pixels=stop_before_pixels)
             if "SOPInstanceUID" not in ds:
@@ -48,7 +56,9 @@ def load_instances(parts: Sequence, *, stop_before_pixels: bool = False) -> list
             labelled_dicom = getattr(part, "content_type", "application/dicom") == "application/dicom"
             if not datasets and not labelled_dicom:
                 continue  # an attachment before the DICOM files
-            raise UnprocessableInput(f"{describe} is not a readable DICOM file: {exc}") from exc
+            log.info("%s is not readable DICOM: %s: %s", describe, type(exc).__name__, exc)
+            raise UnprocessableInput(f"{describe} is not a readable DICOM file (damaged or truncated header, "
+                                     "or not DICOM)") from exc
         ds.source_part = part
         datasets.append(ds)
     if not datasets:
@@ -98,13 +108,18 @@ def study_folder_files(root: Path | None, requested: str, *, field: str) -> list
     folder or one without DICOM files.
     """
     folder = resolve_inside(root, requested)
-    if not folder.is_dir():
-        raise UnprocessableInput(f"{field} {requested!r} is not a folder of the data root; give a folder of DICOM files")
-    if not any(folder.iterdir()):
-        raise UnprocessableInput(f"{field} {requested!r} is an empty folder; put the study's DICOM files in it")
-    files = dicom_files_in(folder, inside=root)
+    try:
+        if not folder.is_dir():
+            raise UnprocessableInput(f"{field} {shown(requested)} is not a folder of the data root; "
+                                     "give a folder of DICOM files")
+        if not any(folder.iterdir()):
+            raise UnprocessableInput(f"{field} {shown(requested)} is an empty folder; put the study's DICOM files in it")
+        files = dicom_files_in(folder, inside=root)
+    except OSError as exc:  # unreadable, or a name the file system refuses: its message holds server paths
+        raise UnprocessableInput(f"{field} {shown(requested)} cannot be read on the server "
+                                 f"({exc.strerror or 'I/O error'})") from None
     if not files:
-        raise UnprocessableInput(f"{field} {requested!r} holds no DICOM files (none has the DICM preamble)")
+        raise UnprocessableInput(f"{field} {shown(requested)} holds no DICOM files (none has the DICM preamble)")
     return files
 
 
@@ -192,7 +207,10 @@ def load_volume(datasets: Sequence[Dataset], *, rescale: bool = True) -> Volume:
     try:
         slices = [ds.pixel_array for ds in ordered]
     except Exception as exc:
-        raise UnprocessableInput(f"pixel data of series {ordered[0].SeriesInstanceUID} cannot be decoded: {exc}") from exc
+        log.info("pixel data of series %s cannot be decoded: %s: %s", ordered[0].SeriesInstanceUID,
+                 type(exc).__name__, exc)
+        raise UnprocessableInput(f"pixel data of series {ordered[0].SeriesInstanceUID} cannot be decoded "
+                                 "(unsupported compression or damaged pixel data)") from exc
     voxels = np.stack(slices)
     if rescale:
         slope = float(ordered[0].get("RescaleSlope", 1) or 1)

@@ -43,6 +43,18 @@ class NotFound(GatewayError):
     status = 404
 
 
+class Conflict(GatewayError):
+    """409: the resource is not in a state that allows the request (e.g. a job still running)."""
+
+    status = 409
+
+
+class RequestTimeout(GatewayError):
+    """The request body stalled or arrived slower than the minimum upload rate (408)."""
+
+    status = 408
+
+
 class PayloadTooLarge(GatewayError):
     """Body larger than the configured limit (413)."""
 

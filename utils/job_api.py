@@ -1,12 +1,14 @@
 """The asynchronous job API: run a registered handler on a folder of the data root, poll for it.
 
-    POST /job/        {"job_name": "3dblur", "in_dir": "study1", "sigma_mm": 2.0}  -> 201 {"uid": ...}
+    POST /job/ (or /job) {"job_name": "3dblur", "in_dir": "study1", "sigma_mm": 2.0}  -> 201 {"uid": ...}
     GET  /query/<uid> -> 202 {"msg": "Job is queued"} | 202 {"msg": "Job is running"}
                       -> 200 {"msg": "Job has completed", "output_dir": ...}
                       -> {"msg": "Job has failed", "error": ...} with the status its error would have
                          had as a request (400/403/422 for bad input, 500 for a server-side failure
                          or a job ``interrupted`` by a stopped server)
                       -> 404 for an unknown uid
+    GET  /job/<uid>/files         -> 200 {"uid": ..., "files": [{"name": ..., "bytes": ...}]} of a completed job
+    GET  /job/<uid>/files/<name>  -> that file (only files of that job's folder); 409 while not completed
 
 A job name is a served inference command, or an alias of one (``JOB_ALIASES``). The job's other
 JSON keys, plus ``inference_command``, are the handler's request JSON, checked at submission; the
@@ -29,15 +31,20 @@ from flask import request
 
 from utils import protocol
 from utils.dicom import study_folder_files
-from utils.errors import BadRequest, GatewayError, NotFound
-from utils.jobs import COMPLETED, FAILED, QUEUED, Job, JobRunner, JobStore, LocalPoolRunner
+from utils.errors import BadRequest, Conflict, GatewayError, NotFound, UnsupportedMediaType
+from utils.jobs import COMPLETED, FAILED, QUEUED, RUNNING, UNFINISHED, Job, JobRunner, JobStore, LocalPoolRunner
+from utils.metrics import JobCountsCollector
+from utils.paths import is_inside
 from utils.pipeline import Pipeline
+from utils.request_json import parse_json_object
 from utils.tagged_logger import TaggedLogger, bind_request_tags
 
 log = TaggedLogger(logging.getLogger("inference.jobs"))
 
 #: Job names of the seed's clients, mapped to the inference command they run.
 JOB_ALIASES = {"3dblur": "gaussian-blur-3d"}
+#: Job states reported by /metrics.
+JOB_STATES = (QUEUED, RUNNING, COMPLETED, FAILED)
 #: Keys of the job JSON that are about the job, not parameters of the handler.
 JOB_KEYS = ("job_name", "in_dir")
 
@@ -50,8 +57,18 @@ def known_job_names(pipeline: Pipeline) -> dict[str, str]:
 
 
 def study_files(root: Path | None, in_dir: str) -> list[Path]:
-    """The DICOM files of job folder ``in_dir``: 403 outside the data root, 422 for no DICOM there."""
-    return study_folder_files(root, in_dir, field="in_dir")
+    """The DICOM files of job folder ``in_dir``: 403 outside the data root, 422 for no DICOM there.
+
+    Errors name the data root as configured (``INFERENCE_DATA_ROOT``), so a client can tell
+    which folder ``in_dir`` is read from.
+    """
+    try:
+        return study_folder_files(root, in_dir, field="in_dir")
+    except GatewayError as exc:
+        if root is None:
+            raise
+        raise type(exc)(f"{exc.message} (in_dir is relative to the data root INFERENCE_DATA_ROOT={root})",
+                        status=exc.status) from None
 
 
 def write_outputs(folder: Path, response_json: dict, buffers: list) -> None:
@@ -98,12 +115,32 @@ class JobExecutor:
             self.store.mark_failed(job.uid, exc.message, exc.status)
         except Exception as exc:
             log.error("job %s: handler %s failed:\n%s", job.uid, job.command, traceback.format_exc())
-            self.store.mark_failed(job.uid, f"the handler failed: {type(exc).__name__}: {exc}", 500)
+            self.store.mark_failed(job.uid, "internal error while running the job; the detail is in the server "
+                                            f"log under job {job.uid}", 500)
         else:
             self.store.mark_completed(job.uid, str(output))
             log.info("job %s completed: %d outputs in %s", job.uid, len(result.buffers), output)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
+
+
+def remove_debris(output_root: Path, store: JobStore) -> list[Path]:
+    """Delete the ``<uid>.partial`` folders of jobs that are no longer queued or running; their paths.
+
+    A job killed mid-write leaves one behind. It goes once the job is marked failed (``interrupted``,
+    at start-up) or is unknown; a folder of a job some live worker still runs is kept.
+    """
+    removed = []
+    for partial in sorted(Path(output_root).glob("*.partial")):
+        job = store.get(partial.name.removesuffix(".partial"))
+        if job is not None and job.status in UNFINISHED:
+            continue
+        shutil.rmtree(partial, ignore_errors=True)
+        removed.append(partial)
+    if removed:
+        log.warning("removed %d unfinished output folders of stopped jobs: %s", len(removed),
+                    ", ".join(p.name for p in removed))
+    return removed
 
 
 def job_request_json(job: Job) -> dict:
@@ -113,9 +150,10 @@ def job_request_json(job: Job) -> dict:
 
 def job_from_request(pipeline: Pipeline) -> Job:
     """The job a ``POST /job/`` asks for, checked up front: name, parameters, folder, DICOM present."""
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise BadRequest('the job must be a JSON object: {"job_name": "3dblur", "in_dir": "<folder>", ...}')
+    if request.mimetype != "application/json":
+        raise UnsupportedMediaType('send the job as Content-Type: application/json: '
+                                   '{"job_name": "3dblur", "in_dir": "<folder>", ...}')
+    body = parse_json_object(request.get_data(cache=False), "the job")
     names = known_job_names(pipeline)
     job_name, in_dir = body.get("job_name"), body.get("in_dir")
     if not isinstance(job_name, str) or job_name not in names:
@@ -142,8 +180,11 @@ def add_job_routes(app: flask.Flask, pipeline: Pipeline, *, store: JobStore | No
     runner = runner or LocalPoolRunner(store, JobExecutor(store, pipeline), workers=settings.job_workers,
                                        lock_dir=output_root / ".owners")
     runner.recover()
+    remove_debris(output_root, store)
+    if hasattr(app, "metrics_collectors"):  # a Gateway: /metrics counts jobs by state from the store
+        app.metrics_collectors.append(JobCountsCollector(store.count_by_status, JOB_STATES))
 
-    @app.post("/job/")
+    @app.post("/job/", strict_slashes=False)  # POST /job answers too, without a redirect
     def submit_job():
         job = job_from_request(pipeline)
         job.owner = runner.owner
@@ -164,5 +205,31 @@ def add_job_routes(app: flask.Flask, pipeline: Pipeline, *, store: JobStore | No
         if job.status == FAILED:
             return flask.jsonify({"msg": "Job has failed", "error": job.error}), job.error_status or 500
         return flask.jsonify({"msg": "Job is queued" if job.status == QUEUED else "Job is running"}), 202
+
+    def completed_folder(uid: str) -> Path:
+        """The output folder of completed job ``uid``: 404 unknown, 409 not (or not successfully) complete."""
+        job = store.get(uid)
+        if job is None:
+            raise NotFound(f"no job with uid {uid!r}; POST /job/ answers the uid of a new job")
+        if job.status != COMPLETED:
+            state = "has failed" if job.status == FAILED else "is queued" if job.status == QUEUED else "is running"
+            raise Conflict(f"job {uid} {state}: it has no files; GET /query/{uid} tells its state")
+        return Path(job.output_dir) if job.output_dir else output_root / uid
+
+    @app.get("/job/<uid>/files")
+    def list_job_files(uid: str):
+        folder = completed_folder(uid)
+        files = [{"name": path.name, "bytes": path.stat().st_size}
+                 for path in sorted(folder.iterdir()) if path.is_file() and is_inside(folder, path)]
+        return flask.jsonify({"uid": uid, "files": files})
+
+    @app.get("/job/<uid>/files/<name>")
+    def get_job_file(uid: str, name: str):
+        folder = completed_folder(uid)
+        path = folder / name
+        if "/" in name or name.startswith(".") or not path.is_file() or not is_inside(folder, path):
+            raise NotFound(f"job {uid} has no file {name!r}; GET /job/{uid}/files lists them")
+        return flask.send_file(path, as_attachment=True, download_name=name,
+                               mimetype="application/json" if name.endswith(".json") else None)
 
     return runner

@@ -141,6 +141,12 @@ class JobStore:
     def mark_failed(self, uid: str, error: str, error_status: int = 500) -> bool:
         return self._update(uid, UNFINISHED, status=FAILED, error=error, error_status=error_status)
 
+    def count_by_status(self) -> dict[str, int]:
+        """How many jobs are in each status (for the metrics)."""
+        with self._connect() as db:
+            rows = db.execute("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status").fetchall()
+        return {row["status"]: row["n"] for row in rows}
+
     def unfinished_owners(self) -> list[str | None]:
         """Owners of the jobs still queued or running (None for jobs that never got one)."""
         with self._connect() as db:

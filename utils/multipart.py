@@ -24,7 +24,7 @@ import multipart as multipart_lib
 from werkzeug.http import parse_options_header
 
 from utils import protocol
-from utils.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from utils.errors import BadRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
 
 READ_CHUNK = 1024 * 1024
 READ_AHEAD = 64 * 1024
@@ -240,8 +240,9 @@ def parse_multipart_related(
 ) -> ParsedBody:
     """Read ``stream`` (to ``content_length`` or its end), split it into parts, hash their contents.
 
-    Raises ``PayloadTooLarge`` past ``max_bytes`` (also when no Content-Length was sent) and
-    ``BadRequest`` for a body that is truncated or not valid multipart.
+    Raises ``PayloadTooLarge`` past ``max_bytes`` (also when no Content-Length was sent),
+    ``BadRequest`` for a body that is truncated or not valid multipart, and ``RequestTimeout``
+    when the server's socket gives up on a stalled or too slow sender (``utils.gunicorn_worker``).
     """
     if content_length is not None and content_length > max_bytes:
         raise PayloadTooLarge(f"request body of {content_length} bytes exceeds the limit of {max_bytes} bytes")
@@ -254,8 +255,10 @@ def parse_multipart_related(
             want = READ_CHUNK if content_length is None else min(READ_CHUNK, content_length - bytes_read)
             try:
                 chunk = stream.read(want)
+            except TimeoutError as exc:  # the server gave up on a stalled or too slow sender
+                raise RequestTimeout(f"request body too slow after {bytes_read} bytes: {exc}") from exc
             except Exception as exc:  # the client went away mid-body
-                raise BadRequest(f"request body is truncated: {exc}") from exc
+                raise BadRequest(f"request body is truncated after {bytes_read} bytes") from exc
             if not chunk:
                 break
             bytes_read += len(chunk)

@@ -27,10 +27,13 @@ from typing import Any
 
 from handlers.registry import REGISTRY, HandlerSpec, Registry
 from models.registry import registry_for
-from utils import protocol
+from utils import metrics, protocol
 from utils.config import Settings
+from utils.dicom_validation import validate_instances
 from utils.errors import BadRequest, GatewayError
+from utils.limits import check_response_size
 from utils.multipart import ParsedBody, PartSpool, parts_from_files
+from utils.request_json import parse_json_object
 from utils.tagged_logger import TaggedLogger, bind_request_tags, current_request_tags
 
 log = TaggedLogger(logging.getLogger("inference.pipeline"))
@@ -132,6 +135,8 @@ class Pipeline:
         context = RunContext(self.settings, spec.command, params, input_hash)
         tags = {**current_request_tags(), "input_hash": input_hash}
         bind_request_tags(tags)  # the handler's own TaggedLoggers carry the hash too
+        # every instance the handler may read, checked once from its header: a clear 422, never a 500
+        validate_instances(instances, max_series_voxels=self.settings.max_series_voxels)
         token = _current.set(context)
         started = time.perf_counter()
         try:
@@ -140,6 +145,8 @@ class Pipeline:
         finally:
             _current.reset(token)
         seconds = time.perf_counter() - started
+        metrics.observe_model(spec.command, json_input.get("model_version"), seconds)
+        check_response_size(buffers, len(json.dumps(response_json)), self.settings.max_response_bytes)
         log.info("%s on %d instances: %s in %.3fs", spec.command, len(instances),
                  ", ".join(p["binary_type"] for p in response_json["parts"]) or "JSON only", seconds)
         return InferenceResult(spec.command, response_json, buffers, input_hash, seconds)
@@ -203,15 +210,7 @@ class WarmUp:
 
 
 def request_json(body: ParsedBody) -> dict:
-    """Part 0 of a request as a JSON object, or a 400 saying why it is not one."""
+    """Part 0 of a request as a JSON object, or a 400 saying why it is not one (``utils.request_json``'s limits)."""
     if not body.parts:
         raise BadRequest("the request has no parts; part 0 must be the request JSON")
-    try:
-        value = json.loads(body.parts[0].read_bytes() or b"null")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"part 0 (the request JSON) is not valid JSON: {exc}") from exc
-    except RecursionError:
-        raise BadRequest("part 0 (the request JSON) is nested too deeply") from None
-    if not isinstance(value, dict):
-        raise BadRequest(f"part 0 (the request JSON) must be a JSON object, got {type(value).__name__}")
-    return value
+    return parse_json_object(body.parts[0].read_bytes(), "part 0 (the request JSON)")

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pydicom.pixels import apply_color_lut, apply_modality_lut, convert_color_space
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, convert_color_space
 
 from utils.protocol import DEFAULT_DRAW_THRESHOLD
 
@@ -265,3 +266,184 @@ def wrap_text(text: str, width: float) -> list[str]:
             candidate = word
         current = candidate
     return lines + [current]
+
+
+# -- a series' display window ----------------------------------------------------------------
+#: Percentiles of a series' values that bound the window chosen when the header's misses the data.
+PERCENTILE_WINDOW = (1.0, 99.5)
+#: The header's window is used when the data's central 96 % spans at least this many grey levels in it.
+MIN_HEADER_SPREAD = 64
+
+
+@dataclass(frozen=True)
+class SeriesWindow:
+    """How a series is shown: its header's VOI (window or LUT) or a percentile window, and why."""
+
+    source: str  # "header", "percentile", "colour" or "min/max"
+    center: float | None = None
+    width: float | None = None
+    note: str = ""
+
+    def describe(self) -> str:
+        """``window 470/950 (header)``, ``window 58/110 (1-99.5 percentile)``, ``colour``..."""
+        if self.center is None or self.width is None:
+            return self.source
+        label = "header" if self.source == "header" else f"{PERCENTILE_WINDOW[0]:g}-{PERCENTILE_WINDOW[1]:g} percentile"
+        return f"window {self.center:.6g}/{self.width:.6g} ({label})"
+
+
+def is_colour(ds: Dataset) -> bool:
+    """Whether ``ds`` holds colour pixels (RGB, YBR or PALETTE COLOR), which take no window."""
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    return int(ds.get("SamplesPerPixel", 1) or 1) > 1 or photometric == "PALETTE COLOR"
+
+
+def _voi_output_range(ds: Dataset) -> tuple[float, float]:
+    """The range of what ``pydicom.pixels.apply_voi_lut`` returns for ``ds`` (PS3.3 C.11.2.1.2 / C.11.1.1.1)."""
+    if "VOILUTSequence" in ds and "WindowWidth" not in ds:
+        return 0.0, float(2 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1)  # the LUT's own output range
+    bits = int(ds.get("BitsStored", 16) or 16)
+    if ds.get("ModalityLUTSequence"):
+        low, high = 0.0, float(2 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1)
+    elif int(ds.get("PixelRepresentation", 0) or 0) == 0:
+        low, high = 0.0, float(2**bits - 1)
+    else:
+        low, high = float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    if slope is not None and intercept is not None:
+        low, high = low * float(slope) + float(intercept), high * float(slope) + float(intercept)
+    return low, high
+
+
+def apply_header_voi(values: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Real-world ``values`` through the header's VOI (first window, or VOI LUT) with pydicom, as uint8."""
+    uses_lut = "VOILUTSequence" in ds and "WindowWidth" not in ds
+    values = np.rint(values).astype(np.int64) if uses_lut else np.asarray(values, np.float64)  # a LUT indexes
+    out = apply_voi_lut(values, ds, index=0, prefer_lut=False)
+    low, high = _voi_output_range(ds)
+    scaled = (np.asarray(out, np.float64) - low) / max(high - low, 1e-12)
+    return np.rint(np.clip(scaled, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def has_header_voi(ds: Dataset) -> bool:
+    return ("WindowCenter" in ds and "WindowWidth" in ds) or "VOILUTSequence" in ds
+
+
+def choose_window(sample: np.ndarray, ds: Dataset) -> SeriesWindow:
+    """The window a series is shown with, judged once from a ``sample`` of its real-world values.
+
+    The header's window (or VOI LUT) is kept when it shows the data: the data's 2nd-98th
+    percentiles land at least ``MIN_HEADER_SPREAD`` grey levels apart in it. Otherwise (or
+    without one) a window from the 1st to the 99.5th percentile, with a note saying why.
+    """
+    if is_colour(ds):
+        return SeriesWindow("colour")
+    sample = np.asarray(sample, np.float64).ravel()
+    if sample.size == 0:
+        return SeriesWindow("min/max")
+    header = None
+    if has_header_voi(ds):
+        shown = apply_header_voi(np.percentile(sample, [2, 98]), ds)
+        spread = abs(int(shown[1]) - int(shown[0]))
+        center, width = first_value(ds.get("WindowCenter")), first_value(ds.get("WindowWidth"))
+        if spread >= MIN_HEADER_SPREAD:
+            return SeriesWindow("header", center, width)
+        header = f"window {center:.6g}/{width:.6g}" if center is not None and width is not None else "VOI LUT"
+    low, high = np.percentile(sample, PERCENTILE_WINDOW)
+    if high <= low:
+        low, high = float(sample.min()), float(sample.max())
+    width = max(float(high - low), 1.0)
+    center = float(low) + width / 2
+    data = f"values {np.percentile(sample, 2):.6g}-{np.percentile(sample, 98):.6g}"
+    note = (f"the header's {header} leaves this series' data ({data}) nearly flat, as a viewer would show it "
+            "by default; shown with a percentile window instead" if header else "")
+    return SeriesWindow("percentile", center, width, note)
+
+
+def display_image(ds: Dataset, window: SeriesWindow, frame: int = 0) -> np.ndarray:
+    """``ds`` as uint8 grey (rows, columns) through ``window``, or RGB for colour images."""
+    if window.source == "colour" or is_colour(ds):
+        return window_image(ds, frame)
+    values = apply_modality_lut(_frame(ds, frame), ds)
+    if window.source == "header":
+        out = apply_header_voi(values, ds)
+    else:
+        out = window_values(values, window.center, window.width)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    return 255 - out if photometric == "MONOCHROME1" else out
+
+
+# -- overlays on a transparent layer (RGBA), for pages that switch them on and off ---------------
+def transparent_layer(rows: int, columns: int) -> np.ndarray:
+    """An empty float32 RGBA layer (premultiplied colour, alpha in 0..1) of ``rows`` x ``columns``."""
+    return np.zeros((rows, columns, 4), np.float32)
+
+
+def _extent(where: np.ndarray) -> tuple[slice, slice] | None:
+    """The bounding box of the true pixels of a 2D boolean array (None when there are none)."""
+    rows, columns = np.flatnonzero(where.any(axis=1)), np.flatnonzero(where.any(axis=0))
+    if rows.size == 0:
+        return None
+    return slice(rows[0], rows[-1] + 1), slice(columns[0], columns[-1] + 1)
+
+
+def paint(layer: np.ndarray, where: np.ndarray, color: Sequence[float], alpha: float | np.ndarray) -> None:
+    """Lay ``color`` over ``layer`` where ``where`` holds, at opacity ``alpha`` (scalar or per pixel), in place.
+
+    Only the bounding box of ``where`` is computed: masks cover a small part of large images.
+    """
+    where = np.asarray(where, bool)
+    box = _extent(where)
+    if box is None:
+        return
+    alpha = alpha[box] if isinstance(alpha, np.ndarray) else alpha
+    weight = np.where(where[box], alpha, 0.0).astype(np.float32)[..., None]
+    region = layer[box]
+    rgb = np.asarray(color, np.float32)[:3] / 255
+    region[..., :3] = rgb * weight + region[..., :3] * (1 - weight)
+    region[..., 3:] = weight + region[..., 3:] * (1 - weight)
+
+
+def paint_mask(layer: np.ndarray, mask: np.ndarray, color: Color, alpha: float = MASK_ALPHA) -> None:
+    """A boolean mask as a translucent fill with an opaque outline (as ``overlay_mask``), on a layer."""
+    mask = np.asarray(mask, bool)
+    box = _extent(mask)
+    if box is None:
+        return
+    region, inside = layer[box], mask[box]  # the outline of the crop is the mask's: nothing lies outside it
+    paint(region, inside, color, alpha)
+    paint(region, outline(inside), color, 1.0)
+
+
+def paint_labels(layer: np.ndarray, labels: np.ndarray, colors: Mapping[int, Color], alpha: float = MASK_ALPHA) -> None:
+    """A label map, each value of ``colors`` filled and outlined in its colour, on a layer."""
+    for value, color in colors.items():
+        region = labels == value
+        if region.any():
+            paint_mask(layer, region, color, alpha)
+
+
+def paint_heatmap(layer: np.ndarray, values: np.ndarray, palette: Mapping[str, Any]) -> None:
+    """A heatmap in its palette's colours and alphas, on a layer (only where the palette is not transparent)."""
+    lut = palette_lut(palette)
+    values = np.asarray(values, np.uint8)
+    box = _extent(lut[values, 3] > 0)
+    if box is None:
+        return
+    rgba = lut[values[box]].astype(np.float32) / 255
+    weight = rgba[..., 3:4]
+    region = layer[box]
+    region[..., :3] = rgba[..., :3] * weight + region[..., :3] * (1 - weight)
+    region[..., 3:] = weight + region[..., 3:] * (1 - weight)
+
+
+def layer_image(layer: np.ndarray) -> Image.Image:
+    """A layer as a Pillow RGBA image (straight alpha), ready for vector annotations and PNG."""
+    out = np.zeros(layer.shape, np.uint8)
+    box = _extent(layer[..., 3] > 0)
+    if box is not None:
+        region = layer[box]
+        alpha = region[..., 3:]
+        rgb = np.divide(region[..., :3], alpha, out=np.zeros_like(region[..., :3]), where=alpha > 0)
+        out[box] = np.rint(np.clip(np.concatenate([rgb, alpha], axis=2), 0, 1) * 255).astype(np.uint8)
+    return Image.fromarray(out, "RGBA")

@@ -1,0 +1,113 @@
+"""The OpenAPI 3.0 description of the gateway's JSON routes, served at ``GET /openapi.json``.
+
+Built from the handler registry, so the command and job-name lists are the served ones. The
+multipart inference protocol itself is described in the README (OpenAPI cannot express its
+ordered parts); ``POST /`` appears here with its JSON form (``studyPath``) and its errors.
+A test runs schemathesis against the live server to keep the document and the server in step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+ERROR = {"$ref": "#/components/schemas/Error"}
+
+
+def _json(schema: dict, description: str) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*statuses: int) -> dict[str, dict]:
+    reasons = {400: "malformed request or bad parameter", 401: "bearer token missing",
+               403: "wrong token, or a path outside the data root", 404: "unknown job",
+               405: "method not allowed", 408: "request body too slow", 413: "request or response too large",
+               415: "unsupported Content-Type", 422: "input the handler cannot use (e.g. not DICOM)",
+               500: "the handler failed (detail in the server log under input_hash)"}
+    return {str(status): _json(ERROR, reasons[status]) for status in statuses}
+
+
+def openapi_document(commands: list[str], job_names: list[str], *, token_required: bool,
+                     version: str = "1.0") -> dict[str, Any]:
+    """The OpenAPI document for a server serving ``commands`` (and ``job_names`` as jobs)."""
+    auth_errors = (401, 403) if token_required else ()
+    paths: dict[str, Any] = {
+        "/healthcheck": {"get": {
+            "summary": "Liveness and readiness: READY once the models are loaded",
+            "operationId": "healthcheck", "security": [],
+            "responses": {"200": {"description": "READY, LOADING or FAILED: <reason>",
+                                  "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+        "/metrics": {"get": {
+            "summary": "Prometheus metrics of every worker process", "operationId": "metrics",
+            "responses": {"200": {"description": "Prometheus text exposition format",
+                                  "content": {"text/plain": {"schema": {"type": "string"}}}},
+                          **_errors(*auth_errors)}}},
+        "/models": {"get": {
+            "summary": "The inference commands served", "operationId": "listModels",
+            "responses": {"200": _json({"$ref": "#/components/schemas/Models"}, "served commands"),
+                          **_errors(*auth_errors)}}},
+        "/models/{family}": {"get": {
+            "summary": "A model family of the registry: its versions and which one is the default",
+            "operationId": "showModelFamily",
+            "parameters": [{"name": "family", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"200": _json({"type": "object"}, "the family"),
+                          "404": _json(ERROR, "no such family"), **_errors(*auth_errors)}}},
+        "/job/": {"post": {
+            "summary": "Run a command as a job on a folder of the data root", "operationId": "submitJob",
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/JobRequest"}}}},
+            "responses": {"201": _json({"$ref": "#/components/schemas/JobCreated"}, "job queued"),
+                          **_errors(400, *auth_errors, 403, 408, 415, 422)}}},
+        "/query/{uid}": {"get": {
+            "summary": "State of a job", "operationId": "queryJob",
+            "parameters": [{"name": "uid", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"200": _json({"$ref": "#/components/schemas/JobState"}, "completed"),
+                          "202": _json({"$ref": "#/components/schemas/JobState"}, "queued or running"),
+                          "404": _json(ERROR, "no such job"),
+                          **{str(s): _json({"$ref": "#/components/schemas/JobState"}, "the job failed")
+                             for s in (400, 403, 413, 422, 500)},
+                          **_errors(*auth_errors)}}},
+        "/": {"post": {
+            "summary": "Inference on a study folder of the data root (multipart uploads: see the README)",
+            "operationId": "inferStudyPath",
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/StudyPathRequest"}}}},
+            "responses": {"200": {"description": "multipart/related: the response JSON, then one part per buffer",
+                                  "content": {"multipart/related": {"schema": {"type": "string",
+                                                                               "format": "binary"}}}},
+                          **_errors(400, *auth_errors, 403, 408, 413, 415, 422, 500)}}},
+    }
+    document: dict[str, Any] = {
+        "openapi": "3.0.3",
+        "info": {"title": "Medical-imaging inference gateway", "version": version,
+                 "description": "Research software, not for clinical use. Every error is JSON "
+                                "{\"error\": ..., \"input_hash\": ...}."},
+        "paths": paths,
+        "components": {"schemas": {
+            "Error": {"type": "object", "required": ["error"],
+                      "properties": {"error": {"type": "string"}, "input_hash": {"type": "string"}}},
+            "Models": {"type": "object", "required": ["default_command", "models"],
+                       "properties": {"default_command": {"type": "string", "nullable": True},
+                                      "families": {"type": "array", "items": {"type": "object"}},
+                                      "models": {"type": "array", "items": {
+                                          "type": "object", "required": ["inference_command", "route"],
+                                          "properties": {"inference_command": {"type": "string", "enum": commands},
+                                                         "route": {"type": "string"},
+                                                         "description": {"type": "string"}}}}}},
+            "JobRequest": {"type": "object", "required": ["job_name", "in_dir"],
+                           "properties": {"job_name": {"type": "string", "enum": job_names},
+                                          "in_dir": {"type": "string", "minLength": 1}},
+                           "additionalProperties": True},
+            "JobCreated": {"type": "object", "required": ["uid"], "properties": {"uid": {"type": "string"}}},
+            "JobState": {"type": "object", "required": ["msg"],
+                         "properties": {"msg": {"type": "string"}, "output_dir": {"type": "string"},
+                                        "error": {"type": "string"}}},
+            "StudyPathRequest": {"type": "object", "required": ["studyPath"],
+                                 "properties": {"studyPath": {"type": "string"},
+                                                "inference_command": {"type": "string", "enum": commands}},
+                                 "additionalProperties": True},
+        }},
+    }
+    if token_required:
+        document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        document["security"] = [{"bearer": []}]
+    return document
