@@ -16,11 +16,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     INFERENCE_PORT=8900 \
     INFERENCE_OUTPUT_ROOT=/var/lib/inference/jobs
 
-# The server runs as an unprivileged user; it may write only its job outputs.
+# The server runs as an unprivileged user; it may write only its job outputs (and the DICOM node's spool).
 RUN groupadd --system --gid 10001 inference \
     && useradd --system --uid 10001 --gid inference --create-home --home-dir /home/inference \
        --shell /usr/sbin/nologin inference \
-    && mkdir -p /var/lib/inference/jobs \
+    && mkdir -p /var/lib/inference/jobs /var/lib/inference/pacs \
     && chown -R inference:inference /var/lib/inference
 
 WORKDIR /app

@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve worker test bench lint fuzz soak clean
+.PHONY: serve worker test bench lint fuzz soak clean pacs-node
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ serve: $(VENV)/.runtime
 CONCURRENCY ?= 1
 worker: $(VENV)/.runtime
 	$(BIN)/celery -A worker worker --concurrency $(CONCURRENCY) --loglevel INFO
+## pacs-node: the DICOM node (dicom_node.py): flags via PACS_ARGS, settings from INFERENCE_PACS_* variables
+pacs-node: $(VENV)/.runtime
+	$(BIN)/python dicom_node.py $(PACS_ARGS)
 
 ## test: install everything and run the test suite
 test: $(VENV)/.dev

@@ -2,7 +2,7 @@
 
     python -m bench.run                 # everything (what ``make bench`` runs)
     python -m bench.run --quick         # fewer repeats: a smoke run
-    python -m bench.run --only small    # one section: large, small, blur, hippocampus or celery
+    python -m bench.run --only small    # one section: large, small, blur, hippocampus, celery or pacs
 
 Both servers run with the shipped ``gunicorn.conf.py`` (the floor with its app swapped) on
 free ports, and both are driven by the same client code, so their ratio is the gateway's own
@@ -30,6 +30,7 @@ from pathlib import Path
 import requests
 
 from bench.floor import SIZE_HEADER
+from bench.pacs import measure as measure_pacs
 from bench.study import CACHE_DIR, cached_study
 from utils.client import (InferenceRequestError, InferenceResult, build_multipart_request, decode_response,
                           related_content_type)
@@ -43,7 +44,7 @@ HIPPOCAMPUS_COMMAND = "get-hippocampus-volume"
 STUDY1 = PROJECT_ROOT.parent / "shared" / "data" / "studies" / "Study1"
 #: The gateway serving only the 3D mask handler on ``/`` (``mock_server.py -s3D`` under gunicorn).
 MASK_ONLY_APP = f"mock_server:create_app({MASK_COMMAND!r})"
-SECTIONS = ("large", "small", "blur", "hippocampus", "celery")
+SECTIONS = ("large", "small", "blur", "hippocampus", "celery", "pacs")
 TARGETS = {"large_ratio": ("<=", 1.3), "rss_to_payload": ("<=", 1.5), "small_8_ratio": (">=", 0.85),
            "hippocampus_model_s": ("<=", 0.35), "hippocampus_fast_model_s": ("<=", 0.08)}
 #: The registry's fast hippocampus version (models/manifest.yaml): member 0 alone, no mirrored pass.
@@ -383,6 +384,7 @@ def run(sections: Sequence[str], quick: bool) -> dict:
             "blur": lambda: measure_blur(repeats=1 if quick else 3),
             "hippocampus": lambda: measure_hippocampus(ours, repeats=2 if quick else 5),
             "celery": lambda: measure_celery(quick),
+            "pacs": lambda: measure_pacs(runs=1 if quick else 3),
         }
         for section in sections:
             attempt(section, measures[section])
@@ -400,6 +402,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--only", choices=SECTIONS, help="run one section only (%(choices)s)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s bench: %(message)s", stream=sys.stderr)
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     results = run([args.only] if args.only else list(SECTIONS), args.quick)
     print(json.dumps(results), flush=True)
     if any(key.endswith("_error") for key in results):

@@ -29,7 +29,7 @@ import pydicom
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 from PIL import Image, ImageDraw
 
-from handlers.registry import register
+from handlers.registry import Param, register
 from utils.config import Settings
 from utils.dicom import (
     Volume,
@@ -42,8 +42,9 @@ from utils.dicom import (
     series_from_volume,
     with_pixels,
 )
+from utils.dicom_results import Algorithm, measurement_report, segmentation
 from utils.errors import UnprocessableInput
-from models.registry import ModelUnavailable, ModelVersion, Structure, registry_for
+from models.registry import ModelUnavailable, ModelVersion, Provenance, Structure, registry_for
 from utils.pipeline import Pipeline, current_run
 from utils.render import font, overlay_labels, to_rgb, upscale, window_values
 from utils.tagged_logger import TaggedLogger
@@ -53,6 +54,8 @@ log = TaggedLogger(logging.getLogger("inference.hippocampus"))
 ANTERIOR, POSTERIOR = 1, 2  # label values, as in the training data and the manifest's structures
 COMMAND = "get-hippocampus-volume"
 FAMILY = "hippocampus"
+#: What ``dicom_outputs`` may ask for: a DICOM Segmentation, a TID 1500 measurement report.
+DICOM_OUTPUTS = ("seg", "sr")
 
 
 def load_version(version: ModelVersion):
@@ -227,11 +230,44 @@ def render_report(volume: Volume, labels: np.ndarray, measures: dict, model_vers
     return np.asarray(image)
 
 
+def dicom_results(volume: Volume, labels: np.ndarray, structures: Sequence[Structure], provenance: Provenance,
+                  wanted: Sequence[str]) -> list[tuple[dict, object]]:
+    """The SEG and/or SR asked for, as (response part, dataset) pairs, in the study of ``volume``.
+
+    Segments and measurements are the model version's structures (the manifest's codes and colours);
+    the algorithm is identified by family, version and the weights' SHA-256.
+    """
+    algorithm = Algorithm(provenance.family, f"{provenance.version} (weights sha256 {provenance.weights_sha256[:12]})")
+    try:
+        seg = segmentation(volume.datasets, labels, structures, algorithm, description="Hippocampus segmentation")
+    except ValueError as exc:  # highdicom's checks of the source images (e.g. no FrameOfReferenceUID)
+        raise UnprocessableInput(f"no DICOM Segmentation can be made on series {volume.series_uid}: {exc}; "
+                                 f"request without dicom_outputs for the mask alone") from exc
+    out = []
+    if "seg" in wanted:
+        out.append(({"label": "Hippocampus segmentation", "binary_type": "dicom"}, seg))
+    if "sr" in wanted:
+        # as measure_volumes rounds them, so the report says what series_ml_json says
+        volumes = {s.name: round(int(np.count_nonzero(labels == s.label)) * volume.voxel_volume_mm3, 1)
+                   for s in structures}
+        report = measurement_report(volume.datasets, seg, volumes, structures, algorithm,
+                                    description="Hippocampal volume measurements")
+        out.append(({"label": "Hippocampal volume measurements", "binary_type": "dicom"}, report))
+    return out
+
+
 @register(COMMAND, route="/hippocampus", warm_up=warm_up, family=FAMILY,
-          description="Anterior/posterior hippocampus segmentation and volumes (HippoCrop series)")
+          description="Anterior/posterior hippocampus segmentation and volumes (HippoCrop series)",
+          params=[Param("dicom_outputs", "string-list", default=[], choices=DICOM_OUTPUTS,
+                        description="DICOM results to add: 'seg' (a DICOM Segmentation), 'sr' (a TID 1500 "
+                                    "volume report)")])
 def hippocampus_volume(json_input: dict, instances: Sequence, input_hash: str) -> tuple[dict, list]:
-    """Segment the hippocampus crop series: label mask, volumes and a Secondary Capture report."""
-    settings = current_run().settings
+    """Segment the hippocampus crop series: label mask, volumes and a Secondary Capture report.
+
+    ``"dicom_outputs": ["seg", "sr"]`` adds a DICOM Segmentation and a measurement report.
+    """
+    run = current_run()
+    settings, wanted = run.settings, run.params["dicom_outputs"]
     version, segmenter = model_for(settings, json_input.get("model_version"))
     provenance = version.provenance
     volume, labels, measures, seconds = segment_study(instances, settings, version, segmenter)
@@ -254,7 +290,11 @@ def hippocampus_volume(json_input: dict, instances: Sequence, input_hash: str) -
         "series_ml_json": {series_uid: {**measures, "model": model_version, "inference_seconds": round(seconds, 3)}},
         "model": provenance.as_json(),
     }
-    return response, [labels, report]
+    buffers = [labels, report]
+    for part, dataset in dicom_results(volume, labels, version.structures, provenance, wanted) if wanted else []:
+        response["parts"].append(part)
+        buffers.append(dataset)
+    return response, buffers
 
 
 # -- command line -------------------------------------------------------------------------

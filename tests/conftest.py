@@ -138,3 +138,12 @@ def server(tmp_path_factory) -> Iterator[RunningServer]:
     running.data_root = root / "data"
     yield running
     running.stop()
+
+
+def require(missing_reason: str | None) -> None:
+    """Skip the test with ``missing_reason`` (a program it needs is absent), or fail when ``CI`` is set."""
+    if missing_reason is None:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"CI: {missing_reason}")
+    pytest.skip(missing_reason)

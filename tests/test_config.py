@@ -45,3 +45,19 @@ def test_job_queues_route_commands_and_the_rest(monkeypatch):
 def test_bad_job_queues_name_the_variable_and_the_form(value):
     with pytest.raises(ValueError, match="INFERENCE_JOB_QUEUES.*command=queue"):
         dataclasses.replace(Settings(), job_queues=value).job_queue_routes()
+
+
+def test_dicom_node_settings_from_environment(monkeypatch):
+    monkeypatch.setenv("INFERENCE_PACS_DESTINATIONS", "ORTHANC@pacs:4242, BACKUP@10.0.0.2:104")
+    monkeypatch.setenv("INFERENCE_PACS_STABLE_SECONDS", "2.5")
+    monkeypatch.setenv("INFERENCE_PACS_ALLOWED_AES", "ORTHANC")
+    settings = Settings.from_env()
+    assert settings.pacs_destinations == ("ORTHANC@pacs:4242", "BACKUP@10.0.0.2:104")
+    assert settings.pacs_stable_seconds == 2.5 and settings.pacs_allowed_aes == ("ORTHANC",)
+    assert settings.pacs_ae_title == "HIPPOAI" and settings.pacs_port == 11112 and settings.pacs_stow_url is None
+
+
+def test_bad_number_names_the_variable(monkeypatch):
+    monkeypatch.setenv("INFERENCE_PACS_STABLE_SECONDS", "soon")
+    with pytest.raises(ValueError, match="INFERENCE_PACS_STABLE_SECONDS must be a number"):
+        Settings.from_env()

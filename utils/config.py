@@ -29,6 +29,24 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
 
 
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be a number, got {value!r}") from None
+
+
+def _env_list(name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    """A comma- or whitespace-separated list."""
+    value = os.environ.get(name)
+    if value is None or value.strip() == "":
+        return default
+    return tuple(item for item in value.replace(",", " ").split() if item)
+
+
 def _env_bool(name: str, default: bool) -> bool:
     value = os.environ.get(name)
     if value is None or value == "":
@@ -113,6 +131,27 @@ class Settings:
     #: INFERENCE_HIPPOCAMPUS_SERIES: regular expression matched against SeriesDescription to find the crop;
     #: unset: the model version's own rule (``input.series_description`` in the manifest).
     hippocampus_series: str | None = field(default=None, metadata={"env": "INFERENCE_HIPPOCAMPUS_SERIES"})
+    # -- the DICOM node (dicom_node.py); each also a command-line flag --------------------------
+    #: INFERENCE_PACS_AE_TITLE: the node's own AE title (what the PACS calls and what its results carry).
+    pacs_ae_title: str = field(default="HIPPOAI", metadata={"env": "INFERENCE_PACS_AE_TITLE"})
+    #: INFERENCE_PACS_HOST: address the DICOM listener binds to.
+    pacs_host: str = field(default="0.0.0.0", metadata={"env": "INFERENCE_PACS_HOST"})
+    #: INFERENCE_PACS_PORT: TCP port of the DICOM listener.
+    pacs_port: int = field(default=11112, metadata={"env": "INFERENCE_PACS_PORT"})
+    #: INFERENCE_PACS_DESTINATIONS: where results go by C-STORE, ``AE@HOST:PORT`` separated by commas.
+    pacs_destinations: tuple[str, ...] = field(default=(), metadata={"env": "INFERENCE_PACS_DESTINATIONS"})
+    #: INFERENCE_PACS_STOW_URL: a DICOMweb base URL results are also stored to by STOW-RS (unset: none).
+    pacs_stow_url: str | None = field(default=None, metadata={"env": "INFERENCE_PACS_STOW_URL"})
+    #: INFERENCE_PACS_STABLE_SECONDS: a study is complete once no instance of it arrived for this long.
+    pacs_stable_seconds: float = field(default=5.0, metadata={"env": "INFERENCE_PACS_STABLE_SECONDS"})
+    #: INFERENCE_PACS_ALLOWED_AES: calling AE titles accepted, separated by commas (unset: any).
+    pacs_allowed_aes: tuple[str, ...] = field(default=(), metadata={"env": "INFERENCE_PACS_ALLOWED_AES"})
+    #: INFERENCE_PACS_RULES: routing rules (YAML) deciding what runs on a complete study.
+    pacs_rules: Path = field(default=PROJECT_ROOT / "deploy" / "routing-rules.yaml", metadata={"env": "INFERENCE_PACS_RULES"})
+    #: INFERENCE_PACS_ROOT: the node's folders: ``spool/`` (studies received), ``outbox/``, ``jobs/``.
+    pacs_root: Path = field(default=PROJECT_ROOT / "output" / "pacs", metadata={"env": "INFERENCE_PACS_ROOT"})
+    #: INFERENCE_PACS_RETRY_MAX_SECONDS: longest wait between two delivery attempts (backoff doubles up to it).
+    pacs_retry_max_seconds: float = field(default=60.0, metadata={"env": "INFERENCE_PACS_RETRY_MAX_SECONDS"})
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -122,6 +161,12 @@ class Settings:
             name = f.metadata["env"]
             if f.type in ("int", int):
                 values[f.name] = _env_int(name, f.default)
+            elif f.type in ("float", float):
+                values[f.name] = _env_float(name, f.default)
+            elif str(f.type).startswith("tuple"):
+                values[f.name] = _env_list(name, f.default)
+
+
             elif f.type in ("bool", bool):
                 values[f.name] = _env_bool(name, f.default)
             elif "Path" in str(f.type):

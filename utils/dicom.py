@@ -275,6 +275,9 @@ def _new_file_dataset(sop_class_uid: str) -> Dataset:
     return ds
 
 
+#: Type 2 (must be present, may be empty) attributes of the patient and study modules.
+TYPE2_PATIENT_STUDY_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                                "StudyID", "AccessionNumber", "ReferringPhysicianName")
 PATIENT_STUDY_KEYWORDS = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge",
     "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber",
@@ -311,6 +314,8 @@ def _new_result_object(sop_class_uid: str, reference: Dataset, modality: str, de
     for keyword in PATIENT_STUDY_KEYWORDS:
         if keyword in reference:
             setattr(ds, keyword, reference.data_element(keyword).value)
+        elif keyword in TYPE2_PATIENT_STUDY_KEYWORDS:
+            setattr(ds, keyword, "")
     now = datetime.now()
     ds.Modality = modality
     ds.SeriesInstanceUID = generate_uid()
@@ -331,6 +336,8 @@ def secondary_capture(rgb: np.ndarray, reference: Dataset, *, description: str, 
         raise ValueError(f"secondary capture needs (rows, columns, 3) uint8 pixels, got {rgb.shape} {rgb.dtype}")
     ds = _new_result_object(SECONDARY_CAPTURE_SOP_CLASS, reference, "OT", description, series_number, algorithm)
     ds.ConversionType = "WSD"
+    ds.Laterality = ""  # type 2C in the general series module; empty: not a paired body part
+    ds.PatientOrientation = ""  # type 2C in the general image module; empty: no orientation known
     ds.ImageType = ["DERIVED", "SECONDARY"]
     ds.SamplesPerPixel = 3
     ds.PhotometricInterpretation = "RGB"
@@ -360,6 +367,9 @@ def structured_report(reference: Dataset, findings: dict[str, str], *, descripti
     ds.ValueType = "CONTAINER"
     ds.ConceptNameCodeSequence = [_code("18748-4", "LN", "Diagnostic Imaging Report")]
     ds.ContinuityOfContent = "SEPARATE"
+    ds.Manufacturer = ""  # type 2 attributes of the equipment, series and document modules
+    ds.ReferencedPerformedProcedureStepSequence = []
+    ds.PerformedProcedureCodeSequence = []
     ds.CompletionFlag, ds.VerificationFlag = "COMPLETE", "UNVERIFIED"
     items = []
     for name, text in findings.items():
@@ -391,7 +401,7 @@ def series_from_volume(
     if voxels.ndim != 3 or voxels.dtype not in (np.int16, np.uint16):
         raise ValueError(f"voxels must be a 3D int16 or uint16 array, got {voxels.ndim}D {voxels.dtype}")
     study_uid = study_uid or generate_uid()
-    series_uid = generate_uid()
+    series_uid, frame_of_reference = generate_uid(), generate_uid()
     row_dir, col_dir = np.asarray(orientation[:3], float), np.asarray(orientation[3:], float)
     normal = np.cross(row_dir, col_dir)
     out = []
@@ -401,6 +411,7 @@ def series_from_volume(
         ds.PatientID = patient_id
         ds.StudyInstanceUID = study_uid
         ds.SeriesInstanceUID = series_uid
+        ds.FrameOfReferenceUID = frame_of_reference
         ds.Modality = "MR"
         ds.SeriesDescription = description
         ds.SeriesNumber = 1

@@ -1,0 +1,400 @@
+"""The DICOM node: takes studies a PACS routes to it (C-STORE), runs the models on them, stores results back.
+
+    python dicom_node.py --ae-title HIPPOAI --port 11112 --destination ORTHANC@127.0.0.1:4242
+
+Flow: C-STORE -> spool (one folder per study, raw bytes) -> study quiet for ``--stable-seconds``
+-> routing rules (``--rules``) pick the commands -> one job per command through the job store
+and runner (shown by the gateway's ``/query``) -> the job's DICOM outputs (SEG, SR, Secondary
+Capture) -> outbox -> C-STORE to every ``--destination`` (and STOW-RS to ``--stow-url``), retried
+with backoff until confirmed. Everything in between is on disk: a restarted node resumes.
+Each (study content, command, parameters) runs once: its input hash is kept in ``processed/``.
+Every flag has an environment variable (``utils/config.py``; the README's configuration table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import logging.config
+import shutil
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification
+
+from handlers import load_handlers
+from utils import protocol
+from utils.config import Settings
+from utils.dicom import dicom_files_in
+from utils.errors import GatewayError
+from utils.job_api import JobExecutor, job_request_json
+from utils.jobs import COMPLETED, FAILED, INTERRUPTED, Job, JobStore, LocalPoolRunner
+from utils.outbox import DicomDestination, Outbox, StowDestination
+from utils.pipeline import Pipeline
+from utils.routing import Rule, load_rules, matching_rules
+from utils.study_spool import StudySpool, read_series_info
+from utils.tagged_logger import TaggedLogger
+
+log = TaggedLogger(logging.getLogger("inference.pacs"))
+
+#: Image storage classes a PACS sends us: MR, CT, their enhanced forms, secondary captures.
+STORAGE_CLASSES = (
+    "1.2.840.10008.5.1.4.1.1.4",  # MR Image
+    "1.2.840.10008.5.1.4.1.1.4.1",  # Enhanced MR Image
+    "1.2.840.10008.5.1.4.1.1.4.3",  # Enhanced MR Color Image
+    "1.2.840.10008.5.1.4.1.1.4.4",  # Legacy Converted Enhanced MR Image
+    "1.2.840.10008.5.1.4.1.1.2",  # CT Image
+    "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT Image
+    "1.2.840.10008.5.1.4.1.1.2.2",  # Legacy Converted Enhanced CT Image
+    "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture Image
+    "1.2.840.10008.5.1.4.1.1.7.1",  # Multi-frame Single Bit Secondary Capture
+    "1.2.840.10008.5.1.4.1.1.7.2",  # Multi-frame Grayscale Byte Secondary Capture
+    "1.2.840.10008.5.1.4.1.1.7.3",  # Multi-frame Grayscale Word Secondary Capture
+    "1.2.840.10008.5.1.4.1.1.7.4",  # Multi-frame True Color Secondary Capture
+)
+#: Uncompressed and the usual compressed syntaxes (pydicom decodes them: RLE itself, JPEG and
+#: JPEG 2000 through Pillow, JPEG-LS through pyjpegls).
+TRANSFER_SYNTAXES = (
+    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
+    JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless,
+    JPEG2000Lossless, JPEG2000, RLELossless,
+)
+STATE_FILE = ".work.json"
+DELIVERING, DONE_FAILED = "delivering", "failed"
+
+
+def input_hash(json_bytes: bytes, files: Sequence[Path]) -> str:
+    """SHA-256 over the request JSON and the files, in order: the input hash a job on them logs."""
+    digest = hashlib.sha256(json_bytes)
+    for path in files:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def job_pipeline(settings: Settings, rules: Sequence[Rule]) -> Pipeline:
+    """The pipeline the node's jobs run through: the rules' commands, each rule's parameters checked.
+
+    Its data root is the node's spool, where the jobs' study folders are. ``ValueError`` naming the
+    rule when a command is unknown or a parameter is refused.
+    """
+    job_settings = dataclasses.replace(settings, data_root=Path(settings.pacs_root) / "spool")
+    try:
+        pipeline = Pipeline(job_settings, commands=sorted({rule.command for rule in rules}))
+    except GatewayError as exc:
+        raise ValueError(f"routing rules: {exc.message}") from None
+    for rule in rules:
+        try:
+            pipeline.check_request({"inference_command": rule.command, **rule.params})
+        except GatewayError as exc:
+            raise ValueError(f"routing rule {rule.name}: {exc.message}") from None
+    return pipeline
+
+
+class DicomNode:
+    """The listener, the spool watcher, the job submission and the outbox of one node process."""
+
+    def __init__(self, settings: Settings, rules: Sequence[Rule]) -> None:
+        self.settings = settings
+        self.rules = list(rules)
+        root = Path(settings.pacs_root)
+        self.pipeline = job_pipeline(settings, self.rules)
+        self.spool = StudySpool(self.pipeline.settings.data_root, settings.pacs_stable_seconds)
+        self.processed = root / "processed"
+        self.processed.mkdir(parents=True, exist_ok=True)
+        destinations = [DicomDestination.parse(text, settings.pacs_ae_title) for text in settings.pacs_destinations]
+        if settings.pacs_stow_url:
+            destinations.append(StowDestination(settings.pacs_stow_url))
+        self.outbox = Outbox(root / "outbox", destinations, retry_max_seconds=settings.pacs_retry_max_seconds)
+        output_root = Path(settings.output_root)
+        self.store = JobStore(output_root / "jobs.sqlite3")
+        self.runner = LocalPoolRunner(self.store, JobExecutor(self.store, self.pipeline),
+                                      workers=settings.job_workers, lock_dir=output_root / ".owners")
+        self.ae = self._make_ae()
+        self._server = None
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self._received: dict[int, int] = {}  # instances stored per open association (by id)
+
+    # -- DICOM ----------------------------------------------------------------------------
+    def _make_ae(self) -> AE:
+        ae = AE(ae_title=self.settings.pacs_ae_title)
+        ae.add_supported_context(Verification)
+        for sop_class in STORAGE_CLASSES:
+            ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
+        if self.settings.pacs_allowed_aes:
+            ae.require_calling_aet = list(self.settings.pacs_allowed_aes)
+        return ae
+
+    def _on_store(self, event) -> int:
+        calling = event.assoc.requestor.ae_title
+        try:
+            header = self.spool.store(lambda handle: handle.write(event.encoded_dataset()), calling)
+        except ValueError as exc:
+            log.warning("refused an instance from %s: %s", calling, exc)
+            return 0xC000  # cannot understand
+        except OSError as exc:
+            log.error("could not spool an instance from %s: %s", calling, exc)
+            return 0xA700  # out of resources
+        log.tag({"study": header.StudyInstanceUID}).debug("stored %s from %s", header.SOPInstanceUID, calling)
+        self._received[id(event.assoc)] = self._received.get(id(event.assoc), 0) + 1
+        return 0x0000
+
+    def _on_association(self, event) -> None:
+        log.info("association from %s (%s:%s)", event.assoc.requestor.ae_title, event.assoc.requestor.address,
+                 event.assoc.requestor.port)
+
+    def _on_association_end(self, event) -> None:
+        ended = "released" if event.event is evt.EVT_RELEASED else "aborted"
+        log.info("association from %s %s: %d instances stored", event.assoc.requestor.ae_title, ended,
+                 self._received.pop(id(event.assoc), 0))
+
+    def _on_rejected(self, event) -> None:
+        log.warning("association from %s (%s) rejected: calling AE title not in INFERENCE_PACS_ALLOWED_AES",
+                    event.assoc.requestor.ae_title, event.assoc.requestor.address)
+
+    # -- life cycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        """Recover (interrupted jobs, outbox), start the senders, the watcher and the listener."""
+        self.runner.recover()
+        self.outbox.start()
+        if not self.outbox.destinations:
+            log.warning("no destination configured: results stay in the job output folders")
+        self._watcher = threading.Thread(target=self._watch, name="pacs-watch", daemon=True)
+        self._watcher.start()
+        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_ACCEPTED, self._on_association),
+                    (evt.EVT_REJECTED, self._on_rejected), (evt.EVT_RELEASED, self._on_association_end),
+                    (evt.EVT_ABORTED, self._on_association_end)]
+        self._server = self.ae.start_server((self.settings.pacs_host, self.settings.pacs_port), block=False,
+                                            evt_handlers=handlers)
+        log.info("DICOM node %s listening on %s:%d; destinations: %s; study stable after %.1fs; rules: %s",
+                 self.settings.pacs_ae_title, self.settings.pacs_host, self.settings.pacs_port,
+                 ", ".join(map(str, self.outbox.destinations)) or "none", self.settings.pacs_stable_seconds,
+                 ", ".join(f"{r.name} -> {r.command}" for r in self.rules))
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._server is not None:
+            self._server.shutdown()
+        if self._watcher is not None:
+            self._watcher.join(timeout=10)
+        self.outbox.stop()
+
+    def _watch(self) -> None:
+        interval = max(0.05, min(0.5, self.settings.pacs_stable_seconds / 4))
+        while not self._stop.wait(interval):
+            try:
+                for folder in self.spool.take_stable():
+                    self.route(folder)
+                for folder in sorted(self.spool.work.iterdir()):
+                    self.advance(folder)
+            except Exception:  # the watcher must outlive any one study's trouble
+                log.exception("the spool watcher hit an error; it keeps watching")
+
+    # -- a complete study -----------------------------------------------------------------
+    def route(self, folder: Path) -> None:
+        """A study just became stable: run every matching rule's command once per input hash."""
+        series = read_series_info(folder)
+        study_uid = self._study_uid(folder)
+        files = dicom_files_in(folder)
+        study_log = log.tag({"study": study_uid})
+        study_log.info("study complete: %d instances in %d series (%s)", len(files), len(series),
+                       "; ".join(f"{s.modality} '{s.description}' from {s.calling_ae}" for s in series))
+        rules = matching_rules(self.rules, series)
+        if not rules:
+            study_log.warning("no routing rule matches this study (rules: %s); nothing run, no results",
+                              "; ".join(f"{r.name}: modality={r.modality} series_description={r.series_description}"
+                                        f" calling_ae={r.calling_ae}" for r in self.rules))
+            shutil.rmtree(folder)
+            return
+        state = {"study_uid": study_uid, "jobs": {}}
+        for rule in rules:
+            job = self._new_job(rule, folder)
+            digest = input_hash(json.dumps(job_request_json(job)).encode(), files)
+            run_log = study_log.tag({"input_hash": digest})
+            marker = self.processed / digest
+            if marker.exists():
+                run_log.info("rule %s: this input was already processed (job %s); not running it again",
+                             rule.name, marker.read_text().strip())
+                continue
+            # recorded before the job exists: after a crash in between, advance() finds the job
+            # missing and submits it, and a second arrival of the study is still recognised
+            marker.write_text(job.uid)
+            state["jobs"][job.uid] = {"rule": rule.name, "input_hash": digest, "state": "running"}
+            self._save_state(folder, state)
+            self._submit(job)
+            run_log.info("rule %s: job %s queued (%s %s)", rule.name, job.uid, rule.command, json.dumps(rule.params))
+        if not state["jobs"]:
+            shutil.rmtree(folder)
+
+    def _new_job(self, rule: Rule, folder: Path) -> Job:
+        return Job(job_name=rule.command, command=rule.command, in_dir=str(folder.relative_to(self.spool.root)),
+                   params=dict(rule.params))
+
+    def _submit(self, job: Job) -> None:
+        job.owner = self.runner.owner
+        self.store.add(job)
+        self.runner.submit(job)
+
+    def advance(self, folder: Path) -> None:
+        """Move a study's jobs on: finished ones to the outbox; the folder goes once all is delivered."""
+        state = self._load_state(folder)
+        if state is None:  # taken from incoming but not routed yet (a stop in between): route it now
+            self.route(folder)
+            return
+        study_log = log.tag({"study": state["study_uid"]})
+        changed = False
+        for uid, entry in list(state["jobs"].items()):
+            run_log = study_log.tag({"input_hash": entry["input_hash"]})
+            if entry["state"] != "running":
+                continue
+            job = self.store.get(uid)
+            if job is None or (job.status == FAILED and job.error == INTERRUPTED):
+                rule = next((r for r in self.rules if r.name == entry["rule"]), None)
+                if rule is None:
+                    entry["state"] = DONE_FAILED
+                    run_log.error("job %s was interrupted and its rule %s is no longer in the rules; not resubmitted",
+                                  uid, entry["rule"])
+                else:
+                    replacement = self._new_job(rule, folder)
+                    (self.processed / entry["input_hash"]).write_text(replacement.uid)
+                    state["jobs"][replacement.uid] = state["jobs"].pop(uid)
+                    self._save_state(folder, state)
+                    self._submit(replacement)
+                    run_log.warning("job %s was interrupted or never started; resubmitted as %s", uid,
+                                    replacement.uid)
+                changed = True
+            elif job.status == COMPLETED:
+                files = self._dicom_outputs(Path(job.output_dir))
+                self.outbox.put(uid, files, {"study": state["study_uid"], "input_hash": entry["input_hash"]})
+                entry["state"] = DELIVERING
+                run_log.info("job %s completed: %d DICOM results (%s) to deliver", uid, len(files),
+                             ", ".join(p.name for p in files))
+                changed = True
+            elif job.status == FAILED:
+                entry["state"] = DONE_FAILED
+                run_log.error("job %s failed, no results for this study: %s", uid, job.error)
+                changed = True
+        if changed:
+            self._save_state(folder, state)
+        entries = state["jobs"].items()
+        if all(e["state"] == DONE_FAILED or (e["state"] == DELIVERING and not self.outbox.pending(uid))
+               for uid, e in entries):
+            for uid, entry in entries:
+                if entry["state"] == DELIVERING:
+                    study_log.tag({"input_hash": entry["input_hash"]}).info(
+                        "job %s: every result confirmed by every destination; study done", uid)
+            shutil.rmtree(folder)
+
+    @staticmethod
+    def _dicom_outputs(output_dir: Path) -> list[Path]:
+        response = json.loads((output_dir / "response.json").read_text())
+        return [output_dir / part["file"] for part in response["parts"] if part["binary_type"] in protocol.DICOM_TYPES]
+
+    @staticmethod
+    def _study_uid(folder: Path) -> str:
+        entries = json.loads((folder / ".series.json").read_text()) if (folder / ".series.json").exists() else {}
+        return next((e["study_uid"] for e in entries.values()), folder.name.split("--")[0])
+
+    @staticmethod
+    def _load_state(folder: Path) -> dict | None:
+        try:
+            return json.loads((folder / STATE_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+
+    @staticmethod
+    def _save_state(folder: Path, state: dict) -> None:
+        (folder / f"{STATE_FILE}.tmp").write_text(json.dumps(state))
+        (folder / f"{STATE_FILE}.tmp").replace(folder / STATE_FILE)
+
+
+def parse_args(argv: Sequence[str] | None, defaults: Settings) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python dicom_node.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ae-title", default=defaults.pacs_ae_title, help="our AE title (INFERENCE_PACS_AE_TITLE, "
+                        "default %(default)s)")
+    parser.add_argument("--host", default=defaults.pacs_host, help="bind address (INFERENCE_PACS_HOST, "
+                        "default %(default)s)")
+    parser.add_argument("--port", type=int, default=defaults.pacs_port, help="DICOM port (INFERENCE_PACS_PORT, "
+                        "default %(default)s)")
+    parser.add_argument("--destination", action="append", metavar="AE@HOST:PORT",
+                        help="where results go by C-STORE; repeatable (INFERENCE_PACS_DESTINATIONS, comma-separated)")
+    parser.add_argument("--stow-url", default=defaults.pacs_stow_url,
+                        help="DICOMweb base URL results also go to by STOW-RS (INFERENCE_PACS_STOW_URL)")
+    parser.add_argument("--stable-seconds", type=float, default=defaults.pacs_stable_seconds,
+                        help="a study is complete once quiet this long (INFERENCE_PACS_STABLE_SECONDS, "
+                             "default %(default)s)")
+    parser.add_argument("--allow-ae", action="append", metavar="AE",
+                        help="accept associations only from these calling AE titles; repeatable "
+                             "(INFERENCE_PACS_ALLOWED_AES, comma-separated; default: any)")
+    parser.add_argument("--rules", type=Path, default=defaults.pacs_rules,
+                        help="routing rules YAML (INFERENCE_PACS_RULES, default deploy/routing-rules.yaml)")
+    parser.add_argument("--root", type=Path, default=defaults.pacs_root,
+                        help="folder for spool, outbox and processed marks (INFERENCE_PACS_ROOT)")
+    return parser.parse_args(argv)
+
+
+def settings_from_args(args: argparse.Namespace, defaults: Settings) -> Settings:
+    """The environment's settings with the command line's flags on top."""
+    for text in args.destination or []:
+        DicomDestination.parse(text, args.ae_title)  # fail at start-up on a malformed one
+    return dataclasses.replace(
+        defaults, pacs_ae_title=args.ae_title, pacs_host=args.host, pacs_port=args.port,
+        pacs_destinations=tuple(args.destination) if args.destination else defaults.pacs_destinations,
+        pacs_stow_url=args.stow_url, pacs_stable_seconds=args.stable_seconds,
+        pacs_allowed_aes=tuple(args.allow_ae) if args.allow_ae else defaults.pacs_allowed_aes,
+        pacs_rules=args.rules, pacs_root=args.root)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    defaults = Settings.from_env()
+    args = parse_args(argv, defaults)
+    with open(defaults.logging_config, encoding="utf-8") as handle:
+        logging.config.dictConfig(yaml.safe_load(handle))
+    load_handlers()
+    try:
+        settings = settings_from_args(args, defaults)
+        rules = load_rules(settings.pacs_rules)
+        node = DicomNode(settings, rules)
+    except ValueError as exc:
+        print(f"dicom_node: {exc}", file=sys.stderr)
+        return 2
+    for spec in node.pipeline.specs:
+        if spec.warm_up is not None:
+            spec.warm_up(node.pipeline.settings)
+    stopped = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopped.set())
+    node.start()
+    while not stopped.wait(1.0):
+        pass
+    log.info("stopping")
+    node.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Routing rules: the shipped default, matching by modality / description / calling AE, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from utils.config import Settings
+from utils.routing import SeriesInfo, load_rules, matching_rules, parse_rules
+
+CROP = SeriesInfo("MR", "HippoCrop", "ORTHANC")
+T1 = SeriesInfo("MR", "T1post", "ORTHANC")
+
+
+def test_shipped_rules_send_a_hippocrop_study_to_the_hippocampus_model():
+    rules = load_rules(Settings().pacs_rules)
+    chosen = matching_rules(rules, [T1, CROP])
+    assert [(r.command, r.params) for r in chosen] == [("get-hippocampus-volume", {"dicom_outputs": ["seg", "sr"]})]
+    assert matching_rules(rules, [T1]) == []
+    assert matching_rules(rules, [SeriesInfo("CT", "HippoCrop", "X")]) == []
+
+
+def test_conditions_must_hold_for_one_series():
+    rules = parse_rules({"rules": [{"command": "c", "match": {"series_description": "^crop$", "calling_ae": "PACS.*"}}]})
+    assert matching_rules(rules, [SeriesInfo("MR", "Crop", "PACS1")])
+    assert not matching_rules(rules, [SeriesInfo("MR", "crop", "OTHER"), SeriesInfo("MR", "T1", "PACS1")])
+    assert not matching_rules(rules, [SeriesInfo("MR", "my crop", "PACS1")])
+
+
+@pytest.mark.parametrize("document, message", [
+    ({"rule": []}, "list under 'rules'"),
+    ({"rules": [{"match": {}}]}, "rule 1: 'command'"),
+    ({"rules": [{"command": "c", "match": {"colour": "red"}}]}, "'match' may only hold"),
+    ({"rules": [{"command": "c", "match": {"series_description": "("}}]}, "not a regular expression"),
+    ({"rules": [{"command": "c", "params": [1]}]}, "'params' must be a mapping"),
+])
+def test_malformed_rules_say_what_is_wrong(document, message):
+    with pytest.raises(ValueError, match=message):
+        parse_rules(document)
+
+
+def test_missing_rules_file_names_it(tmp_path):
+    with pytest.raises(ValueError, match="nothing.yaml does not exist"):
+        load_rules(tmp_path / "nothing.yaml")
