@@ -145,6 +145,10 @@ class Outbox:
         """Files of ``batch`` not yet confirmed by some destination."""
         return sum(len(list((self.root / d.key).glob(f"{batch}__*.dcm"))) for d in self.destinations)
 
+    def batches(self, destination: Destination) -> set[str]:
+        """The batches with files waiting for ``destination`` (one of this outbox's)."""
+        return {path.name.split("__", 1)[0] for path in (self.root / destination.key).glob("*__*.dcm")}
+
     def start(self) -> None:
         for destination in self.destinations:
             thread = threading.Thread(target=self._sender, args=(destination,), name=f"outbox-{destination.key}",
