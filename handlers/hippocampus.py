@@ -378,6 +378,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 report_delivery(sender.confirmed())
     if sender:
         report_delivery(sender.close())
+        for destination, (delivered, waiting) in sender.earlier_results().items():
+            print(f"earlier runs' results for {destination}: {delivered} delivered now, {waiting} still waiting",
+                  file=sys.stderr)
     destinations = sender.destinations if sender else []
     print_summary(args.studies, results, destinations)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -66,7 +66,7 @@ class ResultSender:
         """Queue ``files`` for every destination (durably, before returning) unless it holds ``batch`` already."""
         for destination, outbox in self._outboxes:
             if batch in self._held[destination.key]:
-                count = outbox.pending(batch)
+                count = self._held[destination.key][batch]
                 log.tag(tags).info("%d results of this input wait for %s from an earlier run: sending those",
                                    count, destination)
             else:
@@ -108,4 +108,18 @@ class ResultSender:
                     self._reported.add((batch, key))
                     out.append((batch, DeliveryStatus(str(destination), IN_OUTBOX, outbox.pending(batch),
                                                       outbox.root / destination.key)))
+        return out
+
+    def earlier_results(self) -> dict[str, tuple[int, int]]:
+        """After ``close``: per destination, files of earlier runs' batches this run did not queue,
+        as (delivered now, still waiting)."""
+        out = {}
+        for destination, outbox in self._outboxes:
+            delivered = waiting = 0
+            for batch, count in self._held[destination.key].items():
+                if (batch, destination.key) not in self._queued:
+                    left = outbox.pending(batch)
+                    delivered, waiting = delivered + count - left, waiting + left
+            if delivered or waiting:
+                out[str(destination)] = (delivered, waiting)
         return out
