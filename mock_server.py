@@ -25,6 +25,8 @@ from gateway import Gateway
 from handlers import REGISTRY, load_handlers
 from utils.config import Settings, get_settings
 from utils.job_api import add_job_routes
+from models.registry import ManifestError, registry_for
+from utils.errors import BadRequest, NotFound
 from utils.pipeline import Pipeline
 
 log = logging.getLogger("inference.server")
@@ -74,6 +76,10 @@ def create_app(mode: str | None = None, settings: Settings | None = None, *,
     if default is not None and default not in commands:
         raise SystemExit(f"INFERENCE_DEFAULT_COMMAND={default!r} is not served; served: {', '.join(commands)} "
                          "(mocks need INFERENCE_ENABLE_MOCKS=1)")
+    try:
+        registry = registry_for(settings.model_manifest)  # a manifest that does not parse stops start-up here
+    except ManifestError as exc:
+        raise SystemExit(f"model manifest: {exc}") from None
     pipeline = Pipeline(settings, REGISTRY, commands=commands, default_command=default)
     app = Gateway(__name__, pipeline=pipeline)
     add_job_routes(app, pipeline)  # POST /job/, GET /query/<uid>
@@ -88,16 +94,23 @@ def create_app(mode: str | None = None, settings: Settings | None = None, *,
 
     @app.get("/models")
     def list_models():
+        """The commands served (with their parameters) and the model registry's families."""
         return flask.jsonify({"default_command": pipeline.default_command,
-                              "models": [spec.describe() for spec in pipeline.specs]})
+                              "models": [spec.describe() for spec in pipeline.specs],
+                              "families": registry.describe()})
+
+    @app.get("/models/<family>")
+    def show_family(family: str):
+        try:
+            return flask.jsonify(registry.family(family).describe(registry.failures))
+        except BadRequest as exc:
+            raise NotFound(exc.message) from None
 
     def warm_up() -> None:
-        failures = pipeline.warm_up()
-        if failures:
-            health["status"] = "FAILED: " + "; ".join(f"{command}: {why}" for command, why in failures.items())
-            log.error("warm-up failed; the healthcheck will not say READY: %s", health["status"])
+        health["status"] = pipeline.warm_up().health()
+        if health["status"] != "READY":
+            log.error("the healthcheck will not say READY: %s", health["status"])
             return
-        health["status"] = "READY"
         log.info("READY: serving %s", ", ".join(commands))
 
     log.info("settings: %s", settings.describe())

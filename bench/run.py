@@ -278,9 +278,9 @@ def measure_hippocampus(ours: Server, repeats: int) -> dict:
         out["hippocampus_roundtrip_skipped"] = f"{HIPPOCAMPUS_COMMAND} is not served (GET /models)"
     settings = get_settings()
     pipeline = Pipeline(settings, commands=[HIPPOCAMPUS_COMMAND])
-    failures = pipeline.warm_up()
-    if failures:
-        out["hippocampus_model_skipped"] = f"the model cannot be loaded: {failures[HIPPOCAMPUS_COMMAND]}"
+    failed = pipeline.warm_up().failed
+    if failed:
+        out["hippocampus_model_skipped"] = f"the model cannot be loaded: {failed[HIPPOCAMPUS_COMMAND]}"
         return out
     request = {"inference_command": HIPPOCAMPUS_COMMAND}
     pipeline.run_files(request, files)  # warm-up

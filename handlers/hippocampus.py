@@ -1,9 +1,11 @@
 """Hippocampal volume: segment anterior and posterior hippocampus in a study's crop series.
 
 Over HTTP (``inference_command`` ``get-hippocampus-volume``, or ``POST /hippocampus``) the
-handler finds the crop series (SeriesDescription matching ``INFERENCE_HIPPOCAMPUS_SERIES``),
-segments it with the shipped 2D UNet and answers a ``numeric_label_mask``, the volumes in
-``series_ml_json`` and a Secondary Capture report. From the command line it does the same for
+handler finds the crop series (SeriesDescription matching the model version's rule, or
+``INFERENCE_HIPPOCAMPUS_SERIES``), segments it with the version of the ``hippocampus`` family the
+request names (``model_version``; the manifest's default otherwise, see ``models/registry.py``) and
+answers a ``numeric_label_mask``, the volumes in ``series_ml_json``, the model's provenance and a
+Secondary Capture report. From the command line it does the same for
 study folders:
 
     python -m handlers.hippocampus STUDY_DIR [STUDY_DIR ...] --out DIR
@@ -28,7 +30,6 @@ import numpy as np
 import pydicom
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 from PIL import Image, ImageDraw
-from pydicom.sr.codedict import codes
 
 from handlers.registry import Param, register
 from utils.config import Settings
@@ -43,41 +44,51 @@ from utils.dicom import (
     series_from_volume,
     with_pixels,
 )
+from models.registry import ModelUnavailable, ModelVersion, Provenance, Structure, registry_for
 from utils.delivery import STORED, DeliveryStatus, ResultSender
-from utils.dicom_results import Algorithm, Structure, measurement_report, segmentation
+from utils.dicom_results import Algorithm, measurement_report, segmentation
 from utils.errors import UnprocessableInput
 from utils.outbox import DicomDestination, StowDestination
 from utils.pipeline import Pipeline, current_run
-from utils.render import font, label_color, overlay_labels, to_rgb, upscale, window_values
+from utils.render import font, overlay_labels, to_rgb, upscale, window_values
 from utils.tagged_logger import TaggedLogger
 
 log = TaggedLogger(logging.getLogger("inference.hippocampus"))
 
-LABEL_MAP = {"1": "Anterior", "2": "Posterior"}
-#: The labels as coded structures for DICOM results: Hippocampus (SCT 5366008, CID 7140) with the
-#: anatomic modifiers Anterior / Posterior (SCT 255549009 / 255551008, CID 2).
-STRUCTURES = (
-    Structure("Anterior hippocampus", 1, label_color(1), codes.SCT.Hippocampus, codes.SCT.Anterior),
-    Structure("Posterior hippocampus", 2, label_color(2), codes.SCT.Hippocampus, codes.SCT.Posterior),
-)
+ANTERIOR, POSTERIOR = 1, 2  # label values, as in the training data and the manifest's structures
+COMMAND = "get-hippocampus-volume"
+FAMILY = "hippocampus"
 #: What ``dicom_outputs`` may ask for: a DICOM Segmentation, a TID 1500 measurement report.
 DICOM_OUTPUTS = ("seg", "sr")
-COMMAND = "get-hippocampus-volume"
-_segmenters: dict[Path, object] = {}
-_segmenters_lock = threading.Lock()
 
 
-def load_segmenter(settings: Settings):
-    """The model of ``settings.model_path``, loaded once per process (CUDA when available)."""
-    path = Path(settings.model_path)
-    with _segmenters_lock:
-        if path not in _segmenters:
-            from models.segmenter import HippocampusSegmenter
+def load_version(version: ModelVersion):
+    """The segmenter of a registry version: its weights with its inference settings (CUDA when available)."""
+    from models.segmenter import HippocampusSegmenter
 
-            started = time.perf_counter()
-            _segmenters[path] = segmenter = HippocampusSegmenter.load(path)
-            log.info("loaded %s in %.1fs", segmenter.version, time.perf_counter() - started)
-        return _segmenters[path]
+    started = time.perf_counter()
+    members = version.inference.get("members", "all")
+    segmenter = HippocampusSegmenter.load(version.weights, members=None if members == "all" else list(members),
+                                          flips=bool(version.inference.get("flips", True)))
+    log.info("loaded %s in %.1fs", version.provenance.short, time.perf_counter() - started)
+    return segmenter
+
+
+def model_for(settings: Settings, requested: str | None = None) -> tuple[ModelVersion, object]:
+    """The version a request names (``model_version``; the family's default when absent) and its model."""
+    registry = registry_for(settings.model_manifest)
+    version = registry.family(FAMILY).resolve(requested)
+    return version, registry.model(version, load_version)
+
+
+def warm_up(settings: Settings) -> str | None:
+    """Load every version of the family; fail if the default cannot load, report the others that could not."""
+    registry = registry_for(settings.model_manifest)
+    failed = registry.load_family(FAMILY, load_version)
+    default = registry.family(FAMILY).default_version
+    if default in failed:
+        raise ModelUnavailable(f"{FAMILY} {default} (the default): {failed[default]}")
+    return "; ".join(f"{FAMILY} {name} unavailable: {why}" for name, why in failed.items()) or None
 
 
 def find_crop_series(series: dict[str, list], pattern: str) -> list:
@@ -148,7 +159,7 @@ def measure_volumes(labels: np.ndarray, volume: Volume) -> dict:
     """Voxel counts and volumes in mm3 (voxel count x slice spacing x pixel spacing)."""
     voxel_mm3 = volume.voxel_volume_mm3
     counts = np.bincount(labels.ravel(), minlength=3)
-    anterior, posterior = int(counts[1]), int(counts[2])
+    anterior, posterior = int(counts[ANTERIOR]), int(counts[POSTERIOR])
     return {
         "anterior_volume_mm3": round(anterior * voxel_mm3, 1),
         "posterior_volume_mm3": round(posterior * voxel_mm3, 1),
@@ -160,12 +171,13 @@ def measure_volumes(labels: np.ndarray, volume: Volume) -> dict:
     }
 
 
-def segment_study(instances: Sequence, settings: Settings) -> tuple[Volume, np.ndarray, dict, float]:
+def segment_study(instances: Sequence, settings: Settings, version: ModelVersion,
+                  segmenter) -> tuple[Volume, np.ndarray, dict, float]:
     """Find and segment the crop series: its volume, labels (slices, rows, columns), measures, seconds."""
     headers = load_instances(instances, stop_before_pixels=True)
-    crop = find_crop_series(group_by_series(headers), settings.hippocampus_series)
+    pattern = settings.hippocampus_series or version.input["series_description"]
+    crop = find_crop_series(group_by_series(headers), pattern)
     volume = load_volume(with_pixels(crop))
-    segmenter = load_segmenter(settings)
     started = time.perf_counter()
     voxels, orientation = to_model_orientation(volume)
     labels = from_model_orientation(segmenter.segment(voxels), orientation)
@@ -173,7 +185,8 @@ def segment_study(instances: Sequence, settings: Settings) -> tuple[Volume, np.n
     return volume, labels, measure_volumes(labels, volume), seconds
 
 
-def render_report(volume: Volume, labels: np.ndarray, measures: dict, model_version: str) -> np.ndarray:
+def render_report(volume: Volume, labels: np.ndarray, measures: dict, model_version: str,
+                  structures: Sequence[Structure]) -> np.ndarray:
     """The report image (RGB uint8): three slices with the overlay, the volumes, the model, a warning."""
     counts = labels.reshape(labels.shape[0], -1).astype(bool).sum(axis=1)
     present = np.flatnonzero(counts)
@@ -183,7 +196,7 @@ def render_report(volume: Volume, labels: np.ndarray, measures: dict, model_vers
         picks = [labels.shape[0] // 4, labels.shape[0] // 2, 3 * labels.shape[0] // 4]
     scale = max(1, 300 // max(volume.voxels.shape[1:]))
     low, high = np.percentile(volume.voxels, [0.5, 99.5])  # one window for the whole crop
-    colors = {int(value): label_color(int(value)) for value in LABEL_MAP}
+    colors = {s.label: s.color for s in structures}
     tiles = []
     for k in picks:
         gray = window_values(volume.voxels[k], (low + high) / 2, max(high - low, 1.0))
@@ -206,8 +219,8 @@ def render_report(volume: Volume, labels: np.ndarray, measures: dict, model_vers
         image.paste(tile, (x, header))
         draw.text((x, header + tile_h + 4), f"slice {k + 1} of {labels.shape[0]}", fill=grey, font=small)
     y = header + tile_h + 32
-    rows = [("Anterior", measures["anterior_volume_mm3"], colors[1]),
-            ("Posterior", measures["posterior_volume_mm3"], colors[2]),
+    rows = [("Anterior", measures["anterior_volume_mm3"], colors[ANTERIOR]),
+            ("Posterior", measures["posterior_volume_mm3"], colors[POSTERIOR]),
             ("Total", measures["total_volume_mm3"], white)]
     for name, value, color in rows:
         draw.rectangle((pad, y + 3, pad + 12, y + 15), fill=tuple(color))
@@ -221,12 +234,16 @@ def render_report(volume: Volume, labels: np.ndarray, measures: dict, model_vers
     return np.asarray(image)
 
 
-def dicom_results(volume: Volume, labels: np.ndarray, measures: dict, model_version: str,
+def dicom_results(volume: Volume, labels: np.ndarray, structures: Sequence[Structure], provenance: Provenance,
                   wanted: Sequence[str]) -> list[tuple[dict, object]]:
-    """The SEG and/or SR asked for, as (response part, dataset) pairs, in the study of ``volume``."""
-    algorithm = Algorithm("Hippocampus UNet", model_version)
+    """The SEG and/or SR asked for, as (response part, dataset) pairs, in the study of ``volume``.
+
+    Segments and measurements are the model version's structures (the manifest's codes and colours);
+    the algorithm is identified by family, version and the weights' SHA-256.
+    """
+    algorithm = Algorithm(provenance.family, f"{provenance.version} (weights sha256 {provenance.weights_sha256[:12]})")
     try:
-        seg = segmentation(volume.datasets, labels, STRUCTURES, algorithm, description="Hippocampus segmentation")
+        seg = segmentation(volume.datasets, labels, structures, algorithm, description="Hippocampus segmentation")
     except ValueError as exc:  # highdicom's checks of the source images (e.g. no FrameOfReferenceUID)
         raise UnprocessableInput(f"no DICOM Segmentation can be made on series {volume.series_uid}: {exc}; "
                                  f"request without dicom_outputs for the mask alone") from exc
@@ -234,15 +251,16 @@ def dicom_results(volume: Volume, labels: np.ndarray, measures: dict, model_vers
     if "seg" in wanted:
         out.append(({"label": "Hippocampus segmentation", "binary_type": "dicom"}, seg))
     if "sr" in wanted:
-        volumes = {STRUCTURES[0].name: measures["anterior_volume_mm3"],
-                   STRUCTURES[1].name: measures["posterior_volume_mm3"]}
-        report = measurement_report(volume.datasets, seg, volumes, STRUCTURES, algorithm,
+        # as measure_volumes rounds them, so the report says what series_ml_json says
+        volumes = {s.name: round(int(np.count_nonzero(labels == s.label)) * volume.voxel_volume_mm3, 1)
+                   for s in structures}
+        report = measurement_report(volume.datasets, seg, volumes, structures, algorithm,
                                     description="Hippocampal volume measurements")
         out.append(({"label": "Hippocampal volume measurements", "binary_type": "dicom"}, report))
     return out
 
 
-@register(COMMAND, route="/hippocampus", warm_up=load_segmenter,
+@register(COMMAND, route="/hippocampus", warm_up=warm_up, family=FAMILY,
           description="Anterior/posterior hippocampus segmentation and volumes (HippoCrop series)",
           params=[Param("dicom_outputs", "string-list", default=[], choices=DICOM_OUTPUTS,
                         description="DICOM results to add: 'seg' (a DICOM Segmentation), 'sr' (a TID 1500 "
@@ -254,26 +272,30 @@ def hippocampus_volume(json_input: dict, instances: Sequence, input_hash: str) -
     """
     run = current_run()
     settings, wanted = run.settings, run.params["dicom_outputs"]
-    volume, labels, measures, seconds = segment_study(instances, settings)
-    model_version = load_segmenter(settings).version
+    version, segmenter = model_for(settings, json_input.get("model_version"))
+    provenance = version.provenance
+    volume, labels, measures, seconds = segment_study(instances, settings, version, segmenter)
+    model_version = provenance.short
     log.info("segmented %s in %.3fs: total %.1f mm3", volume.voxels.shape, seconds, measures["total_volume_mm3"])
     reference = volume.datasets[0]
-    report = secondary_capture(render_report(volume, labels, measures, model_version), reference,
-                               description="Hippocampal volume report")
+    report = secondary_capture(render_report(volume, labels, measures, model_version, version.structures), reference,
+                               description="Hippocampal volume report", algorithm=provenance)
     series_uid = volume.series_uid
     response = {
         "protocol_version": "1.0",
         "parts": [
-            {"label": "Hippocampus", "binary_type": "numeric_label_mask", "label_map": LABEL_MAP,
+            {"label": "Hippocampus", "binary_type": "numeric_label_mask",
+             "label_map": {str(s.label): s.name for s in version.structures},
              "binary_data_shape": {"timepoints": 1, "depth": int(labels.shape[0]),
                                    "height": int(labels.shape[1]), "width": int(labels.shape[2])},
              "SeriesInstanceUID": series_uid},
             {"label": "Hippocampal volume report", "binary_type": "dicom_secondary_capture"},
         ],
         "series_ml_json": {series_uid: {**measures, "model": model_version, "inference_seconds": round(seconds, 3)}},
+        "model": provenance.as_json(),
     }
     buffers = [labels, report]
-    for part, dataset in dicom_results(volume, labels, measures, model_version, wanted) if wanted else []:
+    for part, dataset in dicom_results(volume, labels, version.structures, provenance, wanted) if wanted else []:
         response["parts"].append(part)
         buffers.append(dataset)
     return response, buffers
@@ -346,9 +368,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     pipeline = Pipeline(settings, commands=[COMMAND])
-    failures = pipeline.warm_up()
-    if failures:
-        parser.exit(1, f"error: the model cannot be loaded: {failures[COMMAND]}\n")
+    report = pipeline.warm_up()
+    if report.failed:
+        parser.exit(1, f"error: the model cannot be loaded: {report.failed[COMMAND]}\n")
     results: dict[str, dict] = {}
     batches: dict[str, str] = {}  # batch -> study
 

@@ -110,9 +110,10 @@ class HandlerSpec:
     handler: Handler
     route: str | None = None
     description: str = ""
-    warm_up: Callable[[Any], None] | None = None
+    warm_up: Callable[[Any], Any] | None = None
     params: tuple[Param, ...] | None = field(default_factory=tuple)
     mock: bool = False
+    family: str | None = None  # the model registry family whose versions ``model_version`` picks
 
     def validate_params(self, json_input: dict) -> dict:
         """The declared parameters of ``json_input``, checked, defaults filled in; unknown keys are a 400.
@@ -135,7 +136,8 @@ class HandlerSpec:
     def describe(self) -> dict:
         """The handler as JSON, for ``GET /models``."""
         return {"inference_command": self.command, "route": self.route or "/", "description": self.description,
-                "parameters": [p.describe() for p in self.params or ()], "mock": self.mock}
+                "parameters": [p.describe() for p in self.params or ()], "mock": self.mock,
+                "model_family": self.family}
 
 
 class Registry:
@@ -145,12 +147,13 @@ class Registry:
         self._specs: dict[str, HandlerSpec] = {}
 
     def register(self, command: str, *, route: str | None = None, description: str = "",
-                 warm_up: Callable[[Any], None] | None = None, params: Sequence[Param] | None = (),
-                 mock: bool = False) -> Callable[[Handler], Handler]:
+                 warm_up: Callable[[Any], Any] | None = None, params: Sequence[Param] | None = (),
+                 mock: bool = False, family: str | None = None) -> Callable[[Handler], Handler]:
         """Decorator registering ``handler`` under ``command`` (and ``route``, if given).
 
         ``params`` declares the request JSON keys the handler takes (others are refused);
-        ``mock`` marks handlers served only when mocks are enabled.
+        ``mock`` marks handlers served only when mocks are enabled; ``family`` names the model
+        registry family whose versions a request's ``model_version`` chooses from.
         """
 
         def decorator(handler: Handler) -> Handler:
@@ -163,7 +166,7 @@ class Registry:
                 raise ValueError(f"{command}: parameter names must be unique and not protocol keys: {sorted(clash)}")
             summary = description or (handler.__doc__ or "").strip().split("\n")[0]
             declared = None if params is None else tuple(params)
-            self._specs[command] = HandlerSpec(command, handler, route, summary, warm_up, declared, mock)
+            self._specs[command] = HandlerSpec(command, handler, route, summary, warm_up, declared, mock, family)
             return handler
 
         return decorator

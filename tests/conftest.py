@@ -38,6 +38,26 @@ def write_study(folder: Path, shape=(8, 32, 40), spacing=(2.0, 0.7, 0.7), seed: 
                                            study_uid=study_uid), folder)
 
 
+def corrupt_manifest(folder: Path) -> Path:
+    """A copy of the shipped model manifest whose weights files (copied next to it) are all corrupted."""
+    import yaml
+
+    from models.registry import DEFAULT_MANIFEST
+
+    data = yaml.safe_load(DEFAULT_MANIFEST.read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    for family in data["families"].values():
+        for version in family["versions"].values():
+            weights = folder / version["weights"]
+            if not weights.exists():
+                blob = bytearray((DEFAULT_MANIFEST.parent / version["weights"]).read_bytes())
+                blob[1000:1008] = b"corrupt!"
+                weights.write_bytes(bytes(blob))
+    path = folder / "manifest.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
 @pytest.fixture
 def study(tmp_path: Path) -> list[Path]:
     """A small generated series (8 slices of 32 x 40), as DICOM files on disk."""

@@ -80,7 +80,8 @@ def wait_for_results(orthanc: Orthanc, study_uid: str, timeout: float) -> dict[s
 
 
 def test_study_routed_by_orthanc_comes_back_as_seg_sr_and_report(pacs, server, tmp_path):
-    from handlers.hippocampus import STRUCTURES
+    from handlers.hippocampus import model_for
+    from utils.config import get_settings
     from utils.client import send_inference_request
     from utils.dicom import sort_by_position
     from utils.dicom_results import decode_segmentation, report_volumes
@@ -104,11 +105,11 @@ def test_study_routed_by_orthanc_comes_back_as_seg_sr_and_report(pacs, server, t
     shape = part["binary_data_shape"]
     mask = np.frombuffer(http.buffers[0], np.uint8).reshape(shape["depth"], shape["height"], shape["width"])
     crop = sort_by_position([ds for ds in headers if ds.SeriesInstanceUID == part["SeriesInstanceUID"]])
-    labels = decode_segmentation(seg, STRUCTURES, [ds.SOPInstanceUID for ds in crop])
+    labels = decode_segmentation(seg, model_for(get_settings())[0].structures, [ds.SOPInstanceUID for ds in crop])
     assert np.array_equal(labels, mask) and mask.any()
     measures = http.response_json["series_ml_json"][part["SeriesInstanceUID"]]
-    assert report_volumes(sr) == {"Anterior hippocampus": measures["anterior_volume_mm3"],
-                                  "Posterior hippocampus": measures["posterior_volume_mm3"]}
+    assert report_volumes(sr) == {"Anterior": measures["anterior_volume_mm3"],
+                                  "Posterior": measures["posterior_volume_mm3"]}
 
     log = node.wait_for_log(r"study done", 30)
     hashes = set(re.findall(rf"study={re.escape(study_uid)} input_hash=([0-9a-f]{{64}})", log))

@@ -13,8 +13,8 @@ from pydicom.sr.codedict import codes
 
 from tests.conftest import require, shared_data
 from utils.dicom import dataset_bytes, load_volume, secondary_capture, series_from_volume
-from utils.dicom_results import (Algorithm, Structure, decode_segmentation, measurement_report, report_volumes,
-                                 segmentation)
+from models.registry import Structure
+from utils.dicom_results import Algorithm, decode_segmentation, measurement_report, report_volumes, segmentation
 
 STRUCTURES = (Structure("Left thing", 3, (255, 0, 0), codes.SCT.Hippocampus, codes.SCT.Anterior),
               Structure("Right thing", 7, (0, 0, 255), codes.SCT.Hippocampus, codes.SCT.Posterior))
@@ -115,8 +115,6 @@ def test_hippocampus_dicom_outputs_on_study1_match_the_mask_and_pass_dciodvfy(tm
     from utils.dicom import sort_by_position
     from utils.pipeline import Pipeline
 
-    if not get_settings().model_path.exists():
-        pytest.skip("the hippocampus weights are not in models/")
     files = sorted(shared_data("studies", "Study1").rglob("*.dcm"))
     result = Pipeline(get_settings(), commands=[hippocampus.COMMAND]).run_files(
         {"inference_command": hippocampus.COMMAND, "dicom_outputs": ["seg", "sr"]}, files)
@@ -132,13 +130,18 @@ def test_hippocampus_dicom_outputs_on_study1_match_the_mask_and_pass_dciodvfy(tm
     crop = sort_by_position([ds for ds in crop if ds.SeriesDescription == "HippoCrop"])
     seg = pydicom.dcmread(paths["seg"])
     assert seg.StudyInstanceUID == crop[0].StudyInstanceUID
-    labels = decode_segmentation(seg, hippocampus.STRUCTURES, [ds.SOPInstanceUID for ds in crop])
+    structures = hippocampus.model_for(get_settings())[0].structures
+    labels = decode_segmentation(seg, structures, [ds.SOPInstanceUID for ds in crop])
     shape = response["parts"][0]["binary_data_shape"]
     mask = np.frombuffer(bytes(buffers[0]), np.uint8).reshape(shape["depth"], shape["height"], shape["width"])
     assert np.array_equal(labels, mask) and mask.any()
     measures = response["series_ml_json"][crop[0].SeriesInstanceUID]
     assert report_volumes(pydicom.dcmread(paths["sr"])) == {
-        "Anterior hippocampus": measures["anterior_volume_mm3"], "Posterior hippocampus": measures["posterior_volume_mm3"]}
+        "Anterior": measures["anterior_volume_mm3"], "Posterior": measures["posterior_volume_mm3"]}
+    algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    provenance = response["model"]
+    assert algorithm.AlgorithmName == provenance["family"]
+    assert algorithm.AlgorithmVersion.startswith(provenance["version"] + " ")
 
 
 @pytest.mark.parametrize("value", ["seg", ["seg", "mesh"], [1]])

@@ -20,7 +20,7 @@ from utils.dicom import dataset_bytes, series_from_volume
 from utils.errors import UnprocessableInput
 from utils.pipeline import Pipeline
 
-WEIGHTS = get_settings().model_path
+WEIGHTS = PROJECT_ROOT / "models" / "hippocampus_unet.pt"
 
 
 @pytest.fixture(scope="module")
@@ -189,14 +189,15 @@ def test_served_over_http(weights, server, tmp_path):
 
 
 def test_healthcheck_is_not_ready_when_the_model_cannot_load(tmp_path):
-    """READY only after the model is loaded: with missing weights the healthcheck says FAILED."""
+    """READY only after the model is loaded: with corrupt weights the healthcheck says FAILED."""
     import time
 
     import requests
 
-    from tests.conftest import RunningServer
+    from tests.conftest import RunningServer, corrupt_manifest
 
-    running = RunningServer({"INFERENCE_MODEL_PATH": str(tmp_path / "missing.pt")}, tmp_path, wait=False)
+    running = RunningServer({"INFERENCE_MODEL_MANIFEST": str(corrupt_manifest(tmp_path / "models"))}, tmp_path,
+                            wait=False)
     try:
         deadline, body = time.monotonic() + 60, ""
         while time.monotonic() < deadline and not body.startswith("FAILED"):

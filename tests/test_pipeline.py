@@ -17,7 +17,7 @@ import mock_server
 from gateway import Gateway
 from handlers import REGISTRY, load_handlers
 from handlers.registry import Param, Registry
-from tests.conftest import PROJECT_ROOT, shared_data, write_study
+from tests.conftest import PROJECT_ROOT, corrupt_manifest, shared_data, write_study
 from utils import protocol
 from utils.client import build_multipart_request, related_content_type
 from utils.config import Settings
@@ -146,12 +146,15 @@ def test_two_apps_with_different_settings_behave_differently(tmp_path):
     assert refused.status_code == 422 and "'^T2 axial$'" in refused.get_json()["error"]
 
 
-def test_an_app_warms_up_the_model_of_its_own_settings(tmp_path):
-    missing = tmp_path / "no-weights.pt"
-    app = mock_server.create_app(settings=dataclasses.replace(Settings(), output_root=tmp_path / "jobs",
-                                                              model_path=missing), warm_up_first=True)
-    health = app.test_client().get("/healthcheck").get_data(as_text=True)
-    assert health.startswith("FAILED") and HIPPOCAMPUS in health and "no-weights.pt" in health
+def test_an_app_warms_up_the_models_of_its_own_settings(tmp_path):
+    broken = mock_server.create_app(settings=dataclasses.replace(
+        Settings(), output_root=tmp_path / "a", model_manifest=corrupt_manifest(tmp_path / "models")),
+        warm_up_first=True)
+    shipped = mock_server.create_app(settings=dataclasses.replace(Settings(), output_root=tmp_path / "b"),
+                                     warm_up_first=True)
+    health = broken.test_client().get("/healthcheck").get_data(as_text=True)
+    assert health.startswith("FAILED") and HIPPOCAMPUS in health and "SHA-256" in health
+    assert shipped.test_client().get("/healthcheck").get_data(as_text=True) == "READY"
 
 
 # -- production serves no mock -------------------------------------------------------------------

@@ -141,7 +141,7 @@ def gated_warm_up(monkeypatch, tmp_path):
     gate = threading.Event()
     load_handlers()
     spec = REGISTRY.get("get-probability-mask")
-    monkeypatch.setitem(REGISTRY._specs, spec.command, dataclasses.replace(spec, warm_up=lambda settings: gate.wait(30)))
+    monkeypatch.setitem(REGISTRY._specs, spec.command, dataclasses.replace(spec, warm_up=lambda settings: None if gate.wait(30) else "gate never opened"))
     settings = dataclasses.replace(Settings(), output_root=tmp_path / "jobs")
     return gate, lambda **options: mock_server.create_app("get-probability-mask", settings, **options)
 

@@ -99,10 +99,12 @@ class Settings:
     default_command: str | None = field(default=None, metadata={"env": "INFERENCE_DEFAULT_COMMAND"})
     #: INFERENCE_ENABLE_MOCKS: also serve the mock handlers (integration and tests); off in production.
     enable_mocks: bool = field(default=False, metadata={"env": "INFERENCE_ENABLE_MOCKS"})
-    #: INFERENCE_MODEL_PATH: weights of the hippocampus model (default: the shipped ones).
-    model_path: Path = field(default=PROJECT_ROOT / "models" / "hippocampus_unet.pt", metadata={"env": "INFERENCE_MODEL_PATH"})
-    #: INFERENCE_HIPPOCAMPUS_SERIES: regular expression matched against SeriesDescription to find the crop.
-    hippocampus_series: str = field(default="HippoCrop", metadata={"env": "INFERENCE_HIPPOCAMPUS_SERIES"})
+    #: INFERENCE_MODEL_MANIFEST: the model registry's manifest (families, versions, weights and their SHA-256).
+    model_manifest: Path = field(default=PROJECT_ROOT / "models" / "manifest.yaml",
+                                 metadata={"env": "INFERENCE_MODEL_MANIFEST"})
+    #: INFERENCE_HIPPOCAMPUS_SERIES: regular expression matched against SeriesDescription to find the crop;
+    #: unset: the model version's own rule (``input.series_description`` in the manifest).
+    hippocampus_series: str | None = field(default=None, metadata={"env": "INFERENCE_HIPPOCAMPUS_SERIES"})
     # -- the DICOM node (dicom_node.py); each also a command-line flag --------------------------
     #: INFERENCE_PACS_AE_TITLE: the node's own AE title (what the PACS calls and what its results carry).
     pacs_ae_title: str = field(default="HIPPOAI", metadata={"env": "INFERENCE_PACS_AE_TITLE"})

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -230,6 +231,7 @@ def derived_series(volume: Volume, voxels: np.ndarray, description: str) -> list
         new.SeriesDescription = description[:64]
         new.DerivationDescription = description[:1024]
         new.SeriesNumber = int(ds.get("SeriesNumber", 0) or 0) + 1000
+        new.Manufacturer = MANUFACTURER
         store_pixels(new, values)
         out.append(new)
     return out
@@ -265,10 +267,32 @@ PATIENT_STUDY_KEYWORDS = (
 )
 
 
+#: Manufacturer of every object the gateway writes; the model's family and version go in the model name.
+MANUFACTURER = "inference-gateway"
+
+
+def stamp_provenance(ds: Dataset, algorithm: Any = None) -> None:
+    """Name what made ``ds`` in its standard places, so a result found in a PACS leads to the exact weights.
+
+    ``algorithm`` (a ``models.registry.Provenance``: family, version, weights_sha256) sets
+    ManufacturerModelName ("family version"), SoftwareVersions (version, the weights SHA-256's first 16
+    digits: LO values hold 64 characters) and DerivationDescription (the whole SHA-256); without it
+    only the Manufacturer is set.
+    """
+    ds.Manufacturer = MANUFACTURER
+    if algorithm is None:
+        return
+    ds.ManufacturerModelName = f"{algorithm.family} {algorithm.version}"[:64]
+    ds.SoftwareVersions = [str(algorithm.version)[:64], f"weights sha256 {algorithm.weights_sha256[:16]}"]
+    ds.DerivationDescription = (f"Produced by model {algorithm.family} {algorithm.version}, weights SHA-256 "
+                                f"{algorithm.weights_sha256}")
+
+
 def _new_result_object(sop_class_uid: str, reference: Dataset, modality: str, description: str,
-                       series_number: int) -> Dataset:
+                       series_number: int, algorithm: Any = None) -> Dataset:
     """A new single-instance series in the study of ``reference``: patient and study copied, UIDs new."""
     ds = _new_file_dataset(sop_class_uid)
+    stamp_provenance(ds, algorithm)
     for keyword in PATIENT_STUDY_KEYWORDS:
         if keyword in reference:
             setattr(ds, keyword, reference.data_element(keyword).value)
@@ -283,14 +307,16 @@ def _new_result_object(sop_class_uid: str, reference: Dataset, modality: str, de
     return ds
 
 
-def secondary_capture(rgb: np.ndarray, reference: Dataset, *, description: str, series_number: int = 9000) -> Dataset:
+def secondary_capture(rgb: np.ndarray, reference: Dataset, *, description: str, series_number: int = 9000,
+                      algorithm: Any = None) -> Dataset:
     """A Secondary Capture Image Storage object of an RGB image (rows, columns, 3 uint8).
 
-    Patient and study come from ``reference``; series and instance UIDs are new.
+    Patient and study come from ``reference``; series and instance UIDs are new; ``algorithm``
+    (model provenance) is stamped as ``stamp_provenance`` says.
     """
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"secondary capture needs (rows, columns, 3) uint8 pixels, got {rgb.shape} {rgb.dtype}")
-    ds = _new_result_object(SECONDARY_CAPTURE_SOP_CLASS, reference, "OT", description, series_number)
+    ds = _new_result_object(SECONDARY_CAPTURE_SOP_CLASS, reference, "OT", description, series_number, algorithm)
     ds.ConversionType = "WSD"
     ds.Laterality = ""  # type 2C in the general series module; empty: not a paired body part
     ds.PatientOrientation = ""  # type 2C in the general image module; empty: no orientation known

@@ -1,7 +1,8 @@
 """Results as standard DICOM objects, written with highdicom: a Segmentation and a TID 1500 report.
 
-The writers take what they describe as data (``Structure``: name, label value, colour, coded
-anatomy; ``Algorithm``: name, version), so a model registry can supply both from a manifest.
+The writers take what they describe as data (a ``Structure``: name, label value, colour, coded
+anatomy, as ``models.registry.Structure`` reads them from the manifest; an ``Algorithm``: name,
+version), so the model registry supplies both.
 Each object is a new single-instance series in the source study: highdicom copies the patient
 and study modules from the source images, and the segments sit on the source series' geometry.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import highdicom as hd
 import numpy as np
@@ -34,20 +36,20 @@ _TYPE2_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "Patient
                         "ReferringPhysicianName", "StudyID", "AccessionNumber")
 
 
-@dataclass(frozen=True)
-class Structure:
+class Structure(Protocol):
     """One segmented structure: its label value in the mask, display colour and coded meaning.
 
     ``anatomy`` is the SNOMED CT code of the structure (e.g. Hippocampus, SCT 5366008, CID 7140),
-    ``modifier`` an optional anatomic modifier (CID 2, e.g. Anterior SCT 255549009).
+    ``modifier`` an optional anatomic modifier (CID 2, e.g. Anterior SCT 255549009), ``category``
+    the segmentation property category (CID 7150, e.g. Anatomical Structure SCT 91723000).
     """
 
     name: str
     label: int
     color: tuple[int, int, int]
     anatomy: Code
-    modifier: Code | None = None
-    category: Code = codes.SCT.AnatomicalStructure
+    modifier: Code | None
+    category: Code
 
 
 @dataclass(frozen=True)

@@ -21,14 +21,15 @@ import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from handlers.registry import REGISTRY, HandlerSpec, Registry
+from models.registry import registry_for
 from utils import protocol
 from utils.config import Settings
-from utils.errors import BadRequest
+from utils.errors import BadRequest, GatewayError
 from utils.multipart import ParsedBody, PartSpool, parts_from_files
 from utils.tagged_logger import TaggedLogger, bind_request_tags, current_request_tags
 
@@ -112,9 +113,17 @@ class Pipeline:
                          f"(INFERENCE_DEFAULT_COMMAND); commands served: {', '.join(sorted(self._specs))}")
 
     def check_request(self, json_input: dict, command: str | None = None) -> tuple[HandlerSpec, dict]:
-        """The handler and its validated parameters for ``json_input``, without running anything (400s)."""
+        """The handler and its validated parameters for ``json_input``, without running anything (400s).
+
+        ``model_version`` must name a version of the handler's model family (``models/manifest.yaml``).
+        """
         spec = self.spec(self.resolve_command(json_input, command))
-        return spec, spec.validate_params(json_input)
+        params = spec.validate_params(json_input)
+        if "model_version" in json_input:
+            if spec.family is None:
+                raise BadRequest(f"{spec.command} has no model versions; remove model_version from the request")
+            registry_for(self.settings.model_manifest).family(spec.family).resolve(json_input["model_version"])
+        return spec, params
 
     def run(self, json_input: dict, instances: Sequence[Any], input_hash: str, *,
             command: str | None = None) -> InferenceResult:
@@ -153,22 +162,44 @@ class Pipeline:
         finally:
             spool.close()
 
-    def warm_up(self) -> dict[str, str]:
+    def warm_up(self) -> WarmUp:
         """Run every served handler's warm-up (model loading) with this pipeline's settings.
 
-        A failing warm-up does not stop the others; returns ``{command: why}`` for those that failed.
+        A warm-up that raises fails its command; one that returns a message serves in part (say, one
+        model version of several could not be loaded). Neither stops the other warm-ups.
         """
-        failures = {}
+        report = WarmUp()
         for spec in self.specs:
             if spec.warm_up is None:
                 continue
             log.info("warming up %s", spec.command)
             try:
-                spec.warm_up(self.settings)
+                problem = spec.warm_up(self.settings)
             except Exception as exc:
                 log.exception("warm-up of %s failed", spec.command)
-                failures[spec.command] = f"{type(exc).__name__}: {exc}"
-        return failures
+                report.failed[spec.command] = str(exc) if isinstance(exc, GatewayError) else \
+                    f"{type(exc).__name__}: {exc}"
+            else:
+                if problem:
+                    log.error("%s serves in part: %s", spec.command, problem)
+                    report.degraded[spec.command] = str(problem)
+        return report
+
+
+@dataclass
+class WarmUp:
+    """How the warm-ups went: commands that cannot serve, and commands that serve in part, with why."""
+
+    failed: dict[str, str] = field(default_factory=dict)
+    degraded: dict[str, str] = field(default_factory=dict)
+
+    def health(self) -> str:
+        """The healthcheck's text: READY, DEGRADED (some model versions unavailable) or FAILED, with why."""
+        if self.failed:
+            return "FAILED: " + "; ".join(f"{command}: {why}" for command, why in {**self.failed, **self.degraded}.items())
+        if self.degraded:
+            return "DEGRADED: " + "; ".join(f"{command}: {why}" for command, why in self.degraded.items())
+        return "READY"
 
 
 def request_json(body: ParsedBody) -> dict:

@@ -1,0 +1,437 @@
+"""The model registry: families of models, their versions and the structures each version segments.
+
+The manifest (``models/manifest.yaml``, reviewed in git) lists families; each family has versions
+(a weights file with its SHA-256, the network and inference settings, evaluation figures,
+training data, date) and a default version. Weights are loaded only when their SHA-256 matches
+the manifest, so every result can name the exact weights that produced it (``Provenance``).
+
+    python -m models.registry list                 # families, versions, default marked
+    python -m models.registry verify               # re-hash every weights file; exit 1 on a mismatch
+    python -m models.registry add hippocampus 1.1 --weights W.pt --metrics W.metrics.json --like 1.0
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+from utils.errors import BadRequest, GatewayError
+
+DEFAULT_MANIFEST = Path(__file__).resolve().parent / "manifest.yaml"
+#: Keys every version must have; the rest (evaluation, notes) are optional.
+VERSION_KEYS = ("weights", "sha256", "architecture", "framework", "input", "inference", "structures",
+                "training_data", "date")
+STRUCTURE_KEYS = ("name", "label", "color", "anatomy")
+SOFTWARE = "inference-gateway"
+
+
+class ManifestError(Exception):
+    """The manifest cannot be used; the message names the file, the line and the fix."""
+
+
+class ModelUnavailable(GatewayError):
+    """A version named by a request that could not be loaded (503: the server is fine, that model is not)."""
+
+    status = 503
+
+
+@dataclass(frozen=True)
+class Structure:
+    """One structure a version segments: its label value in the mask, display colour and coded meaning.
+
+    ``anatomy`` is a SNOMED CT code (e.g. Hippocampus, SCT 5366008, DICOM CID 7140), ``modifier`` an
+    optional anatomic modifier (CID 2, e.g. Anterior SCT 255549009).
+    """
+
+    name: str
+    label: int
+    color: tuple[int, int, int]
+    anatomy: Code
+    modifier: Code | None = None
+    category: Code = codes.SCT.AnatomicalStructure
+
+    def describe(self) -> dict:
+        out = {"name": self.name, "label": self.label, "color": list(self.color), "anatomy": _code_json(self.anatomy)}
+        if self.modifier is not None:
+            out["modifier"] = _code_json(self.modifier)
+        return out
+
+
+def _code_json(code: Code) -> dict:
+    return {"value": code.value, "scheme": code.scheme_designator, "meaning": code.meaning}
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Which weights made a result: family, version and the weights' SHA-256."""
+
+    family: str
+    version: str
+    weights_sha256: str
+
+    @property
+    def short(self) -> str:
+        return f"{self.family} {self.version} ({self.weights_sha256[:12]})"
+
+    def as_json(self) -> dict:
+        return {"family": self.family, "version": self.version, "weights_sha256": self.weights_sha256}
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One version of a family, as the manifest describes it."""
+
+    family: str
+    version: str
+    weights: Path
+    sha256: str
+    architecture: str
+    framework: str
+    input: dict
+    inference: dict
+    structures: tuple[Structure, ...]
+    training_data: dict
+    date: str
+    evaluation: dict = field(default_factory=dict)
+    line: int = 0
+
+    @property
+    def provenance(self) -> Provenance:
+        return Provenance(self.family, self.version, self.sha256)
+
+    def verify(self) -> None:
+        """Raise ``ManifestError`` unless the weights file exists and hashes to the manifest's SHA-256."""
+        if not self.weights.is_file():
+            raise ManifestError(f"{self.family} {self.version}: weights file {self.weights.name} is missing")
+        actual = file_sha256(self.weights)
+        if actual != self.sha256:
+            raise ManifestError(f"{self.family} {self.version}: weights {self.weights.name} have SHA-256 "
+                                f"{actual[:12]}..., the manifest says {self.sha256[:12]}...; the file is corrupt or "
+                                "was replaced: restore it, or register the new file as a new version "
+                                "(python -m models.registry add)")
+
+    def describe(self) -> dict:
+        """The version as JSON, for ``GET /models``."""
+        return {
+            "version": self.version, "weights": self.weights.name, "weights_sha256": self.sha256,
+            "architecture": self.architecture, "framework": self.framework, "input": self.input,
+            "inference": self.inference, "training_data": self.training_data, "date": self.date,
+            "evaluation": self.evaluation,
+            "structures": [s.describe() for s in self.structures],
+        }
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """A family: versions by name and the default one."""
+
+    name: str
+    description: str
+    default_version: str
+    versions: dict[str, ModelVersion]
+
+    def resolve(self, version: str | None) -> ModelVersion:
+        """The version named (the default when ``None``); a 400 listing the available ones otherwise."""
+        name = self.default_version if version is None else version
+        if not isinstance(name, str) or name not in self.versions:
+            raise BadRequest(f"unknown model_version {version!r} of {self.name}; available: "
+                             f"{', '.join(self.versions)} (default {self.default_version})")
+        return self.versions[name]
+
+    def describe(self, failures: dict[tuple[str, str], str] | None = None) -> dict:
+        failures = failures or {}
+        versions = []
+        for name, version in self.versions.items():
+            entry = {**version.describe(), "default": name == self.default_version}
+            if (self.name, name) in failures:
+                entry["unavailable"] = failures[(self.name, name)]
+            versions.append(entry)
+        return {"family": self.name, "description": self.description, "default_version": self.default_version,
+                "versions": versions}
+
+
+class ModelRegistry:
+    """The manifest's families, and the models loaded from it (each verified once, then cached)."""
+
+    def __init__(self, path: Path, families: dict[str, ModelFamily]) -> None:
+        self.path = path
+        self.families = families
+        self._models: dict[tuple[str, str], Any] = {}
+        self._failures: dict[tuple[str, str], str] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, path: str | Path = DEFAULT_MANIFEST) -> "ModelRegistry":
+        """Parse the manifest; ``ManifestError`` naming the line and the fix when it is unusable."""
+        path = Path(path)
+        return cls(path, parse_manifest(path))
+
+    def family(self, name: str) -> ModelFamily:
+        try:
+            return self.families[name]
+        except KeyError:
+            raise BadRequest(f"unknown model family {name!r}; families: {', '.join(self.families)}") from None
+
+    def model(self, version: ModelVersion, loader: Callable[[ModelVersion], Any]) -> Any:
+        """The loaded model of ``version`` (``loader(version)`` once, after verifying the weights)."""
+        key = (version.family, version.version)
+        with self._lock:
+            if key in self._models:
+                return self._models[key]
+            if key in self._failures:
+                raise ModelUnavailable(f"model {version.family} {version.version} is unavailable: "
+                                       f"{self._failures[key]}")
+            try:
+                version.verify()
+                self._models[key] = loader(version)
+            except Exception as exc:
+                self._failures[key] = str(exc) if isinstance(exc, ManifestError) else f"{type(exc).__name__}: {exc}"
+                raise ModelUnavailable(f"model {version.family} {version.version} is unavailable: "
+                                       f"{self._failures[key]}") from exc
+            return self._models[key]
+
+    def load_family(self, name: str, loader: Callable[[ModelVersion], Any]) -> dict[str, str]:
+        """Load every version of a family; ``{version: why}`` for those that failed (the others serve)."""
+        failed = {}
+        for version in self.family(name).versions.values():
+            try:
+                self.model(version, loader)
+            except ModelUnavailable:
+                failed[version.version] = self._failures[(name, version.version)]
+        return failed
+
+    @property
+    def failures(self) -> dict[tuple[str, str], str]:
+        return dict(self._failures)
+
+    def describe(self) -> list[dict]:
+        return [family.describe(self._failures) for family in self.families.values()]
+
+
+_registries: dict[Path, ModelRegistry] = {}
+_registries_lock = threading.Lock()
+
+
+def registry_for(path: str | Path) -> ModelRegistry:
+    """The process's registry of manifest ``path`` (parsed once, so its loaded models are shared)."""
+    path = Path(path).resolve()
+    with _registries_lock:
+        if path not in _registries:
+            _registries[path] = ModelRegistry.load(path)
+        return _registries[path]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# -- the manifest ----------------------------------------------------------------------------------
+class _LineLoader(yaml.SafeLoader):
+    """A YAML loader that remembers the line of every mapping (as ``__line__``) for error messages."""
+
+
+def _mapping_with_line(loader: _LineLoader, node: yaml.MappingNode) -> dict:
+    mapping = loader.construct_mapping(node, deep=True)
+    mapping["__line__"] = node.start_mark.line + 1
+    return mapping
+
+
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_with_line)
+
+
+def parse_manifest(path: Path) -> dict[str, ModelFamily]:
+    """Families from the manifest at ``path``; ``ManifestError`` naming the line and the fix."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ManifestError(f"cannot read the model manifest {path}: {exc.strerror}; set INFERENCE_MODEL_MANIFEST "
+                            "to the manifest's path") from None
+    try:
+        data = yaml.load(text, Loader=_LineLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "somewhere"
+        raise ManifestError(f"{path.name}, {where}: not valid YAML ({getattr(exc, 'problem', exc)}); fix the "
+                            "indentation or quoting there") from None
+
+    def fail(line: int, message: str) -> ManifestError:
+        return ManifestError(f"{path.name}, line {line}: {message}")
+
+    if not isinstance(data, dict) or not isinstance(data.get("families"), dict):
+        raise fail(1, "the manifest must be a mapping with 'families:' (family name -> family)")
+    families = {}
+    for name, family in _items(data["families"]):
+        if not isinstance(family, dict) or not isinstance(family.get("versions"), dict):
+            raise fail(_line(family, data["families"]), f"family {name!r} needs 'versions:' (version -> settings)")
+        versions = {str(v): _parse_version(path, str(name), str(v), spec, fail)
+                    for v, spec in _items(family["versions"])}
+        default = str(family.get("default_version", ""))
+        if default not in versions:
+            raise fail(family["__line__"], f"family {name!r}: default_version {default!r} is not one of its "
+                                           f"versions ({', '.join(versions)}); set it to one of them")
+        families[str(name)] = ModelFamily(str(name), str(family.get("description", "")), default, versions)
+    return families
+
+
+def _items(mapping: dict):
+    return [(key, value) for key, value in mapping.items() if key != "__line__"]
+
+
+def _line(value: Any, parent: dict) -> int:
+    return value.get("__line__", parent["__line__"]) if isinstance(value, dict) else parent["__line__"]
+
+
+def _plain(value: Any) -> Any:
+    """``value`` without the loader's ``__line__`` keys."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items() if k != "__line__"}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _parse_version(path: Path, family: str, name: str, spec: Any, fail) -> ModelVersion:
+    if not isinstance(spec, dict):
+        raise fail(1, f"{family} {name}: a version must be a mapping of {', '.join(VERSION_KEYS)}")
+    line = spec["__line__"]
+    missing = [key for key in VERSION_KEYS if key not in spec]
+    if missing:
+        raise fail(line, f"{family} {name}: missing {', '.join(missing)}; every version needs {', '.join(VERSION_KEYS)}")
+    weights = (path.parent / str(spec["weights"])).resolve()
+    if not weights.is_file():
+        raise fail(line, f"{family} {name}: weights file {spec['weights']!r} does not exist next to the manifest; "
+                         "put the file there or correct the path (relative to the manifest)")
+    sha = str(spec["sha256"])
+    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        raise fail(line, f"{family} {name}: sha256 must be 64 lowercase hex digits; compute it with "
+                         f"'sha256sum {spec['weights']}'")
+    structures = tuple(_parse_structure(family, name, s, fail, line) for s in spec["structures"] or [])
+    labels = [s.label for s in structures]
+    if not structures or len(set(labels)) != len(labels):
+        raise fail(line, f"{family} {name}: structures must be a non-empty list with unique label values")
+    return ModelVersion(family, name, weights, sha, str(spec["architecture"]), str(spec["framework"]),
+                        _plain(spec["input"]), _plain(spec["inference"]), structures,
+                        _plain(spec["training_data"]), str(spec["date"]), _plain(spec.get("evaluation") or {}), line)
+
+
+def _parse_code(value: Any) -> Code:
+    return Code(str(value["value"]), str(value["scheme"]), str(value["meaning"]))  # value, scheme designator, meaning
+
+
+def _parse_structure(family: str, version: str, spec: Any, fail, line: int) -> Structure:
+    where = _line(spec, {"__line__": line})
+    if not isinstance(spec, dict) or any(key not in spec for key in STRUCTURE_KEYS):
+        raise fail(where, f"{family} {version}: each structure needs {', '.join(STRUCTURE_KEYS)}")
+    try:
+        color = tuple(int(c) for c in spec["color"])
+        anatomy = _parse_code(spec["anatomy"])
+        modifier = _parse_code(spec["modifier"]) if spec.get("modifier") else None
+        category = _parse_code(spec["category"]) if spec.get("category") else Structure.category
+    except (KeyError, TypeError, ValueError):
+        raise fail(where, f"{family} {version}: structure {spec.get('name')!r}: color is [r, g, b] and anatomy, "
+                          "modifier and category are codes with value, scheme and meaning") from None
+    if len(color) != 3 or not all(0 <= c <= 255 for c in color):
+        raise fail(where, f"{family} {version}: structure {spec['name']!r}: color must be [r, g, b] in 0..255")
+    return Structure(str(spec["name"]), int(spec["label"]), color, anatomy, modifier, category)
+
+
+# -- command line -----------------------------------------------------------------------------------
+def add_version(manifest: Path, family: str, version: str, weights: Path, metrics: Path | None,
+                like: str | None, make_default: bool = False) -> dict:
+    """Register ``weights`` as a new version of ``family`` in ``manifest``; refuses an existing version."""
+    families = parse_manifest(manifest)
+    if family not in families:
+        raise ManifestError(f"no family {family!r} in {manifest.name}; families: {', '.join(families)}")
+    if version in families[family].versions:
+        raise ManifestError(f"{family} {version} exists already; versions are never overwritten: choose a new "
+                            "version name")
+    template = families[family].versions[like or families[family].default_version]
+    data = yaml.safe_load(manifest.read_text(encoding="utf-8"))
+    entry = dict(data["families"][family]["versions"][template.version])
+    try:
+        entry["weights"] = weights.resolve().relative_to(manifest.parent.resolve()).as_posix()
+    except ValueError:
+        raise ManifestError(f"{weights} must lie in {manifest.parent} (the manifest's folder) to be served") from None
+    entry["sha256"] = file_sha256(weights)
+    entry["date"] = date.today().isoformat()
+    if metrics is not None:
+        figures = json.loads(metrics.read_text(encoding="utf-8"))
+        test = figures.get("test") or {}
+        entry["evaluation"] = {key: round(float(test[key]), 4)
+                               for key in ("mean_dice", "dice_anterior", "dice_posterior", "n") if key in test}
+        entry["evaluation"]["metrics_file"] = metrics.name
+    data["families"][family]["versions"][version] = entry
+    if make_default:
+        data["families"][family]["default_version"] = version
+    manifest.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    parse_manifest(manifest)  # what was written must load
+    return entry
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m models.registry", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="List, verify and add model versions of the manifest.",
+        epilog="examples:\n  python -m models.registry list\n  python -m models.registry verify\n"
+               "  python -m models.registry add hippocampus 1.1 --weights models/new.pt "
+               "--metrics models/new.metrics.json --like 1.0")
+    parser.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST,
+                        help="the manifest (default: models/manifest.yaml)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("list", help="families and versions, the default marked with *")
+    commands.add_parser("verify", help="re-hash every weights file; exit 1 on any mismatch")
+    add = commands.add_parser("add", help="register a new version from a weights file (never overwrites)")
+    add.add_argument("family", help="the family, e.g. hippocampus")
+    add.add_argument("version", help="the new version's name, e.g. 1.1")
+    add.add_argument("--weights", type=Path, required=True, help="the weights file, inside models/")
+    add.add_argument("--metrics", type=Path, help="its metrics JSON (models.train_hippocampus writes one)")
+    add.add_argument("--like", help="copy the other settings from this version (default: the family's default)")
+    add.add_argument("--default", action="store_true", help="make the new version the family's default")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "add":
+            entry = add_version(args.manifest, args.family, args.version, args.weights, args.metrics, args.like,
+                                args.default)
+            print(f"added {args.family} {args.version}: {entry['weights']} sha256 {entry['sha256']}")
+            return 0
+        families = parse_manifest(args.manifest)
+    except ManifestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    status = 0
+    for family in families.values():
+        for version in family.versions.values():
+            mark = "*" if version.version == family.default_version else " "
+            line = f"{mark} {family.name} {version.version:<12} {version.weights.name} {version.sha256[:12]}"
+            if args.command == "verify":
+                try:
+                    version.verify()
+                    line += "  OK"
+                except ManifestError as exc:
+                    line += f"  MISMATCH: {exc}"
+                    status = 1
+            else:
+                dice = version.evaluation.get("mean_dice")
+                line += f"  {version.architecture}" + (f", test Dice {dice}" if dice is not None else "")
+            print(line)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
