@@ -8,7 +8,10 @@ answers a ``numeric_label_mask``, the volumes in ``series_ml_json``, the model's
 Secondary Capture report. From the command line it does the same for
 study folders:
 
-    python -m handlers.hippocampus STUDY_DIR [STUDY_DIR ...] --out DIR
+    python -m handlers.hippocampus STUDY_DIR [STUDY_DIR ...] --out DIR [--send-to AE@HOST:PORT] [--stow-url URL]
+
+(with ``--send-to`` / ``--stow-url`` each study's SEG, SR and report also go to a PACS, through
+the DICOM node's outbox: ``utils/delivery.py``).
 """
 
 from __future__ import annotations
@@ -44,10 +47,10 @@ from utils.dicom import (
     series_from_volume,
     with_pixels,
 )
-from models.registry import ModelUnavailable, ModelVersion, Provenance, Structure, registry_for
 from utils.delivery import STORED, DeliveryStatus, ResultSender
 from utils.dicom_results import Algorithm, measurement_report, segmentation
 from utils.errors import UnprocessableInput
+from models.registry import ModelUnavailable, ModelVersion, Provenance, Structure, registry_for
 from utils.outbox import DicomDestination, StowDestination
 from utils.pipeline import Pipeline, current_run
 from utils.render import font, overlay_labels, to_rgb, upscale, window_values
