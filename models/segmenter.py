@@ -16,7 +16,6 @@ flip along axis 1 would swap the anterior (1) and posterior (2) labels.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from .data import PadCrop, context_slices, normalize, target_size
+from .registry import file_sha256
 from .runtime import Runner, make_runner
 from .unet import UNet, UNet2D, UNet3D
 
@@ -130,14 +130,6 @@ def load_network(state_dict: dict, config: dict, device: str) -> UNet:
     return model.to(device).eval()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class HippocampusSegmenter:
     """Segments hippocampus head/body (anterior, label 1) and tail (posterior, label 2).
 
@@ -197,7 +189,7 @@ class HippocampusSegmenter:
         indices = select_members(members, len(stored))
         chosen = [(load_network(stored[i]["state_dict"], dict(stored[i]["config"]), device), dict(stored[i]["config"]))
                   for i in indices]
-        sha256 = _sha256(path)
+        sha256 = file_sha256(path)
         version = f"{ckpt.get('version', MODEL_NAME)} ({sha256[:12]})" + settings_suffix(indices, len(stored), flips)
         return cls(chosen[0][0], config, version, device, ckpt.get("split"), chosen, flips=flips,
                    member_indices=indices, backend=backend, threads=threads, sha256=sha256)
