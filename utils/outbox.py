@@ -16,6 +16,7 @@ import logging
 import re
 import shutil
 import threading
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,6 +145,10 @@ class Outbox:
     def pending(self, batch: str) -> int:
         """Files of ``batch`` not yet confirmed by some destination."""
         return sum(len(list((self.root / d.key).glob(f"{batch}__*.dcm"))) for d in self.destinations)
+
+    def batches(self, destination: Destination) -> dict[str, int]:
+        """The batches with files waiting for ``destination`` (one of this outbox's): {batch: files}."""
+        return dict(Counter(path.name.split("__", 1)[0] for path in (self.root / destination.key).glob("*__*.dcm")))
 
     def start(self) -> None:
         for destination in self.destinations:
