@@ -587,13 +587,10 @@ def test_an_output_folder_that_cannot_be_renamed_is_replaced_from_inside(fresh_f
     assert sorted(p.name for p in output.iterdir() if p.name.startswith(".")) == []
 
 
-def test_study_size_refused_by_the_server_is_explained(fresh_fake, study_dir, tmp_path, capsys):
-    """-S (the Arterys tool's study size) sends depth/height/width; servers that declare no such parameter say 400."""
-    error = {"error": "unknown parameter 'depth' for get-probability-mask; its parameters: none"}
-    fresh_fake.answer = lambda _: ("400 Bad Request", "application/json", json.dumps(error).encode())
-    assert run_tool(study_dir, "-S", "--port", fresh_fake.port, "-o", tmp_path / "out") == 1
-    err = capsys.readouterr().err
-    assert "HTTP 400: unknown parameter 'depth'" in err and "-S adds depth, height and width" in err
+def test_study_size_option_is_accepted_by_every_command(server, study_dir, tmp_path):
+    """-S (the Arterys tool's study size) adds depth/height/width to the JSON: protocol keys, not parameters."""
+    assert run_tool(study_dir, "-S", "--port", server.port, "-o", tmp_path / "out", "-c", "get-probability-mask") == 0
+    assert json.loads((tmp_path / "out" / "response.json").read_text())["parts"]
 
 
 def test_the_page_names_the_model_from_its_provenance_or_its_results():
