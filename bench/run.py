@@ -69,7 +69,9 @@ class Server:
         self.name = name
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "INFERENCE_HOST": "127.0.0.1", "INFERENCE_PORT": str(port), "INFERENCE_API_TOKEN": ""}
+        # the mask workload is the 3D mock, which production serves only when mocks are enabled
+        env = {**os.environ, "INFERENCE_HOST": "127.0.0.1", "INFERENCE_PORT": str(port), "INFERENCE_API_TOKEN": "",
+               "INFERENCE_ENABLE_MOCKS": "1"}
         command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", *([app] if app else [])]
         log_dir = CACHE_DIR / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
