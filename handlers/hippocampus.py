@@ -72,7 +72,8 @@ def load_version(version: ModelVersion):
     started = time.perf_counter()
     members = version.inference.get("members", "all")
     segmenter = HippocampusSegmenter.load(version.weights, members=None if members == "all" else list(members),
-                                          flips=bool(version.inference.get("flips", True)))
+                                          flips=bool(version.inference.get("flips", True)),
+                                          canvas=str(version.inference.get("canvas", "fixed")))
     log.info("loaded %s in %.1fs", version.provenance.short, time.perf_counter() - started)
     return segmenter
 

@@ -101,6 +101,7 @@ def member_list(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> dict:
     from .runtime import BACKENDS
+    from .segmenter import CANVASES
 
     ap = argparse.ArgumentParser(prog="python -m models.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -117,6 +118,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--members", type=member_list, metavar="I[,J...]",
                     help="indices of the checkpoint's networks to run, comma-separated (default: all)")
     ap.add_argument("--no-flip", action="store_true", help="skip the left-right mirrored pass of every network")
+    ap.add_argument("--canvas", choices=CANVASES, default="fixed",
+                    help="fixed: slices padded to the training size (64 x 64); tight: to the next multiple of 8")
     ap.add_argument("--backend", choices=BACKENDS, default="auto",
                     help="auto: ONNX Runtime on the CPU when installed, else PyTorch (same labels)")
     ap.add_argument("--progress", action="store_true", help="progress on stderr")
@@ -135,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error("give --images and --labels, or --data")
     try:
         seg = HippocampusSegmenter.load(args.weights, device=args.device, members=args.members,
-                                        flips=not args.no_flip, backend=args.backend)
+                                        flips=not args.no_flip, backend=args.backend, canvas=args.canvas)
     except ValueError as exc:  # members out of range, onnxruntime asked for on a GPU
         ap.error(str(exc))
     cases = list(pairs)
@@ -161,7 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
         cases = cases[: args.max_cases]
     result = evaluate_pairs(pairs, seg.segment, cases, progress=args.progress)
     result["weights_version"] = seg.version
-    result["inference"] = {"members": list(seg.member_indices), "flips": seg.flips, "backend": seg.backend}
+    result["inference"] = {"members": list(seg.member_indices), "flips": seg.flips, "canvas": seg.canvas,
+                           "backend": seg.backend}
     print(json.dumps(result))
     return result
 

@@ -103,14 +103,22 @@ def predict_ensemble(members: list[tuple[UNet, dict]], volume: np.ndarray, devic
     return np.argmax(p, axis=0).astype(np.uint8)
 
 
+#: How each slice is padded before a 2.5D network sees it: "fixed", the training size (64 x 64,
+#: or the next multiple of 8 above a larger slice: what the networks were trained on), or
+#: "tight", the next multiple of 8 (fewer FLOPs; labels may differ slightly, see MODEL_CARD.md).
+CANVASES = ("fixed", "tight")
+
+
 def fast_member_probs(run: Runner, model: UNet, normalized: np.ndarray, config: dict, flip: bool,
-                      max_batch: int = 128) -> np.ndarray:
+                      max_batch: int = 128, canvas: str = "fixed") -> np.ndarray:
     """Class probabilities (n_classes, *shape) of one 2.5D network, the mirrored pass batched in.
 
-    Same result as ``predict_probs_tta`` (up to float rounding), with the volume normalised once by
-    the caller and every slice of both passes sent through ``run`` in as few batches as possible.
+    Same result as ``predict_probs_tta`` (up to float rounding) with ``canvas="fixed"``, with the volume
+    normalised once by the caller and every slice of both passes sent through ``run`` in as few
+    batches as possible.
     """
-    axis, context, size = int(config["axis"]), int(config["context"]), int(config["size"])
+    axis, context = int(config["axis"]), int(config["context"])
+    size = int(config["size"]) if canvas == "fixed" else 0
     views = [normalized, normalized[::-1]] if flip else [normalized]
     stacks = [context_slices(v, axis, context) for v in views]  # each (n, C, A, B)
     pc = PadCrop(tuple(stacks[0].shape[-2:]), target_size(stacks[0].shape[-2:], size, model.size_multiple))
@@ -149,7 +157,11 @@ class HippocampusSegmenter:
     def __init__(self, model: UNet, config: dict, version: str, device: str,
                  split: dict | None = None, members: list[tuple[UNet, dict]] | None = None, *,
                  flips: bool = True, member_indices: tuple[int, ...] | None = None,
-                 backend: str = "auto", threads: int | None = None, sha256: str | None = None) -> None:
+                 backend: str = "auto", threads: int | None = None, sha256: str | None = None,
+                 canvas: str = "fixed") -> None:
+        if canvas not in CANVASES:
+            raise ValueError(f"canvas: unknown {canvas!r}; choose one of {', '.join(CANVASES)}")
+        self.canvas = canvas
         self.split = split  # train/val/test case ids the weights were trained with, if stored
         self.model = model
         self.members = members if members else [(model, config)]
@@ -166,7 +178,7 @@ class HippocampusSegmenter:
     @classmethod
     def load(cls, weights_path: str | os.PathLike | None = None, device: str | None = None, *,
              members: Sequence[int] | None = None, flips: bool = True, backend: str = "auto",
-             threads: int | None = None) -> "HippocampusSegmenter":
+             threads: int | None = None, canvas: str = "fixed") -> "HippocampusSegmenter":
         """Load a checkpoint (default: ``hippocampus_unet.pt`` next to this module).
 
         Args:
@@ -177,9 +189,11 @@ class HippocampusSegmenter:
             backend: ``"auto"`` (ONNX Runtime on the CPU when installed, else PyTorch),
                 ``"onnxruntime"`` or ``"torch"``.
             threads: ONNX Runtime threads per network (default ``torch.get_num_threads()``).
+            canvas: ``"fixed"`` (slices padded to the training size) or ``"tight"`` (to the next
+                multiple of 8: fewer FLOPs, slightly different labels); see ``CANVASES``.
 
         ``version`` is ``"<name> (<first 12 hex digits of the file's SHA-256>)"``, followed by
-        ``members=i,j`` and/or ``flips=off`` when those differ from the defaults.
+        ``members=i,j``, ``flips=off`` and/or ``canvas=tight`` when those differ from the defaults.
         """
         path = Path(weights_path) if weights_path is not None else DEFAULT_WEIGHTS
         if device is None:
@@ -191,9 +205,9 @@ class HippocampusSegmenter:
         chosen = [(load_network(stored[i]["state_dict"], dict(stored[i]["config"]), device), dict(stored[i]["config"]))
                   for i in indices]
         sha256 = file_sha256(path)
-        version = f"{ckpt.get('version', MODEL_NAME)} ({sha256[:12]})" + settings_suffix(indices, len(stored), flips)
+        version = f"{ckpt.get('version', MODEL_NAME)} ({sha256[:12]})" + settings_suffix(indices, len(stored), flips, canvas)
         return cls(chosen[0][0], config, version, device, ckpt.get("split"), chosen, flips=flips,
-                   member_indices=indices, backend=backend, threads=threads, sha256=sha256)
+                   member_indices=indices, backend=backend, threads=threads, sha256=sha256, canvas=canvas)
 
     def segment(self, volume: np.ndarray) -> np.ndarray:
         """Segment one 3D volume.
@@ -223,7 +237,7 @@ class HippocampusSegmenter:
             if run is None:
                 total = total + predict_probs_tta(model, vol, cfg, self.device, flip)
             else:
-                total = total + fast_member_probs(run, model, normalized, cfg, flip)
+                total = total + fast_member_probs(run, model, normalized, cfg, flip, canvas=self.canvas)
         return total / len(self.members)
 
     def reference_probabilities(self, volume: np.ndarray) -> np.ndarray:
@@ -254,13 +268,15 @@ def select_members(members: Sequence[int] | None, available: int) -> tuple[int, 
     return indices
 
 
-def settings_suffix(indices: tuple[int, ...], available: int, flips: bool) -> str:
+def settings_suffix(indices: tuple[int, ...], available: int, flips: bool, canvas: str = "fixed") -> str:
     """The part of ``version`` naming non-default inference settings ("" for the full ensemble with flips)."""
     parts = []
     if indices != tuple(range(available)):
         parts.append("members=" + ",".join(map(str, indices)))
     if not flips:
         parts.append("flips=off")
+    if canvas != "fixed":
+        parts.append(f"canvas={canvas}")
     return "".join(" " + p for p in parts)
 
 

@@ -210,3 +210,19 @@ def test_healthcheck_is_not_ready_when_the_model_cannot_load(tmp_path):
         assert requests.get(running.url + "/ping", timeout=5).status_code == 200
     finally:
         running.stop()
+
+
+def test_a_version_runs_the_inference_settings_its_manifest_declares(weights):
+    """1.0-fast's ``canvas: tight`` reaches the segmenter; an unknown canvas makes that version unavailable."""
+    import dataclasses
+
+    from models.registry import ModelRegistry, ModelUnavailable
+
+    registry = ModelRegistry.load()
+    fast = registry.family(hippocampus.FAMILY).resolve("1.0-fast")
+    segmenter = registry.model(fast, hippocampus.load_version)
+    assert (segmenter.canvas, segmenter.flips, segmenter.member_indices) == ("tight", False, (0,))
+    assert fast.inference["canvas"] == "tight" and "--canvas tight" in fast.evaluation["command"]
+    bad = dataclasses.replace(fast, version="bad-canvas", inference={**fast.inference, "canvas": "small"})
+    with pytest.raises(ModelUnavailable, match="canvas: unknown 'small'; choose one of fixed, tight"):
+        registry.model(bad, hippocampus.load_version)
