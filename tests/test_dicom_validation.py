@@ -55,10 +55,10 @@ def refused(*blobs: bytes, limit: int = LIMIT) -> str:
 
 def test_a_valid_series_passes_and_is_parsed_once():
     parts = as_parts(*(dicom_bytes(ds) for ds in instances()))
-    datasets = validate_instances(parts, max_series_voxels=LIMIT)
-    assert len(datasets) == 3
+    headers = validate_instances(parts, max_series_voxels=LIMIT)
+    assert len(headers) == 3
     # the handler's header-only read reuses what validation parsed
-    assert load_instances(parts, stop_before_pixels=True)[0] is datasets[0]
+    assert load_instances(parts, stop_before_pixels=True)[0] is headers[0].dataset
 
 
 @pytest.mark.parametrize("syntax", [ImplicitVRLittleEndian, ExplicitVRBigEndian])
@@ -147,7 +147,7 @@ def test_mutated_files_either_decode_or_get_a_422(changes, keep):
         blob[position] = value
     blob = bytes(blob[:keep])
     try:
-        datasets = validate_instances(as_parts(blob), max_series_voxels=LIMIT)
+        datasets = [h.dataset for h in validate_instances(as_parts(blob), max_series_voxels=LIMIT)]
     except UnprocessableInput as exc:
         assert "part 0" in exc.message and "Traceback" not in exc.message
         return
