@@ -43,6 +43,8 @@ ITEM, ITEM_END, SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 #: Bytes read first from a part on disk; a header longer than this is read whole.
 HEAD_BYTES = 64 * 1024
 
+#: RawDataElement from one tuple (namedtuple's ``_make``: no keyword handling, one C call).
+_raw = RawDataElement._make
 _EXPLICIT = struct.Struct("<HH2sH")
 _IMPLICIT = struct.Struct("<HHL")
 _U32 = struct.Struct("<L")
@@ -239,15 +241,22 @@ def _walk(buf: Any, file_size: int) -> tuple | object:
                 stop = _sequence_end(buf, start, implicit)
                 if stop is None:
                     return _NEED_MORE if end < file_size else _NOT_FAST
-                elements[tag] = RawDataElement(BaseTag(tag), None, UNDEFINED_LENGTH, bytes(buf[start:stop - 8]), start,
-                                               True, True, True, False)
+                elements[tag] = _raw((BaseTag(tag), None, UNDEFINED_LENGTH, bytes(buf[start:stop - 8]), start,
+                                               True, True, True, False))
                 pos = stop
                 continue
             if start + length > end:
                 return _NEED_MORE if end < file_size else _NOT_FAST
-            elements[tag] = RawDataElement(BaseTag(tag), None, length, bytes(buf[start:start + length]), start,
-                                           True, True, True, False)
+            elements[tag] = _raw((BaseTag(tag), None, length, bytes(buf[start:start + length]), start,
+                                           True, True, True, False))
             pos = start + length
+            continue
+        known = _VRS.get(vr)
+        if known is not None and not known[1] and pos + 8 + short <= end:  # most elements: inline
+            start = pos + 8
+            pos = start + short
+            elements[tag] = _raw((BaseTag(tag), known[0], short, bytes(buf[start:pos]), start,
+                                           False, True, True, False))
             continue
         pos, raw = _explicit_element(buf, pos, tag, vr, short, end)
         if raw is None:
@@ -289,11 +298,11 @@ def _explicit_element(buf: Any, pos: int, tag: int, vr: bytes, short: int, end: 
             if stop is None:
                 return pos, _NEED_MORE
             value = bytes(buf[start:stop - 8])
-            return stop, RawDataElement(BaseTag(tag), "SQ", UNDEFINED_LENGTH, value, start, False, True, True, False)
+            return stop, _raw((BaseTag(tag), "SQ", UNDEFINED_LENGTH, value, start, False, True, True, False))
     if start + length > end:
         return pos, _NEED_MORE
-    return start + length, RawDataElement(BaseTag(tag), name, length, bytes(buf[start:start + length]), start,
-                                          False, True, True, False)
+    return start + length, _raw((BaseTag(tag), name, length, bytes(buf[start:start + length]), start,
+                                          False, True, True, False))
 
 
 def _sequence_end(buf: Any, pos: int, implicit: bool) -> int | None:
@@ -368,9 +377,7 @@ def _fast_header(meta: dict, elements: dict, implicit: bool, pixel: PixelElement
         encoding: Any = default_encoding
         if 0x00080005 in elements:
             encoding = convert_encodings(convert_raw_data_element(elements[0x00080005]).value)
-        data = Dataset(elements)
-        data.set_original_encoding(implicit, True, encoding)
-        ds = FileDataset(io.BytesIO(), data, b"\x00" * 128, FileMetaDataset(meta), implicit, True)
+        ds = FileDataset(io.BytesIO(), dict(elements), b"\x00" * 128, FileMetaDataset(dict(meta)), implicit, True)
         ds.set_original_encoding(implicit, True, encoding)
         return ds
 
