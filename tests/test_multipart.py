@@ -201,3 +201,18 @@ def test_damaged_bodies_parse_or_are_a_400(contents, flips, cut, declare_length)
         assert sum(p.size for p in parsed.parts) <= len(body)
     finally:
         spool.close()
+
+
+def test_each_part_is_handed_over_whole_as_soon_as_it_ends():
+    contents = [b'{"a": 1}', b"x" * 700, b"", b"y" * 50]
+    body = body_of([(["Content-Type: application/octet-stream"], c) for c in contents])
+    seen = []
+    stream = _ChunkedStream(body, 13)
+    spool = PartSpool(256)  # the second part spills to disk
+    try:
+        parse_multipart_related(stream, b"XyZ123", spool=spool, max_bytes=1 << 20,
+                                on_part=lambda part: seen.append((part.index, part.read_bytes(), stream.pos)))
+    finally:
+        spool.close()
+    assert [(index, content) for index, content, _ in seen] == list(enumerate(contents))
+    assert seen[0][2] < len(body)  # the first part came before the body had all streamed in

@@ -80,10 +80,24 @@ class _Describe:
         return describe(self.part, self.position)
 
 
+def read_header_early(part: Any) -> None:
+    """Read a finished request part's DICOM header while the rest of the request streams in.
+
+    ``validate_instances`` then reuses it; a part that does not read is left to it, which reads
+    it again and reports the defect. Part 0, the request JSON, is skipped.
+    """
+    if getattr(part, "index", 0) == 0:
+        return
+    try:
+        part.dicom_header = read_header(part)
+    except Exception:  # not DICOM, or damaged: validate_instances says so, with the part's name
+        pass
+
+
 def _read_header(part: Any, position: int, *, attachment_allowed: bool) -> InstanceHeader | None:
     """The part's header; None for a leading attachment; a 422 for anything that is not DICOM."""
     try:
-        header = read_header(part)
+        header = getattr(part, "dicom_header", None) or read_header(part)
         if SOP_INSTANCE_UID not in header:
             raise InvalidDicomError("no SOPInstanceUID")
         return header

@@ -14,8 +14,9 @@ import io
 import os
 import tempfile
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -244,8 +245,12 @@ def parse_multipart_related(
     spool: PartSpool,
     max_bytes: int,
     content_length: int | None = None,
+    on_part: Callable[[Part], None] | None = None,
 ) -> ParsedBody:
     """Read ``stream`` (to ``content_length`` or its end), split it into parts, hash their contents.
+
+    ``on_part`` is called with each part as soon as its content is complete, while the rest of
+    the body is still streaming in (the gateway reads DICOM headers there).
 
     Raises ``PayloadTooLarge`` past ``max_bytes`` (also when no Content-Length was sent),
     ``BadRequest`` for a body that is truncated or not valid multipart, and ``RequestTimeout``
@@ -275,6 +280,8 @@ def parse_multipart_related(
                 if isinstance(event, multipart_lib.MultipartSegment):
                     current = spool.begin_part(event.headerlist)
                 elif event is None:
+                    if on_part is not None and current is not None:
+                        on_part(current)
                     current = None
                 else:
                     digest.update(event)
@@ -350,20 +357,34 @@ def encode_multipart_related(
     if input_hash is not None:
         length += len(hash_head) + protocol.HASHES_LENGTH
 
+    # the output hash is computed on another thread while the parts go out (hashlib releases the GIL)
+    output_hash = _HASHERS.submit(_sha256_hex, [body for _, body in parts]) if input_hash is not None else None
+
     def chunks() -> Iterator[bytes]:
-        digest = hashlib.sha256()
         for i, (head, (_, body)) in enumerate(zip(heads, parts)):
             yield (b"\r\n" + head) if i else head
             view = memoryview(body).cast("B")
             for start in range(0, view.nbytes, WRITE_CHUNK):
-                piece = bytes(view[start : start + WRITE_CHUNK])  # WSGI servers take bytes only
-                digest.update(piece)
-                yield piece
-        if input_hash is not None:
-            yield hash_head + protocol.format_hashes(input_hash, digest.hexdigest()).encode()
+                yield bytes(view[start : start + WRITE_CHUNK])  # WSGI servers take bytes only
+        if output_hash is not None:
+            yield hash_head + protocol.format_hashes(input_hash, output_hash.result()).encode()
         yield closing
 
     return EncodedResponse(f'multipart/related; boundary="{boundary}"', length, chunks())
+
+
+#: Threads that hash responses while they are sent (one task per response; two keep up with any number).
+_HASHERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="response-sha256")
+
+
+def _sha256_hex(bodies: Sequence[bytes | memoryview]) -> str:
+    """SHA-256 of the bodies in order, fed in ``WRITE_CHUNK`` pieces."""
+    digest = hashlib.sha256()
+    for body in bodies:
+        view = memoryview(body).cast("B")
+        for start in range(0, view.nbytes, WRITE_CHUNK):
+            digest.update(view[start : start + WRITE_CHUNK])
+    return digest.hexdigest()
 
 
 def decode_multipart_response(content_type: str, body: bytes) -> list[tuple[str, bytes]]:
