@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import threading
+import time
 
 import pydicom
 import pytest
@@ -11,6 +13,7 @@ import pytest
 from utils.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from utils.multipart import (
     PartSpool,
+    ThreadedSHA256,
     decode_multipart_response,
     encode_multipart_related,
     multipart_boundary,
@@ -216,3 +219,18 @@ def test_each_part_is_handed_over_whole_as_soon_as_it_ends():
         spool.close()
     assert [(index, content) for index, content, _ in seen] == list(enumerate(contents))
     assert seen[0][2] < len(body)  # the first part came before the body had all streamed in
+
+
+def test_the_hashing_thread_gives_hashlibs_digest_and_ends_on_errors():
+    digest = ThreadedSHA256()
+    for piece in (b"a" * 5000, b"", b"b" * 3):
+        digest.update(piece)
+    assert digest.hexdigest() == hashlib.sha256(b"a" * 5000 + b"b" * 3).hexdigest()
+    before = threading.active_count()
+    for _ in range(5):  # truncated bodies: the parse fails, its hashing thread must not linger
+        with pytest.raises(BadRequest):
+            parse(body_of([(["Content-Type: application/dicom"], b"x" * 100)])[:60])
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threading.active_count() <= before
