@@ -30,6 +30,7 @@ from handlers.registry import Handler, Registry
 from utils import metrics, protocol
 from utils.config import Settings, get_settings
 from utils.dicom import study_folder_files
+from utils.dicom_validation import read_header_early
 from utils.errors import BadRequest, Forbidden, GatewayError, Unauthorized
 from utils.multipart import (
     EncodedResponse,
@@ -179,7 +180,7 @@ class Gateway(Flask):
         stream = environ["wsgi.input"] if direct else request.stream
         return parse_multipart_related(stream, boundary, spool=spool,
                                        max_bytes=self.settings.max_request_bytes,
-                                       content_length=request.content_length)
+                                       content_length=request.content_length, on_part=read_header_early)
 
     def _read_study_path(self, spool: PartSpool) -> ParsedBody:
         """A JSON request naming a folder on the server (``studyPath``) instead of uploading it."""

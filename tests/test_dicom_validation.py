@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian
 
 from utils.dicom import load_instances, series_from_volume
-from utils.dicom_validation import validate_instances
+from utils.dicom_validation import read_header_early, validate_instances
 from utils.errors import UnprocessableInput
 from utils.multipart import PartSpool
 
@@ -55,10 +55,10 @@ def refused(*blobs: bytes, limit: int = LIMIT) -> str:
 
 def test_a_valid_series_passes_and_is_parsed_once():
     parts = as_parts(*(dicom_bytes(ds) for ds in instances()))
-    datasets = validate_instances(parts, max_series_voxels=LIMIT)
-    assert len(datasets) == 3
+    headers = validate_instances(parts, max_series_voxels=LIMIT)
+    assert len(headers) == 3
     # the handler's header-only read reuses what validation parsed
-    assert load_instances(parts, stop_before_pixels=True)[0] is datasets[0]
+    assert load_instances(parts, stop_before_pixels=True)[0] is headers[0].dataset
 
 
 @pytest.mark.parametrize("syntax", [ImplicitVRLittleEndian, ExplicitVRBigEndian])
@@ -147,7 +147,7 @@ def test_mutated_files_either_decode_or_get_a_422(changes, keep):
         blob[position] = value
     blob = bytes(blob[:keep])
     try:
-        datasets = validate_instances(as_parts(blob), max_series_voxels=LIMIT)
+        datasets = [h.dataset for h in validate_instances(as_parts(blob), max_series_voxels=LIMIT)]
     except UnprocessableInput as exc:
         assert "part 0" in exc.message and "Traceback" not in exc.message
         return
@@ -155,3 +155,24 @@ def test_mutated_files_either_decode_or_get_a_422(changes, keep):
         full = pydicom.dcmread(io.BytesIO(blob))
         assert full.pixel_array.size == int(ds.Rows) * int(ds.Columns) * int(ds.get("NumberOfFrames", 1) or 1) \
             * int(ds.SamplesPerPixel)
+
+
+def test_headers_read_while_streaming_are_reused_and_damaged_parts_are_still_named():
+    blob = dicom_bytes(instances(depth=1)[0])
+    spool = PartSpool(1 << 20)
+    request_json = spool.begin_part([("Content-Type", "application/json")])
+    spool.append(request_json, b"{}")
+    parts = [request_json]
+    for name, content in (("good.dcm", blob), ("cut.dcm", blob[:200])):
+        part = spool.begin_part([("Content-Type", "application/dicom"),
+                                 ("Content-Disposition", f'form-data; name="file"; filename="{name}"')])
+        spool.append(part, content)
+        parts.append(part)
+    for part in parts:
+        read_header_early(part)  # what the gateway does as each part ends
+    assert not hasattr(parts[0], "dicom_header")  # the request JSON
+    early = parts[1].dicom_header
+    with pytest.raises(UnprocessableInput) as caught:
+        validate_instances(parts[1:], max_series_voxels=LIMIT)
+    assert "part 2 (file 'cut.dcm')" in caught.value.message
+    assert validate_instances(parts[1:2], max_series_voxels=LIMIT)[0] is early

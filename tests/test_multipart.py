@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import threading
+import time
 
 import pydicom
 import pytest
@@ -11,6 +13,7 @@ import pytest
 from utils.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from utils.multipart import (
     PartSpool,
+    ThreadedSHA256,
     decode_multipart_response,
     encode_multipart_related,
     multipart_boundary,
@@ -201,3 +204,33 @@ def test_damaged_bodies_parse_or_are_a_400(contents, flips, cut, declare_length)
         assert sum(p.size for p in parsed.parts) <= len(body)
     finally:
         spool.close()
+
+
+def test_each_part_is_handed_over_whole_as_soon_as_it_ends():
+    contents = [b'{"a": 1}', b"x" * 700, b"", b"y" * 50]
+    body = body_of([(["Content-Type: application/octet-stream"], c) for c in contents])
+    seen = []
+    stream = _ChunkedStream(body, 13)
+    spool = PartSpool(256)  # the second part spills to disk
+    try:
+        parse_multipart_related(stream, b"XyZ123", spool=spool, max_bytes=1 << 20,
+                                on_part=lambda part: seen.append((part.index, part.read_bytes(), stream.pos)))
+    finally:
+        spool.close()
+    assert [(index, content) for index, content, _ in seen] == list(enumerate(contents))
+    assert seen[0][2] < len(body)  # the first part came before the body had all streamed in
+
+
+def test_the_hashing_thread_gives_hashlibs_digest_and_ends_on_errors():
+    digest = ThreadedSHA256()
+    for piece in (b"a" * 5000, b"", b"b" * 3):
+        digest.update(piece)
+    assert digest.hexdigest() == hashlib.sha256(b"a" * 5000 + b"b" * 3).hexdigest()
+    before = threading.active_count()
+    for _ in range(5):  # truncated bodies: the parse fails, its hashing thread must not linger
+        with pytest.raises(BadRequest):
+            parse(body_of([(["Content-Type: application/dicom"], b"x" * 100)])[:60])
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threading.active_count() <= before

@@ -1,13 +1,13 @@
 """Check every DICOM instance of a request once, before any handler reads it: a clear 422, never a 500.
 
 ``validate_instances(parts, max_series_voxels=...)`` reads each part's header (pixels not read,
-not decoded) and checks what pixel decoding needs: Rows, Columns, BitsAllocated, BitsStored,
-SamplesPerPixel, PhotometricInterpretation, NumberOfFrames with possible values, and that the
-Pixel Data element holds exactly the bytes they imply and that the file really contains them
-(a truncated file). It also bounds the voxels of each series, before a handler allocates them.
-Any defect is an ``UnprocessableInput`` (422) naming the part and the defect.
+not decoded; ``utils.dicom_header``) and checks what pixel decoding needs: Rows, Columns,
+BitsAllocated, BitsStored, SamplesPerPixel, PhotometricInterpretation, NumberOfFrames with
+possible values, and that the Pixel Data element holds exactly the bytes they imply and that the
+file really contains them (a truncated file). It also bounds the voxels of each series, before a
+handler allocates them. Any defect is an ``UnprocessableInput`` (422) naming the part and the defect.
 
-The header datasets it reads are kept on the parts (``part.header_dataset``), so a handler's
+The headers it reads are kept on the parts (``part.dicom_header``), so a handler's
 ``utils.dicom.load_instances(..., stop_before_pixels=True)`` does not parse them a second time.
 """
 
@@ -15,156 +15,127 @@ from __future__ import annotations
 
 import logging
 import math
-import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any
 
-import pydicom
-from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import DeflatedExplicitVRLittleEndian, UID
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
+from utils.dicom_header import InstanceHeader, read_header
 from utils.errors import UnprocessableInput
 
 log = logging.getLogger("inference.dicom_validation")
 
-PIXEL_DATA_TAG = 0x7FE00010
-#: Explicit-VR value representations whose length field is 4 bytes (after 2 reserved bytes).
-LONG_LENGTH_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
-UNDEFINED_LENGTH = 0xFFFFFFFF
 ALLOWED_BITS_ALLOCATED = (1, 8, 16, 32, 64)
 ALLOWED_SAMPLES_PER_PIXEL = (1, 3)
+SOP_INSTANCE_UID = 0x00080018
+SERIES_INSTANCE_UID = 0x0020000E
+#: The integer attributes pixel decoding needs, keyword -> tag.
+IMAGE_INTEGERS = {"Rows": 0x00280010, "Columns": 0x00280011, "BitsAllocated": 0x00280100, "SamplesPerPixel": 0x00280002,
+                  "BitsStored": 0x00280101, "NumberOfFrames": 0x00280008, "PixelRepresentation": 0x00280103}
+PHOTOMETRIC_INTERPRETATION = 0x00280004
 
 
-@dataclass(frozen=True)
-class PixelElement:
-    """Where the Pixel Data value lies in the file: its offset and length (None: undefined)."""
-
-    offset: int
-    length: int | None
-
-
-def validate_instances(parts: Sequence[Any], *, max_series_voxels: int) -> list[Dataset]:
-    """The header datasets of the request's DICOM parts, each checked; 422 naming the part otherwise.
+def validate_instances(parts: Sequence[Any], *, max_series_voxels: int) -> list[InstanceHeader]:
+    """The headers of the request's DICOM parts, each checked; a 422 naming the part otherwise.
 
     Parts are request parts (``utils.multipart.Part``) or binary files. Leading parts that are not
     DICOM and not labelled ``application/dicom`` are attachments and skipped, as
     ``utils.dicom.load_instances`` does. A request with no DICOM part passes (the handler decides).
     """
-    datasets: list[Dataset] = []
+    headers: list[InstanceHeader] = []
     voxels_by_series: dict[str, int] = {}
     for position, part in enumerate(parts):
-        describe = part.describe() if hasattr(part, "describe") else f"part {position + 1}"
-        read = _read_header(part, describe, attachment_allowed=not datasets)
-        if read is None:
+        header = _read_header(part, position, attachment_allowed=not headers)
+        if header is None:
             continue
-        ds, pixel, file_size = read
-        voxels = check_image_header(ds, pixel, file_size, describe)
-        series = str(ds.get("SeriesInstanceUID", ""))
+        voxels = check_image_header(header, _Describe(part, position))
+        series = header.text(SERIES_INSTANCE_UID) or ""
         voxels_by_series[series] = voxels_by_series.get(series, 0) + voxels
         if voxels_by_series[series] > max_series_voxels:
             raise UnprocessableInput(
                 f"series {series or '(no SeriesInstanceUID)'} holds more than {max_series_voxels} voxels "
-                f"(the limit, INFERENCE_MAX_SERIES_VOXELS) by {describe}; send a smaller series or crop it")
-        ds.source_part = part
+                f"(the limit, INFERENCE_MAX_SERIES_VOXELS) by {describe(part, position)}; send a smaller "
+                "series or crop it")
         try:
-            part.header_dataset = ds
+            part.dicom_header = header
         except AttributeError:  # a file object that takes no attributes: it is parsed again later
             pass
-        datasets.append(ds)
-    return datasets
+        headers.append(header)
+    return headers
 
 
-def _read_header(part: Any, describe: str, *, attachment_allowed: bool) -> tuple[Dataset, PixelElement | None, int] | None:
-    """The header dataset, the Pixel Data element's place and the file size; None for an attachment."""
-    handle = _open(part)
-    try:
-        try:
-            ds = pydicom.dcmread(handle, stop_before_pixels=True)
-            if "SOPInstanceUID" not in ds:
-                raise InvalidDicomError("no SOPInstanceUID")
-        except Exception as exc:  # pydicom raises many kinds on garbage
-            labelled_dicom = getattr(part, "content_type", "application/dicom") == "application/dicom"
-            if attachment_allowed and not labelled_dicom:
-                return None
-            log.info("%s is not readable DICOM: %s: %s", describe, type(exc).__name__, exc)
-            raise UnprocessableInput(f"{describe} is not a readable DICOM file (damaged or truncated header, "
-                                     "or not DICOM); send the instance as stored by the modality or PACS") from None
-        syntax = UID(ds.file_meta.get("TransferSyntaxUID", "") or "1.2.840.10008.1.2")
-        pixel = None if syntax == DeflatedExplicitVRLittleEndian else _pixel_element(handle, ds, syntax)
-        handle.seek(0, 2)
-        return ds, pixel, handle.tell()
-    finally:
-        if handle is not part:
-            handle.close()
+def describe(part: Any, position: int) -> str:
+    """How messages name a part: ``Part.describe()`` (index and file name), else its position."""
+    return part.describe() if hasattr(part, "describe") else f"part {position + 1}"
 
 
-def _open(part: Any) -> BinaryIO:
-    if hasattr(part, "open"):
-        return part.open()
-    part.seek(0)
-    return part
+class _Describe:
+    """A part's description, worked out only when a message needs it (most parts pass)."""
+
+    def __init__(self, part: Any, position: int) -> None:
+        self.part, self.position = part, position
+
+    def __str__(self) -> str:
+        return describe(self.part, self.position)
 
 
-def _pixel_element(handle: BinaryIO, ds: Dataset, syntax: UID) -> PixelElement | None:
-    """The Pixel Data element that follows the header (where ``stop_before_pixels`` left the file).
+def read_header_early(part: Any) -> None:
+    """Read a finished request part's DICOM header while the rest of the request streams in.
 
-    None when the dataset has no Pixel Data. Only the element's tag and length are read.
+    ``validate_instances`` then reuses it; a part that does not read is left to it, which reads
+    it again and reports the defect. Part 0, the request JSON, is skipped.
     """
-    start = handle.tell()
-    head = handle.read(12)
-    implicit, little = ds.original_encoding  # as pydicom actually read it, whatever the meta says
-    if implicit is None:
-        implicit = syntax.is_implicit_VR if syntax.is_transfer_syntax else False
-        little = syntax.is_little_endian if syntax.is_transfer_syntax else True
-    order = "<" if little else ">"
-    if len(head) < 8:
-        return None
-    group, element = struct.unpack(order + "HH", head[:4])
-    if (group << 16 | element) != PIXEL_DATA_TAG:
-        return None  # no Pixel Data (or Float Pixel Data, which the handlers do not read)
-    if implicit:
-        (length,) = struct.unpack(order + "L", head[4:8])
-        offset = start + 8
-    elif head[4:6] in LONG_LENGTH_VRS:
-        if len(head) < 12:
-            return PixelElement(start + 12, 0)
-        (length,) = struct.unpack(order + "L", head[8:12])
-        offset = start + 12
-    else:
-        (length,) = struct.unpack(order + "H", head[6:8])
-        offset = start + 8
-    return PixelElement(offset, None if length == UNDEFINED_LENGTH else length)
+    if getattr(part, "index", 0) == 0:
+        return
+    try:
+        part.dicom_header = read_header(part)
+    except Exception:  # not DICOM, or damaged: validate_instances says so, with the part's name
+        pass
 
 
-def _integer(ds: Dataset, keyword: str, describe: str, *, default: int | None = None) -> int:
+def _read_header(part: Any, position: int, *, attachment_allowed: bool) -> InstanceHeader | None:
+    """The part's header; None for a leading attachment; a 422 for anything that is not DICOM."""
+    try:
+        header = getattr(part, "dicom_header", None) or read_header(part)
+        if SOP_INSTANCE_UID not in header:
+            raise InvalidDicomError("no SOPInstanceUID")
+        return header
+    except Exception as exc:  # pydicom raises many kinds on garbage
+        labelled_dicom = getattr(part, "content_type", "application/dicom") == "application/dicom"
+        if attachment_allowed and not labelled_dicom:
+            return None
+        where = describe(part, position)
+        log.info("%s is not readable DICOM: %s: %s", where, type(exc).__name__, exc)
+        raise UnprocessableInput(f"{where} is not a readable DICOM file (damaged or truncated header, "
+                                 "or not DICOM); send the instance as stored by the modality or PACS") from None
+
+
+def _integer(header: InstanceHeader, keyword: str, describe: Any, *, default: int | None = None) -> int:
     """An integer attribute, or a 422 saying it is missing or unreadable."""
-    if keyword not in ds:
+    tag = IMAGE_INTEGERS[keyword]
+    try:
+        value = header.integer(tag)
+    except Exception:  # a malformed element raises whatever its VR's converter raises
+        raise UnprocessableInput(f"{describe}: {keyword} is not a single integer") from None
+    if value is not None:
+        return value
+    if tag not in header:
         if default is not None:
             return default
         raise UnprocessableInput(f"{describe}: {keyword} is missing; pixel decoding needs it")
-    try:
-        value = ds[keyword].value
-        if isinstance(value, (list, tuple)) or value is None or value == "":
-            raise ValueError
-        number = float(value)
-        if not number.is_integer():
-            raise ValueError
-        return int(number)
-    except Exception:  # a malformed element raises whatever its VR's converter raises
-        raise UnprocessableInput(f"{describe}: {keyword} is not a single integer") from None
+    raise UnprocessableInput(f"{describe}: {keyword} is not a single integer")
 
 
-def check_image_header(ds: Dataset, pixel: PixelElement | None, file_size: int, describe: str) -> int:
+def check_image_header(header: InstanceHeader, describe: Any) -> int:
     """Check one instance's image attributes against its Pixel Data; its voxel count, or a 422."""
-    rows = _integer(ds, "Rows", describe)
-    columns = _integer(ds, "Columns", describe)
-    bits_allocated = _integer(ds, "BitsAllocated", describe)
-    samples = _integer(ds, "SamplesPerPixel", describe)
-    bits_stored = _integer(ds, "BitsStored", describe, default=bits_allocated)
-    frames = _integer(ds, "NumberOfFrames", describe, default=1)
-    representation = _integer(ds, "PixelRepresentation", describe, default=0)
+    rows = _integer(header, "Rows", describe)
+    columns = _integer(header, "Columns", describe)
+    bits_allocated = _integer(header, "BitsAllocated", describe)
+    samples = _integer(header, "SamplesPerPixel", describe)
+    bits_stored = _integer(header, "BitsStored", describe, default=bits_allocated)
+    frames = _integer(header, "NumberOfFrames", describe, default=1)
+    representation = _integer(header, "PixelRepresentation", describe, default=0)
     if not 0 < rows <= 65535 or not 0 < columns <= 65535:
         raise UnprocessableInput(f"{describe}: image size {rows} x {columns} is impossible "
                                  "(Rows and Columns must be 1 to 65535)")
@@ -179,14 +150,13 @@ def check_image_header(ds: Dataset, pixel: PixelElement | None, file_size: int, 
         raise UnprocessableInput(f"{describe}: NumberOfFrames {frames} must be at least 1")
     if representation not in (0, 1):
         raise UnprocessableInput(f"{describe}: PixelRepresentation {representation} must be 0 or 1")
-    if not str(ds.get("PhotometricInterpretation", "") or "").strip():
+    if not (header.text(PHOTOMETRIC_INTERPRETATION) or "").strip():
         raise UnprocessableInput(f"{describe}: PhotometricInterpretation is missing; pixel decoding needs it")
+    pixel, file_size, syntax = header.pixel, header.file_size, header.transfer_syntax
     if pixel is None:
-        if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds or ds.file_meta.get("TransferSyntaxUID") == \
-                DeflatedExplicitVRLittleEndian:
+        if syntax == DeflatedExplicitVRLittleEndian:  # the pixels are inside the deflated stream
             return rows * columns * frames
         raise UnprocessableInput(f"{describe}: the instance has no Pixel Data; send image instances only")
-    syntax = UID(ds.file_meta.get("TransferSyntaxUID", "") or "1.2.840.10008.1.2")
     compressed = syntax.is_transfer_syntax and syntax.is_compressed
     if pixel.length is None:
         if not compressed:

@@ -13,9 +13,12 @@ import hashlib
 import io
 import os
 import tempfile
+import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
-from collections.abc import Iterable, Iterator, Sequence
+from queue import SimpleQueue
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -66,7 +69,7 @@ class Part(io.RawIOBase):
         self.index = index
         self.headers = list(headers)
         self._spool = spool
-        self._memory: bytearray | None = bytearray()
+        self._memory: list[bytes] | None = []  # the content as received, joined on first read; None: on disk
         self._offset = 0  # in the spool file, once spilled
         self.size = 0
         self._pos = 0
@@ -132,6 +135,13 @@ class Part(io.RawIOBase):
         """The whole content, whatever the current position."""
         return self._read_at(0, self.size)
 
+    def head(self, n: int | None = None) -> bytes | memoryview:
+        """The first ``n`` bytes of the content (all of it with None); a view, not a copy, while in memory."""
+        n = self.size if n is None else min(n, self.size)
+        if self._memory is not None:
+            return memoryview(self._in_memory())[:n]
+        return self._spool.read_at(self._offset, n)
+
     def open(self) -> BinaryIO:
         """An independent binary file over the content, positioned at 0; fastest for parsers.
 
@@ -147,19 +157,26 @@ class Part(io.RawIOBase):
 
     def _read_at(self, position: int, n: int) -> bytes:
         if self._memory is not None:
-            return bytes(memoryview(self._memory)[position : position + n])
+            content = self._in_memory()
+            return content if position == 0 and n == len(content) else content[position : position + n]
         return self._spool.read_at(self._offset + position, n)
+
+    def _in_memory(self) -> bytes:
+        """The in-memory content as one ``bytes`` (pieces joined once; no copy for a part that came in one piece)."""
+        if len(self._memory) != 1:
+            self._memory[:] = [b"".join(self._memory)]
+        return self._memory[0]
 
     # -- filling (by PartSpool) ----------------------------------------------------------
     def _append(self, data: bytes) -> None:
         if self._memory is not None:
-            self._memory += data
+            self._memory.append(data if type(data) is bytes else bytes(data))
         else:
             self._spool.write_file(data)
         self.size += len(data)
 
-    def _spill(self, offset: int) -> bytearray:
-        memory, self._memory, self._offset = self._memory, None, offset
+    def _spill(self, offset: int) -> bytes:
+        memory, self._memory, self._offset = b"".join(self._memory), None, offset
         return memory
 
 
@@ -189,7 +206,7 @@ class PartSpool:
             self._in_memory += len(data)
         part._append(data)
 
-    def write_file(self, data: bytes | bytearray) -> None:
+    def write_file(self, data: bytes) -> None:
         if self._file is None:
             self._file = tempfile.TemporaryFile(prefix="inference-parts-", dir=self.spool_dir)
         self._file.write(data)
@@ -206,7 +223,7 @@ class PartSpool:
     def close(self) -> None:
         """Release memory and delete the temp file; the parts are unusable afterwards."""
         for part in self.parts:
-            part._memory = bytearray() if part._memory is not None else None
+            part._memory = [] if part._memory is not None else None
             part.size = 0
         if self._file is not None:
             self._file.close()
@@ -223,6 +240,36 @@ class ParsedBody:
     spool: PartSpool
 
 
+class ThreadedSHA256:
+    """SHA-256 of data fed in order, computed on a thread of its own while the caller goes on.
+
+    hashlib releases the GIL on large buffers, so a request's contents are hashed on the second
+    core while its thread parses them; ``hexdigest`` waits for the hash. Data must not change
+    after ``update`` (the parser hands out new ``bytes``). ``close`` ends the thread without a result.
+    """
+
+    def __init__(self) -> None:
+        self._queue: SimpleQueue = SimpleQueue()
+        self._digest = hashlib.sha256()
+        self._thread = threading.Thread(target=self._run, name="request-sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (data := self._queue.get()) is not None:
+            self._digest.update(data)
+
+    def update(self, data: bytes) -> None:
+        self._queue.put(data)
+
+    def hexdigest(self) -> str:
+        self.close()
+        self._thread.join()
+        return self._digest.hexdigest()
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+
 class _RelatedParser(multipart_lib.PushMultipartParser):
     """The ``multipart`` push parser, accepting parts without a form-data Content-Disposition."""
 
@@ -237,8 +284,12 @@ def parse_multipart_related(
     spool: PartSpool,
     max_bytes: int,
     content_length: int | None = None,
+    on_part: Callable[[Part], None] | None = None,
 ) -> ParsedBody:
     """Read ``stream`` (to ``content_length`` or its end), split it into parts, hash their contents.
+
+    ``on_part`` is called with each part as soon as its content is complete, while the rest of
+    the body is still streaming in (the gateway reads DICOM headers there).
 
     Raises ``PayloadTooLarge`` past ``max_bytes`` (also when no Content-Length was sent),
     ``BadRequest`` for a body that is truncated or not valid multipart, and ``RequestTimeout``
@@ -246,7 +297,18 @@ def parse_multipart_related(
     """
     if content_length is not None and content_length > max_bytes:
         raise PayloadTooLarge(f"request body of {content_length} bytes exceeds the limit of {max_bytes} bytes")
-    digest = hashlib.sha256()
+    digest = ThreadedSHA256()
+    try:
+        bytes_read = _split_parts(stream, boundary, spool, digest, max_bytes, content_length, on_part)
+    except BaseException:
+        digest.close()
+        raise
+    return ParsedBody(spool.parts, digest.hexdigest(), bytes_read, spool)
+
+
+def _split_parts(stream: BinaryIO, boundary: bytes, spool: PartSpool, digest: ThreadedSHA256, max_bytes: int,
+                 content_length: int | None, on_part: Callable[[Part], None] | None) -> int:
+    """Read the body into ``spool``'s parts, feeding their contents to ``digest``; the bytes read."""
     parser = _RelatedParser(boundary, max_header_count=32)
     bytes_read = 0
     current: Part | None = None
@@ -268,6 +330,8 @@ def parse_multipart_related(
                 if isinstance(event, multipart_lib.MultipartSegment):
                     current = spool.begin_part(event.headerlist)
                 elif event is None:
+                    if on_part is not None and current is not None:
+                        on_part(current)
                     current = None
                 else:
                     digest.update(event)
@@ -283,7 +347,7 @@ def parse_multipart_related(
         raise BadRequest(f"malformed multipart body at {where}: {reason}") from exc
     if content_length is not None and bytes_read < content_length:
         raise BadRequest(f"request body is truncated: got {bytes_read} of {content_length} bytes")
-    return ParsedBody(spool.parts, digest.hexdigest(), bytes_read, spool)
+    return bytes_read
 
 
 def parts_from_files(json_bytes: bytes, paths: Iterable[Path], spool: PartSpool) -> ParsedBody:
@@ -343,20 +407,34 @@ def encode_multipart_related(
     if input_hash is not None:
         length += len(hash_head) + protocol.HASHES_LENGTH
 
+    # the output hash is computed on another thread while the parts go out (hashlib releases the GIL)
+    output_hash = _HASHERS.submit(_sha256_hex, [body for _, body in parts]) if input_hash is not None else None
+
     def chunks() -> Iterator[bytes]:
-        digest = hashlib.sha256()
         for i, (head, (_, body)) in enumerate(zip(heads, parts)):
             yield (b"\r\n" + head) if i else head
             view = memoryview(body).cast("B")
             for start in range(0, view.nbytes, WRITE_CHUNK):
-                piece = bytes(view[start : start + WRITE_CHUNK])  # WSGI servers take bytes only
-                digest.update(piece)
-                yield piece
-        if input_hash is not None:
-            yield hash_head + protocol.format_hashes(input_hash, digest.hexdigest()).encode()
+                yield bytes(view[start : start + WRITE_CHUNK])  # WSGI servers take bytes only
+        if output_hash is not None:
+            yield hash_head + protocol.format_hashes(input_hash, output_hash.result()).encode()
         yield closing
 
     return EncodedResponse(f'multipart/related; boundary="{boundary}"', length, chunks())
+
+
+#: Threads that hash responses while they are sent (one task per response; two keep up with any number).
+_HASHERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="response-sha256")
+
+
+def _sha256_hex(bodies: Sequence[bytes | memoryview]) -> str:
+    """SHA-256 of the bodies in order, fed in ``WRITE_CHUNK`` pieces."""
+    digest = hashlib.sha256()
+    for body in bodies:
+        view = memoryview(body).cast("B")
+        for start in range(0, view.nbytes, WRITE_CHUNK):
+            digest.update(view[start : start + WRITE_CHUNK])
+    return digest.hexdigest()
 
 
 def decode_multipart_response(content_type: str, body: bytes) -> list[tuple[str, bytes]]:
