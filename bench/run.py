@@ -173,9 +173,10 @@ def idle_rss(server: Server, samples: int = 5) -> int:
 
 
 # -- client ----------------------------------------------------------------------------------
-def post_study(url: str, command: str, files: Sequence[Path], floor_bytes: int | None = None) -> InferenceResult:
+def post_study(url: str, command: str, files: Sequence[Path], floor_bytes: int | None = None,
+               **request_json) -> InferenceResult:
     """One request as ``utils.client.send_inference_request`` sends it; the floor gets its response size."""
-    encoder = build_multipart_request({"inference_command": command}, files)
+    encoder = build_multipart_request({"inference_command": command, **request_json}, files)
     headers = {"Content-Type": related_content_type(encoder)}
     if floor_bytes is not None:
         headers[SIZE_HEADER] = str(floor_bytes)
@@ -307,6 +308,10 @@ def measure_hippocampus(ours: Server, repeats: int) -> dict:
         post_study(ours.url, HIPPOCAMPUS_COMMAND, files)  # warm-up, not counted
         times = [timed(lambda: post_study(ours.url, HIPPOCAMPUS_COMMAND, files))[0] for _ in range(repeats)]
         out["hippocampus_roundtrip_s"] = round(statistics.median(times), 3)
+        fast = {"model_version": FAST_HIPPOCAMPUS_VERSION}
+        post_study(ours.url, HIPPOCAMPUS_COMMAND, files, **fast)  # warm-up, not counted
+        times = [timed(lambda: post_study(ours.url, HIPPOCAMPUS_COMMAND, files, **fast))[0] for _ in range(repeats)]
+        out["hippocampus_fast_roundtrip_s"] = round(statistics.median(times), 3)
     else:
         out["hippocampus_roundtrip_skipped"] = f"{HIPPOCAMPUS_COMMAND} is not served (GET /models)"
     settings = get_settings()
