@@ -16,7 +16,7 @@ from __future__ import annotations
 import io
 import struct
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import cached_property, lru_cache, partial
 from typing import Any, BinaryIO
 
 import pydicom
@@ -45,8 +45,8 @@ ITEM, ITEM_END, SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 #: Bytes read first from a part on disk; a header longer than this is read whole.
 HEAD_BYTES = 64 * 1024
 
-#: RawDataElement from one tuple (namedtuple's ``_make``: no keyword handling, one C call).
-_raw = RawDataElement._make
+#: RawDataElement from one tuple of its nine fields, in C (namedtuple's ``_make`` is a Python call).
+_raw = partial(tuple.__new__, RawDataElement)
 _EXPLICIT = struct.Struct("<HH2sH")
 _IMPLICIT = struct.Struct("<HHL")
 _U32 = struct.Struct("<L")
