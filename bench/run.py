@@ -2,7 +2,7 @@
 
     python -m bench.run                 # everything (what ``make bench`` runs)
     python -m bench.run --quick         # fewer repeats: a smoke run
-    python -m bench.run --only small    # one section: large, small, blur, hippocampus, celery or pacs
+    python -m bench.run --only small    # some sections: large, small, blur, hippocampus, celery, pacs (comma-separated)
 
 Both servers run with the shipped ``gunicorn.conf.py`` (the floor with its app swapped) on
 free ports, and both are driven by the same client code, so their ratio is the gateway's own
@@ -173,9 +173,10 @@ def idle_rss(server: Server, samples: int = 5) -> int:
 
 
 # -- client ----------------------------------------------------------------------------------
-def post_study(url: str, command: str, files: Sequence[Path], floor_bytes: int | None = None) -> InferenceResult:
+def post_study(url: str, command: str, files: Sequence[Path], floor_bytes: int | None = None,
+               **request_json) -> InferenceResult:
     """One request as ``utils.client.send_inference_request`` sends it; the floor gets its response size."""
-    encoder = build_multipart_request({"inference_command": command}, files)
+    encoder = build_multipart_request({"inference_command": command, **request_json}, files)
     headers = {"Content-Type": related_content_type(encoder)}
     if floor_bytes is not None:
         headers[SIZE_HEADER] = str(floor_bytes)
@@ -307,6 +308,10 @@ def measure_hippocampus(ours: Server, repeats: int) -> dict:
         post_study(ours.url, HIPPOCAMPUS_COMMAND, files)  # warm-up, not counted
         times = [timed(lambda: post_study(ours.url, HIPPOCAMPUS_COMMAND, files))[0] for _ in range(repeats)]
         out["hippocampus_roundtrip_s"] = round(statistics.median(times), 3)
+        fast = {"model_version": FAST_HIPPOCAMPUS_VERSION}
+        post_study(ours.url, HIPPOCAMPUS_COMMAND, files, **fast)  # warm-up, not counted
+        times = [timed(lambda: post_study(ours.url, HIPPOCAMPUS_COMMAND, files, **fast))[0] for _ in range(repeats)]
+        out["hippocampus_fast_roundtrip_s"] = round(statistics.median(times), 3)
     else:
         out["hippocampus_roundtrip_skipped"] = f"{HIPPOCAMPUS_COMMAND} is not served (GET /models)"
     settings = get_settings()
@@ -413,15 +418,26 @@ def run(sections: Sequence[str], quick: bool) -> dict:
     return results
 
 
+def sections_list(text: str) -> list[str]:
+    """``--only``'s value: comma-separated section names, each checked."""
+    sections = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in sections if name not in SECTIONS]
+    if unknown or not sections:
+        raise argparse.ArgumentTypeError(f"unknown section {', '.join(unknown) or text!r}; choose from "
+                                         f"{', '.join(SECTIONS)}")
+    return sections
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats, for a smoke run")
-    parser.add_argument("--only", choices=SECTIONS, help="run one section only (%(choices)s)")
+    parser.add_argument("--only", type=sections_list, metavar="SECTION[,SECTION...]",
+                        help=f"run these sections only, in the order given ({', '.join(SECTIONS)})")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s bench: %(message)s", stream=sys.stderr)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    results = run([args.only] if args.only else list(SECTIONS), args.quick)
+    results = run(args.only or list(SECTIONS), args.quick)
     print(json.dumps(results), flush=True)
     if any(key.endswith("_error") for key in results):
         sys.exit(1)

@@ -122,3 +122,13 @@ def test_celery_jobs_summary_takes_its_times_from_the_job_records():
     assert figures["wall_s"] == 6.0 and figures["jobs_per_s"] == 0.5
     assert figures["median_run_s"] == 2.0 and figures["run_s"] == [1.99, 2.0, 2.0]
     assert figures["median_submit_to_start_ms"] == 1900.0  # jobs queued behind others wait: not the dispatch latency
+
+
+def test_only_takes_several_sections_and_names_unknown_ones():
+    import argparse
+
+    from bench.run import sections_list
+
+    assert sections_list("large, small") == ["large", "small"]
+    with pytest.raises(argparse.ArgumentTypeError, match="smal"):
+        sections_list("large,smal")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import io
 import struct
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import cached_property, lru_cache, partial
 from typing import Any, BinaryIO
 
 import pydicom
@@ -39,12 +39,14 @@ SHORT_LENGTH_VRS = frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b
                               b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"})
 #: Explicit VR bytes -> (VR name, whether its length field is 4 bytes).
 _VRS = {vr: (vr.decode(), vr in LONG_LENGTH_VRS) for vr in LONG_LENGTH_VRS | SHORT_LENGTH_VRS}
+#: Groups the element loop looks at twice: command (0), file meta (2), pixels (7FE0), delimiters (FFFE).
+_SPECIAL_GROUPS = frozenset({0x0000, 0x0002, 0x7FE0, 0xFFFE})
 ITEM, ITEM_END, SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 #: Bytes read first from a part on disk; a header longer than this is read whole.
 HEAD_BYTES = 64 * 1024
 
-#: RawDataElement from one tuple (namedtuple's ``_make``: no keyword handling, one C call).
-_raw = RawDataElement._make
+#: RawDataElement from one tuple of its nine fields, in C (namedtuple's ``_make`` is a Python call).
+_raw = partial(tuple.__new__, RawDataElement)
 _EXPLICIT = struct.Struct("<HH2sH")
 _IMPLICIT = struct.Struct("<HHL")
 _U32 = struct.Struct("<L")
@@ -175,9 +177,10 @@ def read_header(source: Any) -> InstanceHeader:
 
 
 def _head(source: Any, n: int | None) -> tuple[Any, int, bool]:
-    """The first ``n`` bytes of ``source`` (all with None) as a buffer, the file size, and whether it is all."""
+    """At least the first ``n`` bytes of ``source`` (all with None) as ``bytes``, the file size, and whether it is all."""
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return source, len(source), True
+        data = source if type(source) is bytes else bytes(source)
+        return data, len(data), True
     if hasattr(source, "head"):  # a request part: no copy while it is in memory
         data = source.head(n)
         return data, source.size, len(data) >= source.size
@@ -192,10 +195,10 @@ _NEED_MORE = object()  # the buffer ended inside the header, and more of the fil
 _NOT_FAST = object()  # not the common encoding, or not clean: pydicom reads it
 
 
-def _walk(buf: Any, file_size: int) -> tuple | object:
+def _walk(buf: bytes, file_size: int) -> tuple | object:
     """(meta elements, data set elements, implicit, pixel element) of a clean common file, else a marker."""
     end = len(buf)
-    if end < 132 or bytes(buf[128:132]) != b"DICM":
+    if end < 132 or buf[128:132] != b"DICM":
         return _NOT_FAST if end >= min(file_size, 132) else _NEED_MORE
     meta: dict = {}
     pos = 132
@@ -219,51 +222,53 @@ def _walk(buf: Any, file_size: int) -> tuple | object:
         return _NOT_FAST  # including private syntaxes: pydicom knows their encodings
     implicit = syntax == ImplicitVRLittleEndian
     # pydicom checks that the data set is encoded as announced; a mismatch is left to it
-    if pos + 6 <= end and (bytes(buf[pos + 4:pos + 6]) in LONG_LENGTH_VRS | SHORT_LENGTH_VRS) == implicit:
+    if pos + 6 <= end and (buf[pos + 4:pos + 6] in _VRS) == implicit:
         return _NOT_FAST
     elements: dict = {}
     pixel = None
+    unpack, vrs, make, as_tag = _EXPLICIT.unpack_from, _VRS, _raw, BaseTag  # locals: this loop runs per element
     while pos + 8 <= end:
-        group, element, vr, short = _EXPLICIT.unpack_from(buf, pos)
+        group, element, vr, short = unpack(buf, pos)
         tag = group << 16 | element
-        if group == 0 or group == 2 or group == 0xFFFE:
-            return _NOT_FAST  # command or meta elements in the data set, stray delimiters
-        if tag in PIXEL_TAGS:
-            if tag == PIXEL_DATA:
-                pixel = _pixel_element(buf, pos, implicit, vr, file_size)
-            break
-        if implicit:
-            (length,) = _U32.unpack_from(buf, pos + 4)
-            start = pos + 8
-            if length == UNDEFINED_LENGTH:
-                if dictionary_vr(tag) != "SQ":
-                    return _NOT_FAST
-                stop = _sequence_end(buf, start, implicit)
-                if stop is None:
+        if group in _SPECIAL_GROUPS:
+            if tag in PIXEL_TAGS:
+                if tag == PIXEL_DATA:
+                    pixel = _pixel_element(buf, pos, implicit, vr, file_size)
+                break
+            if group != 0x7FE0:
+                return _NOT_FAST  # command or meta elements in the data set, stray delimiters
+        if not implicit:
+            known = vrs.get(vr)
+            if known is not None and not known[1]:  # most elements: a short explicit one, inline
+                start = pos + 8
+                pos = start + short
+                if pos > end:
                     return _NEED_MORE if end < file_size else _NOT_FAST
-                elements[tag] = _raw((BaseTag(tag), None, UNDEFINED_LENGTH, bytes(buf[start:stop - 8]), start,
-                                               True, True, True, False))
-                pos = stop
+                elements[tag] = make((as_tag(tag), known[0], short, buf[start:pos], start, False, True, True, False))
                 continue
-            if start + length > end:
+            pos, raw = _explicit_element(buf, pos, tag, vr, short, end)
+            if raw is None:
+                return _NOT_FAST
+            if raw is _NEED_MORE:
                 return _NEED_MORE if end < file_size else _NOT_FAST
-            elements[tag] = _raw((BaseTag(tag), None, length, bytes(buf[start:start + length]), start,
-                                           True, True, True, False))
-            pos = start + length
+            elements[tag] = raw
             continue
-        known = _VRS.get(vr)
-        if known is not None and not known[1] and pos + 8 + short <= end:  # most elements: inline
-            start = pos + 8
-            pos = start + short
-            elements[tag] = _raw((BaseTag(tag), known[0], short, bytes(buf[start:pos]), start,
-                                           False, True, True, False))
+        (length,) = _U32.unpack_from(buf, pos + 4)
+        start = pos + 8
+        if length == UNDEFINED_LENGTH:
+            if dictionary_vr(tag) != "SQ":
+                return _NOT_FAST
+            stop = _sequence_end(buf, start, implicit)
+            if stop is None:
+                return _NEED_MORE if end < file_size else _NOT_FAST
+            elements[tag] = make((as_tag(tag), None, UNDEFINED_LENGTH, buf[start:stop - 8], start,
+                                  True, True, True, False))
+            pos = stop
             continue
-        pos, raw = _explicit_element(buf, pos, tag, vr, short, end)
-        if raw is None:
-            return _NOT_FAST
-        if raw is _NEED_MORE:
+        pos = start + length
+        if pos > end:
             return _NEED_MORE if end < file_size else _NOT_FAST
-        elements[tag] = raw
+        elements[tag] = make((as_tag(tag), None, length, buf[start:pos], start, True, True, True, False))
     else:
         if pos < file_size and end < file_size:
             return _NEED_MORE
@@ -297,11 +302,11 @@ def _explicit_element(buf: Any, pos: int, tag: int, vr: bytes, short: int, end: 
             stop = _sequence_end(buf, start, False)
             if stop is None:
                 return pos, _NEED_MORE
-            value = bytes(buf[start:stop - 8])
+            value = buf[start:stop - 8]
             return stop, _raw((BaseTag(tag), "SQ", UNDEFINED_LENGTH, value, start, False, True, True, False))
     if start + length > end:
         return pos, _NEED_MORE
-    return start + length, _raw((BaseTag(tag), name, length, bytes(buf[start:start + length]), start,
+    return start + length, _raw((BaseTag(tag), name, length, buf[start:start + length], start,
                                           False, True, True, False))
 
 

@@ -135,12 +135,12 @@ class Part(io.RawIOBase):
         """The whole content, whatever the current position."""
         return self._read_at(0, self.size)
 
-    def head(self, n: int | None = None) -> bytes | memoryview:
-        """The first ``n`` bytes of the content (all of it with None); a view, not a copy, while in memory."""
-        n = self.size if n is None else min(n, self.size)
+    def head(self, n: int | None = None) -> bytes:
+        """At least the first ``n`` bytes of the content (all of it with None); a part in memory gives
+        all of it, without a copy."""
         if self._memory is not None:
-            return memoryview(self._in_memory())[:n]
-        return self._spool.read_at(self._offset, n)
+            return self._in_memory()
+        return self._spool.read_at(self._offset, self.size if n is None else min(n, self.size))
 
     def open(self) -> BinaryIO:
         """An independent binary file over the content, positioned at 0; fastest for parsers.
