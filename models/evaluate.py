@@ -11,6 +11,8 @@ Examples (from the repository root):
     python -m models.evaluate --data ../shared/data/hippocampus --cases models/hippocampus_unet.metrics.json
     # a version that reuses the weights with other inference settings: member 2 alone, no mirrored pass
     python -m models.evaluate --data ../shared/data/hippocampus --split test --members 2 --no-flip
+    # the 1.0-fast version: member 0 alone, no mirrored pass, slices padded to a multiple of 8
+    python -m models.evaluate --data ../shared/data/hippocampus --split test --members 0 --no-flip --canvas tight
 
 Prints one JSON line.  Dice/Jaccard of two empty masks is defined as 1.0.
 """
