@@ -14,13 +14,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_ROOT_USER_ACTION=ignore \
     INFERENCE_HOST=0.0.0.0 \
     INFERENCE_PORT=8900 \
-    INFERENCE_OUTPUT_ROOT=/var/lib/inference/jobs
+    INFERENCE_OUTPUT_ROOT=/var/lib/inference/jobs \
+    INFERENCE_MODEL_CACHE=/var/lib/inference/model-cache
 
-# The server runs as an unprivileged user; it may write only its job outputs (and the DICOM node's spool).
+# The server runs as an unprivileged user; it may write only its job outputs (and the DICOM node's spool,
+# and the exported ONNX graphs of its models).
 RUN groupadd --system --gid 10001 inference \
     && useradd --system --uid 10001 --gid inference --create-home --home-dir /home/inference \
        --shell /usr/sbin/nologin inference \
-    && mkdir -p /var/lib/inference/jobs /var/lib/inference/pacs \
+    && mkdir -p /var/lib/inference/jobs /var/lib/inference/pacs /var/lib/inference/model-cache \
     && chown -R inference:inference /var/lib/inference
 
 WORKDIR /app

@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -65,15 +66,18 @@ FAMILY = "hippocampus"
 DICOM_OUTPUTS = ("seg", "sr")
 
 
-def load_version(version: ModelVersion):
-    """The segmenter of a registry version: its weights with its inference settings (CUDA when available)."""
+def load_version(version: ModelVersion, onnx_cache: Path | None = None):
+    """The segmenter of a registry version: its weights with its inference settings (CUDA when available).
+
+    ``onnx_cache`` (``INFERENCE_MODEL_CACHE``) keeps the exported ONNX graphs between loads.
+    """
     from models.segmenter import HippocampusSegmenter
 
     started = time.perf_counter()
     members = version.inference.get("members", "all")
     segmenter = HippocampusSegmenter.load(version.weights, members=None if members == "all" else list(members),
                                           flips=bool(version.inference.get("flips", True)),
-                                          canvas=str(version.inference.get("canvas", "fixed")))
+                                          canvas=str(version.inference.get("canvas", "fixed")), onnx_cache=onnx_cache)
     log.info("loaded %s in %.1fs", version.provenance.short, time.perf_counter() - started)
     return segmenter
 
@@ -82,13 +86,13 @@ def model_for(settings: Settings, requested: str | None = None) -> tuple[ModelVe
     """The version a request names (``model_version``; the family's default when absent) and its model."""
     registry = registry_for(settings.model_manifest)
     version = registry.family(FAMILY).resolve(requested)
-    return version, registry.model(version, load_version)
+    return version, registry.model(version, partial(load_version, onnx_cache=settings.model_cache))
 
 
 def warm_up(settings: Settings) -> str | None:
     """Load every version of the family; fail if the default cannot load, report the others that could not."""
     registry = registry_for(settings.model_manifest)
-    failed = registry.load_family(FAMILY, load_version)
+    failed = registry.load_family(FAMILY, partial(load_version, onnx_cache=settings.model_cache))
     default = registry.family(FAMILY).default_version
     if default in failed:
         raise ModelUnavailable(f"{FAMILY} {default} (the default): {failed[default]}")

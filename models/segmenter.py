@@ -158,7 +158,7 @@ class HippocampusSegmenter:
                  split: dict | None = None, members: list[tuple[UNet, dict]] | None = None, *,
                  flips: bool = True, member_indices: tuple[int, ...] | None = None,
                  backend: str = "auto", threads: int | None = None, sha256: str | None = None,
-                 canvas: str = "fixed") -> None:
+                 canvas: str = "fixed", onnx_cache: str | os.PathLike | None = None) -> None:
         if canvas not in CANVASES:
             raise ValueError(f"canvas: unknown {canvas!r}; choose one of {', '.join(CANVASES)}")
         self.canvas = canvas
@@ -172,13 +172,17 @@ class HippocampusSegmenter:
         self.device = device
         self.sha256 = sha256  # of the weights file, when loaded from one
         # 3D networks (instance norm, nothing to fold) keep the reference path and get no runner
-        self.runners = [None if is_3d(cfg) else make_runner(m, device, backend, threads) for m, cfg in self.members]
+        # the exported graph of member i is cached under the weights' SHA-256 and i (when loaded from a file)
+        cache = Path(onnx_cache) if onnx_cache is not None and sha256 else None
+        self.runners = [None if is_3d(cfg) else make_runner(m, device, backend, threads, cache, f"{sha256}-member{i}")
+                        for (m, cfg), i in zip(self.members, self.member_indices)]
         self.backend = ",".join(sorted({r.backend for r in self.runners if r is not None} or {"torch"}))
 
     @classmethod
     def load(cls, weights_path: str | os.PathLike | None = None, device: str | None = None, *,
              members: Sequence[int] | None = None, flips: bool = True, backend: str = "auto",
-             threads: int | None = None, canvas: str = "fixed") -> "HippocampusSegmenter":
+             threads: int | None = None, canvas: str = "fixed",
+             onnx_cache: str | os.PathLike | None = None) -> "HippocampusSegmenter":
         """Load a checkpoint (default: ``hippocampus_unet.pt`` next to this module).
 
         Args:
@@ -191,6 +195,9 @@ class HippocampusSegmenter:
             threads: ONNX Runtime threads per network (default ``torch.get_num_threads()``).
             canvas: ``"fixed"`` (slices padded to the training size) or ``"tight"`` (to the next
                 multiple of 8: fewer FLOPs, slightly different labels); see ``CANVASES``.
+            onnx_cache: folder keeping the exported ONNX graphs between loads (named by the
+                weights' SHA-256 and member index; ``models.runtime.cached_export``); None exports
+                them at every load.
 
         ``version`` is ``"<name> (<first 12 hex digits of the file's SHA-256>)"``, followed by
         ``members=i,j``, ``flips=off`` and/or ``canvas=tight`` when those differ from the defaults.
@@ -207,7 +214,8 @@ class HippocampusSegmenter:
         sha256 = file_sha256(path)
         version = f"{ckpt.get('version', MODEL_NAME)} ({sha256[:12]})" + settings_suffix(indices, len(stored), flips, canvas)
         return cls(chosen[0][0], config, version, device, ckpt.get("split"), chosen, flips=flips,
-                   member_indices=indices, backend=backend, threads=threads, sha256=sha256, canvas=canvas)
+                   member_indices=indices, backend=backend, threads=threads, sha256=sha256, canvas=canvas,
+                   onnx_cache=onnx_cache)
 
     def segment(self, volume: np.ndarray) -> np.ndarray:
         """Segment one 3D volume.

@@ -308,6 +308,36 @@ def test_tight_canvas_pads_slices_to_a_multiple_of_the_network_not_the_training_
         HippocampusSegmenter.load(path, device="cpu", canvas="small")
 
 
+@needs_onnxruntime
+def test_exported_graphs_are_cached_by_weights_hash_and_a_damaged_one_is_exported_again(tmp_path, monkeypatch):
+    import models.runtime as runtime
+
+    path, cache = _tiny_ensemble(tmp_path), tmp_path / "cache"
+    vol = _structured_volume((20, 26, 18), seed=3)
+    first = HippocampusSegmenter.load(path, device="cpu", backend="onnxruntime", threads=1, onnx_cache=cache)
+    graphs = sorted(cache.glob("*.onnx"))
+    assert [g.name.split("-export")[0] for g in graphs] == [f"{first.sha256}-member{i}" for i in range(3)]
+    assert sorted(p.name for p in cache.iterdir()) == sorted([g.name for g in graphs] +
+                                                              [g.name + ".sha256" for g in graphs])
+    expected = first.probabilities(vol)
+    exports = []
+    real_export = runtime.export_onnx
+    monkeypatch.setattr(runtime, "export_onnx", lambda model: exports.append(model) or real_export(model))
+    second = HippocampusSegmenter.load(path, device="cpu", backend="onnxruntime", threads=1, onnx_cache=cache)
+    assert exports == [], "graphs in the cache must not be exported again"
+    np.testing.assert_array_equal(second.probabilities(vol), expected)
+    intact = graphs[1].read_bytes()
+    damaged = bytearray(intact)
+    damaged[len(damaged) // 2] ^= 0xFF  # inside a weight tensor: the graph would still load, with other weights
+    graphs[1].write_bytes(bytes(damaged))
+    third = HippocampusSegmenter.load(path, device="cpu", backend="onnxruntime", threads=1, onnx_cache=cache)
+    assert len(exports) == 1 and graphs[1].read_bytes() == intact
+    np.testing.assert_array_equal(third.probabilities(vol), expected)
+    # members=[2] alone finds member 2's graph, not member 0's
+    only = HippocampusSegmenter.load(path, device="cpu", members=[2], backend="onnxruntime", threads=1, onnx_cache=cache)
+    assert len(exports) == 1 and only.runners[0].graph == graphs[2].read_bytes()
+
+
 # ---------------------------------------------------------------- data tests
 @needs_data
 def test_training_smoke(tmp_path):

@@ -128,6 +128,9 @@ class Settings:
     #: INFERENCE_MODEL_MANIFEST: the model registry's manifest (families, versions, weights and their SHA-256).
     model_manifest: Path = field(default=PROJECT_ROOT / "models" / "manifest.yaml",
                                  metadata={"env": "INFERENCE_MODEL_MANIFEST"})
+    #: INFERENCE_MODEL_CACHE: folder keeping the models' exported ONNX graphs between starts (named by the
+    #: weights' SHA-256, each checked against its own SHA-256 when read); safe to delete.
+    model_cache: Path = field(default=PROJECT_ROOT / "output" / "model-cache", metadata={"env": "INFERENCE_MODEL_CACHE"})
     #: INFERENCE_HIPPOCAMPUS_SERIES: regular expression matched against SeriesDescription to find the crop;
     #: unset: the model version's own rule (``input.series_description`` in the manifest).
     hippocampus_series: str | None = field(default=None, metadata={"env": "INFERENCE_HIPPOCAMPUS_SERIES"})
