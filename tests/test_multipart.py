@@ -234,3 +234,25 @@ def test_the_hashing_thread_gives_hashlibs_digest_and_ends_on_errors():
     while threading.active_count() > before and time.monotonic() < deadline:
         time.sleep(0.01)
     assert threading.active_count() <= before
+
+
+def test_a_response_never_sent_whole_leaves_no_hashing_thread_behind():
+    before = threading.active_count()
+    for _ in range(5):
+        encoded = encode_multipart_related([("application/json", b"{}"), ("application/octet-stream", b"x" * 10)],
+                                           input_hash="0" * 64)
+        next(encoded.chunks)  # the client went away after the first chunk
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threading.active_count() <= before
+
+
+def test_without_new_threads_the_caller_hashes(monkeypatch):
+    def refuse(self):
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    digest = ThreadedSHA256()
+    digest.update(b"abc")
+    assert digest.hexdigest() == hashlib.sha256(b"abc").hexdigest()
