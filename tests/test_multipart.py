@@ -256,3 +256,14 @@ def test_without_new_threads_the_caller_hashes(monkeypatch):
     digest = ThreadedSHA256()
     digest.update(b"abc")
     assert digest.hexdigest() == hashlib.sha256(b"abc").hexdigest()
+
+
+def test_one_hashing_thread_per_process_others_hash_as_they_feed():
+    first, second = ThreadedSHA256(), ThreadedSHA256()
+    assert first._thread is not None and second._thread is None  # the second request's cores are busy
+    for digest in (first, second):
+        digest.update(b"xyz")
+    assert first.hexdigest() == second.hexdigest() == hashlib.sha256(b"xyz").hexdigest()
+    third = ThreadedSHA256()  # the thread is free again
+    assert third._thread is not None
+    third.close()

@@ -243,23 +243,34 @@ class ThreadedSHA256:
     """SHA-256 of data fed in order, computed on a thread of its own while the caller goes on.
 
     hashlib releases the GIL on large buffers, so a request's contents are hashed on the second
-    core while its thread parses them; ``hexdigest`` waits for the hash. Data must not change
+    core while its thread parses them; ``hexdigest`` waits for the hash. When another digest of
+    this process already has the thread, the caller hashes as it feeds. Data must not change
     after ``update`` (the parser hands out new ``bytes``; responses are not changed once encoded).
     ``close`` ends the thread without a result.
     """
 
+    #: One hashing thread per process at a time: when several requests are in flight, the cores are
+    #: busy anyway and a thread each only adds switching (measured: 8 clients lost 15 % throughput).
+    _spare = threading.BoundedSemaphore(1)
+
     def __init__(self) -> None:
         self._queue: SimpleQueue = SimpleQueue()
         self._digest = hashlib.sha256()
-        self._thread: threading.Thread | None = threading.Thread(target=self._run, name="sha256", daemon=True)
-        try:
-            self._thread.start()
-        except RuntimeError:  # no new threads (the interpreter is shutting down): hash on the caller's thread
-            self._thread = None
+        self._thread: threading.Thread | None = None
+        if self._spare.acquire(blocking=False):
+            self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
+            try:
+                self._thread.start()
+            except RuntimeError:  # no new threads (the interpreter is shutting down): hash on the caller's thread
+                self._thread = None
+                self._spare.release()
 
     def _run(self) -> None:
-        while (data := self._queue.get()) is not None:
-            self._digest.update(data)
+        try:
+            while (data := self._queue.get()) is not None:
+                self._digest.update(data)
+        finally:
+            self._spare.release()
 
     def update(self, data: bytes | memoryview) -> None:
         if self._thread is None:
