@@ -259,11 +259,15 @@ def test_without_new_threads_the_caller_hashes(monkeypatch):
 
 
 def test_one_hashing_thread_per_process_others_hash_as_they_feed():
+    assert ThreadedSHA256._spare.acquire(timeout=5)  # earlier tests' hashing threads have finished
+    ThreadedSHA256._spare.release()
     first, second = ThreadedSHA256(), ThreadedSHA256()
     assert first._thread is not None and second._thread is None  # the second request's cores are busy
     for digest in (first, second):
         digest.update(b"xyz")
     assert first.hexdigest() == second.hexdigest() == hashlib.sha256(b"xyz").hexdigest()
-    third = ThreadedSHA256()  # the thread is free again
+    assert ThreadedSHA256._spare.acquire(timeout=5)  # the thread is free again once it has finished
+    ThreadedSHA256._spare.release()
+    third = ThreadedSHA256()
     assert third._thread is not None
     third.close()
