@@ -234,3 +234,40 @@ def test_the_hashing_thread_gives_hashlibs_digest_and_ends_on_errors():
     while threading.active_count() > before and time.monotonic() < deadline:
         time.sleep(0.01)
     assert threading.active_count() <= before
+
+
+def test_a_response_never_sent_whole_leaves_no_hashing_thread_behind():
+    before = threading.active_count()
+    for _ in range(5):
+        encoded = encode_multipart_related([("application/json", b"{}"), ("application/octet-stream", b"x" * 10)],
+                                           input_hash="0" * 64)
+        next(encoded.chunks)  # the client went away after the first chunk
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threading.active_count() <= before
+
+
+def test_without_new_threads_the_caller_hashes(monkeypatch):
+    def refuse(self):
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    digest = ThreadedSHA256()
+    digest.update(b"abc")
+    assert digest.hexdigest() == hashlib.sha256(b"abc").hexdigest()
+
+
+def test_one_hashing_thread_per_process_others_hash_as_they_feed():
+    assert ThreadedSHA256._spare.acquire(timeout=5)  # earlier tests' hashing threads have finished
+    ThreadedSHA256._spare.release()
+    first, second = ThreadedSHA256(), ThreadedSHA256()
+    assert first._thread is not None and second._thread is None  # the second request's cores are busy
+    for digest in (first, second):
+        digest.update(b"xyz")
+    assert first.hexdigest() == second.hexdigest() == hashlib.sha256(b"xyz").hexdigest()
+    assert ThreadedSHA256._spare.acquire(timeout=5)  # the thread is free again once it has finished
+    ThreadedSHA256._spare.release()
+    third = ThreadedSHA256()
+    assert third._thread is not None
+    third.close()
