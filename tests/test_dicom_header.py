@@ -56,7 +56,7 @@ def assert_same_as_pydicom(blob: bytes, *, fast: bool) -> None:
     assert isinstance(_walk(blob, len(blob)), tuple) is fast
     ds = header.dataset
     assert ds == expected and ds.file_meta == expected.file_meta
-    assert ds.original_encoding == expected.original_encoding
+    assert ds.original_encoding == expected.original_encoding and ds.preamble == expected.preamble
     assert list(ds.keys()) == list(expected.keys())
     for mine, theirs in zip(ds.iterall(), expected.iterall(), strict=True):
         assert (mine.tag, mine.VR, mine.value, mine.is_undefined_length) == \

@@ -196,7 +196,7 @@ _NOT_FAST = object()  # not the common encoding, or not clean: pydicom reads it
 
 
 def _walk(buf: bytes, file_size: int) -> tuple | object:
-    """(meta elements, data set elements, implicit, pixel element) of a clean common file, else a marker."""
+    """(meta, data set elements, implicit, pixel element, preamble) of a clean common file, else a marker."""
     end = len(buf)
     if end < 132 or buf[128:132] != b"DICM":
         return _NOT_FAST if end >= min(file_size, 132) else _NEED_MORE
@@ -272,7 +272,7 @@ def _walk(buf: bytes, file_size: int) -> tuple | object:
     else:
         if pos < file_size and end < file_size:
             return _NEED_MORE
-    return meta, elements, implicit, pixel
+    return meta, elements, implicit, pixel, buf[:128]
 
 
 def dictionary_vr(tag: int) -> str | None:
@@ -376,13 +376,13 @@ def _pixel_element(buf: Any, pos: int, implicit: bool, vr: bytes, file_size: int
     return PixelElement(offset, None if length == UNDEFINED_LENGTH else length)
 
 
-def _fast_header(meta: dict, elements: dict, implicit: bool, pixel: PixelElement | None, *,
+def _fast_header(meta: dict, elements: dict, implicit: bool, pixel: PixelElement | None, preamble: bytes, *,
                  file_size: int) -> InstanceHeader:
     def dataset() -> FileDataset:
         encoding: Any = default_encoding
         if 0x00080005 in elements:
             encoding = convert_encodings(convert_raw_data_element(elements[0x00080005]).value)
-        ds = FileDataset(io.BytesIO(), dict(elements), b"\x00" * 128, FileMetaDataset(dict(meta)), implicit, True)
+        ds = FileDataset(io.BytesIO(), dict(elements), preamble, FileMetaDataset(dict(meta)), implicit, True)
         ds.set_original_encoding(implicit, True, encoding)
         return ds
 
