@@ -177,7 +177,7 @@ def read_header(source: Any) -> InstanceHeader:
 
 
 def _head(source: Any, n: int | None) -> tuple[Any, int, bool]:
-    """At least the first ``n`` bytes of ``source`` (all with None) as ``bytes``, the file size, and whether it is all."""
+    """At least the first ``n`` bytes of ``source`` (all with None) as bytes, the file size, whether that is all."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = source if type(source) is bytes else bytes(source)
         return data, len(data), True
