@@ -271,3 +271,14 @@ def test_one_hashing_thread_per_process_others_hash_as_they_feed():
     third = ThreadedSHA256()
     assert third._thread is not None
     third.close()
+
+
+def test_a_slow_senders_tiny_pieces_are_gathered_not_kept_one_by_one():
+    spool = PartSpool(1 << 20)
+    part = spool.begin_part([("Content-Type", "application/dicom")])
+    content = bytes(range(256)) * 600  # 153,600 bytes, fed one byte at a time
+    for i in range(len(content)):
+        spool.append(part, content[i : i + 1])
+    assert len(part._memory) <= 3  # 64 KiB blocks, not 153,600 objects
+    assert part.read_bytes() == content and part.head()[:10] == content[:10]
+    spool.close()

@@ -30,6 +30,9 @@ from utils.errors import BadRequest, PayloadTooLarge, RequestTimeout, Unsupporte
 
 READ_CHUNK = 1024 * 1024
 READ_AHEAD = 64 * 1024
+#: Pieces of a part smaller than this are gathered in one buffer (a slow sender's one-byte reads
+#: must not each become an object kept until the part is read).
+SMALL_PIECE = 64 * 1024
 WRITE_CHUNK = 4 * 1024 * 1024
 MULTIPART_TYPES = ("multipart/related", "multipart/form-data")
 
@@ -69,6 +72,7 @@ class Part(io.RawIOBase):
         self.headers = list(headers)
         self._spool = spool
         self._memory: list[bytes] | None = []  # the content as received, joined on first read; None: on disk
+        self._small = bytearray()  # small pieces (a slow sender's), gathered so they do not each cost an object
         self._offset = 0  # in the spool file, once spilled
         self.size = 0
         self._pos = 0
@@ -162,20 +166,32 @@ class Part(io.RawIOBase):
 
     def _in_memory(self) -> bytes:
         """The in-memory content as one ``bytes`` (pieces joined once; no copy for a part that came in one piece)."""
+        self._keep_small_pieces()
         if len(self._memory) != 1:
             self._memory[:] = [b"".join(self._memory)]
         return self._memory[0]
 
     # -- filling (by PartSpool) ----------------------------------------------------------
     def _append(self, data: bytes) -> None:
-        if self._memory is not None:
-            self._memory.append(data if type(data) is bytes else bytes(data))
-        else:
+        if self._memory is None:
             self._spool.write_file(data)
+        elif len(data) < SMALL_PIECE:
+            self._small += data
+            if len(self._small) >= SMALL_PIECE:
+                self._keep_small_pieces()
+        else:
+            self._keep_small_pieces()
+            self._memory.append(data if type(data) is bytes else bytes(data))
         self.size += len(data)
 
+    def _keep_small_pieces(self) -> None:
+        if self._small:
+            self._memory.append(bytes(self._small))
+            self._small = bytearray()
+
     def _spill(self, offset: int) -> bytes:
-        memory, self._memory, self._offset = b"".join(self._memory), None, offset
+        memory = self._in_memory()
+        self._memory, self._offset = None, offset
         return memory
 
 
@@ -223,6 +239,7 @@ class PartSpool:
         """Release memory and delete the temp file; the parts are unusable afterwards."""
         for part in self.parts:
             part._memory = [] if part._memory is not None else None
+            part._small = bytearray()
             part.size = 0
         if self._file is not None:
             self._file.close()
