@@ -23,13 +23,13 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from utils.dicom_header import InstanceHeader, as_floats
+from utils.dicom_validation import SERIES_INSTANCE_UID
 from utils.errors import UnprocessableInput
 from utils.paths import is_inside, resolve_inside, shown
 
 SECONDARY_CAPTURE_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 BASIC_TEXT_SR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.11"
 MR_IMAGE_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.4"
-SERIES_INSTANCE_UID = 0x0020000E
 
 log = logging.getLogger("inference.dicom")
 

@@ -233,7 +233,7 @@ def _walk(buf: bytes, file_size: int) -> tuple | object:
         if group in _SPECIAL_GROUPS:
             if tag in PIXEL_TAGS:
                 if tag == PIXEL_DATA:
-                    pixel = _pixel_element(buf, pos, implicit, vr, file_size)
+                    pixel = _pixel_element(buf, pos, implicit)
                 break
             if group != 0x7FE0:
                 return _NOT_FAST  # command or meta elements in the data set, stray delimiters
@@ -360,18 +360,19 @@ def _item_end(buf: Any, pos: int, implicit: bool) -> int | None:
     return None
 
 
-def _pixel_element(buf: Any, pos: int, implicit: bool, vr: bytes, file_size: int) -> PixelElement:
-    """The Pixel Data element at ``pos``: where its value starts and its length."""
+def _pixel_element(buf: bytes, pos: int, implicit: bool, little: bool = True) -> PixelElement:
+    """The Pixel Data element whose tag is at ``pos``: where its value starts and its length."""
+    order = "<" if little else ">"
     if implicit:
-        (length,) = _U32.unpack_from(buf, pos + 4)
+        (length,) = struct.unpack_from(order + "L", buf, pos + 4)
         offset = pos + 8
-    elif vr in LONG_LENGTH_VRS:
+    elif buf[pos + 4:pos + 6] in LONG_LENGTH_VRS:
         if pos + 12 > len(buf):
             return PixelElement(pos + 12, 0)
-        (length,) = _U32.unpack_from(buf, pos + 8)
+        (length,) = struct.unpack_from(order + "L", buf, pos + 8)
         offset = pos + 12
     else:
-        (length,) = _U16.unpack_from(buf, pos + 6)
+        (length,) = struct.unpack_from(order + "H", buf, pos + 6)
         offset = pos + 8
     return PixelElement(offset, None if length == UNDEFINED_LENGTH else length)
 
@@ -422,21 +423,10 @@ def _pixel_after(handle: BinaryIO, ds: Dataset, syntax: UID) -> PixelElement | N
     if implicit is None:
         implicit = syntax.is_implicit_VR if syntax.is_transfer_syntax else False
         little = syntax.is_little_endian if syntax.is_transfer_syntax else True
-    order = "<" if little else ">"
     if len(head) < 8:
         return None
-    group, element = struct.unpack(order + "HH", head[:4])
+    group, element = struct.unpack(("<" if little else ">") + "HH", head[:4])
     if (group << 16 | element) != PIXEL_DATA:
         return None  # no Pixel Data (or Float Pixel Data, which the handlers do not read)
-    if implicit:
-        (length,) = struct.unpack(order + "L", head[4:8])
-        offset = start + 8
-    elif head[4:6] in LONG_LENGTH_VRS:
-        if len(head) < 12:
-            return PixelElement(start + 12, 0)
-        (length,) = struct.unpack(order + "L", head[8:12])
-        offset = start + 12
-    else:
-        (length,) = struct.unpack(order + "H", head[6:8])
-        offset = start + 8
-    return PixelElement(offset, None if length == UNDEFINED_LENGTH else length)
+    pixel = _pixel_element(head, 0, implicit, little)
+    return PixelElement(start + pixel.offset, pixel.length)
