@@ -22,8 +22,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from utils.dicom_header import InstanceHeader, as_floats
-from utils.dicom_validation import SERIES_INSTANCE_UID
+from utils.dicom_header import SERIES_INSTANCE_UID, InstanceHeader, as_floats
 from utils.errors import UnprocessableInput
 from utils.paths import is_inside, resolve_inside, shown
 

@@ -29,6 +29,7 @@ from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
 PIXEL_DATA = 0x7FE00010
+SERIES_INSTANCE_UID = 0x0020000E
 #: Where ``stop_before_pixels`` stops, as pydicom does: Pixel Data, Float and Double Float Pixel Data.
 PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, PIXEL_DATA})
 UNDEFINED_LENGTH = 0xFFFFFFFF

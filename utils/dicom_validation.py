@@ -21,7 +21,7 @@ from typing import Any
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from utils.dicom_header import InstanceHeader, read_header
+from utils.dicom_header import SERIES_INSTANCE_UID, InstanceHeader, read_header
 from utils.errors import UnprocessableInput
 
 log = logging.getLogger("inference.dicom_validation")
@@ -29,7 +29,6 @@ log = logging.getLogger("inference.dicom_validation")
 ALLOWED_BITS_ALLOCATED = (1, 8, 16, 32, 64)
 ALLOWED_SAMPLES_PER_PIXEL = (1, 3)
 SOP_INSTANCE_UID = 0x00080018
-SERIES_INSTANCE_UID = 0x0020000E
 #: The integer attributes pixel decoding needs, keyword -> tag.
 IMAGE_INTEGERS = {"Rows": 0x00280010, "Columns": 0x00280011, "BitsAllocated": 0x00280100, "SamplesPerPixel": 0x00280002,
                   "BitsStored": 0x00280101, "NumberOfFrames": 0x00280008, "PixelRepresentation": 0x00280103}
