@@ -206,15 +206,16 @@ class GatewayWorker(ThreadWorker):
         else:
             self.log.warning("invalid request from %s: %s (%d)", (addr or ("",))[0], exc, status)
         answer = error_response_bytes(status, reason, message)
+        # imported here: gunicorn's master imports this module, and must not create metric files itself
+        from utils.metrics import observe_request
+
+        # counted before the answer goes out: a client that has its answer finds it counted
+        observe_request("unparsed", None, status, 0.0, 0, len(answer))
         try:
             client.setblocking(True)
             client.sendall(answer)
         except OSError:
             self.log.debug("could not send the error response; the client went away")
-        # imported here: gunicorn's master imports this module, and must not create metric files itself
-        from utils.metrics import observe_request
-
-        observe_request("unparsed", None, status, 0.0, 0, len(answer))
 
     def handle_quit(self, sig, frame) -> None:
         self.probe_pool.shutdown(wait=False)
