@@ -44,5 +44,5 @@ EXPOSE 8900
 HEALTHCHECK --interval=30s --timeout=10s --start-period=180s --retries=3 \
     CMD ["python", "healthcheck.py"]
 
-# The same command as `make serve`: every setting comes from INFERENCE_* variables (utils/config.py).
+# The same command as `make serve`: every setting comes from INFERENCE_* variables (inference/config.py).
 CMD ["gunicorn", "-c", "gunicorn.conf.py"]

@@ -8,7 +8,7 @@ and runner (shown by the gateway's ``/query``) -> the job's DICOM outputs (SEG, 
 Capture) -> outbox -> C-STORE to every ``--destination`` (and STOW-RS to ``--stow-url``), retried
 with backoff until confirmed. Everything in between is on disk: a restarted node resumes.
 Each (study content, command, parameters) runs once: its input hash is kept in ``processed/``.
-Every flag has an environment variable (``utils/config.py``; the README's configuration table).
+Every flag has an environment variable (``inference/config.py``; the README's configuration table).
 """
 
 from __future__ import annotations
@@ -45,17 +45,17 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
 from handlers import load_handlers
-from utils import protocol
-from utils.config import Settings
-from utils.dicom import dicom_files_in
-from utils.errors import GatewayError
-from utils.job_api import JobExecutor, job_request_json
-from utils.jobs import COMPLETED, FAILED, INTERRUPTED, Job, JobStore, LocalPoolRunner
-from utils.outbox import DicomDestination, Outbox, StowDestination
-from utils.pipeline import Pipeline
-from utils.routing import Rule, load_rules, matching_rules
-from utils.study_spool import StudySpool, read_series_info
-from utils.tagged_logger import TaggedLogger
+from inference import protocol
+from inference.config import Settings
+from inference.dicom.series import dicom_files_in
+from inference.errors import GatewayError
+from inference.jobs.executor import JobExecutor, job_request_json
+from inference.jobs.store import COMPLETED, FAILED, INTERRUPTED, Job, JobStore, LocalPoolRunner
+from inference.pacs.outbox import DicomDestination, Outbox, StowDestination
+from inference.pipeline.pipeline import Pipeline
+from inference.pacs.routing import Rule, load_rules, matching_rules
+from inference.pacs.spool import StudySpool, read_series_info
+from inference.logs import TaggedLogger
 
 log = TaggedLogger(logging.getLogger("inference.pacs"))
 

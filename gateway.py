@@ -6,7 +6,7 @@
 
 The gateway parses the ``multipart/related`` request while it streams in, hashes its parts
 (SHA-256), tags every log line with that hash, calls the handler, checks its output against
-the protocol (``utils.protocol``) and streams back a ``multipart/related`` response. Errors are
+the protocol (``inference.protocol.rules``) and streams back a ``multipart/related`` response. Errors are
 answered as JSON ``{"error": ..., "input_hash": ...}`` with a status that says whose fault it is.
 """
 
@@ -26,28 +26,19 @@ import flask
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from handlers.registry import Handler, Registry
-from utils import metrics, protocol
-from utils.config import Settings, get_settings
-from utils.dicom import study_folder_files
-from utils.dicom_validation import read_header_early
-from utils.errors import BadRequest, Forbidden, GatewayError, Unauthorized
-from utils.multipart import (
-    EncodedResponse,
-    PartSpool,
-    ParsedBody,
-    encode_multipart_related,
-    multipart_boundary,
-    parse_content_type,
-    parse_multipart_related,
-    parts_from_files,
-)
-from utils.pipeline import InferenceResult, Pipeline
-from utils.request_json import parse_json_object
-from utils.tagged_logger import TaggedLogger, bind_request_tags
+from inference.pipeline.handler_registry import Handler, HandlerRegistry
+from inference import metrics
+from inference import protocol
+from inference.config import Settings, get_settings
+from inference.dicom.series import study_folder_files
+from inference.dicom.validation import read_header_early
+from inference.errors import BadRequest, Forbidden, GatewayError, Unauthorized
+from inference.protocol.multipart_request import PartSpool, ParsedBody, multipart_boundary, parse_content_type, parse_multipart_related, parts_from_files
+from inference.protocol.multipart_response import EncodedResponse, encode_multipart_related
+from inference.pipeline.pipeline import InferenceResult, Pipeline
+from inference.protocol.request import MAX_JSON_BYTES, parse_json_object
+from inference.logs import TaggedLogger, bind_request_tags
 
-#: Largest JSON body read (studyPath requests, jobs): they are read whole, so they are kept small.
-MAX_JSON_BYTES = 1024 * 1024
 #: Endpoints served without the bearer token: liveness probes only (not Flask's /static file route).
 OPEN_ENDPOINTS = ("healthcheck", "ping")
 
@@ -55,7 +46,7 @@ OPEN_ENDPOINTS = ("healthcheck", "ping")
 class Gateway(Flask):
     """A Flask app serving inference handlers over the Arterys-style multipart protocol.
 
-    Every inference route goes through one ``Pipeline`` (``utils.pipeline``): the app's own, built
+    Every inference route goes through one ``Pipeline`` (``inference.pipeline.pipeline``): the app's own, built
     from its settings, or the one passed in.
     """
 
@@ -63,7 +54,7 @@ class Gateway(Flask):
                  **kwargs) -> None:
         super().__init__(import_name, **kwargs)
         self.settings = settings or (pipeline.settings if pipeline else get_settings())
-        self.pipeline = pipeline or Pipeline(self.settings, Registry())
+        self.pipeline = pipeline or Pipeline(self.settings, HandlerRegistry())
         self.log = TaggedLogger(logging.getLogger("inference.gateway"))
         self._routes: set[str] = set()
         self.add_url_rule("/ping", "ping", lambda: ("", 200), methods=["GET", "POST"])
@@ -88,7 +79,7 @@ class Gateway(Flask):
             raise ValueError(f"route {route!r} is already served; add each inference route once")
         pipeline, command = self.pipeline, handler
         if callable(handler):
-            registry = Registry()
+            registry = HandlerRegistry()
             registry.register(handler.__name__, params=None)(handler)
             pipeline, command = Pipeline(self.settings, registry), handler.__name__
         elif command is not None:
@@ -103,7 +94,7 @@ class Gateway(Flask):
                           methods=["GET", "POST"])
 
     def _serve_metrics(self) -> Response:
-        """``GET /metrics``: Prometheus text format, summed over gunicorn's workers (``utils.metrics``)."""
+        """``GET /metrics``: Prometheus text format, summed over gunicorn's workers (``inference.metrics``)."""
         text, content_type = metrics.render(self.settings.metrics_dir, tuple(self.metrics_collectors))
         return Response(text, content_type=content_type)
 

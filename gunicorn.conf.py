@@ -1,13 +1,13 @@
-"""gunicorn settings of the served gateway; every value comes from utils.config (env vars)."""
+"""gunicorn settings of the served gateway; every value comes from inference.config (env vars)."""
 
 import os
 import shutil
 import tempfile
 
-from utils.config import get_settings
+from inference.config import get_settings
 
 _settings = get_settings()
-# Metrics across workers (utils.metrics): every worker writes its samples into one folder, named
+# Metrics across workers (inference.metrics): every worker writes its samples into one folder, named
 # here, before any worker imports prometheus_client, and emptied of a previous run's samples.
 _own_metrics_dir = _settings.metrics_dir is None
 if _own_metrics_dir:
@@ -17,13 +17,13 @@ if _own_metrics_dir:
 _metrics_dir = _settings.metrics_dir
 
 # Each worker loads the models before it accepts a connection: a ready worker answers every
-# healthcheck and request, never one that is still loading (see mock_server.create_app).
-wsgi_app = "mock_server:create_app(warm_up_first=True)"
+# healthcheck and request, never one that is still loading (see server.create_app).
+wsgi_app = "server:create_app(warm_up_first=True)"
 bind = f"{_settings.host}:{_settings.port}"
 workers = _settings.workers
 threads = _settings.threads
 # gthread plus JSON errors for what gunicorn refuses itself, probe threads, socket timeouts
-worker_class = "utils.gunicorn_worker.GatewayWorker"
+worker_class = "inference.http.gunicorn_worker.GatewayWorker"
 timeout = _settings.timeout  # large studies take minutes on CPU
 graceful_timeout = _settings.graceful_timeout  # SIGTERM: in-flight requests get this long to finish
 keepalive = 5
@@ -36,13 +36,13 @@ control_socket_disable = True
 
 
 def on_starting(server):
-    from utils.metrics_dir import prepare_multiproc_dir
+    from inference.metrics_dir import prepare_multiproc_dir
 
     prepare_multiproc_dir(_metrics_dir)
 
 
 def child_exit(server, worker):
-    from utils.metrics_dir import worker_exited
+    from inference.metrics_dir import worker_exited
 
     worker_exited(_metrics_dir, worker.pid)
 

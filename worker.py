@@ -20,7 +20,7 @@ from pathlib import Path
 
 from celery import signals
 
-from utils.config import PROJECT_ROOT
+from inference.config import PROJECT_ROOT
 
 # celery imports this module with the current folder on sys.path, then removes it: keep the project
 # importable for what handlers import later (models at warm-up, in pool processes)
@@ -28,10 +28,11 @@ if str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))
 
 from handlers import REGISTRY  # noqa: E402
-from mock_server import configure_logging, served_commands  # noqa: E402
-from utils.celery_jobs import make_celery  # noqa: E402
-from utils.config import get_settings  # noqa: E402
-from utils.pipeline import Pipeline  # noqa: E402
+from inference.logs import configure_logging  # noqa: E402
+from server import served_commands  # noqa: E402
+from inference.jobs.celery_backend import make_celery  # noqa: E402
+from inference.config import get_settings  # noqa: E402
+from inference.pipeline.pipeline import Pipeline  # noqa: E402
 
 log = logging.getLogger("inference.worker")
 
@@ -69,7 +70,7 @@ def storage_problems(data_root: Path | None, output_root: Path) -> list[str]:
 
 @signals.setup_logging.connect
 def _logging(**_) -> None:
-    configure_logging(settings)  # logging.yaml, as the API: celery leaves the root logger alone
+    configure_logging(settings.logging_config)  # logging.yaml, as the API: celery leaves the root logger alone
 
 
 @signals.worker_init.connect

@@ -1,4 +1,4 @@
-"""Benchmark of the 3D Gaussian blur (``utils.blur``) against ``scipy.ndimage.gaussian_filter``.
+"""Benchmark of the 3D Gaussian blur (``inference.imaging.blur``) against ``scipy.ndimage.gaussian_filter``.
 
     python -m bench.blur                # one JSON line: seconds of both, their ratio, the max difference
     python -m bench.blur --repeats 5
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from utils.blur import gaussian_blur_3d
+from inference.imaging.blur import gaussian_blur_3d
 
 SHAPE = (256, 512, 512)
 #: 2 mm sigma on 2 mm slices of 1 mm pixels: the anisotropic case the handler meets.

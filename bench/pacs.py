@@ -29,7 +29,7 @@ import pydicom
 from pydicom.uid import generate_uid
 
 from bench.pacs_services import DicomNodeProcess, Orthanc, c_store, free_port, orthanc_missing
-from utils.config import PROJECT_ROOT
+from inference.config import PROJECT_ROOT
 
 log = logging.getLogger("bench.pacs")
 STUDY1 = PROJECT_ROOT.parent / "shared" / "data" / "studies" / "Study1"

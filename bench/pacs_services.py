@@ -24,7 +24,7 @@ import pydicom
 import requests
 from pynetdicom import AE
 
-from utils.config import PROJECT_ROOT
+from inference.config import PROJECT_ROOT
 
 ORTHANC_CONFIG = PROJECT_ROOT / "deploy" / "orthanc" / "orthanc.json"
 AUTOROUTE_LUA = PROJECT_ROOT / "deploy" / "orthanc" / "autoroute.lua"

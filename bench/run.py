@@ -32,9 +32,9 @@ import requests
 from bench.floor import SIZE_HEADER
 from bench.pacs import measure as measure_pacs
 from bench.study import CACHE_DIR, cached_study
-from utils.client import (InferenceRequestError, InferenceResult, build_multipart_request, decode_response,
+from inference.protocol.client import (InferenceRequestError, InferenceResult, build_multipart_request, decode_response,
                           related_content_type)
-from utils.config import PROJECT_ROOT, get_settings
+from inference.config import PROJECT_ROOT, get_settings
 
 log = logging.getLogger("bench")
 
@@ -43,7 +43,7 @@ MASK_COMMAND = "get-probability-mask"
 HIPPOCAMPUS_COMMAND = "get-hippocampus-volume"
 STUDY1 = PROJECT_ROOT.parent / "shared" / "data" / "studies" / "Study1"
 #: The gateway serving only the 3D mask handler on ``/`` (``mock_server.py -s3D`` under gunicorn).
-MASK_ONLY_APP = f"mock_server:create_app({MASK_COMMAND!r})"
+MASK_ONLY_APP = f"server:create_app({MASK_COMMAND!r})"
 SECTIONS = ("large", "small", "blur", "hippocampus", "celery", "pacs")
 #: Issue 17's targets (they tighten issue 2's); ``blur_ratio`` is "keep" (0.13 when set), with room for noise.
 TARGETS = {"small_seq_ratio": (">=", 0.85), "small_8_ratio": (">=", 0.95), "large_ratio": ("<=", 1.15),
@@ -175,7 +175,7 @@ def idle_rss(server: Server, samples: int = 5) -> int:
 # -- client ----------------------------------------------------------------------------------
 def post_study(url: str, command: str, files: Sequence[Path], floor_bytes: int | None = None,
                **request_json) -> InferenceResult:
-    """One request as ``utils.client.send_inference_request`` sends it; the floor gets its response size."""
+    """One request as ``inference.protocol.client.send_inference_request`` sends it; the floor gets its response size."""
     encoder = build_multipart_request({"inference_command": command, **request_json}, files)
     headers = {"Content-Type": related_content_type(encoder)}
     if floor_bytes is not None:
@@ -281,10 +281,10 @@ def measure_blur(repeats: int) -> dict:
 
 
 def measure_celery(quick: bool) -> dict:
-    """The celery job backend's section (``bench/celery_jobs.py``); skipped without redis-server."""
+    """The celery job backend's section (``bench/job_backend.py``); skipped without redis-server."""
     if shutil.which("redis-server") is None:
         return {"celery_jobs_skipped": "redis-server is not installed (apt-get install -y redis-server)"}
-    from bench.celery_jobs import measure_celery_jobs
+    from bench.job_backend import measure_celery_jobs
 
     return {"celery_jobs": measure_celery_jobs(quick)}
 
@@ -292,15 +292,15 @@ def measure_celery(quick: bool) -> dict:
 def measure_hippocampus(ours: Server, repeats: int) -> dict:
     """Study1 round trip over HTTP, and the same study through the pipeline in-process.
 
-    The in-process row runs the one pipeline (``utils.pipeline``) exactly as every front door does:
+    The in-process row runs the one pipeline (``inference.pipeline.pipeline``) exactly as every front door does:
     series selection, orientation, the model, the report. ``hippocampus_model_s`` is the handler's
     own ``inference_seconds`` (reorientation + model on the crop), ``hippocampus_pipeline_s`` the whole run.
     """
     if not STUDY1.is_dir():
         return {"hippocampus_skipped": "needs ../shared/data/studies/Study1 (absent on this machine)"}
     from handlers import load_handlers
-    from utils.dicom import dicom_files_in
-    from utils.pipeline import Pipeline
+    from inference.dicom.series import dicom_files_in
+    from inference.pipeline.pipeline import Pipeline
 
     out: dict = {}
     files = dicom_files_in(STUDY1)

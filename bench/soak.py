@@ -35,7 +35,7 @@ import requests
 
 from bench.run import Server
 from bench.study import cached_study
-from utils.client import build_multipart_request, close_request_files, decode_response, related_content_type
+from inference.protocol.client import build_multipart_request, close_request_files, decode_response, related_content_type
 
 log = logging.getLogger("bench.soak")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from handlers.registry import REGISTRY, Handler, HandlerSpec, register
+from inference.pipeline.handler_registry import REGISTRY, Handler, HandlerSpec, Param, register
 
 #: Modules holding the shipped handlers, imported by ``load_handlers``.
 HANDLER_MODULES = ("handlers.mock", "handlers.hippocampus", "handlers.gaussian_blur")
@@ -17,4 +17,4 @@ def load_handlers() -> list[HandlerSpec]:
     return REGISTRY.specs()
 
 
-__all__ = ["REGISTRY", "Handler", "HandlerSpec", "register", "load_handlers"]
+__all__ = ["REGISTRY", "Handler", "HandlerSpec", "Param", "register", "load_handlers"]

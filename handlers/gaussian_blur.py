@@ -12,11 +12,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from handlers.registry import Param, register
-from utils.blur import gaussian_blur_3d
-from utils.dicom import Volume, derived_series, describe_series, group_by_series, load_instances, load_volume
-from utils.errors import UnprocessableInput
-from utils.pipeline import current_run
+from inference.pipeline.handler_registry import Param, register
+from inference.imaging.blur import gaussian_blur_3d
+from inference.dicom.series import Volume, derived_series, describe_series, group_by_series, load_instances, load_volume
+from inference.errors import UnprocessableInput
+from inference.pipeline.pipeline import current_run
 
 DEFAULT_SIGMA_MM = 2.0
 MAX_SIGMA_MM = 1000.0  # beyond this every voxel is the mean of the edge-padded volume: a typo

@@ -11,7 +11,7 @@ study folders:
     python -m handlers.hippocampus STUDY_DIR [STUDY_DIR ...] --out DIR [--send-to AE@HOST:PORT] [--stow-url URL]
 
 (with ``--send-to`` / ``--stow-url`` each study's SEG, SR and report also go to a PACS, through
-the DICOM node's outbox: ``utils/delivery.py``).
+the DICOM node's outbox: ``inference/pacs/delivery.py``).
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ import pydicom
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 from PIL import Image, ImageDraw
 
-from handlers.registry import Param, register
-from utils.config import Settings
-from utils.dicom import (
+from inference.pipeline.handler_registry import Param, register
+from inference.config import Settings
+from inference.dicom.series import (
     Volume,
     describe_series,
     dicom_files_in,
@@ -48,14 +48,14 @@ from utils.dicom import (
     series_from_volume,
     with_pixels,
 )
-from utils.delivery import STORED, DeliveryStatus, ResultSender
-from utils.dicom_results import Algorithm, measurement_report, segmentation
-from utils.errors import UnprocessableInput
+from inference.pacs.delivery import STORED, DeliveryStatus, ResultSender
+from inference.dicom.results import Algorithm, measurement_report, segmentation
+from inference.errors import UnprocessableInput
 from models.registry import ModelUnavailable, ModelVersion, Provenance, Structure, registry_for
-from utils.outbox import DicomDestination, StowDestination
-from utils.pipeline import Pipeline, current_run
-from utils.render import font, overlay_labels, to_rgb, upscale, window_values
-from utils.tagged_logger import TaggedLogger
+from inference.pacs.outbox import DicomDestination, StowDestination
+from inference.pipeline.pipeline import Pipeline, current_run
+from inference.imaging.render import font, overlay_labels, to_rgb, upscale, window_values
+from inference.logs import TaggedLogger
 
 log = TaggedLogger(logging.getLogger("inference.hippocampus"))
 

@@ -13,10 +13,10 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from handlers.registry import register
-from utils.dicom import (group_by_series, load_instances, secondary_capture, slice_normal, sort_by_position,
+from inference.pipeline.handler_registry import register
+from inference.dicom.series import (group_by_series, load_instances, secondary_capture, slice_normal, sort_by_position,
                          structured_report)
-from utils.render import font
+from inference.imaging.render import font
 
 HEATMAP_PALETTE = {
     "type": "anchorpoint",

@@ -46,9 +46,9 @@ from requests_toolbelt.multipart.decoder import (  # noqa: E402
 
 from tool_gallery import Gallery, PageInfo, format_result, image_count, write_index, write_outputs  # noqa: E402
 from tool_input import Study, ToolError, load_study  # noqa: E402
-from utils import protocol  # noqa: E402
-from utils.client import InferenceRequestError, InferenceResult, send_inference_request  # noqa: E402
-from utils.errors import OutputValidationError  # noqa: E402
+from inference import protocol  # noqa: E402
+from inference.protocol.client import InferenceRequestError, InferenceResult, send_inference_request  # noqa: E402
+from inference.errors import OutputValidationError  # noqa: E402
 
 DEFAULT_OUTPUT = TOOL_DIR / "output"
 PROGRESS_MIN_BYTES = 5 * 1024 * 1024  # smaller requests go out without a progress bar

@@ -26,9 +26,10 @@ from PIL import Image, ImageDraw
 from pydicom.dataset import Dataset
 
 from tool_input import InputImage, InputSeries, Study
-from utils import protocol, render
-from utils.client import InferenceResult
-from utils.dicom import slice_normal, sort_by_position
+from inference import protocol
+from inference.imaging import render
+from inference.protocol.client import InferenceResult
+from inference.dicom.series import slice_normal, sort_by_position
 
 BOX_COLOR = (255, 210, 0)
 MEASUREMENT_COLOR = (0, 230, 190)

@@ -16,8 +16,8 @@ from PIL import Image, ImageOps
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
-from utils import protocol
-from utils.dicom import secondary_capture, sort_by_position
+from inference import protocol
+from inference.dicom.series import secondary_capture, sort_by_position
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 

@@ -27,7 +27,7 @@ import yaml
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from utils.errors import BadRequest, GatewayError
+from inference.errors import BadRequest, GatewayError
 
 DEFAULT_MANIFEST = Path(__file__).resolve().parent / "manifest.yaml"
 #: Keys every version must have; the rest (evaluation, notes) are optional.

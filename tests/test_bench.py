@@ -14,8 +14,8 @@ from werkzeug.test import Client
 from bench import floor
 from bench.run import PeakSampler, interleaved_rps, requests_per_second, targets_met
 from bench.study import SHAPES, cached_study, payload_bytes
-from utils import protocol
-from utils.multipart import decode_multipart_response
+from inference import protocol
+from inference.protocol.multipart_response import decode_multipart_response
 
 
 def test_floor_answers_the_requested_size_and_echoes_the_body_hash():
@@ -113,7 +113,7 @@ def test_targets_met_judges_only_what_was_measured(results, expected):
 
 
 def test_celery_jobs_summary_takes_its_times_from_the_job_records():
-    from bench.celery_jobs import summary
+    from bench.job_backend import summary
 
     jobs = [{"submitted": 100.0, "started": 100.01, "finished": 102.0},
             {"submitted": 100.1, "started": 102.0, "finished": 104.0},

@@ -27,18 +27,18 @@ from celery.exceptions import TimeLimitExceeded
 import handlers.gaussian_blur  # noqa: F401  (registers the blur for the in-process gateways)
 import handlers.hippocampus  # noqa: F401  (registers get-hippocampus-volume, routed to the gpu queue)
 import handlers.mock  # noqa: F401
-from bench.celery_jobs import CeleryWorker, RedisServer
+from bench.job_backend import CeleryWorker, RedisServer
 from gateway import Gateway
-from handlers.registry import REGISTRY, HandlerSpec
+from inference.pipeline.handler_registry import REGISTRY, HandlerSpec
 from tests.conftest import RunningServer, free_port, write_study
-from utils.celery_jobs import TASK_NAME, CeleryRunner, hard_time_limit, make_celery, retry_delay
-from utils.client import build_multipart_request
-from utils.config import Settings
-from utils.errors import ServiceUnavailable
-from utils.job_api import add_job_routes
-from utils.jobs import Job
-from utils.pipeline import Pipeline
-from utils.redis_jobs import RedisJobStore
+from inference.jobs.celery_backend import TASK_NAME, CeleryRunner, hard_time_limit, make_celery, retry_delay
+from inference.protocol.client import build_multipart_request
+from inference.config import Settings
+from inference.errors import ServiceUnavailable
+from inference.jobs.api import add_job_routes
+from inference.jobs.store import Job
+from inference.pipeline.pipeline import Pipeline
+from inference.jobs.redis_store import RedisJobStore
 
 if shutil.which("redis-server") is None and not os.environ.get("CI"):
     pytest.skip("needs redis-server (Debian package redis-server; .ci/run installs it)", allow_module_level=True)

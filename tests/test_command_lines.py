@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import PROJECT_ROOT
-from utils.config import Settings
+from inference.config import Settings
 
 #: (how it is typed, how to load it, the example its --help must show)
 ENTRY_POINTS = [
@@ -21,7 +21,7 @@ ENTRY_POINTS = [
      "python -m models.train_hippocampus --data ../shared/data/hippocampus \\\n        --out models/hippocampus_unet.pt"),
     ("python -m handlers.hippocampus", "handlers.hippocampus",
      "python -m handlers.hippocampus ../shared/data/studies/Study1"),
-    ("python -m utils.volume_io", "utils.volume_io", "python -m utils.volume_io dicom-to-hdf5 -i DICOM_DIR"),
+    ("python -m inference.dicom.volume_io", "inference.dicom.volume_io", "python -m inference.dicom.volume_io dicom-to-hdf5 -i DICOM_DIR"),
     ("python -m models.registry", "models.registry", "python -m models.registry verify"),
     ("python -m bench.run", "bench.run", "python -m bench.run --only small"),
     ("python -m bench.blur", "bench.blur", "python -m bench.blur --repeats 5"),
@@ -73,7 +73,7 @@ def test_help_names_the_command_explains_every_option_and_shows_an_example(typed
     assert example in main.format_help()
 
 
-@pytest.mark.parametrize("typed", ["python -m models.evaluate", "python -m utils.volume_io"])
+@pytest.mark.parametrize("typed", ["python -m models.evaluate", "python -m inference.dicom.volume_io"])
 def test_help_runs_as_typed(typed):
     """Two of them for real, as a process (the rest are checked in-process above)."""
     command = [sys.executable, *typed.split()[1:], "--help"]
@@ -115,11 +115,11 @@ def test_gunicorn_binds_the_configured_host(monkeypatch):
     config = {}
     code = (Path(PROJECT_ROOT) / "gunicorn.conf.py").read_text()
     monkeypatch.chdir(PROJECT_ROOT)
-    import utils.config
+    import inference.config
 
-    utils.config.get_settings.cache_clear()
+    inference.config.get_settings.cache_clear()
     try:
         exec(compile(code, "gunicorn.conf.py", "exec"), config)
     finally:
-        utils.config.get_settings.cache_clear()
+        inference.config.get_settings.cache_clear()
     assert config["bind"].startswith("127.0.0.1:")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from utils.config import Settings
+from inference.config import Settings
 
 
 def test_defaults_without_environment(monkeypatch):

@@ -14,9 +14,9 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, Exp
     ImplicitVRLittleEndian
 
 from tests.conftest import shared_data
-from utils.dicom import dicom_files_in, series_from_volume
-from utils.dicom_header import HEAD_BYTES, _walk, read_header
-from utils.multipart import PartSpool
+from inference.dicom.series import dicom_files_in, series_from_volume
+from inference.dicom.header import HEAD_BYTES, _walk, read_header
+from inference.protocol.multipart_request import PartSpool
 
 
 def encoded(ds: Dataset, syntax=ExplicitVRLittleEndian) -> bytes:

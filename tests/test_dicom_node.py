@@ -22,7 +22,7 @@ import pytest
 
 from bench.pacs_services import DicomNodeProcess, Orthanc, c_store, free_port, orthanc_missing
 from tests.conftest import require, shared_data, write_study
-from utils.jobs import COMPLETED, JobStore
+from inference.jobs.store import COMPLETED, JobStore
 
 #: Rules for the node-only tests: a mock command (no model to load) on generated series.
 LIGHT_RULES = """
@@ -81,10 +81,10 @@ def wait_for_results(orthanc: Orthanc, study_uid: str, timeout: float) -> dict[s
 
 def test_study_routed_by_orthanc_comes_back_as_seg_sr_and_report(pacs, server, tmp_path):
     from handlers.hippocampus import model_for
-    from utils.config import get_settings
-    from utils.client import send_inference_request
-    from utils.dicom import sort_by_position
-    from utils.dicom_results import decode_segmentation, report_volumes
+    from inference.config import get_settings
+    from inference.protocol.client import send_inference_request
+    from inference.dicom.series import sort_by_position
+    from inference.dicom.results import decode_segmentation, report_volumes
 
     orthanc, node = pacs
     files = sorted(shared_data("studies", "Study1").rglob("*.dcm"))
@@ -212,7 +212,7 @@ def test_shipped_orthanc_compose_and_node_settings_agree():
     import yaml
 
     from bench.pacs_services import AUTOROUTE_LUA, ORTHANC_CONFIG, read_orthanc_json
-    from utils.config import PROJECT_ROOT, Settings
+    from inference.config import PROJECT_ROOT, Settings
 
     orthanc = read_orthanc_json(ORTHANC_CONFIG)
     lua = AUTOROUTE_LUA.read_text()
@@ -237,7 +237,7 @@ def test_echo_and_compressed_instances_are_accepted_as_sent(light_node, tmp_path
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
-    from utils.dicom import load_volume
+    from inference.dicom.series import load_volume
 
     node = light_node
     ae = AE(ae_title="SCANNER")
@@ -281,7 +281,7 @@ def test_results_stored_by_stow_rs(tmp_path):
     ("rules: [{command: get-hippocampus-volume, params: {dicom_outputs: [mesh]}}]", "routing rule rule 1: .*dicom_outputs"),
 ])
 def test_rules_the_pipeline_refuses_stop_the_node_at_start(tmp_path, rules, message):
-    from utils.config import PROJECT_ROOT
+    from inference.config import PROJECT_ROOT
 
     (tmp_path / "rules.yaml").write_text(rules)
     result = subprocess.run([sys.executable, "dicom_node.py", "--rules", str(tmp_path / "rules.yaml"),

@@ -12,9 +12,9 @@ import pytest
 from pydicom.sr.codedict import codes
 
 from tests.conftest import require, shared_data
-from utils.dicom import dataset_bytes, load_volume, secondary_capture, series_from_volume
+from inference.dicom.series import dataset_bytes, load_volume, secondary_capture, series_from_volume
 from models.registry import Structure
-from utils.dicom_results import Algorithm, decode_segmentation, measurement_report, report_volumes, segmentation
+from inference.dicom.results import Algorithm, decode_segmentation, measurement_report, report_volumes, segmentation
 
 STRUCTURES = (Structure("Left thing", 3, (255, 0, 0), codes.SCT.Hippocampus, codes.SCT.Anterior),
               Structure("Right thing", 7, (0, 0, 255), codes.SCT.Hippocampus, codes.SCT.Posterior))
@@ -111,9 +111,9 @@ def test_report_needs_every_structure_volume(source):
 
 def test_hippocampus_dicom_outputs_on_study1_match_the_mask_and_pass_dciodvfy(tmp_path):
     from handlers import hippocampus
-    from utils.config import get_settings
-    from utils.dicom import sort_by_position
-    from utils.pipeline import Pipeline
+    from inference.config import get_settings
+    from inference.dicom.series import sort_by_position
+    from inference.pipeline.pipeline import Pipeline
 
     files = sorted(shared_data("studies", "Study1").rglob("*.dcm"))
     result = Pipeline(get_settings(), commands=[hippocampus.COMMAND]).run_files(
@@ -147,9 +147,9 @@ def test_hippocampus_dicom_outputs_on_study1_match_the_mask_and_pass_dciodvfy(tm
 @pytest.mark.parametrize("value", ["seg", ["seg", "mesh"], [1]])
 def test_hippocampus_refuses_unknown_dicom_outputs(value):
     from handlers import hippocampus
-    from utils.config import get_settings
-    from utils.errors import BadRequest
-    from utils.pipeline import Pipeline
+    from inference.config import get_settings
+    from inference.errors import BadRequest
+    from inference.pipeline.pipeline import Pipeline
 
     pipeline = Pipeline(get_settings(), commands=[hippocampus.COMMAND])
     with pytest.raises(BadRequest, match=r"dicom_outputs.*a list of 'seg', 'sr'"):

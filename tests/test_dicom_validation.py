@@ -12,10 +12,10 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian
 
-from utils.dicom import load_instances, series_from_volume
-from utils.dicom_validation import read_header_early, validate_instances
-from utils.errors import UnprocessableInput
-from utils.multipart import PartSpool
+from inference.dicom.series import load_instances, series_from_volume
+from inference.dicom.validation import read_header_early, validate_instances
+from inference.errors import UnprocessableInput
+from inference.protocol.multipart_request import PartSpool
 
 LIMIT = 10**9
 

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from gateway import Gateway
-from utils import protocol
-from utils.client import build_multipart_request, related_content_type
-from utils.config import Settings
-from utils.dicom import load_instances
-from utils.errors import GatewayError
-from utils.multipart import decode_multipart_response
+from inference import protocol
+from inference.protocol.client import build_multipart_request, related_content_type
+from inference.config import Settings
+from inference.dicom.series import load_instances
+from inference.errors import GatewayError
+from inference.protocol.multipart_response import decode_multipart_response
 
 
 def make_gateway(handler=None, **settings) -> Gateway:
@@ -199,7 +199,7 @@ def test_every_log_line_of_a_request_carries_its_hash(study, caplog):
 
 
 def test_handler_log_lines_carry_the_request_hash_too(study, caplog):
-    from utils.tagged_logger import TaggedLogger
+    from inference.logs import TaggedLogger
 
     handler_log = TaggedLogger(logging.getLogger("inference.my_model"))
 
@@ -257,7 +257,7 @@ def test_json_request_without_study_path_is_400(tmp_path):
 
 
 def test_protocol_module_is_what_the_gateway_enforces():
-    """The gateway does not keep rules of its own: its output checker is utils.protocol's."""
+    """The gateway does not keep rules of its own: its output checker is inference.protocol.rules's."""
     import gateway
 
     assert gateway.protocol is protocol

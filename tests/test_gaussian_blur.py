@@ -13,12 +13,12 @@ from scipy import ndimage
 from gateway import Gateway
 from handlers import load_handlers
 from handlers.gaussian_blur import DEFAULT_SIGMA_MM
-from utils.blur import gaussian_blur_3d, gaussian_kernel
-from utils.client import build_multipart_request, related_content_type
-from utils.config import Settings
-from utils.dicom import series_from_volume, write_series
-from utils.multipart import decode_multipart_response
-from utils.pipeline import Pipeline
+from inference.imaging.blur import gaussian_blur_3d, gaussian_kernel
+from inference.protocol.client import build_multipart_request, related_content_type
+from inference.config import Settings
+from inference.dicom.series import series_from_volume, write_series
+from inference.protocol.multipart_response import decode_multipart_response
+from inference.pipeline.pipeline import Pipeline
 
 SPACING = (3.0, 0.8, 1.2)  # slice, row, column (mm): anisotropic on every axis
 RESCALE = (2.0, -100.0)  # slope, intercept

@@ -15,8 +15,8 @@ import requests
 
 from gunicorn.http import errors as http_errors
 from tests.conftest import RunningServer
-from utils.client import send_inference_request
-from utils.gunicorn_worker import error_response_bytes, parser_error_answer
+from inference.protocol.client import send_inference_request
+from inference.http.gunicorn_worker import error_response_bytes, parser_error_answer
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def test_slow_senders_do_not_starve_probes_or_clients(live, study):
 
 
 def test_paced_socket_gives_up_on_a_slow_sender_and_on_silence():
-    from utils.gunicorn_worker import PacedSocket, set_socket_timeouts
+    from inference.http.gunicorn_worker import PacedSocket, set_socket_timeouts
 
     server, client = socket.socketpair()
     with server, client:

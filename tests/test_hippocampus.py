@@ -14,11 +14,11 @@ from PIL import Image
 
 from handlers import hippocampus
 from tests.conftest import PROJECT_ROOT, shared_data
-from utils import protocol
-from utils.config import get_settings
-from utils.dicom import dataset_bytes, series_from_volume
-from utils.errors import UnprocessableInput
-from utils.pipeline import Pipeline
+from inference import protocol
+from inference.config import get_settings
+from inference.dicom.series import dataset_bytes, series_from_volume
+from inference.errors import UnprocessableInput
+from inference.pipeline.pipeline import Pipeline
 
 WEIGHTS = PROJECT_ROOT / "models" / "hippocampus_unet.pt"
 
@@ -50,7 +50,7 @@ def write_nifti(path, array, affine=None):
 
 def test_nifti_written_as_dicom_comes_back_in_the_training_orientation(tmp_path):
     """NIfTI (RAS) -> DICOM series (LPS, any order sent) -> the model's array: the same voxels."""
-    from utils.dicom import load_volume
+    from inference.dicom.series import load_volume
 
     ras = np.arange(5 * 6 * 7, dtype=np.int16).reshape(5, 6, 7)  # (x, y, z) as nibabel loads it
     series = hippocampus.series_from_nifti(write_nifti(tmp_path / "crop.nii.gz", ras))
@@ -66,7 +66,7 @@ def test_nifti_written_as_dicom_comes_back_in_the_training_orientation(tmp_path)
 
 def test_sagittal_series_is_reoriented_too():
     """The same anatomy stored as sagittal slices reaches the model in the same RAS order."""
-    from utils.dicom import load_volume
+    from inference.dicom.series import load_volume
 
     ras = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
     # sagittal: columns run posterior-wards (+y LPS), rows downwards (-z), so the slice normal is
@@ -81,7 +81,7 @@ def test_sagittal_series_is_reoriented_too():
 
 def test_labelled_nifti_sent_as_dicom_is_segmented_in_the_training_orientation(weights, tmp_path):
     from models.data import dataset_pairs, split_cases
-    from utils.dicom import load_volume
+    from inference.dicom.series import load_volume
 
     data = shared_data("hippocampus")
     pairs = dataset_pairs(data)
@@ -176,7 +176,7 @@ def test_command_line_on_studies_writes_reports_and_summary(weights, tmp_path):
 
 
 def test_served_over_http(weights, server, tmp_path):
-    from utils.client import send_inference_request
+    from inference.protocol.client import send_inference_request
 
     folder = shared_data("studies", "Study1")
     files = sorted(folder.rglob("*.dcm"))

@@ -18,10 +18,10 @@ import handlers.gaussian_blur  # noqa: F401  (registers gaussian-blur-3d, which 
 import handlers.mock  # noqa: F401  (registers get-probability-mask, a handler answering a mask)
 from gateway import Gateway
 from tests.conftest import PROJECT_ROOT, RunningServer, write_study
-from utils.config import Settings
-from utils.job_api import add_job_routes
-from utils.pipeline import Pipeline
-from utils.jobs import FAILED, INTERRUPTED, RUNNING, Job, JobStore, LocalPoolRunner
+from inference.config import Settings
+from inference.jobs.api import add_job_routes
+from inference.pipeline.pipeline import Pipeline
+from inference.jobs.store import FAILED, INTERRUPTED, RUNNING, Job, JobStore, LocalPoolRunner
 
 
 @pytest.fixture
@@ -186,7 +186,7 @@ def test_two_series_fail_the_job_with_a_422(client, roots):
 # -- restarts and several processes -----------------------------------------------------------
 HOLD_LOCK = """
 import sys, time
-from utils.jobs import ProcessLock
+from inference.jobs.store import ProcessLock
 lock = ProcessLock(sys.argv[1])  # held while this process lives
 print(lock.owner, flush=True)
 time.sleep(120)

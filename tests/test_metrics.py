@@ -10,7 +10,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import RunningServer, write_study
-from utils import metrics
+from inference import metrics
 
 TOKEN = "metrics-test-token"
 

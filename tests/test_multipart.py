@@ -10,15 +10,9 @@ import time
 import pydicom
 import pytest
 
-from utils.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
-from utils.multipart import (
-    PartSpool,
-    ThreadedSHA256,
-    decode_multipart_response,
-    encode_multipart_related,
-    multipart_boundary,
-    parse_multipart_related,
-)
+from inference.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from inference.protocol.multipart_request import PartSpool, multipart_boundary, parse_multipart_related
+from inference.protocol.multipart_response import ThreadedSHA256, decode_multipart_response, encode_multipart_related
 
 
 def body_of(parts: list[tuple[list[str], bytes]], boundary: str = "XyZ123") -> bytes:

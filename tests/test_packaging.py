@@ -23,7 +23,7 @@ import yaml
 
 import healthcheck
 from tests.conftest import PROJECT_ROOT, RunningServer, free_port
-from utils.config import Settings
+from inference.config import Settings
 
 DOCKERFILES = ["Dockerfile", "inference-test-tool/Dockerfile"]
 SETTING_VARIABLES = {f.metadata["env"] for f in fields(Settings)}
@@ -124,7 +124,7 @@ def test_runs_as_non_root_on_port_8900(steps) -> None:
     env = dockerfile_env(steps)
     assert env["PYTHONDONTWRITEBYTECODE"] == "1" and env["PYTHONUNBUFFERED"] == "1"
     unknown = {k for k in env if k.startswith("INFERENCE_")} - SETTING_VARIABLES
-    assert not unknown, f"ENV sets variables utils/config.py does not read: {unknown}"
+    assert not unknown, f"ENV sets variables inference/config.py does not read: {unknown}"
 
 
 def test_cmd_is_the_make_serve_command(steps) -> None:
@@ -283,7 +283,7 @@ def test_dockerignore_matching_model() -> None:
 
 @pytest.mark.parametrize("path", [
     "gateway.py", "mock_server.py", "gunicorn.conf.py", "logging.yaml", "healthcheck.py", "requirements.txt", "worker.py",
-    "handlers/__init__.py", "utils/config.py", "models/unet.py", "models/hippocampus_unet.pt",
+    "handlers/__init__.py", "inference/config.py", "models/unet.py", "models/hippocampus_unet.pt",
     "inference-test-tool/send-inference-request.sh",
 ])
 def test_build_context_keeps_what_the_images_need(path: str) -> None:
@@ -331,7 +331,7 @@ def test_every_module_the_server_imports_is_in_the_build_context(context_files: 
         seen.add(path)
         assert path in sent, f"{path} is imported by the server but .dockerignore leaves it out of the image"
         wanted |= {f for f in map(module_file, project_modules_imported_by(PROJECT_ROOT / path)) if f}
-    assert {"gateway.py", "utils/config.py", "handlers/registry.py"} <= seen
+    assert {"gateway.py", "inference/config.py", "inference/pipeline/handler_registry.py"} <= seen
 
 
 # -- docker-compose.yml -----------------------------------------------------------------------------
@@ -454,4 +454,4 @@ def test_the_tool_image_copies_every_module_and_template_the_tool_uses() -> None
                 wanted.add(f"inference-test-tool/{node.module}.py")
         wanted |= {f for f in map(module_file, project_modules_imported_by(PROJECT_ROOT / path)) if f}
     assert "inference-test-tool/templates" in copied and (tool_dir / "templates" / "index.html.j2").is_file()
-    assert "utils/paths.py" in seen
+    assert "inference/paths.py" in seen

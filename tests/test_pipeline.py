@@ -13,19 +13,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import mock_server
+import server
 from gateway import Gateway
 from handlers import REGISTRY, load_handlers
-from handlers.registry import Param, Registry
+from inference.pipeline.handler_registry import Param, HandlerRegistry
 from tests.conftest import PROJECT_ROOT, corrupt_manifest, shared_data, write_study
-from utils import protocol
-from utils.client import build_multipart_request, related_content_type
-from utils.config import Settings
-from utils.dicom import dicom_files_in, series_from_volume, write_series
-from utils.errors import BadRequest, UnprocessableInput
-from utils.job_api import add_job_routes
-from utils.multipart import decode_multipart_response
-from utils.pipeline import Pipeline, current_run
+from inference import protocol
+from inference.protocol.client import build_multipart_request, related_content_type
+from inference.config import Settings
+from inference.dicom.series import dicom_files_in, series_from_volume, write_series
+from inference.errors import BadRequest, UnprocessableInput
+from inference.jobs.api import add_job_routes
+from inference.protocol.multipart_response import decode_multipart_response
+from inference.pipeline.pipeline import Pipeline, current_run
 
 HIPPOCAMPUS = "get-hippocampus-volume"
 
@@ -66,8 +66,8 @@ def test_other_kinds():
         Param("x", "float")
 
 
-def make_registry() -> Registry:
-    registry = Registry()
+def make_registry() -> HandlerRegistry:
+    registry = HandlerRegistry()
 
     @registry.register("echo-params", params=[SIGMA, Param("label", "string", default="x")])
     def echo_params(json_input, instances, input_hash):
@@ -110,16 +110,16 @@ def test_command_resolution():
 
 
 def test_current_run_outside_the_pipeline_says_how_to_call_handlers():
-    with pytest.raises(RuntimeError, match="utils.pipeline.Pipeline"):
+    with pytest.raises(RuntimeError, match="inference.pipeline.pipeline.Pipeline"):
         current_run()
 
 
 def test_no_module_calls_a_handler_but_the_pipeline():
-    """Front doors translate their transport; only utils/pipeline.py calls ``spec.handler``."""
+    """Front doors translate their transport; only inference/pipeline/pipeline.py calls ``spec.handler``."""
     sources = [p for p in PROJECT_ROOT.rglob("*.py") if ".venv" not in p.parts and "tests" not in p.parts]
     callers = [p.relative_to(PROJECT_ROOT).as_posix() for p in sources
                if re.search(r"\.handler\(", p.read_text(encoding="utf-8"))]
-    assert callers == ["utils/pipeline.py"]
+    assert callers == ["inference/pipeline/pipeline.py"]
 
 
 # -- settings travel --------------------------------------------------------------------------
@@ -135,9 +135,9 @@ def post(app, files, json_input, route="/"):
 
 def test_two_apps_with_different_settings_behave_differently(tmp_path):
     files = crop_study(tmp_path / "crop")
-    plain = mock_server.create_app(settings=dataclasses.replace(Settings(), output_root=tmp_path / "a"),
+    plain = server.create_app(settings=dataclasses.replace(Settings(), output_root=tmp_path / "a"),
                                    warm_up_first=True)
-    other = mock_server.create_app(settings=dataclasses.replace(Settings(), output_root=tmp_path / "b",
+    other = server.create_app(settings=dataclasses.replace(Settings(), output_root=tmp_path / "b",
                                                                 hippocampus_series="^T2 axial$"),
                                    warm_up_first=True)
     request = {"inference_command": HIPPOCAMPUS}
@@ -147,10 +147,10 @@ def test_two_apps_with_different_settings_behave_differently(tmp_path):
 
 
 def test_an_app_warms_up_the_models_of_its_own_settings(tmp_path):
-    broken = mock_server.create_app(settings=dataclasses.replace(
+    broken = server.create_app(settings=dataclasses.replace(
         Settings(), output_root=tmp_path / "a", model_manifest=corrupt_manifest(tmp_path / "models")),
         warm_up_first=True)
-    shipped = mock_server.create_app(settings=dataclasses.replace(Settings(), output_root=tmp_path / "b"),
+    shipped = server.create_app(settings=dataclasses.replace(Settings(), output_root=tmp_path / "b"),
                                      warm_up_first=True)
     health = broken.test_client().get("/healthcheck").get_data(as_text=True)
     assert health.startswith("FAILED") and HIPPOCAMPUS in health and "SHA-256" in health
@@ -159,7 +159,7 @@ def test_an_app_warms_up_the_models_of_its_own_settings(tmp_path):
 
 # -- production serves no mock -------------------------------------------------------------------
 def test_production_app_serves_the_real_handlers_only(tmp_path, study):
-    app = mock_server.create_app(settings=dataclasses.replace(Settings(), output_root=tmp_path / "jobs"))
+    app = server.create_app(settings=dataclasses.replace(Settings(), output_root=tmp_path / "jobs"))
     listed = {m["inference_command"] for m in app.test_client().get("/models").get_json()["models"]}
     assert listed == {HIPPOCAMPUS, "gaussian-blur-3d"}
     bare = post(app, study, {"studyUID": "1"})
@@ -173,7 +173,7 @@ def test_production_app_serves_the_real_handlers_only(tmp_path, study):
 def test_mocks_and_a_default_command_when_asked(tmp_path, study):
     settings = dataclasses.replace(Settings(), output_root=tmp_path / "jobs", enable_mocks=True,
                                    default_command="get-boolean-mask")
-    app = mock_server.create_app(settings=settings)
+    app = server.create_app(settings=settings)
     models = app.test_client().get("/models").get_json()
     assert models["default_command"] == "get-boolean-mask"
     assert {m["inference_command"] for m in models["models"] if m["mock"]} >= {"get-probability-mask", "get-heatmap"}
@@ -185,19 +185,19 @@ def test_mocks_and_a_default_command_when_asked(tmp_path, study):
 
 def test_a_default_command_that_is_not_served_stops_start_up(tmp_path):
     with pytest.raises(SystemExit, match="INFERENCE_ENABLE_MOCKS"):
-        mock_server.create_app(settings=dataclasses.replace(Settings(), output_root=tmp_path / "jobs",
+        server.create_app(settings=dataclasses.replace(Settings(), output_root=tmp_path / "jobs",
                                                             default_command="get-heatmap"))
 
 
 def test_models_lists_each_handlers_parameters(tmp_path):
-    app = mock_server.create_app(settings=dataclasses.replace(Settings(), output_root=tmp_path / "jobs"))
+    app = server.create_app(settings=dataclasses.replace(Settings(), output_root=tmp_path / "jobs"))
     models = {m["inference_command"]: m for m in app.test_client().get("/models").get_json()["models"]}
     sigma = models["gaussian-blur-3d"]["parameters"][0]
     assert sigma["name"] == "sigma_mm" and sigma["default"] == 2.0 and sigma["allowed"] == "a number > 0 and <= 1000"
 
 
 def test_bad_parameters_are_refused_before_reading_any_instance(tmp_path, study):
-    app = mock_server.create_app(settings=dataclasses.replace(Settings(), output_root=tmp_path / "jobs"))
+    app = server.create_app(settings=dataclasses.replace(Settings(), output_root=tmp_path / "jobs"))
     response = post(app, study, {"sigma_mm": "1.5"}, route="/gaussian-blur")
     assert response.status_code == 400
     assert response.get_json()["error"] == "parameter 'sigma_mm' must be a number > 0 and <= 1000, got '1.5'"
@@ -291,7 +291,7 @@ def test_handler_errors_keep_their_status_through_the_pipeline(tmp_path):
 
 
 def test_the_hashes_part_is_the_protocols():
-    from utils.multipart import encode_multipart_related
+    from inference.protocol.multipart_response import encode_multipart_related
 
     encoded = encode_multipart_related([("application/json", b"{}")], input_hash="a" * 64)
     body = b"".join(encoded.chunks)

@@ -7,9 +7,9 @@ import copy
 import numpy as np
 import pytest
 
-from utils.dicom import series_from_volume
-from utils.errors import OutputValidationError
-from utils.protocol import (
+from inference.dicom.series import series_from_volume
+from inference.errors import OutputValidationError
+from inference.protocol.rules import (
     SeriesInfo,
     check_against_study,
     content_type_for,

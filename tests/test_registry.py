@@ -15,13 +15,13 @@ import pydicom
 import pytest
 import yaml
 
-import mock_server
+import server
 from models.registry import DEFAULT_MANIFEST, ManifestError, ModelRegistry, add_version, file_sha256, parse_manifest
 from tests.conftest import PROJECT_ROOT
-from utils.client import build_multipart_request, related_content_type
-from utils.config import Settings
-from utils.dicom import series_from_volume, write_series
-from utils.multipart import decode_multipart_response
+from inference.protocol.client import build_multipart_request, related_content_type
+from inference.config import Settings
+from inference.dicom.series import series_from_volume, write_series
+from inference.protocol.multipart_response import decode_multipart_response
 
 HIPPOCAMPUS = "get-hippocampus-volume"
 
@@ -112,7 +112,7 @@ def test_a_broken_manifest_stops_start_up(tmp_path):
     path = tmp_path / "manifest.yaml"
     path.write_text("families: [")
     with pytest.raises(SystemExit, match="model manifest: manifest.yaml, line"):
-        mock_server.create_app(settings=dataclasses.replace(Settings(), output_root=tmp_path / "jobs",
+        server.create_app(settings=dataclasses.replace(Settings(), output_root=tmp_path / "jobs",
                                                             model_manifest=path))
 
 
@@ -156,7 +156,7 @@ def answer(response) -> tuple[dict, list[bytes]]:
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     folder = tmp_path_factory.mktemp("registry-app")
-    return mock_server.create_app(settings=dataclasses.replace(Settings(), output_root=folder / "jobs"),
+    return server.create_app(settings=dataclasses.replace(Settings(), output_root=folder / "jobs"),
                                   warm_up_first=True)
 
 
@@ -206,7 +206,7 @@ def test_a_corrupt_version_is_refused_and_the_others_keep_serving(tmp_path):
         handle.write(b"flipped")
     versions[corrupt]["weights"] = bad.name
     manifest = write_manifest(tmp_path, data)
-    app = mock_server.create_app(settings=dataclasses.replace(Settings(), output_root=tmp_path / "jobs",
+    app = server.create_app(settings=dataclasses.replace(Settings(), output_root=tmp_path / "jobs",
                                                               model_manifest=manifest), warm_up_first=True)
     health = app.test_client().get("/healthcheck").get_data(as_text=True)
     assert health.startswith("DEGRADED") and f"hippocampus {corrupt} unavailable" in health and "SHA-256" in health
@@ -221,8 +221,8 @@ def test_a_corrupt_version_is_refused_and_the_others_keep_serving(tmp_path):
 def test_jobs_name_a_model_version_and_bad_ones_are_refused_at_submission(tmp_path):
     from gateway import Gateway
     from handlers import load_handlers
-    from utils.job_api import add_job_routes
-    from utils.pipeline import Pipeline
+    from inference.jobs.api import add_job_routes
+    from inference.pipeline.pipeline import Pipeline
 
     load_handlers()
     data = tmp_path / "data"

@@ -1,4 +1,4 @@
-"""Unit tests of utils/render.py: windowing, colour handling, palettes, thresholds and annotations."""
+"""Unit tests of inference/imaging/render.py: windowing, colour handling, palettes, thresholds and annotations."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from utils import render
-from utils.dicom import series_from_volume
+from inference.imaging import render
+from inference.dicom.series import series_from_volume
 
 GREY = 100
 

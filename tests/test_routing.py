@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from utils.config import Settings
-from utils.routing import SeriesInfo, load_rules, matching_rules, parse_rules
+from inference.config import Settings
+from inference.pacs.routing import SeriesInfo, load_rules, matching_rules, parse_rules
 
 CROP = SeriesInfo("MR", "HippoCrop", "ORTHANC")
 T1 = SeriesInfo("MR", "T1post", "ORTHANC")

@@ -19,10 +19,11 @@ import pytest
 import requests
 
 import gateway
-from gateway import MAX_JSON_BYTES, Gateway
+from gateway import Gateway
+from inference.protocol.request import MAX_JSON_BYTES
 from tests.conftest import PROJECT_ROOT, RunningServer, write_study
-from utils.client import build_multipart_request, related_content_type
-from utils.config import Settings
+from inference.protocol.client import build_multipart_request, related_content_type
+from inference.config import Settings
 
 TOKEN = "s3cret-Token-for-tests-0123456789"
 WRONG_TOKEN = "wrong-Token-never-to-be-logged-42"
@@ -39,12 +40,12 @@ def bearer(token: str) -> dict[str, str]:
 # -- the bearer token, on the full app (every route it serves) --------------------------------------
 @pytest.fixture(scope="module")
 def full_app(tmp_path_factory):
-    """``mock_server.create_app`` (every handler, the job API if present) with a token."""
-    import mock_server
+    """``server.create_app`` (every handler, the job API if present) with a token."""
+    import server
 
     root = tmp_path_factory.mktemp("full_app")
     (root / "data").mkdir()
-    return mock_server.create_app(settings=settings(api_token=TOKEN, data_root=root / "data",
+    return server.create_app(settings=settings(api_token=TOKEN, data_root=root / "data",
                                                     output_root=root / "jobs"))
 
 
@@ -171,7 +172,8 @@ TEST_APP = '''
 import time
 from pathlib import Path
 
-from gateway import MAX_JSON_BYTES, Gateway
+from gateway import Gateway
+from inference.protocol.request import MAX_JSON_BYTES
 
 
 def slow(json_input, instances, input_hash):
@@ -425,13 +427,13 @@ def test_study_path_needs_a_configured_root(data_root: Path) -> None:
 
 
 def test_job_folders_stay_inside_the_root(data_root: Path) -> None:
-    from utils import job_api
-    from utils.errors import Forbidden
+    from inference.jobs.executor import study_files
+    from inference.errors import Forbidden
 
     (data_root / "linked").symlink_to(data_root.parent / "outside" / "study", target_is_directory=True)
     (data_root / "study" / "zz-outside.dcm").symlink_to(next((data_root.parent / "outside" / "study").iterdir()))
     for in_dir in ("../outside/study", str(data_root.parent / "outside" / "study"), "linked", "/"):
         with pytest.raises(Forbidden):
-            job_api.study_files(data_root, in_dir)
-    files = job_api.study_files(data_root, "study")
+            study_files(data_root, in_dir)
+    files = study_files(data_root, "study")
     assert len(files) == 3 and all(p.resolve().is_relative_to(data_root.resolve()) for p in files)

@@ -15,13 +15,13 @@ import pydicom
 import pytest
 import requests
 
-import mock_server
+import server
 from handlers import REGISTRY, load_handlers
 from tests.conftest import PROJECT_ROOT, RunningServer
-from utils import protocol
-from utils.client import InferenceRequestError, build_multipart_request, related_content_type, send_inference_request
-from utils.config import Settings
-from utils.dicom import load_instances, sort_by_position
+from inference import protocol
+from inference.protocol.client import InferenceRequestError, build_multipart_request, related_content_type, send_inference_request
+from inference.config import Settings
+from inference.dicom.series import load_instances, sort_by_position
 
 MOCK_COMMANDS = ["get-probability-mask", "get-boolean-mask", "get-heatmap", "get-label-mask",
                  "get-probability-mask-2d", "get-bounding-box-2d", "get-linear-measurements",
@@ -143,7 +143,7 @@ def gated_warm_up(monkeypatch, tmp_path):
     spec = REGISTRY.get("get-probability-mask")
     monkeypatch.setitem(REGISTRY._specs, spec.command, dataclasses.replace(spec, warm_up=lambda settings: None if gate.wait(30) else "gate never opened"))
     settings = dataclasses.replace(Settings(), output_root=tmp_path / "jobs")
-    return gate, lambda **options: mock_server.create_app("get-probability-mask", settings, **options)
+    return gate, lambda **options: server.create_app("get-probability-mask", settings, **options)
 
 
 def test_background_warm_up_answers_loading_until_it_is_done(gated_warm_up):
@@ -172,4 +172,4 @@ def test_warm_up_first_returns_a_ready_app(gated_warm_up):
 
 def test_gunicorn_workers_warm_up_before_they_accept():
     config = runpy.run_path(str(PROJECT_ROOT / "gunicorn.conf.py"))
-    assert config["wsgi_app"] == "mock_server:create_app(warm_up_first=True)"
+    assert config["wsgi_app"] == "server:create_app(warm_up_first=True)"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from utils.tagged_logger import TaggedLogger
+from inference.logs import TaggedLogger
 
 
 def test_tags_prefix_messages_and_ride_on_the_record(caplog):

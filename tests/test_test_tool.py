@@ -25,9 +25,10 @@ from requests_toolbelt.multipart.decoder import MultipartDecoder
 from werkzeug.serving import make_server
 
 from conftest import PROJECT_ROOT, free_port, shared_data, write_study
-from utils import protocol
-from utils.dicom import dataset_bytes, secondary_capture
-from utils.multipart import encode_multipart_related
+from inference import protocol
+from inference.errors import OutputValidationError
+from inference.dicom.series import dataset_bytes, secondary_capture
+from inference.protocol.multipart_response import encode_multipart_related
 
 
 def load_tool():
@@ -384,14 +385,14 @@ def mask_2d(sop: str, rows: int, columns: int) -> dict:
 
 def test_2d_masks_are_checked_against_their_own_image_size():
     protocol.check_against_study({"parts": [mask_2d("a", 51, 35), mask_2d("b", 16, 24)]}, mixed_series())
-    with pytest.raises(protocol.OutputValidationError, match=r"parts\[0\].*2D mask is 51x35, its image is 16x24"):
+    with pytest.raises(OutputValidationError, match=r"parts\[0\].*2D mask is 51x35, its image is 16x24"):
         protocol.check_against_study({"parts": [mask_2d("b", 51, 35)]}, mixed_series())
 
 
 def test_3d_mask_over_a_series_of_mixed_sizes_is_refused():
     part = {"binary_type": "boolean_mask", "SeriesInstanceUID": "s",
             "binary_data_shape": {"depth": 2, "height": 51, "width": 35}}
-    with pytest.raises(protocol.OutputValidationError, match="differ in size"):
+    with pytest.raises(OutputValidationError, match="differ in size"):
         protocol.check_against_study({"parts": [part]}, mixed_series())
 
 
@@ -400,7 +401,7 @@ def test_boxes_and_measurements_must_lie_inside_their_image():
     inside = {"SOPInstanceUID": "a", "label": "x", "top_left": [10, 2], "bottom_right": [59, 19]}
     protocol.check_against_study({"parts": [], "bounding_boxes_2d": [inside]}, series)
     swapped = {"SOPInstanceUID": "a", "label": "x", "start": [2, 10], "end": [19, 59]}  # [row, column]
-    with pytest.raises(protocol.OutputValidationError, match=r"linear_measurements_2d\[0\].end .* outside its 20x60"):
+    with pytest.raises(OutputValidationError, match=r"linear_measurements_2d\[0\].end .* outside its 20x60"):
         protocol.check_against_study({"parts": [], "linear_measurements_2d": [swapped]}, series)
 
 

@@ -11,8 +11,8 @@ import pydicom
 import pytest
 
 from tests.conftest import write_study
-from utils.dicom import series_from_volume, write_series
-from utils.volume_io import main
+from inference.dicom.series import series_from_volume, write_series
+from inference.dicom.volume_io import main
 
 RESCALE = (0.5, -1024.0)
 

@@ -1,0 +1,212 @@
+"""Every setting of the gateway, read from the environment in one place.
+
+Each field documents its environment variable and default. Call ``Settings.from_env()``
+(or ``get_settings()`` for the process-wide cached copy); nothing else reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from functools import lru_cache
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env_str(name: str, default: str | None) -> str | None:
+    value = os.environ.get(name)
+    return default if value is None or value == "" else value
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
+
+
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be a number, got {value!r}") from None
+
+
+def _env_list(name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    """A comma- or whitespace-separated list."""
+    value = os.environ.get(name)
+    if value is None or value.strip() == "":
+        return default
+    return tuple(item for item in value.replace(",", " ").split() if item)
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"environment variable {name} must be 1/true/yes/on or 0/false/no/off, got {value!r}")
+
+
+def _env_path(name: str, default: str | None) -> Path | None:
+    value = _env_str(name, default)
+    return None if value is None else Path(value).expanduser()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Gateway settings; the metadata ``env`` names the variable each one comes from."""
+
+    #: INFERENCE_HOST: address the server binds to; this machine only unless set (the Docker image sets 0.0.0.0).
+    host: str = field(default="127.0.0.1", metadata={"env": "INFERENCE_HOST"})
+    #: INFERENCE_PORT: TCP port.
+    port: int = field(default=8900, metadata={"env": "INFERENCE_PORT"})
+    #: INFERENCE_WORKERS: gunicorn worker processes.
+    workers: int = field(default=2, metadata={"env": "INFERENCE_WORKERS"})
+    #: INFERENCE_THREADS: threads per gunicorn worker.
+    threads: int = field(default=4, metadata={"env": "INFERENCE_THREADS"})
+    #: INFERENCE_TIMEOUT: seconds a worker may spend on one request before gunicorn restarts it.
+    timeout: int = field(default=900, metadata={"env": "INFERENCE_TIMEOUT"})
+    #: INFERENCE_GRACEFUL_TIMEOUT: seconds in-flight requests get to finish after SIGTERM.
+    graceful_timeout: int = field(default=120, metadata={"env": "INFERENCE_GRACEFUL_TIMEOUT"})
+    #: INFERENCE_MAX_REQUEST_BYTES: largest accepted request body (default 2 GiB).
+    max_request_bytes: int = field(default=2 * 1024**3, metadata={"env": "INFERENCE_MAX_REQUEST_BYTES"})
+    #: INFERENCE_SPOOL_MEMORY_BYTES: request part bytes kept in memory; the rest spills to a temp file.
+    spool_memory_bytes: int = field(default=16 * 1024**2, metadata={"env": "INFERENCE_SPOOL_MEMORY_BYTES"})
+    #: INFERENCE_SPOOL_DIR: folder for spilled request parts (default: the system temp folder).
+    spool_dir: Path | None = field(default=None, metadata={"env": "INFERENCE_SPOOL_DIR"})
+    #: INFERENCE_READ_TIMEOUT: seconds a socket read or write may wait without progress before the
+    #: connection is dropped (a stalled client frees its thread; 408 while reading a body).
+    read_timeout: int = field(default=30, metadata={"env": "INFERENCE_READ_TIMEOUT"})
+    #: INFERENCE_MIN_UPLOAD_RATE: bytes per second a request body must average once it has been
+    #: arriving for inference.http.gunicorn_worker.UPLOAD_GRACE_SECONDS (5 s; 408 below it); 0 turns the check off.
+    min_upload_rate: int = field(default=32 * 1024, metadata={"env": "INFERENCE_MIN_UPLOAD_RATE"})
+    #: INFERENCE_MAX_SERIES_VOXELS: largest series (rows x columns x frames x instances) read (422 above).
+    max_series_voxels: int = field(default=256 * 1024**2, metadata={"env": "INFERENCE_MAX_SERIES_VOXELS"})
+    #: INFERENCE_MAX_RESPONSE_BYTES: largest response body a handler may produce (413 above).
+    max_response_bytes: int = field(default=1024**3, metadata={"env": "INFERENCE_MAX_RESPONSE_BYTES"})
+    #: PROMETHEUS_MULTIPROC_DIR: folder where gunicorn's workers keep their metrics (prometheus-client's
+    #: variable); gunicorn.conf.py empties it at start, or makes a temporary one when unset.
+    metrics_dir: Path | None = field(default=None, metadata={"env": "PROMETHEUS_MULTIPROC_DIR"})
+    #: INFERENCE_DATA_ROOT: folder that ``studyPath`` requests and jobs may read; unset disables both.
+    data_root: Path | None = field(default=None, metadata={"env": "INFERENCE_DATA_ROOT"})
+    #: INFERENCE_OUTPUT_ROOT: folder where jobs write their outputs, one sub-folder per job.
+    output_root: Path = field(default=PROJECT_ROOT / "output" / "jobs", metadata={"env": "INFERENCE_OUTPUT_ROOT"})
+    #: INFERENCE_JOB_WORKERS: jobs run at the same time in each server process.
+    job_workers: int = field(default=1, metadata={"env": "INFERENCE_JOB_WORKERS"})
+    #: INFERENCE_JOB_BACKEND: where jobs run: ``local`` (thread pool + SQLite) or ``celery`` (workers + Redis).
+    job_backend: str = field(default="local", metadata={"env": "INFERENCE_JOB_BACKEND"})
+    #: INFERENCE_BROKER_URL: Redis of the celery backend: its broker and its job records.
+    broker_url: str = field(default="redis://localhost:6379/0", metadata={"env": "INFERENCE_BROKER_URL", "secret": True})
+    #: INFERENCE_JOB_QUEUES: celery queue of each command, ``command=queue`` comma-separated, ``*`` for the rest.
+    job_queues: str = field(default="get-hippocampus-volume=gpu,*=cpu", metadata={"env": "INFERENCE_JOB_QUEUES"})
+    #: INFERENCE_JOB_TIME_LIMIT: seconds a celery job may run; it then fails with reason ``timeout``.
+    job_time_limit: int = field(default=900, metadata={"env": "INFERENCE_JOB_TIME_LIMIT"})
+    #: INFERENCE_JOB_RETRIES: re-runs of a celery job after a transient error (out of memory, Redis lost).
+    job_retries: int = field(default=3, metadata={"env": "INFERENCE_JOB_RETRIES"})
+    #: INFERENCE_BROKER_VISIBILITY_TIMEOUT: seconds before Redis hands an unacknowledged job to another
+    #: worker; above the job time limit plus its grace, and the longest a dead worker's job waits.
+    broker_visibility_timeout: int = field(default=1200, metadata={"env": "INFERENCE_BROKER_VISIBILITY_TIMEOUT"})
+    #: INFERENCE_API_TOKEN: when set, every route but /healthcheck and /ping needs ``Authorization: Bearer``.
+    api_token: str | None = field(default=None, metadata={"env": "INFERENCE_API_TOKEN", "secret": True})
+    #: INFERENCE_LOGGING_CONFIG: logging configuration (YAML, ``logging.config.dictConfig`` schema).
+    logging_config: Path = field(default=PROJECT_ROOT / "logging.yaml", metadata={"env": "INFERENCE_LOGGING_CONFIG"})
+    #: INFERENCE_DEFAULT_COMMAND: command run on ``POST /`` when the request JSON names none; unset: a 400.
+    default_command: str | None = field(default=None, metadata={"env": "INFERENCE_DEFAULT_COMMAND"})
+    #: INFERENCE_ENABLE_MOCKS: also serve the mock handlers (integration and tests); off in production.
+    enable_mocks: bool = field(default=False, metadata={"env": "INFERENCE_ENABLE_MOCKS"})
+    #: INFERENCE_MODEL_MANIFEST: the model registry's manifest (families, versions, weights and their SHA-256).
+    model_manifest: Path = field(default=PROJECT_ROOT / "models" / "manifest.yaml",
+                                 metadata={"env": "INFERENCE_MODEL_MANIFEST"})
+    #: INFERENCE_MODEL_CACHE: folder keeping the models' exported ONNX graphs between starts (named by the
+    #: weights' SHA-256, each checked against its own SHA-256 when read); safe to delete.
+    model_cache: Path = field(default=PROJECT_ROOT / "output" / "model-cache", metadata={"env": "INFERENCE_MODEL_CACHE"})
+    #: INFERENCE_HIPPOCAMPUS_SERIES: regular expression matched against SeriesDescription to find the crop;
+    #: unset: the model version's own rule (``input.series_description`` in the manifest).
+    hippocampus_series: str | None = field(default=None, metadata={"env": "INFERENCE_HIPPOCAMPUS_SERIES"})
+    # -- the DICOM node (dicom_node.py); each also a command-line flag --------------------------
+    #: INFERENCE_PACS_AE_TITLE: the node's own AE title (what the PACS calls and what its results carry).
+    pacs_ae_title: str = field(default="HIPPOAI", metadata={"env": "INFERENCE_PACS_AE_TITLE"})
+    #: INFERENCE_PACS_HOST: address the DICOM listener binds to.
+    pacs_host: str = field(default="0.0.0.0", metadata={"env": "INFERENCE_PACS_HOST"})
+    #: INFERENCE_PACS_PORT: TCP port of the DICOM listener.
+    pacs_port: int = field(default=11112, metadata={"env": "INFERENCE_PACS_PORT"})
+    #: INFERENCE_PACS_DESTINATIONS: where results go by C-STORE, ``AE@HOST:PORT`` separated by commas.
+    pacs_destinations: tuple[str, ...] = field(default=(), metadata={"env": "INFERENCE_PACS_DESTINATIONS"})
+    #: INFERENCE_PACS_STOW_URL: a DICOMweb base URL results are also stored to by STOW-RS (unset: none).
+    pacs_stow_url: str | None = field(default=None, metadata={"env": "INFERENCE_PACS_STOW_URL"})
+    #: INFERENCE_PACS_STABLE_SECONDS: a study is complete once no instance of it arrived for this long.
+    pacs_stable_seconds: float = field(default=5.0, metadata={"env": "INFERENCE_PACS_STABLE_SECONDS"})
+    #: INFERENCE_PACS_ALLOWED_AES: calling AE titles accepted, separated by commas (unset: any).
+    pacs_allowed_aes: tuple[str, ...] = field(default=(), metadata={"env": "INFERENCE_PACS_ALLOWED_AES"})
+    #: INFERENCE_PACS_RULES: routing rules (YAML) deciding what runs on a complete study.
+    pacs_rules: Path = field(default=PROJECT_ROOT / "deploy" / "routing-rules.yaml", metadata={"env": "INFERENCE_PACS_RULES"})
+    #: INFERENCE_PACS_ROOT: the node's folders: ``spool/`` (studies received), ``outbox/``, ``jobs/``.
+    pacs_root: Path = field(default=PROJECT_ROOT / "output" / "pacs", metadata={"env": "INFERENCE_PACS_ROOT"})
+    #: INFERENCE_PACS_RETRY_MAX_SECONDS: longest wait between two delivery attempts (backoff doubles up to it).
+    pacs_retry_max_seconds: float = field(default=60.0, metadata={"env": "INFERENCE_PACS_RETRY_MAX_SECONDS"})
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        """Build settings from the environment, falling back to each field's default."""
+        values = {}
+        for f in fields(cls):
+            name = f.metadata["env"]
+            if f.type in ("int", int):
+                values[f.name] = _env_int(name, f.default)
+            elif f.type in ("float", float):
+                values[f.name] = _env_float(name, f.default)
+            elif str(f.type).startswith("tuple"):
+                values[f.name] = _env_list(name, f.default)
+
+
+            elif f.type in ("bool", bool):
+                values[f.name] = _env_bool(name, f.default)
+            elif "Path" in str(f.type):
+                default = None if f.default is None else str(f.default)
+                values[f.name] = _env_path(name, default)
+            else:
+                values[f.name] = _env_str(name, f.default)
+        return cls(**values)
+
+    def job_queue(self, command: str) -> str:
+        """The celery queue that jobs of ``command`` go to (``INFERENCE_JOB_QUEUES``)."""
+        routes = self.job_queue_routes()
+        return routes.get(command, routes["*"])
+
+    def job_queue_routes(self) -> dict[str, str]:
+        """``INFERENCE_JOB_QUEUES`` parsed: command (or ``*``) -> queue; ``*`` defaults to ``cpu``."""
+        routes = {"*": "cpu"}
+        for item in filter(None, (part.strip() for part in self.job_queues.split(","))):
+            command, sep, queue = (text.strip() for text in item.partition("="))
+            if not sep or not command or not queue:
+                raise ValueError(f"INFERENCE_JOB_QUEUES: {item!r} is not command=queue; "
+                                 "e.g. 'get-hippocampus-volume=gpu,*=cpu'")
+            routes[command] = queue
+        return routes
+
+    def describe(self) -> dict[str, str]:
+        """Settings as strings for the start-up log, secrets masked."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.metadata.get("secret") and value:
+                value = "***"
+            out[f.metadata["env"]] = str(value)
+        return out
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings.from_env()

@@ -1,0 +1,162 @@
+"""The asynchronous job API: run a registered handler on a folder of the data root, poll for it.
+
+    POST /job/ (or /job) {"job_name": "3dblur", "in_dir": "study1", "sigma_mm": 2.0}  -> 201 {"uid": ...}
+    GET  /query/<uid> -> 202 {"msg": "Job is queued"} | 202 {"msg": "Job is running"}
+                      -> 200 {"msg": "Job has completed", "output_dir": ...}
+                      -> {"msg": "Job has failed", "error": ...} with the status its error would have
+                         had as a request (400/403/422 for bad input, 500 for a server-side failure
+                         or a job ``interrupted`` by a stopped server)
+                      -> 404 for an unknown uid
+                      every answer for a job also carries "attempts": how many times a worker started it
+    GET  /job/<uid>/files         -> 200 {"uid": ..., "files": [{"name": ..., "bytes": ...}]} of a completed job
+    GET  /job/<uid>/files/<name>  -> that file (only files of that job's folder); 409 while not completed
+
+A job name is a served inference command, or an alias of one (``JOB_ALIASES``). The job's other
+JSON keys, plus ``inference_command``, are the handler's request JSON, checked at submission; the
+job runs through the same pipeline as an upload, on the folder's DICOM files. Outputs go to
+``<INFERENCE_OUTPUT_ROOT>/<uid>/`` (see ``write_outputs``, plus ``job.json``: the job, its input hash and run
+time), which appears only once complete.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import flask
+from flask import request
+
+from inference.errors import (
+    BadRequest,
+    Conflict,
+    NotFound,
+    UnsupportedMediaType,
+)
+from inference.jobs.executor import (
+    JobExecutor,
+    job_request_json,
+    known_job_names,
+    remove_debris,
+    study_files,
+)
+from inference.jobs.store import (
+    COMPLETED,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    Job,
+    JobRunner,
+    JobStore,
+    LocalPoolRunner,
+)
+from inference.logs import TaggedLogger
+from inference.metrics import JobCountsCollector
+from inference.paths import is_inside
+from inference.pipeline.pipeline import Pipeline
+from inference.protocol.request import parse_json_object
+
+log = TaggedLogger(logging.getLogger("inference.jobs"))
+#: Job states reported by /metrics.
+JOB_STATES = (QUEUED, RUNNING, COMPLETED, FAILED)
+#: Keys of the job JSON that are about the job, not parameters of the handler.
+JOB_KEYS = ("job_name", "in_dir")
+
+
+def job_from_request(pipeline: Pipeline) -> Job:
+    """The job a ``POST /job/`` asks for, checked up front: name, parameters, folder, DICOM present."""
+    if request.mimetype != "application/json":
+        raise UnsupportedMediaType('send the job as Content-Type: application/json: '
+                                   '{"job_name": "3dblur", "in_dir": "<folder>", ...}')
+    body = parse_json_object(request.get_data(cache=False), "the job")
+    names = known_job_names(pipeline)
+    job_name, in_dir = body.get("job_name"), body.get("in_dir")
+    if not isinstance(job_name, str) or job_name not in names:
+        raise BadRequest(f"unknown job_name {job_name!r}; known job names: {', '.join(sorted(names))}")
+    if not isinstance(in_dir, str) or not in_dir:
+        raise BadRequest("in_dir must be the folder of the study, relative to the server's data root")
+    params = {key: value for key, value in body.items() if key not in JOB_KEYS}
+    job = Job(job_name=job_name, command=names[job_name], in_dir=in_dir, params=params)
+    pipeline.check_request(job_request_json(job), command=job.command)  # bad parameters: 400 now, not later
+    study_files(pipeline.settings.data_root, in_dir)
+    return job
+
+
+def add_job_routes(app: flask.Flask, pipeline: Pipeline, *, store: JobStore | None = None,
+                   runner: JobRunner | None = None) -> JobRunner:
+    """Serve ``POST /job/`` and ``GET /query/<uid>`` on ``app``; recover interrupted jobs first.
+
+    Jobs run ``pipeline``'s handlers with its settings. Default store:
+    ``<INFERENCE_OUTPUT_ROOT>/jobs.sqlite3``; default runner: a local pool of ``INFERENCE_JOB_WORKERS`` threads.
+    ``INFERENCE_JOB_BACKEND=celery``: records in Redis, jobs run by celery workers (``inference.jobs.celery_backend``)
+    with the same handlers.
+    """
+    settings = pipeline.settings
+    output_root = Path(settings.output_root)
+    if store is None and runner is None and settings.job_backend == "celery":
+        from inference.jobs.celery_backend import (
+            celery_backend,  # celery is imported only by servers that use it
+        )
+
+        store, runner = celery_backend(settings)
+    elif settings.job_backend not in ("local", "celery"):
+        raise ValueError(f"INFERENCE_JOB_BACKEND must be 'local' or 'celery', got {settings.job_backend!r}")
+    store = store or JobStore(output_root / "jobs.sqlite3")
+    runner = runner or LocalPoolRunner(store, JobExecutor(store, pipeline), workers=settings.job_workers,
+                                       lock_dir=output_root / ".owners")
+    runner.recover()
+    remove_debris(output_root, store)
+    if hasattr(app, "metrics_collectors"):  # a Gateway: /metrics counts jobs by state from the store
+        app.metrics_collectors.append(JobCountsCollector(store.count_by_status, JOB_STATES))
+
+    @app.post("/job/", strict_slashes=False)  # POST /job answers too, without a redirect
+    def submit_job():
+        job = job_from_request(pipeline)
+        job.owner = runner.owner
+        store.add(job)
+        runner.submit(job)
+        log.info("job %s queued: %s (%s) on %s", job.uid, job.job_name, job.command, job.in_dir)
+        response = flask.jsonify({"uid": job.uid})
+        response.headers["Location"] = f"/query/{job.uid}"
+        return response, 201
+
+    @app.get("/query/<uid>")
+    def query_job(uid: str):
+        job = store.get(uid)
+        if job is None:
+            raise NotFound(f"no job with uid {uid!r}; POST /job/ answers the uid of a new job")
+        if job.status == COMPLETED:
+            return flask.jsonify({"msg": "Job has completed", "output_dir": job.output_dir,
+                                  "attempts": job.attempts}), 200
+        if job.status == FAILED:
+            return flask.jsonify({"msg": "Job has failed", "error": job.error,
+                                  "attempts": job.attempts}), job.error_status or 500
+        return flask.jsonify({"msg": "Job is queued" if job.status == QUEUED else "Job is running",
+                              "attempts": job.attempts}), 202
+
+    def completed_folder(uid: str) -> Path:
+        """The output folder of completed job ``uid``: 404 unknown, 409 not (or not successfully) complete."""
+        job = store.get(uid)
+        if job is None:
+            raise NotFound(f"no job with uid {uid!r}; POST /job/ answers the uid of a new job")
+        if job.status != COMPLETED:
+            state = "has failed" if job.status == FAILED else "is queued" if job.status == QUEUED else "is running"
+            raise Conflict(f"job {uid} {state}: it has no files; GET /query/{uid} tells its state")
+        return Path(job.output_dir) if job.output_dir else output_root / uid
+
+    @app.get("/job/<uid>/files")
+    def list_job_files(uid: str):
+        folder = completed_folder(uid)
+        files = [{"name": path.name, "bytes": path.stat().st_size}
+                 for path in sorted(folder.iterdir()) if path.is_file() and is_inside(folder, path)]
+        return flask.jsonify({"uid": uid, "files": files})
+
+    @app.get("/job/<uid>/files/<name>")
+    def get_job_file(uid: str, name: str):
+        folder = completed_folder(uid)
+        path = folder / name
+        if "/" in name or name.startswith(".") or not path.is_file() or not is_inside(folder, path):
+            raise NotFound(f"job {uid} has no file {name!r}; GET /job/{uid}/files lists them")
+        return flask.send_file(path, as_attachment=True, download_name=name,
+                               mimetype="application/json" if name.endswith(".json") else None)
+
+    return runner

@@ -1,0 +1,148 @@
+"""Run one job through the pipeline on a folder of the data root, and write its outputs.
+
+Both job backends use it: the local thread pool (``inference.jobs.store.LocalPoolRunner``) and the
+Celery workers (``inference.jobs.celery_backend``). Outputs go to ``<INFERENCE_OUTPUT_ROOT>/<uid>/``
+(``write_outputs``, plus ``job.json``: the job, its input hash and run time), which appears only
+once complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import traceback
+from pathlib import Path
+
+from inference import protocol
+from inference.dicom.series import study_folder_files
+from inference.errors import (
+    GatewayError,
+)
+from inference.jobs.store import (
+    UNFINISHED,
+    Job,
+    JobStore,
+)
+from inference.logs import TaggedLogger, bind_request_tags
+from inference.pipeline.pipeline import Pipeline
+
+log = TaggedLogger(logging.getLogger("inference.jobs"))
+
+#: Job names of the seed's clients, mapped to the inference command they run.
+JOB_ALIASES = {"3dblur": "gaussian-blur-3d"}
+
+
+def known_job_names(pipeline: Pipeline) -> dict[str, str]:
+    """Every job name accepted now, mapped to its command: aliases of served commands, and the commands."""
+    commands = [spec.command for spec in pipeline.specs]
+    aliases = {name: command for name, command in JOB_ALIASES.items() if command in commands}
+    return {**aliases, **{command: command for command in commands}}
+
+
+def study_files(root: Path | None, in_dir: str) -> list[Path]:
+    """The DICOM files of job folder ``in_dir``: 403 outside the data root, 422 for no DICOM there.
+
+    Errors name the data root as configured (``INFERENCE_DATA_ROOT``), so a client can tell
+    which folder ``in_dir`` is read from.
+    """
+    try:
+        return study_folder_files(root, in_dir, field="in_dir")
+    except GatewayError as exc:
+        if root is None:
+            raise
+        raise type(exc)(f"{exc.message} (in_dir is relative to the data root INFERENCE_DATA_ROOT={root})",
+                        status=exc.status) from None
+
+
+def write_outputs(folder: Path, response_json: dict, buffers: list) -> None:
+    """Write a prepared handler output into ``folder``: one file per part, then ``response.json``.
+
+    Part ``i`` becomes ``output_dicom_<i>.dcm`` (DICOM types) or ``output_masks_<i>.raw``: the
+    mask's uint8 bytes, C order of its ``binary_data_shape`` ((timepoints,) depth, height, width).
+    Each part of ``response.json`` names its file under ``"file"``.
+    """
+    folder.mkdir(parents=True)
+    for index, (part, buffer) in enumerate(zip(response_json["parts"], buffers)):
+        dicom = part["binary_type"] in protocol.DICOM_TYPES
+        name = f"output_dicom_{index:04d}.dcm" if dicom else f"output_masks_{index:04d}.raw"
+        (folder / name).write_bytes(buffer)
+        part["file"] = name
+    (folder / "response.json").write_text(json.dumps(response_json, indent=1), encoding="utf-8")
+
+
+class JobExecutor:
+    """Runs one job through the pipeline on its folder's DICOM files; outputs written, state recorded.
+
+    Exceptions of the ``reraise`` types are not recorded but raised to the runner, which decides
+    (the celery runner retries transient errors and fails timeouts). Running a job again after its
+    output folder appeared only records it completed: a re-delivered job is not written twice.
+    """
+
+    def __init__(self, store: JobStore, pipeline: Pipeline, *,
+                 reraise: tuple[type[BaseException], ...] = ()) -> None:
+        self.store = store
+        self.pipeline = pipeline
+        self.reraise = reraise
+
+    def __call__(self, job: Job) -> None:
+        settings = self.pipeline.settings
+        output = Path(settings.output_root) / job.uid
+        partial = output.with_name(f"{job.uid}.partial")
+        bind_request_tags({"job": job.uid})
+        if output.is_dir():  # an earlier attempt finished it (the folder appears only once whole)
+            log.info("job %s: output already complete in %s", job.uid, output)
+            self.store.mark_completed(job.uid, str(output))
+            return
+        try:
+            files = study_files(settings.data_root, job.in_dir)
+            log.info("job %s: %s on %d files of %s", job.uid, job.command, len(files), job.in_dir)
+            result = self.pipeline.run_files(job_request_json(job), files, command=job.command)
+            shutil.rmtree(partial, ignore_errors=True)
+            write_outputs(partial, result.response_json, result.buffers)
+            (partial / "job.json").write_text(json.dumps({
+                "uid": job.uid, "job_name": job.job_name, "command": result.command, "in_dir": job.in_dir,
+                "params": job.params, "input_hash": result.input_hash, "seconds": round(result.seconds, 3),
+            }, indent=1), encoding="utf-8")
+            os.replace(partial, output)
+        except self.reraise:
+            raise
+        except GatewayError as exc:
+            log.warning("job %s failed (%d): %s", job.uid, exc.status, exc.message)
+            self.store.mark_failed(job.uid, exc.message, exc.status)
+        except Exception:
+            log.error("job %s: handler %s failed:\n%s", job.uid, job.command, traceback.format_exc())
+            self.store.mark_failed(job.uid, "internal error while running the job; the detail is in the server "
+                                            f"log under job {job.uid}", 500)
+        else:
+            self.store.mark_completed(job.uid, str(output))
+            log.info("job %s completed: %d outputs in %s", job.uid, len(result.buffers), output)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def remove_debris(output_root: Path, store: JobStore) -> list[Path]:
+    """Delete the ``<uid>.partial`` folders of jobs that are no longer queued or running; their paths.
+
+    A job killed mid-write leaves one behind. It goes once the job is marked failed (``interrupted``,
+    at start-up) or is unknown; a folder of a job some live worker still runs is kept.
+    """
+    removed = []
+    for partial in sorted(Path(output_root).glob("*.partial")):
+        job = store.get(partial.name.removesuffix(".partial"))
+        if job is not None and job.status in UNFINISHED:
+            continue
+        shutil.rmtree(partial, ignore_errors=True)
+        removed.append(partial)
+    if removed:
+        log.warning("removed %d unfinished output folders of stopped jobs: %s", len(removed),
+                    ", ".join(p.name for p in removed))
+    return removed
+
+
+def job_request_json(job: Job) -> dict:
+    """The request JSON a job runs with: its parameters and its command, as an HTTP request would carry them."""
+    return {"inference_command": job.command, **job.params}
+
+

@@ -1,0 +1,216 @@
+"""The one inference pipeline: a command, the request JSON and a study's instances in, a checked result out.
+
+Every front door (the HTTP gateway, the job executor, the command lines, the benchmark) only turns
+its transport into "request JSON + instances" and calls ``Pipeline.run`` (or ``run_files`` for a
+folder on disk); no front door calls a handler itself. The pipeline looks the command up, validates
+the handler's declared parameters, calls the handler with the app's settings in reach
+(``current_run()``), checks the output against the protocol and logs it under the input hash.
+
+    pipeline = Pipeline(settings)
+    spec, params = pipeline.check_request({"inference_command": "gaussian-blur-3d", "sigma_mm": 2})
+    result = pipeline.run_files({"inference_command": "gaussian-blur-3d"}, files)
+    result.response_json, result.buffers, result.input_hash, result.seconds
+"""
+
+from __future__ import annotations
+
+import contextvars
+import difflib
+import json
+import logging
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from inference.pipeline.handler_registry import REGISTRY, HandlerSpec, HandlerRegistry
+from models.registry import registry_for
+from inference import metrics
+from inference import protocol
+from inference.config import Settings
+from inference.dicom.validation import validate_instances
+from inference.errors import BadRequest, GatewayError
+from inference.protocol.multipart_request import ParsedBody, PartSpool, parts_from_files
+from inference.protocol.request import parse_json_object
+from inference.logs import TaggedLogger, bind_request_tags, current_request_tags
+
+log = TaggedLogger(logging.getLogger("inference.pipeline"))
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a running handler may know besides its arguments: the app's settings and its checked parameters."""
+
+    settings: Settings
+    command: str
+    params: dict
+    input_hash: str
+
+
+@dataclass(frozen=True)
+class InferenceResult:
+    """A handler's output, checked and normalised by ``protocol.prepare_output``."""
+
+    command: str
+    response_json: dict
+    buffers: list
+    input_hash: str
+    seconds: float
+
+
+_current: contextvars.ContextVar[RunContext] = contextvars.ContextVar("inference_run")
+
+
+def current_run() -> RunContext:
+    """The context of the handler running in this thread; only valid inside ``Pipeline.run``."""
+    try:
+        return _current.get()
+    except LookupError:
+        raise RuntimeError("current_run() is only available while the pipeline runs a handler; "
+                           "call handlers through inference.pipeline.pipeline.Pipeline") from None
+
+
+class Pipeline:
+    """Runs registered handlers for one app: its settings, the commands it serves, its default command."""
+
+    def __init__(self, settings: Settings, registry: HandlerRegistry = REGISTRY, *,
+                 commands: Iterable[str] | None = None, default_command: str | None = None) -> None:
+        self.settings = settings
+        self.registry = registry
+        served = registry.commands() if commands is None else list(commands)
+        self._specs = {command: registry.get(command) for command in served}
+        if default_command is not None and default_command not in self._specs:
+            raise ValueError(f"the default command {default_command!r} is not served; "
+                             f"served: {', '.join(sorted(self._specs))}")
+        self.default_command = default_command
+
+    @property
+    def specs(self) -> list[HandlerSpec]:
+        """The handlers this pipeline serves, in registration order."""
+        return list(self._specs.values())
+
+    def spec(self, command: str) -> HandlerSpec:
+        """The served handler of ``command``; a 400 listing the served commands (and the nearest) otherwise."""
+        try:
+            return self._specs[command]
+        except KeyError:
+            close = difflib.get_close_matches(command, list(self._specs), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise BadRequest(f"unknown inference_command {command!r}{hint}; this server serves: "
+                             f"{', '.join(sorted(self._specs))}") from None
+
+    def resolve_command(self, json_input: dict, command: str | None = None) -> str:
+        """The command to run: ``command`` (a route's own), else the JSON's ``inference_command``, else the default."""
+        if command is not None:
+            return command
+        named = json_input.get("inference_command")
+        if named is not None and not isinstance(named, str):
+            raise BadRequest(f"inference_command must be a string, got {named!r}")
+        if named:
+            return named
+        if self.default_command:
+            return self.default_command
+        raise BadRequest("the request JSON names no inference_command and this server has no default "
+                         f"(INFERENCE_DEFAULT_COMMAND); commands served: {', '.join(sorted(self._specs))}")
+
+    def check_request(self, json_input: dict, command: str | None = None) -> tuple[HandlerSpec, dict]:
+        """The handler and its validated parameters for ``json_input``, without running anything (400s).
+
+        ``model_version`` must name a version of the handler's model family (``models/manifest.yaml``).
+        """
+        spec = self.spec(self.resolve_command(json_input, command))
+        params = spec.validate_params(json_input)
+        if "model_version" in json_input:
+            if spec.family is None:
+                raise BadRequest(f"{spec.command} has no model versions; remove model_version from the request")
+            registry_for(self.settings.model_manifest).family(spec.family).resolve(json_input["model_version"])
+        return spec, params
+
+    def run(self, json_input: dict, instances: Sequence[Any], input_hash: str, *,
+            command: str | None = None) -> InferenceResult:
+        """Validate, run the handler on ``instances``, check its output; the result or a ``GatewayError``."""
+        spec, params = self.check_request(json_input, command)
+        context = RunContext(self.settings, spec.command, params, input_hash)
+        tags = {**current_request_tags(), "input_hash": input_hash}
+        bind_request_tags(tags)  # the handler's own TaggedLoggers carry the hash too
+        # every instance the handler may read, checked once from its header: a clear 422, never a 500
+        validate_instances(instances, max_series_voxels=self.settings.max_series_voxels)
+        token = _current.set(context)
+        started = time.perf_counter()
+        try:
+            response_json, buffers = spec.handler(json_input, instances, input_hash)
+            response_json, buffers = protocol.prepare_output(response_json, buffers)
+        finally:
+            _current.reset(token)
+        seconds = time.perf_counter() - started
+        metrics.observe_model(spec.command, json_input.get("model_version"), seconds)
+        protocol.check_response_size(buffers, len(json.dumps(response_json)), self.settings.max_response_bytes)
+        log.info("%s on %d instances: %s in %.3fs", spec.command, len(instances),
+                 ", ".join(p["binary_type"] for p in response_json["parts"]) or "JSON only", seconds)
+        return InferenceResult(spec.command, response_json, buffers, input_hash, seconds)
+
+    def run_body(self, body: ParsedBody, *, command: str | None = None) -> InferenceResult:
+        """Run on a parsed request body: part 0 is the request JSON, the rest are the instances."""
+        return self.run(request_json(body), body.parts[1:], body.input_hash, command=command)
+
+    def run_files(self, json_input: dict, files: Sequence[Path], *, command: str | None = None) -> InferenceResult:
+        """Run on DICOM files on disk, hashed exactly as the same study uploaded with the same JSON would be."""
+        with self.open_files(json_input, files) as body:
+            return self.run_body(body, command=command)
+
+    @contextmanager
+    def open_files(self, json_input: dict, files: Sequence[Path]) -> Iterator[ParsedBody]:
+        """The files as a request body (the JSON as part 0, as a viewer sends it); the spool is closed after."""
+        spool = PartSpool(self.settings.spool_memory_bytes, self.settings.spool_dir)
+        try:
+            yield parts_from_files(json.dumps(json_input).encode(), files, spool)
+        finally:
+            spool.close()
+
+    def warm_up(self) -> WarmUp:
+        """Run every served handler's warm-up (model loading) with this pipeline's settings.
+
+        A warm-up that raises fails its command; one that returns a message serves in part (say, one
+        model version of several could not be loaded). Neither stops the other warm-ups.
+        """
+        report = WarmUp()
+        for spec in self.specs:
+            if spec.warm_up is None:
+                continue
+            log.info("warming up %s", spec.command)
+            try:
+                problem = spec.warm_up(self.settings)
+            except Exception as exc:
+                log.exception("warm-up of %s failed", spec.command)
+                report.failed[spec.command] = str(exc) if isinstance(exc, GatewayError) else \
+                    f"{type(exc).__name__}: {exc}"
+            else:
+                if problem:
+                    log.error("%s serves in part: %s", spec.command, problem)
+                    report.degraded[spec.command] = str(problem)
+        return report
+
+
+@dataclass
+class WarmUp:
+    """How the warm-ups went: commands that cannot serve, and commands that serve in part, with why."""
+
+    failed: dict[str, str] = field(default_factory=dict)
+    degraded: dict[str, str] = field(default_factory=dict)
+
+    def health(self) -> str:
+        """The healthcheck's text: READY, DEGRADED (some model versions unavailable) or FAILED, with why."""
+        if self.failed:
+            return "FAILED: " + "; ".join(f"{command}: {why}" for command, why in {**self.failed, **self.degraded}.items())
+        if self.degraded:
+            return "DEGRADED: " + "; ".join(f"{command}: {why}" for command, why in self.degraded.items())
+        return "READY"
+
+
+def request_json(body: ParsedBody) -> dict:
+    """Part 0 of a request as a JSON object, or a 400 saying why it is not one (``inference.protocol.request``'s limits)."""
+    if not body.parts:
+        raise BadRequest("the request has no parts; part 0 must be the request JSON")
+    return parse_json_object(body.parts[0].read_bytes(), "part 0 (the request JSON)")

@@ -1,0 +1,105 @@
+"""The production server: every real handler behind one Gateway, with the job API (gunicorn runs ``create_app()``).
+
+    gunicorn -c gunicorn.conf.py     # production: the real handlers (mocks with INFERENCE_ENABLE_MOCKS=1)
+
+``POST /`` runs the handler named by the request's ``inference_command`` (``INFERENCE_DEFAULT_COMMAND``
+when it names none), and handlers with their own route answer there too. ``GET /models`` lists what
+is served, ``GET /openapi.json`` describes it. ``mock_server.py`` builds the same app for development.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import flask
+
+from gateway import Gateway
+from handlers import REGISTRY, load_handlers
+from inference.config import Settings, get_settings
+from inference.errors import BadRequest, NotFound
+from inference.http.openapi import openapi_document
+from inference.jobs.api import add_job_routes
+from inference.jobs.executor import known_job_names
+from inference.logs import configure_logging
+from inference.pipeline.pipeline import Pipeline
+from models.registry import ManifestError, registry_for
+
+log = logging.getLogger("inference.server")
+
+
+def served_commands(settings: Settings, mode: str | None = None) -> list[str]:
+    """The commands an app serves: ``mode`` alone, else the real handlers, plus the mocks when enabled."""
+    specs = load_handlers()
+    if mode is not None:
+        return [REGISTRY.get(mode).command]
+    return [spec.command for spec in specs if settings.enable_mocks or not spec.mock]
+
+
+def create_app(mode: str | None = None, settings: Settings | None = None, *,
+               warm_up_first: bool = False) -> Gateway:
+    """Build the gateway; ``mode`` (a command) serves only that one on ``/``.
+
+    Without ``mode`` it serves the real handlers, and the mocks too when ``INFERENCE_ENABLE_MOCKS`` is
+    set; ``POST /`` runs the request's ``inference_command`` (else ``INFERENCE_DEFAULT_COMMAND``).
+    Handlers' warm-ups (model loading) run in a background thread while ``/healthcheck`` answers
+    ``LOADING``, or, with ``warm_up_first``, before this returns. gunicorn uses the latter: a worker
+    then accepts no connection until it is warm, so with several workers the healthcheck (and every
+    request) is answered by a ready worker, never by one that is still loading.
+    """
+    settings = settings or get_settings()
+    configure_logging(settings.logging_config)
+    commands = served_commands(settings, mode)
+    default = mode or settings.default_command
+    if default is not None and default not in commands:
+        raise SystemExit(f"INFERENCE_DEFAULT_COMMAND={default!r} is not served; served: {', '.join(commands)} "
+                         "(mocks need INFERENCE_ENABLE_MOCKS=1)")
+    try:
+        registry = registry_for(settings.model_manifest)  # a manifest that does not parse stops start-up here
+    except ManifestError as exc:
+        raise SystemExit(f"model manifest: {exc}") from None
+    pipeline = Pipeline(settings, REGISTRY, commands=commands, default_command=default)
+    app = Gateway(__name__, pipeline=pipeline)
+    add_job_routes(app, pipeline)  # POST /job/, GET /query/<uid>
+    health = {"status": "LOADING"}
+
+    app.add_inference_route("/", mode)
+    if mode is None:
+        for spec in pipeline.specs:
+            if spec.route:
+                app.add_inference_route(spec.route, spec.command)
+    app.add_healthcheck_route(lambda: health["status"])
+
+    @app.get("/models")
+    def list_models():
+        """The commands served (with their parameters) and the model registry's families."""
+        return flask.jsonify({"default_command": pipeline.default_command,
+                              "models": [spec.describe() for spec in pipeline.specs],
+                              "families": registry.describe()})
+
+    @app.get("/models/<family>")
+    def show_family(family: str):
+        try:
+            return flask.jsonify(registry.family(family).describe(registry.failures))
+        except BadRequest as exc:
+            raise NotFound(exc.message) from None
+
+    @app.get("/openapi.json")
+    def openapi():
+        return flask.jsonify(openapi_document([spec.command for spec in pipeline.specs],
+                                              sorted(known_job_names(pipeline)),
+                                              token_required=bool(settings.api_token)))
+
+    def warm_up() -> None:
+        health["status"] = pipeline.warm_up().health()
+        if health["status"] != "READY":
+            log.error("the healthcheck will not say READY: %s", health["status"])
+            return
+        log.info("READY: serving %s", ", ".join(commands))
+
+    log.info("settings: %s", settings.describe())
+    if warm_up_first:
+        warm_up()
+    else:
+        threading.Thread(target=warm_up, name="warm-up", daemon=True).start()
+    return app
