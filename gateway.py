@@ -26,7 +26,8 @@ import flask
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from inference.pipeline.handler_registry import Handler, HandlerRegistry
+from inference.pipeline.context import ArterysHandler, arterys_handler
+from inference.pipeline.handler_registry import HandlerRegistry
 from inference import metrics
 from inference import protocol
 from inference.config import Settings, get_settings
@@ -68,19 +69,20 @@ class Gateway(Flask):
         self.after_request(self._finish_request)
 
     # -- public API --------------------------------------------------------------------
-    def add_inference_route(self, route: str, handler: str | Handler | None = None) -> None:
+    def add_inference_route(self, route: str, handler: str | ArterysHandler | None = None) -> None:
         """Serve ``POST route`` through the pipeline; a route can be added once.
 
         ``handler`` is a command the pipeline serves (that command always runs there), ``None`` (the
-        request's ``inference_command`` picks, else the default command), or a plain handler
-        function, served on its own with no declared parameters (for apps built by hand).
+        request's ``inference_command`` picks, else the default command), or a plain function with
+        the Arterys SDK's signature ``(json_input, dicom_instances, input_hash)``, served on its own
+        with no declared parameters (for apps built by hand; it gets the request's parts as sent).
         """
         if route in self._routes:
             raise ValueError(f"route {route!r} is already served; add each inference route once")
         pipeline, command = self.pipeline, handler
         if callable(handler):
             registry = HandlerRegistry()
-            registry.register(handler.__name__, params=None)(handler)
+            registry.register(handler.__name__, params=None)(arterys_handler(handler))
             pipeline, command = Pipeline(self.settings, registry), handler.__name__
         elif command is not None:
             pipeline.spec(command)  # fail now, not on the first request, for a command not served

@@ -12,19 +12,20 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from inference.pipeline.handler_registry import Param, register
-from inference.imaging.blur import gaussian_blur_3d
-from inference.dicom.series import Volume, derived_series, describe_series, group_by_series, load_instances, load_volume
+from inference.dicom.instance import DicomInstance
+from inference.dicom.series import Volume, derived_series, describe_series, group_by_series, load_volume, require_instances
 from inference.errors import UnprocessableInput
-from inference.pipeline.pipeline import current_run
+from inference.imaging.blur import gaussian_blur_3d
+from inference.pipeline.context import HandlerContext
+from inference.pipeline.handler_registry import Param, register
 
 DEFAULT_SIGMA_MM = 2.0
 MAX_SIGMA_MM = 1000.0  # beyond this every voxel is the mean of the edge-padded volume: a typo
 
 
-def single_series_volume(instances: Sequence, command: str) -> Volume:
+def single_series_volume(instances: Sequence[DicomInstance], command: str) -> Volume:
     """The one image series of the request as a volume (real-world values); 422 for none or several."""
-    series = group_by_series(load_instances(instances))
+    series = group_by_series(require_instances(instances))
     if len(series) != 1:
         raise UnprocessableInput(f"{command} works on one series, the request holds {len(series)}: "
                                  f"{describe_series(series)}; send the instances of one series")
@@ -43,9 +44,9 @@ def single_series_volume(instances: Sequence, command: str) -> Volume:
 @register("gaussian-blur-3d", route="/gaussian-blur", params=[
     Param("sigma_mm", "number", default=DEFAULT_SIGMA_MM, minimum=0, exclusive_minimum=True, maximum=MAX_SIGMA_MM,
           description="standard deviation of the Gaussian, in millimetres, the same along every axis")])
-def gaussian_blur(json_input: dict, instances: Sequence, input_hash: str) -> tuple[dict, list]:
+def gaussian_blur(instances: Sequence[DicomInstance], context: HandlerContext) -> tuple[dict, list]:
     """3D Gaussian blur of one series (sigma_mm, default 2 mm): a derived DICOM series."""
-    sigma_mm = current_run().params["sigma_mm"]
+    sigma_mm = context.params["sigma_mm"]
     volume = single_series_volume(instances, "gaussian-blur-3d")
     sigma_voxels = tuple(sigma_mm / spacing for spacing in volume.spacing)
     blurred = gaussian_blur_3d(volume.voxels.astype(np.float32, copy=False), sigma_voxels)

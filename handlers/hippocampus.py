@@ -42,18 +42,19 @@ from inference.dicom.series import (
     describe_series,
     dicom_files_in,
     group_by_series,
-    load_instances,
     load_volume,
+    require_instances,
     secondary_capture,
     series_from_volume,
-    with_pixels,
 )
+from inference.dicom.instance import DicomInstance
+from inference.pipeline.context import HandlerContext
 from inference.pacs.delivery import STORED, DeliveryStatus, ResultSender
 from inference.dicom.results import Algorithm, measurement_report, segmentation
 from inference.errors import UnprocessableInput
 from models.registry import ModelUnavailable, ModelVersion, Provenance, Structure, registry_for
 from inference.pacs.outbox import DicomDestination, StowDestination
-from inference.pipeline.pipeline import Pipeline, current_run
+from inference.pipeline.pipeline import Pipeline
 from inference.imaging.render import font, overlay_labels, to_rgb, upscale, window_values
 from inference.logs import TaggedLogger
 
@@ -82,11 +83,10 @@ def load_version(version: ModelVersion, onnx_cache: Path | None = None):
     return segmenter
 
 
-def model_for(settings: Settings, requested: str | None = None) -> tuple[ModelVersion, object]:
-    """The version a request names (``model_version``; the family's default when absent) and its model."""
+def segmenter_for(settings: Settings, version: ModelVersion):
+    """The loaded model of a registry version (loaded once per process, then shared)."""
     registry = registry_for(settings.model_manifest)
-    version = registry.family(FAMILY).resolve(requested)
-    return version, registry.model(version, partial(load_version, onnx_cache=settings.model_cache))
+    return registry.model(version, partial(load_version, onnx_cache=settings.model_cache))
 
 
 def warm_up(settings: Settings) -> str | None:
@@ -99,10 +99,11 @@ def warm_up(settings: Settings) -> str | None:
     return "; ".join(f"{FAMILY} {name} unavailable: {why}" for name, why in failed.items()) or None
 
 
-def find_crop_series(series: dict[str, list], pattern: str) -> list:
+def find_crop_series(series: dict[str, list[DicomInstance]], pattern: str) -> list[DicomInstance]:
     """The series whose SeriesDescription matches ``pattern``; a 422 listing the series otherwise."""
     matcher = re.compile(pattern, re.IGNORECASE)
-    matches = [items for items in series.values() if matcher.search(str(items[0].get("SeriesDescription", "")))]
+    matches = [items for items in series.values()
+               if matcher.search(str(items[0].dataset.get("SeriesDescription", "")))]
     if not matches:
         raise UnprocessableInput(f"no series has a SeriesDescription matching {pattern!r} (the hippocampus crop); "
                                  f"series present: {describe_series(series)}")
@@ -179,13 +180,12 @@ def measure_volumes(labels: np.ndarray, volume: Volume) -> dict:
     }
 
 
-def segment_study(instances: Sequence, settings: Settings, version: ModelVersion,
+def segment_study(instances: Sequence[DicomInstance], settings: Settings, version: ModelVersion,
                   segmenter) -> tuple[Volume, np.ndarray, dict, float]:
     """Find and segment the crop series: its volume, labels (slices, rows, columns), measures, seconds."""
-    headers = load_instances(instances, stop_before_pixels=True)
     pattern = settings.hippocampus_series or version.input["series_description"]
-    crop = find_crop_series(group_by_series(headers), pattern)
-    volume = load_volume(with_pixels(crop))
+    crop = find_crop_series(group_by_series(require_instances(instances)), pattern)
+    volume = load_volume(crop)
     started = time.perf_counter()
     voxels, orientation = to_model_orientation(volume)
     labels = from_model_orientation(segmenter.segment(voxels), orientation)
@@ -273,14 +273,13 @@ def dicom_results(volume: Volume, labels: np.ndarray, structures: Sequence[Struc
           params=[Param("dicom_outputs", "string-list", default=[], choices=DICOM_OUTPUTS,
                         description="DICOM results to add: 'seg' (a DICOM Segmentation), 'sr' (a TID 1500 "
                                     "volume report)")])
-def hippocampus_volume(json_input: dict, instances: Sequence, input_hash: str) -> tuple[dict, list]:
+def hippocampus_volume(instances: Sequence[DicomInstance], context: HandlerContext) -> tuple[dict, list]:
     """Segment the hippocampus crop series: label mask, volumes and a Secondary Capture report.
 
     ``"dicom_outputs": ["seg", "sr"]`` adds a DICOM Segmentation and a measurement report.
     """
-    run = current_run()
-    settings, wanted = run.settings, run.params["dicom_outputs"]
-    version, segmenter = model_for(settings, json_input.get("model_version"))
+    settings, wanted, version = context.settings, context.params["dicom_outputs"], context.model_version
+    segmenter = segmenter_for(settings, version)
     provenance = version.provenance
     volume, labels, measures, seconds = segment_study(instances, settings, version, segmenter)
     model_version = provenance.short

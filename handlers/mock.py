@@ -13,10 +13,14 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from inference.pipeline.handler_registry import register
-from inference.dicom.series import (group_by_series, load_instances, secondary_capture, slice_normal, sort_by_position,
-                         structured_report)
+from pydicom.dataset import Dataset
+
+from inference.dicom.instance import DicomInstance
+from inference.dicom.series import (group_by_series, require_instances, secondary_capture, slice_normal, sort_by_position,
+                                    structured_report)
 from inference.imaging.render import font
+from inference.pipeline.context import HandlerContext
+from inference.pipeline.handler_registry import register
 
 HEATMAP_PALETTE = {
     "type": "anchorpoint",
@@ -28,10 +32,14 @@ HEATMAP_PALETTE = {
 }
 
 
-def _volumes(instances: Sequence) -> list[list]:
-    """Series with slice geometry, each sorted along its normal (headers only)."""
-    series = group_by_series(load_instances(instances, stop_before_pixels=True))
-    return [sort_by_position(items) for items in series.values()]
+def _volumes(instances: Sequence[DicomInstance]) -> list[list[Dataset]]:
+    """Each series' headers (no pixels), sorted along its normal."""
+    return [[instance.dataset for instance in sort_by_position(items)] for items in group_by_series(require_instances(instances)).values()]
+
+
+def _series(instances: Sequence[DicomInstance]) -> dict[str, list[Dataset]]:
+    """Each series' headers (no pixels), in the order sent, by SeriesInstanceUID."""
+    return {uid: [instance.dataset for instance in items] for uid, items in group_by_series(require_instances(instances)).items()}
 
 
 def _images(instances: Sequence) -> list:
@@ -72,28 +80,28 @@ def _mask3d_parts(instances: Sequence, binary_type: str, **extra) -> tuple[list[
 
 
 @register("get-probability-mask", mock=True)
-def probability_mask_3d(json_input: dict, instances: Sequence, input_hash: str) -> tuple[dict, list]:
+def probability_mask_3d(instances: Sequence[DicomInstance], context: HandlerContext) -> tuple[dict, list]:
     """3D probability mask per series: a blob growing from the centre."""
     parts, buffers = _mask3d_parts(instances, "probability_mask", probability_threshold=0.5)
     return {"protocol_version": "1.0", "parts": parts}, buffers
 
 
 @register("get-boolean-mask", mock=True)
-def boolean_mask_3d(json_input: dict, instances: Sequence, input_hash: str) -> tuple[dict, list]:
+def boolean_mask_3d(instances: Sequence[DicomInstance], context: HandlerContext) -> tuple[dict, list]:
     """3D boolean mask per series: the blob's core."""
     parts, buffers = _mask3d_parts(instances, "boolean_mask")
     return {"protocol_version": "1.0", "parts": parts}, [buffer > 127 for buffer in buffers]
 
 
 @register("get-heatmap", mock=True)
-def heatmap_3d(json_input: dict, instances: Sequence, input_hash: str) -> tuple[dict, list]:
+def heatmap_3d(instances: Sequence[DicomInstance], context: HandlerContext) -> tuple[dict, list]:
     """3D heatmap per series with a blue-green-red palette."""
     parts, buffers = _mask3d_parts(instances, "heatmap", palette="mock_heat")
     return {"protocol_version": "1.0", "parts": parts, "palettes": {"mock_heat": HEATMAP_PALETTE}}, buffers
 
 
 @register("get-label-mask", mock=True)
-def label_mask_3d(json_input: dict, instances: Sequence, input_hash: str) -> tuple[dict, list]:
+def label_mask_3d(instances: Sequence[DicomInstance], context: HandlerContext) -> tuple[dict, list]:
     """3D numeric label mask per series: a core (2) inside a shell (1)."""
     parts, buffers = _mask3d_parts(instances, "numeric_label_mask", label_map={"1": "Shell", "2": "Core"})
     labels = [np.where(b > 170, 2, np.where(b > 40, 1, 0)).astype(np.uint8) for b in buffers]
@@ -101,7 +109,7 @@ def label_mask_3d(json_input: dict, instances: Sequence, input_hash: str) -> tup
 
 
 @register("get-probability-mask-2d", mock=True)
-def probability_mask_2d(json_input: dict, instances: Sequence, input_hash: str) -> tuple[dict, list]:
+def probability_mask_2d(instances: Sequence[DicomInstance], context: HandlerContext) -> tuple[dict, list]:
     """2D probability mask per image: a disc in the middle of each image."""
     parts, buffers = [], []
     for ds in _images(instances):
@@ -121,7 +129,7 @@ def _middle_box(ds, fraction: float) -> tuple[list[int], list[int]]:
 
 
 @register("get-bounding-box-2d", mock=True)
-def bounding_boxes_2d(json_input: dict, instances: Sequence, input_hash: str) -> tuple[dict, list]:
+def bounding_boxes_2d(instances: Sequence[DicomInstance], context: HandlerContext) -> tuple[dict, list]:
     """One bounding box per image, around its middle third."""
     boxes = []
     for ds in _images(instances):
@@ -132,7 +140,7 @@ def bounding_boxes_2d(json_input: dict, instances: Sequence, input_hash: str) ->
 
 
 @register("get-linear-measurements", mock=True)
-def linear_measurements(json_input: dict, instances: Sequence, input_hash: str) -> tuple[dict, list]:
+def linear_measurements(instances: Sequence[DicomInstance], context: HandlerContext) -> tuple[dict, list]:
     """One horizontal measurement across the middle of each image, in pixel coordinates."""
     items = []
     for ds in _images(instances):
@@ -144,10 +152,10 @@ def linear_measurements(json_input: dict, instances: Sequence, input_hash: str) 
 
 
 @register("get-classification", mock=True)
-def classification(json_input: dict, instances: Sequence, input_hash: str) -> tuple[dict, list]:
+def classification(instances: Sequence[DicomInstance], context: HandlerContext) -> tuple[dict, list]:
     """Study and per-series classification labels, derived from the input hash (stable per input)."""
-    series = group_by_series(load_instances(instances, stop_before_pixels=True))
-    score = int(input_hash[:8], 16) / 0xFFFFFFFF
+    series = _series(instances)
+    score = int(context.input_hash[:8], 16) / 0xFFFFFFFF
     study = {"label": "Mock finding" if score > 0.5 else "No finding", "confidence": round(max(score, 1 - score), 3)}
     per_series = {}
     for uid, items in series.items():
@@ -158,13 +166,13 @@ def classification(json_input: dict, instances: Sequence, input_hash: str) -> tu
 
 
 @register("get-secondary-capture", mock=True)
-def secondary_capture_report(json_input: dict, instances: Sequence, input_hash: str) -> tuple[dict, list]:
+def secondary_capture_report(instances: Sequence[DicomInstance], context: HandlerContext) -> tuple[dict, list]:
     """A Secondary Capture image listing the series received."""
-    series = group_by_series(load_instances(instances, stop_before_pixels=True))
+    series = _series(instances)
     image = Image.new("RGB", (512, 96 + 24 * len(series)), (16, 16, 16))
     draw = ImageDraw.Draw(image)
     draw.text((16, 16), "Mock report - not for clinical use", fill=(255, 200, 0), font=font(16))
-    draw.text((16, 40), f"input {input_hash[:16]}...", fill=(200, 200, 200), font=font(13))
+    draw.text((16, 40), f"input {context.input_hash[:16]}...", fill=(200, 200, 200), font=font(13))
     for i, (uid, items) in enumerate(series.items()):
         text = f"{items[0].get('SeriesDescription', '?')}: {len(items)} images"
         draw.text((16, 72 + 24 * i), text, fill=(255, 255, 255), font=font(14))
@@ -174,9 +182,9 @@ def secondary_capture_report(json_input: dict, instances: Sequence, input_hash: 
 
 
 @register("get-structured-report", mock=True)
-def structured_report_mock(json_input: dict, instances: Sequence, input_hash: str) -> tuple[dict, list]:
+def structured_report_mock(instances: Sequence[DicomInstance], context: HandlerContext) -> tuple[dict, list]:
     """A Basic Text SR with one finding per series received."""
-    series = group_by_series(load_instances(instances, stop_before_pixels=True))
+    series = _series(instances)
     findings = {str(items[0].get("SeriesDescription", uid)): f"{len(items)} images, no finding (mock)"
                 for uid, items in series.items()}
     first = next(iter(series.values()))[0]

@@ -371,13 +371,13 @@ def test_transient_errors_are_retried_a_bounded_number_of_times_and_bad_input_ne
         calls = {"flaky": 0, "broken": 0}
         mask = REGISTRY.get("get-probability-mask").handler
 
-        def flaky(json_input, instances, input_hash):  # out of memory twice, then fine
+        def flaky(instances, context):  # out of memory twice, then fine
             calls["flaky"] += 1
             if calls["flaky"] <= 2:
                 raise MemoryError("no memory left")
-            return mask(json_input, instances, input_hash)
+            return mask(instances, context)
 
-        def broken(json_input, instances, input_hash):
+        def broken(instances, context):
             calls["broken"] += 1
             raise ConnectionResetError("connection reset by peer")
 

@@ -80,7 +80,7 @@ def wait_for_results(orthanc: Orthanc, study_uid: str, timeout: float) -> dict[s
 
 
 def test_study_routed_by_orthanc_comes_back_as_seg_sr_and_report(pacs, server, tmp_path):
-    from handlers.hippocampus import model_for
+    from models.registry import registry_for
     from inference.config import get_settings
     from inference.protocol.client import send_inference_request
     from inference.dicom.series import sort_by_position
@@ -105,7 +105,7 @@ def test_study_routed_by_orthanc_comes_back_as_seg_sr_and_report(pacs, server, t
     shape = part["binary_data_shape"]
     mask = np.frombuffer(http.buffers[0], np.uint8).reshape(shape["depth"], shape["height"], shape["width"])
     crop = sort_by_position([ds for ds in headers if ds.SeriesInstanceUID == part["SeriesInstanceUID"]])
-    labels = decode_segmentation(seg, model_for(get_settings())[0].structures, [ds.SOPInstanceUID for ds in crop])
+    labels = decode_segmentation(seg, registry_for(get_settings().model_manifest).family("hippocampus").resolve(None).structures, [ds.SOPInstanceUID for ds in crop])
     assert np.array_equal(labels, mask) and mask.any()
     measures = http.response_json["series_ml_json"][part["SeriesInstanceUID"]]
     assert report_volumes(sr) == {"Anterior": measures["anterior_volume_mm3"],

@@ -13,7 +13,7 @@ from pydicom.sr.codedict import codes
 
 from tests.conftest import require, shared_data
 from inference.dicom.series import dataset_bytes, load_volume, secondary_capture, series_from_volume
-from models.registry import Structure
+from models.registry import Structure, registry_for
 from inference.dicom.results import Algorithm, decode_segmentation, measurement_report, report_volumes, segmentation
 
 STRUCTURES = (Structure("Left thing", 3, (255, 0, 0), codes.SCT.Hippocampus, codes.SCT.Anterior),
@@ -130,7 +130,7 @@ def test_hippocampus_dicom_outputs_on_study1_match_the_mask_and_pass_dciodvfy(tm
     crop = sort_by_position([ds for ds in crop if ds.SeriesDescription == "HippoCrop"])
     seg = pydicom.dcmread(paths["seg"])
     assert seg.StudyInstanceUID == crop[0].StudyInstanceUID
-    structures = hippocampus.model_for(get_settings())[0].structures
+    structures = registry_for(get_settings().model_manifest).family("hippocampus").resolve(None).structures
     labels = decode_segmentation(seg, structures, [ds.SOPInstanceUID for ds in crop])
     shape = response["parts"][0]["binary_data_shape"]
     mask = np.frombuffer(bytes(buffers[0]), np.uint8).reshape(shape["depth"], shape["height"], shape["width"])

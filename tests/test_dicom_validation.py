@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian
 
-from inference.dicom.series import load_instances, series_from_volume
+from inference.dicom.series import series_from_volume
 from inference.dicom.validation import read_header_early, validate_instances
 from inference.errors import UnprocessableInput
 from inference.protocol.multipart_request import PartSpool
@@ -55,10 +55,14 @@ def refused(*blobs: bytes, limit: int = LIMIT) -> str:
 
 def test_a_valid_series_passes_and_is_parsed_once():
     parts = as_parts(*(dicom_bytes(ds) for ds in instances()))
-    headers = validate_instances(parts, max_series_voxels=LIMIT)
-    assert len(headers) == 3
-    # the handler's header-only read reuses what validation parsed
-    assert load_instances(parts, stop_before_pixels=True)[0] is headers[0].dataset
+    checked = validate_instances(parts, max_series_voxels=LIMIT)
+    assert [instance.source for instance in checked] == parts
+    assert checked[1].name == parts[1].describe()
+    # headers read while the request streamed in are used, not read again
+    early = {parts[0].index: checked[0].header}
+    again = validate_instances(parts, max_series_voxels=LIMIT, early_headers=early)
+    assert again[0].header is checked[0].header and again[1].header is not checked[1].header
+    assert again[0].dataset is checked[0].header.dataset
 
 
 @pytest.mark.parametrize("syntax", [ImplicitVRLittleEndian, ExplicitVRBigEndian])
@@ -168,11 +172,10 @@ def test_headers_read_while_streaming_are_reused_and_damaged_parts_are_still_nam
                                  ("Content-Disposition", f'form-data; name="file"; filename="{name}"')])
         spool.append(part, content)
         parts.append(part)
-    for part in parts:
-        read_header_early(part)  # what the gateway does as each part ends
-    assert not hasattr(parts[0], "dicom_header")  # the request JSON
-    early = parts[1].dicom_header
+    # what the gateway's parser keeps as each part ends (nothing for the request JSON)
+    early = {part.index: header for part in parts if (header := read_header_early(part)) is not None}
+    assert 0 not in early and 1 in early
     with pytest.raises(UnprocessableInput) as caught:
-        validate_instances(parts[1:], max_series_voxels=LIMIT)
+        validate_instances(parts[1:], max_series_voxels=LIMIT, early_headers=early)
     assert "part 2 (file 'cut.dcm')" in caught.value.message
-    assert validate_instances(parts[1:2], max_series_voxels=LIMIT)[0] is early
+    assert validate_instances(parts[1:2], max_series_voxels=LIMIT, early_headers=early)[0].header is early[1]

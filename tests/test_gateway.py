@@ -8,13 +8,13 @@ import json
 import logging
 
 import numpy as np
+import pydicom
 import pytest
 
 from gateway import Gateway
 from inference import protocol
 from inference.protocol.client import build_multipart_request, related_content_type
 from inference.config import Settings
-from inference.dicom.series import load_instances
 from inference.errors import GatewayError
 from inference.protocol.multipart_response import decode_multipart_response
 
@@ -27,8 +27,9 @@ def make_gateway(handler=None, **settings) -> Gateway:
 
 
 def echo_series_mask(json_input, instances, input_hash):
-    """A 3D mask per request: one byte per voxel, value = slice index."""
-    datasets = load_instances(instances, stop_before_pixels=True)
+    """An Arterys-style handler, given the request's parts: a 3D mask, one byte per voxel, value = slice index."""
+    datasets = [pydicom.dcmread(part.open(), stop_before_pixels=True) for part in instances
+                if part.content_type == "application/dicom"]
     depth, rows, columns = len(datasets), int(datasets[0].Rows), int(datasets[0].Columns)
     mask = np.repeat(np.arange(depth, dtype=np.uint8), rows * columns).reshape(depth, rows, columns)
     part = {"binary_type": "probability_mask", "SeriesInstanceUID": str(datasets[0].SeriesInstanceUID),

@@ -25,7 +25,8 @@ from inference.dicom.series import dicom_files_in, series_from_volume, write_ser
 from inference.errors import BadRequest, UnprocessableInput
 from inference.jobs.api import add_job_routes
 from inference.protocol.multipart_response import decode_multipart_response
-from inference.pipeline.pipeline import Pipeline, current_run
+from inference.pipeline.pipeline import Pipeline
+from models.registry import registry_for
 
 HIPPOCAMPUS = "get-hippocampus-volume"
 
@@ -70,11 +71,11 @@ def make_registry() -> HandlerRegistry:
     registry = HandlerRegistry()
 
     @registry.register("echo-params", params=[SIGMA, Param("label", "string", default="x")])
-    def echo_params(json_input, instances, input_hash):
+    def echo_params(instances, context):
         """Answers the checked parameters and the settings it runs with."""
-        run = current_run()
-        return {"parts": [], "study_ml_json": {"params": run.params, "series": run.settings.hippocampus_series,
-                                               "n": len(instances), "hash": input_hash}}, []
+        return {"parts": [], "study_ml_json": {"params": context.params, "series": context.settings.hippocampus_series,
+                                               "n": len(instances), "hash": context.input_hash,
+                                               "version": context.model_version}}, []
 
     return registry
 
@@ -83,7 +84,7 @@ def test_pipeline_fills_defaults_and_hands_the_settings_to_the_handler():
     settings = dataclasses.replace(Settings(), hippocampus_series="CustomCrop")
     result = Pipeline(settings, make_registry()).run({"inference_command": "echo-params", "sigma_mm": 3}, [], "h")
     assert result.response_json["study_ml_json"] == {"params": {"sigma_mm": 3.0, "label": "x"},
-                                                     "series": "CustomCrop", "n": 0, "hash": "h"}
+                                                     "series": "CustomCrop", "n": 0, "hash": "h", "version": None}
     assert result.command == "echo-params" and result.seconds >= 0
 
 
@@ -109,9 +110,26 @@ def test_command_resolution():
         Pipeline(Settings(), make_registry(), default_command="nothing")
 
 
-def test_current_run_outside_the_pipeline_says_how_to_call_handlers():
-    with pytest.raises(RuntimeError, match="inference.pipeline.pipeline.Pipeline"):
-        current_run()
+def test_a_family_handler_gets_the_resolved_model_version(monkeypatch):
+    registry = HandlerRegistry()
+    seen = {}
+
+    @registry.register("versioned", params=None, family="hippocampus")
+    def versioned(instances, context):
+        seen["version"] = context.model_version
+        return {"parts": []}, []
+
+    pipeline = Pipeline(Settings(), registry)
+    family = registry_for(Settings().model_manifest).family("hippocampus")
+    pipeline.run({"inference_command": "versioned"}, [], "h")
+    assert seen["version"].version == family.default_version
+    other = next(name for name in family.versions if name != family.default_version)
+    pipeline.run({"inference_command": "versioned", "model_version": other}, [], "h")
+    assert seen["version"].version == other
+    with pytest.raises(BadRequest, match="unknown model_version"):
+        pipeline.check_request({"inference_command": "versioned", "model_version": "0.0-none"})
+    with pytest.raises(BadRequest, match="has no model versions"):
+        Pipeline(Settings(), make_registry()).check_request({"inference_command": "echo-params", "model_version": "1.0"})
 
 
 def test_no_module_calls_a_handler_but_the_pipeline():

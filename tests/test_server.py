@@ -21,7 +21,7 @@ from tests.conftest import PROJECT_ROOT, RunningServer
 from inference import protocol
 from inference.protocol.client import InferenceRequestError, build_multipart_request, related_content_type, send_inference_request
 from inference.config import Settings
-from inference.dicom.series import load_instances, sort_by_position
+from inference.dicom.series import sort_by_position
 
 MOCK_COMMANDS = ["get-probability-mask", "get-boolean-mask", "get-heatmap", "get-label-mask",
                  "get-probability-mask-2d", "get-bounding-box-2d", "get-linear-measurements",
@@ -29,7 +29,7 @@ MOCK_COMMANDS = ["get-probability-mask", "get-boolean-mask", "get-heatmap", "get
 
 
 def series_info(files):
-    datasets = sort_by_position([d for d in load_instances([open(f, "rb") for f in files], stop_before_pixels=True)])
+    datasets = sort_by_position([pydicom.dcmread(f, stop_before_pixels=True) for f in files])
     first = datasets[0]
     return {str(first.SeriesInstanceUID): protocol.SeriesInfo(int(first.Rows), int(first.Columns),
                                                               [str(d.SOPInstanceUID) for d in datasets])}

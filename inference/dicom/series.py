@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pydicom
@@ -22,7 +22,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from inference.dicom.header import SERIES_INSTANCE_UID, InstanceHeader, as_floats
+from inference.dicom.header import SERIES_INSTANCE_UID, as_floats
+from inference.dicom.instance import DicomInstance
 from inference.errors import UnprocessableInput
 from inference.paths import is_inside, resolve_inside, shown
 
@@ -31,61 +32,8 @@ BASIC_TEXT_SR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.11"
 MR_IMAGE_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.4"
 
 log = logging.getLogger("inference.dicom")
-
-
-def load_instances(parts: Sequence, *, stop_before_pixels: bool = False) -> list[Dataset]:
-    """Read the DICOM parts of a request (all but the JSON part), in the order they were sent.
-
-    Leading parts that are not DICOM and not labelled ``application/dicom`` are attachments
-    (a licence file, say) and are skipped. Any other part that does not parse as DICOM raises
-    ``UnprocessableInput`` (422) naming its index and file name. Each dataset remembers where
-    it came from (``dataset.source_part``), so ``with_pixels`` can read the pixels later.
-    Header-only reads reuse the header ``inference.dicom.validation`` read and kept on the part.
-    """
-    datasets: list[Dataset] = []
-    for position, part in enumerate(parts):
-        header = getattr(part, "dicom_header", None) if stop_before_pixels else None
-        if header is not None:  # read (and checked) by inference.dicom.validation before the handler ran
-            ds = header.dataset
-            ds.source_part = part
-            datasets.append(ds)
-            continue
-        try:
-            ds = pydicom.dcmread(_open(part), stop_before_pixels=stop_before_pixels)
-            if "SOPInstanceUID" not in ds:
-                raise InvalidDicomError("no SOPInstanceUID")
-        except Exception as exc:  # pydicom raises many kinds on garbage
-            labelled_dicom = getattr(part, "content_type", "application/dicom") == "application/dicom"
-            if not datasets and not labelled_dicom:
-                continue  # an attachment before the DICOM files
-            describe = part.describe() if hasattr(part, "describe") else f"part {getattr(part, 'index', position + 1)}"
-            log.info("%s is not readable DICOM: %s: %s", describe, type(exc).__name__, exc)
-            raise UnprocessableInput(f"{describe} is not a readable DICOM file (damaged or truncated header, "
-                                     "or not DICOM)") from exc
-        ds.source_part = part
-        datasets.append(ds)
-    if not datasets:
-        raise UnprocessableInput("the request holds no DICOM files; send the study's instances after the JSON part")
-    return datasets
-
-
-def _open(part) -> "io.BufferedIOBase":
-    """A request part (``inference.protocol.multipart_request.Part``) or any binary file, rewound for reading."""
-    if hasattr(part, "open"):
-        return part.open()
-    part.seek(0)
-    return part
-
-
-def with_pixels(datasets: Sequence[Dataset]) -> list[Dataset]:
-    """Re-read header-only datasets (``load_instances(..., stop_before_pixels=True)``) in full."""
-    out = []
-    for ds in datasets:
-        part = ds.source_part
-        full = pydicom.dcmread(_open(part))
-        full.source_part = part
-        out.append(full)
-    return out
+#: What the series helpers take: checked instances (geometry from their fast headers) or pydicom datasets.
+Item = TypeVar("Item", DicomInstance, Dataset)
 
 
 def dicom_files_in(folder: Path, *, inside: Path | None = None) -> list[Path]:
@@ -126,25 +74,29 @@ def study_folder_files(root: Path | None, requested: str, *, field: str) -> list
     return files
 
 
-def _header(ds: Dataset) -> InstanceHeader | None:
-    """The header validation read for ``ds`` (``inference.dicom.header``), whose values decode faster than pydicom's."""
-    return getattr(getattr(ds, "source_part", None), "dicom_header", None)
+def require_instances(instances: Sequence[DicomInstance]) -> Sequence[DicomInstance]:
+    """``instances``, or a 422 when the request holds none (only attachments, or nothing after the JSON)."""
+    if not instances:
+        raise UnprocessableInput("the request holds no DICOM files; send the study's instances after the JSON part")
+    return instances
 
 
-def series_uid(ds: Dataset) -> str:
-    """The SeriesInstanceUID of ``ds`` ("" when absent)."""
-    header = _header(ds)
-    if header is not None:
-        return header.text(SERIES_INSTANCE_UID) or ""
-    return str(ds.get("SeriesInstanceUID", ""))
+def series_uid(item: DicomInstance | Dataset) -> str:
+    """The SeriesInstanceUID of an instance or dataset ("" when absent)."""
+    if isinstance(item, DicomInstance):
+        return item.header.text(SERIES_INSTANCE_UID) or ""
+    return str(item.get("SeriesInstanceUID", ""))
 
 
-def _numbers(ds: Dataset, keyword: str) -> list[float] | None:
-    """A DS/IS attribute's values as floats, None when absent or empty."""
-    header = _header(ds)
-    if header is not None:
-        return header.numbers(tag_for_keyword(keyword))
-    return as_floats(ds.get(keyword))
+def _numbers(item: DicomInstance | Dataset, keyword: str) -> list[float] | None:
+    """A DS/IS attribute's values as floats, None when absent or empty (an instance's from its fast header)."""
+    if isinstance(item, DicomInstance):
+        return item.header.numbers(tag_for_keyword(keyword))
+    return as_floats(item.get(keyword))
+
+
+def _dataset(item: DicomInstance | Dataset) -> Dataset:
+    return item.dataset if isinstance(item, DicomInstance) else item
 
 
 def _instance_number(ds: Dataset) -> int:
@@ -152,23 +104,23 @@ def _instance_number(ds: Dataset) -> int:
     return int(numbers[0]) if numbers else 0
 
 
-def group_by_series(datasets: Iterable[Dataset]) -> dict[str, list[Dataset]]:
-    """Datasets keyed by SeriesInstanceUID, in order of first appearance."""
-    series: dict[str, list[Dataset]] = {}
-    for ds in datasets:
-        series.setdefault(series_uid(ds), []).append(ds)
+def group_by_series(items: Iterable[Item]) -> dict[str, list[Item]]:
+    """Instances (or datasets) keyed by SeriesInstanceUID, in order of first appearance."""
+    series: dict[str, list[Item]] = {}
+    for item in items:
+        series.setdefault(series_uid(item), []).append(item)
     return series
 
 
-def describe_series(series: dict[str, list[Dataset]]) -> str:
+def describe_series(series: dict[str, list[Item]]) -> str:
     """One line per series for error messages: UID, description and instance count."""
     return "; ".join(
-        f"{uid} ({items[0].get('SeriesDescription', 'no description')!s}, {len(items)} instances)"
+        f"{uid} ({_dataset(items[0]).get('SeriesDescription', 'no description')!s}, {len(items)} instances)"
         for uid, items in series.items()
     )
 
 
-def slice_normal(ds: Dataset) -> np.ndarray | None:
+def slice_normal(ds: DicomInstance | Dataset) -> np.ndarray | None:
     """Unit normal of the image plane (row x column direction), or None without orientation."""
     iop = _numbers(ds, "ImageOrientationPatient")
     if iop is None or len(iop) != 6:
@@ -178,7 +130,7 @@ def slice_normal(ds: Dataset) -> np.ndarray | None:
     return normal / norm if norm > 0 else None
 
 
-def sort_by_position(datasets: Sequence[Dataset]) -> list[Dataset]:
+def sort_by_position(datasets: Sequence[Item]) -> list[Item]:
     """Slices sorted by position along the slice normal, ascending (InstanceNumber without geometry).
 
     Multi-timepoint series (several slices at one position) keep InstanceNumber order within
@@ -193,7 +145,7 @@ def sort_by_position(datasets: Sequence[Dataset]) -> list[Dataset]:
     return sorted(datasets, key=lambda ds: keys[id(ds)])
 
 
-def slice_spacing(datasets: Sequence[Dataset]) -> float:
+def slice_spacing(datasets: Sequence[DicomInstance | Dataset]) -> float:
     """Distance between slices along the normal: median step of positions, else the header's."""
     normal = slice_normal(datasets[0])
     positions = [_numbers(ds, "ImagePositionPatient") for ds in datasets]
@@ -204,7 +156,7 @@ def slice_spacing(datasets: Sequence[Dataset]) -> float:
         if steps.size:
             return float(np.median(steps))
     for keyword in ("SpacingBetweenSlices", "SliceThickness"):
-        if ds_value := datasets[0].get(keyword):
+        if ds_value := _dataset(datasets[0]).get(keyword):
             return float(ds_value)
     return 1.0
 
@@ -226,9 +178,13 @@ class Volume:
         return float(np.prod(self.spacing))
 
 
-def load_volume(datasets: Sequence[Dataset], *, rescale: bool = True) -> Volume:
-    """Sort a series and stack its pixels; with ``rescale``, apply RescaleSlope/Intercept (float32)."""
-    ordered = sort_by_position(datasets)
+def load_volume(items: Sequence[DicomInstance | Dataset], *, rescale: bool = True) -> Volume:
+    """Sort a series and stack its pixels; with ``rescale``, apply RescaleSlope/Intercept (float32).
+
+    Instances are sorted by their headers, then read whole; datasets must hold their pixels.
+    """
+    ordered_items = sort_by_position(items)
+    ordered = [item.read_full() if isinstance(item, DicomInstance) else item for item in ordered_items]
     shapes = {(int(ds.Rows), int(ds.Columns)) for ds in ordered}
     if len(shapes) != 1:
         raise UnprocessableInput(f"series {ordered[0].SeriesInstanceUID} mixes image sizes {sorted(shapes)}")
@@ -245,7 +201,7 @@ def load_volume(datasets: Sequence[Dataset], *, rescale: bool = True) -> Volume:
         intercept = float(ordered[0].get("RescaleIntercept", 0) or 0)
         voxels = voxels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
     row_spacing, column_spacing = (float(v) for v in ordered[0].get("PixelSpacing", [1.0, 1.0]))
-    return Volume(voxels, (slice_spacing(ordered), row_spacing, column_spacing), list(ordered))
+    return Volume(voxels, (slice_spacing(ordered_items), row_spacing, column_spacing), ordered)
 
 
 def store_pixels(ds: Dataset, values: np.ndarray) -> None:

@@ -7,21 +7,23 @@ possible values, and that the Pixel Data element holds exactly the bytes they im
 file really contains them (a truncated file). It also bounds the voxels of each series, before a
 handler allocates them. Any defect is an ``UnprocessableInput`` (422) naming the part and the defect.
 
-The headers it reads are kept on the parts (``part.dicom_header``), so a handler's
-``inference.dicom.series.load_instances(..., stop_before_pixels=True)`` does not parse them a second time.
+It returns one ``DicomInstance`` per DICOM part (``inference.dicom.instance``), which the pipeline
+hands to the handler: headers are parsed once, here or while the request streamed in
+(``read_header_early``, whose results the caller passes back as ``early_headers``).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from inference.dicom.header import SERIES_INSTANCE_UID, InstanceHeader, read_header
+from inference.dicom.instance import DicomInstance, describe_source
 from inference.errors import UnprocessableInput
 
 log = logging.getLogger("inference.dicom_validation")
@@ -35,17 +37,21 @@ IMAGE_INTEGERS = {"Rows": 0x00280010, "Columns": 0x00280011, "BitsAllocated": 0x
 PHOTOMETRIC_INTERPRETATION = 0x00280004
 
 
-def validate_instances(parts: Sequence[Any], *, max_series_voxels: int) -> list[InstanceHeader]:
-    """The headers of the request's DICOM parts, each checked; a 422 naming the part otherwise.
+def validate_instances(parts: Sequence[Any], *, max_series_voxels: int,
+                       early_headers: Mapping[int, InstanceHeader] | None = None) -> list[DicomInstance]:
+    """The request's DICOM parts as checked instances, in the order sent; a 422 naming the part otherwise.
 
-    Parts are request parts (``inference.protocol.multipart_request.Part``) or binary files. Leading parts that are not
-    DICOM and not labelled ``application/dicom`` are attachments and skipped, as
-    ``inference.dicom.series.load_instances`` does. A request with no DICOM part passes (the handler decides).
+    Parts are request parts (``inference.protocol.multipart_request.Part``) or binary files.
+    Leading parts that are not DICOM and not labelled ``application/dicom`` are attachments and
+    skipped. A request with no DICOM part passes (the handler decides). ``early_headers`` are
+    headers already read, by part index (``read_header_early``).
     """
-    headers: list[InstanceHeader] = []
+    instances: list[DicomInstance] = []
     voxels_by_series: dict[str, int] = {}
+    early = early_headers or {}
     for position, part in enumerate(parts):
-        header = _read_header(part, position, attachment_allowed=not headers)
+        header = _read_header(part, position, attachment_allowed=not instances,
+                              early=early.get(getattr(part, "index", -1)))
         if header is None:
             continue
         voxels = check_image_header(header, _Describe(part, position))
@@ -54,19 +60,10 @@ def validate_instances(parts: Sequence[Any], *, max_series_voxels: int) -> list[
         if voxels_by_series[series] > max_series_voxels:
             raise UnprocessableInput(
                 f"series {series or '(no SeriesInstanceUID)'} holds more than {max_series_voxels} voxels "
-                f"(the limit, INFERENCE_MAX_SERIES_VOXELS) by {describe(part, position)}; send a smaller "
+                f"(the limit, INFERENCE_MAX_SERIES_VOXELS) by {describe_source(part, position)}; send a smaller "
                 "series or crop it")
-        try:
-            part.dicom_header = header
-        except AttributeError:  # a file object that takes no attributes: it is parsed again later
-            pass
-        headers.append(header)
-    return headers
-
-
-def describe(part: Any, position: int) -> str:
-    """How messages name a part: ``Part.describe()`` (index and file name), else its position."""
-    return part.describe() if hasattr(part, "describe") else f"part {position + 1}"
+        instances.append(DicomInstance(part, header, position))
+    return instances
 
 
 class _Describe:
@@ -76,27 +73,28 @@ class _Describe:
         self.part, self.position = part, position
 
     def __str__(self) -> str:
-        return describe(self.part, self.position)
+        return describe_source(self.part, self.position)
 
 
-def read_header_early(part: Any) -> None:
-    """Read a finished request part's DICOM header while the rest of the request streams in.
+def read_header_early(part: Any) -> InstanceHeader | None:
+    """A finished request part's DICOM header, read while the rest of the request streams in.
 
-    ``validate_instances`` then reuses it; a part that does not read is left to it, which reads
-    it again and reports the defect. Part 0, the request JSON, is skipped.
+    ``validate_instances`` then reuses it (``early_headers``); a part that does not read gives
+    None and is read again there, which reports the defect. Part 0, the request JSON, is skipped.
     """
     if getattr(part, "index", 0) == 0:
-        return
+        return None
     try:
-        part.dicom_header = read_header(part)
+        return read_header(part)
     except Exception:  # not DICOM, or damaged: validate_instances says so, with the part's name
-        pass
+        return None
 
 
-def _read_header(part: Any, position: int, *, attachment_allowed: bool) -> InstanceHeader | None:
-    """The part's header; None for a leading attachment; a 422 for anything that is not DICOM."""
+def _read_header(part: Any, position: int, *, attachment_allowed: bool,
+                 early: InstanceHeader | None) -> InstanceHeader | None:
+    """The part's header (``early`` when already read); None for a leading attachment; a 422 for anything not DICOM."""
     try:
-        header = getattr(part, "dicom_header", None) or read_header(part)
+        header = early or read_header(part)
         if SOP_INSTANCE_UID not in header:
             raise InvalidDicomError("no SOPInstanceUID")
         return header
@@ -104,7 +102,7 @@ def _read_header(part: Any, position: int, *, attachment_allowed: bool) -> Insta
         labelled_dicom = getattr(part, "content_type", "application/dicom") == "application/dicom"
         if attachment_allowed and not labelled_dicom:
             return None
-        where = describe(part, position)
+        where = describe_source(part, position)
         log.info("%s is not readable DICOM: %s: %s", where, type(exc).__name__, exc)
         raise UnprocessableInput(f"{where} is not a readable DICOM file (damaged or truncated header, "
                                  "or not DICOM); send the instance as stored by the modality or PACS") from None

@@ -1,9 +1,9 @@
 """The one registry of handlers: inference commands mapped to plain functions and their parameters.
 
-A handler is ``handler(json_input, dicom_instances, input_hash) -> (response_json, buffers)``, the
-Arterys SDK's signature. Modules in ``handlers/`` register theirs at import time with
-``@register("command-name", params=[Param(...)])``; the pipeline (``inference.pipeline.pipeline``) validates the
-declared parameters before a handler runs, whichever way the request came in.
+A handler is ``handler(instances, context) -> (response_json, buffers)``: the checked DICOM
+instances and a ``HandlerContext`` (``inference.pipeline.context``). Modules in ``handlers/``
+register theirs at import time with ``@register("command-name", params=[Param(...)])``; the
+pipeline validates the declared parameters before a handler runs, whichever way the request came in.
 """
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from inference.errors import BadRequest
+from inference.pipeline.context import Handler
 from inference.protocol.request import PROTOCOL_KEYS
-
-Handler = Callable[[dict, Sequence[Any], str], tuple[dict, list]]
 
 #: Parameter kinds and the JSON type each one takes.
 PARAM_KINDS = ("number", "integer", "boolean", "string", "string-list")

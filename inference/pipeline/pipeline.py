@@ -3,50 +3,41 @@
 Every front door (the HTTP gateway, the job executor, the command lines, the benchmark) only turns
 its transport into "request JSON + instances" and calls ``Pipeline.run`` (or ``run_files`` for a
 folder on disk); no front door calls a handler itself. The pipeline looks the command up, validates
-the handler's declared parameters, calls the handler with the app's settings in reach
-(``current_run()``), checks the output against the protocol and logs it under the input hash.
+the handler's declared parameters, resolves its model version, checks every DICOM instance, calls
+the handler with its ``HandlerContext`` (``inference.pipeline.context``), checks the output
+against the protocol and logs it under the input hash.
 
     pipeline = Pipeline(settings)
-    spec, params = pipeline.check_request({"inference_command": "gaussian-blur-3d", "sigma_mm": 2})
+    spec, params, version = pipeline.check_request({"inference_command": "gaussian-blur-3d", "sigma_mm": 2})
     result = pipeline.run_files({"inference_command": "gaussian-blur-3d"}, files)
     result.response_json, result.buffers, result.input_hash, result.seconds
 """
 
 from __future__ import annotations
 
-import contextvars
 import difflib
 import json
 import logging
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from inference.pipeline.handler_registry import REGISTRY, HandlerSpec, HandlerRegistry
-from models.registry import registry_for
-from inference import metrics
-from inference import protocol
+from inference import metrics, protocol
 from inference.config import Settings
+from inference.dicom.header import InstanceHeader
 from inference.dicom.validation import validate_instances
 from inference.errors import BadRequest, GatewayError
+from inference.logs import TaggedLogger, bind_request_tags, current_request_tags
+from inference.pipeline.context import HandlerContext
+from inference.pipeline.handler_registry import REGISTRY, HandlerRegistry, HandlerSpec
 from inference.protocol.multipart_request import ParsedBody, PartSpool, parts_from_files
 from inference.protocol.request import parse_json_object
-from inference.logs import TaggedLogger, bind_request_tags, current_request_tags
+from models.registry import ModelVersion, registry_for
 
 log = TaggedLogger(logging.getLogger("inference.pipeline"))
-
-
-@dataclass(frozen=True)
-class RunContext:
-    """What a running handler may know besides its arguments: the app's settings and its checked parameters."""
-
-    settings: Settings
-    command: str
-    params: dict
-    input_hash: str
 
 
 @dataclass(frozen=True)
@@ -60,16 +51,12 @@ class InferenceResult:
     seconds: float
 
 
-_current: contextvars.ContextVar[RunContext] = contextvars.ContextVar("inference_run")
+class CheckedRequest(NamedTuple):
+    """A request checked before anything runs: its handler, its parameters, the model version it runs."""
 
-
-def current_run() -> RunContext:
-    """The context of the handler running in this thread; only valid inside ``Pipeline.run``."""
-    try:
-        return _current.get()
-    except LookupError:
-        raise RuntimeError("current_run() is only available while the pipeline runs a handler; "
-                           "call handlers through inference.pipeline.pipeline.Pipeline") from None
+    spec: HandlerSpec
+    params: dict
+    model_version: ModelVersion | None
 
 
 class Pipeline:
@@ -115,35 +102,38 @@ class Pipeline:
         raise BadRequest("the request JSON names no inference_command and this server has no default "
                          f"(INFERENCE_DEFAULT_COMMAND); commands served: {', '.join(sorted(self._specs))}")
 
-    def check_request(self, json_input: dict, command: str | None = None) -> tuple[HandlerSpec, dict]:
-        """The handler and its validated parameters for ``json_input``, without running anything (400s).
+    def check_request(self, json_input: dict, command: str | None = None) -> CheckedRequest:
+        """The handler, its validated parameters and model version for ``json_input``, running nothing (400s).
 
-        ``model_version`` must name a version of the handler's model family (``models/manifest.yaml``).
+        ``model_version`` must name a version of the handler's model family (``models/manifest.yaml``);
+        without it a family's handler runs the family's default version.
         """
         spec = self.spec(self.resolve_command(json_input, command))
         params = spec.validate_params(json_input)
-        if "model_version" in json_input:
-            if spec.family is None:
-                raise BadRequest(f"{spec.command} has no model versions; remove model_version from the request")
-            registry_for(self.settings.model_manifest).family(spec.family).resolve(json_input["model_version"])
-        return spec, params
+        version = None
+        if spec.family is not None:
+            version = registry_for(self.settings.model_manifest).family(spec.family).resolve(
+                json_input.get("model_version"))
+        elif "model_version" in json_input:
+            raise BadRequest(f"{spec.command} has no model versions; remove model_version from the request")
+        return CheckedRequest(spec, params, version)
 
-    def run(self, json_input: dict, instances: Sequence[Any], input_hash: str, *,
-            command: str | None = None) -> InferenceResult:
-        """Validate, run the handler on ``instances``, check its output; the result or a ``GatewayError``."""
-        spec, params = self.check_request(json_input, command)
-        context = RunContext(self.settings, spec.command, params, input_hash)
+    def run(self, json_input: dict, parts: Sequence[Any], input_hash: str, *, command: str | None = None,
+            early_headers: Mapping[int, InstanceHeader] | None = None) -> InferenceResult:
+        """Check the request and its DICOM ``parts``, run the handler, check its output; the result or a ``GatewayError``.
+
+        ``early_headers`` are DICOM headers already read while the parts streamed in, by part index.
+        """
+        spec, params, version = self.check_request(json_input, command)
         tags = {**current_request_tags(), "input_hash": input_hash}
         bind_request_tags(tags)  # the handler's own TaggedLoggers carry the hash too
         # every instance the handler may read, checked once from its header: a clear 422, never a 500
-        validate_instances(instances, max_series_voxels=self.settings.max_series_voxels)
-        token = _current.set(context)
+        instances = validate_instances(parts, max_series_voxels=self.settings.max_series_voxels,
+                                       early_headers=early_headers)
+        context = HandlerContext(spec.command, json_input, params, input_hash, self.settings, version, parts)
         started = time.perf_counter()
-        try:
-            response_json, buffers = spec.handler(json_input, instances, input_hash)
-            response_json, buffers = protocol.prepare_output(response_json, buffers)
-        finally:
-            _current.reset(token)
+        response_json, buffers = spec.handler(instances, context)
+        response_json, buffers = protocol.prepare_output(response_json, buffers)
         seconds = time.perf_counter() - started
         metrics.observe_model(spec.command, json_input.get("model_version"), seconds)
         protocol.check_response_size(buffers, len(json.dumps(response_json)), self.settings.max_response_bytes)
@@ -153,7 +143,7 @@ class Pipeline:
 
     def run_body(self, body: ParsedBody, *, command: str | None = None) -> InferenceResult:
         """Run on a parsed request body: part 0 is the request JSON, the rest are the instances."""
-        return self.run(request_json(body), body.parts[1:], body.input_hash, command=command)
+        return self.run(request_json(body), body.parts[1:], body.input_hash, command=command, early_headers=body.early)
 
     def run_files(self, json_input: dict, files: Sequence[Path], *, command: str | None = None) -> InferenceResult:
         """Run on DICOM files on disk, hashed exactly as the same study uploaded with the same JSON would be."""

@@ -14,7 +14,7 @@ import io
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -248,12 +248,17 @@ class PartSpool:
 
 @dataclass
 class ParsedBody:
-    """The parts of a request, the SHA-256 of their contents in order, and the bytes read."""
+    """The parts of a request, the SHA-256 of their contents in order, and the bytes read.
+
+    ``early`` holds what the parser's ``on_part`` callback returned for a part, by part index
+    (the gateway: DICOM headers read while the rest streamed in).
+    """
 
     parts: list[Part]
     input_hash: str
     bytes_read: int
     spool: PartSpool
+    early: dict[int, Any] = field(default_factory=dict)
 
 
 class _RelatedParser(multipart_lib.PushMultipartParser):
@@ -270,12 +275,13 @@ def parse_multipart_related(
     spool: PartSpool,
     max_bytes: int,
     content_length: int | None = None,
-    on_part: Callable[[Part], None] | None = None,
+    on_part: Callable[[Part], Any] | None = None,
 ) -> ParsedBody:
     """Read ``stream`` (to ``content_length`` or its end), split it into parts, hash their contents.
 
     ``on_part`` is called with each part as soon as its content is complete, while the rest of
-    the body is still streaming in (the gateway reads DICOM headers there).
+    the body is still streaming in (the gateway reads DICOM headers there); what it returns, when
+    not None, is kept in ``ParsedBody.early`` under the part's index.
 
     Raises ``PayloadTooLarge`` past ``max_bytes`` (also when no Content-Length was sent),
     ``BadRequest`` for a body that is truncated or not valid multipart, and ``RequestTimeout``
@@ -286,12 +292,13 @@ def parse_multipart_related(
     # hashed on this thread: a hashing thread beside the parser measured slower (it takes the GIL back
     # after each piece while the parser and the header reads run Python), unlike the response's
     digest = hashlib.sha256()
-    bytes_read = _split_parts(stream, boundary, spool, digest, max_bytes, content_length, on_part)
-    return ParsedBody(spool.parts, digest.hexdigest(), bytes_read, spool)
+    early: dict[int, Any] = {}
+    bytes_read = _split_parts(stream, boundary, spool, digest, max_bytes, content_length, on_part, early)
+    return ParsedBody(spool.parts, digest.hexdigest(), bytes_read, spool, early)
 
 
 def _split_parts(stream: BinaryIO, boundary: bytes, spool: PartSpool, digest: Any, max_bytes: int,
-                 content_length: int | None, on_part: Callable[[Part], None] | None) -> int:
+                 content_length: int | None, on_part: Callable[[Part], Any] | None, early: dict[int, Any]) -> int:
     """Read the body into ``spool``'s parts, feeding their contents to ``digest``; the bytes read."""
     parser = _RelatedParser(boundary, max_header_count=32)
     bytes_read = 0
@@ -315,7 +322,9 @@ def _split_parts(stream: BinaryIO, boundary: bytes, spool: PartSpool, digest: An
                     current = spool.begin_part(event.headerlist)
                 elif event is None:
                     if on_part is not None and current is not None:
-                        on_part(current)
+                        result = on_part(current)
+                        if result is not None:
+                            early[current.index] = result
                     current = None
                 else:
                     digest.update(event)
