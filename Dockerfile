@@ -12,6 +12,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore \
+    PYTHONPATH=/app \
     INFERENCE_HOST=0.0.0.0 \
     INFERENCE_PORT=8900 \
     INFERENCE_OUTPUT_ROOT=/var/lib/inference/jobs \
@@ -34,7 +35,8 @@ RUN pip install --no-cache-dir \
         -r requirements.txt
 
 # Code, configuration and model weights (models/hippocampus_unet.pt); .dockerignore keeps
-# tests, outputs and caches out. Owned by root, so the server cannot change its own code.
+# tests, outputs and caches out. Owned by root, so the server cannot change its own code. The code runs
+# from /app (PYTHONPATH above, in place of `pip install -e .`): `celery -A worker` keeps no folder on sys.path.
 COPY . .
 
 USER 10001:10001

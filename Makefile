@@ -9,12 +9,14 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(VENV)/.runtime: requirements.txt | $(BIN)/python
-	$(BIN)/pip install --quiet -r requirements.txt
+# The project installs editable (pyproject.toml): the code is imported from this folder, and the console
+# scripts land in $(BIN). The stamps make re-runs instant until a dependency list changes.
+$(VENV)/.runtime: pyproject.toml requirements.txt | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
 	touch $@
 
-$(VENV)/.dev: requirements.txt requirements-dev.txt | $(BIN)/python
-	$(BIN)/pip install --quiet -r requirements-dev.txt
+$(VENV)/.dev: pyproject.toml requirements.txt requirements-dev.txt | $(BIN)/python
+	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@ $(VENV)/.runtime
 
 ## serve: install the runtime and serve every handler with gunicorn on port 8900
@@ -45,9 +47,13 @@ fuzz: $(VENV)/.dev
 soak: $(VENV)/.dev
 	$(BIN)/python -m bench.soak
 
-## lint: hadolint on both Dockerfiles
+## lint: ruff on the code, mypy on the packages pyproject.toml names, hadolint on both Dockerfiles
 lint: $(VENV)/.dev
-	$(BIN)/hadolint Dockerfile inference-test-tool/Dockerfile
+	@status=0; \
+	$(BIN)/ruff check . || status=1; \
+	$(BIN)/mypy || status=1; \
+	$(BIN)/hadolint Dockerfile inference-test-tool/Dockerfile || status=1; \
+	exit $$status
 
 clean:
 	rm -rf $(VENV) .pytest_cache inference-test-tool/output output

@@ -20,19 +20,15 @@ from pathlib import Path
 
 from celery import signals
 
-from inference.config import PROJECT_ROOT
-
-# celery imports this module with the current folder on sys.path, then removes it: keep the project
-# importable for what handlers import later (models at warm-up, in pool processes)
-if str(PROJECT_ROOT) not in sys.path:
-    sys.path.insert(0, str(PROJECT_ROOT))
-
-from handlers import REGISTRY  # noqa: E402
-from inference.logs import configure_logging  # noqa: E402
-from server import served_commands  # noqa: E402
-from inference.jobs.celery_backend import make_celery  # noqa: E402
-from inference.config import get_settings  # noqa: E402
-from inference.pipeline.pipeline import Pipeline  # noqa: E402
+# `celery -A worker` imports this module with the current folder on sys.path and removes it afterwards;
+# what handlers import later (models, at warm-up in the pool processes) comes from the installed
+# package (`pip install -e .`; the Docker image sets PYTHONPATH=/app).
+from handlers import REGISTRY
+from inference.config import get_settings
+from inference.jobs.celery_backend import make_celery
+from inference.logs import configure_logging
+from inference.pipeline.pipeline import Pipeline
+from server import served_commands
 
 log = logging.getLogger("inference.worker")
 

@@ -30,26 +30,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-TOOL_DIR = Path(__file__).resolve().parent
-REPO_ROOT = TOOL_DIR.parent
-for folder in (REPO_ROOT, TOOL_DIR):  # run as a script: utils/ is at the repo root, tool_* next to it
-    if str(folder) not in sys.path:
-        sys.path.insert(0, str(folder))
-
-import pydicom  # noqa: E402
-import requests  # noqa: E402
-from pydicom.dataset import Dataset  # noqa: E402
-from requests_toolbelt.multipart.decoder import (  # noqa: E402
+import pydicom
+import requests
+from pydicom.dataset import Dataset
+from requests_toolbelt.multipart.decoder import (
     ImproperBodyPartContentException,
     NonMultipartContentTypeException,
 )
 
-from tool_gallery import Gallery, PageInfo, format_result, image_count, write_index, write_outputs  # noqa: E402
-from tool_input import Study, ToolError, load_study  # noqa: E402
-from inference import protocol  # noqa: E402
-from inference.protocol.client import InferenceRequestError, InferenceResult, send_inference_request  # noqa: E402
-from inference.errors import OutputValidationError  # noqa: E402
+# tool_* sit next to this script (its folder is sys.path[0] when it runs); inference is the installed
+# package (pip install -e . at the repository root; the tool's image sets PYTHONPATH=/app).
+from inference import protocol
+from inference.errors import OutputValidationError
+from inference.protocol.client import InferenceRequestError, InferenceResult, send_inference_request
+from tool_gallery import Gallery, PageInfo, format_result, image_count, write_index, write_outputs
+from tool_input import Study, ToolError, load_study
 
+TOOL_DIR = Path(__file__).resolve().parent
 DEFAULT_OUTPUT = TOOL_DIR / "output"
 PROGRESS_MIN_BYTES = 5 * 1024 * 1024  # smaller requests go out without a progress bar
 JOB_POLL_SECONDS = 0.5
@@ -269,7 +266,8 @@ def empty_response_warning(study: Study | None, models: ServedModels | None, com
     dims = study_dimensions(study)
     text += f" for this {dims} study"
     if models is not None:
-        fitting = [c for c, d in sorted(models.descriptions.items()) if command_dimensions(c, d) == dims and c != command]
+        fitting = [c for c, d in sorted(models.descriptions.items())
+                   if command_dimensions(c, d) == dims and c != command]
         if fitting:
             text += f"; commands for {dims} studies: {', '.join(fitting)}"
     return text
@@ -368,7 +366,8 @@ def waiting(stream: TextIO, message: Callable[[], str]) -> Iterator[None]:
 def parse_dicom_parts(response_json: dict, buffers: Sequence[bytes]) -> dict[int, Dataset]:
     """Every DICOM part parsed by pydicom, by part index; a part that does not parse is a violation."""
     parsed = {}
-    for index, (part, buffer) in enumerate(zip(response_json.get("parts", []), buffers)):
+    # a count mismatch is a violation of its own (protocol.validate_response): parse what pairs up
+    for index, (part, buffer) in enumerate(zip(response_json.get("parts", []), buffers, strict=False)):
         if part.get("binary_type") not in protocol.DICOM_TYPES:
             continue
         where = f"parts[{index}] ({part['binary_type']})"
@@ -614,8 +613,9 @@ def run(args: argparse.Namespace, work_dir: Path) -> int:
         raise ToolError(f"the response breaks the protocol: {violation}\n"
                         f"(response JSON written to {Path(args.output) / 'response.json'})")
     index = Path(args.output) / "index.html"
+    dicom_files = len(gallery.dicom_parts) + sum(map(len, gallery.derived_files.values()))
     summary.append(f"wrote {gallery.png_count} PNGs, {len(gallery.masks)} mask files and "
-                   f"{len(gallery.dicom_parts) + sum(map(len, gallery.derived_files.values()))} DICOM files; open {index}")
+                   f"{dicom_files} DICOM files; open {index}")
     print("\n".join(summary))
     return 0
 

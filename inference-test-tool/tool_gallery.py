@@ -22,14 +22,14 @@ from typing import Any
 import jinja2
 import numpy as np
 import pydicom
-from PIL import Image, ImageDraw
+from PIL import Image
 from pydicom.dataset import Dataset
 
-from tool_input import InputImage, InputSeries, Study
 from inference import protocol
+from inference.dicom.series import slice_normal, sort_by_position
 from inference.imaging import render
 from inference.protocol.client import InferenceResult
-from inference.dicom.series import slice_normal, sort_by_position
+from tool_input import InputImage, InputSeries, Study
 
 BOX_COLOR = (255, 210, 0)
 MEASUREMENT_COLOR = (0, 230, 190)
@@ -72,7 +72,8 @@ class MaskPart:
 def mask_parts(response_json: dict, buffers: Sequence[bytes]) -> list[MaskPart]:
     """The response's mask parts as arrays shaped like their ``binary_data_shape``."""
     out = []
-    for index, (part, buffer) in enumerate(zip(response_json.get("parts", []), buffers)):
+    # a count mismatch is reported by the protocol check: render what pairs up
+    for index, (part, buffer) in enumerate(zip(response_json.get("parts", []), buffers, strict=False)):
         if part.get("binary_type") in protocol.MASK_TYPES:
             shape = protocol.mask_array_shape(part["binary_data_shape"])
             out.append(MaskPart(index, part, np.frombuffer(buffer, np.uint8).reshape(shape)))
@@ -160,7 +161,8 @@ def model_version(response_json: dict) -> str:
     provenance = response_json.get("model")
     if isinstance(provenance, dict) and provenance.get("version"):
         text = f"{provenance.get('family', '')} {provenance['version']}".strip()
-        return text + (f" (weights {str(provenance['weights_sha256'])[:12]})" if provenance.get("weights_sha256") else "")
+        weights = f" (weights {str(provenance['weights_sha256'])[:12]})" if provenance.get("weights_sha256") else ""
+        return text + weights
     objects = [response_json.get("study_ml_json"), *(response_json.get("series_ml_json") or {}).values()]
     for values in objects:
         if isinstance(values, dict):
@@ -184,6 +186,11 @@ def _where(sop: str, lookup: dict) -> str:
     return f"{series.description}, image {position + 1}/{len(series.images)}"
 
 
+def pixel_spacing(sop: str, lookup: dict) -> Any:
+    """The PixelSpacing of the input image ``sop``, None when the study has no such image or it has none."""
+    return lookup[sop][2].header.get("PixelSpacing") if sop in lookup else None
+
+
 def result_tables(response_json: dict, study: Study | None) -> list[ResultTable]:
     """The numbers of the response as tables: study and series results, boxes, measurements."""
     tables = []
@@ -199,21 +206,24 @@ def result_tables(response_json: dict, study: Study | None) -> list[ResultTable]
         for box in boxes:
             (c0, r0), (c1, r1) = box["top_left"], box["bottom_right"]
             size = f"{c1 - c0 + 1:g} × {r1 - r0 + 1:g} px"
-            spacing = lookup[box["SOPInstanceUID"]][2].header.get("PixelSpacing") if box["SOPInstanceUID"] in lookup else None
+            spacing = pixel_spacing(box["SOPInstanceUID"], lookup)
             if spacing:
                 size += f" ({(c1 - c0 + 1) * float(spacing[1]):.1f} × {(r1 - r0 + 1) * float(spacing[0]):.1f} mm)"
             rows.append(ResultRow(f"{box['label']} · {_where(box['SOPInstanceUID'], lookup)}",
                                   f"[{c0:g}, {r0:g}] - [{c1:g}, {r1:g}], {size}", "column, row"))
-        tables.append(ResultTable(f"Bounding boxes ({len(boxes)})", rows, columns=("box", "corners, size", "corners as")))
+        tables.append(ResultTable(f"Bounding boxes ({len(boxes)})", rows,
+                                  columns=("box", "corners, size", "corners as")))
     measurements = response_json.get("linear_measurements_2d") or []
     if measurements:
         rows = []
         for item in measurements:
-            spacing = lookup[item["SOPInstanceUID"]][2].header.get("PixelSpacing") if item["SOPInstanceUID"] in lookup else None
+            spacing = pixel_spacing(item["SOPInstanceUID"], lookup)
             length = render.measurement_text(item["start"], item["end"], "", spacing)
             value, _, unit = length.partition(" ")
-            rows.append(ResultRow(f"{item.get('label') or 'length'} · {_where(item['SOPInstanceUID'], lookup)}", value, unit))
-        tables.append(ResultTable(f"Linear measurements ({len(measurements)})", rows, columns=("measurement", "length", "unit")))
+            where = _where(item["SOPInstanceUID"], lookup)
+            rows.append(ResultRow(f"{item.get('label') or 'length'} · {where}", value, unit))
+        tables.append(ResultTable(f"Linear measurements ({len(measurements)})", rows,
+                                  columns=("measurement", "length", "unit")))
     return tables
 
 
@@ -382,7 +392,7 @@ def derived_series_for(series: InputSeries, derived: dict[str, list[Dataset]]) -
         if len(datasets) != len(series.images):
             continue
         theirs = [tuple(float(v) for v in ds.get("ImagePositionPatient", ()) or ()) for ds in datasets]
-        if all(a and b and np.allclose(a, b, atol=1e-3) for a, b in zip(positions, theirs)):
+        if all(a and b and np.allclose(a, b, atol=1e-3) for a, b in zip(positions, theirs, strict=True)):
             return uid, datasets
     return None
 
@@ -547,7 +557,8 @@ def write_outputs(output: Path, result: InferenceResult, study: Study | None, di
         shown = DicomPart(index, part["binary_type"], title, f"output_dicom_{index}.dcm")
         if "PixelData" in ds:
             pixels = render.to_rgb(render.window_image(ds))
-            save_png(render.upscale(pixels, render.display_factor(*pixels.shape[:2])), output / f"output_dicom_{index}.png")
+            upscaled = render.upscale(pixels, render.display_factor(*pixels.shape[:2]))
+            save_png(upscaled, output / f"output_dicom_{index}.png")
             shown.png = f"output_dicom_{index}.png"
             gallery.png_count += 1
         elif "ContentSequence" in ds:
@@ -569,7 +580,8 @@ class PageInfo:
 def write_index(output: Path, gallery: Gallery, response_json: dict, info: PageInfo, study: Study | None) -> Path:
     """index.html from ``templates/index.html.j2``: results first, then one viewer per series, then files."""
     environment = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES),
-                                     autoescape=jinja2.select_autoescape(default=True), undefined=jinja2.StrictUndefined)
+                                     autoescape=jinja2.select_autoescape(default=True),
+                                     undefined=jinja2.StrictUndefined)
     page = environment.get_template("index.html.j2").render(
         info=info, version=model_version(response_json), tables=result_tables(response_json, study),
         gallery=gallery, response_text=json.dumps(response_json, indent=2),

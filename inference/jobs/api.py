@@ -45,6 +45,7 @@ from inference.jobs.store import (
     QUEUED,
     RUNNING,
     Job,
+    JobRecords,
     JobRunner,
     JobStore,
     LocalPoolRunner,
@@ -81,14 +82,15 @@ def job_from_request(pipeline: Pipeline) -> Job:
     return job
 
 
-def add_job_routes(app: flask.Flask, pipeline: Pipeline, *, store: JobStore | None = None,
+def add_job_routes(app: flask.Flask, pipeline: Pipeline, *, store: JobRecords | None = None,
                    runner: JobRunner | None = None) -> JobRunner:
     """Serve ``POST /job/`` and ``GET /query/<uid>`` on ``app``; recover interrupted jobs first.
 
     Jobs run ``pipeline``'s handlers with its settings. Default store:
     ``<INFERENCE_OUTPUT_ROOT>/jobs.sqlite3``; default runner: a local pool of ``INFERENCE_JOB_WORKERS`` threads.
     ``INFERENCE_JOB_BACKEND=celery``: records in Redis, jobs run by celery workers (``inference.jobs.celery_backend``)
-    with the same handlers.
+    with the same handlers. A ``store`` other than a ``JobStore`` comes with its ``runner``: the local pool
+    recovers interrupted jobs from a ``JobStore``.
     """
     settings = pipeline.settings
     output_root = Path(settings.output_root)
@@ -100,16 +102,20 @@ def add_job_routes(app: flask.Flask, pipeline: Pipeline, *, store: JobStore | No
         store, runner = celery_backend(settings)
     elif settings.job_backend not in ("local", "celery"):
         raise ValueError(f"INFERENCE_JOB_BACKEND must be 'local' or 'celery', got {settings.job_backend!r}")
-    store = store or JobStore(output_root / "jobs.sqlite3")
-    runner = runner or LocalPoolRunner(store, JobExecutor(store, pipeline), workers=settings.job_workers,
-                                       lock_dir=output_root / ".owners")
+    if store is None:
+        store = JobStore(output_root / "jobs.sqlite3")
+    if runner is None:
+        if not isinstance(store, JobStore):
+            raise TypeError(f"a {type(store).__name__} needs its own runner: the local pool keeps jobs in a JobStore")
+        runner = LocalPoolRunner(store, JobExecutor(store, pipeline), workers=settings.job_workers,
+                                 lock_dir=output_root / ".owners")
     runner.recover()
     remove_debris(output_root, store)
     if hasattr(app, "metrics_collectors"):  # a Gateway: /metrics counts jobs by state from the store
         app.metrics_collectors.append(JobCountsCollector(store.count_by_status, JOB_STATES))
 
     @app.post("/job/", strict_slashes=False)  # POST /job answers too, without a redirect
-    def submit_job():
+    def submit_job() -> tuple[flask.Response, int]:
         job = job_from_request(pipeline)
         job.owner = runner.owner
         store.add(job)
@@ -120,7 +126,7 @@ def add_job_routes(app: flask.Flask, pipeline: Pipeline, *, store: JobStore | No
         return response, 201
 
     @app.get("/query/<uid>")
-    def query_job(uid: str):
+    def query_job(uid: str) -> tuple[flask.Response, int]:
         job = store.get(uid)
         if job is None:
             raise NotFound(f"no job with uid {uid!r}; POST /job/ answers the uid of a new job")
@@ -144,14 +150,14 @@ def add_job_routes(app: flask.Flask, pipeline: Pipeline, *, store: JobStore | No
         return Path(job.output_dir) if job.output_dir else output_root / uid
 
     @app.get("/job/<uid>/files")
-    def list_job_files(uid: str):
+    def list_job_files(uid: str) -> flask.Response:
         folder = completed_folder(uid)
         files = [{"name": path.name, "bytes": path.stat().st_size}
                  for path in sorted(folder.iterdir()) if path.is_file() and is_inside(folder, path)]
         return flask.jsonify({"uid": uid, "files": files})
 
     @app.get("/job/<uid>/files/<name>")
-    def get_job_file(uid: str, name: str):
+    def get_job_file(uid: str, name: str) -> flask.Response:
         folder = completed_folder(uid)
         path = folder / name
         if "/" in name or name.startswith(".") or not path.is_file() or not is_inside(folder, path):

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import logging
 import socket
-from functools import lru_cache
+from functools import cache
+from typing import Any
 
 import redis
 from celery import Celery, Task
@@ -90,7 +91,7 @@ def celery_config(settings: Settings) -> dict:
     }
 
 
-@lru_cache(maxsize=None)
+@cache
 def _store(url: str) -> RedisJobStore:
     return RedisJobStore(url)
 
@@ -103,14 +104,16 @@ def job_store(settings: Settings) -> RedisJobStore:
 class JobTask(Task):
     """Records what the task body cannot: a job killed by the hard time limit fails with ``timeout``."""
 
-    def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
+    def on_failure(self, exc: BaseException, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                   einfo: Any) -> None:
         uid = args[0] if args else "?"
         if isinstance(exc, TimeLimitExceeded):
             log.error("job %s: past the hard time limit; its process was killed", uid)
             job_store(self.app.job_settings).mark_failed(uid, TIMEOUT, 500)
         else:
             log.error("job %s: the task failed outside the job: %r", uid, exc)
-            job_store(self.app.job_settings).mark_failed(uid, "internal error while running the job; see the worker log")
+            job_store(self.app.job_settings).mark_failed(uid, "internal error while running the job; "
+                                                              "see the worker log")
 
 
 def run_job(task: Task, uid: str) -> None:
@@ -155,7 +158,7 @@ def run_job(task: Task, uid: str) -> None:
         except Reject:  # the retry could not be published: the broker is gone too
             store.mark_failed(uid, f"could not be queued for a retry after {type(exc).__name__}: {exc}", 500)
             raise
-        raise retry
+        raise retry from exc
 
 
 def make_celery(settings: Settings, pipeline: Pipeline | None = None) -> Celery:

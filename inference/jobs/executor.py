@@ -23,7 +23,7 @@ from inference.errors import (
 from inference.jobs.store import (
     UNFINISHED,
     Job,
-    JobStore,
+    JobRecords,
 )
 from inference.logs import TaggedLogger, bind_request_tags
 from inference.pipeline.pipeline import Pipeline
@@ -64,7 +64,7 @@ def write_outputs(folder: Path, response_json: dict, buffers: list) -> None:
     Each part of ``response.json`` names its file under ``"file"``.
     """
     folder.mkdir(parents=True)
-    for index, (part, buffer) in enumerate(zip(response_json["parts"], buffers)):
+    for index, (part, buffer) in enumerate(zip(response_json["parts"], buffers, strict=True)):
         dicom = part["binary_type"] in protocol.DICOM_TYPES
         name = f"output_dicom_{index:04d}.dcm" if dicom else f"output_masks_{index:04d}.raw"
         (folder / name).write_bytes(buffer)
@@ -80,7 +80,7 @@ class JobExecutor:
     output folder appeared only records it completed: a re-delivered job is not written twice.
     """
 
-    def __init__(self, store: JobStore, pipeline: Pipeline, *,
+    def __init__(self, store: JobRecords, pipeline: Pipeline, *,
                  reraise: tuple[type[BaseException], ...] = ()) -> None:
         self.store = store
         self.pipeline = pipeline
@@ -122,7 +122,7 @@ class JobExecutor:
             shutil.rmtree(partial, ignore_errors=True)
 
 
-def remove_debris(output_root: Path, store: JobStore) -> list[Path]:
+def remove_debris(output_root: Path, store: JobRecords) -> list[Path]:
     """Delete the ``<uid>.partial`` folders of jobs that are no longer queued or running; their paths.
 
     A job killed mid-write leaves one behind. It goes once the job is marked failed (``interrupted``,

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import time
 from collections.abc import Iterator
+from typing import Any, cast
 
 import redis
 
@@ -66,7 +67,8 @@ class RedisJobStore:
 
     def get(self, uid: str) -> Job | None:
         with self._reaching():
-            values = self.client.hgetall(KEY_PREFIX + uid)
+            # redis-py types its sync and asyncio clients as one: this (sync) client answers a dict
+            values = cast("dict[bytes, bytes]", self.client.hgetall(KEY_PREFIX + uid))
         if not values:
             return None
         return Job(**{name.decode(): json.loads(value) for name, value in values.items()})
@@ -91,7 +93,7 @@ class RedisJobStore:
         with self._reaching():
             self.client.delete(KEY_PREFIX + uid)
 
-    def _update(self, uid: str, only_if: tuple[str, ...], *, count_attempt: bool = False, **changes) -> bool:
+    def _update(self, uid: str, only_if: tuple[str, ...], *, count_attempt: bool = False, **changes: Any) -> bool:
         """Set ``changes`` on job ``uid`` when its status is one of ``only_if``; whether it was."""
         changes["updated"] = time.time()
         encoded = json.dumps({name: json.dumps(value) for name, value in changes.items()})

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, TextIO
 
 log = logging.getLogger("inference.jobs")
 
@@ -86,6 +86,31 @@ class Job:
     finished: float | None = None
 
 
+class JobRecords(Protocol):
+    """What the job API and the executor need of a store: ``JobStore`` (SQLite) and
+    ``inference.jobs.redis_store.RedisJobStore`` both are one."""
+
+    def add(self, job: Job) -> Job:
+        """Record a new job; the job."""
+        ...
+
+    def get(self, uid: str) -> Job | None:
+        """Job ``uid``, or None when there is no such job."""
+        ...
+
+    def mark_completed(self, uid: str, output_dir: str) -> bool:
+        """Record job ``uid`` completed with its outputs in ``output_dir``; whether it was unfinished."""
+        ...
+
+    def mark_failed(self, uid: str, error: str, error_status: int = 500) -> bool:
+        """Record job ``uid`` failed; whether it was unfinished."""
+        ...
+
+    def count_by_status(self) -> dict[str, int]:
+        """How many jobs are in each status."""
+        ...
+
+
 class JobStore:
     """Jobs in an SQLite file, safe for several processes and threads (a connection per call)."""
 
@@ -139,7 +164,7 @@ class JobStore:
         values["params"] = json.loads(values["params"])
         return Job(**values)
 
-    def _update(self, uid: str, only_if: tuple[str, ...], *, count_attempt: bool = False, **changes) -> bool:
+    def _update(self, uid: str, only_if: tuple[str, ...], *, count_attempt: bool = False, **changes: Any) -> bool:
         """Set ``changes`` on job ``uid`` when its status is one of ``only_if``; whether it was."""
         changes["updated"] = time.time()
         assignments = ", ".join([f"{name} = ?" for name in changes] + ["attempts = attempts + 1"] * count_attempt)
@@ -177,7 +202,8 @@ class JobStore:
         match = "owner IS NULL" if owner is None else "owner = ?"
         arguments = () if owner is None else (owner,)
         with self._connect(write=True) as db:
-            rows = db.execute(f"SELECT uid FROM jobs WHERE status IN {_UNFINISHED_SQL} AND {match}", arguments).fetchall()
+            rows = db.execute(f"SELECT uid FROM jobs WHERE status IN {_UNFINISHED_SQL} AND {match}",
+                              arguments).fetchall()
             db.execute(f"UPDATE jobs SET status = ?, error = ?, error_status = 500, updated = ?, finished = ? "
                        f"WHERE status IN {_UNFINISHED_SQL} AND {match}",
                        (FAILED, error, time.time(), time.time(), *arguments))
@@ -187,7 +213,10 @@ class JobStore:
 class JobRunner(Protocol):
     """Executes jobs somewhere. ``owner`` is stamped on the jobs it accepts (before ``store.add``)."""
 
-    owner: str
+    @property
+    def owner(self) -> str:
+        """The id stamped on the jobs it accepts (read-only: a local runner's changes after a fork)."""
+        ...
 
     def submit(self, job: Job) -> None:
         """Start ``job`` (already in the store, queued) without waiting for it."""
@@ -204,7 +233,7 @@ class ProcessLock:
         self.lock_dir.mkdir(parents=True, exist_ok=True)
         self._pid: int | None = None
         self._owner = ""
-        self._handle = None
+        self._handle: TextIO | None = None  # the open lock file: the lock lasts as long as it is open
         self._guard = threading.Lock()
 
     @property
@@ -222,7 +251,7 @@ class ProcessLock:
         """Whether the process holding ``owner``'s lock still runs; removes the lock file of a dead one."""
         path = self.lock_dir / f"{owner}.lock"
         try:
-            handle = open(path, "r")
+            handle = open(path)
         except FileNotFoundError:
             return False  # never locked here, or already found dead
         with handle:
@@ -254,10 +283,11 @@ class LocalPoolRunner:
 
     def submit(self, job: Job) -> None:
         with self._guard:
-            if self._pool_pid != os.getpid():  # created lazily: threads do not survive a fork
-                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="job")
+            pool = self._pool
+            if pool is None or self._pool_pid != os.getpid():  # created lazily: threads do not survive a fork
+                pool = self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="job")
                 self._pool_pid = os.getpid()
-            self._pool.submit(self._run, job)
+            pool.submit(self._run, job)
 
     def _run(self, job: Job) -> None:
         if not self.store.mark_running(job.uid, worker=self.owner):

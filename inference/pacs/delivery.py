@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from inference.pacs.outbox import Destination, Outbox
 from inference.logs import TaggedLogger
+from inference.pacs.outbox import Destination, Outbox
 
 log = TaggedLogger(logging.getLogger("inference.pacs.delivery"))
 
@@ -103,7 +103,7 @@ class ResultSender:
             outbox.stop()
         out += self.confirmed()
         for destination, outbox in self._outboxes:
-            for (batch, key), (_, count) in self._queued.items():
+            for batch, key in self._queued:
                 if key == destination.key and (batch, key) not in self._reported:
                     self._reported.add((batch, key))
                     out.append((batch, DeliveryStatus(str(destination), IN_OUTBOX, outbox.pending(batch),

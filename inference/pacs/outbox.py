@@ -48,7 +48,7 @@ class DicomDestination:
     timeout: float = 30.0
 
     @classmethod
-    def parse(cls, text: str, calling_ae: str) -> "DicomDestination":
+    def parse(cls, text: str, calling_ae: str) -> DicomDestination:
         match = re.fullmatch(r"([^@]{1,16})@(.+):(\d{1,5})", text.strip())
         if not match:
             raise ValueError(f"destination {text!r} must be AE@HOST:PORT, e.g. ORTHANC@127.0.0.1:4242")

@@ -17,6 +17,7 @@ from inference.protocol.rules import (
     HASHES_LENGTH,
     JSON_CONTENT_TYPE,
     MASK_TYPES,
+    BytesLike,
     SeriesInfo,
     check_against_study,
     check_response_size,
@@ -31,7 +32,7 @@ from inference.protocol.rules import (
 )
 
 __all__ = [
-    "BINARY_TYPES", "DEFAULT_DRAW_THRESHOLD", "DICOM_TYPES", "HASHES_CONTENT_TYPE", "HASHES_LENGTH",
+    "BINARY_TYPES", "BytesLike", "DEFAULT_DRAW_THRESHOLD", "DICOM_TYPES", "HASHES_CONTENT_TYPE", "HASHES_LENGTH",
     "JSON_CONTENT_TYPE", "MASK_TYPES", "SeriesInfo", "check_against_study", "check_response_size",
     "content_type_for", "format_hashes", "is_hashes_part", "mask_array_shape", "mask_length",
     "normalize_buffer", "prepare_output", "validate_response",

@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import requests
 from requests_toolbelt.multipart.encoder import MultipartEncoder, MultipartEncoderMonitor
@@ -49,7 +50,8 @@ def build_multipart_request(
 
     Its ``content_type`` is ``multipart/related`` with a quoted boundary.
     """
-    fields = [("request_json", ("request.json", json.dumps(json_input).encode(), "text/json"))]
+    fields: list[tuple[str, tuple[str, bytes | BinaryIO, str]]] = [
+        ("request_json", ("request.json", json.dumps(json_input).encode(), "text/json"))]
     for path in attachments:
         fields.append(("attachment", (Path(path).name, open(path, "rb"), "application/octet-stream")))
     for path in files:
@@ -104,7 +106,7 @@ def send_inference_request(
     """
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     if not files:
-        body: object = json.dumps(json_input).encode()
+        body: bytes | MultipartEncoderMonitor = json.dumps(json_input).encode()
         headers["Content-Type"] = "application/json"
         size = len(body)
     else:

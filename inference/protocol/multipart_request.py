@@ -66,7 +66,7 @@ class Part(io.RawIOBase):
     (0 is the JSON part); ``filename`` and ``content_type`` come from the part's headers.
     """
 
-    def __init__(self, index: int, headers: Sequence[tuple[str, str]], spool: "PartSpool") -> None:
+    def __init__(self, index: int, headers: Sequence[tuple[str, str]], spool: PartSpool) -> None:
         super().__init__()
         self.index = index
         self.headers = list(headers)
@@ -127,7 +127,7 @@ class Part(io.RawIOBase):
         self._pos += len(data)
         return data
 
-    def readinto(self, buffer) -> int:
+    def readinto(self, buffer: Any) -> int:  # a writable buffer: io.BufferedReader passes a memoryview
         n = max(0, min(len(buffer), self.size - self._pos))
         if n:
             buffer[:n] = self._read_at(self._pos, n)
@@ -167,9 +167,11 @@ class Part(io.RawIOBase):
     def _in_memory(self) -> bytes:
         """The in-memory content as one ``bytes`` (pieces joined once; no copy for a part that came in one piece)."""
         self._keep_small_pieces()
-        if len(self._memory) != 1:
-            self._memory[:] = [b"".join(self._memory)]
-        return self._memory[0]
+        memory = self._memory
+        assert memory is not None, "the part is on disk"  # callers check first
+        if len(memory) != 1:
+            memory[:] = [b"".join(memory)]
+        return memory[0]
 
     # -- filling (by PartSpool) ----------------------------------------------------------
     def _append(self, data: bytes) -> None:
@@ -186,6 +188,7 @@ class Part(io.RawIOBase):
 
     def _keep_small_pieces(self) -> None:
         if self._small:
+            assert self._memory is not None, "small pieces are kept in memory only"
             self._memory.append(bytes(self._small))
             self._small = bytearray()
 
@@ -198,7 +201,7 @@ class Part(io.RawIOBase):
 class PartSpool:
     """Holds the parts of one request: in memory up to ``memory_budget`` bytes, then in one temp file."""
 
-    def __init__(self, memory_budget: int, spool_dir: str | os.PathLike | None = None) -> None:
+    def __init__(self, memory_budget: int, spool_dir: str | os.PathLike[str] | None = None) -> None:
         self.memory_budget = memory_budget
         self.spool_dir = spool_dir
         self.parts: list[Part] = []
@@ -264,7 +267,7 @@ class ParsedBody:
 class _RelatedParser(multipart_lib.PushMultipartParser):
     """The ``multipart`` push parser, accepting parts without a form-data Content-Disposition."""
 
-    def _create_segment(self, headerlist):
+    def _create_segment(self, headerlist: list[tuple[str, str]]) -> multipart_lib.MultipartSegment:
         return multipart_lib.MultipartSegment(headerlist)
 
 
@@ -327,6 +330,7 @@ def _split_parts(stream: BinaryIO, boundary: bytes, spool: PartSpool, digest: An
                             early[current.index] = result
                     current = None
                 else:
+                    assert current is not None, "the parser sends a part's headers before its content"
                     digest.update(event)
                     spool.append(current, event)
         parser.close()
@@ -347,15 +351,13 @@ def parts_from_files(json_bytes: bytes, paths: Iterable[Path], spool: PartSpool)
     """Parts (and their hash) of a JSON part and files on disk, as if they had been uploaded."""
     digest = hashlib.sha256()
     total = 0
-    sources = [(None, json_bytes)] + [(path, None) for path in paths]
-    for path, data in sources:
-        if path is None:
-            part = spool.begin_part([("Content-Type", "application/json")])
-            chunks: Iterable[bytes] = [data]
-        else:
-            part = spool.begin_part([("Content-Type", "application/dicom"),
-                                     ("Content-Disposition", f'form-data; name="file"; filename="{path.name}"')])
-            chunks = _file_chunks(path)
+    sources: list[tuple[list[tuple[str, str]], Iterable[bytes]]] = [
+        ([("Content-Type", "application/json")], [json_bytes])]
+    sources += [([("Content-Type", "application/dicom"),
+                  ("Content-Disposition", f'form-data; name="file"; filename="{path.name}"')], _file_chunks(path))
+                for path in paths]
+    for headers, chunks in sources:
+        part = spool.begin_part(headers)
         for chunk in chunks:
             digest.update(chunk)
             spool.append(part, chunk)

@@ -58,7 +58,7 @@ class ThreadedSHA256:
         finally:
             self._spare.release()
 
-    def update(self, data: bytes | memoryview) -> None:
+    def update(self, data: protocol.BytesLike) -> None:
         if self._thread is None:
             self._digest.update(data)
         else:
@@ -85,7 +85,7 @@ class EncodedResponse:
 
 
 def encode_multipart_related(
-    parts: Sequence[tuple[str, bytes | memoryview]],
+    parts: Sequence[tuple[str, protocol.BytesLike]],
     *,
     input_hash: str | None = None,
     boundary: str | None = None,
@@ -100,7 +100,7 @@ def encode_multipart_related(
     heads = [delimiter + f"Content-Type: {ctype}\r\n\r\n".encode() for ctype, _ in parts]
     closing = f"\r\n--{boundary}--".encode()
     hash_head = b"\r\n" + delimiter + f"Content-Type: {protocol.HASHES_CONTENT_TYPE}\r\n\r\n".encode()
-    length = sum(len(h) + memoryview(body).nbytes for h, (_, body) in zip(heads, parts))
+    length = sum(len(h) + memoryview(body).nbytes for h, (_, body) in zip(heads, parts, strict=True))
     length += 2 * max(0, len(parts) - 1) + len(closing)
     if input_hash is not None:
         length += len(hash_head) + protocol.HASHES_LENGTH
@@ -116,12 +116,12 @@ def encode_multipart_related(
         output_digest.close()  # all fed: the thread ends even if the response is never sent whole
 
     def chunks() -> Iterator[bytes]:
-        for i, (head, (_, body)) in enumerate(zip(heads, parts)):
+        for i, (head, (_, body)) in enumerate(zip(heads, parts, strict=True)):
             yield (b"\r\n" + head) if i else head
             view = memoryview(body).cast("B")
             for start in range(0, view.nbytes, WRITE_CHUNK):
                 yield bytes(view[start : start + WRITE_CHUNK])  # WSGI servers take bytes only
-        if output_digest is not None:
+        if input_hash is not None and output_digest is not None:
             yield hash_head + protocol.format_hashes(input_hash, output_digest.hexdigest()).encode()
         yield closing
 

@@ -24,10 +24,11 @@ row, then slice). The JSON may also hold ``bounding_boxes_2d``, ``linear_measure
 from __future__ import annotations
 
 import io
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn, TypeGuard
 
 import numpy as np
 
@@ -40,6 +41,8 @@ JSON_CONTENT_TYPE = "application/json"
 HASHES_CONTENT_TYPE = "text/plain"
 HASHES_LENGTH = 129  # 64 hex digits, ':', 64 hex digits
 DEFAULT_DRAW_THRESHOLD = 128  # probability masks without probability_threshold are drawn above this
+#: The body of a response part, ready to send (a handler's bytearray goes out as it is, without a copy).
+BytesLike = bytes | bytearray | memoryview
 
 
 def content_type_for(binary_type: str) -> str:
@@ -57,7 +60,7 @@ def is_hashes_part(content_type: str, body: bytes) -> bool:
     return content_type == HASHES_CONTENT_TYPE and len(body) == HASHES_LENGTH and body[64:65] == b":"
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     raise OutputValidationError(message)
 
 
@@ -87,7 +90,7 @@ def mask_array_shape(shape: Mapping[str, Any]) -> tuple[int, ...]:
     return tuple(int(d) for d in dims)
 
 
-def normalize_buffer(part: Mapping[str, Any], buffer: Any, index: int) -> bytes | memoryview:
+def normalize_buffer(part: Mapping[str, Any], buffer: Any, index: int) -> BytesLike:
     """Turn what a handler returned for ``part`` into bytes, refusing what would be misread.
 
     Masks: numpy arrays must be uint8 (bool is converted) with exactly the shape of
@@ -111,14 +114,14 @@ def normalize_buffer(part: Mapping[str, Any], buffer: Any, index: int) -> bytes 
         if buffer.shape not in accepted:
             _fail(f"{where}: mask array has shape {buffer.shape}, binary_data_shape says {expected} "
                   "((timepoints,) depth, height, width); transpose it to C order of that shape")
-        return memoryview(np.ascontiguousarray(buffer)).cast("B")
+        return np.ascontiguousarray(buffer).data.cast("B")
     if isinstance(buffer, (bytes, bytearray, memoryview)):
         return buffer
     _fail(f"{where}: buffer is a {type(buffer).__name__}; return a uint8 numpy array or bytes")
     raise AssertionError  # unreachable
 
 
-def _dicom_bytes(buffer: Any, where: str) -> bytes | memoryview:
+def _dicom_bytes(buffer: Any, where: str) -> BytesLike:
     from pydicom.dataset import Dataset
 
     if isinstance(buffer, Dataset):
@@ -131,7 +134,7 @@ def _dicom_bytes(buffer: Any, where: str) -> bytes | memoryview:
     raise AssertionError
 
 
-def prepare_output(response_json: Any, buffers: Sequence[Any]) -> tuple[dict, list[bytes | memoryview]]:
+def prepare_output(response_json: Any, buffers: Sequence[Any]) -> tuple[dict, list[BytesLike]]:
     """Check a handler's output and return it ready to send; ``OutputValidationError`` says what is wrong."""
     if not isinstance(response_json, dict):
         _fail(f"response_json must be a dict, got {type(response_json).__name__}")
@@ -141,12 +144,12 @@ def prepare_output(response_json: Any, buffers: Sequence[Any]) -> tuple[dict, li
     _check_parts_list(parts, len(buffers))
     for index, part in enumerate(parts):
         _check_part_json(index, part, response_json)
-    prepared = [normalize_buffer(part, buffer, i) for i, (part, buffer) in enumerate(zip(parts, buffers))]
+    prepared = [normalize_buffer(part, buffer, i) for i, (part, buffer) in enumerate(zip(parts, buffers, strict=True))]
     validate_response(response_json, prepared)
     return response_json, prepared
 
 
-def validate_response(response_json: Any, buffers: Sequence[bytes | memoryview]) -> None:
+def validate_response(response_json: Any, buffers: Sequence[BytesLike]) -> None:
     """Check a response (JSON plus byte buffers) against the protocol; raises ``OutputValidationError``.
 
     This is what the test tool runs on what it receives, and what the gateway runs before sending.
@@ -155,7 +158,7 @@ def validate_response(response_json: Any, buffers: Sequence[bytes | memoryview])
         _fail(f"response JSON must be an object, got {type(response_json).__name__}")
     parts = response_json.get("parts", [])
     _check_parts_list(parts, len(buffers))
-    for index, (part, buffer) in enumerate(zip(parts, buffers)):
+    for index, (part, buffer) in enumerate(zip(parts, buffers, strict=True)):
         _check_part_json(index, part, response_json)
         _check_part_buffer(index, part, buffer)
     _check_bounding_boxes(response_json.get("bounding_boxes_2d"))
@@ -186,7 +189,7 @@ def _check_part_json(index: int, part: Any, response_json: Mapping[str, Any]) ->
         _fail(f"parts[{index}]: binary_type {binary_type!r} is not one of {', '.join(BINARY_TYPES)}")
     if binary_type in DICOM_TYPES:
         return
-    shape = part.get("binary_data_shape")
+    shape: Any = part.get("binary_data_shape")  # mask_length checks it is a mapping of sizes
     mask_length(shape, f"{where}: binary_data_shape")
     if "depth" not in shape:
         image = part.get("dicom_image")
@@ -204,7 +207,7 @@ def _check_part_json(index: int, part: Any, response_json: Mapping[str, Any]) ->
         _check_label_map(where, part.get("label_map"))
 
 
-def _is_number(value: Any) -> bool:
+def _is_number(value: Any) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -229,8 +232,9 @@ def _check_palette(where: str, name: Any, palettes: Any) -> None:
             _fail(f"palettes[{name!r}].data[{i}].color must be [R, G, B, A] integers in 0..255, got {color!r}")
         thresholds.append(threshold)
     if thresholds[0] != 0.0 or thresholds[-1] != 1.0:
-        _fail(f"palettes[{name!r}]: thresholds must start at 0.0 and end at 1.0, got {thresholds[0]} .. {thresholds[-1]}")
-    if any(b < a for a, b in zip(thresholds, thresholds[1:])):
+        _fail(f"palettes[{name!r}]: thresholds must start at 0.0 and end at 1.0, "
+              f"got {thresholds[0]} .. {thresholds[-1]}")
+    if any(b < a for a, b in itertools.pairwise(thresholds)):
         _fail(f"palettes[{name!r}]: thresholds must be ascending, got {thresholds}")
 
 
@@ -247,7 +251,7 @@ def _check_label_map(where: str, label_map: Any) -> None:
         _fail(f"{where}: label_map names must be unique, got {names}")
 
 
-def _check_part_buffer(index: int, part: Mapping[str, Any], buffer: bytes | memoryview) -> None:
+def _check_part_buffer(index: int, part: Mapping[str, Any], buffer: BytesLike) -> None:
     where = _where(index, part)
     view = memoryview(buffer).cast("B")
     if part["binary_type"] in DICOM_TYPES:
@@ -383,7 +387,7 @@ def check_against_study(response_json: Mapping[str, Any], series: Mapping[str, S
                           "points are [column, row] in pixels")
 
 
-def check_response_size(buffers: Sequence[bytes | memoryview], json_bytes: int, limit: int) -> None:
+def check_response_size(buffers: Sequence[BytesLike], json_bytes: int, limit: int) -> None:
     """413 when a prepared response (JSON plus buffers) exceeds ``limit`` bytes, before any of it is sent."""
     total = json_bytes + sum(memoryview(buffer).nbytes for buffer in buffers)
     if total > limit:
