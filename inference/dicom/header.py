@@ -73,6 +73,8 @@ class InstanceHeader:
         self._raw_readable = raw_little_endian  # raw values may be decoded here (else: by pydicom)
         self.pixel = pixel
         self.file_size = file_size
+        #: The checked attribute values (``inference.dicom.attributes``), set by validation.
+        self.attributes: Any = None
 
     @cached_property
     def dataset(self) -> FileDataset:
@@ -81,6 +83,10 @@ class InstanceHeader:
 
     def __contains__(self, tag: int) -> bool:
         return tag in self._elements
+
+    def raw_element(self, tag: int) -> RawDataElement | None:
+        """The element as the fast walk stored it (undecoded); None when absent or read by pydicom."""
+        return self._elements.get(tag)
 
     @property
     def transfer_syntax(self) -> UID:

@@ -21,6 +21,7 @@ from typing import Any
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
+from inference.dicom.attributes import check_attributes
 from inference.dicom.header import SERIES_INSTANCE_UID, InstanceHeader, read_header
 from inference.errors import UnprocessableInput
 
@@ -48,7 +49,9 @@ def validate_instances(parts: Sequence[Any], *, max_series_voxels: int) -> list[
         header = _read_header(part, position, attachment_allowed=not headers)
         if header is None:
             continue
-        voxels = check_image_header(header, _Describe(part, position))
+        where = _Describe(part, position)
+        header.attributes = check_attributes(header, where)  # every attribute downstream code reads
+        voxels = check_image_header(header, where)
         series = header.text(SERIES_INSTANCE_UID) or ""
         voxels_by_series[series] = voxels_by_series.get(series, 0) + voxels
         if voxels_by_series[series] > max_series_voxels:
