@@ -93,8 +93,8 @@ ATTRIBUTES: tuple[Attribute, ...] = (
     _row("PhotometricInterpretation", 0x00280004, "CS", 1, CODE, required=True, fast="text"),
     _row("PlanarConfiguration", 0x00280006, "US", 1, INTEGER),
     _row("BitsAllocated", 0x00280100, "US", 1, INTEGER, required=True),
-    _row("BitsStored", 0x00280101, "US", 1, INTEGER),
-    _row("PixelRepresentation", 0x00280103, "US", 1, INTEGER),
+    _row("BitsStored", 0x00280101, "US", 1, INTEGER, required=True),  # pydicom decodes no pixels without it
+    _row("PixelRepresentation", 0x00280103, "US", 1, INTEGER, required=True),
     _row("NumberOfFrames", 0x00280008, "IS", 1, INTEGER),
 )
 
@@ -137,8 +137,8 @@ class CheckedAttributes:
     PhotometricInterpretation: str
     PlanarConfiguration: int | None
     BitsAllocated: int
-    BitsStored: int | None
-    PixelRepresentation: int | None
+    BitsStored: int
+    PixelRepresentation: int
     NumberOfFrames: int | None
 
 
@@ -175,9 +175,12 @@ def _checked_decoded(header: InstanceHeader, attribute: Attribute) -> Any:
         if attribute.required:
             raise _Defect("is missing; it is required")
         return None
+    raw = header.raw_element(attribute.tag)
+    if raw is not None and raw.VR not in attribute.vrs and raw.VR not in (None, "UN"):
+        raise _Defect(_wrong_vr(raw.VR, attribute))  # said before decoding: the wrong VR is what fails it
     element = _decoded(header, attribute)
     if element.VR not in attribute.vrs:
-        raise _Defect(f"has VR {element.VR}, expected {' or '.join(sorted(attribute.vrs))}")
+        raise _Defect(_wrong_vr(element.VR, attribute))
     items = _items(element.value)
     if not items:
         if attribute.required:
@@ -267,6 +270,10 @@ _QUICK: dict[str, Callable[[RawDataElement, Attribute], Any]] = {
     CHARSET: _quick_text}
 #: An implicit-VR element has the dictionary's VR: the table's, each row accepting one.
 _ONLY_VR = {attribute.keyword: next(iter(attribute.vrs)) for attribute in ATTRIBUTES}
+
+
+def _wrong_vr(vr: str, attribute: Attribute) -> str:
+    return f"has VR {vr}, expected {' or '.join(sorted(attribute.vrs))}"
 
 
 def _decoded(header: InstanceHeader, attribute: Attribute) -> Any:
