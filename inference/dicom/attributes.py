@@ -32,6 +32,7 @@ UID, INTEGER, DECIMAL, TEXT, CODE, CHARSET = "uid", "integer", "decimal", "text"
 #: What to do about any defect the table finds.
 ADVICE = "send the instance as stored by the modality or PACS, or correct the attribute"
 MAX_UID_LENGTH = 64
+_UID_TEXT = re.compile(r"[0-9]+(?:\.[0-9]+)*")
 SPECIFIC_CHARACTER_SET = 0x00080005
 
 
@@ -258,7 +259,7 @@ def _quick_text(raw: RawDataElement, attribute: Attribute) -> Any:
     keep_leading = attribute.kind == TEXT  # pydicom strips leading spaces of code strings and UIDs only
     strings = tuple(item.decode("ascii").rstrip(" ") if keep_leading else item.decode("ascii").strip(" ")
                     for item in items)
-    if attribute.kind == UID and not all(strings) or \
+    if attribute.kind == UID and not all(len(uid) <= MAX_UID_LENGTH and _UID_TEXT.fullmatch(uid) for uid in strings) or \
             attribute.kind == CHARSET and not all(term in python_encoding for term in strings):
         return _DECLINED  # empty UIDs, unknown character sets: pydicom's path words the defect
     return strings[0] if attribute.vm == 1 else strings
@@ -301,8 +302,8 @@ def _uid(value: Any) -> str:
     text = _text(value).strip("\x00 ")
     if not text:
         raise _Defect("is empty")
-    if len(text) > MAX_UID_LENGTH or not (text.isascii() and text.isprintable()):
-        raise _Defect(f"is not a UID ({len(text)} characters, printable ASCII and at most {MAX_UID_LENGTH} expected)")
+    if len(text) > MAX_UID_LENGTH or not _UID_TEXT.fullmatch(text):
+        raise _Defect(f"value {_shown(text)} is not a UID (digits and dots, at most {MAX_UID_LENGTH} characters)")
     return text
 
 
