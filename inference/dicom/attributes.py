@@ -47,6 +47,7 @@ class Attribute:
     kind: str
     required: bool = False
     fast: str | None = None  # the InstanceHeader reader downstream also uses: "text" or "numbers"
+    terms: frozenset[str] | None = None  # the defined terms of a code string, when any other value cannot work
 
     @property
     def vm_text(self) -> str:
@@ -54,8 +55,14 @@ class Attribute:
 
 
 def _row(keyword: str, tag: int, vrs: str, vm: int | None, kind: str, required: bool = False,
-         fast: str | None = None) -> Attribute:
-    return Attribute(keyword, tag, frozenset(vrs.split("/")), vm, kind, required, fast)
+         fast: str | None = None, terms: str | None = None) -> Attribute:
+    return Attribute(keyword, tag, frozenset(vrs.split("/")), vm, kind, required, fast,
+                     None if terms is None else frozenset(terms.split(",")))
+
+
+#: PS3.3 C.7.6.3.1.2: what pydicom's pixel decoding knows.
+PHOTOMETRIC_TERMS = ("MONOCHROME1,MONOCHROME2,PALETTE COLOR,RGB,YBR_FULL,YBR_FULL_422,YBR_PARTIAL_422,"
+                     "YBR_PARTIAL_420,YBR_ICT,YBR_RCT,HSV,ARGB,CMYK,XYB")
 
 
 #: Every attribute read from an input instance downstream of validation (who reads it in the comment).
@@ -91,7 +98,8 @@ ATTRIBUTES: tuple[Attribute, ...] = (
     _row("Rows", 0x00280010, "US", 1, INTEGER, required=True),  # pixel decoding, masks' shapes
     _row("Columns", 0x00280011, "US", 1, INTEGER, required=True),
     _row("SamplesPerPixel", 0x00280002, "US", 1, INTEGER, required=True),
-    _row("PhotometricInterpretation", 0x00280004, "CS", 1, CODE, required=True, fast="text"),
+    _row("PhotometricInterpretation", 0x00280004, "CS", 1, CODE, required=True, fast="text",
+         terms=PHOTOMETRIC_TERMS),
     _row("PlanarConfiguration", 0x00280006, "US", 1, INTEGER),
     _row("BitsAllocated", 0x00280100, "US", 1, INTEGER, required=True),
     _row("BitsStored", 0x00280101, "US", 1, INTEGER, required=True),  # pydicom decodes no pixels without it
@@ -190,6 +198,8 @@ def _checked_decoded(header: InstanceHeader, attribute: Attribute) -> Any:
     if attribute.vm is not None and len(items) != attribute.vm:
         raise _Defect(f"has {len(items)} value(s), expected {attribute.vm}")
     checked = tuple(_CHECKS[attribute.kind](item) for item in items)
+    if attribute.terms is not None and not attribute.terms.issuperset(checked):
+        raise _Defect(f"value {_shown(checked[0])} is not one of {', '.join(sorted(attribute.terms))}")
     if attribute.fast is not None:
         _same_as_fast(header, attribute, checked)
     return checked if attribute.vm != 1 else checked[0]
@@ -260,8 +270,9 @@ def _quick_text(raw: RawDataElement, attribute: Attribute) -> Any:
     strings = tuple(item.decode("ascii").rstrip(" ") if keep_leading else item.decode("ascii").strip(" ")
                     for item in items)
     if attribute.kind == UID and not all(len(uid) <= MAX_UID_LENGTH and _UID_TEXT.fullmatch(uid) for uid in strings) or \
-            attribute.kind == CHARSET and not all(term in python_encoding for term in strings):
-        return _DECLINED  # empty UIDs, unknown character sets: pydicom's path words the defect
+            attribute.kind == CHARSET and not all(term in python_encoding for term in strings) or \
+            attribute.terms is not None and not attribute.terms.issuperset(strings):
+        return _DECLINED  # bad UIDs, unknown character sets or terms: pydicom's path words the defect
     return strings[0] if attribute.vm == 1 else strings
 
 

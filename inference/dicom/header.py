@@ -30,6 +30,7 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
 
 PIXEL_DATA = 0x7FE00010
 SERIES_INSTANCE_UID = 0x0020000E
+SPECIFIC_CHARACTER_SET = 0x00080005
 #: Where ``stop_before_pixels`` stops, as pydicom does: Pixel Data, Float and Double Float Pixel Data.
 PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, PIXEL_DATA})
 UNDEFINED_LENGTH = 0xFFFFFFFF
@@ -279,6 +280,9 @@ def _walk(buf: bytes, file_size: int) -> tuple | object:
     else:
         if pos < file_size and end < file_size:
             return _NEED_MORE
+    charset = elements.get(SPECIFIC_CHARACTER_SET)
+    if charset is not None and not (charset.VR in (None, "CS") and charset.value.isascii()):
+        return _NOT_FAST  # dcmread decodes the character set while reading: it judges one that is not text
     return meta, elements, implicit, pixel, buf[:128]
 
 
@@ -388,8 +392,8 @@ def _fast_header(meta: dict, elements: dict, implicit: bool, pixel: PixelElement
                  file_size: int) -> InstanceHeader:
     def dataset() -> FileDataset:
         encoding: Any = default_encoding
-        if 0x00080005 in elements:
-            encoding = convert_encodings(convert_raw_data_element(elements[0x00080005]).value)
+        if SPECIFIC_CHARACTER_SET in elements:
+            encoding = convert_encodings(convert_raw_data_element(elements[SPECIFIC_CHARACTER_SET]).value)
         ds = FileDataset(io.BytesIO(), dict(elements), preamble, FileMetaDataset(dict(meta)), implicit, True)
         ds.set_original_encoding(implicit, True, encoding)
         return ds
