@@ -219,3 +219,13 @@ def test_real_files_damaged_are_declined_or_read_as_dcmread_reads_them():
             assert_declines_or_agrees(blob[:cut])
             assert_declines_or_agrees(vr_swapped(blob, cut, b"FD"))
             assert_declines_or_agrees(blob[:cut] + bytes([blob[cut] ^ 0xFF]) + blob[cut + 1:])
+
+
+def test_another_pydicom_is_refused_at_import_with_what_to_do(monkeypatch):
+    from inference.dicom import header
+
+    monkeypatch.setattr(pydicom, "__version__", "3.1.0")
+    with pytest.raises(ImportError, match=r"pydicom 3.1.0 is installed, 3.0.x expected.*requirements.txt"):
+        header.check_pydicom_internals()
+    monkeypatch.undo()
+    header.check_pydicom_internals()

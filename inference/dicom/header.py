@@ -49,10 +49,39 @@ HEAD_BYTES = 64 * 1024
 
 #: RawDataElement from one tuple of its nine fields, in C (namedtuple's ``_make`` is a Python call).
 _raw = partial(tuple.__new__, RawDataElement)
+#: The pydicom this module was proven against (tests/test_dicom_header.py); requirements.txt pins its minor version.
+PYDICOM_SERIES = "3.0."
+RAW_DATA_ELEMENT_FIELDS = ("tag", "VR", "length", "value", "value_tell", "is_implicit_VR", "is_little_endian",
+                           "is_raw", "is_buffered")
+
+
+def check_pydicom_internals() -> None:
+    """Fail at import, saying what to do, when pydicom is not the one whose internals this reader relies on.
+
+    The walk builds pydicom's ``RawDataElement`` tuples field by field and a ``FileDataset`` of them;
+    another pydicom could take those fields otherwise and decode values wrongly, not fail.
+    """
+    problems = []
+    if not pydicom.__version__.startswith(PYDICOM_SERIES):
+        problems.append(f"pydicom {pydicom.__version__} is installed, {PYDICOM_SERIES}x expected")
+    if RawDataElement._fields != RAW_DATA_ELEMENT_FIELDS:
+        problems.append(f"RawDataElement's fields are {RawDataElement._fields}")
+    probe = _raw((BaseTag(0x00280010), "US", 2, b"\x10\x00", 0, False, True, True, False))
+    ds = FileDataset(io.BytesIO(), {probe.tag: probe}, b"\0" * 128, FileMetaDataset(), False, True)
+    ds.set_original_encoding(False, True, default_encoding)
+    if ds.Rows != 16 or ds.original_encoding != (False, True):
+        problems.append("a FileDataset of raw elements no longer decodes as it did")
+    if problems:
+        raise ImportError("inference.dicom.header relies on pydicom 3.0's internals: " + "; ".join(problems) +
+                          ". Install the pydicom of requirements.txt, or re-prove the reader against this one "
+                          "(tests/test_dicom_header.py) and update PYDICOM_SERIES")
+
+
 _EXPLICIT = struct.Struct("<HH2sH")
 _IMPLICIT = struct.Struct("<HHL")
 _U32 = struct.Struct("<L")
 _U16 = struct.Struct("<H")
+check_pydicom_internals()
 
 
 @dataclass(frozen=True)
