@@ -213,7 +213,9 @@ _DECLINED = object()
 #: DICOM DS and IS values (PS3.5 6.2), which pydicom's DSfloat and IS parse as Python's float and int do.
 _DS = re.compile(rb" *[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)? *")
 _IS = re.compile(rb" *[+-]?[0-9]+ *")
-_PRINTABLE = re.compile(rb"[\x20-\x5b\x5d-\x7e]*")  # printable ASCII but the value delimiter
+_DS_VALUES = re.compile(rb"%s(?:\\%s)*" % (_DS.pattern, _DS.pattern))
+_PRINTABLE = re.compile(rb"[\x20-\x7e]*")  # printable ASCII, the value delimiter included
+_UID_BYTES = re.compile(rb"[0-9]+(?:\.[0-9]+)*")
 
 
 def _raw_items(raw: RawDataElement, attribute: Attribute) -> list[bytes] | None:
@@ -237,12 +239,13 @@ def _quick_decimal(raw: RawDataElement, attribute: Attribute) -> Any:
     items = _raw_items(raw, attribute)
     if not items:
         return _not_quick(items, attribute)
-    if not all(_DS.fullmatch(item) for item in items):
+    if attribute.vm == 1:
+        number = float(items[0]) if _DS.fullmatch(items[0]) else math.nan
+        return number if math.isfinite(number) else _DECLINED
+    if not _DS_VALUES.fullmatch(raw.value.rstrip(b"\x00 ")):
         return _DECLINED
     numbers = tuple(float(item) for item in items)
-    if not all(math.isfinite(number) for number in numbers):
-        return _DECLINED
-    return numbers[0] if attribute.vm == 1 else numbers
+    return numbers if all(math.isfinite(number) for number in numbers) else _DECLINED
 
 
 def _quick_integer(raw: RawDataElement, attribute: Attribute) -> Any:
@@ -259,26 +262,36 @@ def _quick_integer(raw: RawDataElement, attribute: Attribute) -> Any:
     return int(items[0])
 
 
+def _quick_uid(raw: RawDataElement, attribute: Attribute) -> Any:
+    """One UID of digits and dots; anything else (empty ones too) is worded by pydicom's path."""
+    value = raw.value
+    if type(value) is not bytes or (raw.VR or "UI") != "UI":
+        return _DECLINED
+    text = value.rstrip(b"\x00 ")
+    if len(text) > MAX_UID_LENGTH or not _UID_BYTES.fullmatch(text):
+        return _DECLINED
+    return text.decode("ascii")
+
+
 def _quick_text(raw: RawDataElement, attribute: Attribute) -> Any:
-    """Printable ASCII text, which every character set decodes alike; UIDs non-empty, known character sets."""
+    """Printable ASCII text, which every character set decodes alike; known character sets and defined terms."""
     items = _raw_items(raw, attribute)
     if not items:
         return _not_quick(items, attribute)
-    if not all(_PRINTABLE.fullmatch(item) for item in items):
+    if not _PRINTABLE.fullmatch(raw.value.rstrip(b"\x00")):
         return _DECLINED
-    keep_leading = attribute.kind == TEXT  # pydicom strips leading spaces of code strings and UIDs only
+    keep_leading = attribute.kind == TEXT  # pydicom strips leading spaces of code strings only
     strings = tuple(item.decode("ascii").rstrip(" ") if keep_leading else item.decode("ascii").strip(" ")
                     for item in items)
-    if attribute.kind == UID and not all(len(uid) <= MAX_UID_LENGTH and _UID_TEXT.fullmatch(uid) for uid in strings) or \
-            attribute.kind == CHARSET and not all(term in python_encoding for term in strings) or \
+    if attribute.kind == CHARSET and not all(term in python_encoding for term in strings) or \
             attribute.terms is not None and not attribute.terms.issuperset(strings):
-        return _DECLINED  # bad UIDs, unknown character sets or terms: pydicom's path words the defect
+        return _DECLINED  # unknown character sets or terms: pydicom's path words the defect
     return strings[0] if attribute.vm == 1 else strings
 
 
 _US = frozenset({"US"})
 _QUICK: dict[str, Callable[[RawDataElement, Attribute], Any]] = {
-    DECIMAL: _quick_decimal, INTEGER: _quick_integer, UID: _quick_text, TEXT: _quick_text, CODE: _quick_text,
+    DECIMAL: _quick_decimal, INTEGER: _quick_integer, UID: _quick_uid, TEXT: _quick_text, CODE: _quick_text,
     CHARSET: _quick_text}
 #: An implicit-VR element has the dictionary's VR: the table's, each row accepting one.
 _ONLY_VR = {attribute.keyword: next(iter(attribute.vrs)) for attribute in ATTRIBUTES}
