@@ -48,6 +48,8 @@ class Attribute:
     required: bool = False
     fast: str | None = None  # the InstanceHeader reader downstream also uses: "text" or "numbers"
     terms: frozenset[str] | None = None  # the defined terms of a code string, when any other value cannot work
+    quick: Any = None  # the raw-bytes reader of its kind (``_QUICK``), set once the readers are defined
+    only_vr: str = ""  # the VR of an implicit-VR element: the dictionary's, the one the row accepts
 
     @property
     def vm_text(self) -> str:
@@ -166,11 +168,9 @@ def check_attributes(header: InstanceHeader, describe: Any) -> CheckedAttributes
     for attribute in ATTRIBUTES:
         try:
             raw = raw_element(attribute.tag)
-            value = _DECLINED if raw is None else _QUICK[attribute.kind](raw, attribute)
+            value = _DECLINED if raw is None else attribute.quick(raw, attribute)
             if value is _DECLINED:
                 value = _checked_decoded(header, attribute)
-            elif attribute.fast is not None and value is not None:
-                _same_as_fast(header, attribute, (value,) if attribute.vm == 1 else value)
         except _Defect as defect:
             raise UnprocessableInput(f"{describe}: {attribute.keyword} ({attribute.tag >> 16:04X},"
                                      f"{attribute.tag & 0xFFFF:04X}) {defect}; {ADVICE}") from None
@@ -208,7 +208,8 @@ def _checked_decoded(header: InstanceHeader, attribute: Attribute) -> Any:
 # -- the quick path: clean raw values read straight from their bytes ------------------------------
 # Each reader takes a raw element of the fast header and returns the checked value, or _DECLINED for
 # anything it is not certain pydicom decodes to that same value (tests/test_dicom_attributes.py
-# checks the two paths agree); declined values go through pydicom (``_checked_decoded``).
+# checks the two paths agree); declined values go through pydicom (``_checked_decoded``). The fast
+# header's ``text``/``numbers`` read the same bytes the same way (ASCII, float()), so they agree too.
 _DECLINED = object()
 #: DICOM DS and IS values (PS3.5 6.2), which pydicom's DSfloat and IS parse as Python's float and int do.
 _DS = re.compile(rb" *[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)? *")
@@ -221,7 +222,7 @@ _UID_BYTES = re.compile(rb"[0-9]+(?:\.[0-9]+)*")
 def _raw_items(raw: RawDataElement, attribute: Attribute) -> list[bytes] | None:
     """The values of a raw text-like element of the table's VR and VM ([] when empty); None when it is not that."""
     value = raw.value
-    if type(value) is not bytes or (raw.VR or _ONLY_VR[attribute.keyword]) not in attribute.vrs:
+    if type(value) is not bytes or (raw.VR or attribute.only_vr) not in attribute.vrs:
         return None
     text = value.rstrip(b"\x00 ")
     if not text:
@@ -278,9 +279,12 @@ def _quick_text(raw: RawDataElement, attribute: Attribute) -> Any:
     items = _raw_items(raw, attribute)
     if not items:
         return _not_quick(items, attribute)
-    if not _PRINTABLE.fullmatch(raw.value.rstrip(b"\x00")):
-        return _DECLINED
+    if not _PRINTABLE.fullmatch(raw.value.rstrip(b"\x00")) or attribute.fast and raw.value[:1] == b" ":
+        return _DECLINED  # a leading space: the fast header's text keeps it, pydicom's does not
     keep_leading = attribute.kind == TEXT  # pydicom strips leading spaces of code strings only
+    if attribute.vm == 1 and attribute.terms is None and attribute.kind != CHARSET:
+        text = items[0].decode("ascii")
+        return text.rstrip(" ") if keep_leading else text.strip(" ")
     strings = tuple(item.decode("ascii").rstrip(" ") if keep_leading else item.decode("ascii").strip(" ")
                     for item in items)
     if attribute.kind == CHARSET and not all(term in python_encoding for term in strings) or \
@@ -293,8 +297,9 @@ _US = frozenset({"US"})
 _QUICK: dict[str, Callable[[RawDataElement, Attribute], Any]] = {
     DECIMAL: _quick_decimal, INTEGER: _quick_integer, UID: _quick_uid, TEXT: _quick_text, CODE: _quick_text,
     CHARSET: _quick_text}
-#: An implicit-VR element has the dictionary's VR: the table's, each row accepting one.
-_ONLY_VR = {attribute.keyword: next(iter(attribute.vrs)) for attribute in ATTRIBUTES}
+for _attribute in ATTRIBUTES:  # frozen rows: their readers are attached once, here
+    object.__setattr__(_attribute, "quick", _QUICK[_attribute.kind])
+    object.__setattr__(_attribute, "only_vr", next(iter(_attribute.vrs)))
 
 
 def _wrong_vr(vr: str, attribute: Attribute) -> str:
