@@ -6,8 +6,10 @@
 code uses (pydicom's decode of the dataset element; the fast header's ``text``/``numbers`` where
 downstream reads it that way) and accepts it only when it has an accepted VR, the table's VM and a
 usable value: DS/IS that parse, finite numbers, text that decodes with the file's SpecificCharacterSet,
-non-empty UIDs where required. So a value that passes cannot raise downstream; anything else is an
-``UnprocessableInput`` (422) naming the part, the attribute and the defect.
+UIDs of digits and dots (present where required), PhotometricInterpretation a defined term. An empty
+optional value counts as absent. So a value that passes cannot raise downstream; anything else is an
+``UnprocessableInput`` (422) naming the part, the attribute and the defect. Validation keeps the
+result on the header (``header.attributes``).
 
 Window Center/Width and the LUT sequences are not here: only ``inference.imaging.render`` reads them,
 for the test tool's pages, never on the request path.
@@ -50,10 +52,6 @@ class Attribute:
     terms: frozenset[str] | None = None  # the defined terms of a code string, when any other value cannot work
     quick: Any = None  # the raw-bytes reader of its kind (``_QUICK``), set once the readers are defined
     only_vr: str = ""  # the VR of an implicit-VR element: the dictionary's, the one the row accepts
-
-    @property
-    def vm_text(self) -> str:
-        return "1-n" if self.vm is None else str(self.vm)
 
 
 def _row(keyword: str, tag: int, vrs: str, vm: int | None, kind: str, required: bool = False,
