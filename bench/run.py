@@ -2,7 +2,8 @@
 
     python -m bench.run                 # everything (what ``make bench`` runs)
     python -m bench.run --quick         # fewer repeats: a smoke run
-    python -m bench.run --only small    # some sections: large, small, blur, hippocampus, celery, pacs (comma-separated)
+    python -m bench.run --only small    # some sections: large, small, blur, hippocampus, celery, pacs, header
+                                        # (comma-separated)
 
 Both servers run with the shipped ``gunicorn.conf.py`` (the floor with its app swapped) on
 free ports, and both are driven by the same client code, so their ratio is the gateway's own
@@ -44,7 +45,7 @@ HIPPOCAMPUS_COMMAND = "get-hippocampus-volume"
 STUDY1 = PROJECT_ROOT.parent / "shared" / "data" / "studies" / "Study1"
 #: The gateway serving only the 3D mask handler on ``/`` (``mock_server.py -s3D`` under gunicorn).
 MASK_ONLY_APP = f"server:create_app({MASK_COMMAND!r})"
-SECTIONS = ("large", "small", "blur", "hippocampus", "celery", "pacs")
+SECTIONS = ("large", "small", "blur", "hippocampus", "celery", "pacs", "header")
 #: Issue 17's targets (they tighten issue 2's); ``blur_ratio`` is "keep" (0.13 when set), with room for noise.
 TARGETS = {"small_seq_ratio": (">=", 0.85), "small_8_ratio": (">=", 0.95), "large_ratio": ("<=", 1.15),
            "rss_to_payload": ("<=", 1.0), "hippocampus_model_s": ("<=", 0.35), "hippocampus_fast_model_s": ("<=", 0.08),
@@ -289,6 +290,13 @@ def measure_celery(quick: bool) -> dict:
     return {"celery_jobs": measure_celery_jobs(quick)}
 
 
+def measure_header(repeats: int) -> dict:
+    """Header reading per file (``bench/dicom_header.py``): the fast reader against pydicom's partial reads."""
+    from bench.dicom_header import measure_headers
+
+    return measure_headers(repeats)
+
+
 def measure_hippocampus(ours: Server, repeats: int) -> dict:
     """Study1 round trip over HTTP, and the same study through the pipeline in-process.
 
@@ -408,6 +416,7 @@ def run(sections: Sequence[str], quick: bool) -> dict:
             "hippocampus": lambda: measure_hippocampus(ours, repeats=2 if quick else 5),
             "celery": lambda: measure_celery(quick),
             "pacs": lambda: measure_pacs(runs=1 if quick else 3),
+            "header": lambda: measure_header(repeats=3 if quick else 9),
         }
         for section in sections:
             attempt(section, measures[section])

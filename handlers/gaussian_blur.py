@@ -30,7 +30,7 @@ def single_series_volume(instances: Sequence[DicomInstance], command: str) -> Vo
         raise UnprocessableInput(f"{command} works on one series, the request holds {len(series)}: "
                                  f"{describe_series(series)}; send the instances of one series")
     volume = load_volume(next(iter(series.values())))
-    positions = {tuple(round(float(v), 3) for v in ds.get("ImagePositionPatient", [])) or ds.SOPInstanceUID
+    positions = {tuple(round(float(v), 3) for v in ds.get("ImagePositionPatient") or ()) or ds.SOPInstanceUID
                  for ds in volume.datasets}
     if len(positions) != len(volume.datasets):
         raise UnprocessableInput(f"series {volume.series_uid} has several images at one slice position "

@@ -119,14 +119,14 @@ def ras_affine(volume: Volume) -> np.ndarray:
     differ by the sign of x and y. Without orientation tags the series is taken as axial.
     """
     first = volume.datasets[0]
-    orientation = np.asarray(first.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), float)
+    orientation = np.asarray(first.get("ImageOrientationPatient") or [1, 0, 0, 0, 1, 0], float)  # absent or empty
     row_direction, column_direction = orientation[:3], orientation[3:]
     slice_spacing, row_spacing, column_spacing = volume.spacing
     affine = np.eye(4)
     affine[:3, 0] = row_direction * column_spacing  # along a row: the column index grows
     affine[:3, 1] = column_direction * row_spacing
     affine[:3, 2] = np.cross(row_direction, column_direction) * slice_spacing
-    affine[:3, 3] = np.asarray(first.get("ImagePositionPatient", [0, 0, 0]), float)
+    affine[:3, 3] = np.asarray(first.get("ImagePositionPatient") or [0, 0, 0], float)
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
 
 

@@ -8,6 +8,9 @@ import io
 import numpy as np
 import pydicom
 import pytest
+from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import strategies as st
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian, \
@@ -135,3 +138,94 @@ def test_real_scanner_files_are_read_fast_and_equal_pydicoms_read():
     files = dicom_files_in(shared_data("studies"))
     for path in files[::7]:
         assert_same_as_pydicom(path.read_bytes(), fast=True)
+
+
+# -- the fast reader against dcmread on damaged files: it declines (pydicom reads) or agrees ------------------
+def raw_fields(element) -> tuple:
+    """What a raw element says of the file: tag, VR, length, value bytes, encoding."""
+    return (element.tag, element.VR, element.length, element.value, element.is_implicit_VR, element.is_little_endian)
+
+
+def assert_declines_or_agrees(blob: bytes) -> None:
+    """The fast walk either declines (pydicom reads the file, its errors apply) or gives dcmread's raw elements."""
+    walked = _walk(blob, len(blob))
+    if not isinstance(walked, tuple):
+        return
+    header = read_header(blob)
+    try:
+        expected = pydicom.dcmread(io.BytesIO(blob), stop_before_pixels=True)
+    except Exception as exc:  # pydicom refuses what the walk took: a disagreement
+        raise AssertionError(f"the fast reader read a file dcmread refuses: {type(exc).__name__}: {exc}") from None
+    mine = header.dataset
+    assert list(mine.keys()) == list(expected.keys())
+    assert list(mine.file_meta.keys()) == list(expected.file_meta.keys())
+    for tag in expected.keys():
+        ours, theirs = mine.get_item(tag), expected.get_item(tag)
+        if isinstance(theirs, RawDataElement) and isinstance(ours, RawDataElement):
+            assert raw_fields(ours) == raw_fields(theirs), tag
+        else:  # already decoded on one side (dcmread parses implicit VR sequences while reading): compare values
+            assert decoded(mine, tag) == decoded(expected, tag), tag
+    assert mine.original_encoding == expected.original_encoding and mine.preamble == expected.preamble
+
+
+def decoded(ds: Dataset, tag: int) -> tuple:
+    """An element as pydicom decodes it (VR, value, nested items included), or the exception decoding raises."""
+    try:
+        element = ds[tag]
+        return element.VR, repr(element.value)
+    except Exception as exc:
+        return "raises", type(exc).__name__
+
+
+def vr_swapped(blob: bytes, position: int, vr: bytes) -> bytes:
+    """``blob`` with the explicit VR of the first element at or after ``position`` (past the meta) replaced."""
+    at = blob.find(b"\x08\x00", max(position, 132))  # group 0008 elements come first in these files
+    while at != -1 and not (blob[at + 4:at + 6].isalpha() and blob[at + 4:at + 6].isupper()):
+        at = blob.find(b"\x08\x00", at + 1)
+    return blob if at == -1 else blob[:at + 4] + vr + blob[at + 6:]
+
+
+DIFFERENTIAL_FILES = [encoded(an_image(), ExplicitVRLittleEndian), encoded(an_image(), ImplicitVRLittleEndian),
+                      encoded(with_nested_sequences(True)), encoded(with_nested_sequences(False))]
+SWAP_VRS = [b"FD", b"UL", b"OB", b"UN", b"SQ", b"UT", b"US", b"DS", b"XX", b"\x00\x00"]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@seed(20261202)
+@settings(max_examples=400, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(range(len(DIFFERENTIAL_FILES))), st.data())
+def test_damaged_files_are_declined_or_read_as_dcmread_reads_them(which, data):
+    """Truncated, byte-flipped and VR-swapped files: for every element the fast reader returns, dcmread agrees."""
+    blob = DIFFERENTIAL_FILES[which]
+    for _ in range(data.draw(st.integers(1, 3))):
+        how = data.draw(st.sampled_from(["truncate", "flip", "swap"]))
+        position = data.draw(st.integers(0, len(blob) - 1))
+        if how == "truncate":
+            blob = blob[:position]
+        elif how == "flip":
+            blob = blob[:position] + bytes([data.draw(st.integers(0, 255))]) + blob[position + 1:]
+        else:
+            blob = vr_swapped(blob, position, data.draw(st.sampled_from(SWAP_VRS)))
+        if not blob:
+            return
+    assert_declines_or_agrees(blob)
+
+
+def test_real_files_damaged_are_declined_or_read_as_dcmread_reads_them():
+    files = dicom_files_in(shared_data("studies", "Study1"))[:10]
+    for path in files:
+        blob = path.read_bytes()
+        for cut in range(140, min(len(blob), 4000), 97):
+            assert_declines_or_agrees(blob[:cut])
+            assert_declines_or_agrees(vr_swapped(blob, cut, b"FD"))
+            assert_declines_or_agrees(blob[:cut] + bytes([blob[cut] ^ 0xFF]) + blob[cut + 1:])
+
+
+def test_another_pydicom_is_refused_at_import_with_what_to_do(monkeypatch):
+    from inference.dicom import header
+
+    monkeypatch.setattr(pydicom, "__version__", "3.1.0")
+    with pytest.raises(ImportError, match=r"pydicom 3.1.0 is installed, 3.0.x expected.*requirements.txt"):
+        header.check_pydicom_internals()
+    monkeypatch.undo()
+    header.check_pydicom_internals()

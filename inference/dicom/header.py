@@ -30,6 +30,7 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
 
 PIXEL_DATA = 0x7FE00010
 SERIES_INSTANCE_UID = 0x0020000E
+SPECIFIC_CHARACTER_SET = 0x00080005
 #: Where ``stop_before_pixels`` stops, as pydicom does: Pixel Data, Float and Double Float Pixel Data.
 PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, PIXEL_DATA})
 UNDEFINED_LENGTH = 0xFFFFFFFF
@@ -48,10 +49,39 @@ HEAD_BYTES = 64 * 1024
 
 #: RawDataElement from one tuple of its nine fields, in C (namedtuple's ``_make`` is a Python call).
 _raw = partial(tuple.__new__, RawDataElement)
+#: The pydicom this module was proven against (tests/test_dicom_header.py); requirements.txt pins its minor version.
+PYDICOM_SERIES = "3.0."
+RAW_DATA_ELEMENT_FIELDS = ("tag", "VR", "length", "value", "value_tell", "is_implicit_VR", "is_little_endian",
+                           "is_raw", "is_buffered")
+
+
+def check_pydicom_internals() -> None:
+    """Fail at import, saying what to do, when pydicom is not the one whose internals this reader relies on.
+
+    The walk builds pydicom's ``RawDataElement`` tuples field by field and a ``FileDataset`` of them;
+    another pydicom could take those fields otherwise and decode values wrongly, not fail.
+    """
+    problems = []
+    if not pydicom.__version__.startswith(PYDICOM_SERIES):
+        problems.append(f"pydicom {pydicom.__version__} is installed, {PYDICOM_SERIES}x expected")
+    if RawDataElement._fields != RAW_DATA_ELEMENT_FIELDS:
+        problems.append(f"RawDataElement's fields are {RawDataElement._fields}")
+    probe = _raw((BaseTag(0x00280010), "US", 2, b"\x10\x00", 0, False, True, True, False))
+    ds = FileDataset(io.BytesIO(), {probe.tag: probe}, b"\0" * 128, FileMetaDataset(), False, True)
+    ds.set_original_encoding(False, True, default_encoding)
+    if ds.Rows != 16 or ds.original_encoding != (False, True):
+        problems.append("a FileDataset of raw elements no longer decodes as it did")
+    if problems:
+        raise ImportError("inference.dicom.header relies on pydicom 3.0's internals: " + "; ".join(problems) +
+                          ". Install the pydicom of requirements.txt, or re-prove the reader against this one "
+                          "(tests/test_dicom_header.py) and update PYDICOM_SERIES")
+
+
 _EXPLICIT = struct.Struct("<HH2sH")
 _IMPLICIT = struct.Struct("<HHL")
 _U32 = struct.Struct("<L")
 _U16 = struct.Struct("<H")
+check_pydicom_internals()
 
 
 @dataclass(frozen=True)
@@ -81,6 +111,10 @@ class InstanceHeader:
 
     def __contains__(self, tag: int) -> bool:
         return tag in self._elements
+
+    def raw_element(self, tag: int) -> RawDataElement | None:
+        """The element as the fast walk stored it (undecoded); None when absent or read by pydicom."""
+        return self._elements.get(tag)
 
     @property
     def transfer_syntax(self) -> UID:
@@ -273,6 +307,9 @@ def _walk(buf: bytes, file_size: int) -> tuple | object:
     else:
         if pos < file_size and end < file_size:
             return _NEED_MORE
+    charset = elements.get(SPECIFIC_CHARACTER_SET)
+    if charset is not None and not (charset.VR in (None, "CS") and charset.value.isascii()):
+        return _NOT_FAST  # dcmread decodes the character set while reading: it judges one that is not text
     return meta, elements, implicit, pixel, buf[:128]
 
 
@@ -382,8 +419,8 @@ def _fast_header(meta: dict, elements: dict, implicit: bool, pixel: PixelElement
                  file_size: int) -> InstanceHeader:
     def dataset() -> FileDataset:
         encoding: Any = default_encoding
-        if 0x00080005 in elements:
-            encoding = convert_encodings(convert_raw_data_element(elements[0x00080005]).value)
+        if SPECIFIC_CHARACTER_SET in elements:
+            encoding = convert_encodings(convert_raw_data_element(elements[SPECIFIC_CHARACTER_SET]).value)
         ds = FileDataset(io.BytesIO(), dict(elements), preamble, FileMetaDataset(dict(meta)), implicit, True)
         ds.set_original_encoding(implicit, True, encoding)
         return ds

@@ -14,6 +14,7 @@ from typing import Any, BinaryIO
 import pydicom
 from pydicom.dataset import Dataset, FileDataset
 
+from inference.dicom.attributes import CheckedAttributes
 from inference.dicom.header import InstanceHeader
 
 
@@ -24,8 +25,8 @@ class DicomInstance:
     source: Any  # a request part (``inference.protocol.multipart_request.Part``) or a binary file
     header: InstanceHeader
     position: int  # among the parts after the request JSON, from 0
-    #: The attributes validation checked (``inference.dicom.attributes``), when it checked them.
-    attributes: Any = field(default=None, repr=False)
+    #: The attribute values validation checked (``inference.dicom.attributes.CheckedAttributes``).
+    attributes: CheckedAttributes | None = field(default=None, repr=False)
 
     @property
     def name(self) -> str:

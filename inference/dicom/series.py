@@ -200,7 +200,7 @@ def load_volume(items: Sequence[DicomInstance | Dataset], *, rescale: bool = Tru
         slope = float(ordered[0].get("RescaleSlope", 1) or 1)
         intercept = float(ordered[0].get("RescaleIntercept", 0) or 0)
         voxels = voxels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
-    row_spacing, column_spacing = (float(v) for v in ordered[0].get("PixelSpacing", [1.0, 1.0]))
+    row_spacing, column_spacing = (float(v) for v in ordered[0].get("PixelSpacing") or (1.0, 1.0))  # absent or empty
     return Volume(voxels, (slice_spacing(ordered_items), row_spacing, column_spacing), ordered)
 
 

@@ -22,6 +22,7 @@ from typing import Any
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
+from inference.dicom.attributes import check_attributes
 from inference.dicom.header import SERIES_INSTANCE_UID, InstanceHeader, read_header
 from inference.dicom.instance import DicomInstance, describe_source
 from inference.errors import UnprocessableInput
@@ -54,7 +55,9 @@ def validate_instances(parts: Sequence[Any], *, max_series_voxels: int,
                               early=early.get(getattr(part, "index", -1)))
         if header is None:
             continue
-        voxels = check_image_header(header, _Describe(part, position))
+        where = _Describe(part, position)
+        attributes = check_attributes(header, where)  # every attribute downstream code reads
+        voxels = check_image_header(header, where)
         series = header.text(SERIES_INSTANCE_UID) or ""
         voxels_by_series[series] = voxels_by_series.get(series, 0) + voxels
         if voxels_by_series[series] > max_series_voxels:
@@ -62,7 +65,7 @@ def validate_instances(parts: Sequence[Any], *, max_series_voxels: int,
                 f"series {series or '(no SeriesInstanceUID)'} holds more than {max_series_voxels} voxels "
                 f"(the limit, INFERENCE_MAX_SERIES_VOXELS) by {describe_source(part, position)}; send a smaller "
                 "series or crop it")
-        instances.append(DicomInstance(part, header, position))
+        instances.append(DicomInstance(part, header, position, attributes))
     return instances
 
 
