@@ -19,7 +19,6 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from inference.dicom.attributes import check_attributes
@@ -96,19 +95,23 @@ def read_header_early(part: Any) -> InstanceHeader | None:
 def _read_header(part: Any, position: int, *, attachment_allowed: bool,
                  early: InstanceHeader | None) -> InstanceHeader | None:
     """The part's header (``early`` when already read); None for a leading attachment; a 422 for anything not DICOM."""
+    labelled_dicom = getattr(part, "content_type", "application/dicom") == "application/dicom"
     try:
         header = early or read_header(part)
-        if SOP_INSTANCE_UID not in header:
-            raise InvalidDicomError("no SOPInstanceUID")
-        return header
     except Exception as exc:  # pydicom raises many kinds on garbage
-        labelled_dicom = getattr(part, "content_type", "application/dicom") == "application/dicom"
         if attachment_allowed and not labelled_dicom:
             return None
         where = describe_source(part, position)
         log.info("%s is not readable DICOM: %s: %s", where, type(exc).__name__, exc)
         raise UnprocessableInput(f"{where} is not a readable DICOM file (damaged or truncated header, "
                                  "or not DICOM); send the instance as stored by the modality or PACS") from None
+    if SOP_INSTANCE_UID in header:
+        return header
+    if attachment_allowed and not labelled_dicom:
+        return None  # a file that happens to parse, before the DICOM parts: an attachment
+    raise UnprocessableInput(f"{describe_source(part, position)} is not a readable DICOM file: its header has no "
+                             "SOPInstanceUID (0008,0018) (a truncated header, or not an instance); send the instance "
+                             "as stored by the modality or PACS")
 
 
 def _integer(header: InstanceHeader, keyword: str, describe: Any, *, default: int | None = None) -> int:
@@ -133,9 +136,9 @@ def check_image_header(header: InstanceHeader, describe: Any) -> int:
     columns = _integer(header, "Columns", describe)
     bits_allocated = _integer(header, "BitsAllocated", describe)
     samples = _integer(header, "SamplesPerPixel", describe)
-    bits_stored = _integer(header, "BitsStored", describe, default=bits_allocated)
+    bits_stored = _integer(header, "BitsStored", describe)
     frames = _integer(header, "NumberOfFrames", describe, default=1)
-    representation = _integer(header, "PixelRepresentation", describe, default=0)
+    representation = _integer(header, "PixelRepresentation", describe)
     if not 0 < rows <= 65535 or not 0 < columns <= 65535:
         raise UnprocessableInput(f"{describe}: image size {rows} x {columns} is impossible "
                                  "(Rows and Columns must be 1 to 65535)")
