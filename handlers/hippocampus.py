@@ -37,16 +37,9 @@ from PIL import Image, ImageDraw
 
 from inference.pipeline.handler_registry import Param, register
 from inference.config import Settings
-from inference.dicom.series import (
-    Volume,
-    describe_series,
-    dicom_files_in,
-    group_by_series,
-    load_volume,
-    require_instances,
-    secondary_capture,
-    series_from_volume,
-)
+from inference.dicom.files import dicom_files_in
+from inference.dicom.series import Volume, describe_series, group_by_series, load_volume, require_instances
+from inference.dicom.writing import secondary_capture, series_from_volume
 from inference.dicom.instance import DicomInstance
 from inference.pipeline.context import HandlerContext
 from inference.pacs.delivery import STORED, DeliveryStatus, ResultSender

@@ -12,7 +12,8 @@ import pytest
 from pydicom.sr.codedict import codes
 
 from tests.conftest import require, shared_data
-from inference.dicom.series import dataset_bytes, load_volume, secondary_capture, series_from_volume
+from inference.dicom.series import load_volume
+from inference.dicom.writing import dataset_bytes, secondary_capture, series_from_volume
 from models.registry import Structure, registry_for
 from inference.dicom.results import Algorithm, decode_segmentation, measurement_report, report_volumes, segmentation
 

@@ -16,7 +16,7 @@ from handlers import hippocampus
 from tests.conftest import PROJECT_ROOT, shared_data
 from inference import protocol
 from inference.config import get_settings
-from inference.dicom.series import dataset_bytes, series_from_volume
+from inference.dicom.writing import dataset_bytes, series_from_volume
 from inference.errors import UnprocessableInput
 from inference.pipeline.pipeline import Pipeline
 

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from inference.imaging import render
-from inference.dicom.series import series_from_volume
+from inference.dicom.writing import series_from_volume
 
 GREY = 100
 
