@@ -111,14 +111,14 @@ def test_report_needs_every_structure_volume(source):
 
 
 def test_hippocampus_dicom_outputs_on_study1_match_the_mask_and_pass_dciodvfy(tmp_path):
-    from handlers import hippocampus
+    from handlers.hippocampus.handler import COMMAND
     from inference.config import get_settings
     from inference.dicom.series import sort_by_position
     from inference.pipeline.pipeline import Pipeline
 
     files = sorted(shared_data("studies", "Study1").rglob("*.dcm"))
-    result = Pipeline(get_settings(), commands=[hippocampus.COMMAND]).run_files(
-        {"inference_command": hippocampus.COMMAND, "dicom_outputs": ["seg", "sr"]}, files)
+    result = Pipeline(get_settings(), commands=[COMMAND]).run_files(
+        {"inference_command": COMMAND, "dicom_outputs": ["seg", "sr"]}, files)
     response, buffers = result.response_json, result.buffers
     assert [p["binary_type"] for p in response["parts"]] == ["numeric_label_mask", "dicom_secondary_capture",
                                                              "dicom", "dicom"]
@@ -147,11 +147,11 @@ def test_hippocampus_dicom_outputs_on_study1_match_the_mask_and_pass_dciodvfy(tm
 
 @pytest.mark.parametrize("value", ["seg", ["seg", "mesh"], [1]])
 def test_hippocampus_refuses_unknown_dicom_outputs(value):
-    from handlers import hippocampus
+    from handlers.hippocampus.handler import COMMAND
     from inference.config import get_settings
     from inference.errors import BadRequest
     from inference.pipeline.pipeline import Pipeline
 
-    pipeline = Pipeline(get_settings(), commands=[hippocampus.COMMAND])
+    pipeline = Pipeline(get_settings(), commands=[COMMAND])
     with pytest.raises(BadRequest, match=r"dicom_outputs.*a list of 'seg', 'sr'"):
-        pipeline.check_request({"inference_command": hippocampus.COMMAND, "dicom_outputs": value})
+        pipeline.check_request({"inference_command": COMMAND, "dicom_outputs": value})
