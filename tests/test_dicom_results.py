@@ -12,10 +12,11 @@ import pytest
 from pydicom.sr.codedict import codes
 
 from tests.conftest import require, shared_data
+from tests.dicom_readback import decode_segmentation, report_volumes
 from inference.dicom.series import load_volume
 from inference.dicom.writing import dataset_bytes, secondary_capture, series_from_volume
 from models.registry import Structure, registry_for
-from inference.dicom.results import Algorithm, decode_segmentation, measurement_report, report_volumes, segmentation
+from inference.dicom.results import Algorithm, measurement_report, segmentation
 
 STRUCTURES = (Structure("Left thing", 3, (255, 0, 0), codes.SCT.Hippocampus, codes.SCT.Anterior),
               Structure("Right thing", 7, (0, 0, 255), codes.SCT.Hippocampus, codes.SCT.Posterior))
