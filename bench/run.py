@@ -15,7 +15,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import shutil
 import socket
 import statistics

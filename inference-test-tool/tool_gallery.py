@@ -22,7 +22,7 @@ from typing import Any
 import jinja2
 import numpy as np
 import pydicom
-from PIL import Image, ImageDraw
+from PIL import Image
 from pydicom.dataset import Dataset
 
 from tool_input import InputImage, InputSeries, Study

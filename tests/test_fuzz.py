@@ -12,7 +12,6 @@ import socket
 
 import numpy as np
 import pydicom
-import pytest
 import requests
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
