@@ -78,6 +78,7 @@ def send_results(sender: ResultSender, study: Path, result: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Measure every study named (in parallel), send results when asked; 1 if a study failed or was not delivered."""
     parser = argparse.ArgumentParser(
         prog="python -m handlers.hippocampus",
         description="Measure hippocampal volumes of study folders (not for clinical use): each study's HippoCrop\n"
