@@ -47,7 +47,7 @@ from pynetdicom.sop_class import Verification
 from handlers import load_handlers
 from inference import protocol
 from inference.config import Settings
-from inference.dicom.series import dicom_files_in
+from inference.dicom.files import dicom_files_in
 from inference.errors import GatewayError
 from inference.jobs.executor import JobExecutor, job_request_json
 from inference.jobs.store import COMPLETED, FAILED, INTERRUPTED, Job, JobStore, LocalPoolRunner

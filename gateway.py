@@ -31,7 +31,7 @@ from inference.pipeline.handler_registry import HandlerRegistry
 from inference import metrics
 from inference import protocol
 from inference.config import Settings, get_settings
-from inference.dicom.series import study_folder_files
+from inference.dicom.files import study_folder_files
 from inference.dicom.validation import read_header_early
 from inference.errors import BadRequest, Forbidden, GatewayError, Unauthorized
 from inference.protocol.multipart_request import PartSpool, ParsedBody, multipart_boundary, parse_content_type, parse_multipart_related, parts_from_files

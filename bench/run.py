@@ -16,7 +16,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import shutil
 import socket
 import statistics
@@ -307,7 +306,7 @@ def measure_hippocampus(ours: Server, repeats: int) -> dict:
     if not STUDY1.is_dir():
         return {"hippocampus_skipped": "needs ../shared/data/studies/Study1 (absent on this machine)"}
     from handlers import load_handlers
-    from inference.dicom.series import dicom_files_in
+    from inference.dicom.files import dicom_files_in
     from inference.pipeline.pipeline import Pipeline
 
     out: dict = {}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from inference.dicom.series import series_from_volume, write_series
+from inference.dicom.writing import series_from_volume, write_series
 
 CACHE_DIR = Path(__file__).resolve().parent / ".cache"
 SHAPES: dict[str, tuple[int, int, int]] = {"large": (256, 512, 512), "small": (24, 256, 256)}

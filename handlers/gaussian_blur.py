@@ -13,7 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from inference.dicom.instance import DicomInstance
-from inference.dicom.series import Volume, derived_series, describe_series, group_by_series, load_volume, require_instances
+from inference.dicom.series import Volume, describe_series, group_by_series, load_volume, require_instances
+from inference.dicom.writing import derived_series
 from inference.errors import UnprocessableInput
 from inference.imaging.blur import gaussian_blur_3d
 from inference.pipeline.context import HandlerContext

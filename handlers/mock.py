@@ -16,8 +16,8 @@ from PIL import Image, ImageDraw
 from pydicom.dataset import Dataset
 
 from inference.dicom.instance import DicomInstance
-from inference.dicom.series import (group_by_series, require_instances, secondary_capture, slice_normal, sort_by_position,
-                                    structured_report)
+from inference.dicom.series import group_by_series, require_instances, slice_normal, sort_by_position
+from inference.dicom.writing import secondary_capture, structured_report
 from inference.imaging.render import font
 from inference.pipeline.context import HandlerContext
 from inference.pipeline.handler_registry import register

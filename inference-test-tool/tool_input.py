@@ -17,7 +17,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from inference import protocol
-from inference.dicom.series import secondary_capture, sort_by_position
+from inference.dicom.series import sort_by_position
+from inference.dicom.writing import secondary_capture
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 

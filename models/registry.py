@@ -34,7 +34,6 @@ DEFAULT_MANIFEST = Path(__file__).resolve().parent / "manifest.yaml"
 VERSION_KEYS = ("weights", "sha256", "architecture", "framework", "input", "inference", "structures",
                 "training_data", "date")
 STRUCTURE_KEYS = ("name", "label", "color", "anatomy")
-SOFTWARE = "inference-gateway"
 
 
 class ManifestError(Exception):

@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 import shutil
-import subprocess
 import time
 from pathlib import Path
 

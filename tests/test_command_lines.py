@@ -21,7 +21,7 @@ ENTRY_POINTS = [
     ("python -m models.train_hippocampus", "models.train_hippocampus",
      ("python -m models.train_hippocampus --data ../shared/data/hippocampus \\\n"
       "        --out models/hippocampus_unet.pt")),
-    ("python -m handlers.hippocampus", "handlers.hippocampus",
+    ("python -m handlers.hippocampus", "handlers.hippocampus.cli",
      "python -m handlers.hippocampus ../shared/data/studies/Study1"),
     ("python -m inference.dicom.volume_io", "inference.dicom.volume_io",
      "python -m inference.dicom.volume_io dicom-to-hdf5 -i DICOM_DIR"),

@@ -17,7 +17,8 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, Exp
     ImplicitVRLittleEndian
 
 from tests.conftest import shared_data
-from inference.dicom.series import dicom_files_in, series_from_volume
+from inference.dicom.files import dicom_files_in
+from inference.dicom.writing import series_from_volume
 from inference.dicom.header import HEAD_BYTES, _walk, read_header
 from inference.protocol.multipart_request import PartSpool
 

@@ -84,7 +84,7 @@ def test_study_routed_by_orthanc_comes_back_as_seg_sr_and_report(pacs, server, t
     from inference.config import get_settings
     from inference.protocol.client import send_inference_request
     from inference.dicom.series import sort_by_position
-    from inference.dicom.results import decode_segmentation, report_volumes
+    from tests.dicom_readback import decode_segmentation, report_volumes
 
     orthanc, node = pacs
     files = sorted(shared_data("studies", "Study1").rglob("*.dcm"))

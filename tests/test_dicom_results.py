@@ -12,9 +12,11 @@ import pytest
 from pydicom.sr.codedict import codes
 
 from tests.conftest import require, shared_data
-from inference.dicom.series import dataset_bytes, load_volume, secondary_capture, series_from_volume
+from tests.dicom_readback import decode_segmentation, report_volumes
+from inference.dicom.series import load_volume
+from inference.dicom.writing import dataset_bytes, secondary_capture, series_from_volume
 from models.registry import Structure, registry_for
-from inference.dicom.results import Algorithm, decode_segmentation, measurement_report, report_volumes, segmentation
+from inference.dicom.results import Algorithm, measurement_report, segmentation
 
 STRUCTURES = (Structure("Left thing", 3, (255, 0, 0), codes.SCT.Hippocampus, codes.SCT.Anterior),
               Structure("Right thing", 7, (0, 0, 255), codes.SCT.Hippocampus, codes.SCT.Posterior))
@@ -110,14 +112,14 @@ def test_report_needs_every_structure_volume(source):
 
 
 def test_hippocampus_dicom_outputs_on_study1_match_the_mask_and_pass_dciodvfy(tmp_path):
-    from handlers import hippocampus
+    from handlers.hippocampus.handler import COMMAND
     from inference.config import get_settings
     from inference.dicom.series import sort_by_position
     from inference.pipeline.pipeline import Pipeline
 
     files = sorted(shared_data("studies", "Study1").rglob("*.dcm"))
-    result = Pipeline(get_settings(), commands=[hippocampus.COMMAND]).run_files(
-        {"inference_command": hippocampus.COMMAND, "dicom_outputs": ["seg", "sr"]}, files)
+    result = Pipeline(get_settings(), commands=[COMMAND]).run_files(
+        {"inference_command": COMMAND, "dicom_outputs": ["seg", "sr"]}, files)
     response, buffers = result.response_json, result.buffers
     assert [p["binary_type"] for p in response["parts"]] == ["numeric_label_mask", "dicom_secondary_capture",
                                                              "dicom", "dicom"]
@@ -146,11 +148,11 @@ def test_hippocampus_dicom_outputs_on_study1_match_the_mask_and_pass_dciodvfy(tm
 
 @pytest.mark.parametrize("value", ["seg", ["seg", "mesh"], [1]])
 def test_hippocampus_refuses_unknown_dicom_outputs(value):
-    from handlers import hippocampus
+    from handlers.hippocampus.handler import COMMAND
     from inference.config import get_settings
     from inference.errors import BadRequest
     from inference.pipeline.pipeline import Pipeline
 
-    pipeline = Pipeline(get_settings(), commands=[hippocampus.COMMAND])
+    pipeline = Pipeline(get_settings(), commands=[COMMAND])
     with pytest.raises(BadRequest, match=r"dicom_outputs.*a list of 'seg', 'sr'"):
-        pipeline.check_request({"inference_command": hippocampus.COMMAND, "dicom_outputs": value})
+        pipeline.check_request({"inference_command": COMMAND, "dicom_outputs": value})

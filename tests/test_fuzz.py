@@ -12,13 +12,12 @@ import socket
 
 import numpy as np
 import pydicom
-import pytest
 import requests
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 from inference.protocol.client import build_multipart_request, close_request_files, related_content_type
-from inference.dicom.series import series_from_volume
+from inference.dicom.writing import series_from_volume
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "60"))
 DICOM_FIELDS = ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "BitsStored", "PixelRepresentation",

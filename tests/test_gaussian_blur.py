@@ -16,7 +16,7 @@ from handlers.gaussian_blur import DEFAULT_SIGMA_MM
 from inference.imaging.blur import gaussian_blur_3d, gaussian_kernel
 from inference.protocol.client import build_multipart_request, related_content_type
 from inference.config import Settings
-from inference.dicom.series import series_from_volume, write_series
+from inference.dicom.writing import series_from_volume, write_series
 from inference.protocol.multipart_response import decode_multipart_response
 from inference.pipeline.pipeline import Pipeline
 

@@ -12,11 +12,13 @@ import pydicom
 import pytest
 from PIL import Image
 
-from handlers import hippocampus
+from handlers.hippocampus.handler import COMMAND, FAMILY, load_version
+from handlers.hippocampus.orientation import from_model_orientation, to_model_orientation
 from tests.conftest import PROJECT_ROOT, shared_data
+from tests.nifti_series import series_from_nifti
 from inference import protocol
 from inference.config import get_settings
-from inference.dicom.series import dataset_bytes, series_from_volume
+from inference.dicom.writing import dataset_bytes, series_from_volume
 from inference.errors import UnprocessableInput
 from inference.pipeline.pipeline import Pipeline
 
@@ -36,8 +38,8 @@ def as_parts(datasets):
 
 def run(instances, settings=None):
     """The hippocampus command through the pipeline, as every front door runs it: (JSON, checked buffers)."""
-    pipeline = Pipeline(settings or get_settings(), commands=[hippocampus.COMMAND])
-    result = pipeline.run({}, instances, "0" * 64, command=hippocampus.COMMAND)
+    pipeline = Pipeline(settings or get_settings(), commands=[COMMAND])
+    result = pipeline.run({}, instances, "0" * 64, command=COMMAND)
     return result.response_json, result.buffers
 
 
@@ -53,15 +55,15 @@ def test_nifti_written_as_dicom_comes_back_in_the_training_orientation(tmp_path)
     from inference.dicom.series import load_volume
 
     ras = np.arange(5 * 6 * 7, dtype=np.int16).reshape(5, 6, 7)  # (x, y, z) as nibabel loads it
-    series = hippocampus.series_from_nifti(write_nifti(tmp_path / "crop.nii.gz", ras))
+    series = series_from_nifti(write_nifti(tmp_path / "crop.nii.gz", ras))
     np.random.default_rng(0).shuffle(series)  # viewers may send any order; positions decide
     volume = load_volume(series, rescale=False)
     assert volume.voxels.shape == (7, 6, 5)  # axial slices, rows along y, columns along x
     # DICOM rows run posterior-wards and columns leftwards (LPS): both flipped against RAS
     assert volume.voxels[0, 0, 0] == ras[4, 5, 0]
-    model_view, orientation = hippocampus.to_model_orientation(volume)
+    model_view, orientation = to_model_orientation(volume)
     assert np.array_equal(model_view, ras)
-    assert np.array_equal(hippocampus.from_model_orientation(model_view, orientation), volume.voxels)
+    assert np.array_equal(from_model_orientation(model_view, orientation), volume.voxels)
 
 
 def test_sagittal_series_is_reoriented_too():
@@ -74,9 +76,9 @@ def test_sagittal_series_is_reoriented_too():
     sagittal = np.ascontiguousarray(ras[:, ::-1, ::-1].transpose(0, 2, 1))  # (slice R, row I, column P)
     series = series_from_volume(sagittal, orientation=(0, 1, 0, 0, 0, -1), description="HippoCrop")
     volume = load_volume(series, rescale=False)
-    model_view, orientation = hippocampus.to_model_orientation(volume)
+    model_view, orientation = to_model_orientation(volume)
     assert np.array_equal(model_view, ras)
-    assert np.array_equal(hippocampus.from_model_orientation(model_view, orientation), sagittal)
+    assert np.array_equal(from_model_orientation(model_view, orientation), sagittal)
 
 
 def test_labelled_nifti_sent_as_dicom_is_segmented_in_the_training_orientation(weights, tmp_path):
@@ -87,13 +89,13 @@ def test_labelled_nifti_sent_as_dicom_is_segmented_in_the_training_orientation(w
     pairs = dataset_pairs(data)
     for case in split_cases(sorted(pairs), seed=0)["test"][:3]:
         image_path, label_path = pairs[case]
-        series = hippocampus.series_from_nifti(image_path)
+        series = series_from_nifti(image_path)
         other = series_from_volume(np.zeros((3, 64, 64), np.int16), description="T1 whole brain",
                                    study_uid=series[0].StudyInstanceUID)
         response, prepared = run(as_parts(other + series[::-1]))
         shape = response["parts"][0]["binary_data_shape"]
         predicted = np.frombuffer(prepared[0], np.uint8).reshape(shape["depth"], shape["height"], shape["width"])
-        truth = load_volume(hippocampus.series_from_nifti(label_path), rescale=False).voxels
+        truth = load_volume(series_from_nifti(label_path), rescale=False).voxels
         assert predicted.shape == truth.shape
         dice = 2 * np.sum((predicted > 0) & (truth > 0)) / (np.sum(predicted > 0) + np.sum(truth > 0))
         assert dice >= 0.85, f"{case}: foreground Dice {dice:.3f} through DICOM; orientation is off"
@@ -144,7 +146,7 @@ def test_volumes_use_spacing_not_voxel_counts(weights):
     from models.data import dataset_pairs
 
     image_path, _ = dataset_pairs(data)["hippocampus_001"]
-    base = hippocampus.series_from_nifti(image_path)
+    base = series_from_nifti(image_path)
     response, _ = run(as_parts(base))
     one = next(iter(response["series_ml_json"].values()))
     for ds in base:
@@ -219,10 +221,10 @@ def test_a_version_runs_the_inference_settings_its_manifest_declares(weights):
     from models.registry import ModelRegistry, ModelUnavailable
 
     registry = ModelRegistry.load()
-    fast = registry.family(hippocampus.FAMILY).resolve("1.0-fast")
-    segmenter = registry.model(fast, hippocampus.load_version)
+    fast = registry.family(FAMILY).resolve("1.0-fast")
+    segmenter = registry.model(fast, load_version)
     assert (segmenter.canvas, segmenter.flips, segmenter.member_indices) == ("tight", False, (0,))
     assert fast.inference["canvas"] == "tight" and "--canvas tight" in fast.evaluation["command"]
     bad = dataclasses.replace(fast, version="bad-canvas", inference={**fast.inference, "canvas": "small"})
     with pytest.raises(ModelUnavailable, match="canvas: unknown 'small'; choose one of fixed, tight"):
-        registry.model(bad, hippocampus.load_version)
+        registry.model(bad, load_version)

@@ -18,7 +18,6 @@ from collections import Counter
 from pathlib import Path
 
 import pydicom
-import pytest
 
 from bench.pacs_services import DicomNodeProcess, Orthanc, free_port, orthanc_missing
 from tests.conftest import PROJECT_ROOT, require, shared_data

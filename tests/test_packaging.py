@@ -456,7 +456,7 @@ def test_the_tool_image_copies_every_module_and_template_the_tool_uses() -> None
                 wanted.add(f"inference-test-tool/{node.module}.py")
         wanted |= {f for f in map(module_file, project_modules_imported_by(PROJECT_ROOT / path)) if f}
     assert "inference-test-tool/templates" in copied and (tool_dir / "templates" / "index.html.j2").is_file()
-    assert "inference/paths.py" in seen
+    assert "inference/dicom/instance.py" in seen
 
 
 # -- the Python package (pyproject.toml) -------------------------------------------------------------

@@ -21,7 +21,7 @@ from PIL import Image
 
 from conftest import SHARED_DATA
 from test_test_tool import run_tool
-from inference.dicom.series import series_from_volume, write_series
+from inference.dicom.writing import series_from_volume, write_series
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--no-first-run", "--disable-sync"]

@@ -21,7 +21,8 @@ from tests.conftest import PROJECT_ROOT, corrupt_manifest, shared_data, write_st
 from inference import protocol
 from inference.protocol.client import build_multipart_request, related_content_type
 from inference.config import Settings
-from inference.dicom.series import dicom_files_in, series_from_volume, write_series
+from inference.dicom.files import dicom_files_in
+from inference.dicom.writing import series_from_volume, write_series
 from inference.errors import BadRequest, UnprocessableInput
 from inference.jobs.api import add_job_routes
 from inference.protocol.multipart_response import decode_multipart_response

@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import pytest
 
-from inference.dicom.series import series_from_volume
+from inference.dicom.writing import series_from_volume
 from inference.errors import OutputValidationError
 from inference.protocol.rules import (
     SeriesInfo,

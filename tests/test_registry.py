@@ -20,7 +20,7 @@ from models.registry import DEFAULT_MANIFEST, ManifestError, ModelRegistry, add_
 from tests.conftest import PROJECT_ROOT
 from inference.protocol.client import build_multipart_request, related_content_type
 from inference.config import Settings
-from inference.dicom.series import series_from_volume, write_series
+from inference.dicom.writing import series_from_volume, write_series
 from inference.protocol.multipart_response import decode_multipart_response
 
 HIPPOCAMPUS = "get-hippocampus-volume"

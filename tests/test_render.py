@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from inference.imaging import render
-from inference.dicom.series import series_from_volume
+from inference.dicom.writing import series_from_volume
 
 GREY = 100
 
@@ -103,26 +103,14 @@ def test_small_images_are_upscaled_and_large_ones_are_not():
 
 
 # -- overlays ------------------------------------------------------------------------------
-def drawn(before: np.ndarray, after: np.ndarray) -> np.ndarray:
-    return np.any(before != after, axis=2)
-
-
 def test_probability_mask_without_threshold_is_drawn_above_128():
-    mask = np.zeros((9, 9), np.uint8)
-    mask[2, 2], mask[4, 4], mask[6, 6] = 127, 128, 129
-    rgb = grey_rgb()
-    changed = drawn(rgb, render.overlay_probability(rgb, mask, None, (255, 0, 0)))
-    assert not changed[2, 2] and not changed[4, 4]
-    assert changed[6, 6]
-    assert changed.sum() == 1
+    mask = np.array([127, 128, 129], np.uint8)
+    assert (mask > render.probability_cutoff(None)).tolist() == [False, False, True]
 
 
 def test_probability_threshold_is_respected():
-    mask = np.zeros((9, 9), np.uint8)
-    mask[2, 2], mask[6, 6] = 51, 52  # threshold 0.2 draws above 51
-    rgb = grey_rgb()
-    changed = drawn(rgb, render.overlay_probability(rgb, mask, 0.2, (255, 0, 0)))
-    assert not changed[2, 2] and changed[6, 6]
+    mask = np.array([51, 52], np.uint8)  # threshold 0.2 draws above 51
+    assert (mask > render.probability_cutoff(0.2)).tolist() == [False, True]
 
 
 def test_mask_overlay_is_translucent_inside_and_opaque_on_the_outline():
@@ -164,13 +152,6 @@ def test_palette_interpolation_hits_the_anchor_points():
     assert 60 <= quarter[3] <= 68 and 120 <= quarter[1] <= 135
 
 
-def test_heatmap_uses_the_palette_alpha():
-    values = np.array([[0, 255]], np.uint8)
-    out = render.overlay_heatmap(grey_rgb(1, 2), values, PALETTE)
-    assert out[0, 0].tolist() == [GREY] * 3  # alpha 0: untouched
-    assert out[0, 1].tolist() == [255, 0, 0]  # alpha 255: the palette colour
-
-
 # -- annotations ---------------------------------------------------------------------------
 def test_box_is_drawn_around_its_pixels_at_the_display_scale():
     image = Image.new("RGB", (40, 40))
@@ -186,14 +167,6 @@ def test_measurement_length_uses_pixel_spacing_row_then_column():
     assert render.measurement_text([0, 0], [10, 0], "len", [0.5, 2.0]) == "len: 20.0 mm"
     assert render.measurement_text([0, 0], [0, 10], "len", [0.5, 2.0]) == "len: 5.0 mm"
     assert render.measurement_text([0, 0], [3, 4], "", None) == "5.0 px"
-
-
-def test_panel_lists_entries_below_the_image_without_covering_it():
-    image = Image.new("RGB", (300, 100), (GREY, GREY, GREY))
-    out = render.add_panel(image, [("label one", (255, 0, 0)), ("a very long line " * 6, None)])
-    assert out.width == 300 and out.height > 100 + 3 * 18  # the long line wraps
-    assert np.all(np.asarray(out)[:100] == GREY)
-    assert render.add_panel(image, []) is image
 
 
 # -- a series' window: the header's when it shows the data, else percentiles ----------------------------

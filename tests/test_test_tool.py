@@ -27,7 +27,7 @@ from werkzeug.serving import make_server
 from conftest import PROJECT_ROOT, free_port, shared_data, write_study
 from inference import protocol
 from inference.errors import OutputValidationError
-from inference.dicom.series import dataset_bytes, secondary_capture
+from inference.dicom.writing import dataset_bytes, secondary_capture
 from inference.protocol.multipart_response import encode_multipart_related
 
 

@@ -11,7 +11,7 @@ import pydicom
 import pytest
 
 from tests.conftest import write_study
-from inference.dicom.series import series_from_volume, write_series
+from inference.dicom.writing import series_from_volume, write_series
 from inference.dicom.volume_io import main
 
 RESCALE = (0.5, -1024.0)

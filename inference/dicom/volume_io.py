@@ -24,8 +24,10 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
-from inference.dicom.series import (Volume, derived_series, describe_series, dicom_files_in, group_by_series, load_volume,
-                         slice_normal, slice_spacing, sort_by_position, write_series)
+from inference.dicom.files import dicom_files_in
+from inference.dicom.series import (Volume, describe_series, group_by_series, load_volume, slice_normal, slice_spacing,
+                                    sort_by_position)
+from inference.dicom.writing import derived_series, write_series
 from inference.errors import GatewayError
 
 VOLUME_DATASET = "volume"

@@ -142,12 +142,6 @@ def probability_cutoff(threshold: float | None) -> float:
     return DEFAULT_DRAW_THRESHOLD if threshold is None else float(threshold) * 255
 
 
-def overlay_probability(rgb: np.ndarray, mask: np.ndarray, threshold: float | None, color: Color,
-                        alpha: float = MASK_ALPHA) -> np.ndarray:
-    """A probability mask (uint8 0..255) drawn where it is above ``probability_cutoff(threshold)``."""
-    return overlay_mask(rgb, np.asarray(mask) > probability_cutoff(threshold), color, alpha)
-
-
 def overlay_labels(rgb: np.ndarray, labels: np.ndarray, colors: Mapping[int, Color],
                    alpha: float = MASK_ALPHA) -> np.ndarray:
     """A label map: each value in ``colors`` filled and outlined in its colour (0 and others untouched)."""
@@ -170,15 +164,6 @@ def palette_lut(palette: Mapping[str, Any]) -> np.ndarray:
     positions = np.arange(256) / 255.0
     channels = [np.interp(positions, stops, colors[:, c]) for c in range(4)]
     return np.rint(np.stack(channels, axis=1)).astype(np.uint8)
-
-
-def overlay_heatmap(rgb: np.ndarray, values: np.ndarray, palette: Mapping[str, Any]) -> np.ndarray:
-    """A heatmap coloured by its palette, each pixel blended with the palette's alpha."""
-    lut = palette_lut(palette)[np.asarray(values, np.uint8)]
-    out = rgb.astype(np.float32)
-    weight = lut[..., 3:4].astype(np.float32) / 255
-    out = out * (1 - weight) + lut[..., :3].astype(np.float32) * weight
-    return np.rint(out).astype(np.uint8)
 
 
 # -- vector annotations (Pillow, on the upscaled image) -------------------------------------
@@ -228,44 +213,6 @@ def draw_measurement(image: Image.Image, start: Sequence[float], end: Sequence[f
     for x, y in ((x0, y0), (x1, y1)):
         draw.ellipse((x - 3, y - 3, x + 3, y + 3), outline=color, width=2)
     _text_with_shadow(draw, (min(x0, x1), min(y0, y1) + 6), text, color)
-
-
-def add_panel(image: Image.Image, entries: Sequence[tuple[str, Color | None]]) -> Image.Image:
-    """``image`` with a dark band below it listing ``entries``: text, with a colour swatch when given.
-
-    Used for the legend (one line per drawn label or mask) and classification results, so they
-    never hide the pixels they describe.
-    """
-    if not entries:
-        return image
-    line_height, pad, swatch = 18, 6, 18
-    width = max(image.width, 200)
-    lines = [(wrapped, color if i == 0 else None, bool(color))
-             for text, color in entries
-             for i, wrapped in enumerate(wrap_text(text, width - 2 * pad - swatch))]
-    panel = Image.new("RGB", (width, image.height + pad * 2 + line_height * len(lines)), (24, 24, 24))
-    panel.paste(image, (0, 0))
-    draw = ImageDraw.Draw(panel)
-    y = image.height + pad
-    for text, color, indented in lines:
-        if color is not None:
-            draw.rectangle((pad, y + 3, pad + 11, y + 14), fill=color, outline=(255, 255, 255))
-        draw.text((pad + swatch if indented else pad, y), text, fill=(235, 235, 235), font=font())
-        y += line_height
-    return panel
-
-
-def wrap_text(text: str, width: float) -> list[str]:
-    """``text`` broken at spaces into lines no wider than ``width`` px (a long word gets a line of its own)."""
-    lines: list[str] = []
-    current = ""
-    for word in text.split(" "):
-        candidate = f"{current} {word}" if current else word
-        if current and font().getlength(candidate) > width:
-            lines.append(current)
-            candidate = word
-        current = candidate
-    return lines + [current]
 
 
 # -- a series' display window ----------------------------------------------------------------

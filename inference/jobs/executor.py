@@ -16,7 +16,7 @@ import traceback
 from pathlib import Path
 
 from inference import protocol
-from inference.dicom.series import study_folder_files
+from inference.dicom.files import study_folder_files
 from inference.errors import (
     GatewayError,
 )

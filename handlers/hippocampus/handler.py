@@ -1,0 +1,138 @@
+"""Hippocampal volume: segment anterior and posterior hippocampus in a study's crop series.
+
+Over HTTP (``inference_command`` ``get-hippocampus-volume``, or ``POST /hippocampus``) the
+handler finds the crop series (SeriesDescription matching the model version's rule, or
+``INFERENCE_HIPPOCAMPUS_SERIES``), segments it with the version of the ``hippocampus`` family the
+request names (``model_version``; the manifest's default otherwise, see ``models/registry.py``) and
+answers a ``numeric_label_mask``, the volumes in ``series_ml_json``, the model's provenance and a
+Secondary Capture report. The batch command line (``python -m handlers.hippocampus``) is
+``cli.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from handlers.hippocampus.orientation import from_model_orientation, to_model_orientation
+from handlers.hippocampus.report import dicom_results, measure_volumes, render_report
+from inference.config import Settings
+from inference.dicom.instance import DicomInstance
+from inference.dicom.series import Volume, describe_series, group_by_series, load_volume, require_instances
+from inference.dicom.writing import secondary_capture
+from inference.errors import UnprocessableInput
+from inference.logs import TaggedLogger
+from inference.pipeline.context import HandlerContext
+from inference.pipeline.handler_registry import Param, register
+from models.registry import ModelUnavailable, ModelVersion, registry_for
+
+log = TaggedLogger(logging.getLogger("inference.hippocampus"))
+
+COMMAND = "get-hippocampus-volume"
+FAMILY = "hippocampus"
+#: What ``dicom_outputs`` may ask for: a DICOM Segmentation, a TID 1500 measurement report.
+DICOM_OUTPUTS = ("seg", "sr")
+
+
+def load_version(version: ModelVersion, onnx_cache: Path | None = None):
+    """The segmenter of a registry version: its weights with its inference settings (CUDA when available).
+
+    ``onnx_cache`` (``INFERENCE_MODEL_CACHE``) keeps the exported ONNX graphs between loads.
+    """
+    from models.segmenter import HippocampusSegmenter
+
+    started = time.perf_counter()
+    members = version.inference.get("members", "all")
+    segmenter = HippocampusSegmenter.load(version.weights, members=None if members == "all" else list(members),
+                                          flips=bool(version.inference.get("flips", True)),
+                                          canvas=str(version.inference.get("canvas", "fixed")), onnx_cache=onnx_cache)
+    log.info("loaded %s in %.1fs", version.provenance.short, time.perf_counter() - started)
+    return segmenter
+
+
+def segmenter_for(settings: Settings, version: ModelVersion):
+    """The loaded model of a registry version (loaded once per process, then shared)."""
+    registry = registry_for(settings.model_manifest)
+    return registry.model(version, partial(load_version, onnx_cache=settings.model_cache))
+
+
+def warm_up(settings: Settings) -> str | None:
+    """Load every version of the family; fail if the default cannot load, report the others that could not."""
+    registry = registry_for(settings.model_manifest)
+    failed = registry.load_family(FAMILY, partial(load_version, onnx_cache=settings.model_cache))
+    default = registry.family(FAMILY).default_version
+    if default in failed:
+        raise ModelUnavailable(f"{FAMILY} {default} (the default): {failed[default]}")
+    return "; ".join(f"{FAMILY} {name} unavailable: {why}" for name, why in failed.items()) or None
+
+
+def find_crop_series(series: dict[str, list[DicomInstance]], pattern: str) -> list[DicomInstance]:
+    """The series whose SeriesDescription matches ``pattern``; a 422 listing the series otherwise."""
+    matcher = re.compile(pattern, re.IGNORECASE)
+    matches = [items for items in series.values()
+               if matcher.search(str(items[0].dataset.get("SeriesDescription", "")))]
+    if not matches:
+        raise UnprocessableInput(f"no series has a SeriesDescription matching {pattern!r} (the hippocampus crop); "
+                                 f"series present: {describe_series(series)}")
+    if len(matches) > 1:
+        log.warning("%d series match %r; using the first", len(matches), pattern)
+    return matches[0]
+
+
+def segment_study(instances: Sequence[DicomInstance], settings: Settings, version: ModelVersion,
+                  segmenter) -> tuple[Volume, np.ndarray, dict, float]:
+    """Find and segment the crop series: its volume, labels (slices, rows, columns), measures, seconds."""
+    pattern = settings.hippocampus_series or version.input["series_description"]
+    crop = find_crop_series(group_by_series(require_instances(instances)), pattern)
+    volume = load_volume(crop)
+    started = time.perf_counter()
+    voxels, orientation = to_model_orientation(volume)
+    labels = from_model_orientation(segmenter.segment(voxels), orientation)
+    seconds = time.perf_counter() - started
+    return volume, labels, measure_volumes(labels, volume), seconds
+
+
+@register(COMMAND, route="/hippocampus", warm_up=warm_up, family=FAMILY,
+          description="Anterior/posterior hippocampus segmentation and volumes (HippoCrop series)",
+          params=[Param("dicom_outputs", "string-list", default=[], choices=DICOM_OUTPUTS,
+                        description="DICOM results to add: 'seg' (a DICOM Segmentation), 'sr' (a TID 1500 "
+                                    "volume report)")])
+def hippocampus_volume(instances: Sequence[DicomInstance], context: HandlerContext) -> tuple[dict, list]:
+    """Segment the hippocampus crop series: label mask, volumes and a Secondary Capture report.
+
+    ``"dicom_outputs": ["seg", "sr"]`` adds a DICOM Segmentation and a measurement report.
+    """
+    settings, wanted, version = context.settings, context.params["dicom_outputs"], context.model_version
+    segmenter = segmenter_for(settings, version)
+    provenance = version.provenance
+    volume, labels, measures, seconds = segment_study(instances, settings, version, segmenter)
+    model_version = provenance.short
+    log.info("segmented %s in %.3fs: total %.1f mm3", volume.voxels.shape, seconds, measures["total_volume_mm3"])
+    reference = volume.datasets[0]
+    report = secondary_capture(render_report(volume, labels, measures, model_version, version.structures), reference,
+                               description="Hippocampal volume report", algorithm=provenance)
+    series_uid = volume.series_uid
+    response = {
+        "protocol_version": "1.0",
+        "parts": [
+            {"label": "Hippocampus", "binary_type": "numeric_label_mask",
+             "label_map": {str(s.label): s.name for s in version.structures},
+             "binary_data_shape": {"timepoints": 1, "depth": int(labels.shape[0]),
+                                   "height": int(labels.shape[1]), "width": int(labels.shape[2])},
+             "SeriesInstanceUID": series_uid},
+            {"label": "Hippocampal volume report", "binary_type": "dicom_secondary_capture"},
+        ],
+        "series_ml_json": {series_uid: {**measures, "model": model_version, "inference_seconds": round(seconds, 3)}},
+        "model": provenance.as_json(),
+    }
+    buffers = [labels, report]
+    for part, dataset in dicom_results(volume, labels, version.structures, provenance, wanted) if wanted else []:
+        response["parts"].append(part)
+        buffers.append(dataset)
+    return response, buffers
