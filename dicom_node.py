@@ -28,11 +28,11 @@ from pathlib import Path
 
 import yaml
 from pydicom.uid import (
+    JPEG2000,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -51,11 +51,11 @@ from inference.dicom.files import dicom_files_in
 from inference.errors import GatewayError
 from inference.jobs.executor import JobExecutor, job_request_json
 from inference.jobs.store import COMPLETED, FAILED, INTERRUPTED, Job, JobStore, LocalPoolRunner
+from inference.logs import TaggedLogger
 from inference.pacs.outbox import DicomDestination, Outbox, StowDestination
-from inference.pipeline.pipeline import Pipeline
 from inference.pacs.routing import Rule, load_rules, matching_rules
 from inference.pacs.spool import StudySpool, read_series_info
-from inference.logs import TaggedLogger
+from inference.pipeline.pipeline import Pipeline
 
 log = TaggedLogger(logging.getLogger("inference.pacs"))
 

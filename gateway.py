@@ -26,19 +26,25 @@ import flask
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from inference.pipeline.context import ArterysHandler, arterys_handler
-from inference.pipeline.handler_registry import HandlerRegistry
-from inference import metrics
-from inference import protocol
+from inference import metrics, protocol
 from inference.config import Settings, get_settings
 from inference.dicom.files import study_folder_files
 from inference.dicom.validation import read_header_early
 from inference.errors import BadRequest, Forbidden, GatewayError, Unauthorized
-from inference.protocol.multipart_request import PartSpool, ParsedBody, multipart_boundary, parse_content_type, parse_multipart_related, parts_from_files
-from inference.protocol.multipart_response import EncodedResponse, encode_multipart_related
-from inference.pipeline.pipeline import InferenceResult, Pipeline
-from inference.protocol.request import MAX_JSON_BYTES, parse_json_object
 from inference.logs import TaggedLogger, bind_request_tags
+from inference.pipeline.context import ArterysHandler, arterys_handler
+from inference.pipeline.handler_registry import HandlerRegistry
+from inference.pipeline.pipeline import InferenceResult, Pipeline
+from inference.protocol.multipart_request import (
+    ParsedBody,
+    PartSpool,
+    multipart_boundary,
+    parse_content_type,
+    parse_multipart_related,
+    parts_from_files,
+)
+from inference.protocol.multipart_response import EncodedResponse, encode_multipart_related
+from inference.protocol.request import MAX_JSON_BYTES, parse_json_object
 
 #: Endpoints served without the bearer token: liveness probes only (not Flask's /static file route).
 OPEN_ENDPOINTS = ("healthcheck", "ping")
@@ -232,7 +238,8 @@ def encode_inference_response(result: InferenceResult) -> EncodedResponse:
     """The multipart/related response of a pipeline result: JSON, one part per buffer, the hashes part."""
     response_json = result.response_json
     parts = [(protocol.JSON_CONTENT_TYPE, json.dumps(response_json).encode())]
-    parts += [(protocol.content_type_for(p["binary_type"]), b) for p, b in zip(response_json["parts"], result.buffers)]
+    parts += [(protocol.content_type_for(p["binary_type"]), b)
+              for p, b in zip(response_json["parts"], result.buffers, strict=True)]
     return encode_multipart_related(parts, input_hash=result.input_hash)
 
 

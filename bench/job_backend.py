@@ -102,7 +102,7 @@ class CeleryWorker:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def wait_ready(self, timeout: float = 120) -> "CeleryWorker":
+    def wait_ready(self, timeout: float = 120) -> CeleryWorker:
         deadline = time.monotonic() + timeout
         while f"{self.name} ready." not in self.log():
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -130,9 +130,9 @@ class CeleryWorker:
 def job_client(settings: Settings):
     """An in-process gateway serving the job routes with ``settings``: its test client and its store."""
     from gateway import Gateway
-    from server import served_commands
     from inference.jobs.api import add_job_routes
     from inference.pipeline.pipeline import Pipeline
+    from server import served_commands
 
     pipeline = Pipeline(settings, commands=served_commands(settings))
     app = Gateway(__name__, pipeline=pipeline)
@@ -176,7 +176,8 @@ def summary(jobs: list[dict]) -> dict:
     wall = max(j["finished"] for j in jobs) - min(j["submitted"] for j in jobs)
     return {"wall_s": round(wall, 2), "jobs_per_s": round(len(jobs) / wall, 4),
             "median_run_s": round(statistics.median(j["finished"] - j["started"] for j in jobs), 3),
-            "median_submit_to_start_ms": round(1000 * statistics.median(j["started"] - j["submitted"] for j in jobs), 1),
+            "median_submit_to_start_ms": round(
+                1000 * statistics.median(j["started"] - j["submitted"] for j in jobs), 1),
             "run_s": [round(j["finished"] - j["started"], 2) for j in jobs]}
 
 

@@ -32,9 +32,14 @@ import requests
 from bench.floor import SIZE_HEADER
 from bench.pacs import measure as measure_pacs
 from bench.study import CACHE_DIR, cached_study
-from inference.protocol.client import (InferenceRequestError, InferenceResult, build_multipart_request, decode_response,
-                          related_content_type)
 from inference.config import PROJECT_ROOT, get_settings
+from inference.protocol.client import (
+    InferenceRequestError,
+    InferenceResponse,
+    build_multipart_request,
+    decode_response,
+    related_content_type,
+)
 
 log = logging.getLogger("bench")
 
@@ -153,7 +158,7 @@ class PeakSampler:
                 self.peaks[server.name] = max(self.peaks[server.name], server.tree_rss())
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "PeakSampler":
+    def __enter__(self) -> PeakSampler:
         self._thread.start()
         return self
 
@@ -174,8 +179,11 @@ def idle_rss(server: Server, samples: int = 5) -> int:
 
 # -- client ----------------------------------------------------------------------------------
 def post_study(url: str, command: str, files: Sequence[Path], floor_bytes: int | None = None,
-               **request_json) -> InferenceResult:
-    """One request as ``inference.protocol.client.send_inference_request`` sends it; the floor gets its response size."""
+               **request_json) -> InferenceResponse:
+    """One request as ``inference.protocol.client.send_inference_request`` sends it.
+
+    The floor gets its response size.
+    """
     encoder = build_multipart_request({"inference_command": command, **request_json}, files)
     headers = {"Content-Type": related_content_type(encoder)}
     if floor_bytes is not None:
@@ -186,7 +194,7 @@ def post_study(url: str, command: str, files: Sequence[Path], floor_bytes: int |
     return result
 
 
-def timed(call: Callable[[], InferenceResult]) -> tuple[float, InferenceResult]:
+def timed(call: Callable[[], InferenceResponse]) -> tuple[float, InferenceResponse]:
     started = time.perf_counter()
     result = call()
     return time.perf_counter() - started, result
@@ -234,7 +242,7 @@ def measure_large(ours: Server, floor: Server, repeats: int) -> dict:
             seconds, result = timed(lambda: post_study(ours.url, MASK_COMMAND, files))
             response_bytes = response_bytes or result.response_bytes
             times["ours"].append(seconds)
-            seconds, _ = timed(lambda: post_study(floor.url, MASK_COMMAND, files, response_bytes))
+            seconds, _ = timed(lambda size=response_bytes: post_study(floor.url, MASK_COMMAND, files, size))
             times["floor"].append(seconds)
             log.info("large %d/%d: ours %.2fs, floor %.2fs", i + 1, repeats, times["ours"][-1], times["floor"][-1])
     payload = result.request_bytes

@@ -35,7 +35,12 @@ import requests
 
 from bench.run import Server
 from bench.study import cached_study
-from inference.protocol.client import build_multipart_request, close_request_files, decode_response, related_content_type
+from inference.protocol.client import (
+    build_multipart_request,
+    close_request_files,
+    decode_response,
+    related_content_type,
+)
 
 log = logging.getLogger("bench.soak")
 
@@ -80,7 +85,8 @@ class Soak:
         corrupt = bytearray(files[3].read_bytes())
         corrupt_file = Path(tempfile.mkdtemp(prefix="soak-")) / "corrupt.dcm"
         corrupt_file.write_bytes(bytes(corrupt[: len(corrupt) // 2]))
-        self.corrupt_body, self.corrupt_type = multipart_body([*files[:3], corrupt_file], {"inference_command": COMMAND})
+        self.corrupt_body, self.corrupt_type = multipart_body([*files[:3], corrupt_file],
+                                                              {"inference_command": COMMAND})
         self.seed = seed
         self.lock = threading.Lock()
         self.latencies: list[float] = []
@@ -111,7 +117,7 @@ class Soak:
     def invalid(self, session: requests.Session, rng: random.Random) -> None:
         choice = rng.randrange(5)
         if choice == 4:  # refused by gunicorn's parser: answered by our worker class
-            raw = (f"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello").encode()
+            raw = (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello")
             self.check_answer("invalid", self.raw_exchange(raw))
             return
         if choice == 0:
@@ -175,7 +181,7 @@ class Soak:
     def client(self, index: int, deadline: float) -> None:
         rng = random.Random(self.seed * 1000 + index)
         session = requests.Session()
-        names, weights = zip(*KINDS)
+        names, weights = zip(*KINDS, strict=True)
         last_session_use = time.monotonic()
         while time.monotonic() < deadline:
             kind = rng.choices(names, weights)[0]

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
-
 from pydicom.dataset import Dataset
 
 from inference.dicom.instance import DicomInstance
@@ -34,12 +33,14 @@ HEATMAP_PALETTE = {
 
 def _volumes(instances: Sequence[DicomInstance]) -> list[list[Dataset]]:
     """Each series' headers (no pixels), sorted along its normal."""
-    return [[instance.dataset for instance in sort_by_position(items)] for items in group_by_series(require_instances(instances)).values()]
+    return [[instance.dataset for instance in sort_by_position(items)]
+            for items in group_by_series(require_instances(instances)).values()]
 
 
 def _series(instances: Sequence[DicomInstance]) -> dict[str, list[Dataset]]:
     """Each series' headers (no pixels), in the order sent, by SeriesInstanceUID."""
-    return {uid: [instance.dataset for instance in items] for uid, items in group_by_series(require_instances(instances)).items()}
+    return {uid: [instance.dataset for instance in items]
+            for uid, items in group_by_series(require_instances(instances)).items()}
 
 
 def _images(instances: Sequence) -> list:
@@ -173,12 +174,13 @@ def secondary_capture_report(instances: Sequence[DicomInstance], context: Handle
     draw = ImageDraw.Draw(image)
     draw.text((16, 16), "Mock report - not for clinical use", fill=(255, 200, 0), font=font(16))
     draw.text((16, 40), f"input {context.input_hash[:16]}...", fill=(200, 200, 200), font=font(13))
-    for i, (uid, items) in enumerate(series.items()):
+    for i, items in enumerate(series.values()):
         text = f"{items[0].get('SeriesDescription', '?')}: {len(items)} images"
         draw.text((16, 72 + 24 * i), text, fill=(255, 255, 255), font=font(14))
     first = next(iter(series.values()))[0]
     ds = secondary_capture(np.asarray(image), first, description="Mock report")
-    return {"protocol_version": "1.0", "parts": [{"label": "Mock report", "binary_type": "dicom_secondary_capture"}]}, [ds]
+    return {"protocol_version": "1.0",
+            "parts": [{"label": "Mock report", "binary_type": "dicom_secondary_capture"}]}, [ds]
 
 
 @register("get-structured-report", mock=True)

@@ -42,7 +42,7 @@ from requests_toolbelt.multipart.decoder import (
 # package (pip install -e . at the repository root; the tool's image sets PYTHONPATH=/app).
 from inference import protocol
 from inference.errors import OutputValidationError
-from inference.protocol.client import InferenceRequestError, InferenceResult, send_inference_request
+from inference.protocol.client import InferenceRequestError, InferenceResponse, send_inference_request
 from tool_gallery import Gallery, PageInfo, format_result, image_count, write_index, write_outputs
 from tool_input import Study, ToolError, load_study
 
@@ -383,7 +383,7 @@ def parse_dicom_parts(response_json: dict, buffers: Sequence[bytes]) -> dict[int
     return parsed
 
 
-def check_response(result: InferenceResult, study: Study | None, expect_masks: bool) -> dict[int, Dataset]:
+def check_response(result: InferenceResponse, study: Study | None, expect_masks: bool) -> dict[int, Dataset]:
     """Apply the protocol's rules (and, with a local study, the checks against it); returns the DICOM parts."""
     protocol.validate_response(result.response_json, result.buffers)
     if study is not None:
@@ -454,7 +454,7 @@ def staged_output(output: Path) -> Iterator[Path]:
 
 
 # -- sending ---------------------------------------------------------------------------------
-def send(args: argparse.Namespace, url: str, request_json: dict, files: Sequence[Path]) -> InferenceResult:
+def send(args: argparse.Namespace, url: str, request_json: dict, files: Sequence[Path]) -> InferenceResponse:
     """POST the request: an upload bar on stderr for large studies, then the wait for the answer."""
     size = sum(path.stat().st_size for path in [*files, *map(Path, args.attachments)]) if files else 0
     bar = progress_bar(sys.stderr) if size > PROGRESS_MIN_BYTES else None
@@ -498,7 +498,7 @@ def build_request_json(args: argparse.Namespace, study: Study | None) -> dict[st
     return request
 
 
-def run_job(args: argparse.Namespace, staging: Path) -> InferenceResult:
+def run_job(args: argparse.Namespace, staging: Path) -> InferenceResponse:
     """Submit ``-c`` as a job on ``--job IN_DIR``, wait for it, fetch its files; the result as if it was answered."""
     base = base_url(args.host, args.port)
     job = {"job_name": args.inference_command, "in_dir": args.job, **args.request_options}
@@ -538,7 +538,7 @@ def run_job(args: argparse.Namespace, staging: Path) -> InferenceResult:
         part.pop("file", None)  # the job's file name: not part of the protocol's answer
     shutil.rmtree(folder)
     print(f"job {uid} completed; fetched {len(listing['files'])} files ({received / 1e6:.2f} MB)", file=sys.stderr)
-    return InferenceResult(response_json, buffers, None, len(json.dumps(job)), received)
+    return InferenceResponse(response_json, buffers, None, len(json.dumps(job)), received)
 
 
 def _error_text(response: requests.Response) -> str:
@@ -548,7 +548,7 @@ def _error_text(response: requests.Response) -> str:
         return response.text[:300]
 
 
-def render_outputs(args: argparse.Namespace, staging: Path, result: InferenceResult, study: Study | None,
+def render_outputs(args: argparse.Namespace, staging: Path, result: InferenceResponse, study: Study | None,
                    dicom_parts: dict[int, Dataset], models: ServedModels | None, command: str,
                    summary: list[str]) -> Gallery:
     """Warn about an empty answer, then write the files, the pictures (with progress) and index.html."""

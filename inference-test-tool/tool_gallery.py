@@ -28,7 +28,7 @@ from pydicom.dataset import Dataset
 from inference import protocol
 from inference.dicom.series import slice_normal, sort_by_position
 from inference.imaging import render
-from inference.protocol.client import InferenceResult
+from inference.protocol.client import InferenceResponse
 from tool_input import InputImage, InputSeries, Study
 
 BOX_COLOR = (255, 210, 0)
@@ -505,7 +505,7 @@ def image_count(study: Study | None) -> int:
     return 0 if study is None else len(study.images)
 
 
-def write_outputs(output: Path, result: InferenceResult, study: Study | None, dicom_parts: dict[int, Dataset],
+def write_outputs(output: Path, result: InferenceResponse, study: Study | None, dicom_parts: dict[int, Dataset],
                   plot_labels: bool, progress: Progress | None = None) -> Gallery:
     """response.json, mask .npy files, DICOM parts (.dcm, and .png for images), and every viewer's PNGs.
 

@@ -107,7 +107,8 @@ class Settings:
     #: INFERENCE_JOB_BACKEND: where jobs run: ``local`` (thread pool + SQLite) or ``celery`` (workers + Redis).
     job_backend: str = field(default="local", metadata={"env": "INFERENCE_JOB_BACKEND"})
     #: INFERENCE_BROKER_URL: Redis of the celery backend: its broker and its job records.
-    broker_url: str = field(default="redis://localhost:6379/0", metadata={"env": "INFERENCE_BROKER_URL", "secret": True})
+    broker_url: str = field(default="redis://localhost:6379/0",
+                            metadata={"env": "INFERENCE_BROKER_URL", "secret": True})
     #: INFERENCE_JOB_QUEUES: celery queue of each command, ``command=queue`` comma-separated, ``*`` for the rest.
     job_queues: str = field(default="get-hippocampus-volume=gpu,*=cpu", metadata={"env": "INFERENCE_JOB_QUEUES"})
     #: INFERENCE_JOB_TIME_LIMIT: seconds a celery job may run; it then fails with reason ``timeout``.
@@ -130,7 +131,8 @@ class Settings:
                                  metadata={"env": "INFERENCE_MODEL_MANIFEST"})
     #: INFERENCE_MODEL_CACHE: folder keeping the models' exported ONNX graphs between starts (named by the
     #: weights' SHA-256, each checked against its own SHA-256 when read); safe to delete.
-    model_cache: Path = field(default=PROJECT_ROOT / "output" / "model-cache", metadata={"env": "INFERENCE_MODEL_CACHE"})
+    model_cache: Path = field(default=PROJECT_ROOT / "output" / "model-cache",
+                              metadata={"env": "INFERENCE_MODEL_CACHE"})
     #: INFERENCE_HIPPOCAMPUS_SERIES: regular expression matched against SeriesDescription to find the crop;
     #: unset: the model version's own rule (``input.series_description`` in the manifest).
     hippocampus_series: str | None = field(default=None, metadata={"env": "INFERENCE_HIPPOCAMPUS_SERIES"})
@@ -150,14 +152,15 @@ class Settings:
     #: INFERENCE_PACS_ALLOWED_AES: calling AE titles accepted, separated by commas (unset: any).
     pacs_allowed_aes: tuple[str, ...] = field(default=(), metadata={"env": "INFERENCE_PACS_ALLOWED_AES"})
     #: INFERENCE_PACS_RULES: routing rules (YAML) deciding what runs on a complete study.
-    pacs_rules: Path = field(default=PROJECT_ROOT / "deploy" / "routing-rules.yaml", metadata={"env": "INFERENCE_PACS_RULES"})
+    pacs_rules: Path = field(default=PROJECT_ROOT / "deploy" / "routing-rules.yaml",
+                             metadata={"env": "INFERENCE_PACS_RULES"})
     #: INFERENCE_PACS_ROOT: the node's folders: ``spool/`` (studies received), ``outbox/``, ``jobs/``.
     pacs_root: Path = field(default=PROJECT_ROOT / "output" / "pacs", metadata={"env": "INFERENCE_PACS_ROOT"})
     #: INFERENCE_PACS_RETRY_MAX_SECONDS: longest wait between two delivery attempts (backoff doubles up to it).
     pacs_retry_max_seconds: float = field(default=60.0, metadata={"env": "INFERENCE_PACS_RETRY_MAX_SECONDS"})
 
     @classmethod
-    def from_env(cls) -> "Settings":
+    def from_env(cls) -> Settings:
         """Build settings from the environment, falling back to each field's default."""
         values = {}
         for f in fields(cls):

@@ -17,11 +17,13 @@ import logging.config
 import os
 from collections.abc import Mapping, MutableMapping
 from contextvars import ContextVar
+from types import MappingProxyType
 from typing import Any
 
 import yaml
 
-_request_tags: ContextVar[Mapping[str, Any]] = ContextVar("request_tags", default={})
+#: The default is never changed in place: ``bind_request_tags`` sets a new dict each time.
+_request_tags: ContextVar[Mapping[str, Any]] = ContextVar("request_tags", default=MappingProxyType({}))
 
 
 def bind_request_tags(tags: Mapping[str, Any]) -> None:
@@ -45,7 +47,7 @@ class TaggedLogger(logging.LoggerAdapter):
         """Add (or overwrite) tags on this logger in place."""
         self.tags.update(tags)
 
-    def tag(self, tags: Mapping[str, Any]) -> "TaggedLogger":
+    def tag(self, tags: Mapping[str, Any]) -> TaggedLogger:
         """A child logger with this logger's tags plus ``tags``; this one is left unchanged."""
         return TaggedLogger(self.logger, {**self.tags, **tags})
 
@@ -61,7 +63,10 @@ class TaggedLogger(logging.LoggerAdapter):
 
 
 def configure_logging(config_file: str | os.PathLike) -> None:
-    """Load a logging config such as ``logging.yaml`` (``INFERENCE_LOGGING_CONFIG``); plain stderr logging if it is missing."""
+    """Load a logging config such as ``logging.yaml`` (``INFERENCE_LOGGING_CONFIG``).
+
+    Plain stderr logging if it is missing.
+    """
     try:
         with open(config_file, encoding="utf-8") as handle:
             logging.config.dictConfig(yaml.safe_load(handle))

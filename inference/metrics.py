@@ -4,7 +4,8 @@ Under gunicorn, ``gunicorn.conf.py`` points ``PROMETHEUS_MULTIPROC_DIR`` at a fr
 the workers start, so every worker writes its samples there and any worker's ``/metrics`` sums
 them (prometheus-client's multiprocess mode); a dead worker's gauges are dropped by the
 ``child_exit`` hook (``inference.metrics_dir``, which gunicorn's master imports instead of this module:
-importing this one creates the metrics, and their files, in the importing process). Without that variable (``python mock_server.py``, tests in one process)
+importing this one creates the metrics, and their files, in the importing process).
+Without that variable (``python mock_server.py``, tests in one process)
 the process's own registry is served.
 
 The DICOM node reports through ``record_dicom_received``, ``record_dicom_sent`` and
@@ -16,8 +17,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest,
-                               multiprocess)
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 

@@ -112,7 +112,7 @@ class PadCrop:
     def _slices(self) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
         """(source, destination) index per axis: pad where the output is larger, crop where smaller."""
         src, dst = [], []
-        for n, m in zip(self.in_shape, self.out_shape):
+        for n, m in zip(self.in_shape, self.out_shape, strict=True):
             k = min(n, m)
             s, d = ((n - m) // 2, 0) if n > m else (0, (m - n) // 2)
             src.append(slice(s, s + k))
@@ -135,7 +135,7 @@ class PadCrop:
 def target_size(shape: tuple[int, ...], size: int | tuple[int, ...], multiple: int) -> tuple[int, ...]:
     """At least ``size`` per axis; larger inputs are padded up to a multiple instead of cropped."""
     sizes = (size,) * len(shape) if isinstance(size, int) else tuple(size)
-    return tuple(max(s, int(math.ceil(n / multiple) * multiple)) for n, s in zip(shape, sizes))
+    return tuple(max(s, int(math.ceil(n / multiple) * multiple)) for n, s in zip(shape, sizes, strict=True))
 
 
 def context_slices(volume: np.ndarray, axis: int, context: int) -> np.ndarray:
@@ -178,7 +178,10 @@ def load_samples(pairs: dict[str, tuple[Path, Path]], cases: list[str], axis: in
 
 def load_volumes(pairs: dict[str, tuple[Path, Path]], cases: list[str],
                  shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """3D training samples of ``cases``: normalised volumes centre-padded to ``shape`` (N, 1, *shape), labels (N, *shape)."""
+    """3D training samples of ``cases``: normalised volumes centre-padded to ``shape``, and their labels.
+
+    Volumes are (N, 1, *shape), labels (N, *shape).
+    """
     xs, ys = [], []
     for c in cases:
         img, lab = load_pair(*pairs[c])
@@ -280,8 +283,9 @@ def augment_volumes(x, y, crop: tuple[int, int, int], generator=None, p_affine: 
     def rand(*shape):
         return torch.rand(*shape, generator=generator, device=x.device)
 
-    offsets = [int(torch.randint(0, n - c + 1, (1,), generator=generator)) for n, c in zip(x.shape[2:], crop)]
-    window = tuple(slice(o, o + c) for o, c in zip(offsets, crop))
+    offsets = [int(torch.randint(0, n - c + 1, (1,), generator=generator))
+               for n, c in zip(x.shape[2:], crop, strict=True)]
+    window = tuple(slice(o, o + c) for o, c in zip(offsets, crop, strict=True))
     x, y = x[(slice(None), slice(None), *window)].clone(), y[(slice(None), *window)].clone()
     flip = rand(b) < 0.5
     x[flip] = x[flip].flip(2)

@@ -172,7 +172,7 @@ class ModelRegistry:
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, path: str | Path = DEFAULT_MANIFEST) -> "ModelRegistry":
+    def load(cls, path: str | Path = DEFAULT_MANIFEST) -> ModelRegistry:
         """Parse the manifest; ``ManifestError`` naming the line and the fix when it is unusable."""
         path = Path(path)
         return cls(path, parse_manifest(path))
@@ -311,7 +311,8 @@ def _parse_version(path: Path, family: str, name: str, spec: Any, fail) -> Model
     line = spec["__line__"]
     missing = [key for key in VERSION_KEYS if key not in spec]
     if missing:
-        raise fail(line, f"{family} {name}: missing {', '.join(missing)}; every version needs {', '.join(VERSION_KEYS)}")
+        raise fail(line, f"{family} {name}: missing {', '.join(missing)}; "
+                         f"every version needs {', '.join(VERSION_KEYS)}")
     weights = (path.parent / str(spec["weights"])).resolve()
     if not weights.is_file():
         raise fail(line, f"{family} {name}: weights file {spec['weights']!r} does not exist next to the manifest; "

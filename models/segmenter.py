@@ -175,14 +175,14 @@ class HippocampusSegmenter:
         # the exported graph of member i is cached under the weights' SHA-256 and i (when loaded from a file)
         cache = Path(onnx_cache) if onnx_cache is not None and sha256 else None
         self.runners = [None if is_3d(cfg) else make_runner(m, device, backend, threads, cache, f"{sha256}-member{i}")
-                        for (m, cfg), i in zip(self.members, self.member_indices)]
+                        for (m, cfg), i in zip(self.members, self.member_indices, strict=True)]
         self.backend = ",".join(sorted({r.backend for r in self.runners if r is not None} or {"torch"}))
 
     @classmethod
     def load(cls, weights_path: str | os.PathLike | None = None, device: str | None = None, *,
              members: Sequence[int] | None = None, flips: bool = True, backend: str = "auto",
              threads: int | None = None, canvas: str = "fixed",
-             onnx_cache: str | os.PathLike | None = None) -> "HippocampusSegmenter":
+             onnx_cache: str | os.PathLike | None = None) -> HippocampusSegmenter:
         """Load a checkpoint (default: ``hippocampus_unet.pt`` next to this module).
 
         Args:
@@ -212,7 +212,8 @@ class HippocampusSegmenter:
         chosen = [(load_network(stored[i]["state_dict"], dict(stored[i]["config"]), device), dict(stored[i]["config"]))
                   for i in indices]
         sha256 = file_sha256(path)
-        version = f"{ckpt.get('version', MODEL_NAME)} ({sha256[:12]})" + settings_suffix(indices, len(stored), flips, canvas)
+        version = (f"{ckpt.get('version', MODEL_NAME)} ({sha256[:12]})" +
+                   settings_suffix(indices, len(stored), flips, canvas))
         return cls(chosen[0][0], config, version, device, ckpt.get("split"), chosen, flips=flips,
                    member_indices=indices, backend=backend, threads=threads, sha256=sha256, canvas=canvas,
                    onnx_cache=onnx_cache)
@@ -240,7 +241,7 @@ class HippocampusSegmenter:
         vol = _checked_volume(volume)
         normalized = normalize(vol)
         total = 0.0
-        for (model, cfg), run in zip(self.members, self.runners):
+        for (model, cfg), run in zip(self.members, self.runners, strict=True):
             flip = self.flips and bool(cfg.get("tta", False))
             if run is None:
                 total = total + predict_probs_tta(model, vol, cfg, self.device, flip)

@@ -43,8 +43,15 @@ from torch.optim.swa_utils import AveragedModel
 
 from .data import augment_batch, augment_volumes, dataset_pairs, load_pair, load_samples, load_volumes, split_cases
 from .evaluate import dice, evaluate_pairs
-from .segmenter import (MODEL_NAME, HippocampusSegmenter, build_model, load_network, predict_ensemble,
-                        predict_probs_tta, predict_volume)
+from .segmenter import (
+    MODEL_NAME,
+    HippocampusSegmenter,
+    build_model,
+    load_network,
+    predict_ensemble,
+    predict_probs_tta,
+    predict_volume,
+)
 
 DEFAULTS = dict(epochs=30, seed=0, batch_size=32, lr=2e-3, weight_decay=1e-4, base=16, depth=4,
                 dropout=0.1, axis=0, context=2, size=64, tta=True, arch="unet2.5d")
@@ -345,7 +352,7 @@ def select_members(pairs: dict, cases: list[str], members: list[tuple[torch.nn.M
 
     def score(subset: tuple[int, ...]) -> float:
         return float(np.mean([dice_fg(np.argmax(sum(p[i] for i in subset), axis=0), lab)
-                              for p, lab in zip(probs, labels)]))
+                              for p, lab in zip(probs, labels, strict=True)]))
 
     subsets = [c for r in range(1, len(members) + 1) for c in itertools.combinations(range(len(members)), r)]
     ranked = sorted(((score(c), c) for c in subsets), key=lambda sc: (-sc[0], len(sc[1])))
@@ -400,7 +407,8 @@ def combine(data: str | Path, out: str | Path, member_paths: list[str | Path], t
     for name, cases in held_out:
         for i, (model, cfg) in enumerate(seg.members):
             r = run(cases, lambda v, m=model, c=cfg: predict_volume(m, v, c))
-            result[name][f"member{i}_{_describe(cfg).replace(' ', '_')}"] = {k: v for k, v in r.items() if k != "per_volume"}
+            result[name][f"member{i}_{_describe(cfg).replace(' ', '_')}"] = {k: v for k, v in r.items()
+                                                                             if k != "per_volume"}
         result[name]["ensemble"] = run(cases, lambda v: predict_ensemble(seg.members, v))
         _log(f"[combine] {name}: " + ", ".join(f"{k} {v['mean_dice']:.4f}" for k, v in result[name].items()))
     metrics = {
@@ -433,18 +441,22 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--data", required=True, help="folder with images/ and labels/")
     ap.add_argument("--out", default="models/hippocampus_unet.pt",
                     help="checkpoint to write; <stem>.metrics.json goes beside it (default %(default)s)")
-    ap.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="passes over the training split (default %(default)s)")
-    ap.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="seed of the split and of training (default %(default)s)")
+    ap.add_argument("--epochs", type=int, default=DEFAULTS["epochs"],
+                    help="passes over the training split (default %(default)s)")
+    ap.add_argument("--seed", type=int, default=DEFAULTS["seed"],
+                    help="seed of the split and of training (default %(default)s)")
     ap.add_argument("--max-volumes", type=int, default=None, help="use only the first K cases (sorted)")
     ap.add_argument("--max-steps", type=int, default=None, help="stop after N optimiser steps")
-    ap.add_argument("--time-limit", type=float, default=None, help="wall-time budget in minutes: the LR schedule follows max(step, time) progress "
+    ap.add_argument("--time-limit", type=float, default=None,
+                    help="wall-time budget in minutes: the LR schedule follows max(step, time) progress "
                     "and training stops when the budget is used (non-deterministic on busy machines)")
     ap.add_argument("--arch", choices=ARCHS, default=DEFAULTS["arch"],
                     help="unet2.5d: 2D slices with neighbours (default); unet3d: whole volumes")
     ap.add_argument("--batch-size", type=int, default=None,
                     help=f"default {DEFAULTS['batch_size']} slices, or {DEFAULTS_3D['batch_size']} volumes for unet3d")
     ap.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="peak learning rate (default %(default)s)")
-    ap.add_argument("--base", type=int, default=DEFAULTS["base"], help="channels of the first UNet level (default %(default)s)")
+    ap.add_argument("--base", type=int, default=DEFAULTS["base"],
+                    help="channels of the first UNet level (default %(default)s)")
     ap.add_argument("--depth", type=int, default=DEFAULTS["depth"], help="UNet levels (default %(default)s)")
     ap.add_argument("--axis", type=int, default=DEFAULTS["axis"], choices=[0, 1, 2],
                     help="volume axis the 2.5D slices are cut along (default %(default)s)")

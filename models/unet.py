@@ -87,7 +87,7 @@ class UNet(nn.Module):
             if i < self.depth - 1:
                 skips.append(x)
                 x = self.pool(x)
-        for upconv, block in zip(self.upconv, self.up):
+        for upconv, block in zip(self.upconv, self.up, strict=True):
             x = upconv(x)
             x = block(torch.cat([x, skips.pop()], dim=1))
         return self.head(x)

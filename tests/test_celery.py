@@ -23,21 +23,21 @@ import redis
 import requests
 from celery.exceptions import TimeLimitExceeded
 
-import handlers.gaussian_blur  # noqa: F401  (registers the blur for the in-process gateways)
-import handlers.hippocampus  # noqa: F401  (registers get-hippocampus-volume, routed to the gpu queue)
+import handlers.gaussian_blur
+import handlers.hippocampus
 import handlers.mock  # noqa: F401
 from bench.job_backend import CeleryWorker, RedisServer
 from gateway import Gateway
-from inference.pipeline.handler_registry import REGISTRY, HandlerSpec
-from tests.conftest import RunningServer, free_port, write_study
-from inference.jobs.celery_backend import TASK_NAME, CeleryRunner, hard_time_limit, make_celery, retry_delay
-from inference.protocol.client import build_multipart_request
 from inference.config import Settings
 from inference.errors import ServiceUnavailable
 from inference.jobs.api import add_job_routes
-from inference.jobs.store import Job
-from inference.pipeline.pipeline import Pipeline
+from inference.jobs.celery_backend import TASK_NAME, CeleryRunner, hard_time_limit, make_celery, retry_delay
 from inference.jobs.redis_store import RedisJobStore
+from inference.jobs.store import Job
+from inference.pipeline.handler_registry import REGISTRY, HandlerSpec
+from inference.pipeline.pipeline import Pipeline
+from inference.protocol.client import build_multipart_request
+from tests.conftest import RunningServer, free_port, write_study
 
 if shutil.which("redis-server") is None and not os.environ.get("CI"):
     pytest.skip("needs redis-server (Debian package redis-server; .ci/run installs it)", allow_module_level=True)
@@ -151,7 +151,8 @@ def poll(url: str, uid: str, timeout: float = 90) -> requests.Response:
 
 def local_outputs(data: Path, tmp_path: Path, **job) -> Path:
     """Run ``job`` on the local backend (in-process gateway, thread pool, SQLite); its output folder."""
-    client = job_client(dataclasses.replace(Settings(), data_root=data, output_root=tmp_path / "local-jobs")).test_client()
+    client = job_client(dataclasses.replace(Settings(), data_root=data,
+                                            output_root=tmp_path / "local-jobs")).test_client()
     uid = client.post("/job/", json=job).get_json()["uid"]
     deadline = time.monotonic() + 90
     while (response := client.get(f"/query/{uid}")).status_code == 202 and time.monotonic() < deadline:
@@ -305,7 +306,8 @@ def test_a_lost_pool_process_gives_its_job_back_at_once(tmp_path):
 def test_a_job_past_its_time_limit_fails_with_timeout(tmp_path):
     running = make_cluster(tmp_path, time_limit=1, visibility=5)
     try:
-        write_study(running.data / "big", shape=(192, 256, 256))  # reading, blurring and writing 192 slices takes well over 1 s
+        # reading, blurring and writing 192 slices takes well over 1 s
+        write_study(running.data / "big", shape=(192, 256, 256))
         running.start_workers("t1", args=CPU_ONLY)
         client = job_client(running.settings()).test_client()
         uid = client.post("/job/", json={"job_name": "3dblur", "in_dir": "big"}).get_json()["uid"]

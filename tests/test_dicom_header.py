@@ -13,14 +13,18 @@ from hypothesis import strategies as st
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian, \
-    ImplicitVRLittleEndian
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
-from tests.conftest import shared_data
 from inference.dicom.files import dicom_files_in
-from inference.dicom.writing import series_from_volume
 from inference.dicom.header import HEAD_BYTES, _walk, read_header
+from inference.dicom.writing import series_from_volume
 from inference.protocol.multipart_request import PartSpool
+from tests.conftest import shared_data
 
 
 def encoded(ds: Dataset, syntax=ExplicitVRLittleEndian) -> bytes:

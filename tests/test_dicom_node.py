@@ -21,8 +21,8 @@ import pydicom
 import pytest
 
 from bench.pacs_services import DicomNodeProcess, Orthanc, c_store, free_port, orthanc_missing
-from tests.conftest import require, shared_data, write_study
 from inference.jobs.store import COMPLETED, JobStore
+from tests.conftest import require, shared_data, write_study
 
 #: Rules for the node-only tests: a mock command (no model to load) on generated series.
 LIGHT_RULES = """
@@ -80,10 +80,10 @@ def wait_for_results(orthanc: Orthanc, study_uid: str, timeout: float) -> dict[s
 
 
 def test_study_routed_by_orthanc_comes_back_as_seg_sr_and_report(pacs, server, tmp_path):
-    from models.registry import registry_for
     from inference.config import get_settings
-    from inference.protocol.client import send_inference_request
     from inference.dicom.series import sort_by_position
+    from inference.protocol.client import send_inference_request
+    from models.registry import registry_for
     from tests.dicom_readback import decode_segmentation, report_volumes
 
     orthanc, node = pacs
@@ -105,7 +105,9 @@ def test_study_routed_by_orthanc_comes_back_as_seg_sr_and_report(pacs, server, t
     shape = part["binary_data_shape"]
     mask = np.frombuffer(http.buffers[0], np.uint8).reshape(shape["depth"], shape["height"], shape["width"])
     crop = sort_by_position([ds for ds in headers if ds.SeriesInstanceUID == part["SeriesInstanceUID"]])
-    labels = decode_segmentation(seg, registry_for(get_settings().model_manifest).family("hippocampus").resolve(None).structures, [ds.SOPInstanceUID for ds in crop])
+    labels = decode_segmentation(
+        seg, registry_for(get_settings().model_manifest).family("hippocampus").resolve(None).structures,
+        [ds.SOPInstanceUID for ds in crop])
     assert np.array_equal(labels, mask) and mask.any()
     measures = http.response_json["series_ml_json"][part["SeriesInstanceUID"]]
     assert report_volumes(sr) == {"Anterior": measures["anterior_volume_mm3"],
@@ -217,7 +219,7 @@ def test_shipped_orthanc_compose_and_node_settings_agree():
     orthanc = read_orthanc_json(ORTHANC_CONFIG)
     lua = AUTOROUTE_LUA.read_text()
     ae, host, port = orthanc["DicomModalities"]["hippoai"]
-    assert re.search(rf"AI_MODALITY = 'hippoai'", lua) and re.search(rf"AI_AET = '{ae}'", lua)
+    assert re.search(r"AI_MODALITY = 'hippoai'", lua) and re.search(rf"AI_AET = '{ae}'", lua)
     assert re.search(r"AI_MARK = '(\w+)'", lua).group(1) in orthanc["UserMetadata"]
     compose = yaml.safe_load((PROJECT_ROOT / "docker-compose.yml").read_text())
     node = compose["services"]["hippoai"]
@@ -278,7 +280,8 @@ def test_results_stored_by_stow_rs(tmp_path):
 
 @pytest.mark.parametrize("rules, message", [
     ("rules: [{command: get-nothing}]", "unknown inference_command 'get-nothing'"),
-    ("rules: [{command: get-hippocampus-volume, params: {dicom_outputs: [mesh]}}]", "routing rule rule 1: .*dicom_outputs"),
+    ("rules: [{command: get-hippocampus-volume, params: {dicom_outputs: [mesh]}}]",
+     "routing rule rule 1: .*dicom_outputs"),
 ])
 def test_rules_the_pipeline_refuses_stop_the_node_at_start(tmp_path, rules, message):
     from inference.config import PROJECT_ROOT

@@ -11,12 +11,12 @@ import pydicom
 import pytest
 from pydicom.sr.codedict import codes
 
-from tests.conftest import require, shared_data
-from tests.dicom_readback import decode_segmentation, report_volumes
+from inference.dicom.results import Algorithm, measurement_report, segmentation
 from inference.dicom.series import load_volume
 from inference.dicom.writing import dataset_bytes, secondary_capture, series_from_volume
 from models.registry import Structure, registry_for
-from inference.dicom.results import Algorithm, measurement_report, segmentation
+from tests.conftest import require, shared_data
+from tests.dicom_readback import decode_segmentation, report_volumes
 
 STRUCTURES = (Structure("Left thing", 3, (255, 0, 0), codes.SCT.Hippocampus, codes.SCT.Anterior),
               Structure("Right thing", 7, (0, 0, 255), codes.SCT.Hippocampus, codes.SCT.Posterior))
@@ -124,7 +124,7 @@ def test_hippocampus_dicom_outputs_on_study1_match_the_mask_and_pass_dciodvfy(tm
     assert [p["binary_type"] for p in response["parts"]] == ["numeric_label_mask", "dicom_secondary_capture",
                                                              "dicom", "dicom"]
     paths = {}
-    for name, buffer in zip(("sc", "seg", "sr"), buffers[1:]):
+    for name, buffer in zip(("sc", "seg", "sr"), buffers[1:], strict=True):
         paths[name] = tmp_path / f"{name}.dcm"
         paths[name].write_bytes(bytes(buffer))
         assert dciodvfy_errors(paths[name]) == [], name

@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian
 
-from inference.dicom.writing import series_from_volume
 from inference.dicom.validation import read_header_early, validate_instances
+from inference.dicom.writing import series_from_volume
 from inference.errors import UnprocessableInput
 from inference.protocol.multipart_request import PartSpool
 

@@ -16,8 +16,8 @@ import requests
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from inference.protocol.client import build_multipart_request, close_request_files, related_content_type
 from inference.dicom.writing import series_from_volume
+from inference.protocol.client import build_multipart_request, close_request_files, related_content_type
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "60"))
 DICOM_FIELDS = ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "BitsStored", "PixelRepresentation",
@@ -150,7 +150,8 @@ def test_mutated_requests_get_json_answers_and_no_5xx(server, tmp_path):
         head, _, answer = received.partition(b"\r\n\r\n")
         status = int(head.split(b" ", 2)[1])
         seen[status] = seen.get(status, 0) + 1
-        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(b":") for line in head.split(b"\r\n")[1:])}
+        headers = {k.strip().lower(): v.strip()
+                   for k, _, v in (line.partition(b":") for line in head.split(b"\r\n")[1:])}
         content_type_answer = headers.get(b"content-type", b"")
         # without a Content-Length of its own the request's body was read as a next request on the
         # connection, answered too: look at the first answer only

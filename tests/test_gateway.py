@@ -13,9 +13,9 @@ import pytest
 
 from gateway import Gateway
 from inference import protocol
-from inference.protocol.client import build_multipart_request, related_content_type
 from inference.config import Settings
 from inference.errors import GatewayError
+from inference.protocol.client import build_multipart_request, related_content_type
 from inference.protocol.multipart_response import decode_multipart_response
 
 

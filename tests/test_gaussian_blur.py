@@ -13,12 +13,12 @@ from scipy import ndimage
 from gateway import Gateway
 from handlers import load_handlers
 from handlers.gaussian_blur import DEFAULT_SIGMA_MM
-from inference.imaging.blur import gaussian_blur_3d, gaussian_kernel
-from inference.protocol.client import build_multipart_request, related_content_type
 from inference.config import Settings
 from inference.dicom.writing import series_from_volume, write_series
-from inference.protocol.multipart_response import decode_multipart_response
+from inference.imaging.blur import gaussian_blur_3d, gaussian_kernel
 from inference.pipeline.pipeline import Pipeline
+from inference.protocol.client import build_multipart_request, related_content_type
+from inference.protocol.multipart_response import decode_multipart_response
 
 SPACING = (3.0, 0.8, 1.2)  # slice, row, column (mm): anisotropic on every axis
 RESCALE = (2.0, -100.0)  # slope, intercept
@@ -112,7 +112,7 @@ def test_handler_answers_a_blurred_derived_series(client, stored):
         assert ds.StudyInstanceUID == inputs[0].StudyInstanceUID
     by_position = sorted(outputs, key=lambda ds: float(ds.ImagePositionPatient[2]))
     inputs_by_position = sorted(inputs, key=lambda ds: float(ds.ImagePositionPatient[2]))
-    for out, original in zip(by_position, inputs_by_position):
+    for out, original in zip(by_position, inputs_by_position, strict=True):
         assert list(out.ImagePositionPatient) == list(original.ImagePositionPatient)
         assert list(out.ImageOrientationPatient) == list(original.ImageOrientationPatient)
         assert list(out.PixelSpacing) == list(original.PixelSpacing)

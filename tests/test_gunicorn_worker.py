@@ -12,11 +12,11 @@ import time
 
 import pytest
 import requests
-
 from gunicorn.http import errors as http_errors
-from tests.conftest import RunningServer
-from inference.protocol.client import send_inference_request
+
 from inference.http.gunicorn_worker import error_response_bytes, parser_error_answer
+from inference.protocol.client import send_inference_request
+from tests.conftest import RunningServer
 
 
 @pytest.fixture(scope="module")
@@ -46,18 +46,18 @@ HOSTILE = {
     "non-numeric Content-Length": (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1e3\r\n\r\n", 400, "Content-Length"),
     "duplicate Content-Length": (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nab",
                                  400, "Content-Length"),
-    "Content-Length and chunked": (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
-                                   b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400, "Content-Length"),
-    "duplicate Content-Type": (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: a/b\r\nContent-Type: a/b\r\n"
-                               b"Content-Length: 0\r\n\r\n", 400, "CONTENT-TYPE"),
+    "Content-Length and chunked": ((b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+                                    b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"), 400, "Content-Length"),
+    "duplicate Content-Type": ((b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: a/b\r\nContent-Type: a/b\r\n"
+                                b"Content-Length: 0\r\n\r\n"), 400, "CONTENT-TYPE"),
     "unknown transfer coding": (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: foo\r\n\r\n", 501, "foo"),
     "oversized header": (b"GET /models HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n", 431, "headers"),
     "too many headers": (b"GET /models HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(150))
                          + b"\r\n", 431, "headers"),
     "request line too long": (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "request line"),
     "garbage request line": (b"\x16\x03\x01 hello\r\n\r\n", 400, "request"),
-    "bad chunk size": (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/related; boundary=b\r\n"
-                       b"Transfer-Encoding: chunked\r\n\r\nzz\r\n", 400, None),
+    "bad chunk size": ((b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/related; boundary=b\r\n"
+                        b"Transfer-Encoding: chunked\r\n\r\nzz\r\n"), 400, None),
 }
 
 

@@ -14,13 +14,13 @@ from PIL import Image
 
 from handlers.hippocampus.handler import COMMAND, FAMILY, load_version
 from handlers.hippocampus.orientation import from_model_orientation, to_model_orientation
-from tests.conftest import PROJECT_ROOT, shared_data
-from tests.nifti_series import series_from_nifti
 from inference import protocol
 from inference.config import get_settings
 from inference.dicom.writing import dataset_bytes, series_from_volume
 from inference.errors import UnprocessableInput
 from inference.pipeline.pipeline import Pipeline
+from tests.conftest import PROJECT_ROOT, shared_data
+from tests.nifti_series import series_from_nifti
 
 WEIGHTS = PROJECT_ROOT / "models" / "hippocampus_unet.pt"
 
@@ -82,8 +82,8 @@ def test_sagittal_series_is_reoriented_too():
 
 
 def test_labelled_nifti_sent_as_dicom_is_segmented_in_the_training_orientation(weights, tmp_path):
-    from models.data import dataset_pairs, split_cases
     from inference.dicom.series import load_volume
+    from models.data import dataset_pairs, split_cases
 
     data = shared_data("hippocampus")
     pairs = dataset_pairs(data)

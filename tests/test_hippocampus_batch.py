@@ -58,7 +58,7 @@ def test_two_studies_stored_in_orthanc_and_undelivered_results_wait_in_the_outbo
         assert result.returncode == 1, result.stderr  # results undelivered
         summary = json.loads((tmp_path / "out" / "summary.json").read_text())
         stored = f"{up.aet}@127.0.0.1:{up.dicom_port}"
-        for study, study_uid in zip(studies, study_uids):
+        for study, study_uid in zip(studies, study_uids, strict=True):
             entry = summary[str(study)]
             assert entry["status"] == "ok"
             assert entry["delivery"][stored] == {"status": "stored", "files": 3}

@@ -14,14 +14,14 @@ import pydicom
 import pytest
 import requests
 
-import handlers.gaussian_blur  # noqa: F401  (registers gaussian-blur-3d, which the 3dblur job runs)
+import handlers.gaussian_blur
 import handlers.mock  # noqa: F401  (registers get-probability-mask, a handler answering a mask)
 from gateway import Gateway
-from tests.conftest import PROJECT_ROOT, RunningServer, write_study
 from inference.config import Settings
 from inference.jobs.api import add_job_routes
-from inference.pipeline.pipeline import Pipeline
 from inference.jobs.store import FAILED, INTERRUPTED, RUNNING, Job, JobStore, LocalPoolRunner
+from inference.pipeline.pipeline import Pipeline
+from tests.conftest import PROJECT_ROOT, RunningServer, write_study
 
 
 @pytest.fixture
@@ -130,7 +130,8 @@ def test_unknown_job_name_is_400_listing_known_ones(client, roots):
     assert "sharpen" in error and "3dblur" in error and "gaussian-blur-3d" in error
 
 
-@pytest.mark.parametrize("body", [None, [], {"in_dir": "s"}, {"job_name": "3dblur"}, {"job_name": "3dblur", "in_dir": 3}])
+@pytest.mark.parametrize("body", [None, [], {"in_dir": "s"}, {"job_name": "3dblur"},
+                                  {"job_name": "3dblur", "in_dir": 3}])
 def test_malformed_job_is_400(client, roots, body):
     write_study(roots[0] / "s", shape=(2, 8, 8))
     response = client.post("/job/", data=json.dumps(body), content_type="application/json")
@@ -196,8 +197,9 @@ time.sleep(120)
 def test_a_store_file_from_before_attempts_were_counted_is_upgraded(tmp_path):
     path = tmp_path / "jobs.sqlite3"
     with sqlite3.connect(path) as db:  # the first release's table
-        db.execute("CREATE TABLE jobs (uid TEXT PRIMARY KEY, job_name TEXT NOT NULL, command TEXT NOT NULL, in_dir TEXT "
-                   "NOT NULL, params TEXT NOT NULL, status TEXT NOT NULL, owner TEXT, error TEXT, error_status INTEGER, "
+        db.execute("CREATE TABLE jobs (uid TEXT PRIMARY KEY, job_name TEXT NOT NULL, command TEXT NOT NULL, "
+                   "in_dir TEXT NOT NULL, params TEXT NOT NULL, status TEXT NOT NULL, "
+                   "owner TEXT, error TEXT, error_status INTEGER, "
                    "output_dir TEXT, created REAL NOT NULL, updated REAL NOT NULL)")
         db.execute("INSERT INTO jobs VALUES ('old', '3dblur', 'gaussian-blur-3d', 's', '{}', 'completed', NULL, NULL, "
                    "NULL, '/out/old', 1.0, 2.0)")

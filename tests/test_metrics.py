@@ -9,8 +9,8 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import RunningServer, write_study
 from inference import metrics
+from tests.conftest import RunningServer, write_study
 
 TOKEN = "metrics-test-token"
 

@@ -277,7 +277,8 @@ def test_members_and_flips_options(tmp_path):
     assert one.version == f"hippocampus-unet-test ({sha}) members=1 flips=off"
     assert one.members[0][1]["axis"] == 2  # member 1 of the checkpoint, not member 0
     # member 1 alone, without the mirror, is that network's own single pass
-    np.testing.assert_array_equal(one.segment(vol), predict_volume(one.members[0][0], vol, one.members[0][1], tta=False))
+    np.testing.assert_array_equal(one.segment(vol),
+                                  predict_volume(one.members[0][0], vol, one.members[0][1], tta=False))
     assert HippocampusSegmenter.load(path, device="cpu", members=[2, 0]).version.endswith(" members=2,0")
     assert HippocampusSegmenter.load(path, device="cpu", flips=False).version.endswith(f"({sha}) flips=off")
     flipped = HippocampusSegmenter.load(path, device="cpu", members=[1])
@@ -334,7 +335,8 @@ def test_exported_graphs_are_cached_by_weights_hash_and_a_damaged_one_is_exporte
     assert len(exports) == 1 and graphs[1].read_bytes() == intact
     np.testing.assert_array_equal(third.probabilities(vol), expected)
     # members=[2] alone finds member 2's graph, not member 0's
-    only = HippocampusSegmenter.load(path, device="cpu", members=[2], backend="onnxruntime", threads=1, onnx_cache=cache)
+    only = HippocampusSegmenter.load(path, device="cpu", members=[2], backend="onnxruntime", threads=1,
+                                     onnx_cache=cache)
     assert len(exports) == 1 and only.runners[0].graph == graphs[2].read_bytes()
 
 
@@ -411,7 +413,7 @@ def test_combine_selects_members_on_validation(tmp_path):
     assert metrics["selection"]["candidates"] == ["a0.pt", "a2.pt", "short.pt"]
     # 7 subsets of 3 candidates, the best five reported best first; the kept members are the best subset
     assert len(ranked) == 5 and len({tuple(r["members"]) for r in ranked}) == 5
-    assert all(a["val_dice"] >= b["val_dice"] for a, b in zip(ranked, ranked[1:]))
+    assert all(a["val_dice"] >= b["val_dice"] for a, b in zip(ranked, ranked[1:], strict=False))
     kept = [paths[i].name for i in ranked[0]["members"]]
     assert [m["file"] for m in metrics["members"]] == kept
     seg = HippocampusSegmenter.load(tmp_path / "ens.pt", device="cpu")

@@ -67,7 +67,7 @@ def test_parts_hash_and_headers(study):
     contents = [b'{"studyUID": "1.2"}'] + [p.read_bytes() for p in study]
     parts = [(["Content-Type: text/json", 'Content-Disposition: form-data; name="json"'], contents[0])]
     parts += [([f'Content-Disposition: form-data; name="file"; filename="{p.name}"', "Content-Type: application/dicom"],
-               c) for p, c in zip(study, contents[1:])]
+               c) for p, c in zip(study, contents[1:], strict=True)]
     parsed = parse(body_of(parts))
     assert [p.read_bytes() for p in parsed.parts] == contents
     assert parsed.input_hash == hashlib.sha256(b"".join(contents)).hexdigest()
@@ -77,7 +77,8 @@ def test_parts_hash_and_headers(study):
 
 
 def test_parts_without_content_disposition_are_accepted():
-    parsed = parse(body_of([(["Content-Type: application/json"], b"{}"), (["Content-Type: application/dicom"], b"abc")]))
+    parsed = parse(body_of([(["Content-Type: application/json"], b"{}"),
+                            (["Content-Type: application/dicom"], b"abc")]))
     assert [p.read_bytes() for p in parsed.parts] == [b"{}", b"abc"]
     assert parsed.parts[1].filename is None
 

@@ -14,13 +14,12 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 import numpy as np
+import pytest
 from PIL import Image
+from test_test_tool import run_tool
 
 from conftest import SHARED_DATA
-from test_test_tool import run_tool
 from inference.dicom.writing import series_from_volume, write_series
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -60,7 +59,7 @@ def phantom(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
     """A head-like phantom (a bright shell around a textured disc or ball) so the pictures look like images."""
     grid = np.indices(shape, dtype=np.float64)
     centre = [(n - 1) / 2 for n in shape]
-    radius = np.sqrt(sum(((g - c) / (n / 2)) ** 2 for g, c, n in zip(grid, centre, shape)))
+    radius = np.sqrt(sum(((g - c) / (n / 2)) ** 2 for g, c, n in zip(grid, centre, shape, strict=True)))
     rng = np.random.default_rng(seed)
     values = np.where(radius < 0.8, 400 + 150 * np.cos(grid[-1] / 3) * np.sin(grid[-2] / 4), 20)
     values = np.where((radius >= 0.8) & (radius < 0.92), 900, values) + rng.normal(0, 25, shape)

@@ -16,18 +16,18 @@ import pytest
 import server
 from gateway import Gateway
 from handlers import REGISTRY, load_handlers
-from inference.pipeline.handler_registry import Param, HandlerRegistry
-from tests.conftest import PROJECT_ROOT, corrupt_manifest, shared_data, write_study
 from inference import protocol
-from inference.protocol.client import build_multipart_request, related_content_type
 from inference.config import Settings
 from inference.dicom.files import dicom_files_in
 from inference.dicom.writing import series_from_volume, write_series
 from inference.errors import BadRequest, UnprocessableInput
 from inference.jobs.api import add_job_routes
-from inference.protocol.multipart_response import decode_multipart_response
+from inference.pipeline.handler_registry import HandlerRegistry, Param
 from inference.pipeline.pipeline import Pipeline
+from inference.protocol.client import build_multipart_request, related_content_type
+from inference.protocol.multipart_response import decode_multipart_response
 from models.registry import registry_for
+from tests.conftest import PROJECT_ROOT, corrupt_manifest, shared_data, write_study
 
 HIPPOCAMPUS = "get-hippocampus-volume"
 
@@ -130,7 +130,8 @@ def test_a_family_handler_gets_the_resolved_model_version(monkeypatch):
     with pytest.raises(BadRequest, match="unknown model_version"):
         pipeline.check_request({"inference_command": "versioned", "model_version": "0.0-none"})
     with pytest.raises(BadRequest, match="has no model versions"):
-        Pipeline(Settings(), make_registry()).check_request({"inference_command": "echo-params", "model_version": "1.0"})
+        Pipeline(Settings(), make_registry()).check_request({"inference_command": "echo-params",
+                                                              "model_version": "1.0"})
 
 
 def test_no_module_calls_a_handler_but_the_pipeline():

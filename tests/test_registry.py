@@ -16,12 +16,12 @@ import pytest
 import yaml
 
 import server
-from models.registry import DEFAULT_MANIFEST, ManifestError, ModelRegistry, add_version, file_sha256, parse_manifest
-from tests.conftest import PROJECT_ROOT
-from inference.protocol.client import build_multipart_request, related_content_type
 from inference.config import Settings
 from inference.dicom.writing import series_from_volume, write_series
+from inference.protocol.client import build_multipart_request, related_content_type
 from inference.protocol.multipart_response import decode_multipart_response
+from models.registry import DEFAULT_MANIFEST, ManifestError, ModelRegistry, add_version, file_sha256, parse_manifest
+from tests.conftest import PROJECT_ROOT
 
 HIPPOCAMPUS = "get-hippocampus-volume"
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from inference.imaging import render
 from inference.dicom.writing import series_from_volume
+from inference.imaging import render
 
 GREY = 100
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from inference.config import Settings
-from inference.pacs.routing import SeriesInfo, load_rules, matching_rules, parse_rules
+from inference.pacs.routing import ReceivedSeries, load_rules, matching_rules, parse_rules
 
-CROP = SeriesInfo("MR", "HippoCrop", "ORTHANC")
-T1 = SeriesInfo("MR", "T1post", "ORTHANC")
+CROP = ReceivedSeries("MR", "HippoCrop", "ORTHANC")
+T1 = ReceivedSeries("MR", "T1post", "ORTHANC")
 
 
 def test_shipped_rules_send_a_hippocrop_study_to_the_hippocampus_model():
@@ -16,14 +16,15 @@ def test_shipped_rules_send_a_hippocrop_study_to_the_hippocampus_model():
     chosen = matching_rules(rules, [T1, CROP])
     assert [(r.command, r.params) for r in chosen] == [("get-hippocampus-volume", {"dicom_outputs": ["seg", "sr"]})]
     assert matching_rules(rules, [T1]) == []
-    assert matching_rules(rules, [SeriesInfo("CT", "HippoCrop", "X")]) == []
+    assert matching_rules(rules, [ReceivedSeries("CT", "HippoCrop", "X")]) == []
 
 
 def test_conditions_must_hold_for_one_series():
-    rules = parse_rules({"rules": [{"command": "c", "match": {"series_description": "^crop$", "calling_ae": "PACS.*"}}]})
-    assert matching_rules(rules, [SeriesInfo("MR", "Crop", "PACS1")])
-    assert not matching_rules(rules, [SeriesInfo("MR", "crop", "OTHER"), SeriesInfo("MR", "T1", "PACS1")])
-    assert not matching_rules(rules, [SeriesInfo("MR", "my crop", "PACS1")])
+    rules = parse_rules({"rules": [{"command": "c",
+                                    "match": {"series_description": "^crop$", "calling_ae": "PACS.*"}}]})
+    assert matching_rules(rules, [ReceivedSeries("MR", "Crop", "PACS1")])
+    assert not matching_rules(rules, [ReceivedSeries("MR", "crop", "OTHER"), ReceivedSeries("MR", "T1", "PACS1")])
+    assert not matching_rules(rules, [ReceivedSeries("MR", "my crop", "PACS1")])
 
 
 @pytest.mark.parametrize("document, message", [

@@ -20,10 +20,10 @@ import requests
 
 import gateway
 from gateway import Gateway
+from inference.config import Settings
+from inference.protocol.client import build_multipart_request, related_content_type
 from inference.protocol.request import MAX_JSON_BYTES
 from tests.conftest import PROJECT_ROOT, RunningServer, write_study
-from inference.protocol.client import build_multipart_request, related_content_type
-from inference.config import Settings
 
 TOKEN = "s3cret-Token-for-tests-0123456789"
 WRONG_TOKEN = "wrong-Token-never-to-be-logged-42"
@@ -53,7 +53,7 @@ def concrete_urls(app) -> list[tuple[str, str, str]]:
     """(endpoint, method, url) for every route of ``app``, converters filled with a dummy value."""
     urls = []
     for rule in app.url_map.iter_rules():
-        url = rule.build({name: "x" for name in rule.arguments}, append_unknown=False)[1]
+        url = rule.build(dict.fromkeys(rule.arguments, "x"), append_unknown=False)[1]
         urls += [(rule.endpoint, method, url) for method in sorted(rule.methods)]
     return urls
 
@@ -427,8 +427,8 @@ def test_study_path_needs_a_configured_root(data_root: Path) -> None:
 
 
 def test_job_folders_stay_inside_the_root(data_root: Path) -> None:
-    from inference.jobs.executor import study_files
     from inference.errors import Forbidden
+    from inference.jobs.executor import study_files
 
     (data_root / "linked").symlink_to(data_root.parent / "outside" / "study", target_is_directory=True)
     (data_root / "study" / "zz-outside.dcm").symlink_to(next((data_root.parent / "outside" / "study").iterdir()))

@@ -17,11 +17,16 @@ import requests
 
 import server
 from handlers import REGISTRY, load_handlers
-from tests.conftest import PROJECT_ROOT, RunningServer
 from inference import protocol
-from inference.protocol.client import InferenceRequestError, build_multipart_request, related_content_type, send_inference_request
 from inference.config import Settings
 from inference.dicom.series import sort_by_position
+from inference.protocol.client import (
+    InferenceRequestError,
+    build_multipart_request,
+    related_content_type,
+    send_inference_request,
+)
+from tests.conftest import PROJECT_ROOT, RunningServer
 
 MOCK_COMMANDS = ["get-probability-mask", "get-boolean-mask", "get-heatmap", "get-label-mask",
                  "get-probability-mask-2d", "get-bounding-box-2d", "get-linear-measurements",
@@ -141,7 +146,8 @@ def gated_warm_up(monkeypatch, tmp_path):
     gate = threading.Event()
     load_handlers()
     spec = REGISTRY.get("get-probability-mask")
-    monkeypatch.setitem(REGISTRY._specs, spec.command, dataclasses.replace(spec, warm_up=lambda settings: None if gate.wait(30) else "gate never opened"))
+    monkeypatch.setitem(REGISTRY._specs, spec.command, dataclasses.replace(
+        spec, warm_up=lambda settings: None if gate.wait(30) else "gate never opened"))
     settings = dataclasses.replace(Settings(), output_root=tmp_path / "jobs")
     return gate, lambda **options: server.create_app("get-probability-mask", settings, **options)
 

@@ -26,8 +26,8 @@ from werkzeug.serving import make_server
 
 from conftest import PROJECT_ROOT, free_port, shared_data, write_study
 from inference import protocol
-from inference.errors import OutputValidationError
 from inference.dicom.writing import dataset_bytes, secondary_capture
+from inference.errors import OutputValidationError
 from inference.protocol.multipart_response import encode_multipart_related
 
 
@@ -50,7 +50,7 @@ def study_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tool-study") / "study"
     paths = write_study(folder, shape=SHAPE)
     names = [f"img{n}.dcm" for n in random.Random(3).sample(range(100), len(paths))]
-    for path, name in zip(paths, names):
+    for path, name in zip(paths, names, strict=True):
         path.rename(folder / name)
     return folder
 
@@ -159,7 +159,8 @@ def test_request_study_path_reads_the_study_on_the_server(server, tmp_path, caps
 
 
 def test_http_error_exits_1_with_the_server_message(server, study_dir, tmp_path, capsys):
-    assert run_tool(study_dir, "--port", server.port, "-o", tmp_path, "-c", "gaussian-blur-3d", "-R", "sigma_mm=-1") == 1
+    assert run_tool(study_dir, "--port", server.port, "-o", tmp_path, "-c", "gaussian-blur-3d",
+                    "-R", "sigma_mm=-1") == 1
     err = capsys.readouterr().err
     assert "HTTP 400" in err and "sigma_mm" in err
 
@@ -218,7 +219,8 @@ class FakeServer:
             start_response("200 OK" if self.models else "404 Not Found", [("Content-Type", "application/json")])
             return [payload]
         body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
-        headers = {key[5:].replace("_", "-").lower(): value for key, value in environ.items() if key.startswith("HTTP_")}
+        headers = {key[5:].replace("_", "-").lower(): value
+                   for key, value in environ.items() if key.startswith("HTTP_")}
         headers["content-type"] = environ.get("CONTENT_TYPE", "")
         headers["path"] = environ["PATH_INFO"]
         parts = [(p.headers.get(b"Content-Type", b"").decode(), p.content)
@@ -251,7 +253,8 @@ def fresh_fake(fake) -> Iterator[FakeServer]:
 def multipart_answer(response_json: dict, buffers: list[bytes]) -> tuple[str, str, bytes]:
     """A 200 multipart response written by hand: no gateway checks in between."""
     parts = [(protocol.JSON_CONTENT_TYPE, json.dumps(response_json).encode())]
-    parts += [(protocol.content_type_for(p["binary_type"]), b) for p, b in zip(response_json["parts"], buffers)]
+    parts += [(protocol.content_type_for(p["binary_type"]), b)
+              for p, b in zip(response_json["parts"], buffers, strict=True)]
     encoded = encode_multipart_related(parts, input_hash="0" * 64)
     return "200 OK", encoded.content_type, b"".join(bytes(chunk) for chunk in encoded.chunks)
 
@@ -416,7 +419,7 @@ def test_request_option_values_are_json_with_a_string_escape(text, value):
 def test_numeric_parameter_reaches_the_server_as_a_number(server, study_dir, tmp_path, capsys):
     output = tmp_path / "out"
     assert run_tool(study_dir, "--port", server.port, "-o", output, "-c", "gaussian-blur-3d", "-R", "sigma_mm=1.5") == 0
-    derived = [p for p in (output / "images").rglob("*-derived.png")]
+    derived = list((output / "images").rglob("*-derived.png"))
     assert len(derived) == SHAPE[0]  # the blurred series, beside the input on the same slider
     assert "Gaussian blur 3D sigma 1.5 mm" in (output / "index.html").read_text()
 

@@ -10,9 +10,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from tests.conftest import write_study
-from inference.dicom.writing import series_from_volume, write_series
 from inference.dicom.volume_io import main
+from inference.dicom.writing import series_from_volume, write_series
+from tests.conftest import write_study
 
 RESCALE = (0.5, -1024.0)
 
@@ -52,7 +52,7 @@ def test_round_trip_is_bit_identical_with_the_same_geometry(series, tmp_path):
                  "--description", "Round trip"]) == 0
     written = [pydicom.dcmread(p) for p in sorted(out.glob("*.dcm"))]  # written in position order
     assert len(written) == len(originals)
-    for new, old in zip(written, originals):
+    for new, old in zip(written, originals, strict=True):
         assert new.PixelData == old.PixelData
         assert list(new.ImagePositionPatient) == list(old.ImagePositionPatient)
         assert list(new.ImageOrientationPatient) == list(old.ImageOrientationPatient)
@@ -92,5 +92,6 @@ def test_errors_exit_2_with_a_message(series, tmp_path, capsys):
         h5["volume"] = np.zeros((3, 12, 18), np.int16)
     assert main(["hdf5-to-dicom", "-i", str(h5_path), "-t", str(series), "-o", str(tmp_path / "o")]) == 2
     assert "(3, 12, 18)" in capsys.readouterr().err
-    assert main(["hdf5-to-dicom", "-i", str(tmp_path / "text" / "readme.txt"), "-t", str(series), "-o", str(tmp_path / "o")]) == 2
+    assert main(["hdf5-to-dicom", "-i", str(tmp_path / "text" / "readme.txt"), "-t", str(series),
+                 "-o", str(tmp_path / "o")]) == 2
     assert "not an HDF5 file" in capsys.readouterr().err

@@ -44,7 +44,7 @@ def process_study(pipeline: Pipeline, folder: Path, out_dir: Path, dicom_outputs
     result = pipeline.run_files(request, files)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for part, buffer in zip(result.response_json["parts"], result.buffers):
+    for part, buffer in zip(result.response_json["parts"], result.buffers, strict=True):
         if part["binary_type"] in ("dicom_secondary_capture", "dicom"):
             kind = pydicom.dcmread(io.BytesIO(buffer), stop_before_pixels=True).Modality
             path = out_dir / {"SEG": "seg.dcm", "SR": "sr.dcm"}.get(kind, "report.dcm")

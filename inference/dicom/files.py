@@ -39,7 +39,8 @@ def study_folder_files(root: Path | None, requested: str, *, field: str) -> list
             raise UnprocessableInput(f"{field} {shown(requested)} is not a folder of the data root; "
                                      "give a folder of DICOM files")
         if not any(folder.iterdir()):
-            raise UnprocessableInput(f"{field} {shown(requested)} is an empty folder; put the study's DICOM files in it")
+            raise UnprocessableInput(f"{field} {shown(requested)} is an empty folder; "
+                                     "put the study's DICOM files in it")
         files = dicom_files_in(folder, inside=root)
     except OSError as exc:  # unreadable, or a name the file system refuses: its message holds server paths
         raise UnprocessableInput(f"{field} {shown(requested)} cannot be read on the server "

@@ -197,8 +197,9 @@ def _whole_number(value: Any) -> int:
 
 
 def read_header(source: Any) -> InstanceHeader:
-    """The header of ``source``: a request part (``inference.protocol.multipart_request.Part``), bytes, or a binary file.
+    """The header of ``source``: a request part, bytes, or a binary file.
 
+    A request part is an ``inference.protocol.multipart_request.Part``.
     Raises whatever ``pydicom.dcmread`` raises for a file it cannot read.
     """
     buffer, file_size, whole = _head(source, HEAD_BYTES)
@@ -430,7 +431,7 @@ def _fast_header(meta: dict, elements: dict, implicit: bool, pixel: PixelElement
 
 def _pydicom_header(source: Any) -> InstanceHeader:
     """The header read by pydicom, for what the fast walk leaves to it (its errors propagate)."""
-    handle = _open(source)
+    handle = open_source(source)
     try:
         ds = pydicom.dcmread(handle, stop_before_pixels=True)
         syntax = UID(ds.file_meta.get("TransferSyntaxUID", "") or ImplicitVRLittleEndian)
@@ -444,7 +445,8 @@ def _pydicom_header(source: Any) -> InstanceHeader:
                           raw_little_endian=False, pixel=pixel, file_size=size)
 
 
-def _open(source: Any) -> BinaryIO:
+def open_source(source: Any) -> BinaryIO:
+    """``source`` (a request part, bytes or a binary file) as a binary file, rewound for reading."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         return io.BytesIO(source)
     if hasattr(source, "open"):

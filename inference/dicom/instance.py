@@ -15,7 +15,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileDataset
 
 from inference.dicom.attributes import CheckedAttributes
-from inference.dicom.header import InstanceHeader
+from inference.dicom.header import InstanceHeader, open_source
 
 
 @dataclass(eq=False)
@@ -40,10 +40,7 @@ class DicomInstance:
 
     def open(self) -> BinaryIO:
         """The instance's bytes, rewound for reading."""
-        if hasattr(self.source, "open"):
-            return self.source.open()
-        self.source.seek(0)
-        return self.source
+        return open_source(self.source)
 
     def read_full(self) -> Dataset:
         """The whole instance, pixels included, read again from its source."""

@@ -91,7 +91,7 @@ def sort_by_position(datasets: Sequence[Item]) -> list[Item]:
     if normal is None or any(position is None for position in positions):
         return sorted(datasets, key=_instance_number)
     keys = {id(ds): (round(float(np.dot(normal, position)), 4), _instance_number(ds))
-            for ds, position in zip(datasets, positions)}
+            for ds, position in zip(datasets, positions, strict=True)}
     return sorted(datasets, key=lambda ds: keys[id(ds)])
 
 

@@ -25,8 +25,15 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from inference.dicom.files import dicom_files_in
-from inference.dicom.series import (Volume, describe_series, group_by_series, load_volume, slice_normal, slice_spacing,
-                                    sort_by_position)
+from inference.dicom.series import (
+    Volume,
+    describe_series,
+    group_by_series,
+    load_volume,
+    slice_normal,
+    slice_spacing,
+    sort_by_position,
+)
 from inference.dicom.writing import derived_series, write_series
 from inference.errors import GatewayError
 
@@ -113,7 +120,7 @@ def hdf5_to_dicom(h5_path: str | Path, template_dir: str | Path, out_dir: str | 
                             "(slices, rows, columns); give the template the volume came from")
     # Real-world values per slice, each with its own rescale: store_pixels undoes exactly that one.
     real = np.stack([plane.astype(np.float64) * slope + intercept
-                     for plane, (slope, intercept) in zip(stored, map(_rescale, template))])
+                     for plane, (slope, intercept) in zip(stored, map(_rescale, template), strict=True)])
     spacing = tuple(geometry(template)["spacing"])
     return write_series(derived_series(Volume(real, spacing, template), real, description), out_dir)
 

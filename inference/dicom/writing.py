@@ -44,7 +44,7 @@ def derived_series(volume: Volume, voxels: np.ndarray, description: str) -> list
         raise ValueError(f"derived voxels {voxels.shape} do not match the series {volume.voxels.shape}")
     series_uid = generate_uid()
     out = []
-    for ds, values in zip(volume.datasets, voxels):
+    for ds, values in zip(volume.datasets, voxels, strict=True):
         new = pydicom.dcmread(io.BytesIO(dataset_bytes(ds)))  # a deep, independent copy
         new.SeriesInstanceUID = series_uid
         new.SOPInstanceUID = generate_uid()

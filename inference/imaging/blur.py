@@ -131,7 +131,7 @@ def gaussian_blur_3d(
     depth, rows, columns = source.shape
     slice_axis, row_axis, column_axis = (
         AxisBlur(length, gaussian_kernel(sigma, truncate), device) if sigma > 0 else None
-        for length, sigma in zip(source.shape, sigmas))
+        for length, sigma in zip(source.shape, sigmas, strict=True))
     with torch.no_grad():
         planes = torch.empty_like(source)
         _run(lambda d: _blur_plane(source[d], planes[d], row_axis, column_axis), range(depth), threads)

@@ -18,7 +18,7 @@ CONDITIONS = ("modality", "series_description", "calling_ae")
 
 
 @dataclass(frozen=True)
-class SeriesInfo:
+class ReceivedSeries:
     """What the rules look at in one received series."""
 
     modality: str
@@ -37,7 +37,7 @@ class Rule:
     series_description: str | None = None
     calling_ae: str | None = None
 
-    def matches_series(self, series: SeriesInfo) -> bool:
+    def matches_series(self, series: ReceivedSeries) -> bool:
         if self.modality is not None and series.modality.upper() != self.modality.upper():
             return False
         if self.series_description is not None and not re.search(self.series_description, series.description,
@@ -45,7 +45,7 @@ class Rule:
             return False
         return self.calling_ae is None or re.fullmatch(self.calling_ae, series.calling_ae.strip()) is not None
 
-    def matches(self, study: Iterable[SeriesInfo]) -> bool:
+    def matches(self, study: Iterable[ReceivedSeries]) -> bool:
         return any(self.matches_series(series) for series in study)
 
 
@@ -91,6 +91,6 @@ def load_rules(path: str | Path) -> list[Rule]:
     return parse_rules(document, str(path))
 
 
-def matching_rules(rules: Sequence[Rule], study: Sequence[SeriesInfo]) -> list[Rule]:
+def matching_rules(rules: Sequence[Rule], study: Sequence[ReceivedSeries]) -> list[Rule]:
     """The rules that match ``study``, in file order."""
     return [rule for rule in rules if rule.matches(study)]

@@ -23,7 +23,7 @@ from typing import BinaryIO
 
 import pydicom
 
-from inference.pacs.routing import SeriesInfo
+from inference.pacs.routing import ReceivedSeries
 
 SERIES_FILE = ".series.json"
 ROUTING_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality", "SeriesDescription"]
@@ -34,13 +34,13 @@ def safe_name(uid: str) -> str:
     return re.sub(r"[^A-Za-z0-9.-]", "_", uid.strip())[:128] or "unknown"
 
 
-def read_series_info(folder: Path) -> list[SeriesInfo]:
+def read_series_info(folder: Path) -> list[ReceivedSeries]:
     """The series of a spooled study, as the routing rules see them."""
     try:
         entries = json.loads((folder / SERIES_FILE).read_text())
     except (OSError, ValueError):
         return []
-    return [SeriesInfo(e.get("modality", ""), e.get("description", ""), e.get("calling_ae", ""))
+    return [ReceivedSeries(e.get("modality", ""), e.get("description", ""), e.get("calling_ae", ""))
             for e in entries.values()]
 
 

@@ -37,7 +37,8 @@ class Param:
 
     def __post_init__(self) -> None:
         if self.kind not in PARAM_KINDS:
-            raise ValueError(f"parameter {self.name!r}: kind must be one of {', '.join(PARAM_KINDS)}, got {self.kind!r}")
+            raise ValueError(f"parameter {self.name!r}: kind must be one of {', '.join(PARAM_KINDS)}, "
+                             f"got {self.kind!r}")
         if self.choices is not None:
             object.__setattr__(self, "choices", tuple(self.choices))
 

@@ -120,8 +120,9 @@ class Pipeline:
 
     def run(self, json_input: dict, parts: Sequence[Any], input_hash: str, *, command: str | None = None,
             early_headers: Mapping[int, InstanceHeader] | None = None) -> InferenceResult:
-        """Check the request and its DICOM ``parts``, run the handler, check its output; the result or a ``GatewayError``.
+        """Check the request and its DICOM ``parts``, run the handler, check its output.
 
+        The result, or a ``GatewayError``.
         ``early_headers`` are DICOM headers already read while the parts streamed in, by part index.
         """
         spec, params, version = self.check_request(json_input, command)
@@ -193,14 +194,18 @@ class WarmUp:
     def health(self) -> str:
         """The healthcheck's text: READY, DEGRADED (some model versions unavailable) or FAILED, with why."""
         if self.failed:
-            return "FAILED: " + "; ".join(f"{command}: {why}" for command, why in {**self.failed, **self.degraded}.items())
+            return "FAILED: " + "; ".join(f"{command}: {why}"
+                                          for command, why in {**self.failed, **self.degraded}.items())
         if self.degraded:
             return "DEGRADED: " + "; ".join(f"{command}: {why}" for command, why in self.degraded.items())
         return "READY"
 
 
 def request_json(body: ParsedBody) -> dict:
-    """Part 0 of a request as a JSON object, or a 400 saying why it is not one (``inference.protocol.request``'s limits)."""
+    """Part 0 of a request as a JSON object, or a 400 saying why it is not one.
+
+    The limits are ``inference.protocol.request``'s.
+    """
     if not body.parts:
         raise BadRequest("the request has no parts; part 0 must be the request JSON")
     return parse_json_object(body.parts[0].read_bytes(), "part 0 (the request JSON)")

@@ -31,7 +31,7 @@ class InferenceRequestError(Exception):
 
 
 @dataclass
-class InferenceResult:
+class InferenceResponse:
     """A decoded response: the JSON, one bytes buffer per part, and the hashes part if any."""
 
     response_json: dict
@@ -70,7 +70,7 @@ def related_content_type(encoder: MultipartEncoder) -> str:
     return f'multipart/related; boundary="{encoder.boundary_value}"'
 
 
-def decode_response(response: requests.Response) -> InferenceResult:
+def decode_response(response: requests.Response) -> InferenceResponse:
     """Split a 200 response into JSON and buffers; raise for an error status."""
     if response.status_code != 200:
         try:
@@ -86,7 +86,7 @@ def decode_response(response: requests.Response) -> InferenceResult:
     hashes = None
     if rest and protocol.is_hashes_part(*rest[-1]):
         hashes = rest.pop()[1].decode()
-    return InferenceResult(response_json, [body for _, body in rest], hashes, 0, len(response.content))
+    return InferenceResponse(response_json, [body for _, body in rest], hashes, 0, len(response.content))
 
 
 def send_inference_request(
@@ -98,7 +98,7 @@ def send_inference_request(
     token: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     timeout: float | None = None,
-) -> InferenceResult:
+) -> InferenceResponse:
     """POST a study (or, with no files, a JSON-only ``studyPath`` request) and decode the answer.
 
     ``progress(sent, total)`` is called as the body goes out. Raises ``InferenceRequestError``
