@@ -62,7 +62,7 @@ def measure(blobs: Sequence[bytes], repeats: int) -> dict:
 
 def studies() -> dict[str, list[Path] | str]:
     """The studies measured: the small one, and Study1 or why it is skipped."""
-    from inference.dicom.series import dicom_files_in
+    from inference.dicom.files import dicom_files_in
 
     found: dict[str, list[Path] | str] = {"small": cached_study("small")}
     found["study1"] = dicom_files_in(STUDY1) if STUDY1.is_dir() else "needs ../shared/data/studies/Study1"

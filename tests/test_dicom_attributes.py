@@ -18,9 +18,10 @@ from pydicom.dataelem import DataElement
 from handlers import load_handlers
 from inference.config import Settings
 from inference.dicom.attributes import _DECLINED, _QUICK, ATTRIBUTES, _checked_decoded, check_attributes
+from inference.dicom.files import dicom_files_in
 from inference.dicom.header import read_header
-from inference.dicom.series import dicom_files_in, series_from_volume
 from inference.dicom.validation import IMAGE_INTEGERS
+from inference.dicom.writing import series_from_volume
 from inference.errors import GatewayError, UnprocessableInput
 from inference.pipeline.pipeline import Pipeline
 from tests.conftest import shared_data
