@@ -141,3 +141,11 @@ def test_no_utils_grab_bag_and_no_second_registry_module():
     names = [Path(module.replace(".", "/")).name for module in MODULES]
     duplicated = sorted({name for name in names if names.count(name) > 1} - {"", "__init__", "inference"})
     assert "registry" not in duplicated and "celery_jobs" not in duplicated, duplicated
+
+
+def test_the_architecture_page_lists_every_module():
+    """docs/architecture.md names every module of the product, so a newcomer finds each one there."""
+    page = (PROJECT_ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    missing = sorted(str(path.relative_to(PROJECT_ROOT)) for path in MODULES.values()
+                     if f"`{path.relative_to(PROJECT_ROOT)}`" not in page)
+    assert not missing, f"docs/architecture.md does not list {missing}: add a line each, in its layer"

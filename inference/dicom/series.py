@@ -9,10 +9,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import numpy as np
-from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 
 from inference.dicom.header import SERIES_INSTANCE_UID, as_floats
@@ -20,8 +19,10 @@ from inference.dicom.instance import DicomInstance
 from inference.errors import UnprocessableInput
 
 log = logging.getLogger("inference.dicom")
+#: Tags of the numeric attributes read from an instance's fast header.
+_TAGS = {"InstanceNumber": 0x00200013, "ImagePositionPatient": 0x00200032, "ImageOrientationPatient": 0x00200037}
 #: What the series helpers take: checked instances (geometry from their fast headers) or pydicom datasets.
-Item = TypeVar("Item", DicomInstance, Dataset)
+Item = TypeVar("Item", bound=DicomInstance | Dataset)
 
 
 def require_instances(instances: Sequence[DicomInstance]) -> Sequence[DicomInstance]:
@@ -41,7 +42,7 @@ def series_uid(item: DicomInstance | Dataset) -> str:
 def _numbers(item: DicomInstance | Dataset, keyword: str) -> list[float] | None:
     """A DS/IS attribute's values as floats, None when absent or empty (an instance's from its fast header)."""
     if isinstance(item, DicomInstance):
-        return item.header.numbers(tag_for_keyword(keyword))
+        return item.header.numbers(_TAGS[keyword])
     return as_floats(item.get(keyword))
 
 
@@ -49,7 +50,7 @@ def _dataset(item: DicomInstance | Dataset) -> Dataset:
     return item.dataset if isinstance(item, DicomInstance) else item
 
 
-def _instance_number(ds: Dataset) -> int:
+def _instance_number(ds: DicomInstance | Dataset) -> int:
     numbers = _numbers(ds, "InstanceNumber")
     return int(numbers[0]) if numbers else 0
 
@@ -90,7 +91,7 @@ def sort_by_position(datasets: Sequence[Item]) -> list[Item]:
     positions = [_numbers(ds, "ImagePositionPatient") for ds in datasets]
     if normal is None or any(position is None for position in positions):
         return sorted(datasets, key=_instance_number)
-    keys = {id(ds): (round(float(np.dot(normal, position)), 4), _instance_number(ds))
+    keys = {id(ds): (round(float(np.dot(normal, cast(list[float], position))), 4), _instance_number(ds))
             for ds, position in zip(datasets, positions, strict=True)}
     return sorted(datasets, key=lambda ds: keys[id(ds)])
 
@@ -100,7 +101,7 @@ def slice_spacing(datasets: Sequence[DicomInstance | Dataset]) -> float:
     normal = slice_normal(datasets[0])
     positions = [_numbers(ds, "ImagePositionPatient") for ds in datasets]
     if normal is not None and len(datasets) > 1 and all(position is not None for position in positions):
-        distances = sorted(float(np.dot(normal, position)) for position in positions)
+        distances = sorted(float(np.dot(normal, cast(list[float], position))) for position in positions)
         steps = np.diff(distances)
         steps = steps[steps > 1e-6]
         if steps.size:

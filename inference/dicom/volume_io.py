@@ -18,6 +18,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -63,7 +64,7 @@ def _rescale(ds: Dataset) -> tuple[float, float]:
     return float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
 
 
-def _floats(value) -> list[float] | None:
+def _floats(value: Any) -> list[float] | None:
     return None if value is None else [float(v) for v in value]
 
 

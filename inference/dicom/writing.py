@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from inference.dicom.series import Volume
 
@@ -43,7 +43,7 @@ def derived_series(volume: Volume, voxels: np.ndarray, description: str) -> list
     if voxels.shape != volume.voxels.shape:
         raise ValueError(f"derived voxels {voxels.shape} do not match the series {volume.voxels.shape}")
     series_uid = generate_uid()
-    out = []
+    out: list[Dataset] = []
     for ds, values in zip(volume.datasets, voxels, strict=True):
         new = pydicom.dcmread(io.BytesIO(dataset_bytes(ds)))  # a deep, independent copy
         new.SeriesInstanceUID = series_uid
@@ -69,7 +69,7 @@ def dataset_bytes(ds: Dataset) -> bytes:
 
 def _new_file_dataset(sop_class_uid: str) -> Dataset:
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class_uid
+    meta.MediaStorageSOPClassUID = UID(sop_class_uid)
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
@@ -118,7 +118,7 @@ def _new_result_object(sop_class_uid: str, reference: Dataset, modality: str, de
     stamp_provenance(ds, algorithm)
     for keyword in PATIENT_STUDY_KEYWORDS:
         if keyword in reference:
-            setattr(ds, keyword, reference.data_element(keyword).value)
+            setattr(ds, keyword, reference[keyword].value)
         elif keyword in TYPE2_PATIENT_STUDY_KEYWORDS:
             setattr(ds, keyword, "")
     now = datetime.now()
