@@ -285,7 +285,7 @@ def test_dockerignore_matching_model() -> None:
     "gateway.py", "mock_server.py", "gunicorn.conf.py", "logging.yaml", "healthcheck.py", "requirements.txt",
     "worker.py",
     "handlers/__init__.py", "inference/config.py", "models/unet.py", "models/hippocampus_unet.pt",
-    "inference-test-tool/send-inference-request.sh",
+    "inference-test-tool/send-inference-request.sh", "deploy/routing-rules.yaml",
 ])
 def test_build_context_keeps_what_the_images_need(path: str) -> None:
     assert sent_to_builder(path, (PROJECT_ROOT / ".dockerignore").read_text())
@@ -294,7 +294,8 @@ def test_build_context_keeps_what_the_images_need(path: str) -> None:
 @pytest.mark.parametrize("path", [
     "tests/conftest.py", ".git/HEAD", ".venv/bin/python", "output/jobs/1/response.json", "jobs/x",
     "inference-test-tool/output/index.html", "utils/__pycache__/config.cpython-311.pyc", "data/Study1/1.dcm",
-    ".env", "bench/run.py", "bench/.cache/volume.npy", ".pytest_cache/v/x",
+    ".env", "bench/run.py", "bench/.cache/volume.npy", ".pytest_cache/v/x", "deploy/orthanc/orthanc.json",
+    "deploy/images/build-stand-ins.sh",
 ])
 def test_build_context_leaves_out_tests_outputs_caches_and_secrets(path: str) -> None:
     assert not sent_to_builder(path, (PROJECT_ROOT / ".dockerignore").read_text())
@@ -405,7 +406,8 @@ def test_compose_worker_runs_celery_and_can_be_scaled(compose: dict) -> None:
     assert "ports" not in worker and "container_name" not in worker, "--scale worker=N needs neither"
     check = worker["healthcheck"]["test"]
     assert check[0] == "CMD-SHELL" and "celery -A worker inspect ping" in check[1]
-    assert "celery@$$HOSTNAME" in check[1], "pings this container's own node (compose unescapes $$)"
+    assert "celery@$$(hostname)" in check[1], "pings this container's own node (compose unescapes $$)"
+    assert "HOSTNAME" not in check[1], "podman sets no $HOSTNAME in healthcheck processes"
     defaults = Settings()
     assert worker["restart"] == "unless-stopped"
     grace = int(re.fullmatch(r"(\d+)s", worker["stop_grace_period"]).group(1))
@@ -413,6 +415,26 @@ def test_compose_worker_runs_celery_and_can_be_scaled(compose: dict) -> None:
     visibility = int(re.search(r":-(\d+)}", worker["environment"]["INFERENCE_BROKER_VISIBILITY_TIMEOUT"]).group(1))
     limit = int(re.search(r":-(\d+)}", worker["environment"]["INFERENCE_JOB_TIME_LIMIT"]).group(1))
     assert (visibility, limit) == (defaults.broker_visibility_timeout, defaults.job_time_limit)
+
+
+def test_compose_dicom_node_has_its_rules_a_writable_root_and_a_healthcheck(compose: dict, steps) -> None:
+    """hippoai: the rules file it names is mounted (or is the image's default), its roots are in its
+    volume, and its healthcheck is a C-ECHO to its own port as an AE it accepts."""
+    node = compose["services"]["hippoai"]
+    env = node["environment"]
+    assert set(env) <= SETTING_VARIABLES, f"unknown variables: {set(env) - SETTING_VARIABLES}"
+    mounts = {mount_fields(str(v))[1]: mount_fields(str(v)) for v in node["volumes"]}
+    rules = mounts[env["INFERENCE_PACS_RULES"]]
+    assert (PROJECT_ROOT / rules[0]).is_file() and rules[2:] == ["ro"]
+    spool = mounts[env["INFERENCE_PACS_ROOT"]]
+    assert spool[0] in compose["volumes"]
+    assert env["INFERENCE_OUTPUT_ROOT"].startswith(env["INFERENCE_PACS_ROOT"] + "/"), "its job store is in its volume"
+    check = node["healthcheck"]["test"]
+    assert check[:5] == ["CMD", "python", "-m", "pynetdicom", "echoscu"]
+    assert check[check.index("-aet") + 1] in env["INFERENCE_PACS_ALLOWED_AES"].split(",")
+    assert check[check.index("-aec") + 1] == env["INFERENCE_PACS_AE_TITLE"] and check[-1] == str(env["INFERENCE_PACS_PORT"])
+    image_env = " ".join(args for keyword, args in steps if keyword == "ENV")
+    assert "INFERENCE_PACS_ROOT=/var/lib/inference/pacs" in image_env, "docker run IMAGE python dicom_node.py can write"
 
 
 def test_compose_test_tool_profile(compose: dict) -> None:
