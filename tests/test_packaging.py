@@ -432,7 +432,8 @@ def test_compose_dicom_node_has_its_rules_a_writable_root_and_a_healthcheck(comp
     check = node["healthcheck"]["test"]
     assert check[:5] == ["CMD", "python", "-m", "pynetdicom", "echoscu"]
     assert check[check.index("-aet") + 1] in env["INFERENCE_PACS_ALLOWED_AES"].split(",")
-    assert check[check.index("-aec") + 1] == env["INFERENCE_PACS_AE_TITLE"] and check[-1] == str(env["INFERENCE_PACS_PORT"])
+    assert check[check.index("-aec") + 1] == env["INFERENCE_PACS_AE_TITLE"]
+    assert check[-1] == str(env["INFERENCE_PACS_PORT"])
     image_env = " ".join(args for keyword, args in steps if keyword == "ENV")
     assert "INFERENCE_PACS_ROOT=/var/lib/inference/pacs" in image_env, "docker run IMAGE python dicom_node.py can write"
 
@@ -450,11 +451,15 @@ def test_compose_test_tool_profile(compose: dict) -> None:
     assert study.startswith("${STUDY_DIR:-") and study.endswith(":ro")
 
 
-def test_compose_gpu_override_reserves_a_device() -> None:
-    override = yaml.safe_load((PROJECT_ROOT / "docker-compose.gpu.yml").read_text())["services"]["inference"]
+@pytest.mark.parametrize("name", ["inference", "worker", "hippoai"])
+def test_compose_gpu_override_reserves_a_device(name: str) -> None:
+    """Every service that runs the models gets the CUDA image and a GPU (the workers run the queued jobs)."""
+    override = yaml.safe_load((PROJECT_ROOT / "docker-compose.gpu.yml").read_text())["services"][name]
     devices = override["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
-    assert not override["build"]["args"]["TORCH_VARIANT"].endswith(":-cpu}")
+    assert override["image"].endswith(":cuda")
+    if "build" in override:
+        assert not override["build"]["args"]["TORCH_VARIANT"].endswith(":-cpu}")
 
 
 def test_the_tool_image_copies_every_module_and_template_the_tool_uses() -> None:

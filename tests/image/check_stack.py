@@ -1,8 +1,8 @@
-"""The checks `make image-test` runs against the started compose stack, through its published ports.
+"""The checks `make image-test` runs: the GPU override as compose resolves it (``gpu-config``), and the
+started compose stack through its published ports (``stack``).
 
-Run by tests/image/run.sh once every service is healthy; each check prints one "ok:" line with what it
-measured, or stops with a message naming the check and why. Not collected by pytest (the stack is
-started by run.sh, not by the suite).
+Run by tests/image/run.sh; each check prints one "ok:" line with what it measured, or stops with a
+message naming the check and why. Not collected by pytest (run.sh starts the stack, not the suite).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import requests
+import yaml
 from pydicom import dcmread
 from pynetdicom import AE
 
@@ -31,6 +32,34 @@ class CheckFailed(Exception):
 
 def ok(message: str) -> None:
     print(f"image-test: ok: {message}", flush=True)
+
+
+GPU_SERVICES = ("inference", "worker", "hippoai")
+
+
+def build_arg(args: dict | list | None, name: str) -> str | None:
+    """A build argument as compose resolved it: a mapping (Docker) or ``NAME=value`` items, last one winning."""
+    if isinstance(args, dict):
+        return args.get(name)
+    values = [item.partition("=")[2] for item in args or [] if item.partition("=")[0] == name]
+    return values[-1] if values else None
+
+
+def check_gpu_config(resolved: Path) -> None:
+    """docker-compose.yml with docker-compose.gpu.yml, resolved by ``compose config``: every service that
+    runs the models uses the CUDA image and reserves an NVIDIA GPU; those that build it build CUDA torch."""
+    services = yaml.safe_load(resolved.read_text(encoding="utf-8"))["services"]
+    for name in GPU_SERVICES:
+        service = services[name]
+        devices = service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+        if not any(device.get("driver") == "nvidia" and "gpu" in device.get("capabilities", []) for device in devices):
+            raise CheckFailed(f"GPU override: {name} reserves no NVIDIA GPU: {devices}")
+        if not service["image"].endswith(":cuda"):
+            raise CheckFailed(f"GPU override: {name} runs {service['image']}, not the CUDA image")
+        if "build" in service and not str(build_arg(service["build"].get("args"), "TORCH_VARIANT")).startswith("cu"):
+            raise CheckFailed(f"GPU override: {name} builds with TORCH_VARIANT "
+                              f"{build_arg(service['build'].get('args'), 'TORCH_VARIANT')}, not a CUDA index")
+    ok(f"GPU override (compose config): {', '.join(GPU_SERVICES)} run hippocampus-inference:cuda with an NVIDIA GPU")
 
 
 def check_healthcheck_and_models(gateway: str) -> None:
@@ -151,16 +180,24 @@ def check_pacs_loop(orthanc: str, dicom_port: int, study: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gateway-port", type=int, required=True, help="published port of the inference service")
-    parser.add_argument("--reference-port", type=int, required=True, help="port of the make-serve server on the host")
-    parser.add_argument("--orthanc-http-port", type=int, required=True)
-    parser.add_argument("--orthanc-dicom-port", type=int, required=True)
-    parser.add_argument("--study", type=Path, required=True, help="Study1's folder on the host")
-    parser.add_argument("--job-in-dir", required=True, help="the study's folder under the data root")
-    parser.add_argument("--worker-logs", required=True, help="command printing the worker's log (split on spaces)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    gpu = commands.add_parser("gpu-config", help="check the resolved GPU compose configuration")
+    gpu.add_argument("resolved", type=Path,
+                     help="output of compose -f docker-compose.yml -f docker-compose.gpu.yml config")
+    stack = commands.add_parser("stack", help="check the running stack through its published ports")
+    stack.add_argument("--gateway-port", type=int, required=True, help="published port of the inference service")
+    stack.add_argument("--reference-port", type=int, required=True, help="port of the make-serve server on the host")
+    stack.add_argument("--orthanc-http-port", type=int, required=True)
+    stack.add_argument("--orthanc-dicom-port", type=int, required=True)
+    stack.add_argument("--study", type=Path, required=True, help="Study1's folder on the host")
+    stack.add_argument("--job-in-dir", required=True, help="the study's folder under the data root")
+    stack.add_argument("--worker-logs", required=True, help="command printing the worker's log (split on spaces)")
     args = parser.parse_args(argv)
-    gateway = f"http://127.0.0.1:{args.gateway_port}"
     try:
+        if args.command == "gpu-config":
+            check_gpu_config(args.resolved)
+            return 0
+        gateway = f"http://127.0.0.1:{args.gateway_port}"
         check_healthcheck_and_models(gateway)
         check_test_tool(args.gateway_port, args.reference_port, args.study)
         check_job(gateway, args.worker_logs.split(), args.job_in_dir)

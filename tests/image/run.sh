@@ -77,6 +77,13 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
+# -- the compose files, statically: both resolve, and the GPU override (no GPU here) is what a GPU site needs
+"${COMPOSE[@]}" -f docker-compose.yml config >"$WORK/compose.yml" 2>"$WORK/config.log" \
+    || { cat "$WORK/config.log"; exit 1; }
+"${COMPOSE[@]}" -f docker-compose.yml -f docker-compose.gpu.yml config >"$WORK/compose-gpu.yml" 2>"$WORK/config.log" \
+    || { cat "$WORK/config.log"; exit 1; }
+"$PYTHON" tests/image/check_stack.py gpu-config "$WORK/compose-gpu.yml"
+
 # -- build ----------------------------------------------------------------------------------------
 if [ "$ENGINE" = docker ]; then
     docker compose build inference
@@ -180,6 +187,6 @@ check_user hippoai /var/lib/inference/pacs
 say "redis runs as uid $($ENGINE exec "$(container redis)" id -u), orthanc as uid $($ENGINE exec "$(container orthanc)" id -u) (their images' choice)"
 
 # -- through the published ports ----------------------------------------------------------------
-"$PYTHON" tests/image/check_stack.py --gateway-port "$INFERENCE_PUBLISH_PORT" --reference-port "$REFERENCE_PORT" \
+"$PYTHON" tests/image/check_stack.py stack --gateway-port "$INFERENCE_PUBLISH_PORT" --reference-port "$REFERENCE_PORT" \
     --orthanc-http-port "$ORTHANC_HTTP_PORT" --orthanc-dicom-port "$ORTHANC_DICOM_PORT" \
     --study "$STUDIES/Study1" --job-in-dir Study1 --worker-logs "$ENGINE logs $(container worker)"
