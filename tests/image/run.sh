@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # make image-test: build the gateway's image, start the compose stack (redis, inference, worker, orthanc,
-# hippoai), wait until every service is healthy, check it through its published ports
+# hippoai; then the test-tool service), wait until every service is healthy, check it through its published ports
 # (tests/image/check_stack.py) and inside its containers (users, read-only code), then stop and remove
 # everything it started, also when a step fails or it is interrupted.
 # Docker when a Docker daemon answers; otherwise podman with podman-compose (pinned in requirements-dev.txt),
@@ -86,7 +86,7 @@ trap 'exit 143' TERM
 
 # -- build ----------------------------------------------------------------------------------------
 if [ "$ENGINE" = docker ]; then
-    docker compose build inference
+    docker compose -p "$PROJECT" --profile test build inference test-tool
 else
     deploy/images/build-stand-ins.sh
     # pip inside the build uses this host's pip configuration (its mirrors, wheel folders, constraints,
@@ -107,16 +107,21 @@ with open(sys.argv[1], "w") as out:
 paths = {"/etc/ssl/certs"}
 for value in settings.values():
     for word in value.split():
-        word = word.removeprefix("file://")
-        if word.startswith("/") and os.path.exists(word):
-            paths.add(word if os.path.isdir(word) else os.path.dirname(word))
+        # a local index (file://.../simple) links its files relative to itself (../../files): its parent too
+        path = os.path.dirname(word.removeprefix("file://").rstrip("/")) if word.startswith("file://") else word
+        if path.startswith("/") and os.path.exists(path):
+            paths.add(path if os.path.isdir(path) else os.path.dirname(path))
 print(*sorted(p for p in paths if os.path.exists(p)), sep="\n")
 EOF
 )
-    say "building the image (podman, pip settings of this host: ${#mounts[@]} mounts)"
-    podman build --network=host --pull=never --format docker --build-arg TORCH_VARIANT=cpu \
-        -v "$WORK/pip.conf:/etc/pip.conf:ro" "${mounts[@]}" -t hippocampus-inference:latest . >"$WORK/build.log" 2>&1 \
-        || { tail -n 40 "$WORK/build.log"; exit 1; }
+    say "building the images (podman, pip settings of this host: ${#mounts[@]} mounts)"
+    # the tags and Dockerfiles of the compose file's inference and test-tool services (context: .)
+    for image in hippocampus-inference:latest=Dockerfile \
+                 hippocampus-inference-test-tool:latest=inference-test-tool/Dockerfile; do
+        podman build --network=host --pull=never --format docker -f "${image#*=}" \
+            -v "$WORK/pip.conf:/etc/pip.conf:ro" "${mounts[@]}" -t "${image%%=*}" . >"$WORK/build.log" 2>&1 \
+            || { tail -n 40 "$WORK/build.log"; exit 1; }
+    done
 fi
 say "image built ($(elapsed))"
 
@@ -185,6 +190,15 @@ check_user inference /var/lib/inference/jobs
 check_user worker /var/lib/inference/jobs
 check_user hippoai /var/lib/inference/pacs
 say "redis runs as uid $($ENGINE exec "$(container redis)" id -u), orthanc as uid $($ENGINE exec "$(container orthanc)" id -u) (their images' choice)"
+
+# -- the test-tool service (profile test): Study1 from inside the compose network, as uid 10002 ----------
+mkdir -m 777 "$WORK/tool-output"
+STUDY_DIR=$INFERENCE_DATA_DIR/Study1 TEST_TOOL_OUTPUT=$WORK/tool-output \
+    "${COMPOSE[@]}" --profile test run --rm --no-deps test-tool >"$WORK/tool.log" 2>&1 || { cat "$WORK/tool.log"; exit 1; }
+grep -q "response checked against the protocol and the study sent: OK" "$WORK/tool.log" \
+    || { cat "$WORK/tool.log"; say "the test-tool service did not check the answer"; exit 1; }
+[ -s "$WORK/tool-output/index.html" ] || { say "the test-tool service wrote no index.html"; exit 1; }
+say "ok: the test-tool service sent Study1 to inference:8900 and checked the answer ($(elapsed))"
 
 # -- through the published ports ----------------------------------------------------------------
 "$PYTHON" tests/image/check_stack.py stack --gateway-port "$INFERENCE_PUBLISH_PORT" --reference-port "$REFERENCE_PORT" \
