@@ -534,3 +534,27 @@ def test_make_lint_and_ci_run_the_static_checks() -> None:
     assert "pyproject.toml" in re.search(r"^\$\(VENV\)/\.runtime:.*$", makefile, re.M).group(0)
     ci = (PROJECT_ROOT / ".ci" / "run").read_text()
     assert re.search(r"^make lint$", ci, re.M) and re.search(r"^make test$", ci, re.M)
+
+
+# -- make image-test (tests/image/run.sh) ------------------------------------------------------------
+@pytest.mark.parametrize("ci", ["", "true"])
+def test_image_test_skips_in_one_line_without_a_container_engine(tmp_path: Path, ci: str) -> None:
+    """No docker and no podman on PATH: one line with the reason, exit 0; under CI=true the skip fails."""
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for program in ("bash", "dirname", "date"):
+        (tools / program).symlink_to(shutil.which(program))
+    run = subprocess.run([str(tools / "bash"), "tests/image/run.sh"], cwd=PROJECT_ROOT, capture_output=True,
+                         text=True, timeout=30, env={"PATH": str(tools), "CI": ci, "PYTHON": sys.executable})
+    lines = run.stdout.splitlines()
+    assert lines[0] == "image-test: skipped: no container engine: no Docker daemon answers and podman is not installed"
+    assert (run.returncode, len(lines)) == ((1, 2) if ci else (0, 1)), run.stdout + run.stderr
+
+
+def test_image_test_runs_in_ci_after_the_tests_not_in_make_test() -> None:
+    makefile = (PROJECT_ROOT / "Makefile").read_text()
+    test_recipe = makefile.split("\ntest:", 1)[1].split("\n\n", 1)[0]
+    assert "image" not in test_recipe
+    assert "tests/image/run.sh" in makefile.split("\nimage-test:", 1)[1].split("\n\n", 1)[0]
+    steps = [line for line in (PROJECT_ROOT / ".ci" / "run").read_text().splitlines() if line.startswith("make ")]
+    assert steps.index("make image-test") == steps.index("make test") + 1
