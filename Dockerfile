@@ -16,7 +16,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     INFERENCE_HOST=0.0.0.0 \
     INFERENCE_PORT=8900 \
     INFERENCE_OUTPUT_ROOT=/var/lib/inference/jobs \
-    INFERENCE_MODEL_CACHE=/var/lib/inference/model-cache
+    INFERENCE_MODEL_CACHE=/var/lib/inference/model-cache \
+    INFERENCE_PACS_ROOT=/var/lib/inference/pacs
 
 # The server runs as an unprivileged user; it may write only its job outputs (and the DICOM node's spool,
 # and the exported ONNX graphs of its models).
@@ -34,9 +35,10 @@ RUN pip install --no-cache-dir \
         --extra-index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" \
         -r requirements.txt
 
-# Code, configuration and model weights (models/hippocampus_unet.pt); .dockerignore keeps
-# tests, outputs and caches out. Owned by root, so the server cannot change its own code. The code runs
-# from /app (PYTHONPATH above, in place of `pip install -e .`): `celery -A worker` keeps no folder on sys.path.
+# Code, configuration, model weights (models/hippocampus_unet.pt) and the DICOM node's default routing
+# rules (deploy/routing-rules.yaml, INFERENCE_PACS_RULES' default); .dockerignore keeps tests, outputs
+# and caches out. Owned by root, so the server cannot change its own code. The code runs from /app
+# (PYTHONPATH above, in place of `pip install -e .`): `celery -A worker` keeps no folder on sys.path.
 COPY . .
 
 USER 10001:10001

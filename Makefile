@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve worker test bench lint fuzz soak clean pacs-node
+.PHONY: serve worker test bench lint fuzz soak clean pacs-node image-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ pacs-node: $(VENV)/.runtime
 ## test: install everything and run the test suite
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest -q
+
+## image-test: build the image, run the compose stack (Docker, else podman) and check it (tests/image/run.sh)
+image-test: $(VENV)/.dev
+	PYTHON=$(BIN)/python tests/image/run.sh
 
 ## bench: run the benchmark (prints one JSON line)
 bench: $(VENV)/.dev

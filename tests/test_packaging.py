@@ -285,7 +285,7 @@ def test_dockerignore_matching_model() -> None:
     "gateway.py", "mock_server.py", "gunicorn.conf.py", "logging.yaml", "healthcheck.py", "requirements.txt",
     "worker.py",
     "handlers/__init__.py", "inference/config.py", "models/unet.py", "models/hippocampus_unet.pt",
-    "inference-test-tool/send-inference-request.sh",
+    "inference-test-tool/send-inference-request.sh", "deploy/routing-rules.yaml",
 ])
 def test_build_context_keeps_what_the_images_need(path: str) -> None:
     assert sent_to_builder(path, (PROJECT_ROOT / ".dockerignore").read_text())
@@ -294,7 +294,8 @@ def test_build_context_keeps_what_the_images_need(path: str) -> None:
 @pytest.mark.parametrize("path", [
     "tests/conftest.py", ".git/HEAD", ".venv/bin/python", "output/jobs/1/response.json", "jobs/x",
     "inference-test-tool/output/index.html", "utils/__pycache__/config.cpython-311.pyc", "data/Study1/1.dcm",
-    ".env", "bench/run.py", "bench/.cache/volume.npy", ".pytest_cache/v/x",
+    ".env", "bench/run.py", "bench/.cache/volume.npy", ".pytest_cache/v/x", "deploy/orthanc/orthanc.json",
+    "deploy/images/build-stand-ins.sh",
 ])
 def test_build_context_leaves_out_tests_outputs_caches_and_secrets(path: str) -> None:
     assert not sent_to_builder(path, (PROJECT_ROOT / ".dockerignore").read_text())
@@ -405,7 +406,8 @@ def test_compose_worker_runs_celery_and_can_be_scaled(compose: dict) -> None:
     assert "ports" not in worker and "container_name" not in worker, "--scale worker=N needs neither"
     check = worker["healthcheck"]["test"]
     assert check[0] == "CMD-SHELL" and "celery -A worker inspect ping" in check[1]
-    assert "celery@$$HOSTNAME" in check[1], "pings this container's own node (compose unescapes $$)"
+    assert "celery@$$(hostname)" in check[1], "pings this container's own node (compose unescapes $$)"
+    assert "HOSTNAME" not in check[1], "podman sets no $HOSTNAME in healthcheck processes"
     defaults = Settings()
     assert worker["restart"] == "unless-stopped"
     grace = int(re.fullmatch(r"(\d+)s", worker["stop_grace_period"]).group(1))
@@ -413,6 +415,27 @@ def test_compose_worker_runs_celery_and_can_be_scaled(compose: dict) -> None:
     visibility = int(re.search(r":-(\d+)}", worker["environment"]["INFERENCE_BROKER_VISIBILITY_TIMEOUT"]).group(1))
     limit = int(re.search(r":-(\d+)}", worker["environment"]["INFERENCE_JOB_TIME_LIMIT"]).group(1))
     assert (visibility, limit) == (defaults.broker_visibility_timeout, defaults.job_time_limit)
+
+
+def test_compose_dicom_node_has_its_rules_a_writable_root_and_a_healthcheck(compose: dict, steps) -> None:
+    """hippoai: the rules file it names is mounted (or is the image's default), its roots are in its
+    volume, and its healthcheck is a C-ECHO to its own port as an AE it accepts."""
+    node = compose["services"]["hippoai"]
+    env = node["environment"]
+    assert set(env) <= SETTING_VARIABLES, f"unknown variables: {set(env) - SETTING_VARIABLES}"
+    mounts = {mount_fields(str(v))[1]: mount_fields(str(v)) for v in node["volumes"]}
+    rules = mounts[env["INFERENCE_PACS_RULES"]]
+    assert (PROJECT_ROOT / rules[0]).is_file() and rules[2:] == ["ro"]
+    spool = mounts[env["INFERENCE_PACS_ROOT"]]
+    assert spool[0] in compose["volumes"]
+    assert env["INFERENCE_OUTPUT_ROOT"].startswith(env["INFERENCE_PACS_ROOT"] + "/"), "its job store is in its volume"
+    check = node["healthcheck"]["test"]
+    assert check[:5] == ["CMD", "python", "-m", "pynetdicom", "echoscu"]
+    assert check[check.index("-aet") + 1] in env["INFERENCE_PACS_ALLOWED_AES"].split(",")
+    assert check[check.index("-aec") + 1] == env["INFERENCE_PACS_AE_TITLE"]
+    assert check[-1] == str(env["INFERENCE_PACS_PORT"])
+    image_env = " ".join(args for keyword, args in steps if keyword == "ENV")
+    assert "INFERENCE_PACS_ROOT=/var/lib/inference/pacs" in image_env, "docker run IMAGE python dicom_node.py can write"
 
 
 def test_compose_test_tool_profile(compose: dict) -> None:
@@ -428,11 +451,15 @@ def test_compose_test_tool_profile(compose: dict) -> None:
     assert study.startswith("${STUDY_DIR:-") and study.endswith(":ro")
 
 
-def test_compose_gpu_override_reserves_a_device() -> None:
-    override = yaml.safe_load((PROJECT_ROOT / "docker-compose.gpu.yml").read_text())["services"]["inference"]
+@pytest.mark.parametrize("name", ["inference", "worker", "hippoai"])
+def test_compose_gpu_override_reserves_a_device(name: str) -> None:
+    """Every service that runs the models gets the CUDA image and a GPU (the workers run the queued jobs)."""
+    override = yaml.safe_load((PROJECT_ROOT / "docker-compose.gpu.yml").read_text())["services"][name]
     devices = override["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
-    assert not override["build"]["args"]["TORCH_VARIANT"].endswith(":-cpu}")
+    assert override["image"].endswith(":cuda")
+    if "build" in override:
+        assert not override["build"]["args"]["TORCH_VARIANT"].endswith(":-cpu}")
 
 
 def test_the_tool_image_copies_every_module_and_template_the_tool_uses() -> None:
@@ -507,3 +534,27 @@ def test_make_lint_and_ci_run_the_static_checks() -> None:
     assert "pyproject.toml" in re.search(r"^\$\(VENV\)/\.runtime:.*$", makefile, re.M).group(0)
     ci = (PROJECT_ROOT / ".ci" / "run").read_text()
     assert re.search(r"^make lint$", ci, re.M) and re.search(r"^make test$", ci, re.M)
+
+
+# -- make image-test (tests/image/run.sh) ------------------------------------------------------------
+@pytest.mark.parametrize("ci", ["", "true"])
+def test_image_test_skips_in_one_line_without_a_container_engine(tmp_path: Path, ci: str) -> None:
+    """No docker and no podman on PATH: one line with the reason, exit 0; under CI=true the skip fails."""
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for program in ("bash", "dirname", "date"):
+        (tools / program).symlink_to(shutil.which(program))
+    run = subprocess.run([str(tools / "bash"), "tests/image/run.sh"], cwd=PROJECT_ROOT, capture_output=True,
+                         text=True, timeout=30, env={"PATH": str(tools), "CI": ci, "PYTHON": sys.executable})
+    lines = run.stdout.splitlines()
+    assert lines[0] == "image-test: skipped: no container engine: no Docker daemon answers and podman is not installed"
+    assert (run.returncode, len(lines)) == ((1, 2) if ci else (0, 1)), run.stdout + run.stderr
+
+
+def test_image_test_runs_in_ci_after_the_tests_not_in_make_test() -> None:
+    makefile = (PROJECT_ROOT / "Makefile").read_text()
+    test_recipe = makefile.split("\ntest:", 1)[1].split("\n\n", 1)[0]
+    assert "image" not in test_recipe
+    assert "tests/image/run.sh" in makefile.split("\nimage-test:", 1)[1].split("\n\n", 1)[0]
+    steps = [line for line in (PROJECT_ROOT / ".ci" / "run").read_text().splitlines() if line.startswith("make ")]
+    assert steps.index("make image-test") == steps.index("make test") + 1
