@@ -69,7 +69,8 @@ class Cluster:
         return dataclasses.replace(
             Settings(), job_backend="celery", broker_url=self.redis.url, data_root=self.data,
             output_root=self.output, job_time_limit=int(self.env["INFERENCE_JOB_TIME_LIMIT"]),
-            broker_visibility_timeout=int(self.env["INFERENCE_BROKER_VISIBILITY_TIMEOUT"]))
+            broker_visibility_timeout=int(self.env["INFERENCE_BROKER_VISIBILITY_TIMEOUT"]),
+            job_lease_seconds=int(self.env["INFERENCE_JOB_LEASE_SECONDS"]))
 
     def start_workers(self, *names: str, args: tuple[str, ...] = ()) -> list[CeleryWorker]:
         started = [CeleryWorker(f"{name}@test", self.env, self.root, ["--concurrency", "1", *args]) for name in names]
@@ -85,14 +86,15 @@ class Cluster:
         self.redis.stop()
 
 
-def make_cluster(root: Path, time_limit: int, visibility: int) -> Cluster:
+def make_cluster(root: Path, time_limit: int, visibility: int, lease: int = 20) -> Cluster:
     (root / "data").mkdir(parents=True)
     (root / "jobs").mkdir()
     server = RedisServer(root)
     env = {"INFERENCE_JOB_BACKEND": "celery", "INFERENCE_BROKER_URL": server.url,
            "INFERENCE_DATA_ROOT": str(root / "data"), "INFERENCE_OUTPUT_ROOT": str(root / "jobs"),
            "INFERENCE_ENABLE_MOCKS": "1",  # the API and the workers serve the mocks too
-           "INFERENCE_JOB_TIME_LIMIT": str(time_limit), "INFERENCE_BROKER_VISIBILITY_TIMEOUT": str(visibility)}
+           "INFERENCE_JOB_TIME_LIMIT": str(time_limit), "INFERENCE_BROKER_VISIBILITY_TIMEOUT": str(visibility),
+           "INFERENCE_JOB_LEASE_SECONDS": str(lease)}
     return Cluster(root, server, env)
 
 
@@ -249,31 +251,69 @@ def test_jobs_go_to_the_queue_of_their_command_and_a_q_worker_takes_only_its_que
         running.stop()
 
 
-def test_a_killed_worker_s_job_is_run_again_by_another(tmp_path):
-    running = make_cluster(tmp_path, time_limit=8, visibility=10)
+def wait_running(store: RedisJobStore, uid: str, timeout: float = 60) -> Job:
+    deadline = time.monotonic() + timeout
+    while (job := store.get(uid)).status != "running":
+        assert time.monotonic() < deadline and job.status == "queued", job
+        time.sleep(0.01)
+    return job
+
+
+def test_a_killed_worker_s_job_runs_again_within_a_lease_whatever_the_time_limit(tmp_path):
+    # a time limit and visibility timeout far beyond the test: only the lease can bring the job back
+    running = make_cluster(tmp_path, time_limit=3000, visibility=4000, lease=4)
     try:
         write_study(running.data / "slow", shape=(32, 128, 128))
         first, second = running.start_workers("k1", "k2", args=CPU_ONLY)
         client = job_client(running.settings()).test_client()
         uid = client.post("/job/", json={"job_name": "3dblur", "in_dir": "slow"}).get_json()["uid"]
         store = running.store()
-        deadline = time.monotonic() + 60
-        while (job := store.get(uid)).status != "running":
-            assert time.monotonic() < deadline and job.status == "queued", job
-            time.sleep(0.01)
-        victim, survivor = (first, second) if job.worker == first.name else (second, first)
-        victim.kill()
+        job = wait_running(store, uid)
+        victim, survivor = (first, second) if job.worker.startswith(first.name) else (second, first)
+        victim.kill()  # the worker and its pool process at once: a machine that died
+        killed = time.monotonic()
         assert store.get(uid).status == "running" and not (running.output / uid).exists(), "killed mid-job"
 
+        while (job := store.get(uid)).attempts < 2:
+            assert time.monotonic() - killed < 60, (job, survivor.log())
+            time.sleep(0.1)
+        assert time.monotonic() - killed < 4 * 1.25 + 5, "back within a lease and a reaper's look (and pickup)"
+        assert "its lease ran out" in survivor.log()
         deadline = time.monotonic() + 60
         while (response := client.get(f"/query/{uid}")).status_code == 202 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert response.status_code == 200, (response.get_json(), survivor.log())
         assert response.get_json()["attempts"] == 2
-        assert store.get(uid).worker == survivor.name
+        assert store.get(uid).worker.startswith(survivor.name)
         response_json = assert_whole(running.output / uid)
         assert len(response_json["parts"]) == 32
         assert survivor.log().count(f"job {uid} completed") == 1
+        assert store.lease_left(uid) is None, "a finished job holds no lease"
+    finally:
+        running.stop()
+
+
+def test_a_job_whose_worker_lives_is_never_started_twice(tmp_path):
+    # a job many leases long, and a second copy of its message (as a visibility timeout or a broker
+    # reconnection delivers one) reaching an idle worker while it runs
+    running = make_cluster(tmp_path, time_limit=3000, visibility=4000, lease=1)
+    try:
+        write_study(running.data / "long", shape=(384, 256, 256))  # reading and writing it takes seconds
+        first, second = running.start_workers("l1", "l2", args=CPU_ONLY)
+        client = job_client(running.settings()).test_client()
+        uid = client.post("/job/", json={"job_name": "3dblur", "in_dir": "long", "sigma_mm": 4}).get_json()["uid"]
+        store = running.store()
+        wait_running(store, uid)
+        make_celery(running.settings()).send_task(TASK_NAME, args=[uid], queue="cpu")
+        deadline = time.monotonic() + 120
+        while (response := client.get(f"/query/{uid}")).status_code == 202 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        record = store.get(uid)
+        assert response.status_code == 200 and record.attempts == 1, (response.get_json(), first.log(), second.log())
+        assert record.finished - record.started > 2, "the job outlived several leases (renewed every 0.25 s)"
+        logs = first.log() + second.log()
+        assert "this copy of its message is dropped" in logs and "lease ran out" not in logs
+        assert logs.count(f"job {uid}: attempt") == 1
     finally:
         running.stop()
 
