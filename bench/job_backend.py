@@ -58,9 +58,11 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A redis-server on a free loopback port, without persistence, in a subprocess."""
+    """A redis-server on a free loopback port, in a subprocess: without persistence, or with its append-only
+    file in ``log_dir`` (``appendonly``, as the compose file runs it; a restart on the same port and folder
+    reloads it)."""
 
-    def __init__(self, log_dir: Path, port: int | None = None) -> None:
+    def __init__(self, log_dir: Path, port: int | None = None, *, appendonly: bool = False) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise FileNotFoundError("redis-server is not installed: apt-get install -y redis-server")
@@ -68,7 +70,8 @@ class RedisServer:
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._log = open(Path(log_dir) / f"redis-{self.port}.log", "ab")
         self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes" if appendonly else "no",
              "--dir", str(log_dir)], stdout=self._log, stderr=subprocess.STDOUT)
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + 10

@@ -86,10 +86,10 @@ class Cluster:
         self.redis.stop()
 
 
-def make_cluster(root: Path, time_limit: int, visibility: int, lease: int = 20) -> Cluster:
+def make_cluster(root: Path, time_limit: int, visibility: int, lease: int = 20, appendonly: bool = False) -> Cluster:
     (root / "data").mkdir(parents=True)
     (root / "jobs").mkdir()
-    server = RedisServer(root)
+    server = RedisServer(root, appendonly=appendonly)
     env = {"INFERENCE_JOB_BACKEND": "celery", "INFERENCE_BROKER_URL": server.url,
            "INFERENCE_DATA_ROOT": str(root / "data"), "INFERENCE_OUTPUT_ROOT": str(root / "jobs"),
            "INFERENCE_ENABLE_MOCKS": "1",  # the API and the workers serve the mocks too
@@ -314,6 +314,40 @@ def test_a_job_whose_worker_lives_is_never_started_twice(tmp_path):
         logs = first.log() + second.log()
         assert "this copy of its message is dropped" in logs and "lease ran out" not in logs
         assert logs.count(f"job {uid}: attempt") == 1
+    finally:
+        running.stop()
+
+
+def test_a_restarted_broker_loses_no_job_and_the_api_answers_503_meanwhile(tmp_path):
+    running = make_cluster(tmp_path, time_limit=3000, visibility=4000, lease=2, appendonly=True)
+    try:
+        for index in range(4):
+            write_study(running.data / f"r{index}", shape=(96, 256, 256), seed=index)
+        running.start_workers("r1", args=CPU_ONLY)
+        client = job_client(running.settings()).test_client()
+        uids = [client.post("/job/", json={"job_name": "3dblur", "in_dir": f"r{index}"}).get_json()["uid"]
+                for index in range(4)]
+        store = running.store()
+        wait_running(store, uids[0])
+        running.redis.stop()  # SIGTERM: Redis writes its append-only file and exits, jobs running and queued
+        down = time.monotonic()
+        assert client.get(f"/query/{uids[0]}").status_code == 503
+        submitted = client.post("/job/", json={"job_name": "3dblur", "in_dir": "r0"})
+        assert submitted.status_code == 503 and "retry later" in submitted.get_json()["error"]
+        time.sleep(5)  # the running job finishes meanwhile and cannot record it
+        running.redis = RedisServer(tmp_path, port=running.redis.port, appendonly=True)
+        outage = time.monotonic() - down
+
+        deadline = time.monotonic() + 120
+        while any((job := store.get(uid)).status in ("queued", "running") for uid in uids):
+            assert time.monotonic() < deadline, (job, running.workers[0].log()[-4000:])
+            time.sleep(0.2)
+        answers = [client.get(f"/query/{uid}") for uid in uids]  # the same API, recovered by itself
+        assert [answer.status_code for answer in answers] == [200] * 4, [a.get_json() for a in answers]
+        for uid in uids:
+            assert_whole(running.output / uid)
+        assert client.post("/job/", json={"job_name": "3dblur", "in_dir": "r0"}).status_code == 201
+        assert outage > 5
     finally:
         running.stop()
 

@@ -222,8 +222,8 @@ class LeaseReaper:
             if job is None:
                 continue
             self.app.send_task(TASK_NAME, args=[uid], queue=self.settings.job_queue(job.command))
-            log.warning("job %s: its lease ran out (worker %s gone); queued again after %d attempts", uid,
-                        job.worker, job.attempts)
+            log.warning("job %s: its lease ran out (worker %s died or lost Redis); queued again after %d attempts",
+                        uid, job.worker, job.attempts)
         return uids
 
     def start(self) -> None:
