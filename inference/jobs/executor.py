@@ -16,6 +16,7 @@ import traceback
 from pathlib import Path
 
 from inference import protocol
+from inference.config import Settings
 from inference.dicom.files import study_folder_files
 from inference.errors import (
     GatewayError,
@@ -96,7 +97,7 @@ class JobExecutor:
             self.store.mark_completed(job.uid, str(output))
             return
         try:
-            files = study_files(settings.data_root, job.in_dir)
+            files = study_files(job_root(settings, job), job.in_dir)
             log.info("job %s: %s on %d files of %s", job.uid, job.command, len(files), job.in_dir)
             result = self.pipeline.run_files(job_request_json(job), files, command=job.command)
             shutil.rmtree(partial, ignore_errors=True)
@@ -139,6 +140,11 @@ def remove_debris(output_root: Path, store: JobRecords) -> list[Path]:
         log.warning("removed %d unfinished output folders of stopped jobs: %s", len(removed),
                     ", ".join(p.name for p in removed))
     return removed
+
+
+def job_root(settings: Settings, job: Job) -> Path | None:
+    """The folder ``job.in_dir`` is relative to: the DICOM node's spool for its jobs, else the data root."""
+    return Path(settings.pacs_root) / "spool" if job.spool else settings.data_root
 
 
 def job_request_json(job: Job) -> dict:
