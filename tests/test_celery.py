@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ import handlers.gaussian_blur
 import handlers.hippocampus
 import handlers.mock  # noqa: F401
 from bench.job_backend import CeleryWorker, RedisServer
+from bench.pacs_services import DicomNodeProcess, c_store
 from gateway import Gateway
 from inference.config import Settings
 from inference.errors import ServiceUnavailable
@@ -513,3 +515,39 @@ def test_worker_refuses_to_start_without_writable_roots(tmp_path, problem):
         worker.stop()
     expected = "does not exist" if problem == "missing" else "is not writable"
     assert "worker not started" in worker.log() and expected in worker.log(), worker.log()
+
+
+def test_dicom_node_jobs_run_on_the_workers_and_show_in_the_api_across_a_node_restart(tmp_path):
+    running = make_cluster(tmp_path, time_limit=60, visibility=120)
+    node_root = tmp_path / "node"
+    running.env["INFERENCE_PACS_ROOT"] = str(node_root / "pacs")  # the spool: a volume the workers share
+    rules = tmp_path / "rules.yaml"
+    rules.write_text('rules:\n  - name: mock-report\n    match:\n      series_description: "^Report me"\n'
+                     '    command: get-secondary-capture\n')
+    args = ["--rules", str(rules), "--stable-seconds", "1"]
+    node = DicomNodeProcess(node_root, args=args, env=running.env)
+    try:
+        files = write_study(tmp_path / "study", description="Report me")
+        assert c_store(files, "127.0.0.1", node.port, node.ae_title) == len(files)
+        log = node.wait_for_log(r"rule mock-report: job \w+ queued", 30)
+        uid, = re.findall(r"rule mock-report: job (\w+) queued", log)
+        client = job_client(running.settings()).test_client()
+        assert client.get(f"/query/{uid}").get_json() == {"msg": "Job is queued", "attempts": 0}, "no worker yet"
+        assert 'inference_jobs{state="queued"} 1.0' in client.get("/metrics").get_data(as_text=True)
+        node.stop()  # the node stops with its job queued; a worker comes, the node starts again
+
+        worker, = running.start_workers("n1")
+        node = DicomNodeProcess(node_root, port=node.port, args=args, env=running.env)
+        deadline = time.monotonic() + 60
+        while (done := client.get(f"/query/{uid}")).status_code == 202 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert done.status_code == 200 and done.get_json()["attempts"] == 1, (done.get_json(), worker.log())
+        assert f"job {uid} completed" in worker.log(), "run by the worker"
+        assert "outputs in" not in node.log_text(), "not run by the node (the executor logs that line)"
+        assert 'inference_jobs{state="completed"} 1.0' in client.get("/metrics").get_data(as_text=True)
+        node.wait_for_log(rf"job {uid} completed: 1 DICOM results", 30)  # the restarted node delivers them
+        assert not (running.output.parent / "node" / "jobs" / "jobs.sqlite3").exists(), "no SQLite job store"
+        assert_whole(running.output / uid)
+    finally:
+        node.stop()
+        running.stop()
