@@ -472,9 +472,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"dicom_node: {exc}", file=sys.stderr)
         return 2
-    for spec in node.pipeline.specs:
-        if spec.warm_up is not None:
-            spec.warm_up(node.pipeline.settings)
+    if settings.job_backend == "local":  # its jobs run here: load the models now (the workers load their own)
+        for spec in node.pipeline.specs:
+            if spec.warm_up is not None:
+                spec.warm_up(node.pipeline.settings)
     stopped = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopped.set())

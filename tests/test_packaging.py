@@ -392,7 +392,12 @@ def test_compose_api_and_workers_share_the_backend_and_volumes(compose: dict) ->
     assert set(worker["environment"]) <= SETTING_VARIABLES
     assert api["environment"]["INFERENCE_JOB_BACKEND"] == "celery"
     assert urlsplit(api["environment"]["INFERENCE_BROKER_URL"]).hostname == "redis"
-    assert worker["volumes"] == api["volumes"], "workers read and write where the API expects"
+    assert set(api["volumes"]) <= set(worker["volumes"]), "workers read and write where the API expects"
+    node = compose["services"]["hippoai"]  # the DICOM node's jobs go to the same workers and records
+    for name in ("INFERENCE_JOB_BACKEND", "INFERENCE_BROKER_URL", "INFERENCE_OUTPUT_ROOT", "INFERENCE_PACS_ROOT"):
+        assert node["environment"][name] == worker["environment"][name], name
+    spool = f"pacs-spool:{node['environment']['INFERENCE_PACS_ROOT']}"
+    assert spool in node["volumes"] and f"{spool}:ro" in worker["volumes"], "workers read the node's spool"
     for service in (api, worker):
         assert service["depends_on"]["redis"]["condition"] == "service_healthy"
         assert set(service["networks"]) & set(compose["services"]["redis"]["networks"])
