@@ -170,7 +170,7 @@ def assert_whole(folder: Path) -> dict:
     response_json = json.loads((folder / "response.json").read_text())
     assert sorted(p.name for p in folder.iterdir()) == sorted([p["file"] for p in response_json["parts"]]
                                                               + ["response.json", "job.json"])
-    assert not list(folder.parent.glob("*.partial"))
+    assert not list(folder.parent.glob("*.partial*"))
     return response_json
 
 

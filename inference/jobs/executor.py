@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import traceback
+import uuid
 from pathlib import Path
 
 from inference import protocol
@@ -90,23 +91,29 @@ class JobExecutor:
     def __call__(self, job: Job) -> None:
         settings = self.pipeline.settings
         output = Path(settings.output_root) / job.uid
-        partial = output.with_name(f"{job.uid}.partial")
+        # one folder per attempt: two attempts at once (a worker cut off from Redis past its lease) never mix files
+        partial = output.with_name(f"{job.uid}.partial.{uuid.uuid4().hex[:8]}")
         bind_request_tags({"job": job.uid})
         if output.is_dir():  # an earlier attempt finished it (the folder appears only once whole)
             log.info("job %s: output already complete in %s", job.uid, output)
             self.store.mark_completed(job.uid, str(output))
+            remove_partials(output)
             return
         try:
             files = study_files(job_root(settings, job), job.in_dir)
             log.info("job %s: %s on %d files of %s", job.uid, job.command, len(files), job.in_dir)
             result = self.pipeline.run_files(job_request_json(job), files, command=job.command)
-            shutil.rmtree(partial, ignore_errors=True)
             write_outputs(partial, result.response_json, result.buffers)
             (partial / "job.json").write_text(json.dumps({
                 "uid": job.uid, "job_name": job.job_name, "command": result.command, "in_dir": job.in_dir,
                 "params": job.params, "input_hash": result.input_hash, "seconds": round(result.seconds, 3),
             }, indent=1), encoding="utf-8")
-            os.replace(partial, output)
+            try:
+                os.replace(partial, output)
+            except OSError:
+                if not output.is_dir():
+                    raise
+                log.warning("job %s: another attempt completed it first; keeping its output", job.uid)
         except self.reraise:
             raise
         except GatewayError as exc:
@@ -121,17 +128,25 @@ class JobExecutor:
             log.info("job %s completed: %d outputs in %s", job.uid, len(result.buffers), output)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
+            if output.is_dir():
+                remove_partials(output)
+
+
+def remove_partials(output: Path) -> None:
+    """Delete every partial folder of a job whose ``output`` is complete: those of attempts that died."""
+    for leftover in output.parent.glob(f"{output.name}.partial*"):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def remove_debris(output_root: Path, store: JobRecords) -> list[Path]:
-    """Delete the ``<uid>.partial`` folders of jobs that are no longer queued or running; their paths.
+    """Delete the ``<uid>.partial*`` folders of jobs that are no longer queued or running; their paths.
 
     A job killed mid-write leaves one behind. It goes once the job is marked failed (``interrupted``,
     at start-up) or is unknown; a folder of a job some live worker still runs is kept.
     """
     removed = []
-    for partial in sorted(Path(output_root).glob("*.partial")):
-        job = store.get(partial.name.removesuffix(".partial"))
+    for partial in sorted(Path(output_root).glob("*.partial*")):
+        job = store.get(partial.name.partition(".partial")[0])
         if job is not None and job.status in UNFINISHED:
             continue
         shutil.rmtree(partial, ignore_errors=True)
