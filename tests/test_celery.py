@@ -34,7 +34,7 @@ from inference.config import Settings
 from inference.errors import ServiceUnavailable
 from inference.jobs.api import add_job_routes
 from inference.jobs.celery_backend import TASK_NAME, CeleryRunner, hard_time_limit, make_celery, retry_delay
-from inference.jobs.redis_store import RedisJobStore
+from inference.jobs.redis_store import LEASES, RedisJobStore
 from inference.jobs.store import Job
 from inference.pipeline.handler_registry import REGISTRY, HandlerSpec
 from inference.pipeline.pipeline import Pipeline
@@ -290,7 +290,7 @@ def test_a_killed_worker_s_job_runs_again_within_a_lease_whatever_the_time_limit
         response_json = assert_whole(running.output / uid)
         assert len(response_json["parts"]) == 32
         assert survivor.log().count(f"job {uid} completed") == 1
-        assert store.lease_left(uid) is None, "a finished job holds no lease"
+        assert store.client.zscore(LEASES, uid) is None, "a finished job holds no lease"
     finally:
         running.stop()
 
@@ -551,3 +551,23 @@ def test_dicom_node_jobs_run_on_the_workers_and_show_in_the_api_across_a_node_re
     finally:
         node.stop()
         running.stop()
+
+
+def test_leases_start_once_take_over_when_expired_and_reap_once(tmp_path):
+    server = RedisServer(tmp_path)
+    try:
+        store, other = RedisJobStore(server.url), RedisJobStore(server.url)  # two machines' views
+        job = store.add(Job("3dblur", "gaussian-blur-3d", "s"))
+        assert store.start(job.uid, "a/1", 1) == 1
+        assert other.start(job.uid, "b/2", 1) == 0, "a live lease: the second copy does not start"
+        assert store.renew(job.uid, "a/1", 1) and not other.renew(job.uid, "b/2", 1)
+        time.sleep(1.2)  # a/1 died: its lease ran out
+        assert other.reap(republish_after=60) == [job.uid] and store.reap(republish_after=60) == [], "one reaper"
+        assert store.get(job.uid).status == "queued"
+        assert other.start(job.uid, "b/2", 1) == 1 and store.get(job.uid).attempts == 2
+        assert not store.renew(job.uid, "a/1", 1), "the dead attempt's worker lost it"
+        assert store.mark_completed(job.uid, "/out") and store.start(job.uid, "c/3", 1) == -1
+        time.sleep(1.2)
+        assert store.reap(republish_after=60) == [] and store.client.zscore(LEASES, job.uid) is None
+    finally:
+        server.stop()

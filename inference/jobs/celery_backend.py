@@ -211,8 +211,6 @@ class LeaseReaper:
         self.app = app
         self.store = store
         self.settings: Settings = app.job_settings
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def run_once(self) -> list[str]:
         """One look: the uids published again."""
@@ -227,18 +225,14 @@ class LeaseReaper:
         return uids
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="lease-reaper", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        """Look every quarter lease from a daemon thread, for the life of this process."""
+        threading.Thread(target=self._loop, name="lease-reaper", daemon=True).start()
 
     def _loop(self) -> None:
         every = self.settings.job_lease_seconds / 4
         last_failure = -float("inf")
-        while not self._stop.wait(every):
+        while True:
+            time.sleep(every)
             try:
                 if time.monotonic() - last_failure < self.settings.job_lease_seconds:
                     self.store.client.ping()  # back for less than a lease: live workers renew theirs first

@@ -192,13 +192,6 @@ class RedisJobStore:
                                                     json.dumps(time.time()), republish_after])
         return [uid.decode() for uid in uids]
 
-    def lease_left(self, uid: str) -> float | None:
-        """Seconds left on job ``uid``'s lease (negative: expired), None when it holds none."""
-        with self._reaching():
-            score = cast("float | None", self.client.zscore(LEASES, uid))
-            seconds, micros = cast("tuple[int, int]", self.client.time())
-        return None if score is None else float(score) - (seconds + micros / 1e6)
-
     def _release(self, uid: str) -> None:
         with self._reaching():
             self.client.zrem(LEASES, uid)
