@@ -209,12 +209,13 @@ class DicomNode:
         self._received[id(event.assoc)] = self._received.get(id(event.assoc), 0) + 1
         return 0x0000
 
-    def _is_own_result(self, header) -> bool:
+    def _is_own_result(self, header: pydicom.Dataset) -> bool:
         """Whether an instance belongs to a series of results this node produced (recorded when delivered)."""
         series = str(header.get("SeriesInstanceUID", ""))
         return bool(series) and (self.own_series / safe_name(series)).exists()
 
     def _record_own_series(self, files: Sequence[Path]) -> None:
+        """Note the series of result ``files`` as ours, so they are never taken as input when a PACS sends them back."""
         for path in files:
             header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
             (self.own_series / safe_name(str(header.SeriesInstanceUID))).touch()
