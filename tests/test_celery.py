@@ -336,6 +336,8 @@ def test_a_crashed_and_restarted_broker_loses_no_job_and_the_api_answers_503_mea
         assert client.get(f"/query/{uids[0]}").status_code == 503
         submitted = client.post("/job/", json={"job_name": "3dblur", "in_dir": "r0"})
         assert submitted.status_code == 503 and "retry later" in submitted.get_json()["error"]
+        scrape = client.get("/metrics")  # the other metrics are still served, the job store said to be down
+        assert scrape.status_code == 200 and "inference_job_store_up 0.0" in scrape.get_data(as_text=True)
         time.sleep(5)  # the running job finishes meanwhile and cannot record it
         running.redis = RedisServer(tmp_path, port=running.redis.port, appendonly=True)
         outage = time.monotonic() - down
@@ -349,6 +351,8 @@ def test_a_crashed_and_restarted_broker_loses_no_job_and_the_api_answers_503_mea
         for uid in uids:
             assert_whole(running.output / uid)
         assert client.post("/job/", json={"job_name": "3dblur", "in_dir": "r0"}).status_code == 201
+        scrape = client.get("/metrics").get_data(as_text=True)
+        assert "inference_job_store_up 1.0" in scrape and 'inference_jobs{state="completed"} 4.0' in scrape
         assert outage > 5
     finally:
         running.stop()
