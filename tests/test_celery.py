@@ -575,3 +575,30 @@ def test_leases_start_once_take_over_when_expired_and_reap_once(tmp_path):
         assert store.reap(republish_after=60) == [] and store.client.zscore(LEASES, job.uid) is None
     finally:
         server.stop()
+
+
+def test_a_time_limit_a_library_wraps_in_its_own_error_is_still_a_timeout(tmp_path, monkeypatch):
+    # pydicom's writer turns any exception into an OSError: the soft time limit must still read as one
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    server = RedisServer(tmp_path)
+    try:
+        write_study(tmp_path / "data" / "s", shape=(2, 8, 8))
+        settings = dataclasses.replace(Settings(), broker_url=server.url, data_root=tmp_path / "data",
+                                       output_root=tmp_path / "jobs")
+
+        def wrapping(instances, context):
+            try:
+                raise SoftTimeLimitExceeded()  # as billiard's signal handler raises it, mid-write
+            except Exception as exc:
+                raise OSError(f"{exc}\nfor data_element: (0002,0000)")  # noqa: B904 (pydicom's own words)
+
+        monkeypatch.setitem(REGISTRY._specs, "test-wrapping", HandlerSpec("test-wrapping", wrapping))
+        task = make_celery(settings, Pipeline(settings)).tasks[TASK_NAME]
+        store = RedisJobStore(server.url)
+        job = store.add(Job("test-wrapping", "test-wrapping", "s"))
+        task.apply(args=[job.uid])
+        record = store.get(job.uid)
+        assert (record.status, record.error, record.attempts) == ("failed", "timeout", 1)
+    finally:
+        server.stop()

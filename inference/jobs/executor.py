@@ -119,7 +119,10 @@ class JobExecutor:
         except GatewayError as exc:
             log.warning("job %s failed (%d): %s", job.uid, exc.status, exc.message)
             self.store.mark_failed(job.uid, exc.message, exc.status)
-        except Exception:
+        except Exception as exc:
+            wrapped = wrapped_exception(exc, self.reraise)
+            if wrapped is not None:  # a library re-raised it as its own error (pydicom's writer does)
+                raise wrapped from None
             log.error("job %s: handler %s failed:\n%s", job.uid, job.command, traceback.format_exc())
             self.store.mark_failed(job.uid, "internal error while running the job; the detail is in the server "
                                             f"log under job {job.uid}", 500)
@@ -130,6 +133,18 @@ class JobExecutor:
             shutil.rmtree(partial, ignore_errors=True)
             if output.is_dir():
                 remove_partials(output)
+
+
+def wrapped_exception(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
+    """The exception of one of ``kinds`` that ``exc`` was raised while handling (its context chain), if any."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen and kinds:
+        if isinstance(current, kinds):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def remove_partials(output: Path) -> None:
