@@ -7,7 +7,12 @@ Flow: C-STORE -> spool (one folder per study, raw bytes) -> study quiet for ``--
 and runner (shown by the gateway's ``/query``) -> the job's DICOM outputs (SEG, SR, Secondary
 Capture) -> outbox -> C-STORE to every ``--destination`` (and STOW-RS to ``--stow-url``), retried
 with backoff until confirmed. Everything in between is on disk: a restarted node resumes.
-Each (study content, command, parameters) runs once: its input hash is kept in ``processed/``.
+Jobs go to the configured backend (``INFERENCE_JOB_BACKEND``): a local thread pool and SQLite, or,
+with ``celery``, the Celery workers and the Redis job records the API answers ``/query`` from.
+Each (study content, command, parameters, model version) runs once: ``processed/<input hash>``
+names its job. A study sent again delivers that job's stored results again (the same files, so
+the same SOP Instance UIDs: a PACS that still holds them stores nothing twice); a changed study
+or model version runs again.
 Every flag has an environment variable (``inference/config.py``; the README's configuration table).
 """
 
@@ -26,6 +31,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+import pydicom
 import yaml
 from pydicom.uid import (
     JPEG2000,
@@ -50,11 +56,21 @@ from inference.config import Settings
 from inference.dicom.files import dicom_files_in
 from inference.errors import GatewayError
 from inference.jobs.executor import JobExecutor, job_request_json
-from inference.jobs.store import COMPLETED, FAILED, INTERRUPTED, Job, JobStore, LocalPoolRunner
+from inference.jobs.store import (
+    COMPLETED,
+    FAILED,
+    INTERRUPTED,
+    UNFINISHED,
+    Job,
+    JobRecords,
+    JobRunner,
+    JobStore,
+    LocalPoolRunner,
+)
 from inference.logs import TaggedLogger
 from inference.pacs.outbox import DicomDestination, Outbox, StowDestination
 from inference.pacs.routing import Rule, load_rules, matching_rules
-from inference.pacs.spool import StudySpool, read_series_info
+from inference.pacs.spool import StudySpool, read_series_info, safe_name
 from inference.pipeline.pipeline import Pipeline
 
 log = TaggedLogger(logging.getLogger("inference.pacs"))
@@ -114,6 +130,30 @@ def job_pipeline(settings: Settings, rules: Sequence[Rule]) -> Pipeline:
     return pipeline
 
 
+def job_backend(settings: Settings, pipeline: Pipeline) -> tuple[JobRecords, JobRunner]:
+    """The job store and runner of ``INFERENCE_JOB_BACKEND``: the API's, so ``/query`` and ``/metrics`` show node jobs.
+
+    ``celery``: Redis records, jobs queued for the workers (they read the spool below
+    ``INFERENCE_PACS_ROOT``: a shared volume). ``local``: ``<INFERENCE_OUTPUT_ROOT>/jobs.sqlite3``, a thread pool here.
+    """
+    if settings.job_backend == "celery":
+        from inference.jobs.celery_backend import celery_backend  # celery is imported only when used
+
+        return celery_backend(settings)
+    if settings.job_backend != "local":
+        raise ValueError(f"INFERENCE_JOB_BACKEND must be 'local' or 'celery', got {settings.job_backend!r}")
+    output_root = Path(settings.output_root)
+    store = JobStore(output_root / "jobs.sqlite3")
+    return store, LocalPoolRunner(store, JobExecutor(store, pipeline), workers=settings.job_workers,
+                                  lock_dir=output_root / ".owners")
+
+
+def model_version_label(pipeline: Pipeline, rule: Rule) -> str:
+    """What identifies the model a rule runs: family, version and weights digest; ``-`` for a handler without one."""
+    version = pipeline.check_request({"inference_command": rule.command, **rule.params}).model_version
+    return "-" if version is None else f"{version.family}:{version.version}:{version.sha256[:16]}"
+
+
 class DicomNode:
     """The listener, the spool watcher, the job submission and the outbox of one node process."""
 
@@ -125,19 +165,19 @@ class DicomNode:
         self.spool = StudySpool(self.pipeline.settings.data_root, settings.pacs_stable_seconds)
         self.processed = root / "processed"
         self.processed.mkdir(parents=True, exist_ok=True)
+        self.own_series = root / "results-series"  # one empty file per series of results we produced
+        self.own_series.mkdir(parents=True, exist_ok=True)
         destinations = [DicomDestination.parse(text, settings.pacs_ae_title) for text in settings.pacs_destinations]
         if settings.pacs_stow_url:
             destinations.append(StowDestination(settings.pacs_stow_url))
         self.outbox = Outbox(root / "outbox", destinations, retry_max_seconds=settings.pacs_retry_max_seconds)
-        output_root = Path(settings.output_root)
-        self.store = JobStore(output_root / "jobs.sqlite3")
-        self.runner = LocalPoolRunner(self.store, JobExecutor(self.store, self.pipeline),
-                                      workers=settings.job_workers, lock_dir=output_root / ".owners")
+        self.store, self.runner = job_backend(settings, self.pipeline)
         self.ae = self._make_ae()
         self._server = None
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self._received: dict[int, int] = {}  # instances stored per open association (by id)
+        self._ignored: dict[int, int] = {}  # instances of our own results received, per open association
 
     # -- DICOM ----------------------------------------------------------------------------
     def _make_ae(self) -> AE:
@@ -152,16 +192,33 @@ class DicomNode:
     def _on_store(self, event) -> int:
         calling = event.assoc.requestor.ae_title
         try:
-            header = self.spool.store(lambda handle: handle.write(event.encoded_dataset()), calling)
+            header, kept = self.spool.store(lambda handle: handle.write(event.encoded_dataset()), calling,
+                                            keep=lambda header: not self._is_own_result(header))
         except ValueError as exc:
             log.warning("refused an instance from %s: %s", calling, exc)
             return 0xC000  # cannot understand
         except OSError as exc:
             log.error("could not spool an instance from %s: %s", calling, exc)
             return 0xA700  # out of resources
+        if not kept:  # a PACS sending a whole study back sends our results too: they are no input
+            log.tag({"study": header.StudyInstanceUID}).debug("ignored %s from %s: one of our results",
+                                                             header.SOPInstanceUID, calling)
+            self._ignored[id(event.assoc)] = self._ignored.get(id(event.assoc), 0) + 1
+            return 0x0000
         log.tag({"study": header.StudyInstanceUID}).debug("stored %s from %s", header.SOPInstanceUID, calling)
         self._received[id(event.assoc)] = self._received.get(id(event.assoc), 0) + 1
         return 0x0000
+
+    def _is_own_result(self, header: pydicom.Dataset) -> bool:
+        """Whether an instance belongs to a series of results this node produced (recorded when delivered)."""
+        series = str(header.get("SeriesInstanceUID", ""))
+        return bool(series) and (self.own_series / safe_name(series)).exists()
+
+    def _record_own_series(self, files: Sequence[Path]) -> None:
+        """Note the series of result ``files`` as ours, so they are never taken as input when a PACS sends them back."""
+        for path in files:
+            header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+            (self.own_series / safe_name(str(header.SeriesInstanceUID))).touch()
 
     def _on_association(self, event) -> None:
         log.info("association from %s (%s:%s)", event.assoc.requestor.ae_title, event.assoc.requestor.address,
@@ -169,8 +226,10 @@ class DicomNode:
 
     def _on_association_end(self, event) -> None:
         ended = "released" if event.event is evt.EVT_RELEASED else "aborted"
-        log.info("association from %s %s: %d instances stored", event.assoc.requestor.ae_title, ended,
-                 self._received.pop(id(event.assoc), 0))
+        ignored = self._ignored.pop(id(event.assoc), 0)
+        log.info("association from %s %s: %d instances stored%s", event.assoc.requestor.ae_title, ended,
+                 self._received.pop(id(event.assoc), 0),
+                 f", {ignored} of our own results ignored" if ignored else "")
 
     def _on_rejected(self, event) -> None:
         log.warning("association from %s (%s) rejected: calling AE title not in INFERENCE_PACS_ALLOWED_AES",
@@ -230,29 +289,59 @@ class DicomNode:
                                         f" calling_ae={r.calling_ae}" for r in self.rules))
             shutil.rmtree(folder)
             return
-        state = {"study_uid": study_uid, "jobs": {}}
+        state: dict = {"study_uid": study_uid, "jobs": {}}
         for rule in rules:
             job = self._new_job(rule, folder)
             digest = input_hash(json.dumps(job_request_json(job)).encode(), files)
             run_log = study_log.tag({"input_hash": digest})
+            version = model_version_label(self.pipeline, rule)
             marker = self.processed / digest
-            if marker.exists():
-                run_log.info("rule %s: this input was already processed (job %s); not running it again",
-                             rule.name, marker.read_text().strip())
+            earlier = self._earlier_job(marker, version)
+            if earlier is not None and earlier.status in UNFINISHED:
+                run_log.info("rule %s: this input is being processed by job %s (model %s); its results will be "
+                             "delivered", rule.name, earlier.uid, version)
+                continue
+            if earlier is not None:  # completed, its outputs still there: deliver them again
+                state["jobs"][earlier.uid] = {"rule": rule.name, "input_hash": digest, "state": "running"}
+                self._save_state(folder, state)
+                run_log.info("rule %s: this input was already processed with model %s (job %s); delivering its "
+                             "stored results again, not running it again", rule.name, version, earlier.uid)
                 continue
             # recorded before the job exists: after a crash in between, advance() finds the job
             # missing and submits it, and a second arrival of the study is still recognised
-            marker.write_text(job.uid)
+            self._mark(marker, job.uid, version)
             state["jobs"][job.uid] = {"rule": rule.name, "input_hash": digest, "state": "running"}
             self._save_state(folder, state)
             self._submit(job)
-            run_log.info("rule %s: job %s queued (%s %s)", rule.name, job.uid, rule.command, json.dumps(rule.params))
+            run_log.info("rule %s: job %s queued (%s %s, model %s)", rule.name, job.uid, rule.command,
+                         json.dumps(rule.params), version)
         if not state["jobs"]:
             shutil.rmtree(folder)
 
+    def _earlier_job(self, marker: Path, version: str) -> Job | None:
+        """The job that ran (or runs) this input with model ``version``: unfinished, or completed with its
+        outputs still on disk; None when the input must run (never seen, another model, failed, outputs gone)."""
+        try:
+            mark = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            return None  # never processed (or a mark of an older node, which named no model: run again)
+        if not isinstance(mark, dict) or mark.get("model") != version:
+            return None
+        job = self.store.get(str(mark.get("job")))
+        if job is None or job.status == FAILED:
+            return None
+        if job.status == COMPLETED and not (Path(job.output_dir or "") / "response.json").is_file():
+            return None
+        return job
+
+    @staticmethod
+    def _mark(marker: Path, uid: str, version: str) -> None:
+        marker.with_suffix(".tmp").write_text(json.dumps({"job": uid, "model": version}))
+        marker.with_suffix(".tmp").replace(marker)
+
     def _new_job(self, rule: Rule, folder: Path) -> Job:
         return Job(job_name=rule.command, command=rule.command, in_dir=str(folder.relative_to(self.spool.root)),
-                   params=dict(rule.params))
+                   params=dict(rule.params), spool=True)
 
     def _submit(self, job: Job) -> None:
         job.owner = self.runner.owner
@@ -280,7 +369,8 @@ class DicomNode:
                                   uid, entry["rule"])
                 else:
                     replacement = self._new_job(rule, folder)
-                    (self.processed / entry["input_hash"]).write_text(replacement.uid)
+                    self._mark(self.processed / entry["input_hash"], replacement.uid,
+                               model_version_label(self.pipeline, rule))
                     state["jobs"][replacement.uid] = state["jobs"].pop(uid)
                     self._save_state(folder, state)
                     self._submit(replacement)
@@ -289,6 +379,7 @@ class DicomNode:
                 changed = True
             elif job.status == COMPLETED:
                 files = self._dicom_outputs(Path(job.output_dir))
+                self._record_own_series(files)  # before any destination has them
                 self.outbox.put(uid, files, {"study": state["study_uid"], "input_hash": entry["input_hash"]})
                 entry["state"] = DELIVERING
                 run_log.info("job %s completed: %d DICOM results (%s) to deliver", uid, len(files),
@@ -382,9 +473,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"dicom_node: {exc}", file=sys.stderr)
         return 2
-    for spec in node.pipeline.specs:
-        if spec.warm_up is not None:
-            spec.warm_up(node.pipeline.settings)
+    if settings.job_backend == "local":  # its jobs run here: load the models now (the workers load their own)
+        for spec in node.pipeline.specs:
+            if spec.warm_up is not None:
+                spec.warm_up(node.pipeline.settings)
     stopped = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopped.set())

@@ -26,7 +26,9 @@ threads = _settings.threads
 worker_class = "inference.http.gunicorn_worker.GatewayWorker"
 timeout = _settings.timeout  # large studies take minutes on CPU
 graceful_timeout = _settings.graceful_timeout  # SIGTERM: in-flight requests get this long to finish
-keepalive = 5
+# idle connections outlive the clients' and load balancers' idle timeouts (60 s): the client closes
+# first, so it never sends a request on a connection we are closing (the soak's resets at 5 s)
+keepalive = _settings.keepalive
 accesslog = None  # the gateway logs one line per request itself, tagged with the input hash
 errorlog = "-"
 capture_output = True

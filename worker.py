@@ -5,7 +5,8 @@ handlers and job executor as the gateway. Settings come from the same ``INFERENC
 (``INFERENCE_BROKER_URL``, ``INFERENCE_DATA_ROOT``, ``INFERENCE_OUTPUT_ROOT``...). Before it
 consumes anything it checks that the data root and output root exist and are writable (with
 several machines they are shared volumes: the data root readable, the output root writable) and
-refuses to start otherwise. Without ``-Q`` it
+refuses to start otherwise. Its main process runs a ``LeaseReaper``: jobs whose worker died (lease run
+out) are published again within about 1.25 leases. Without ``-Q`` it
 serves every queue of ``INFERENCE_JOB_QUEUES``. Handlers warm up (models load) in each pool
 process after the fork: CUDA cannot be initialised before one.
 """
@@ -25,7 +26,7 @@ from celery import signals
 # package (`pip install -e .`; the Docker image sets PYTHONPATH=/app).
 from handlers import REGISTRY
 from inference.config import get_settings
-from inference.jobs.celery_backend import make_celery
+from inference.jobs.celery_backend import LeaseReaper, job_store, make_celery
 from inference.logs import configure_logging
 from inference.pipeline.pipeline import Pipeline
 from server import served_commands
@@ -96,3 +97,9 @@ def _warm_up(**_) -> None:
     consumed = consumed_queues()
     commands = [spec.command for spec in app.job_pipeline.specs if settings.job_queue(spec.command) in consumed]
     Pipeline(settings, REGISTRY, commands=commands).warm_up()
+
+
+@signals.worker_ready.connect
+def _start_reaper(**_) -> None:
+    # in the main process only (the pool processes run jobs); stopped with the process
+    LeaseReaper(app, job_store(settings)).start()

@@ -14,6 +14,14 @@ not blur them. Figures:
   submitted to an idle worker (target <= 50 ms);
 - ``overhead_per_job``: celery (1 process) wall time per job over the local backend's, minus 1
   (target <= 0.10).
+
+    python -m bench.job_backend --recovery 10   # ten worker kills: how soon their job runs again
+
+Recovery (issue 27): two workers, a blur job at a time with the shipped time limit (900 s) and
+visibility timeout (1,200 s); once the job runs, its worker and pool process get SIGKILL (a machine
+that died). ``restart_s`` is from the kill to the second attempt's start in the job record (the
+lease, ``INFERENCE_JOB_LEASE_SECONDS``, default 20, running out, then a reaper's look); each job
+must then complete with 2 attempts and whole output. A fresh worker replaces the dead one between kills.
 """
 
 from __future__ import annotations
@@ -58,9 +66,11 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A redis-server on a free loopback port, without persistence, in a subprocess."""
+    """A redis-server on a free loopback port, in a subprocess: without persistence, or with its append-only
+    file in ``log_dir``, fsynced at every write (``appendonly``, as the compose file runs it; a restart on
+    the same port and folder reloads it)."""
 
-    def __init__(self, log_dir: Path, port: int | None = None) -> None:
+    def __init__(self, log_dir: Path, port: int | None = None, *, appendonly: bool = False) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise FileNotFoundError("redis-server is not installed: apt-get install -y redis-server")
@@ -68,7 +78,8 @@ class RedisServer:
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._log = open(Path(log_dir) / f"redis-{self.port}.log", "ab")
         self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes" if appendonly else "no", "--appendfsync", "always",
              "--dir", str(log_dir)], stdout=self._log, stderr=subprocess.STDOUT)
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + 10
@@ -83,6 +94,12 @@ class RedisServer:
 
     def stop(self) -> None:
         self.process.terminate()
+        self.process.wait(10)
+        self._log.close()
+
+    def crash(self) -> None:
+        """SIGKILL: Redis gone without writing anything more (a crash, a lost machine)."""
+        self.process.kill()
         self.process.wait(10)
         self._log.close()
 
@@ -261,16 +278,80 @@ def measure_celery_jobs(quick: bool = False, jobs: int | None = None) -> dict:
     return results
 
 
+def measure_recovery(kills: int, lease: int) -> dict:
+    """Kill the worker running a job ``kills`` times; seconds from each kill to the job's next start."""
+    cached_study("jobs-recovery", SHAPE)
+    work = Path(tempfile.mkdtemp(prefix="recovery-bench-"))
+    output = work / "jobs"
+    output.mkdir()
+    server = RedisServer(work)
+    settings = dataclasses.replace(Settings(), job_backend="celery", broker_url=server.url, data_root=CACHE_DIR,
+                                   output_root=output, job_lease_seconds=lease)
+    env = {**ONE_THREAD, "INFERENCE_BROKER_URL": server.url, "INFERENCE_DATA_ROOT": str(CACHE_DIR),
+           "INFERENCE_OUTPUT_ROOT": str(output), "INFERENCE_JOB_LEASE_SECONDS": str(lease),
+           "INFERENCE_JOB_TIME_LIMIT": str(settings.job_time_limit),
+           "INFERENCE_BROKER_VISIBILITY_TIMEOUT": str(settings.broker_visibility_timeout)}
+    workers: list[CeleryWorker] = []
+
+    def start_worker() -> CeleryWorker:
+        worker = CeleryWorker(f"r{len(workers)}@bench", env, work, ["--concurrency", "1", "-Q", "cpu"])
+        workers.append(worker)
+        return worker.wait_ready()
+
+    rounds = []
+    try:
+        client, store = job_client(settings)
+        alive = [start_worker(), start_worker()]
+        for index in range(kills):
+            uid = client.post("/job/", json={"job_name": "3dblur", "in_dir": "jobs-recovery"}).get_json()["uid"]
+            while (job := store.get(uid)).status != "running":
+                time.sleep(0.01)
+            victim = next(w for w in alive if job.worker.startswith(w.name + "/"))
+            victim.kill()
+            killed = time.time()
+            alive.remove(victim)
+            while (job := store.get(uid)).attempts < 2:
+                if time.time() - killed > 300:
+                    raise TimeoutError(f"kill {index + 1}: job {uid} not started again in 300 s")
+                time.sleep(0.05)
+            while (job := store.get(uid)).status == "running":
+                time.sleep(0.1)
+            response_json = json.loads((output / uid / "response.json").read_text())
+            whole = all((output / uid / part["file"]).is_file() for part in response_json["parts"])
+            rounds.append({"restart_s": round(job.started - killed, 2), "status": job.status,
+                           "attempts": job.attempts, "parts": len(response_json["parts"]), "whole": whole})
+            log.info("kill %d: job started again after %.1f s, %s", index + 1, job.started - killed, job.status)
+            alive.append(start_worker())
+    finally:
+        for worker in workers:
+            worker.stop()
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    restarts = [r["restart_s"] for r in rounds]
+    return {"kills": kills, "lease_s": lease, "time_limit_s": settings.job_time_limit,
+            "visibility_timeout_s": settings.broker_visibility_timeout, "restart_s": restarts,
+            "median_restart_s": statistics.median(restarts), "max_restart_s": max(restarts),
+            "all_completed_with_2_attempts_and_whole": all(
+                r["status"] == "completed" and r["attempts"] == 2 and r["whole"] for r in rounds),
+            "load_avg_1m": round(os.getloadavg()[0], 2)}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="4 jobs on a 64 x 256 x 256 study")
     parser.add_argument("--jobs", type=int, help="number of jobs per run (default 8, 4 with --quick)")
+    parser.add_argument("--recovery", type=int, metavar="KILLS", help="measure recovery from KILLS worker kills")
+    parser.add_argument("--lease", type=int, default=Settings().job_lease_seconds,
+                        help="INFERENCE_JOB_LEASE_SECONDS for --recovery (default %(default)s)")
     parser.add_argument("--local-phase", nargs=3, metavar=("STUDY", "COUNT", "OUTPUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s bench: %(message)s", stream=sys.stderr)
     if args.local_phase:
         name, count, output = args.local_phase
         print(json.dumps(local_phase(name, int(count), Path(output))), flush=True)
+        return
+    if args.recovery:
+        print(json.dumps(measure_recovery(args.recovery, args.lease)), flush=True)
         return
     print(json.dumps(measure_celery_jobs(args.quick, args.jobs)), flush=True)
 

@@ -88,6 +88,9 @@ class Settings:
     #: INFERENCE_READ_TIMEOUT: seconds a socket read or write may wait without progress before the
     #: connection is dropped (a stalled client frees its thread; 408 while reading a body).
     read_timeout: int = field(default=30, metadata={"env": "INFERENCE_READ_TIMEOUT"})
+    #: INFERENCE_KEEPALIVE: seconds an idle keep-alive connection is kept open between requests: above the
+    #: 60 s idle timeout of common clients and load balancers, so they close first, never racing our close.
+    keepalive: int = field(default=75, metadata={"env": "INFERENCE_KEEPALIVE"})
     #: INFERENCE_MIN_UPLOAD_RATE: bytes per second a request body must average once it has been
     #: arriving for inference.http.gunicorn_worker.UPLOAD_GRACE_SECONDS (5 s; 408 below it); 0 turns the check off.
     min_upload_rate: int = field(default=32 * 1024, metadata={"env": "INFERENCE_MIN_UPLOAD_RATE"})
@@ -118,6 +121,9 @@ class Settings:
     #: INFERENCE_BROKER_VISIBILITY_TIMEOUT: seconds before Redis hands an unacknowledged job to another
     #: worker; above the job time limit plus its grace, and the longest a dead worker's job waits.
     broker_visibility_timeout: int = field(default=1200, metadata={"env": "INFERENCE_BROKER_VISIBILITY_TIMEOUT"})
+    #: INFERENCE_JOB_LEASE_SECONDS: a running celery job's lease, renewed by its worker every quarter of it;
+    #: a job whose lease ran out (its worker died) is queued again within about 1.25 times this.
+    job_lease_seconds: int = field(default=20, metadata={"env": "INFERENCE_JOB_LEASE_SECONDS"})
     #: INFERENCE_API_TOKEN: when set, every route but /healthcheck and /ping needs ``Authorization: Bearer``.
     api_token: str | None = field(default=None, metadata={"env": "INFERENCE_API_TOKEN", "secret": True})
     #: INFERENCE_LOGGING_CONFIG: logging configuration (YAML, ``logging.config.dictConfig`` schema).

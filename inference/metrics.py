@@ -14,6 +14,7 @@ The DICOM node reports through ``record_dicom_received``, ``record_dicom_sent`` 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
+
+log = logging.getLogger("inference.metrics")
 
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
 BYTES_BUCKETS = tuple(1024 * 4**k for k in range(12))  # 1 KiB to 4 GiB
@@ -83,7 +86,13 @@ class JobCountsCollector(Collector):
         self._states = states
 
     def collect(self):
-        counts = self._counts()
+        try:
+            counts = self._counts()
+        except Exception as exc:  # the job store (Redis) unreachable: the other metrics are still served
+            log.warning("job metrics left out of this scrape: %s", exc)
+            yield GaugeMetricFamily("inference_job_store_up", "Whether the job store answered this scrape", value=0)
+            return
+        yield GaugeMetricFamily("inference_job_store_up", "Whether the job store answered this scrape", value=1)
         by_state = GaugeMetricFamily("inference_jobs", "Jobs in the job store, by state", labels=["state"])
         for state in self._states:
             by_state.add_metric([state], counts.get(state, 0))

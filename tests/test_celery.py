@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -27,12 +28,13 @@ import handlers.gaussian_blur
 import handlers.hippocampus
 import handlers.mock  # noqa: F401
 from bench.job_backend import CeleryWorker, RedisServer
+from bench.pacs_services import DicomNodeProcess, c_store
 from gateway import Gateway
 from inference.config import Settings
 from inference.errors import ServiceUnavailable
 from inference.jobs.api import add_job_routes
 from inference.jobs.celery_backend import TASK_NAME, CeleryRunner, hard_time_limit, make_celery, retry_delay
-from inference.jobs.redis_store import RedisJobStore
+from inference.jobs.redis_store import LEASES, RedisJobStore
 from inference.jobs.store import Job
 from inference.pipeline.handler_registry import REGISTRY, HandlerSpec
 from inference.pipeline.pipeline import Pipeline
@@ -69,7 +71,8 @@ class Cluster:
         return dataclasses.replace(
             Settings(), job_backend="celery", broker_url=self.redis.url, data_root=self.data,
             output_root=self.output, job_time_limit=int(self.env["INFERENCE_JOB_TIME_LIMIT"]),
-            broker_visibility_timeout=int(self.env["INFERENCE_BROKER_VISIBILITY_TIMEOUT"]))
+            broker_visibility_timeout=int(self.env["INFERENCE_BROKER_VISIBILITY_TIMEOUT"]),
+            job_lease_seconds=int(self.env["INFERENCE_JOB_LEASE_SECONDS"]))
 
     def start_workers(self, *names: str, args: tuple[str, ...] = ()) -> list[CeleryWorker]:
         started = [CeleryWorker(f"{name}@test", self.env, self.root, ["--concurrency", "1", *args]) for name in names]
@@ -85,14 +88,15 @@ class Cluster:
         self.redis.stop()
 
 
-def make_cluster(root: Path, time_limit: int, visibility: int) -> Cluster:
+def make_cluster(root: Path, time_limit: int, visibility: int, lease: int = 20, appendonly: bool = False) -> Cluster:
     (root / "data").mkdir(parents=True)
     (root / "jobs").mkdir()
-    server = RedisServer(root)
+    server = RedisServer(root, appendonly=appendonly)
     env = {"INFERENCE_JOB_BACKEND": "celery", "INFERENCE_BROKER_URL": server.url,
            "INFERENCE_DATA_ROOT": str(root / "data"), "INFERENCE_OUTPUT_ROOT": str(root / "jobs"),
            "INFERENCE_ENABLE_MOCKS": "1",  # the API and the workers serve the mocks too
-           "INFERENCE_JOB_TIME_LIMIT": str(time_limit), "INFERENCE_BROKER_VISIBILITY_TIMEOUT": str(visibility)}
+           "INFERENCE_JOB_TIME_LIMIT": str(time_limit), "INFERENCE_BROKER_VISIBILITY_TIMEOUT": str(visibility),
+           "INFERENCE_JOB_LEASE_SECONDS": str(lease)}
     return Cluster(root, server, env)
 
 
@@ -166,7 +170,7 @@ def assert_whole(folder: Path) -> dict:
     response_json = json.loads((folder / "response.json").read_text())
     assert sorted(p.name for p in folder.iterdir()) == sorted([p["file"] for p in response_json["parts"]]
                                                               + ["response.json", "job.json"])
-    assert not list(folder.parent.glob("*.partial"))
+    assert not list(folder.parent.glob("*.partial*"))
     return response_json
 
 
@@ -190,7 +194,7 @@ def test_results_are_identical_to_the_local_backend(cluster, api, tmp_path):
             else:
                 assert ours.read_bytes() == theirs.read_bytes()
     record = cluster.store().get(response.json()["uid"])
-    assert record.worker in {w.name for w in cluster.workers} and record.started <= record.finished
+    assert record.worker.partition("/")[0] in {w.name for w in cluster.workers} and record.started <= record.finished
     banner = cluster.workers[0].log()  # started without -Q: it consumes every configured queue
     assert ".> cpu " in banner and ".> gpu " in banner
 
@@ -249,31 +253,107 @@ def test_jobs_go_to_the_queue_of_their_command_and_a_q_worker_takes_only_its_que
         running.stop()
 
 
-def test_a_killed_worker_s_job_is_run_again_by_another(tmp_path):
-    running = make_cluster(tmp_path, time_limit=8, visibility=10)
+def wait_running(store: RedisJobStore, uid: str, timeout: float = 60) -> Job:
+    deadline = time.monotonic() + timeout
+    while (job := store.get(uid)).status != "running":
+        assert time.monotonic() < deadline and job.status == "queued", job
+        time.sleep(0.01)
+    return job
+
+
+def test_a_killed_worker_s_job_runs_again_within_a_lease_whatever_the_time_limit(tmp_path):
+    # a time limit and visibility timeout far beyond the test: only the lease can bring the job back
+    running = make_cluster(tmp_path, time_limit=3000, visibility=4000, lease=4)
     try:
         write_study(running.data / "slow", shape=(32, 128, 128))
         first, second = running.start_workers("k1", "k2", args=CPU_ONLY)
         client = job_client(running.settings()).test_client()
         uid = client.post("/job/", json={"job_name": "3dblur", "in_dir": "slow"}).get_json()["uid"]
         store = running.store()
-        deadline = time.monotonic() + 60
-        while (job := store.get(uid)).status != "running":
-            assert time.monotonic() < deadline and job.status == "queued", job
-            time.sleep(0.01)
-        victim, survivor = (first, second) if job.worker == first.name else (second, first)
-        victim.kill()
+        job = wait_running(store, uid)
+        victim, survivor = (first, second) if job.worker.startswith(first.name) else (second, first)
+        victim.kill()  # the worker and its pool process at once: a machine that died
+        killed = time.monotonic()
         assert store.get(uid).status == "running" and not (running.output / uid).exists(), "killed mid-job"
 
+        while (job := store.get(uid)).attempts < 2:
+            assert time.monotonic() - killed < 60, (job, survivor.log())
+            time.sleep(0.1)
+        assert time.monotonic() - killed < 4 * 1.25 + 5, "back within a lease and a reaper's look (and pickup)"
+        assert "its lease ran out" in survivor.log()
         deadline = time.monotonic() + 60
         while (response := client.get(f"/query/{uid}")).status_code == 202 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert response.status_code == 200, (response.get_json(), survivor.log())
         assert response.get_json()["attempts"] == 2
-        assert store.get(uid).worker == survivor.name
+        assert store.get(uid).worker.startswith(survivor.name)
         response_json = assert_whole(running.output / uid)
         assert len(response_json["parts"]) == 32
         assert survivor.log().count(f"job {uid} completed") == 1
+        assert store.client.zscore(LEASES, uid) is None, "a finished job holds no lease"
+    finally:
+        running.stop()
+
+
+def test_a_job_whose_worker_lives_is_never_started_twice(tmp_path):
+    # a job many leases long, and a second copy of its message (as a visibility timeout or a broker
+    # reconnection delivers one) reaching an idle worker while it runs
+    running = make_cluster(tmp_path, time_limit=3000, visibility=4000, lease=1)
+    try:
+        write_study(running.data / "long", shape=(384, 256, 256))  # reading and writing it takes seconds
+        first, second = running.start_workers("l1", "l2", args=CPU_ONLY)
+        client = job_client(running.settings()).test_client()
+        uid = client.post("/job/", json={"job_name": "3dblur", "in_dir": "long", "sigma_mm": 4}).get_json()["uid"]
+        store = running.store()
+        wait_running(store, uid)
+        make_celery(running.settings()).send_task(TASK_NAME, args=[uid], queue="cpu")
+        deadline = time.monotonic() + 120
+        while (response := client.get(f"/query/{uid}")).status_code == 202 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        record = store.get(uid)
+        assert response.status_code == 200 and record.attempts == 1, (response.get_json(), first.log(), second.log())
+        assert record.finished - record.started > 2, "the job outlived several leases (renewed every 0.25 s)"
+        logs = first.log() + second.log()
+        assert "this copy of its message is dropped" in logs and "lease ran out" not in logs
+        assert logs.count(f"job {uid}: attempt") == 1
+    finally:
+        running.stop()
+
+
+def test_a_crashed_and_restarted_broker_loses_no_job_and_the_api_answers_503_meanwhile(tmp_path):
+    running = make_cluster(tmp_path, time_limit=3000, visibility=4000, lease=2, appendonly=True)
+    try:
+        for index in range(4):
+            write_study(running.data / f"r{index}", shape=(96, 256, 256), seed=index)
+        running.start_workers("r1", args=CPU_ONLY)
+        client = job_client(running.settings()).test_client()
+        uids = [client.post("/job/", json={"job_name": "3dblur", "in_dir": f"r{index}"}).get_json()["uid"]
+                for index in range(4)]
+        store = running.store()
+        wait_running(store, uids[0])
+        running.redis.crash()  # SIGKILL, jobs running and queued: only what its append-only file holds comes back
+        down = time.monotonic()
+        assert client.get(f"/query/{uids[0]}").status_code == 503
+        submitted = client.post("/job/", json={"job_name": "3dblur", "in_dir": "r0"})
+        assert submitted.status_code == 503 and "retry later" in submitted.get_json()["error"]
+        scrape = client.get("/metrics")  # the other metrics are still served, the job store said to be down
+        assert scrape.status_code == 200 and "inference_job_store_up 0.0" in scrape.get_data(as_text=True)
+        time.sleep(5)  # the running job finishes meanwhile and cannot record it
+        running.redis = RedisServer(tmp_path, port=running.redis.port, appendonly=True)
+        outage = time.monotonic() - down
+
+        deadline = time.monotonic() + 120
+        while any((job := store.get(uid)).status in ("queued", "running") for uid in uids):
+            assert time.monotonic() < deadline, (job, running.workers[0].log()[-4000:])
+            time.sleep(0.2)
+        answers = [client.get(f"/query/{uid}") for uid in uids]  # the same API, recovered by itself
+        assert [answer.status_code for answer in answers] == [200] * 4, [a.get_json() for a in answers]
+        for uid in uids:
+            assert_whole(running.output / uid)
+        assert client.post("/job/", json={"job_name": "3dblur", "in_dir": "r0"}).status_code == 201
+        scrape = client.get("/metrics").get_data(as_text=True)
+        assert "inference_job_store_up 1.0" in scrape and 'inference_jobs{state="completed"} 4.0' in scrape
+        assert outage > 5
     finally:
         running.stop()
 
@@ -439,3 +519,86 @@ def test_worker_refuses_to_start_without_writable_roots(tmp_path, problem):
         worker.stop()
     expected = "does not exist" if problem == "missing" else "is not writable"
     assert "worker not started" in worker.log() and expected in worker.log(), worker.log()
+
+
+def test_dicom_node_jobs_run_on_the_workers_and_show_in_the_api_across_a_node_restart(tmp_path):
+    running = make_cluster(tmp_path, time_limit=60, visibility=120)
+    node_root = tmp_path / "node"
+    running.env["INFERENCE_PACS_ROOT"] = str(node_root / "pacs")  # the spool: a volume the workers share
+    rules = tmp_path / "rules.yaml"
+    rules.write_text('rules:\n  - name: mock-report\n    match:\n      series_description: "^Report me"\n'
+                     '    command: get-secondary-capture\n')
+    args = ["--rules", str(rules), "--stable-seconds", "1"]
+    node = DicomNodeProcess(node_root, args=args, env=running.env)
+    try:
+        files = write_study(tmp_path / "study", description="Report me")
+        assert c_store(files, "127.0.0.1", node.port, node.ae_title) == len(files)
+        log = node.wait_for_log(r"rule mock-report: job \w+ queued", 30)
+        uid, = re.findall(r"rule mock-report: job (\w+) queued", log)
+        client = job_client(running.settings()).test_client()
+        assert client.get(f"/query/{uid}").get_json() == {"msg": "Job is queued", "attempts": 0}, "no worker yet"
+        assert 'inference_jobs{state="queued"} 1.0' in client.get("/metrics").get_data(as_text=True)
+        node.stop()  # the node stops with its job queued; a worker comes, the node starts again
+
+        worker, = running.start_workers("n1")
+        node = DicomNodeProcess(node_root, port=node.port, args=args, env=running.env)
+        deadline = time.monotonic() + 60
+        while (done := client.get(f"/query/{uid}")).status_code == 202 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert done.status_code == 200 and done.get_json()["attempts"] == 1, (done.get_json(), worker.log())
+        assert f"job {uid} completed" in worker.log(), "run by the worker"
+        assert "outputs in" not in node.log_text(), "not run by the node (the executor logs that line)"
+        assert 'inference_jobs{state="completed"} 1.0' in client.get("/metrics").get_data(as_text=True)
+        node.wait_for_log(rf"job {uid} completed: 1 DICOM results", 30)  # the restarted node delivers them
+        assert not (running.output.parent / "node" / "jobs" / "jobs.sqlite3").exists(), "no SQLite job store"
+        assert_whole(running.output / uid)
+    finally:
+        node.stop()
+        running.stop()
+
+
+def test_leases_start_once_take_over_when_expired_and_reap_once(tmp_path):
+    server = RedisServer(tmp_path)
+    try:
+        store, other = RedisJobStore(server.url), RedisJobStore(server.url)  # two machines' views
+        job = store.add(Job("3dblur", "gaussian-blur-3d", "s"))
+        assert store.start(job.uid, "a/1", 1) == 1
+        assert other.start(job.uid, "b/2", 1) == 0, "a live lease: the second copy does not start"
+        assert store.renew(job.uid, "a/1", 1) and not other.renew(job.uid, "b/2", 1)
+        time.sleep(1.2)  # a/1 died: its lease ran out
+        assert other.reap(republish_after=60) == [job.uid] and store.reap(republish_after=60) == [], "one reaper"
+        assert store.get(job.uid).status == "queued"
+        assert other.start(job.uid, "b/2", 1) == 1 and store.get(job.uid).attempts == 2
+        assert not store.renew(job.uid, "a/1", 1), "the dead attempt's worker lost it"
+        assert store.mark_completed(job.uid, "/out") and store.start(job.uid, "c/3", 1) == -1
+        time.sleep(1.2)
+        assert store.reap(republish_after=60) == [] and store.client.zscore(LEASES, job.uid) is None
+    finally:
+        server.stop()
+
+
+def test_a_time_limit_a_library_wraps_in_its_own_error_is_still_a_timeout(tmp_path, monkeypatch):
+    # pydicom's writer turns any exception into an OSError: the soft time limit must still read as one
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    server = RedisServer(tmp_path)
+    try:
+        write_study(tmp_path / "data" / "s", shape=(2, 8, 8))
+        settings = dataclasses.replace(Settings(), broker_url=server.url, data_root=tmp_path / "data",
+                                       output_root=tmp_path / "jobs")
+
+        def wrapping(instances, context):
+            try:
+                raise SoftTimeLimitExceeded()  # as billiard's signal handler raises it, mid-write
+            except Exception as exc:
+                raise OSError(f"{exc}\nfor data_element: (0002,0000)")  # noqa: B904 (pydicom's own words)
+
+        monkeypatch.setitem(REGISTRY._specs, "test-wrapping", HandlerSpec("test-wrapping", wrapping))
+        task = make_celery(settings, Pipeline(settings)).tasks[TASK_NAME]
+        store = RedisJobStore(server.url)
+        job = store.add(Job("test-wrapping", "test-wrapping", "s"))
+        task.apply(args=[job.uid])
+        record = store.get(job.uid)
+        assert (record.status, record.error, record.attempts) == ("failed", "timeout", 1)
+    finally:
+        server.stop()

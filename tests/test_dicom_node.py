@@ -2,8 +2,9 @@
 
 End to end: Study1 sent to Orthanc comes back as SEG + SR + Secondary Capture in the same study,
 equal to what the HTTP path answers. Then the node alone: calling AEs not allowed are refused, a
-study no rule matches is logged and left, a half-sent study waits until stable and runs once, and
-results for a destination that is down wait in the outbox (across a restart) until it is up.
+study no rule matches is logged and left, a half-sent study waits until stable and runs once,
+results for a destination that is down wait in the outbox (across a restart) until it is up, and a
+study sent again gets its stored results again (not recomputed, not duplicated in Orthanc).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+import requests
 
 from bench.pacs_services import DicomNodeProcess, Orthanc, c_store, free_port, orthanc_missing
 from inference.jobs.store import COMPLETED, JobStore
@@ -291,3 +293,63 @@ def test_rules_the_pipeline_refuses_stop_the_node_at_start(tmp_path, rules, mess
                              "--root", str(tmp_path / "pacs")], cwd=PROJECT_ROOT, capture_output=True, text=True,
                             timeout=120, env={**__import__("os").environ, "INFERENCE_OUTPUT_ROOT": str(tmp_path)})
     assert result.returncode == 2 and re.search(message, result.stderr), result.stderr
+
+
+def result_sop_uids(orthanc: Orthanc, study_uid: str) -> list[str]:
+    """SOP Instance UIDs of the results (Secondary Capture, OT) Orthanc holds for a study."""
+    uids = []
+    for series in orthanc.series_of(study_uid):
+        if series["MainDicomTags"].get("Modality") == "OT":
+            uids += [i["MainDicomTags"]["SOPInstanceUID"] for i in orthanc.get(f"/series/{series['ID']}/instances")]
+    return sorted(uids)
+
+
+def test_a_study_sent_again_gets_its_stored_results_again_without_recomputing(tmp_path):
+    require(orthanc_missing())
+    orthanc_port = free_port()
+    node = start_light_node(tmp_path, "--destination", f"ORTHANC@127.0.0.1:{orthanc_port}")
+    orthanc = Orthanc(tmp_path / "orthanc", node_port=node.port, dicom_port=orthanc_port)
+    try:
+        files = write_study(tmp_path / "study", description="Report me")
+        study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+        assert c_store(files, "127.0.0.1", orthanc.dicom_port, orthanc.aet) == len(files)  # Orthanc routes it
+        assert eventually(lambda: result_sop_uids(orthanc, study_uid), 60), node.log_text()[-3000:]
+        first = result_sop_uids(orthanc, study_uid)
+        node.wait_for_log("study done", 30)
+
+        def send_again(times_delivered: int) -> None:
+            response = requests.post(f"{orthanc.url}/modalities/hippoai/store", timeout=60,
+                                     json={"Resources": [orthanc.study_id(study_uid)]})
+            assert response.ok, response.text
+            node.wait_for_log("study done", 60, count=times_delivered)
+
+        # the results are deleted in Orthanc (a purge, a migration), and the study is sent again
+        for series in orthanc.series_of(study_uid):
+            if series["MainDicomTags"].get("Modality") == "OT":
+                requests.delete(f"{orthanc.url}/series/{series['ID']}", timeout=30).raise_for_status()
+        assert not result_sop_uids(orthanc, study_uid)
+        send_again(2)
+        log = node.wait_for_log("delivering its stored results again", 1)
+        assert result_sop_uids(orthanc, study_uid) == first, "the stored results, the same SOP Instance UIDs"
+        assert len(re.findall(r"rule mock-report: job \w+ queued", log)) == 1, "not computed again"
+
+        # sent again while Orthanc still holds them: nothing duplicated
+        send_again(3)
+        assert result_sop_uids(orthanc, study_uid) == first
+        assert "1 of our own results ignored" in node.log_text(), "the study came with our result: not an input"
+        assert len(re.findall(r"rule mock-report: job \w+ queued", node.log_text())) == 1
+
+        # another model version behind the rule (what the mark of the input records): it runs again
+        marker, = (node.folder / "pacs" / "processed").iterdir()
+        marker.write_text(json.dumps({**json.loads(marker.read_text()), "model": "mock:0.9:0123456789abcdef"}))
+        send_again(4)
+        assert len(re.findall(r"rule mock-report: job \w+ queued", node.log_text())) == 2
+        assert len(result_sop_uids(orthanc, study_uid)) == 2, "a new result next to the first"
+
+        # a changed input (another series in the study) runs again too
+        changed = write_study(tmp_path / "changed", description="Report me", seed=1, study_uid=study_uid)
+        assert c_store(changed, "127.0.0.1", node.port, node.ae_title) == len(changed)
+        node.wait_for_log(r"rule mock-report: job \w+ queued", 60, count=3)
+    finally:
+        orthanc.stop()
+        node.stop()

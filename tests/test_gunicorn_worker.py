@@ -156,3 +156,23 @@ def test_paced_socket_gives_up_on_a_slow_sender_and_on_silence():
         with pytest.raises(TimeoutError, match="no data for 0.3 s"):
             PacedSocket(server, min_rate=0, read_timeout=0.3).recv(100)
         assert 0.2 < time.monotonic() - started < 2
+
+
+def test_an_idle_keep_alive_connection_is_reused_past_the_old_5_s_limit(live):
+    """A client reusing a connection idle 6 s (gunicorn closed them at 5 s: the soak's resets) is served on it."""
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", live.port, timeout=10)
+    try:
+        connection.request("GET", "/models")
+        first = connection.getresponse()
+        assert first.status == 200 and first.getheader("Connection", "").lower() != "close"
+        first.read()
+        local_port = connection.sock.getsockname()[1]
+        time.sleep(6.0)
+        connection.request("GET", "/models")  # raises RemoteDisconnected when the server closed it meanwhile
+        second = connection.getresponse()
+        assert second.status == 200 and connection.sock.getsockname()[1] == local_port, "the same connection"
+        second.read()
+    finally:
+        connection.close()

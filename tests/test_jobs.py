@@ -76,7 +76,7 @@ def test_blur_job_runs_to_completion_and_writes_its_outputs(client, roots):
     assert {ds.SeriesDescription for ds in outputs} == {"Gaussian blur 3D sigma 1.5 mm"}
     assert len({ds.SeriesInstanceUID for ds in outputs}) == 1
     assert outputs[0].SeriesInstanceUID != original.SeriesInstanceUID
-    assert not list(output.glob("*.partial"))
+    assert not list(output.glob("*.partial*"))
 
 
 def test_mask_outputs_are_raw_uint8_files(client, roots):

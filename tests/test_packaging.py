@@ -393,7 +393,12 @@ def test_compose_api_and_workers_share_the_backend_and_volumes(compose: dict) ->
     assert set(worker["environment"]) <= SETTING_VARIABLES
     assert api["environment"]["INFERENCE_JOB_BACKEND"] == "celery"
     assert urlsplit(api["environment"]["INFERENCE_BROKER_URL"]).hostname == "redis"
-    assert worker["volumes"] == api["volumes"], "workers read and write where the API expects"
+    assert set(api["volumes"]) <= set(worker["volumes"]), "workers read and write where the API expects"
+    node = compose["services"]["hippoai"]  # the DICOM node's jobs go to the same workers and records
+    for name in ("INFERENCE_JOB_BACKEND", "INFERENCE_BROKER_URL", "INFERENCE_OUTPUT_ROOT", "INFERENCE_PACS_ROOT"):
+        assert node["environment"][name] == worker["environment"][name], name
+    spool = f"pacs-spool:{node['environment']['INFERENCE_PACS_ROOT']}"
+    assert spool in node["volumes"] and f"{spool}:ro" in worker["volumes"], "workers read the node's spool"
     for service in (api, worker):
         assert service["depends_on"]["redis"]["condition"] == "service_healthy"
         assert set(service["networks"]) & set(compose["services"]["redis"]["networks"])
@@ -418,8 +423,9 @@ def test_compose_worker_runs_celery_and_can_be_scaled(compose: dict) -> None:
 
 
 def test_compose_dicom_node_has_its_rules_a_writable_root_and_a_healthcheck(compose: dict, steps) -> None:
-    """hippoai: the rules file it names is mounted (or is the image's default), its roots are in its
-    volume, and its healthcheck is a C-ECHO to its own port as an AE it accepts."""
+    """hippoai: the rules file it names is mounted (or is the image's default), its spool is in its
+    volume, it reads the job outputs the workers write (the same volume), and its healthcheck is a
+    C-ECHO to its own port as an AE it accepts."""
     node = compose["services"]["hippoai"]
     env = node["environment"]
     assert set(env) <= SETTING_VARIABLES, f"unknown variables: {set(env) - SETTING_VARIABLES}"
@@ -428,7 +434,10 @@ def test_compose_dicom_node_has_its_rules_a_writable_root_and_a_healthcheck(comp
     assert (PROJECT_ROOT / rules[0]).is_file() and rules[2:] == ["ro"]
     spool = mounts[env["INFERENCE_PACS_ROOT"]]
     assert spool[0] in compose["volumes"]
-    assert env["INFERENCE_OUTPUT_ROOT"].startswith(env["INFERENCE_PACS_ROOT"] + "/"), "its job store is in its volume"
+    outputs = mounts[env["INFERENCE_OUTPUT_ROOT"]]
+    worker = {mount_fields(str(v))[1]: mount_fields(str(v)) for v in compose["services"]["worker"]["volumes"]}
+    assert outputs[0] in compose["volumes"] and worker[env["INFERENCE_OUTPUT_ROOT"]][0] == outputs[0], \
+        "the node delivers what the workers write: the same output volume"
     check = node["healthcheck"]["test"]
     assert check[:5] == ["CMD", "python", "-m", "pynetdicom", "echoscu"]
     assert check[check.index("-aet") + 1] in env["INFERENCE_PACS_ALLOWED_AES"].split(",")

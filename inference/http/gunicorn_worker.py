@@ -152,8 +152,9 @@ class GatewayWorker(ThreadWorker):
             conn.timeouts_set = True
         head = self._peek(conn)
         if head is None and not conn.initialized:
-            # nothing sent yet: wait in the poller, not in a request thread's queue, and look again
-            conn.timeout = time.monotonic() + self.cfg.keepalive
+            # nothing sent yet: wait in the poller, not in a request thread's queue, and look again; a
+            # new connection gets the read timeout to send its first request, not the long keep-alive
+            conn.timeout = time.monotonic() + min(self.cfg.keepalive, self.read_timeout)
             self.pending_conns.append(conn)
             self.poller.register(conn.sock, selectors.EVENT_READ, partial(self.on_pending_socket_readable, conn))
             return

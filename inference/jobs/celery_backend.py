@@ -4,20 +4,26 @@
 workers (to consume, see ``worker.py``) share: queues by command (``INFERENCE_JOB_QUEUES``),
 one task, ``inference.run_job(uid)``, whose job record lives in ``RedisJobStore``.
 
-Nothing is lost: the message is acknowledged only once the job has finished (``acks_late``), a
-worker process that dies mid-job gives it back at once (``task_reject_on_worker_lost``), and a
-whole worker that dies (machine gone, SIGKILL) leaves it unacknowledged, so Redis hands it to
-another worker after ``INFERENCE_BROKER_VISIBILITY_TIMEOUT``. That timeout must exceed the hard
-time limit (``hard_time_limit``), or a slow job would be run twice
-at once; a worker reserves one job at a time (prefetch 1), so no job waits behind another. Every
-start counts an attempt; bad input fails at once; transient errors are retried with backoff;
-a job past its time limit fails with reason ``timeout``.
+Nothing is lost, nothing waits: the message is acknowledged only once the job has finished
+(``acks_late``), and a worker process that dies mid-job gives it back at once
+(``task_reject_on_worker_lost``). A whole worker that dies (machine gone, SIGKILL) cannot give
+anything back, and Redis would hand its message on only after the visibility timeout, which must
+exceed the longest job. So a running job holds a lease (``INFERENCE_JOB_LEASE_SECONDS``) that the
+process running it renews every quarter of it; every worker's ``LeaseReaper`` publishes the job
+again once its lease ran out, whatever the time limit, and an attempt starts only on a job no
+live lease holds, so a late copy of the message (the visibility timeout, a broker reconnection)
+never starts a job twice while its worker lives. A worker reserves one job at a time (prefetch 1),
+so no job waits behind another. Every start counts an attempt; bad input fails at once; transient
+errors are retried with backoff; a job past its time limit fails with reason ``timeout``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import threading
+import time
 from functools import cache
 from typing import Any
 
@@ -134,12 +140,17 @@ def run_job(task: Task, uid: str) -> None:
     if job.attempts > settings.job_retries:  # its worker died every time: a job that kills its worker
         store.mark_failed(uid, f"gave up after {job.attempts} attempts: the worker running it died each time", 500)
         return
-    worker = task.request.hostname or socket.gethostname()
-    if not store.mark_running(uid, worker=worker):
+    worker = f"{task.request.hostname or socket.gethostname()}/{os.getpid()}"
+    started = store.start(uid, worker, settings.job_lease_seconds)
+    if started == 0:
+        log.info("job %s: running under a live lease elsewhere; this copy of its message is dropped", uid)
+        return
+    if started < 0:
         return  # finished meanwhile by another delivery
     log.info("job %s: attempt %d on %s", uid, job.attempts + 1, worker)
     try:
-        JobExecutor(store, pipeline, reraise=(SoftTimeLimitExceeded, *TRANSIENT_ERRORS))(job)
+        with LeaseKeeper(store, uid, worker, settings.job_lease_seconds):
+            JobExecutor(store, pipeline, reraise=(SoftTimeLimitExceeded, *TRANSIENT_ERRORS))(job)
     except SoftTimeLimitExceeded:
         log.error("job %s: past its time limit (%d s)", uid, settings.job_time_limit)
         store.mark_failed(uid, TIMEOUT, 500)
@@ -159,6 +170,80 @@ def run_job(task: Task, uid: str) -> None:
             store.mark_failed(uid, f"could not be queued for a retry after {type(exc).__name__}: {exc}", 500)
             raise
         raise retry from exc
+
+
+class LeaseKeeper:
+    """Renews a running job's lease every quarter of it, from a thread, while the job runs (a ``with`` block)."""
+
+    def __init__(self, store: RedisJobStore, uid: str, worker: str, lease_seconds: float) -> None:
+        self.store, self.uid, self.worker, self.lease_seconds = store, uid, worker, lease_seconds
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew, name=f"lease-{uid}", daemon=True)
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.lease_seconds / 4):
+            try:
+                if not self.store.renew(self.uid, self.worker, self.lease_seconds):
+                    log.error("job %s: its lease was taken over (this worker was unreachable longer than the "
+                              "lease); another attempt may run it too", self.uid)
+                    return
+            except ServiceUnavailable as exc:  # Redis briefly gone: keep trying, the reaper waits for us
+                log.warning("job %s: could not renew its lease: %s", self.uid, exc)
+
+
+class LeaseReaper:
+    """Publishes again the jobs whose lease ran out: their worker died. One per worker main process.
+
+    Every quarter of the lease it asks Redis (``RedisJobStore.reap``, atomic: each job goes to one
+    reaper) and publishes each job to its queue. After Redis was unreachable it waits one lease
+    before reaping again, so live workers renew the leases that ran out during the outage first.
+    """
+
+    def __init__(self, app: Celery, store: RedisJobStore) -> None:
+        self.app = app
+        self.store = store
+        self.settings: Settings = app.job_settings
+
+    def run_once(self) -> list[str]:
+        """One look: the uids published again."""
+        uids = self.store.reap(republish_after=10 * self.settings.job_lease_seconds)
+        for uid in uids:
+            job = self.store.get(uid)
+            if job is None:
+                continue
+            self.app.send_task(TASK_NAME, args=[uid], queue=self.settings.job_queue(job.command))
+            log.warning("job %s: its lease ran out (worker %s died or lost Redis); queued again after %d attempts",
+                        uid, job.worker, job.attempts)
+        return uids
+
+    def start(self) -> None:
+        """Look every quarter lease from a daemon thread, for the life of this process."""
+        threading.Thread(target=self._loop, name="lease-reaper", daemon=True).start()
+
+    def _loop(self) -> None:
+        every = self.settings.job_lease_seconds / 4
+        last_failure = -float("inf")
+        while True:
+            time.sleep(every)
+            try:
+                if time.monotonic() - last_failure < self.settings.job_lease_seconds:
+                    self.store.client.ping()  # back for less than a lease: live workers renew theirs first
+                    continue
+                self.run_once()
+            except (ServiceUnavailable, OperationalError, redis.RedisError) as exc:
+                if time.monotonic() - last_failure > every * 2:
+                    log.warning("lease reaper: Redis unreachable (%s); reaping resumes a lease after it is back", exc)
+                last_failure = time.monotonic()
+            except Exception:  # the reaper must outlive any one job's trouble
+                log.exception("lease reaper: unexpected error; it keeps running")
 
 
 def make_celery(settings: Settings, pipeline: Pipeline | None = None) -> Celery:

@@ -13,9 +13,11 @@ import logging
 import os
 import shutil
 import traceback
+import uuid
 from pathlib import Path
 
 from inference import protocol
+from inference.config import Settings
 from inference.dicom.files import study_folder_files
 from inference.errors import (
     GatewayError,
@@ -89,29 +91,38 @@ class JobExecutor:
     def __call__(self, job: Job) -> None:
         settings = self.pipeline.settings
         output = Path(settings.output_root) / job.uid
-        partial = output.with_name(f"{job.uid}.partial")
+        # one folder per attempt: two attempts at once (a worker cut off from Redis past its lease) never mix files
+        partial = output.with_name(f"{job.uid}.partial.{uuid.uuid4().hex[:8]}")
         bind_request_tags({"job": job.uid})
         if output.is_dir():  # an earlier attempt finished it (the folder appears only once whole)
             log.info("job %s: output already complete in %s", job.uid, output)
             self.store.mark_completed(job.uid, str(output))
+            remove_partials(output)
             return
         try:
-            files = study_files(settings.data_root, job.in_dir)
+            files = study_files(job_root(settings, job), job.in_dir)
             log.info("job %s: %s on %d files of %s", job.uid, job.command, len(files), job.in_dir)
             result = self.pipeline.run_files(job_request_json(job), files, command=job.command)
-            shutil.rmtree(partial, ignore_errors=True)
             write_outputs(partial, result.response_json, result.buffers)
             (partial / "job.json").write_text(json.dumps({
                 "uid": job.uid, "job_name": job.job_name, "command": result.command, "in_dir": job.in_dir,
                 "params": job.params, "input_hash": result.input_hash, "seconds": round(result.seconds, 3),
             }, indent=1), encoding="utf-8")
-            os.replace(partial, output)
+            try:
+                os.replace(partial, output)
+            except OSError:
+                if not output.is_dir():
+                    raise
+                log.warning("job %s: another attempt completed it first; keeping its output", job.uid)
         except self.reraise:
             raise
         except GatewayError as exc:
             log.warning("job %s failed (%d): %s", job.uid, exc.status, exc.message)
             self.store.mark_failed(job.uid, exc.message, exc.status)
-        except Exception:
+        except Exception as exc:
+            wrapped = wrapped_exception(exc, self.reraise)
+            if wrapped is not None:  # a library re-raised it as its own error (pydicom's writer does)
+                raise wrapped from None
             log.error("job %s: handler %s failed:\n%s", job.uid, job.command, traceback.format_exc())
             self.store.mark_failed(job.uid, "internal error while running the job; the detail is in the server "
                                             f"log under job {job.uid}", 500)
@@ -120,17 +131,37 @@ class JobExecutor:
             log.info("job %s completed: %d outputs in %s", job.uid, len(result.buffers), output)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
+            if output.is_dir():
+                remove_partials(output)
+
+
+def wrapped_exception(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
+    """The exception of one of ``kinds`` that ``exc`` was raised while handling (its context chain), if any."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen and kinds:
+        if isinstance(current, kinds):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def remove_partials(output: Path) -> None:
+    """Delete every partial folder of a job whose ``output`` is complete: those of attempts that died."""
+    for leftover in output.parent.glob(f"{output.name}.partial*"):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def remove_debris(output_root: Path, store: JobRecords) -> list[Path]:
-    """Delete the ``<uid>.partial`` folders of jobs that are no longer queued or running; their paths.
+    """Delete the ``<uid>.partial*`` folders of jobs that are no longer queued or running; their paths.
 
     A job killed mid-write leaves one behind. It goes once the job is marked failed (``interrupted``,
     at start-up) or is unknown; a folder of a job some live worker still runs is kept.
     """
     removed = []
-    for partial in sorted(Path(output_root).glob("*.partial")):
-        job = store.get(partial.name.removesuffix(".partial"))
+    for partial in sorted(Path(output_root).glob("*.partial*")):
+        job = store.get(partial.name.partition(".partial")[0])
         if job is not None and job.status in UNFINISHED:
             continue
         shutil.rmtree(partial, ignore_errors=True)
@@ -139,6 +170,11 @@ def remove_debris(output_root: Path, store: JobRecords) -> list[Path]:
         log.warning("removed %d unfinished output folders of stopped jobs: %s", len(removed),
                     ", ".join(p.name for p in removed))
     return removed
+
+
+def job_root(settings: Settings, job: Job) -> Path | None:
+    """The folder ``job.in_dir`` is relative to: the DICOM node's spool for its jobs, else the data root."""
+    return Path(settings.pacs_root) / "spool" if job.spool else settings.data_root
 
 
 def job_request_json(job: Job) -> dict:

@@ -5,6 +5,12 @@ one Redis hash, ``inference:job:<uid>``, each field a JSON value; state changes 
 script, so "change it only while its status is one of these" is atomic across machines. Records
 are kept, as the SQLite store keeps them: give Redis persistence (AOF) in production. Redis
 unreachable is a ``ServiceUnavailable`` (503) naming the server, never a hang: connects time out.
+
+Leases: a running job holds one, a score in the sorted set ``inference:leases`` (its expiry, in
+Redis' own clock, so the machines' clocks do not matter). The worker running it renews it
+(``renew``); ``start`` refuses a job whose lease is live (a duplicate delivery while its worker
+lives) and takes over one whose lease ran out (its worker died); ``reap`` puts the jobs of
+expired leases back in the queue (see ``inference.jobs.celery_backend.LeaseReaper``).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from inference.errors import ServiceUnavailable
 from inference.jobs.store import COMPLETED, FAILED, QUEUED, RUNNING, UNFINISHED, Job
 
 KEY_PREFIX = "inference:job:"
+LEASES = "inference:leases"
 #: Seconds to connect to / wait for Redis before the request is answered 503.
 CONNECT_TIMEOUT, SOCKET_TIMEOUT = 2.0, 10.0
 
@@ -40,6 +47,58 @@ end
 return 0
 """
 
+# Start an attempt. KEYS[1]: the job, KEYS[2]: the leases; ARGV[1]: encoded RUNNING, ARGV[2]: encoded
+# QUEUED, ARGV[3]: JSON {field: encoded value} to set, ARGV[4]: lease seconds, ARGV[5]: uid.
+# Returns 1 started, 0 running under a live lease (someone else's attempt), -1 not unfinished.
+START = """
+local status = redis.call('HGET', KEYS[1], 'status')
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+if status == ARGV[1] then
+  local lease = redis.call('ZSCORE', KEYS[2], ARGV[5])
+  if lease and tonumber(lease) > now then return 0 end
+elseif status ~= ARGV[2] then
+  return -1
+end
+for field, value in pairs(cjson.decode(ARGV[3])) do redis.call('HSET', KEYS[1], field, value) end
+redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[4]), ARGV[5])
+return 1
+"""
+
+# Renew. KEYS[1]: the job, KEYS[2]: the leases; ARGV[1]: encoded RUNNING, ARGV[2]: encoded worker,
+# ARGV[3]: lease seconds, ARGV[4]: uid. Returns 1 when the lease is still this worker's.
+RENEW = """
+if redis.call('HGET', KEYS[1], 'status') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[2] then
+  return 0
+end
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[2], tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(ARGV[3]), ARGV[4])
+return 1
+"""
+
+# Reap. KEYS[1]: the leases; ARGV[1]: key prefix, ARGV[2]: encoded RUNNING, ARGV[3]: encoded QUEUED,
+# ARGV[4]: encoded "updated" value, ARGV[5]: seconds before a requeued job that is still queued is
+# published again. Returns the uids to publish again: running jobs whose lease expired (now queued)
+# and requeued jobs still queued after that delay (their message may have been lost).
+REAP = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local out = {}
+for _, uid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 100)) do
+  local key = ARGV[1] .. uid
+  local status = redis.call('HGET', key, 'status')
+  if status == ARGV[2] or status == ARGV[3] then
+    redis.call('HSET', key, 'status', ARGV[3], 'updated', ARGV[4])
+    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[5]), uid)
+    table.insert(out, uid)
+  else
+    redis.call('ZREM', KEYS[1], uid)
+  end
+end
+return out
+"""
+
 
 class RedisJobStore:
     """Jobs as Redis hashes; safe for any number of processes and machines."""
@@ -50,6 +109,9 @@ class RedisJobStore:
         kwargs = self.client.connection_pool.connection_kwargs
         self.where = f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"  # no password in messages
         self._transition = self.client.register_script(TRANSITION)
+        self._start = self.client.register_script(START)
+        self._renew = self.client.register_script(RENEW)
+        self._reap = self.client.register_script(REAP)
 
     @contextlib.contextmanager
     def _reaching(self) -> Iterator[None]:
@@ -106,13 +168,47 @@ class RedisJobStore:
         """Queued (or running: re-delivered after its worker died) -> running, one more attempt by ``worker``."""
         return self._update(uid, UNFINISHED, count_attempt=True, status=RUNNING, worker=worker, started=time.time())
 
+    def start(self, uid: str, worker: str, lease_seconds: float) -> int:
+        """Queued (or running under an expired lease: its worker died) -> running by ``worker``, one more
+        attempt, leased for ``lease_seconds``. 1 started; 0 when a live lease holds it; -1 when finished or gone."""
+        now = time.time()
+        encoded = json.dumps({"status": json.dumps(RUNNING), "worker": json.dumps(worker),
+                              "started": json.dumps(now), "updated": json.dumps(now)})
+        with self._reaching():
+            return int(self._start(keys=[KEY_PREFIX + uid, LEASES],
+                                   args=[json.dumps(RUNNING), json.dumps(QUEUED), encoded, lease_seconds, uid]))
+
+    def renew(self, uid: str, worker: str, lease_seconds: float) -> bool:
+        """Extend ``worker``'s lease on running job ``uid`` to ``lease_seconds`` from now; False when not its own."""
+        with self._reaching():
+            return self._renew(keys=[KEY_PREFIX + uid, LEASES],
+                               args=[json.dumps(RUNNING), json.dumps(worker), lease_seconds, uid]) == 1
+
+    def reap(self, republish_after: float) -> list[str]:
+        """Jobs to publish again: running ones whose lease expired (set back to queued) and requeued ones
+        still queued ``republish_after`` seconds later. Each uid goes to one caller only."""
+        with self._reaching():
+            uids = self._reap(keys=[LEASES], args=[KEY_PREFIX, json.dumps(RUNNING), json.dumps(QUEUED),
+                                                    json.dumps(time.time()), republish_after])
+        return [uid.decode() for uid in uids]
+
+    def _release(self, uid: str) -> None:
+        with self._reaching():
+            self.client.zrem(LEASES, uid)
+
     def mark_queued(self, uid: str) -> bool:
-        """Running -> queued again, waiting for a retry."""
-        return self._update(uid, (RUNNING,), status=QUEUED)
+        """Running -> queued again, waiting for a retry (no lease: its retry message is scheduled)."""
+        done = self._update(uid, (RUNNING,), status=QUEUED)
+        self._release(uid)
+        return done
 
     def mark_completed(self, uid: str, output_dir: str) -> bool:
-        return self._update(uid, UNFINISHED, status=COMPLETED, output_dir=output_dir, finished=time.time())
+        done = self._update(uid, UNFINISHED, status=COMPLETED, output_dir=output_dir, finished=time.time())
+        self._release(uid)
+        return done
 
     def mark_failed(self, uid: str, error: str, error_status: int = 500) -> bool:
-        return self._update(uid, UNFINISHED, status=FAILED, error=error, error_status=error_status,
+        done = self._update(uid, UNFINISHED, status=FAILED, error=error, error_status=error_status,
                             finished=time.time())
+        self._release(uid)
+        return done

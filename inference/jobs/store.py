@@ -56,12 +56,14 @@ CREATE TABLE IF NOT EXISTS jobs (
     attempts INTEGER NOT NULL DEFAULT 0,
     worker TEXT,
     started REAL,
-    finished REAL
+    finished REAL,
+    spool INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_unfinished ON jobs (status, owner);
 """
 #: Columns added after the first release, with their type: added to older files when opened.
-ADDED_COLUMNS = {"attempts": "INTEGER NOT NULL DEFAULT 0", "worker": "TEXT", "started": "REAL", "finished": "REAL"}
+ADDED_COLUMNS = {"attempts": "INTEGER NOT NULL DEFAULT 0", "worker": "TEXT", "started": "REAL", "finished": "REAL",
+                 "spool": "INTEGER NOT NULL DEFAULT 0"}
 
 
 @dataclass
@@ -84,6 +86,8 @@ class Job:
     worker: str | None = None  # who started the last attempt
     started: float | None = None  # when the last attempt started
     finished: float | None = None
+    #: the folder ``in_dir`` is in the DICOM node's spool (``<INFERENCE_PACS_ROOT>/spool``), not the data root
+    spool: bool = False
 
 
 class JobRecords(Protocol):
@@ -148,11 +152,11 @@ class JobStore:
         with self._connect(write=True) as db:
             db.execute(
                 "INSERT INTO jobs (uid, job_name, command, in_dir, params, status, owner, error, error_status,"
-                " output_dir, created, updated, attempts, worker, started, finished)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " output_dir, created, updated, attempts, worker, started, finished, spool)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job.uid, job.job_name, job.command, job.in_dir, json.dumps(job.params), job.status, job.owner,
                  job.error, job.error_status, job.output_dir, job.created, job.updated, job.attempts, job.worker,
-                 job.started, job.finished))
+                 job.started, job.finished, int(job.spool)))
         return job
 
     def get(self, uid: str) -> Job | None:
@@ -162,6 +166,7 @@ class JobStore:
             return None
         values = dict(row)
         values["params"] = json.loads(values["params"])
+        values["spool"] = bool(values["spool"])
         return Job(**values)
 
     def _update(self, uid: str, only_if: tuple[str, ...], *, count_attempt: bool = False, **changes: Any) -> bool:

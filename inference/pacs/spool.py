@@ -63,8 +63,10 @@ class StudySpool:
             mtimes = [p.stat().st_mtime for p in study.iterdir()] or [study.stat().st_mtime]
             self._last_arrival[study.name] = max(mtimes)
 
-    def store(self, write: Callable[[BinaryIO], None], calling_ae: str) -> pydicom.Dataset:
-        """Write one instance with ``write(file)``, file it under its study; its routing tags.
+    def store(self, write: Callable[[BinaryIO], None], calling_ae: str,
+              keep: Callable[[pydicom.Dataset], bool] = lambda header: True) -> tuple[pydicom.Dataset, bool]:
+        """Write one instance with ``write(file)``, file it under its study unless ``keep(header)`` says not;
+        its routing tags and whether it was filed.
 
         Raises ``ValueError`` when the bytes lack a StudyInstanceUID or SOPInstanceUID.
         """
@@ -78,13 +80,15 @@ class StudySpool:
             study, sop = str(header.get("StudyInstanceUID", "")), str(header.get("SOPInstanceUID", ""))
             if not study or not sop:
                 raise ValueError("the instance has no StudyInstanceUID or SOPInstanceUID")
+            if not keep(header):
+                return header, False
             with self._lock:
                 folder = self.incoming / safe_name(study)
                 folder.mkdir(exist_ok=True)
                 self._note_series(folder, header, calling_ae)
                 tmp.replace(folder / f"{safe_name(sop)}.dcm")
                 self._last_arrival[folder.name] = time.time()
-            return header
+            return header, True
         finally:
             tmp.unlink(missing_ok=True)
 
