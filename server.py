@@ -95,7 +95,8 @@ def create_app(mode: str | None = None, settings: Settings | None = None, *,
     def openapi():
         return flask.jsonify(openapi_document([spec.command for spec in pipeline.specs],
                                               sorted(known_job_names(pipeline)),
-                                              token_required=bool(settings.api_token)))
+                                              token_required=bool(settings.api_token),
+                                              radiomics_models=sorted(catalogue.models)))
 
     def warm_up() -> None:
         health["status"] = pipeline.warm_up().health()

@@ -32,9 +32,9 @@ from inference.radiomics.catalogue import Catalogue
 from inference.radiomics.records import FEEDBACK, TELEMETRY, SqliteRadiomicsRecords
 from inference.radiomics.routes import add_radiomics_routes, family_commands
 from models.registry import registry_for
-from tests.conftest import RunningServer, shared_data
+from tests.conftest import RunningServer
 from tests.test_radiomics_wire import example_model_family, example_telemetry
-from tests.velocity_client import PROTOBUF, VelocityClient, mask_of, message, messages, model_input, read_series
+from tests.velocity_client import PROTOBUF, VelocityClient, mask_of, message, messages, model_input
 
 TOKEN = "radiomics-test-token"
 MODEL = "hippocampus-1.0-fast"
@@ -65,14 +65,6 @@ def live(tmp_path_factory):
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def crop():
-    """Study1's HippoCrop series: its folder, voxels and transform as the client reads them."""
-    folder = next(shared_data("studies", "Study1").glob("*HCrop*"))
-    voxels, transform = read_series(folder)
-    return folder, voxels, transform
-
-
 def bad_request(response: requests.Response, status: int) -> str:
     """The BadRequestResponse of an answer with ``status``; its ExceptionDetails."""
     assert response.status_code == status, (response.status_code, response.content[:300])
@@ -94,7 +86,7 @@ def arterys_labels(url: str, folder: Path, version: str) -> tuple[np.ndarray, di
     return labels, part["label_map"], measures
 
 
-def run_velocity_sequence(url: str, crop, version: str = "1.0-fast") -> dict:
+def run_velocity_sequence(url: str, crop: tuple, version: str = "1.0-fast") -> dict:
     """Section 8 of the sheet, steps 1-9, on Study1's crop; checks each answer, returns what was made."""
     folder, voxels, transform = crop
     model_id = f"hippocampus-{version}"
@@ -102,6 +94,7 @@ def run_velocity_sequence(url: str, crop, version: str = "1.0-fast") -> dict:
     assert client.get("/api/ping", "ApiInformation").Version
     status = client.get("/api/v2/VendorStatus", "VendorStatus")
     assert status.SegmentationServiceStatus == 1 and status.SegmentationServiceUrl == url + "/api/v2/"
+    assert status.LanguageCode == "en-US"  # an RFC 5646 tag, not the reference's "English"
     assert client.get("/api/v2/Credits", "Credits").TotalCredits > 0
     models = client.get("/api/v2/Model/", "ModelsCollection")
     family, entry = next((f, v) for f in models.Models for v in f.ModelVersions if v.ID == model_id)
@@ -134,7 +127,7 @@ def run_velocity_sequence(url: str, crop, version: str = "1.0-fast") -> dict:
             "input_hash": hashlib.sha256(request_json.encode() + body).hexdigest()}
 
 
-def check_against_arterys(url: str, crop, output, version: str) -> None:
+def check_against_arterys(url: str, crop: tuple, output, version: str) -> None:
     """Each structure's mask equals the Arterys door's labels for it, voxel for voxel."""
     labels, label_map, measures = arterys_labels(url, crop[0], version)
     label_of = {name: int(value) for value, name in label_map.items()}
@@ -145,11 +138,14 @@ def check_against_arterys(url: str, crop, output, version: str) -> None:
     assert sum(int(mask_of(c).sum()) for c in output.Channels) > 1000  # the model found the hippocampus
 
 
-def test_a_velocity_client_segments_study1_like_the_arterys_door(live, crop):
-    made = run_velocity_sequence(live.url, crop)
-    check_against_arterys(live.url, crop, made["output"], "1.0-fast")
+def test_a_velocity_client_segments_study1_like_the_arterys_door(live, study1_crop):
+    made = run_velocity_sequence(live.url, study1_crop)
+    check_against_arterys(live.url, study1_crop, made["output"], "1.0-fast")
     again = made["client"].result(made["model_id"], made["task"].SegmentationID)  # a retried download works
     assert again.SerializeToString() == made["output"].SerializeToString()
+    elsewhere = made["client"].session.get(f"{live.url}/api/v2/Model/hippocampus-1.0/segmentation/"
+                                           f"{made['task'].SegmentationID}", timeout=10)
+    assert MODEL in bad_request(elsewhere, 400)  # both path ids address a job (the reference's check, kept)
     records = SqliteRadiomicsRecords(live.output / "radiomics.sqlite3")
     feedback = next(e for e in records.entries(FEEDBACK) if e["segmentation_id"] == made["task"].SegmentationID)
     assert (feedback["family"], feedback["model_version"], feedback["input_hash"]) == (
