@@ -17,6 +17,7 @@ import statistics
 import time
 
 import numpy as np
+import pydicom
 import requests
 
 from inference.config import PROJECT_ROOT
@@ -104,7 +105,7 @@ def measure_roundtrip(url: str, repeats: int) -> dict:
     if not CROP.is_dir():
         return {"radiomics_roundtrip_skipped": f"needs {CROP}"}
     files = sorted(CROP.iterdir())
-    volume = load_volume(files)
+    volume = load_volume([pydicom.dcmread(path) for path in files])
     first = volume.datasets[0]
     orientation = np.asarray(first.ImageOrientationPatient, float)
     directions = (orientation[:3], orientation[3:], np.cross(orientation[:3], orientation[3:]))
