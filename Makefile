@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve worker test bench lint fuzz soak clean pacs-node image-test
+.PHONY: serve worker test bench lint fuzz soak clean pacs-node image-test proto
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,10 @@ lint: $(VENV)/.dev
 	$(BIN)/mypy || status=1; \
 	$(BIN)/hadolint Dockerfile inference-test-tool/Dockerfile || status=1; \
 	exit $$status
+
+## proto: regenerate the Radiomics API's committed *_pb2.py from its .proto files (pinned grpcio-tools)
+proto: $(VENV)/.dev
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. inference/radiomics/proto/*.proto
 
 clean:
 	rm -rf $(VENV) .pytest_cache inference-test-tool/output output

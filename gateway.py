@@ -21,6 +21,7 @@ import traceback
 import uuid
 from collections.abc import Callable
 from functools import partial
+from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address
 
 import flask
 from flask import Flask, Response, g, request
@@ -67,6 +68,9 @@ class Gateway(Flask):
         self.add_url_rule("/ping", "ping", lambda: ("", 200), methods=["GET", "POST"])
         #: Collected at each scrape of ``GET /metrics`` besides the request metrics (e.g. job counts).
         self.metrics_collectors: list = []
+        #: Endpoints that requests from these networks reach without the bearer token (the Radiomics routes
+        #: with INFERENCE_RADIOMICS_NETWORKS): endpoint -> networks.
+        self.token_free_networks: dict[str, tuple[IPv4Network | IPv6Network, ...]] = {}
         self.add_url_rule("/metrics", "metrics", self._serve_metrics, methods=["GET"])
         self.register_error_handler(GatewayError, self._answer_gateway_error)
         self.register_error_handler(HTTPException, self._answer_http_error)
@@ -113,7 +117,7 @@ class Gateway(Flask):
         g.log = self.log
         bind_request_tags({})  # this thread served other requests before
         token = self.settings.api_token
-        if token and request.endpoint not in OPEN_ENDPOINTS:
+        if token and request.endpoint not in OPEN_ENDPOINTS and not self._from_token_free_network():
             header = request.headers.get("Authorization", "")
             scheme, _, given = header.partition(" ")
             if not header:
@@ -124,6 +128,19 @@ class Gateway(Flask):
             # routes read JSON whole: Werkzeug stops one byte past the limit (a chunked body has no
             # Content-Length to check first), so a reader sees that the body is too large
             request.max_content_length = MAX_JSON_BYTES + 1
+
+    def _from_token_free_network(self) -> bool:
+        """Whether this request's endpoint lets its client's network in without the token."""
+        networks = self.token_free_networks.get(request.endpoint or "")
+        if not networks or not request.remote_addr:
+            return False
+        try:
+            address = ip_address(request.remote_addr)
+        except ValueError:
+            return False
+        if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in networks)
 
     def _finish_request(self, response: Response) -> Response:
         method, path, status = request.method, request.path, response.status_code

@@ -23,6 +23,8 @@ from inference.jobs.api import add_job_routes
 from inference.jobs.executor import known_job_names
 from inference.logs import configure_logging
 from inference.pipeline.pipeline import Pipeline
+from inference.radiomics.catalogue import Catalogue
+from inference.radiomics.routes import add_radiomics_routes, family_commands, records_for
 from models.registry import ManifestError, registry_for
 
 log = logging.getLogger("inference.server")
@@ -60,7 +62,12 @@ def create_app(mode: str | None = None, settings: Settings | None = None, *,
         raise SystemExit(f"model manifest: {exc}") from None
     pipeline = Pipeline(settings, REGISTRY, commands=commands, default_command=default)
     app = Gateway(__name__, pipeline=pipeline)
-    add_job_routes(app, pipeline)  # POST /job/, GET /query/<uid>
+    store, runner = add_job_routes(app, pipeline)  # POST /job/, GET /query/<uid>
+    try:
+        catalogue = Catalogue(registry, family_commands(pipeline))
+        add_radiomics_routes(app, pipeline, catalogue, store, runner, records_for(settings))  # /api/...
+    except (ManifestError, ValueError) as exc:
+        raise SystemExit(f"Radiomics API: {exc}") from None
     health = {"status": "LOADING"}
 
     app.add_inference_route("/", mode)
@@ -88,7 +95,8 @@ def create_app(mode: str | None = None, settings: Settings | None = None, *,
     def openapi():
         return flask.jsonify(openapi_document([spec.command for spec in pipeline.specs],
                                               sorted(known_job_names(pipeline)),
-                                              token_required=bool(settings.api_token)))
+                                              token_required=bool(settings.api_token),
+                                              radiomics_models=sorted(catalogue.models)))
 
     def warm_up() -> None:
         health["status"] = pipeline.warm_up().health()

@@ -2,7 +2,8 @@
 
     python -m bench.run                 # everything (what ``make bench`` runs)
     python -m bench.run --quick         # fewer repeats: a smoke run
-    python -m bench.run --only small    # some sections: large, small, blur, hippocampus, celery, pacs, header
+    python -m bench.run --only small    # some sections: large, small, blur, hippocampus, radiomics, celery, pacs,
+                                        # header
                                         # (comma-separated)
 
 Both servers run with the shipped ``gunicorn.conf.py`` (the floor with its app swapped) on
@@ -49,7 +50,7 @@ HIPPOCAMPUS_COMMAND = "get-hippocampus-volume"
 STUDY1 = PROJECT_ROOT.parent / "shared" / "data" / "studies" / "Study1"
 #: The gateway serving only the 3D mask handler on ``/`` (``mock_server.py -s3D`` under gunicorn).
 MASK_ONLY_APP = f"server:create_app({MASK_COMMAND!r})"
-SECTIONS = ("large", "small", "blur", "hippocampus", "celery", "pacs", "header")
+SECTIONS = ("large", "small", "blur", "hippocampus", "radiomics", "celery", "pacs", "header")
 #: Issue 17's targets (they tighten issue 2's); ``blur_ratio`` is "keep" (0.13 when set), with room for noise.
 TARGETS = {"small_seq_ratio": (">=", 0.85), "small_8_ratio": (">=", 0.95), "large_ratio": ("<=", 1.15),
            "rss_to_payload": ("<=", 1.0), "hippocampus_model_s": ("<=", 0.35), "hippocampus_fast_model_s": ("<=", 0.08),
@@ -297,6 +298,13 @@ def measure_celery(quick: bool) -> dict:
     return {"celery_jobs": measure_celery_jobs(quick)}
 
 
+def measure_radiomics(ours: Server, repeats: int) -> dict:
+    """The Radiomics door's section (``bench/radiomics.py``): conversions; Study1's crop against the Arterys door."""
+    from bench.radiomics import measure_conversions, measure_roundtrip
+
+    return {"radiomics_conversions": measure_conversions(repeats), **measure_roundtrip(ours.url, repeats)}
+
+
 def measure_header(repeats: int) -> dict:
     """Header reading per file (``bench/dicom_header.py``): the fast reader against pydicom's partial reads."""
     from bench.dicom_header import measure_headers
@@ -410,7 +418,7 @@ def run(sections: Sequence[str], quick: bool) -> dict:
             return False
 
     try:
-        if {"large", "small", "hippocampus"} & set(sections):
+        if {"large", "small", "hippocampus", "radiomics"} & set(sections):
             servers.append(ours := start_ours(results))
         if {"large", "small"} & set(sections):
             servers.append(floor := Server("floor", "bench.floor:app"))
@@ -421,6 +429,7 @@ def run(sections: Sequence[str], quick: bool) -> dict:
             "small": lambda: measure_small(ours, floor, *((10, 16) if quick else (30, 80))),
             "blur": lambda: measure_blur(repeats=1 if quick else 3),
             "hippocampus": lambda: measure_hippocampus(ours, repeats=2 if quick else 5),
+            "radiomics": lambda: measure_radiomics(ours, repeats=2 if quick else 5),
             "celery": lambda: measure_celery(quick),
             "pacs": lambda: measure_pacs(runs=1 if quick else 3),
             "header": lambda: measure_header(repeats=3 if quick else 9),

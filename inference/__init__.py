@@ -3,8 +3,9 @@
 Imports only go down this list (``tests/test_layout.py`` checks it):
 
 - front doors' machinery: ``http`` (gunicorn worker, OpenAPI), ``jobs`` (job store, executor,
-  Celery backend, job routes); the entry points (``gateway.py``, ``server.py``,
-  ``dicom_node.py``, ``worker.py``) sit above them at the top of the repository
+  Celery backend, job routes), ``radiomics`` (the Radiomics Segmentation API: routes, protobuf
+  schemas, catalogue, feedback records; it submits its jobs through ``jobs``); the entry points
+  (``gateway.py``, ``server.py``, ``dicom_node.py``, ``worker.py``) sit above them at the top of the repository
 - ``handlers/`` (top-level folder): the registered handler functions
 - ``pacs``: study spool and routing rules (DICOM node), outbox and delivery of results
 - ``pipeline``: the handler registry and ``Pipeline``, which every front door calls

@@ -126,6 +126,16 @@ class Settings:
     job_lease_seconds: int = field(default=20, metadata={"env": "INFERENCE_JOB_LEASE_SECONDS"})
     #: INFERENCE_API_TOKEN: when set, every route but /healthcheck and /ping needs ``Authorization: Bearer``.
     api_token: str | None = field(default=None, metadata={"env": "INFERENCE_API_TOKEN", "secret": True})
+    #: INFERENCE_RADIOMICS_NETWORKS: client networks (CIDR, e.g. ``10.1.2.0/24``, comma-separated) whose requests
+    #: to the Radiomics API routes (``/api/...``) need no bearer token even when INFERENCE_API_TOKEN is set
+    #: (Velocity sends none); unset: none.
+    radiomics_networks: tuple[str, ...] = field(default=(), metadata={"env": "INFERENCE_RADIOMICS_NETWORKS"})
+    #: INFERENCE_RADIOMICS_RESULT_SECONDS: seconds a Radiomics segmentation's result is kept after its job
+    #: finished (a retried download works), then it is deleted with its records.
+    radiomics_result_seconds: int = field(default=3600, metadata={"env": "INFERENCE_RADIOMICS_RESULT_SECONDS"})
+    #: INFERENCE_RADIOMICS_SERVICE_URL: the service URL VendorStatus announces (ends in ``/api/v2/``); unset:
+    #: the address the client called, from its Host header.
+    radiomics_service_url: str | None = field(default=None, metadata={"env": "INFERENCE_RADIOMICS_SERVICE_URL"})
     #: INFERENCE_LOGGING_CONFIG: logging configuration (YAML, ``logging.config.dictConfig`` schema).
     logging_config: Path = field(default=PROJECT_ROOT / "logging.yaml", metadata={"env": "INFERENCE_LOGGING_CONFIG"})
     #: INFERENCE_DEFAULT_COMMAND: command run on ``POST /`` when the request JSON names none; unset: a 400.

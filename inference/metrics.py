@@ -43,6 +43,10 @@ BYTES_IN = Histogram("inference_http_request_bytes", "Request body bytes read", 
 BYTES_OUT = Histogram("inference_http_response_bytes", "Response body bytes", ["route"], buckets=BYTES_BUCKETS)
 MODEL_SECONDS = Histogram("inference_model_seconds", "Seconds a handler (model) ran, by model and version",
                           ["model", "version"], buckets=SECONDS_BUCKETS)
+RADIOMICS_MESSAGES = Counter("inference_radiomics_messages_total",
+                             "Radiomics API Feedback and Telemetry messages stored, by kind and outcome "
+                             "(feedback: accepted or rejected by the clinician; telemetry: the client error)",
+                             ["kind", "outcome"])
 DICOM_RECEIVED = Counter("inference_dicom_node_received_total", "DICOM instances the node received")
 DICOM_SENT = Counter("inference_dicom_node_sent_total", "DICOM instances the node sent")
 DICOM_OUTBOX = Gauge("inference_dicom_node_outbox", "DICOM instances waiting in the node's outbox",
@@ -61,6 +65,11 @@ def observe_request(route: str, command: str | None, status: int, seconds: float
 def observe_model(model: str, version: str | None, seconds: float) -> None:
     """Record one handler run of ``model`` (an inference command) at ``version``."""
     MODEL_SECONDS.labels(model, version or "default").observe(seconds)
+
+
+def record_radiomics_message(kind: str, outcome: str) -> None:
+    """Count one stored Radiomics Feedback or Telemetry message."""
+    RADIOMICS_MESSAGES.labels(kind, outcome).inc()
 
 
 def record_dicom_received(count: int = 1) -> None:

@@ -140,6 +140,7 @@ class ModelFamily:
     description: str
     default_version: str
     versions: dict[str, ModelVersion]
+    catalogue: dict = field(default_factory=dict)  # what other protocols' model lists say of it (Radiomics API)
 
     def resolve(self, version: str | None) -> ModelVersion:
         """The version named (the default when ``None``); a 400 listing the available ones otherwise."""
@@ -158,7 +159,7 @@ class ModelFamily:
                 entry["unavailable"] = failures[(self.name, name)]
             versions.append(entry)
         return {"family": self.name, "description": self.description, "default_version": self.default_version,
-                "versions": versions}
+                "catalogue": self.catalogue, "versions": versions}
 
 
 class ModelRegistry:
@@ -284,7 +285,11 @@ def parse_manifest(path: Path) -> dict[str, ModelFamily]:
         if default not in versions:
             raise fail(family["__line__"], f"family {name!r}: default_version {default!r} is not one of its "
                                            f"versions ({', '.join(versions)}); set it to one of them")
-        families[str(name)] = ModelFamily(str(name), str(family.get("description", "")), default, versions)
+        catalogue = family.get("catalogue") or {}
+        if not isinstance(catalogue, dict):
+            raise fail(family["__line__"], f"family {name!r}: catalogue must be a mapping (see the hippocampus family)")
+        families[str(name)] = ModelFamily(str(name), str(family.get("description", "")), default, versions,
+                                          _plain(catalogue))
     return families
 
 

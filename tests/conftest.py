@@ -140,6 +140,16 @@ def server(tmp_path_factory) -> Iterator[RunningServer]:
     running.stop()
 
 
+@pytest.fixture(scope="session")
+def study1_crop() -> tuple[Path, np.ndarray, dict]:
+    """Study1's HippoCrop series as a Velocity-like client reads it: folder, int16 voxels, Transform3D values."""
+    from tests.velocity_client import read_series
+
+    folder = next(shared_data("studies", "Study1").glob("*HCrop*"))
+    voxels, transform = read_series(folder)
+    return folder, voxels, transform
+
+
 def require(missing_reason: str | None) -> None:
     """Skip the test with ``missing_reason`` (a program it needs is absent), or fail when ``CI`` is set."""
     if missing_reason is None:

@@ -39,7 +39,9 @@ from inference.jobs.store import Job
 from inference.pipeline.handler_registry import REGISTRY, HandlerSpec
 from inference.pipeline.pipeline import Pipeline
 from inference.protocol.client import build_multipart_request
+from inference.radiomics.records import FEEDBACK, RedisRadiomicsRecords
 from tests.conftest import RunningServer, free_port, write_study
+from tests.test_radiomics import check_against_arterys, run_velocity_sequence
 
 if shutil.which("redis-server") is None and not os.environ.get("CI"):
     pytest.skip("needs redis-server (Debian package redis-server; .ci/run installs it)", allow_module_level=True)
@@ -197,6 +199,19 @@ def test_results_are_identical_to_the_local_backend(cluster, api, tmp_path):
     assert record.worker.partition("/")[0] in {w.name for w in cluster.workers} and record.started <= record.finished
     banner = cluster.workers[0].log()  # started without -Q: it consumes every configured queue
     assert ".> cpu " in banner and ".> gpu " in banner
+
+
+def test_a_velocity_client_segments_study1_on_the_workers(cluster, api, study1_crop):
+    """The Radiomics sequence with the celery backend: the job runs on a worker, the masks equal the
+    Arterys door's, the feedback lands in Redis with the job's model version and input hash."""
+    made = run_velocity_sequence(api.url, study1_crop)
+    record = cluster.store().get(made["task"].SegmentationID)
+    assert record.worker in {w.name for w in cluster.workers} and record.status == "completed"
+    check_against_arterys(api.url, study1_crop, made["output"], "1.0-fast")
+    [feedback] = [e for e in RedisRadiomicsRecords(cluster.redis.url).entries(FEEDBACK)
+                  if e["segmentation_id"] == made["task"].SegmentationID]
+    assert (feedback["model_version"], feedback["input_hash"]) == ("1.0-fast", made["input_hash"])
+    assert not (cluster.output / f"{made['task'].SegmentationID}.input").exists()  # the worker's input is gone
 
 
 def test_bad_parameters_are_refused_at_submission(cluster, api):

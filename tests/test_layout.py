@@ -15,7 +15,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("entry points", ("mock_server", "worker", "dicom_node", "healthcheck", "gunicorn.conf")),
     ("the production app", ("server",)),
     ("the HTTP front door", ("gateway",)),
-    ("front doors' machinery", ("inference.jobs", "inference.http")),
+    ("front doors' machinery", ("inference.jobs", "inference.http", "inference.radiomics")),
     ("handlers", ("handlers",)),
     ("PACS spool, routing, outbox, delivery", ("inference.pacs",)),
     ("the pipeline", ("inference.pipeline",)),

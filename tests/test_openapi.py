@@ -9,8 +9,16 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
+# The Radiomics API's bodies are raw protobuf bytes: sent as generated (binary strings), whatever they hold,
+# so its POST routes get arbitrary bytes here (and must answer them as documented, never 5xx).
+schemathesis.serializer.alias("application/x-protobuf", "application/octet-stream")
+
 OPERATIONS = ["GET /healthcheck", "GET /metrics", "GET /models", "GET /models/{family}", "POST /job/",
-              "GET /query/{uid}", "POST /"]
+              "GET /query/{uid}", "POST /", "GET /api/ping", "GET /api/v2/VendorStatus", "GET /api/v2/Credits",
+              "GET /api/v2/Model/", "GET /api/v2/Model/{ModelID}/segmentation/{SegmentationID}",
+              "GET /api/v2/Model/{ModelID}/segmentation/{SegmentationID}/result",
+              "POST /api/v2/Model/{ModelID}/segmentation", "POST /api/v2/Feedback/segmentation",
+              "POST /api/v2/Telemetry/segmentation"]
 
 
 def test_document_lists_the_served_commands(server):
@@ -19,6 +27,9 @@ def test_document_lists_the_served_commands(server):
     enum = document["components"]["schemas"]["Models"]["properties"]["models"]["items"]["properties"]
     assert set(enum["inference_command"]["enum"]) == served
     assert {"/healthcheck", "/models", "/job/", "/query/{uid}", "/", "/metrics"} <= set(document["paths"])
+    models = requests.get(f"{server.url}/api/v2/Model/", timeout=10).json()["Models"]
+    model_ids = document["paths"]["/api/v2/Model/{ModelID}/segmentation"]["post"]["parameters"][0]["schema"]["enum"]
+    assert sorted(model_ids) == sorted(v["ID"] for family in models for v in family["ModelVersions"])
 
 
 @pytest.mark.parametrize("operation", OPERATIONS)

@@ -86,11 +86,12 @@ def find_crop_series(series: dict[str, list[DicomInstance]], pattern: str) -> li
 
 
 def segment_study(instances: Sequence[DicomInstance], settings: Settings, version: ModelVersion,
-                  segmenter) -> tuple[Volume, np.ndarray, dict, float]:
-    """Find and segment the crop series: its volume, labels (slices, rows, columns), measures, seconds."""
-    pattern = settings.hippocampus_series or version.input["series_description"]
-    crop = find_crop_series(group_by_series(require_instances(instances)), pattern)
-    volume = load_volume(crop)
+                  segmenter, volume: Volume | None = None) -> tuple[Volume, np.ndarray, dict, float]:
+    """Find and segment the crop series (or the posted crop ``volume``): its volume, labels (slices,
+    rows, columns), measures, seconds."""
+    if volume is None:
+        pattern = settings.hippocampus_series or version.input["series_description"]
+        volume = load_volume(find_crop_series(group_by_series(require_instances(instances)), pattern))
     started = time.perf_counter()
     voxels, orientation = to_model_orientation(volume)
     labels = from_model_orientation(segmenter.segment(voxels), orientation)
@@ -98,7 +99,7 @@ def segment_study(instances: Sequence[DicomInstance], settings: Settings, versio
     return volume, labels, measure_volumes(labels, volume), seconds
 
 
-@register(COMMAND, route="/hippocampus", warm_up=warm_up, family=FAMILY,
+@register(COMMAND, route="/hippocampus", warm_up=warm_up, family=FAMILY, volume_input=True,
           description="Anterior/posterior hippocampus segmentation and volumes (HippoCrop series)",
           params=[Param("dicom_outputs", "string-list", default=[], choices=DICOM_OUTPUTS,
                         description="DICOM results to add: 'seg' (a DICOM Segmentation), 'sr' (a TID 1500 "
@@ -106,29 +107,35 @@ def segment_study(instances: Sequence[DicomInstance], settings: Settings, versio
 def hippocampus_volume(instances: Sequence[DicomInstance], context: HandlerContext) -> tuple[dict, list]:
     """Segment the hippocampus crop series: label mask, volumes and a Secondary Capture report.
 
-    ``"dicom_outputs": ["seg", "sr"]`` adds a DICOM Segmentation and a measurement report.
+    ``"dicom_outputs": ["seg", "sr"]`` adds a DICOM Segmentation and a measurement report. A posted
+    crop volume (``context.volume``, the Radiomics door) gets the label mask and the volumes only: the
+    report and the DICOM results need the series' DICOM headers.
     """
     settings, wanted, version = context.settings, context.params["dicom_outputs"], context.model_version
+    if context.volume is not None and wanted:
+        raise UnprocessableInput("dicom_outputs need the DICOM series; a posted volume gets the label mask only")
     segmenter = segmenter_for(settings, version)
     provenance = version.provenance
-    volume, labels, measures, seconds = segment_study(instances, settings, version, segmenter)
+    volume, labels, measures, seconds = segment_study(instances, settings, version, segmenter, context.volume)
     model_version = provenance.short
     log.info("segmented %s in %.3fs: total %.1f mm3", volume.voxels.shape, seconds, measures["total_volume_mm3"])
+    series_uid = volume.series_uid
+    label_part = {"label": "Hippocampus", "binary_type": "numeric_label_mask",
+                  "label_map": {str(s.label): s.name for s in version.structures},
+                  "binary_data_shape": {"timepoints": 1, "depth": int(labels.shape[0]),
+                                        "height": int(labels.shape[1]), "width": int(labels.shape[2])},
+                  "SeriesInstanceUID": series_uid}
+    series_ml_json = {series_uid: {**measures, "model": model_version, "inference_seconds": round(seconds, 3)}}
+    if context.volume is not None:
+        return {"protocol_version": "1.0", "parts": [label_part], "series_ml_json": series_ml_json,
+                "model": provenance.as_json()}, [labels]
     reference = volume.datasets[0]
     report = secondary_capture(render_report(volume, labels, measures, model_version, version.structures), reference,
                                description="Hippocampal volume report", algorithm=provenance)
-    series_uid = volume.series_uid
     response = {
         "protocol_version": "1.0",
-        "parts": [
-            {"label": "Hippocampus", "binary_type": "numeric_label_mask",
-             "label_map": {str(s.label): s.name for s in version.structures},
-             "binary_data_shape": {"timepoints": 1, "depth": int(labels.shape[0]),
-                                   "height": int(labels.shape[1]), "width": int(labels.shape[2])},
-             "SeriesInstanceUID": series_uid},
-            {"label": "Hippocampal volume report", "binary_type": "dicom_secondary_capture"},
-        ],
-        "series_ml_json": {series_uid: {**measures, "model": model_version, "inference_seconds": round(seconds, 3)}},
+        "parts": [label_part, {"label": "Hippocampal volume report", "binary_type": "dicom_secondary_capture"}],
+        "series_ml_json": series_ml_json,
         "model": provenance.as_json(),
     }
     buffers = [labels, report]

@@ -14,15 +14,22 @@ def ras_affine(volume: Volume) -> np.ndarray:
     DICOM patient coordinates are LPS; NIfTI, which the model was trained on, is RAS: the two
     differ by the sign of x and y. Without orientation tags the series is taken as axial.
     """
-    first = volume.datasets[0]
-    orientation = np.asarray(first.get("ImageOrientationPatient") or [1, 0, 0, 0, 1, 0], float)  # absent or empty
-    row_direction, column_direction = orientation[:3], orientation[3:]
     slice_spacing, row_spacing, column_spacing = volume.spacing
+    if volume.geometry is not None:  # a posted volume: its own axes (the slice axis need not be the normal)
+        geometry = volume.geometry
+        along_row, along_column = np.asarray(geometry.column_direction), np.asarray(geometry.row_direction)
+        along_slices, origin = np.asarray(geometry.slice_direction), np.asarray(geometry.origin)
+    else:
+        first = volume.datasets[0]
+        orientation = np.asarray(first.get("ImageOrientationPatient") or [1, 0, 0, 0, 1, 0], float)  # absent/empty
+        along_row, along_column = orientation[:3], orientation[3:]
+        along_slices = np.cross(along_row, along_column)
+        origin = np.asarray(first.get("ImagePositionPatient") or [0, 0, 0], float)
     affine = np.eye(4)
-    affine[:3, 0] = row_direction * column_spacing  # along a row: the column index grows
-    affine[:3, 1] = column_direction * row_spacing
-    affine[:3, 2] = np.cross(row_direction, column_direction) * slice_spacing
-    affine[:3, 3] = np.asarray(first.get("ImagePositionPatient") or [0, 0, 0], float)
+    affine[:3, 0] = along_row * column_spacing  # along a row: the column index grows
+    affine[:3, 1] = along_column * row_spacing
+    affine[:3, 2] = along_slices * slice_spacing
+    affine[:3, 3] = origin
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
 
 

@@ -112,16 +112,38 @@ def slice_spacing(datasets: Sequence[DicomInstance | Dataset]) -> float:
     return 1.0
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """Where a volume that came without DICOM headers lies, in DICOM patient coordinates (LPS, mm).
+
+    Unit directions along which the column, row and slice indices grow, and the centre of voxel
+    (0, 0, 0): what ImageOrientationPatient and the first ImagePositionPatient say for a series.
+    """
+
+    column_direction: tuple[float, float, float]
+    row_direction: tuple[float, float, float]
+    slice_direction: tuple[float, float, float]
+    origin: tuple[float, float, float]
+
+
 @dataclass
 class Volume:
-    """A series as a volume: voxels (depth, rows, columns), spacing in mm in the same order."""
+    """A series as a volume: voxels (depth, rows, columns), spacing in mm in the same order.
+
+    A volume read from DICOM has its sorted ``datasets``; a volume posted as voxels (the Radiomics
+    door) has none, and its ``geometry`` and ``uid`` instead.
+    """
 
     voxels: np.ndarray
     spacing: tuple[float, float, float]
     datasets: list[Dataset]  # sorted like the voxels' first axis
+    geometry: Geometry | None = None
+    uid: str | None = None
 
     @property
     def series_uid(self) -> str:
+        if self.uid is not None:
+            return self.uid
         return str(self.datasets[0].SeriesInstanceUID)
 
     @property

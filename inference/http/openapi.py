@@ -2,7 +2,8 @@
 
 Built from the handler registry, so the command and job-name lists are the served ones. The
 multipart inference protocol itself is described in the README (OpenAPI cannot express its
-ordered parts); ``POST /`` appears here with its JSON form (``studyPath``) and its errors.
+ordered parts); ``POST /`` appears here with its JSON form (``studyPath``) and its errors. The
+Radiomics API's routes are listed with their protobuf messages (``inference/radiomics/proto/*.proto``).
 A test runs schemathesis against the live server to keep the document and the server in step.
 """
 
@@ -26,9 +27,59 @@ def _errors(*statuses: int) -> dict[str, dict]:
     return {str(status): _json(ERROR, reasons[status]) for status in statuses}
 
 
+def _radiomics(message: str, description: str) -> dict:
+    """A Radiomics API answer: protobuf-JSON of ``message``, or its binary form (``Accept``)."""
+    return {"description": f"{description} (Radiomics.{message}; binary with Accept: application/x-protobuf)",
+            "content": {"application/json": {"schema": {"type": "object"}},
+                        "application/x-protobuf": {"schema": {"type": "string", "format": "binary"}}}}
+
+
+def radiomics_paths(model_ids: list[str], auth_errors: tuple[int, ...]) -> dict[str, Any]:
+    """The Radiomics Segmentation API's routes (inference/radiomics; messages in its .proto files)."""
+    bad = {"400": _radiomics("BadRequestResponse", "the request cannot be served, and why"),
+           "403": _radiomics("BadRequestResponse", "wrong method (the protocol's 403), or wrong token"),
+           **{str(s): _json(ERROR, "bearer token missing") for s in auth_errors if s == 401}}
+    model = {"name": "ModelID", "in": "path", "required": True, "schema": {"type": "string", "enum": model_ids}}
+    job = {"name": "SegmentationID", "in": "path", "required": True, "schema": {"type": "string"}}
+    body = {"required": True, "content": {"application/x-protobuf": {"schema": {"type": "string",
+                                                                                  "format": "binary"}}}}
+    stored = {"description": "stored", "content": {"text/plain": {"schema": {"type": "string"}}}}
+
+    def get(summary: str, answer: str, parameters: list | None = None) -> dict:
+        return {"get": {"summary": summary, "tags": ["Radiomics"], "parameters": parameters or [],
+                        "responses": {"200": _radiomics(answer, summary), **bad}}}
+
+    def post(summary: str, message: str, answer: dict, parameters: list | None = None) -> dict:
+        return {"post": {"summary": summary, "tags": ["Radiomics"], "parameters": parameters or [],
+                         "requestBody": {**body, "description": f"Radiomics.{message}, raw protobuf bytes"},
+                         "responses": {"200": answer, **bad, "413": _radiomics("BadRequestResponse", "body too large"),
+                                       "415": _radiomics("BadRequestResponse", "not application/x-protobuf")}}}
+
+    return {
+        "/api/ping": get("Server version", "ApiInformation"),
+        "/api/v2/VendorStatus": get("Service status and URL", "VendorStatus"),
+        "/api/v2/Credits": get("Credits (they do not apply on premises)", "Credits"),
+        "/api/v2/Model/": get("Model families and versions, from the model registry", "ModelsCollection"),
+        "/api/v2/Model/{ModelID}/segmentation": post(
+            "Segment a volume: a job; inputs that cannot run fail through the progress poll", "ModelInput",
+            _radiomics("SegmentationTask", "the job"), [model]),
+        "/api/v2/Model/{ModelID}/segmentation/{SegmentationID}": get(
+            "Progress: 0 queued, 50 running, 100 done; Errors and ErrorCode when it failed", "SegmentationProgress",
+            [model, job]),
+        "/api/v2/Model/{ModelID}/segmentation/{SegmentationID}/result": get(
+            "The masks, one channel per structure, gzip-compressed bytes on the input grid", "ModelOutput",
+            [model, job]),
+        "/api/v2/Feedback/segmentation": post("A clinician's feedback on a result, stored", "SegmentationFeedback",
+                                              stored),
+        "/api/v2/Telemetry/segmentation": post("The client's timings and errors, stored", "SegmentationTelemetry",
+                                               stored),
+    }
+
+
 def openapi_document(commands: list[str], job_names: list[str], *, token_required: bool,
-                     version: str = "1.0") -> dict[str, Any]:
-    """The OpenAPI document for a server serving ``commands`` (and ``job_names`` as jobs)."""
+                     version: str = "1.0", radiomics_models: list[str] | None = None) -> dict[str, Any]:
+    """The OpenAPI document for a server serving ``commands`` (and ``job_names`` as jobs), with the Radiomics
+    API's routes when ``radiomics_models`` (its model ids) is given."""
     auth_errors = (401, 403) if token_required else ()
     paths: dict[str, Any] = {
         "/healthcheck": {"get": {
@@ -76,6 +127,8 @@ def openapi_document(commands: list[str], job_names: list[str], *, token_require
                                                                                "format": "binary"}}}},
                           **_errors(400, *auth_errors, 403, 408, 413, 415, 422, 500)}}},
     }
+    if radiomics_models is not None:
+        paths.update(radiomics_paths(radiomics_models, auth_errors))
     document: dict[str, Any] = {
         "openapi": "3.0.3",
         "info": {"title": "Medical-imaging inference gateway", "version": version,

@@ -83,8 +83,9 @@ def job_from_request(pipeline: Pipeline) -> Job:
 
 
 def add_job_routes(app: flask.Flask, pipeline: Pipeline, *, store: JobRecords | None = None,
-                   runner: JobRunner | None = None) -> JobRunner:
-    """Serve ``POST /job/`` and ``GET /query/<uid>`` on ``app``; recover interrupted jobs first.
+                   runner: JobRunner | None = None) -> tuple[JobRecords, JobRunner]:
+    """Serve ``POST /job/`` and ``GET /query/<uid>`` on ``app``; recover interrupted jobs first. The store
+    and runner used (other front doors submit their jobs there too).
 
     Jobs run ``pipeline``'s handlers with its settings. Default store:
     ``<INFERENCE_OUTPUT_ROOT>/jobs.sqlite3``; default runner: a local pool of ``INFERENCE_JOB_WORKERS`` threads.
@@ -165,4 +166,4 @@ def add_job_routes(app: flask.Flask, pipeline: Pipeline, *, store: JobRecords | 
         return flask.send_file(path, as_attachment=True, download_name=name,
                                mimetype="application/json" if name.endswith(".json") else None)
 
-    return runner
+    return store, runner

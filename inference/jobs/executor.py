@@ -8,6 +8,7 @@ once complete.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -16,9 +17,12 @@ import traceback
 import uuid
 from pathlib import Path
 
+import numpy as np
+
 from inference import protocol
 from inference.config import Settings
 from inference.dicom.files import study_folder_files
+from inference.dicom.series import Geometry, Volume
 from inference.errors import (
     GatewayError,
 )
@@ -34,6 +38,36 @@ log = TaggedLogger(logging.getLogger("inference.jobs"))
 
 #: Job names of the seed's clients, mapped to the inference command they run.
 JOB_ALIASES = {"3dblur": "gaussian-blur-3d"}
+#: The job name of a job whose input is a posted volume (the Radiomics door), not a folder of DICOM files.
+VOLUME_JOB = "posted-volume"
+
+
+def volume_input_folder(output_root: Path, uid: str) -> Path:
+    """Where a posted-volume job's input waits for its worker: ``<INFERENCE_OUTPUT_ROOT>/<uid>.input/``."""
+    return Path(output_root) / f"{uid}.input"
+
+
+def save_volume_input(folder: Path, volume: Volume, input_hash: str) -> None:
+    """Keep a posted volume for its job: ``voxels.npy`` and ``volume.json`` (spacing, geometry, hash).
+
+    Written under a temporary name and renamed, so a worker never reads half of it.
+    """
+    partial = folder.with_name(folder.name.removesuffix(".input") + ".partial-input")
+    partial.mkdir(parents=True)
+    np.save(partial / "voxels.npy", volume.voxels, allow_pickle=False)
+    geometry = dataclasses.asdict(volume.geometry) if volume.geometry is not None else None
+    (partial / "volume.json").write_text(json.dumps({"spacing": volume.spacing, "geometry": geometry,
+                                                     "uid": volume.uid, "input_hash": input_hash}), encoding="utf-8")
+    os.replace(partial, folder)
+
+
+def load_volume_input(folder: Path) -> tuple[Volume, str]:
+    """A posted volume kept by ``save_volume_input`` and its input hash."""
+    meta = json.loads((folder / "volume.json").read_text(encoding="utf-8"))
+    voxels = np.load(folder / "voxels.npy", allow_pickle=False)
+    geometry = Geometry(**{k: tuple(v) for k, v in meta["geometry"].items()}) if meta["geometry"] else None
+    spacing = tuple(float(v) for v in meta["spacing"])
+    return Volume(voxels, (spacing[0], spacing[1], spacing[2]), [], geometry, uid=meta["uid"]), meta["input_hash"]
 
 
 def known_job_names(pipeline: Pipeline) -> dict[str, str]:
@@ -99,10 +133,16 @@ class JobExecutor:
             self.store.mark_completed(job.uid, str(output))
             remove_partials(output)
             return
+        volume_input = volume_input_folder(settings.output_root, job.uid)
         try:
-            files = study_files(job_root(settings, job), job.in_dir)
-            log.info("job %s: %s on %d files of %s", job.uid, job.command, len(files), job.in_dir)
-            result = self.pipeline.run_files(job_request_json(job), files, command=job.command)
+            if job.job_name == VOLUME_JOB:
+                volume, input_hash = load_volume_input(volume_input)
+                log.info("job %s: %s on a posted volume %s", job.uid, job.command, volume.voxels.shape)
+                result = self.pipeline.run_volume(job_request_json(job), volume, input_hash, command=job.command)
+            else:
+                files = study_files(job_root(settings, job), job.in_dir)
+                log.info("job %s: %s on %d files of %s", job.uid, job.command, len(files), job.in_dir)
+                result = self.pipeline.run_files(job_request_json(job), files, command=job.command)
             write_outputs(partial, result.response_json, result.buffers)
             (partial / "job.json").write_text(json.dumps({
                 "uid": job.uid, "job_name": job.job_name, "command": result.command, "in_dir": job.in_dir,
@@ -115,10 +155,11 @@ class JobExecutor:
                     raise
                 log.warning("job %s: another attempt completed it first; keeping its output", job.uid)
         except self.reraise:
-            raise
+            raise  # the runner decides: a retry needs the input again
         except GatewayError as exc:
             log.warning("job %s failed (%d): %s", job.uid, exc.status, exc.message)
             self.store.mark_failed(job.uid, exc.message, exc.status)
+            shutil.rmtree(volume_input, ignore_errors=True)
         except Exception as exc:
             wrapped = wrapped_exception(exc, self.reraise)
             if wrapped is not None:  # a library re-raised it as its own error (pydicom's writer does)
@@ -126,8 +167,10 @@ class JobExecutor:
             log.error("job %s: handler %s failed:\n%s", job.uid, job.command, traceback.format_exc())
             self.store.mark_failed(job.uid, "internal error while running the job; the detail is in the server "
                                             f"log under job {job.uid}", 500)
+            shutil.rmtree(volume_input, ignore_errors=True)
         else:
             self.store.mark_completed(job.uid, str(output))
+            shutil.rmtree(volume_input, ignore_errors=True)
             log.info("job %s completed: %d outputs in %s", job.uid, len(result.buffers), output)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
@@ -154,14 +197,15 @@ def remove_partials(output: Path) -> None:
 
 
 def remove_debris(output_root: Path, store: JobRecords) -> list[Path]:
-    """Delete the ``<uid>.partial*`` folders of jobs that are no longer queued or running; their paths.
+    """Delete the ``<uid>.partial*`` (and posted-volume ``<uid>.input``) folders of jobs no longer queued or running.
 
     A job killed mid-write leaves one behind. It goes once the job is marked failed (``interrupted``,
     at start-up) or is unknown; a folder of a job some live worker still runs is kept.
     """
     removed = []
-    for partial in sorted(Path(output_root).glob("*.partial*")):
-        job = store.get(partial.name.partition(".partial")[0])
+    debris = [*Path(output_root).glob("*.partial*"), *Path(output_root).glob("*.input")]
+    for partial in sorted(debris):
+        job = store.get(partial.name.split(".")[0])
         if job is not None and job.status in UNFINISHED:
             continue
         shutil.rmtree(partial, ignore_errors=True)

@@ -151,7 +151,7 @@ class RedisJobStore:
         return counts
 
     def remove(self, uid: str) -> None:
-        """Forget job ``uid`` (a submission whose message could not be queued)."""
+        """Forget job ``uid`` (a submission whose message could not be queued, or a result cleaned up)."""
         with self._reaching():
             self.client.delete(KEY_PREFIX + uid)
 

@@ -114,6 +114,10 @@ class JobRecords(Protocol):
         """How many jobs are in each status."""
         ...
 
+    def remove(self, uid: str) -> None:
+        """Forget job ``uid``."""
+        ...
+
 
 class JobStore:
     """Jobs in an SQLite file, safe for several processes and threads (a connection per call)."""
@@ -189,6 +193,11 @@ class JobStore:
     def mark_failed(self, uid: str, error: str, error_status: int = 500) -> bool:
         return self._update(uid, UNFINISHED, status=FAILED, error=error, error_status=error_status,
                             finished=time.time())
+
+    def remove(self, uid: str) -> None:
+        """Forget job ``uid`` (its results were cleaned up)."""
+        with self._connect(write=True) as db:
+            db.execute("DELETE FROM jobs WHERE uid = ?", (uid,))
 
     def count_by_status(self) -> dict[str, int]:
         """How many jobs are in each status (for the metrics)."""

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from inference.config import Settings
 from inference.dicom.instance import DicomInstance
+from inference.dicom.series import Volume
 
 if TYPE_CHECKING:  # models sit below the pipeline; the type is only named here
     from models.registry import ModelVersion
@@ -25,7 +26,9 @@ class HandlerContext:
     ``model_version`` is resolved once, by the pipeline, for handlers of a model family (the
     version the request names, else the family's default); None for the others.
     ``request_parts`` are the request's parts after the JSON, as sent (attachments included),
-    for Arterys-style handlers that read the parts themselves.
+    for Arterys-style handlers that read the parts themselves. ``volume`` is set, and ``instances``
+    empty, when the input came as calibrated voxels instead of DICOM (the Radiomics door; only for
+    handlers registered with ``volume_input=True``).
     """
 
     command: str
@@ -35,6 +38,7 @@ class HandlerContext:
     settings: Settings
     model_version: ModelVersion | None = None
     request_parts: Sequence[Any] = ()
+    volume: Volume | None = None
 
 
 #: A handler: checked instances and its context in, ``(response_json, buffers)`` out (``inference.protocol``).

@@ -113,6 +113,7 @@ class HandlerSpec:
     params: tuple[Param, ...] | None = field(default_factory=tuple)
     mock: bool = False
     family: str | None = None  # the model registry family whose versions ``model_version`` picks
+    volume_input: bool = False  # also takes a volume of calibrated voxels (``HandlerContext.volume``)
 
     def validate_params(self, json_input: dict) -> dict:
         """The declared parameters of ``json_input``, checked, defaults filled in; unknown keys are a 400.
@@ -136,7 +137,7 @@ class HandlerSpec:
         """The handler as JSON, for ``GET /models``."""
         return {"inference_command": self.command, "route": self.route or "/", "description": self.description,
                 "parameters": [p.describe() for p in self.params or ()], "mock": self.mock,
-                "model_family": self.family}
+                "model_family": self.family, "volume_input": self.volume_input}
 
 
 class HandlerRegistry:
@@ -147,12 +148,14 @@ class HandlerRegistry:
 
     def register(self, command: str, *, route: str | None = None, description: str = "",
                  warm_up: Callable[[Any], Any] | None = None, params: Sequence[Param] | None = (),
-                 mock: bool = False, family: str | None = None) -> Callable[[Handler], Handler]:
+                 mock: bool = False, family: str | None = None,
+                 volume_input: bool = False) -> Callable[[Handler], Handler]:
         """Decorator registering ``handler`` under ``command`` (and ``route``, if given).
 
         ``params`` declares the request JSON keys the handler takes (others are refused);
         ``mock`` marks handlers served only when mocks are enabled; ``family`` names the model
-        registry family whose versions a request's ``model_version`` chooses from.
+        registry family whose versions a request's ``model_version`` chooses from; ``volume_input``
+        says the handler also runs on a posted volume (``HandlerContext.volume``, no instances).
         """
 
         def decorator(handler: Handler) -> Handler:
@@ -165,7 +168,8 @@ class HandlerRegistry:
                 raise ValueError(f"{command}: parameter names must be unique and not protocol keys: {sorted(clash)}")
             summary = description or (handler.__doc__ or "").strip().split("\n")[0]
             declared = None if params is None else tuple(params)
-            self._specs[command] = HandlerSpec(command, handler, route, summary, warm_up, declared, mock, family)
+            self._specs[command] = HandlerSpec(command, handler, route, summary, warm_up, declared, mock, family,
+                                              volume_input)
             return handler
 
         return decorator

@@ -16,6 +16,7 @@ against the protocol and logs it under the input hash.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import logging
 import time
@@ -28,8 +29,9 @@ from typing import Any, NamedTuple
 from inference import metrics, protocol
 from inference.config import Settings
 from inference.dicom.header import InstanceHeader
+from inference.dicom.series import Volume
 from inference.dicom.validation import validate_instances
-from inference.errors import BadRequest, GatewayError
+from inference.errors import BadRequest, GatewayError, OutputValidationError
 from inference.logs import TaggedLogger, bind_request_tags, current_request_tags
 from inference.pipeline.context import HandlerContext
 from inference.pipeline.handler_registry import REGISTRY, HandlerRegistry, HandlerSpec
@@ -142,6 +144,34 @@ class Pipeline:
                  ", ".join(p["binary_type"] for p in response_json["parts"]) or "JSON only", seconds)
         return InferenceResult(spec.command, response_json, buffers, input_hash, seconds)
 
+    def run_volume(self, json_input: dict, volume: Volume, input_hash: str, *,
+                   command: str | None = None) -> InferenceResult:
+        """Run a handler registered with ``volume_input`` on a volume of calibrated voxels (no DICOM).
+
+        The handler gets no instances and ``context.volume``; every mask it returns must lie on the
+        volume's grid. ``input_hash`` is ``input_hash_of`` the request JSON and the posted body.
+        """
+        spec, params, version = self.check_request(json_input, command)
+        if not spec.volume_input:
+            raise BadRequest(f"{spec.command} reads DICOM instances only; it cannot run on a posted volume")
+        bind_request_tags({**current_request_tags(), "input_hash": input_hash})
+        context = HandlerContext(spec.command, json_input, params, input_hash, self.settings, version, (),
+                                 volume=volume)
+        started = time.perf_counter()
+        response_json, buffers = spec.handler([], context)
+        response_json, buffers = protocol.prepare_output(response_json, buffers)
+        seconds = time.perf_counter() - started
+        grid = dict(zip(("depth", "height", "width"), volume.voxels.shape, strict=True))
+        for part in response_json["parts"]:
+            shape = part.get("binary_data_shape", {})
+            if "depth" in shape and {key: shape[key] for key in grid} != grid:
+                raise OutputValidationError(f"{spec.command} returned a {part['binary_type']} of "
+                                                     f"{shape}, not on the posted volume's grid {grid}")
+        metrics.observe_model(spec.command, json_input.get("model_version"), seconds)
+        log.info("%s on a posted volume %s: %s in %.3fs", spec.command, volume.voxels.shape,
+                 ", ".join(p["binary_type"] for p in response_json["parts"]) or "JSON only", seconds)
+        return InferenceResult(spec.command, response_json, buffers, input_hash, seconds)
+
     def run_body(self, body: ParsedBody, *, command: str | None = None) -> InferenceResult:
         """Run on a parsed request body: part 0 is the request JSON, the rest are the instances."""
         return self.run(request_json(body), body.parts[1:], body.input_hash, command=command, early_headers=body.early)
@@ -199,6 +229,15 @@ class WarmUp:
         if self.degraded:
             return "DEGRADED: " + "; ".join(f"{command}: {why}" for command, why in self.degraded.items())
         return "READY"
+
+
+def input_hash_of(parts: Iterable[bytes]) -> str:
+    """The input hash of a request that is not multipart (a posted volume): SHA-256 of its parts' contents in
+    order, the request JSON first, exactly as an upload's parts are hashed (``parse_multipart_related``)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+    return digest.hexdigest()
 
 
 def request_json(body: ParsedBody) -> dict:
