@@ -15,7 +15,8 @@ from __future__ import annotations
 import logging
 import logging.config
 import os
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
 from contextvars import ContextVar
 from types import MappingProxyType
 from typing import Any
@@ -29,6 +30,17 @@ _request_tags: ContextVar[Mapping[str, Any]] = ContextVar("request_tags", defaul
 def bind_request_tags(tags: Mapping[str, Any]) -> None:
     """Tag every ``TaggedLogger`` line of the current request (thread or task) with ``tags``."""
     _request_tags.set(dict(tags))
+
+
+@contextmanager
+def request_tags(**tags: Any) -> Iterator[None]:
+    """Add ``tags`` to the current request's for the block, then put the previous ones back (no leak into
+    later lines of the same thread: a command line, a job runner, a test)."""
+    token = _request_tags.set({**_request_tags.get(), **tags})
+    try:
+        yield
+    finally:
+        _request_tags.reset(token)
 
 
 def current_request_tags() -> dict[str, Any]:

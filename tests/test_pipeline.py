@@ -317,3 +317,20 @@ def test_the_hashes_part_is_the_protocols():
     body = b"".join(encoded.chunks)
     hashes = body.split(b"\r\n\r\n")[-1].split(b"\r\n")[0]
     assert protocol.is_hashes_part("text/plain", hashes) and hashes.startswith(b"a" * 64 + b":")
+
+
+def test_the_input_hash_tags_the_run_and_does_not_leak_into_the_callers_later_lines():
+    from inference.logs import current_request_tags
+
+    seen = {}
+    registry = HandlerRegistry()
+
+    @registry.register("tagged", params=None)
+    def tagged(instances, context):
+        seen.update(current_request_tags())
+        return {"parts": []}, []
+
+    before = current_request_tags()
+    Pipeline(Settings(), registry).run({"inference_command": "tagged"}, [], "f" * 64)
+    assert seen["input_hash"] == "f" * 64
+    assert current_request_tags() == before

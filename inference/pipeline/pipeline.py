@@ -32,7 +32,7 @@ from inference.dicom.header import InstanceHeader
 from inference.dicom.series import Volume
 from inference.dicom.validation import validate_instances
 from inference.errors import BadRequest, GatewayError, OutputValidationError
-from inference.logs import TaggedLogger, bind_request_tags, current_request_tags
+from inference.logs import TaggedLogger, request_tags
 from inference.pipeline.context import HandlerContext
 from inference.pipeline.handler_registry import REGISTRY, HandlerRegistry, HandlerSpec
 from inference.protocol.multipart_request import ParsedBody, PartSpool, parts_from_files
@@ -128,21 +128,20 @@ class Pipeline:
         ``early_headers`` are DICOM headers already read while the parts streamed in, by part index.
         """
         spec, params, version = self.check_request(json_input, command)
-        tags = {**current_request_tags(), "input_hash": input_hash}
-        bind_request_tags(tags)  # the handler's own TaggedLoggers carry the hash too
-        # every instance the handler may read, checked once from its header: a clear 422, never a 500
-        instances = validate_instances(parts, max_series_voxels=self.settings.max_series_voxels,
-                                       early_headers=early_headers)
-        context = HandlerContext(spec.command, json_input, params, input_hash, self.settings, version, parts)
-        started = time.perf_counter()
-        response_json, buffers = spec.handler(instances, context)
-        response_json, buffers = protocol.prepare_output(response_json, buffers)
-        seconds = time.perf_counter() - started
-        metrics.observe_model(spec.command, json_input.get("model_version"), seconds)
-        protocol.check_response_size(buffers, len(json.dumps(response_json)), self.settings.max_response_bytes)
-        log.info("%s on %d instances: %s in %.3fs", spec.command, len(instances),
-                 ", ".join(p["binary_type"] for p in response_json["parts"]) or "JSON only", seconds)
-        return InferenceResult(spec.command, response_json, buffers, input_hash, seconds)
+        with request_tags(input_hash=input_hash):  # the handler's own TaggedLoggers carry the hash too
+            # every instance the handler may read, checked once from its header: a clear 422, never a 500
+            instances = validate_instances(parts, max_series_voxels=self.settings.max_series_voxels,
+                                           early_headers=early_headers)
+            context = HandlerContext(spec.command, json_input, params, input_hash, self.settings, version, parts)
+            started = time.perf_counter()
+            response_json, buffers = spec.handler(instances, context)
+            response_json, buffers = protocol.prepare_output(response_json, buffers)
+            seconds = time.perf_counter() - started
+            metrics.observe_model(spec.command, json_input.get("model_version"), seconds)
+            protocol.check_response_size(buffers, len(json.dumps(response_json)), self.settings.max_response_bytes)
+            log.info("%s on %d instances: %s in %.3fs", spec.command, len(instances),
+                     ", ".join(p["binary_type"] for p in response_json["parts"]) or "JSON only", seconds)
+            return InferenceResult(spec.command, response_json, buffers, input_hash, seconds)
 
     def run_volume(self, json_input: dict, volume: Volume, input_hash: str, *,
                    command: str | None = None) -> InferenceResult:
@@ -154,23 +153,23 @@ class Pipeline:
         spec, params, version = self.check_request(json_input, command)
         if not spec.volume_input:
             raise BadRequest(f"{spec.command} reads DICOM instances only; it cannot run on a posted volume")
-        bind_request_tags({**current_request_tags(), "input_hash": input_hash})
-        context = HandlerContext(spec.command, json_input, params, input_hash, self.settings, version, (),
-                                 volume=volume)
-        started = time.perf_counter()
-        response_json, buffers = spec.handler([], context)
-        response_json, buffers = protocol.prepare_output(response_json, buffers)
-        seconds = time.perf_counter() - started
-        grid = dict(zip(("depth", "height", "width"), volume.voxels.shape, strict=True))
-        for part in response_json["parts"]:
-            shape = part.get("binary_data_shape", {})
-            if "depth" in shape and {key: shape[key] for key in grid} != grid:
-                raise OutputValidationError(f"{spec.command} returned a {part['binary_type']} of "
-                                                     f"{shape}, not on the posted volume's grid {grid}")
-        metrics.observe_model(spec.command, json_input.get("model_version"), seconds)
-        log.info("%s on a posted volume %s: %s in %.3fs", spec.command, volume.voxels.shape,
-                 ", ".join(p["binary_type"] for p in response_json["parts"]) or "JSON only", seconds)
-        return InferenceResult(spec.command, response_json, buffers, input_hash, seconds)
+        with request_tags(input_hash=input_hash):  # the handler's own TaggedLoggers carry the hash too
+            context = HandlerContext(spec.command, json_input, params, input_hash, self.settings, version, (),
+                                     volume=volume)
+            started = time.perf_counter()
+            response_json, buffers = spec.handler([], context)
+            response_json, buffers = protocol.prepare_output(response_json, buffers)
+            seconds = time.perf_counter() - started
+            grid = dict(zip(("depth", "height", "width"), volume.voxels.shape, strict=True))
+            for part in response_json["parts"]:
+                shape = part.get("binary_data_shape", {})
+                if "depth" in shape and {key: shape[key] for key in grid} != grid:
+                    raise OutputValidationError(f"{spec.command} returned a {part['binary_type']} of "
+                                                         f"{shape}, not on the posted volume's grid {grid}")
+            metrics.observe_model(spec.command, json_input.get("model_version"), seconds)
+            log.info("%s on a posted volume %s: %s in %.3fs", spec.command, volume.voxels.shape,
+                     ", ".join(p["binary_type"] for p in response_json["parts"]) or "JSON only", seconds)
+            return InferenceResult(spec.command, response_json, buffers, input_hash, seconds)
 
     def run_body(self, body: ParsedBody, *, command: str | None = None) -> InferenceResult:
         """Run on a parsed request body: part 0 is the request JSON, the rest are the instances."""
