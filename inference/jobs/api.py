@@ -24,11 +24,12 @@ import logging
 from pathlib import Path
 
 import flask
-from flask import request
+from flask import g, request
 
 from inference.errors import (
     BadRequest,
     Conflict,
+    Forbidden,
     NotFound,
     UnsupportedMediaType,
 )
@@ -115,11 +116,29 @@ def add_job_routes(app: flask.Flask, pipeline: Pipeline, *, store: JobRecords | 
     if hasattr(app, "metrics_collectors"):  # a Gateway: /metrics counts jobs by state from the store
         app.metrics_collectors.append(JobCountsCollector(store.count_by_status, JOB_STATES))
 
+    def audit(event: str, **fields: object) -> None:
+        """Append ``event`` to the app's audit trail (a Gateway has one; a plain Flask app in tests has not)."""
+        if hasattr(app, "audit_event"):
+            app.audit_event(event, **fields)
+
+    def readable(uid: str) -> Job:
+        """Job ``uid`` when this request's user may read it: 404 unknown, 403 another submitter's (audited)."""
+        job = store.get(uid)
+        if job is None:
+            raise NotFound(f"no job with uid {uid!r}; POST /job/ answers the uid of a new job")
+        if hasattr(app, "may_read") and not app.may_read(job.user):
+            audit("result-viewed", outcome="refused", job=uid, path=request.path)
+            raise Forbidden(f"job {uid} was submitted by another user; a submitter reads only its own jobs",
+                            required_role="reviewer")
+        return job
+
     @app.post("/job/", strict_slashes=False)  # POST /job answers too, without a redirect
     def submit_job() -> tuple[flask.Response, int]:
         job = job_from_request(pipeline)
         job.owner = runner.owner
+        job.user = g.get("user")
         store.add(job)
+        audit("study-received", door="job", job=job.uid, in_dir=job.in_dir, command=job.command)
         runner.submit(job)
         log.info("job %s queued: %s (%s) on %s", job.uid, job.job_name, job.command, job.in_dir)
         response = flask.jsonify({"uid": job.uid})
@@ -128,10 +147,9 @@ def add_job_routes(app: flask.Flask, pipeline: Pipeline, *, store: JobRecords | 
 
     @app.get("/query/<uid>")
     def query_job(uid: str) -> tuple[flask.Response, int]:
-        job = store.get(uid)
-        if job is None:
-            raise NotFound(f"no job with uid {uid!r}; POST /job/ answers the uid of a new job")
+        job = readable(uid)
         if job.status == COMPLETED:
+            audit("result-viewed", job=uid, path=request.path)
             return flask.jsonify({"msg": "Job has completed", "output_dir": job.output_dir,
                                   "attempts": job.attempts}), 200
         if job.status == FAILED:
@@ -142,9 +160,7 @@ def add_job_routes(app: flask.Flask, pipeline: Pipeline, *, store: JobRecords | 
 
     def completed_folder(uid: str) -> Path:
         """The output folder of completed job ``uid``: 404 unknown, 409 not (or not successfully) complete."""
-        job = store.get(uid)
-        if job is None:
-            raise NotFound(f"no job with uid {uid!r}; POST /job/ answers the uid of a new job")
+        job = readable(uid)
         if job.status != COMPLETED:
             state = "has failed" if job.status == FAILED else "is queued" if job.status == QUEUED else "is running"
             raise Conflict(f"job {uid} {state}: it has no files; GET /query/{uid} tells its state")
@@ -155,6 +171,7 @@ def add_job_routes(app: flask.Flask, pipeline: Pipeline, *, store: JobRecords | 
         folder = completed_folder(uid)
         files = [{"name": path.name, "bytes": path.stat().st_size}
                  for path in sorted(folder.iterdir()) if path.is_file() and is_inside(folder, path)]
+        audit("result-viewed", job=uid, path=request.path)
         return flask.jsonify({"uid": uid, "files": files})
 
     @app.get("/job/<uid>/files/<name>")
@@ -163,6 +180,7 @@ def add_job_routes(app: flask.Flask, pipeline: Pipeline, *, store: JobRecords | 
         path = folder / name
         if "/" in name or name.startswith(".") or not path.is_file() or not is_inside(folder, path):
             raise NotFound(f"job {uid} has no file {name!r}; GET /job/{uid}/files lists them")
+        audit("result-downloaded", job=uid, file=name)
         return flask.send_file(path, as_attachment=True, download_name=name,
                                mimetype="application/json" if name.endswith(".json") else None)
 
