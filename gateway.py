@@ -150,10 +150,10 @@ class Gateway(Flask):
     def _authenticate(self) -> None:
         """Check the bearer token against the shared token and the named users, then the route's role.
 
-        Nothing is asked while neither INFERENCE_API_TOKEN nor an active user exists (as before users).
+        Nothing is asked while neither INFERENCE_API_TOKEN nor any user exists (as before users).
         """
         token = self.settings.api_token
-        if not token and (self.users is None or not self.users.store.any_active()):
+        if not token and (self.users is None or not self.users.store.any_users()):
             return
         needed = self.route_roles.get(request.endpoint or "", ADMIN) if request.endpoint else SUBMITTER
         header = request.headers.get("Authorization", "")

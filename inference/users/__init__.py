@@ -95,8 +95,9 @@ class UserStore(Protocol):
         """Revoke user ``name``'s token for good; whether it was active."""
         ...
 
-    def any_active(self) -> bool:
-        """Whether some user is not revoked (then the server asks every request for a token)."""
+    def any_users(self) -> bool:
+        """Whether a user was ever created, revoked or not: then the server asks every request for a token
+        (revoking the last user must not open the server)."""
         ...
 
 
@@ -149,15 +150,17 @@ class SqliteUsers:
             cursor = db.execute("UPDATE users SET revoked = ? WHERE name = ? AND revoked IS NULL", (time.time(), name))
         return cursor.rowcount == 1
 
-    def any_active(self) -> bool:
+    def any_users(self) -> bool:
         with self._connect() as db:
-            return db.execute("SELECT 1 FROM users WHERE revoked IS NULL LIMIT 1").fetchone() is not None
+            return db.execute("SELECT 1 FROM users LIMIT 1").fetchone() is not None
 
 
 class RedisUsers:
-    """Users in the celery backend's Redis: hash ``inference:user:<name>``, index ``inference:user-token:<id>``."""
+    """Users in the celery backend's Redis: hash ``inference:user:<name>``, index ``inference:user-token:<id>``,
+    sets of every name and of the active ones."""
 
-    PREFIX, TOKEN_PREFIX, ACTIVE = "inference:user:", "inference:user-token:", "inference:users-active"
+    PREFIX, TOKEN_PREFIX = "inference:user:", "inference:user-token:"
+    ALL, ACTIVE = "inference:users", "inference:users-active"
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -187,6 +190,7 @@ class RedisUsers:
             pipe.hset(self.PREFIX + user.name, mapping=values)
             pipe.set(self.TOKEN_PREFIX + user.token_id, user.name)
             pipe.sadd(self.ACTIVE, user.name)
+            pipe.sadd(self.ALL, user.name)
             pipe.execute()
 
     def get(self, name: str) -> User | None:
@@ -201,7 +205,7 @@ class RedisUsers:
 
     def all(self) -> list[User]:
         with self._reaching():
-            names = sorted(key[len(self.PREFIX):] for key in self.redis.scan_iter(self.PREFIX + "*"))
+            names = sorted(cast("set[str]", self.redis.smembers(self.ALL)))
         return [user for user in map(self.get, names) if user is not None]
 
     def revoke(self, name: str) -> bool:
@@ -211,9 +215,9 @@ class RedisUsers:
             self.redis.hset(self.PREFIX + name, "revoked", str(time.time()))
         return True
 
-    def any_active(self) -> bool:
+    def any_users(self) -> bool:
         with self._reaching():
-            return bool(self.redis.scard(self.ACTIVE))
+            return bool(self.redis.scard(self.ALL))
 
 
 class Authenticator:
