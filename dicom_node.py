@@ -401,7 +401,7 @@ class DicomNode:
         if all(e["state"] == DONE_FAILED or (e["state"] == DELIVERING and not self.outbox.pending(uid))
                for uid, e in entries):
             for uid, entry in entries:
-                if entry["state"] == DELIVERING:
+                if entry["state"] == DELIVERING and self.outbox.destinations:
                     self.audit.append("result-sent", user=f"ae:{self.settings.pacs_ae_title}",
                                       study_uid=state["study_uid"], input_hash=entry["input_hash"], job=uid,
                                       destinations=[str(d) for d in self.outbox.destinations])
