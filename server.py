@@ -64,7 +64,7 @@ def create_app(mode: str | None = None, settings: Settings | None = None, *,
         raise SystemExit(f"model manifest: {exc}") from None
     pipeline = Pipeline(settings, REGISTRY, commands=commands, default_command=default)
     app = Gateway(__name__, pipeline=pipeline)
-    app.users = Authenticator(user_store(settings))  # named users, on the job store (python -m inference.users)
+    users = app.users = Authenticator(user_store(settings))  # named users, on the job store (python -m inference.users)
     store, runner = add_job_routes(app, pipeline)  # POST /job/, GET /query/<uid>
     try:
         catalogue = Catalogue(registry, family_commands(pipeline))
@@ -110,7 +110,7 @@ def create_app(mode: str | None = None, settings: Settings | None = None, *,
     def openapi():
         return flask.jsonify(openapi_document([spec.command for spec in pipeline.specs],
                                               sorted(known_job_names(pipeline)),
-                                              token_required=bool(settings.api_token),
+                                              token_required=bool(settings.api_token) or users.store.any_users(),
                                               radiomics_models=sorted(catalogue.models)))
 
     def warm_up() -> None:
