@@ -347,7 +347,7 @@ class DicomNode:
 
     def _new_job(self, rule: Rule, folder: Path) -> Job:
         return Job(job_name=rule.command, command=rule.command, in_dir=str(folder.relative_to(self.spool.root)),
-                   params=dict(rule.params), spool=True)
+                   params=dict(rule.params), spool=True, study_uid=self._study_uid(folder))
 
     def _submit(self, job: Job) -> None:
         job.owner = self.runner.owner
