@@ -52,6 +52,7 @@ from pynetdicom.sop_class import Verification
 
 from handlers import load_handlers
 from inference import protocol
+from inference.audit import audit_log
 from inference.config import Settings
 from inference.dicom.files import dicom_files_in
 from inference.errors import GatewayError
@@ -172,6 +173,7 @@ class DicomNode:
             destinations.append(StowDestination(settings.pacs_stow_url))
         self.outbox = Outbox(root / "outbox", destinations, retry_max_seconds=settings.pacs_retry_max_seconds)
         self.store, self.runner = job_backend(settings, self.pipeline)
+        self.audit = audit_log(settings)
         self.ae = self._make_ae()
         self._server = None
         self._stop = threading.Event()
@@ -283,6 +285,10 @@ class DicomNode:
         study_log.info("study complete: %d instances in %d series (%s)", len(files), len(series),
                        "; ".join(f"{s.modality} '{s.description}' from {s.calling_ae}" for s in series))
         rules = matching_rules(self.rules, series)
+        entries = json.loads((folder / ".series.json").read_text()) if (folder / ".series.json").exists() else {}
+        callers = ", ".join(sorted({f"ae:{s.calling_ae}" for s in series})) or None
+        self.audit.append("study-received", user=callers, study_uid=study_uid, series_uids=entries.keys(),
+                          door="dicom", instances=len(files), rules=[rule.name for rule in rules])
         if not rules:
             study_log.warning("no routing rule matches this study (rules: %s); nothing run, no results",
                               "; ".join(f"{r.name}: modality={r.modality} series_description={r.series_description}"
@@ -341,7 +347,7 @@ class DicomNode:
 
     def _new_job(self, rule: Rule, folder: Path) -> Job:
         return Job(job_name=rule.command, command=rule.command, in_dir=str(folder.relative_to(self.spool.root)),
-                   params=dict(rule.params), spool=True)
+                   params=dict(rule.params), spool=True, study_uid=self._study_uid(folder))
 
     def _submit(self, job: Job) -> None:
         job.owner = self.runner.owner
@@ -395,7 +401,10 @@ class DicomNode:
         if all(e["state"] == DONE_FAILED or (e["state"] == DELIVERING and not self.outbox.pending(uid))
                for uid, e in entries):
             for uid, entry in entries:
-                if entry["state"] == DELIVERING:
+                if entry["state"] == DELIVERING and self.outbox.destinations:
+                    self.audit.append("result-sent", user=f"ae:{self.settings.pacs_ae_title}",
+                                      study_uid=state["study_uid"], input_hash=entry["input_hash"], job=uid,
+                                      destinations=[str(d) for d in self.outbox.destinations])
                     study_log.tag({"input_hash": entry["input_hash"]}).info(
                         "job %s: every result confirmed by every destination; study done", uid)
             shutil.rmtree(folder)

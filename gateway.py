@@ -22,12 +22,14 @@ import uuid
 from collections.abc import Callable
 from functools import partial
 from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address
+from typing import Any
 
 import flask
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from inference import metrics, protocol
+from inference.audit import AuditLog, audit_log
 from inference.config import Settings, get_settings
 from inference.dicom.files import study_folder_files
 from inference.dicom.validation import read_header_early
@@ -46,9 +48,23 @@ from inference.protocol.multipart_request import (
 )
 from inference.protocol.multipart_response import EncodedResponse, encode_multipart_related
 from inference.protocol.request import MAX_JSON_BYTES, parse_json_object
+from inference.users import ADMIN, REVIEWER, SUBMITTER, Authenticator, role_allows
 
 #: Endpoints served without the bearer token: liveness probes only (not Flask's /static file route).
 OPEN_ENDPOINTS = ("healthcheck", "ping")
+#: The role each route needs (roles rank submitter < reviewer < admin; the shared INFERENCE_API_TOKEN acts
+#: as admin). Inference routes need SUBMITTER (``add_inference_route``); an endpoint missing here needs ADMIN.
+ROUTE_ROLES: dict[str, str] = {
+    # sending studies and reading one's own results
+    "submit_job": SUBMITTER, "query_job": SUBMITTER, "list_job_files": SUBMITTER, "get_job_file": SUBMITTER,
+    "list_models": SUBMITTER, "show_family": SUBMITTER, "openapi": SUBMITTER,
+    **{f"radiomics_{name}": SUBMITTER for name in ("ping", "vendor_status", "credits", "models", "segmentation",
+                                                    "progress", "result", "feedback", "telemetry")},
+    # operating the server
+    "metrics": ADMIN, "audit": ADMIN,
+}
+#: Roles that read every user's jobs; a submitter reads only its own.
+READS_ALL = (REVIEWER, ADMIN)
 
 
 class Gateway(Flask):
@@ -64,6 +80,12 @@ class Gateway(Flask):
         self.settings = settings or (pipeline.settings if pipeline else get_settings())
         self.pipeline = pipeline or Pipeline(self.settings, HandlerRegistry())
         self.log = TaggedLogger(logging.getLogger("inference.gateway"))
+        #: Finds named users by token (``inference.users``); None: only INFERENCE_API_TOKEN (apps built by hand).
+        self.users: Authenticator | None = None
+        #: The audit trail every front door of this app appends to.
+        self.audit: AuditLog = audit_log(self.settings)
+        #: endpoint -> the role it needs (``ROUTE_ROLES`` plus this app's inference routes).
+        self.route_roles: dict[str, str] = dict(ROUTE_ROLES)
         self._routes: set[str] = set()
         self.add_url_rule("/ping", "ping", lambda: ("", 200), methods=["GET", "POST"])
         #: Collected at each scrape of ``GET /metrics`` besides the request metrics (e.g. job counts).
@@ -98,6 +120,7 @@ class Gateway(Flask):
             pipeline.spec(command)  # fail now, not on the first request, for a command not served
         self._routes.add(route)
         endpoint = "inference" if route == "/" else f"inference{route.replace('/', '_')}"
+        self.route_roles[endpoint] = SUBMITTER
         self.add_url_rule(route, endpoint, partial(self._serve_inference, pipeline, command), methods=["POST"])
 
     def add_healthcheck_route(self, check: Callable[[], str]) -> None:
@@ -116,18 +139,49 @@ class Gateway(Flask):
         g.input_hash = None
         g.log = self.log
         bind_request_tags({})  # this thread served other requests before
-        token = self.settings.api_token
-        if token and request.endpoint not in OPEN_ENDPOINTS and not self._from_token_free_network():
-            header = request.headers.get("Authorization", "")
-            scheme, _, given = header.partition(" ")
-            if not header:
-                raise Unauthorized("this server requires 'Authorization: Bearer <token>'")
-            if scheme.lower() != "bearer" or not _same_secret(given.strip(), token):
-                raise Forbidden("the bearer token is not valid for this server")
+        g.user, g.role = None, None
+        if request.endpoint not in OPEN_ENDPOINTS and not self._from_token_free_network():
+            self._authenticate()
         if request.mimetype == "application/json":
             # routes read JSON whole: Werkzeug stops one byte past the limit (a chunked body has no
             # Content-Length to check first), so a reader sees that the body is too large
             request.max_content_length = MAX_JSON_BYTES + 1
+
+    def _authenticate(self) -> None:
+        """Check the bearer token against the shared token and the named users, then the route's role.
+
+        Nothing is asked while neither INFERENCE_API_TOKEN nor any user exists (as before users).
+        """
+        token = self.settings.api_token
+        if not token and (self.users is None or not self.users.store.any_users()):
+            return
+        needed = self.route_roles.get(request.endpoint or "", ADMIN) if request.endpoint else SUBMITTER
+        header = request.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        if not header:
+            raise Unauthorized(f"this server requires 'Authorization: Bearer <token>'; this route needs role "
+                               f"'{needed}'", required_role=needed)
+        given = given.strip()
+        if scheme.lower() == "bearer" and token and _same_secret(given, token):
+            g.user, g.role = "api-token", ADMIN
+            return
+        user = self.users.user_for(given) if self.users is not None and scheme.lower() == "bearer" else None
+        if user is None:
+            raise Forbidden("the bearer token is not valid for this server", required_role=needed)
+        g.user, g.role = user.name, user.role
+        if not role_allows(user.role, needed):
+            self.audit.append("request-refused", outcome="refused", user=user.name, client=request.remote_addr,
+                              method=request.method, path=request.path, role=user.role, required_role=needed)
+            raise Forbidden(f"this route needs role '{needed}'; user '{user.name}' is a '{user.role}'",
+                            required_role=needed)
+
+    def audit_event(self, event: str, **fields: Any) -> None:
+        """Append ``event`` to the audit trail with this request's user and client address."""
+        self.audit.append(event, user=g.get("user"), client=request.remote_addr, **fields)
+
+    def may_read(self, owner: str | None) -> bool:
+        """Whether this request's user may read a job submitted by ``owner`` (submitters: only their own)."""
+        return g.get("role") in (None, *READS_ALL) or owner == g.get("user")
 
     def _from_token_free_network(self) -> bool:
         """Whether this request's endpoint lets its client's network in without the token."""
@@ -173,8 +227,18 @@ class Gateway(Flask):
             g.log = log = self.log.tag({"input_hash": body.input_hash})
             log.info("received %d parts, %d bytes", len(body.parts), body.bytes_read)
             g.command = command
-            result = pipeline.run_body(body, command=command)
+            study, series = study_identity(body)
+            self.audit_event("study-received", study_uid=study, series_uids=series, input_hash=body.input_hash,
+                             door="http", parts=len(body.parts))
+            try:
+                result = pipeline.run_body(body, command=command)
+            except Exception as exc:
+                self.audit_event("result-produced", outcome="failure", study_uid=study, series_uids=series,
+                                 input_hash=body.input_hash, command=command, status=getattr(exc, "status", 500))
+                raise
             g.command = result.command
+            self.audit_event("result-produced", study_uid=study, series_uids=series, input_hash=body.input_hash,
+                             command=result.command)
         except BaseException:
             spool.close()
             raise  # answered by the error handlers below (or by the app's own, when registered)
@@ -214,8 +278,8 @@ class Gateway(Flask):
         return parts_from_files(json.dumps(json_input).encode(), files, spool)
 
     # -- errors ------------------------------------------------------------------------
-    def _error_response(self, status: int, message: str) -> Response:
-        body = {"error": message}
+    def _error_response(self, status: int, message: str, **details: str) -> Response:
+        body = {"error": message, **details}
         if g.get("input_hash"):
             body["input_hash"] = g.input_hash
         return flask.jsonify(body), status
@@ -223,7 +287,7 @@ class Gateway(Flask):
     def _answer_gateway_error(self, error: GatewayError) -> Response:
         log = g.get("log", self.log)
         (log.error if error.status >= 500 else log.warning)("%d: %s", error.status, error.message)
-        body, status = self._error_response(error.status, error.message)
+        body, status = self._error_response(error.status, error.message, **error.details)
         challenge = {"WWW-Authenticate": 'Bearer realm="inference"'} if status == 401 else {}
         return body, status, challenge
 
@@ -258,6 +322,20 @@ def encode_inference_response(result: InferenceResult) -> EncodedResponse:
     parts += [(protocol.content_type_for(p["binary_type"]), b)
               for p, b in zip(response_json["parts"], result.buffers, strict=True)]
     return encode_multipart_related(parts, input_hash=result.input_hash)
+
+
+def study_identity(body: ParsedBody) -> tuple[str | None, list[str]]:
+    """The study and series UIDs of a request's DICOM parts, from the headers read while it streamed in."""
+    studies, series = set(), set()
+    for header in body.early.values():
+        if header is None:
+            continue
+        dataset = header.dataset
+        studies.add(str(dataset.get("StudyInstanceUID", "")) or None)
+        series.add(str(dataset.get("SeriesInstanceUID", "")) or None)
+    studies.discard(None)
+    series.discard(None)
+    return (", ".join(sorted(studies)) or None), sorted(series)
 
 
 def _same_secret(given: str, expected: str) -> bool:

@@ -16,6 +16,7 @@ import flask
 
 from gateway import Gateway
 from handlers import REGISTRY, load_handlers
+from inference.audit import epoch
 from inference.config import Settings, get_settings
 from inference.errors import BadRequest, NotFound
 from inference.http.openapi import openapi_document
@@ -25,6 +26,7 @@ from inference.logs import configure_logging
 from inference.pipeline.pipeline import Pipeline
 from inference.radiomics.catalogue import Catalogue
 from inference.radiomics.routes import add_radiomics_routes, family_commands, records_for
+from inference.users import Authenticator, user_store
 from models.registry import ManifestError, registry_for
 
 log = logging.getLogger("inference.server")
@@ -62,6 +64,7 @@ def create_app(mode: str | None = None, settings: Settings | None = None, *,
         raise SystemExit(f"model manifest: {exc}") from None
     pipeline = Pipeline(settings, REGISTRY, commands=commands, default_command=default)
     app = Gateway(__name__, pipeline=pipeline)
+    users = app.users = Authenticator(user_store(settings))  # named users, on the job store (python -m inference.users)
     store, runner = add_job_routes(app, pipeline)  # POST /job/, GET /query/<uid>
     try:
         catalogue = Catalogue(registry, family_commands(pipeline))
@@ -91,11 +94,23 @@ def create_app(mode: str | None = None, settings: Settings | None = None, *,
         except BadRequest as exc:
             raise NotFound(exc.message) from None
 
+    @app.get("/audit")
+    def audit():
+        """The audit trail's records, oldest first; filters ``study``, ``user``, ``from`` and ``to`` (ISO 8601)."""
+        args = flask.request.args
+        try:
+            start, end = (epoch(args[name], name) if args.get(name) else None for name in ("from", "to"))
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        records = app.audit.search(study=args.get("study") or None, user=args.get("user") or None,
+                                   start=start, end=end)
+        return flask.jsonify({"records": records, "count": len(records)})
+
     @app.get("/openapi.json")
     def openapi():
         return flask.jsonify(openapi_document([spec.command for spec in pipeline.specs],
                                               sorted(known_job_names(pipeline)),
-                                              token_required=bool(settings.api_token),
+                                              token_required=bool(settings.api_token) or users.store.any_users(),
                                               radiomics_models=sorted(catalogue.models)))
 
     def warm_up() -> None:

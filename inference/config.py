@@ -124,8 +124,15 @@ class Settings:
     #: INFERENCE_JOB_LEASE_SECONDS: a running celery job's lease, renewed by its worker every quarter of it;
     #: a job whose lease ran out (its worker died) is queued again within about 1.25 times this.
     job_lease_seconds: int = field(default=20, metadata={"env": "INFERENCE_JOB_LEASE_SECONDS"})
-    #: INFERENCE_API_TOKEN: when set, every route but /healthcheck and /ping needs ``Authorization: Bearer``.
+    #: INFERENCE_API_TOKEN: when set, every route but /healthcheck and /ping needs ``Authorization: Bearer``;
+    #: its holder acts as an admin. Named users (``python -m inference.users``) have tokens of their own.
     api_token: str | None = field(default=None, metadata={"env": "INFERENCE_API_TOKEN", "secret": True})
+    #: INFERENCE_AUDIT_LOG: the audit trail, one hash-chained JSON line per event touching patient data;
+    #: unset: ``<INFERENCE_OUTPUT_ROOT>/audit.jsonl``.
+    audit_log: Path | None = field(default=None, metadata={"env": "INFERENCE_AUDIT_LOG"})
+    #: INFERENCE_AUDIT_SYSLOG: ``host:port`` of a syslog receiver (UDP) every audit record is also sent to,
+    #: as RFC 5424 (IHE ATNA); unset: none.
+    audit_syslog: str | None = field(default=None, metadata={"env": "INFERENCE_AUDIT_SYSLOG"})
     #: INFERENCE_RADIOMICS_NETWORKS: client networks (CIDR, e.g. ``10.1.2.0/24``, comma-separated) whose requests
     #: to the Radiomics API routes (``/api/...``) need no bearer token even when INFERENCE_API_TOKEN is set
     #: (Velocity sends none); unset: none.

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 
 class GatewayError(Exception):
-    """An error the client can act on; ``status`` is the HTTP status it is answered with."""
+    """An error the client can act on; ``status`` is the HTTP status it is answered with, ``details`` extra
+    fields of its JSON body (e.g. ``required_role``)."""
 
     status: int = 400
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
+    def __init__(self, message: str, *, status: int | None = None, **details: str) -> None:
         super().__init__(message)
         self.message = message
+        self.details = details
         if status is not None:
             self.status = status
 

@@ -23,6 +23,7 @@ import pytest
 import requests
 
 from bench.pacs_services import DicomNodeProcess, Orthanc, c_store, free_port, orthanc_missing
+from inference.audit import verify
 from inference.jobs.store import COMPLETED, JobStore
 from tests.conftest import require, shared_data, write_study
 
@@ -207,6 +208,13 @@ def test_results_wait_in_the_outbox_while_the_destination_is_down_and_after_a_re
         assert not list(outbox.rglob("*.dcm"))
         node.wait_for_log("study done", 10)
         assert eventually(lambda: not list((node.folder / "pacs" / "spool" / "work").iterdir()))
+        trail = [json.loads(line) for line in (node.folder / "jobs" / "audit.jsonl").read_text().splitlines()]
+        mine = [(e["event"], e["user"]) for e in trail if e["study_uid"] == study_uid]
+        assert mine == [("study-received", "ae:SCANNER"), ("result-produced", None),
+                        ("result-sent", f"ae:{node.ae_title}")]
+        sent = trail[-1]
+        assert sent["detail"]["destinations"] == [f"ORTHANC@127.0.0.1:{orthanc_port}"] and sent["input_hash"]
+        assert verify(node.folder / "jobs" / "audit.jsonl")[1] is None
     finally:
         orthanc.stop()
         node.stop()

@@ -15,14 +15,14 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("entry points", ("mock_server", "worker", "dicom_node", "healthcheck", "gunicorn.conf")),
     ("the production app", ("server",)),
     ("the HTTP front door", ("gateway",)),
-    ("front doors' machinery", ("inference.jobs", "inference.http", "inference.radiomics")),
+    ("front doors' machinery", ("inference.jobs", "inference.http", "inference.radiomics", "inference.users")),
     ("handlers", ("handlers",)),
     ("PACS spool, routing, outbox, delivery", ("inference.pacs",)),
     ("the pipeline", ("inference.pipeline",)),
     ("models", ("models",)),
     ("protocol, DICOM, imaging", ("inference.protocol", "inference.dicom", "inference.imaging")),
     ("ground floor", ("inference.config", "inference.errors", "inference.logs", "inference.metrics",
-                      "inference.metrics_dir", "inference.paths", "inference")),
+                      "inference.metrics_dir", "inference.paths", "inference.audit", "inference")),
 ]
 #: Folders whose modules are not part of the product's layers (they may import anything above).
 OUTSIDE = ("tests", "bench", "inference-test-tool", ".venv", ".git")

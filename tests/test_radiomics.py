@@ -361,3 +361,29 @@ def test_results_are_kept_for_the_grace_period_then_deleted(tmp_path):
     assert door.sweep(now=time.time() + 601) == [uid]
     assert client.get(path, headers=headers).status_code == 400 and store.get(uid) is None
     assert not (tmp_path / "jobs" / uid).exists() and not (tmp_path / "jobs" / f"{uid}.input").exists()
+
+
+def test_named_users_post_segmentations_read_only_their_own_and_are_audited(live):
+    """From a network not on the allow list, a submitter posts with its own token; another submitter cannot
+    follow that segmentation, a reviewer can; the post is in the audit trail with the user and its hash."""
+    from tests.test_security import add_user
+
+    tokens = {name: add_user(live.output, name, role) for name, role in
+              [("vela", "submitter"), ("otto", "submitter"), ("rhea", "reviewer")]}
+
+    def client(name: str) -> VelocityClient:
+        session = requests.Session()
+        session.mount("http://", SourceAddressAdapter("127.0.0.2"))
+        return VelocityClient(live.url, headers={"Authorization": f"Bearer {tokens[name]}"}, session=session)
+
+    task, progress, _ = client("vela").segment(MODEL, small_input(channel_id="CT"), timeout=30)
+    assert progress.ErrorCode == 2, progress
+    path = f"/api/v2/Model/{MODEL}/segmentation/{task.SegmentationID}"
+    assert "another user" in bad_request(client("otto").session.get(live.url + path, timeout=10), 403)
+    assert client("rhea").session.get(live.url + path, timeout=10).status_code == 200
+    trail = [json.loads(line) for line in (live.output / "audit.jsonl").read_text().splitlines()]
+    mine = [e for e in trail if e.get("detail", {}).get("job") == task.SegmentationID]
+    assert [(e["event"], e["user"], e["outcome"]) for e in mine] == [
+        ("study-received", "vela", "success"), ("result-viewed", "otto", "refused")]
+    assert mine[0]["detail"]["door"] == "radiomics" and mine[0]["client"] == "127.0.0.2"
+    assert len(mine[0]["input_hash"]) == 64

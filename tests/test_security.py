@@ -4,11 +4,13 @@ responses, request size limits, graceful SIGTERM, and studyPath / job folders co
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import runpy
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -126,6 +128,171 @@ def test_without_a_token_setting_routes_are_open() -> None:
     app = Gateway(__name__, settings=settings(api_token=None))
     app.add_url_rule("/models", "list_models", lambda: {"models": []})
     assert app.test_client().get("/models").status_code == 200
+
+
+# -- named users and roles (inference.users) -------------------------------------------------------
+def add_user(output_root: Path, name: str, role: str) -> str:
+    """Create user ``name`` in the job store under ``output_root``; its token."""
+    from inference.users import SqliteUsers, new_user
+
+    user, token = new_user(name, role)
+    SqliteUsers(output_root / "jobs.sqlite3").add(user)
+    return token
+
+
+@pytest.fixture(scope="module")
+def users(tmp_path_factory):
+    """The full app (shared token set) with a study in its data root and one user of each role, plus a
+    second submitter: (app, {name: token}, roots)."""
+    import server
+
+    root = tmp_path_factory.mktemp("users_app")
+    write_study(root / "data" / "study")
+    output = root / "jobs"
+    tokens = {name: add_user(output, name, role) for name, role in
+              [("alice", "submitter"), ("bob", "submitter"), ("rita", "reviewer"), ("ada", "admin")]}
+    app = server.create_app(settings=settings(api_token=TOKEN, data_root=root / "data", output_root=output))
+    return app, tokens, root
+
+
+def wait_for(client, uid: str, headers: dict) -> requests.Response:
+    deadline = time.monotonic() + 60
+    while True:
+        response = client.get(f"/query/{uid}", headers=headers)
+        if response.status_code != 202 or time.monotonic() > deadline:
+            return response
+        time.sleep(0.05)
+
+
+def test_every_route_states_the_role_it_needs(users) -> None:
+    app, _, _ = users
+    endpoints = {rule.endpoint for rule in app.url_map.iter_rules()} - {"static", *gateway.OPEN_ENDPOINTS}
+    assert {"audit", "submit_job", "inference", "radiomics_segmentation"} <= endpoints
+    assert not endpoints - set(app.route_roles), "add these to gateway.ROUTE_ROLES"
+    assert app.route_roles["audit"] == app.route_roles["metrics"] == "admin"
+
+
+@pytest.mark.parametrize(("name", "route", "allowed"), [
+    # (user, a representative route of each kind, whether that role may use it)
+    ("alice", "/models", True), ("alice", "/api/v2/Model", True), ("alice", "/metrics", False),
+    ("alice", "/audit", False),
+    ("rita", "/models", True), ("rita", "/api/v2/Model", True), ("rita", "/audit", False), ("rita", "/metrics", False),
+    ("ada", "/models", True), ("ada", "/audit", True), ("ada", "/metrics", True),
+    ("shared", "/audit", True), ("shared", "/metrics", True), ("shared", "/models", True),
+])
+def test_each_role_is_allowed_or_refused_by_route(users, name: str, route: str, allowed: bool) -> None:
+    app, tokens, _ = users
+    response = app.test_client().get(route, headers=bearer(TOKEN if name == "shared" else tokens[name]))
+    if allowed:
+        assert response.status_code == 200, response.data
+    else:
+        assert response.status_code == 403
+        assert response.get_json()["required_role"] == "admin"
+        assert "needs role 'admin'" in response.get_json()["error"]
+
+
+def test_submitters_send_studies_through_every_door(users) -> None:
+    app, tokens, _ = users
+    client = app.test_client()
+    study = sorted((users[2] / "data" / "study").iterdir())
+    encoder = build_multipart_request({"inference_command": "gaussian-blur-3d"}, study)
+    sent = client.post("/", data=encoder.to_string(), content_type=encoder.content_type,
+                       headers=bearer(tokens["alice"]))
+    assert sent.status_code == 200, sent.data
+    job = client.post("/job/", json={"job_name": "3dblur", "in_dir": "study"}, headers=bearer(tokens["alice"]))
+    assert job.status_code == 201
+
+
+def test_missing_token_is_401_naming_the_role(users) -> None:
+    app, _, _ = users
+    response = app.test_client().get("/audit")
+    assert response.status_code == 401
+    assert response.get_json()["required_role"] == "admin"
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+def test_a_submitter_reads_only_its_own_jobs(users) -> None:
+    app, tokens, _ = users
+    client = app.test_client()
+    uid = client.post("/job/", json={"job_name": "3dblur", "in_dir": "study"},
+                      headers=bearer(tokens["alice"])).get_json()["uid"]
+    assert wait_for(client, uid, bearer(tokens["alice"])).status_code == 200
+    for route in (f"/query/{uid}", f"/job/{uid}/files", f"/job/{uid}/files/response.json"):
+        refused = client.get(route, headers=bearer(tokens["bob"]))
+        assert refused.status_code == 403, route
+        assert "another user" in refused.get_json()["error"]
+        for reader in (tokens["alice"], tokens["rita"], tokens["ada"], TOKEN):
+            assert client.get(route, headers=bearer(reader)).status_code == 200, route
+
+
+def test_a_revoked_user_is_refused(users) -> None:
+    app, _, root = users
+    from inference.users import SqliteUsers
+
+    token = add_user(root / "jobs", "carl", "reviewer")
+    client = app.test_client()
+    assert client.get("/models", headers=bearer(token)).status_code == 200
+    assert SqliteUsers(root / "jobs" / "jobs.sqlite3").revoke("carl")
+    assert client.get("/models", headers=bearer(token)).status_code == 403
+
+
+@pytest.mark.parametrize("forged", ["{id}.wrong-secret", "{id}", "nosuchid.{secret}", "{id}.{secret}x"])
+def test_forged_user_tokens_are_forbidden(users, forged: str) -> None:
+    app, tokens, _ = users
+    token_id, _, secret = tokens["ada"].partition(".")
+    response = app.test_client().get("/models", headers=bearer(forged.format(id=token_id, secret=secret)))
+    assert response.status_code == 403
+
+
+def test_users_turn_the_token_check_on_without_a_shared_token(tmp_path: Path) -> None:
+    import server
+
+    app = server.create_app(settings=settings(api_token=None, output_root=tmp_path / "jobs"))
+    client = app.test_client()
+    assert client.get("/models").status_code == 200, "no token and no user: open, as before users"
+    token = add_user(tmp_path / "jobs", "alice", "submitter")
+    assert client.get("/models").status_code == 401
+    assert client.get("/models", headers=bearer(token)).status_code == 200
+
+
+def run_users_command(output_root: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "INFERENCE_OUTPUT_ROOT": str(output_root), "INFERENCE_JOB_BACKEND": "local"}
+    return subprocess.run([sys.executable, "-m", "inference.users", *args], env=env, capture_output=True,
+                          text=True, timeout=60, cwd=PROJECT_ROOT)
+
+
+def test_users_command_adds_lists_and_revokes(tmp_path: Path) -> None:
+    import server
+
+    output = tmp_path / "jobs"
+    added = run_users_command(output, "add", "rita", "--role", "reviewer")
+    assert added.returncode == 0, added.stderr
+    token = added.stdout.strip()
+    assert re.fullmatch(r"[0-9a-f]{16}\.[A-Za-z0-9_-]{40,}", token), "the token alone on stdout"
+    assert "shown only now" in added.stderr
+    listed = run_users_command(output, "list")
+    assert listed.returncode == 0
+    assert [json.loads(line) for line in listed.stdout.splitlines()] == [
+        {"name": "rita", "role": "reviewer", "created": pytest.approx(time.time(), abs=60), "revoked": None}]
+    stored = (output / "jobs.sqlite3").read_bytes()
+    assert token.encode() not in stored and token.partition(".")[2].encode() not in stored, "only a hash is kept"
+    assert run_users_command(output, "add", "rita", "--role", "admin").returncode == 1, "names are unique"
+    bad_role = run_users_command(output, "add", "eve", "--role", "root")
+    assert bad_role.returncode == 2 and "invalid choice" in bad_role.stderr
+    assert run_users_command(output, "add", "bad name!", "--role", "admin").returncode == 1
+
+    app = server.create_app(settings=settings(output_root=output))
+    assert app.test_client().get("/models", headers=bearer(token)).status_code == 200
+    assert run_users_command(output, "revoke", "rita").returncode == 0
+    assert app.test_client().get("/models", headers=bearer(token)).status_code == 403
+    assert json.loads(run_users_command(output, "list").stdout)["revoked"] is not None
+    assert run_users_command(output, "revoke", "rita").returncode == 1, "already revoked"
+
+    audit = (output / "audit.jsonl").read_text()
+    events = [json.loads(line) for line in audit.splitlines()]
+    assert [(e["event"], e["detail"]["subject"]) for e in events] == [("user-created", "rita"),
+                                                                       ("user-revoked", "rita")]
+    assert token not in audit and token.partition(".")[2] not in audit
 
 
 # -- safe defaults --------------------------------------------------------------------------------------

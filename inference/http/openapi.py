@@ -92,6 +92,16 @@ def openapi_document(commands: list[str], job_names: list[str], *, token_require
             "responses": {"200": {"description": "Prometheus text exposition format",
                                   "content": {"text/plain": {"schema": {"type": "string"}}}},
                           **_errors(*auth_errors)}}},
+        "/audit": {"get": {
+            "summary": "The audit trail's records, oldest first (role admin)", "operationId": "readAudit",
+            "parameters": [{"name": name, "in": "query", "required": False, "schema": {"type": "string"},
+                            "description": text} for name, text in (
+                ("study", "StudyInstanceUID"), ("user", "user name or ae:<AE title>"),
+                ("from", "ISO 8601 time, inclusive"), ("to", "ISO 8601 time, inclusive"))],
+            "responses": {"200": _json({"type": "object", "required": ["records", "count"],
+                                        "properties": {"records": {"type": "array", "items": {"type": "object"}},
+                                                       "count": {"type": "integer"}}}, "matching records"),
+                          **_errors(400, *auth_errors)}}},
         "/models": {"get": {
             "summary": "The inference commands served", "operationId": "listModels",
             "responses": {"200": _json({"$ref": "#/components/schemas/Models"}, "served commands"),

@@ -24,11 +24,14 @@ import logging
 from pathlib import Path
 
 import flask
-from flask import request
+import pydicom
+import pydicom.errors
+from flask import g, request
 
 from inference.errors import (
     BadRequest,
     Conflict,
+    Forbidden,
     NotFound,
     UnsupportedMediaType,
 )
@@ -78,8 +81,20 @@ def job_from_request(pipeline: Pipeline) -> Job:
     params = {key: value for key, value in body.items() if key not in JOB_KEYS}
     job = Job(job_name=job_name, command=names[job_name], in_dir=in_dir, params=params)
     pipeline.check_request(job_request_json(job), command=job.command)  # bad parameters: 400 now, not later
-    study_files(pipeline.settings.data_root, in_dir)
+    files = study_files(pipeline.settings.data_root, in_dir)
+    job.study_uid = first_study_uid(files)
     return job
+
+
+def first_study_uid(files: list[Path]) -> str | None:
+    """The StudyInstanceUID of the first readable file of ``files`` (what the audit trail records), else None."""
+    for path in files:
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
+        except (OSError, pydicom.errors.InvalidDicomError):
+            continue
+        return str(header.get("StudyInstanceUID", "")) or None
+    return None
 
 
 def add_job_routes(app: flask.Flask, pipeline: Pipeline, *, store: JobRecords | None = None,
@@ -115,11 +130,30 @@ def add_job_routes(app: flask.Flask, pipeline: Pipeline, *, store: JobRecords | 
     if hasattr(app, "metrics_collectors"):  # a Gateway: /metrics counts jobs by state from the store
         app.metrics_collectors.append(JobCountsCollector(store.count_by_status, JOB_STATES))
 
+    def audit(event: str, **fields: object) -> None:
+        """Append ``event`` to the app's audit trail (a Gateway has one; a plain Flask app in tests has not)."""
+        if hasattr(app, "audit_event"):
+            app.audit_event(event, **fields)
+
+    def readable(uid: str) -> Job:
+        """Job ``uid`` when this request's user may read it: 404 unknown, 403 another submitter's (audited)."""
+        job = store.get(uid)
+        if job is None:
+            raise NotFound(f"no job with uid {uid!r}; POST /job/ answers the uid of a new job")
+        if hasattr(app, "may_read") and not app.may_read(job.user):
+            audit("result-viewed", outcome="refused", study_uid=job.study_uid, job=uid, path=request.path)
+            raise Forbidden(f"job {uid} was submitted by another user; a submitter reads only its own jobs",
+                            required_role="reviewer")
+        return job
+
     @app.post("/job/", strict_slashes=False)  # POST /job answers too, without a redirect
     def submit_job() -> tuple[flask.Response, int]:
         job = job_from_request(pipeline)
         job.owner = runner.owner
+        job.user = g.get("user")
         store.add(job)
+        audit("study-received", study_uid=job.study_uid, door="job", job=job.uid, in_dir=job.in_dir,
+              command=job.command)
         runner.submit(job)
         log.info("job %s queued: %s (%s) on %s", job.uid, job.job_name, job.command, job.in_dir)
         response = flask.jsonify({"uid": job.uid})
@@ -128,10 +162,9 @@ def add_job_routes(app: flask.Flask, pipeline: Pipeline, *, store: JobRecords | 
 
     @app.get("/query/<uid>")
     def query_job(uid: str) -> tuple[flask.Response, int]:
-        job = store.get(uid)
-        if job is None:
-            raise NotFound(f"no job with uid {uid!r}; POST /job/ answers the uid of a new job")
+        job = readable(uid)
         if job.status == COMPLETED:
+            audit("result-viewed", study_uid=job.study_uid, job=uid, path=request.path)
             return flask.jsonify({"msg": "Job has completed", "output_dir": job.output_dir,
                                   "attempts": job.attempts}), 200
         if job.status == FAILED:
@@ -140,29 +173,29 @@ def add_job_routes(app: flask.Flask, pipeline: Pipeline, *, store: JobRecords | 
         return flask.jsonify({"msg": "Job is queued" if job.status == QUEUED else "Job is running",
                               "attempts": job.attempts}), 202
 
-    def completed_folder(uid: str) -> Path:
-        """The output folder of completed job ``uid``: 404 unknown, 409 not (or not successfully) complete."""
-        job = store.get(uid)
-        if job is None:
-            raise NotFound(f"no job with uid {uid!r}; POST /job/ answers the uid of a new job")
+    def completed_folder(uid: str) -> tuple[Job, Path]:
+        """Completed job ``uid`` and its output folder: 404 unknown, 409 not (or not successfully) complete."""
+        job = readable(uid)
         if job.status != COMPLETED:
             state = "has failed" if job.status == FAILED else "is queued" if job.status == QUEUED else "is running"
             raise Conflict(f"job {uid} {state}: it has no files; GET /query/{uid} tells its state")
-        return Path(job.output_dir) if job.output_dir else output_root / uid
+        return job, Path(job.output_dir) if job.output_dir else output_root / uid
 
     @app.get("/job/<uid>/files")
     def list_job_files(uid: str) -> flask.Response:
-        folder = completed_folder(uid)
+        job, folder = completed_folder(uid)
         files = [{"name": path.name, "bytes": path.stat().st_size}
                  for path in sorted(folder.iterdir()) if path.is_file() and is_inside(folder, path)]
+        audit("result-viewed", study_uid=job.study_uid, job=uid, path=request.path)
         return flask.jsonify({"uid": uid, "files": files})
 
     @app.get("/job/<uid>/files/<name>")
     def get_job_file(uid: str, name: str) -> flask.Response:
-        folder = completed_folder(uid)
+        job, folder = completed_folder(uid)
         path = folder / name
         if "/" in name or name.startswith(".") or not path.is_file() or not is_inside(folder, path):
             raise NotFound(f"job {uid} has no file {name!r}; GET /job/{uid}/files lists them")
+        audit("result-downloaded", study_uid=job.study_uid, job=uid, file=name)
         return flask.send_file(path, as_attachment=True, download_name=name,
                                mimetype="application/json" if name.endswith(".json") else None)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from inference import protocol
+from inference.audit import audit_log
 from inference.config import Settings
 from inference.dicom.files import study_folder_files
 from inference.dicom.series import Geometry, Volume
@@ -171,6 +172,8 @@ class JobExecutor:
         else:
             self.store.mark_completed(job.uid, str(output))
             shutil.rmtree(volume_input, ignore_errors=True)
+            audit_log(settings).append("result-produced", user=job.user, study_uid=job.study_uid,
+                                       input_hash=result.input_hash, job=job.uid, command=result.command)
             log.info("job %s completed: %d outputs in %s", job.uid, len(result.buffers), output)
         finally:
             shutil.rmtree(partial, ignore_errors=True)

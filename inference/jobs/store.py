@@ -57,13 +57,16 @@ CREATE TABLE IF NOT EXISTS jobs (
     worker TEXT,
     started REAL,
     finished REAL,
-    spool INTEGER NOT NULL DEFAULT 0
+    spool INTEGER NOT NULL DEFAULT 0,
+    user TEXT,
+    study_uid TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_unfinished ON jobs (status, owner);
 """
 #: Columns added after the first release, with their type: added to older files when opened.
 ADDED_COLUMNS = {"attempts": "INTEGER NOT NULL DEFAULT 0", "worker": "TEXT", "started": "REAL", "finished": "REAL",
-                 "spool": "INTEGER NOT NULL DEFAULT 0"}
+                 "spool": "INTEGER NOT NULL DEFAULT 0", "user": "TEXT",
+                 "study_uid": "TEXT"}
 
 
 @dataclass
@@ -88,6 +91,10 @@ class Job:
     finished: float | None = None
     #: the folder ``in_dir`` is in the DICOM node's spool (``<INFERENCE_PACS_ROOT>/spool``), not the data root
     spool: bool = False
+    #: the named user who submitted it (``inference.users``); None for the shared token, no token, or the node
+    user: str | None = None
+    #: the StudyInstanceUID of its input, when it is DICOM (for the audit trail)
+    study_uid: str | None = None
 
 
 class JobRecords(Protocol):
@@ -156,11 +163,11 @@ class JobStore:
         with self._connect(write=True) as db:
             db.execute(
                 "INSERT INTO jobs (uid, job_name, command, in_dir, params, status, owner, error, error_status,"
-                " output_dir, created, updated, attempts, worker, started, finished, spool)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " output_dir, created, updated, attempts, worker, started, finished, spool, user, study_uid)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job.uid, job.job_name, job.command, job.in_dir, json.dumps(job.params), job.status, job.owner,
                  job.error, job.error_status, job.output_dir, job.created, job.updated, job.attempts, job.worker,
-                 job.started, job.finished, int(job.spool)))
+                 job.started, job.finished, int(job.spool), job.user, job.study_uid))
         return job
 
     def get(self, uid: str) -> Job | None:

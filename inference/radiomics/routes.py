@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flask import Response, request
+from flask import Response, g, request
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError, Message
 
@@ -176,8 +176,8 @@ class RadiomicsDoor:
         self._sweep_lock = threading.Lock()
 
     # -- jobs --------------------------------------------------------------------------------------
-    def submit(self, model: CatalogueModel, body: bytes) -> tuple[str, float]:
-        """Turn a posted ModelInput into a job: its SegmentationID and arrival time.
+    def submit(self, model: CatalogueModel, body: bytes, user: str | None = None) -> tuple[str, float, str]:
+        """Turn a posted ModelInput into a job of ``user``: its SegmentationID, arrival time and input hash.
 
         An input that cannot run (channels, sizes, compression) still gets a job, failed at once with
         its ErrorCode, so the client learns why from the progress poll (the protocol's way).
@@ -193,7 +193,7 @@ class RadiomicsDoor:
         uid = str(uuid.uuid4())
         record = Segmentation(uid, model.model_id, model.version.family, model.version.version, input_hash, received)
         job = Job(job_name=VOLUME_JOB, command=model.command, in_dir="",
-                  params={"model_version": model.version.version}, uid=uid)
+                  params={"model_version": model.version.version}, uid=uid, user=user)
         folder = volume_input_folder(self.settings.output_root, uid)
         try:
             channel = self.input_channel(message, model)
@@ -204,7 +204,7 @@ class RadiomicsDoor:
             job.status, job.error, job.error_status, job.finished = FAILED, exc.message, 422, time.time()
             self.records.add_segmentation(record)
             self.store.add(job)
-            return uid, received
+            return uid, received, input_hash
         try:
             self.records.add_segmentation(record)
             job.owner = self.runner.owner
@@ -214,7 +214,7 @@ class RadiomicsDoor:
             shutil.rmtree(folder, ignore_errors=True)
             raise
         log.info("segmentation %s queued: %s, input_hash %s", uid, model.model_id, input_hash)
-        return uid, received
+        return uid, received, input_hash
 
     @staticmethod
     def input_channel(message: M.ModelInput, model: CatalogueModel) -> M.ModelInputChannel:
@@ -374,16 +374,31 @@ def add_radiomics_routes(app: Any, pipeline: Pipeline, catalogue: Catalogue, sto
         if model is None:
             raise RadiomicsError(400, f"unknown model {model_id!r}; GET /api/v2/Model/ lists the model ids: "
                                       f"{', '.join(catalogue.models) or 'none'}")
-        uid, received = door.submit(model, read_body(settings.max_request_bytes))
+        uid, received, input_hash = door.submit(model, read_body(settings.max_request_bytes), g.get("user"))
+        app.audit_event("study-received", input_hash=input_hash, door="radiomics", job=uid, model=model_id)
         task = M.SegmentationTask(SegmentationID=uid)
         task.StartTime.FromDatetime(datetime.fromtimestamp(received, UTC))
         return answer(task)
 
+    def readable(model_id: str, segmentation_id: str) -> tuple[Segmentation, Job]:
+        """The segmentation when this request's user may read it (a submitter: only its own)."""
+        record, job = door.find(model_id, segmentation_id)
+        if not app.may_read(job.user):
+            app.audit_event("result-viewed", outcome="refused", input_hash=record.input_hash, door="radiomics",
+                            job=job.uid)
+            raise RadiomicsError(403, f"segmentation {segmentation_id} was posted by another user; a submitter "
+                                      "reads only its own")
+        return record, job
+
     def get_progress(model_id: str, segmentation_id: str) -> Response:
-        return answer(door.progress(*door.find(model_id, segmentation_id)))
+        return answer(door.progress(*readable(model_id, segmentation_id)))
 
     def get_result(model_id: str, segmentation_id: str) -> Response:
-        return answer(door.result(*door.find(model_id, segmentation_id)))
+        record, job = readable(model_id, segmentation_id)
+        result = door.result(record, job)
+        app.audit_event("result-downloaded", input_hash=record.input_hash, door="radiomics", job=job.uid,
+                        model=model_id)
+        return answer(result)
 
     def post_feedback() -> Response:
         feedback = parse(M.SegmentationFeedback, read_body(MAX_MESSAGE_BYTES))

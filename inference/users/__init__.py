@@ -1,0 +1,256 @@
+"""Named users, each with a role and a bearer token of their own, kept on the job store.
+
+A token is ``<id>.<secret>``: the id finds the user, the secret is checked against a salted scrypt hash
+(the token itself is never stored, and shown only once, by ``python -m inference.users add``). Roles
+rank: ``submitter`` < ``reviewer`` < ``admin``; a user may do what its role and every lower role may.
+``UserStore`` is the one interface; ``SqliteUsers`` keeps users in the local job store's SQLite file,
+``RedisUsers`` in the celery backend's Redis, so every API instance sees the same users.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol, cast
+
+import redis
+
+from inference.config import Settings
+from inference.errors import ServiceUnavailable
+
+SUBMITTER, REVIEWER, ADMIN = "submitter", "reviewer", "admin"
+#: Roles, lowest first: each may do what the ones before it may.
+ROLES = (SUBMITTER, REVIEWER, ADMIN)
+#: scrypt's cost (n, r, p): about 16 MiB and tens of milliseconds per check; a verified token is
+#: remembered by its SHA-256 for the process's life, so a request pays it once.
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
+
+
+def role_allows(role: str, needed: str) -> bool:
+    """Whether ``role`` may use a route that needs ``needed``."""
+    return ROLES.index(role) >= ROLES.index(needed)
+
+
+def hash_secret(secret: str, salt: bytes) -> str:
+    """The salted scrypt hash (hex) of a token's secret."""
+    return hashlib.scrypt(secret.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P).hex()
+
+
+@dataclass
+class User:
+    """One user: name, role, the public id of its token, the token's salt and hash, and when revoked."""
+
+    name: str
+    role: str
+    token_id: str
+    salt: str
+    token_hash: str
+    created: float
+    revoked: float | None = None
+
+    def describe(self) -> dict:
+        """What ``list`` shows: never the salt or hash."""
+        return {"name": self.name, "role": self.role, "created": self.created, "revoked": self.revoked}
+
+
+def new_user(name: str, role: str) -> tuple[User, str]:
+    """A new user and its token (to show once): a clear ValueError for a bad name or role."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+    if not name or not all(c.isalnum() or c in "-_.@" for c in name) or len(name) > 64:
+        raise ValueError(f"a user name is 1-64 letters, digits or '-_.@', got {name!r}")
+    token_id, secret, salt = secrets.token_hex(8), secrets.token_urlsafe(32), secrets.token_bytes(16)
+    user = User(name, role, token_id, salt.hex(), hash_secret(secret, salt), time.time())
+    return user, f"{token_id}.{secret}"
+
+
+class UserStore(Protocol):
+    """Where users are kept: the job store's SQLite file or its Redis."""
+
+    def add(self, user: User) -> None:
+        """Record a new user; ValueError when the name is taken (revoked names stay taken)."""
+        ...
+
+    def get(self, name: str) -> User | None:
+        """User ``name``, or None."""
+        ...
+
+    def by_token_id(self, token_id: str) -> User | None:
+        """The user whose token has the public id ``token_id``, or None."""
+        ...
+
+    def all(self) -> list[User]:
+        """Every user, revoked ones included, by name."""
+        ...
+
+    def revoke(self, name: str) -> bool:
+        """Revoke user ``name``'s token for good; whether it was active."""
+        ...
+
+    def any_users(self) -> bool:
+        """Whether a user was ever created, revoked or not: then the server asks every request for a token
+        (revoking the last user must not open the server)."""
+        ...
+
+
+class SqliteUsers:
+    """Users in a table of the local job store's SQLite file (``<INFERENCE_OUTPUT_ROOT>/jobs.sqlite3``)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS users (name TEXT PRIMARY KEY, role TEXT NOT NULL, "
+                       "token_id TEXT NOT NULL UNIQUE, salt TEXT NOT NULL, token_hash TEXT NOT NULL, "
+                       "created REAL NOT NULL, revoked REAL)")
+
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.path, timeout=30.0)
+        db.row_factory = sqlite3.Row
+        try:
+            with db:
+                yield db
+        finally:
+            db.close()
+
+    def _one(self, where: str, value: str) -> User | None:
+        with self._connect() as db:
+            row = db.execute(f"SELECT * FROM users WHERE {where} = ?", (value,)).fetchone()
+        return None if row is None else User(**dict(row))
+
+    def add(self, user: User) -> None:
+        try:
+            with self._connect() as db:
+                db.execute("INSERT INTO users VALUES (:name, :role, :token_id, :salt, :token_hash, :created, :revoked)",
+                           asdict(user))
+        except sqlite3.IntegrityError:
+            raise ValueError(f"user {user.name!r} already exists (revoked names stay taken)") from None
+
+    def get(self, name: str) -> User | None:
+        return self._one("name", name)
+
+    def by_token_id(self, token_id: str) -> User | None:
+        return self._one("token_id", token_id)
+
+    def all(self) -> list[User]:
+        with self._connect() as db:
+            return [User(**dict(row)) for row in db.execute("SELECT * FROM users ORDER BY name")]
+
+    def revoke(self, name: str) -> bool:
+        with self._connect() as db:
+            cursor = db.execute("UPDATE users SET revoked = ? WHERE name = ? AND revoked IS NULL", (time.time(), name))
+        return cursor.rowcount == 1
+
+    def any_users(self) -> bool:
+        with self._connect() as db:
+            return db.execute("SELECT 1 FROM users LIMIT 1").fetchone() is not None
+
+
+class RedisUsers:
+    """Users in the celery backend's Redis: hash ``inference:user:<name>``, index ``inference:user-token:<id>``,
+    sets of every name and of the active ones."""
+
+    PREFIX, TOKEN_PREFIX = "inference:user:", "inference:user-token:"
+    ALL, ACTIVE = "inference:users", "inference:users-active"
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.redis = redis.Redis.from_url(url, socket_connect_timeout=2.0, socket_timeout=10.0,
+                                          decode_responses=True)
+
+    @contextlib.contextmanager
+    def _reaching(self) -> Iterator[None]:
+        try:
+            yield
+        except redis.RedisError as exc:
+            raise ServiceUnavailable(f"the user store (Redis) is unreachable: {exc}") from None
+
+    def _load(self, values: dict) -> User | None:
+        if not values:
+            return None
+        revoked = values.get("revoked")
+        return User(values["name"], values["role"], values["token_id"], values["salt"], values["token_hash"],
+                    float(values["created"]), float(revoked) if revoked else None)
+
+    def add(self, user: User) -> None:
+        values = {key: "" if value is None else str(value) for key, value in asdict(user).items()}
+        with self._reaching():
+            if not self.redis.hsetnx(self.PREFIX + user.name, "name", user.name):
+                raise ValueError(f"user {user.name!r} already exists (revoked names stay taken)")
+            pipe = self.redis.pipeline()
+            pipe.hset(self.PREFIX + user.name, mapping=values)
+            pipe.set(self.TOKEN_PREFIX + user.token_id, user.name)
+            pipe.sadd(self.ACTIVE, user.name)
+            pipe.sadd(self.ALL, user.name)
+            pipe.execute()
+
+    def get(self, name: str) -> User | None:
+        with self._reaching():
+            # redis-py types its sync and asyncio clients as one: this (sync) client answers plain values
+            return self._load(cast("dict", self.redis.hgetall(self.PREFIX + name)))
+
+    def by_token_id(self, token_id: str) -> User | None:
+        with self._reaching():
+            name = cast("str | None", self.redis.get(self.TOKEN_PREFIX + token_id))
+            return None if name is None else self._load(cast("dict", self.redis.hgetall(self.PREFIX + name)))
+
+    def all(self) -> list[User]:
+        with self._reaching():
+            names = sorted(cast("set[str]", self.redis.smembers(self.ALL)))
+        return [user for user in map(self.get, names) if user is not None]
+
+    def revoke(self, name: str) -> bool:
+        with self._reaching():
+            if not self.redis.srem(self.ACTIVE, name):
+                return False
+            self.redis.hset(self.PREFIX + name, "revoked", str(time.time()))
+        return True
+
+    def any_users(self) -> bool:
+        with self._reaching():
+            return bool(self.redis.scard(self.ALL))
+
+
+class Authenticator:
+    """Finds the user a bearer token belongs to; remembers verified tokens by SHA-256 (never the token)."""
+
+    def __init__(self, store: UserStore) -> None:
+        self.store = store
+        self._verified: dict[str, str] = {}  # SHA-256 of a token -> the scrypt hash it matched
+        self._guard = threading.Lock()
+
+    def user_for(self, token: str) -> User | None:
+        """The active user holding ``token``, else None (unknown, malformed or revoked)."""
+        token_id, _, secret = token.partition(".")
+        if not token_id or not secret:
+            return None
+        user = self.store.by_token_id(token_id)
+        if user is None or user.revoked is not None:
+            return None
+        key = hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+        with self._guard:
+            known = self._verified.get(key)
+        if known is not None and hmac.compare_digest(known, user.token_hash):
+            return user
+        given = hash_secret(secret, bytes.fromhex(user.salt))
+        if not hmac.compare_digest(given, user.token_hash):
+            return None
+        with self._guard:
+            self._verified[key] = user.token_hash
+        return user
+
+
+def user_store(settings: Settings) -> UserStore:
+    """The users of ``settings``' job store: Redis with the celery backend, else the local SQLite file."""
+    if settings.job_backend == "celery":
+        return RedisUsers(settings.broker_url)
+    return SqliteUsers(Path(settings.output_root) / "jobs.sqlite3")
