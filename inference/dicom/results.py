@@ -26,8 +26,9 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
+from inference.dicom.header import PIXEL_DATA
+
 MANUFACTURER = "Hippocampus inference gateway"
-PIXEL_DATA = 0x7FE00010
 SEG_SERIES_NUMBER = 9200
 SR_SERIES_NUMBER = 9300
 
