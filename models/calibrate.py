@@ -6,8 +6,8 @@ r"""Derive a version's quality blocks from the data it was trained and validated
    size, crop matrix per axis, intensity mean and coefficient of variation, obliquity), their min and max.
 2. ``uncertainty``: the version run on the validation split; the threshold on the uncertainty score that
    best separates volumes whose lowest structure Dice is below ``--low-dice`` (Youden's J, among thresholds
-   flagging at most ``--max-flagged`` of the split; the higher threshold on a tie), then the test split's figures with that threshold: how many low-Dice volumes it
-   flags, how many it flags in all.
+   flagging at most ``--max-flagged`` of the split; the higher threshold on a tie), then the test split's
+   figures with that threshold: how many low-Dice volumes it flags, how many it flags in all.
 3. ``drift_reference``: a JSON file next to the manifest with the training split's histograms of the input
    properties and label volumes, and the validation split's of the uncertainty score (``models.monitoring``).
 
@@ -186,7 +186,8 @@ def main(argv: list[str] | None = None) -> dict:
                                  args.max_flagged)
     uncertainty = {
         "method": val[0]["method"], "threshold": round(threshold, 4),
-        "score": "largest unsure fraction over the structures", "low_dice": args.low_dice, "max_flagged": args.max_flagged,
+        "score": "largest unsure fraction over the structures",
+        "low_dice": args.low_dice, "max_flagged": args.max_flagged,
         "low_dice_means": "the volume's lowest structure Dice",
         "validation": figures([r["score"] for r in val], [r["min_dice"] < args.low_dice for r in val], threshold),
         "test": figures([r["score"] for r in test], [r["min_dice"] < args.low_dice for r in test], threshold),

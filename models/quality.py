@@ -50,7 +50,8 @@ def obliquity_degrees(affine: np.ndarray) -> float:
 
 
 def _outside(value: float, low: float | None, high: float | None) -> bool:
-    return (low is not None and value < low - SLACK * abs(low)) or (high is not None and value > high + SLACK * abs(high))
+    below = low is not None and value < low - SLACK * abs(low)
+    return below or (high is not None and value > high + SLACK * abs(high))
 
 
 def check_input(properties: Mapping[str, Any], validated: Mapping[str, Any] | None) -> list[dict]:

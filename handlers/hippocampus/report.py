@@ -6,7 +6,6 @@ from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
-
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
