@@ -159,9 +159,9 @@ class Settings:
     #: INFERENCE_HIPPOCAMPUS_SERIES: regular expression matched against SeriesDescription to find the crop;
     #: unset: the model version's own rule (``input.series_description`` in the manifest).
     hippocampus_series: str | None = field(default=None, metadata={"env": "INFERENCE_HIPPOCAMPUS_SERIES"})
-    #: INFERENCE_HISTORY_DB: SQLite file of earlier hippocampus results by patient, for the change since the prior.
-    history_db: Path = field(default=PROJECT_ROOT / "output" / "history.sqlite3",
-                             metadata={"env": "INFERENCE_HISTORY_DB"})
+    #: INFERENCE_HISTORY_DB: SQLite file of earlier hippocampus results by patient, for the change since the prior;
+    #: unset: ``<INFERENCE_OUTPUT_ROOT>/history.sqlite3``.
+    history_db: Path | None = field(default=None, metadata={"env": "INFERENCE_HISTORY_DB"})
     #: INFERENCE_PRIOR_DICOMWEB_URL: a DICOMweb base URL (QIDO-RS, WADO-RS) where earlier studies' measurement
     #: reports are also looked up (set it for the DICOM node, e.g. the PACS's STOW URL); unset: our own store only.
     prior_dicomweb_url: str | None = field(default=None, metadata={"env": "INFERENCE_PRIOR_DICOMWEB_URL"})

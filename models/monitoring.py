@@ -14,7 +14,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from inference import metrics
 from inference.metrics import WATCHED_BUCKETS
+
+from .registry import ModelRegistry
 
 #: Watched quantity -> upper bucket bounds (Prometheus ``le``; +Inf implied): the same as ``/metrics`` serves.
 BUCKETS = WATCHED_BUCKETS
@@ -80,3 +86,54 @@ def compare(reference: Mapping[str, Any] | None, observed: Mapping[str, Sequence
                      "psi": None if index is None else round(index, 4),
                      "drifting": index is not None and index > PSI_ALERT}
     return out
+
+
+def summary(registry: ModelRegistry, family: str, multiproc_dir: Path | None) -> dict:
+    """``GET /models/<family>/monitoring``: per version, results and flags served, and each watched
+    quantity's histogram against the training split's with its PSI."""
+    served = metrics.watched_counts(multiproc_dir)
+    versions = {}
+    for name, version in registry.family(family).versions.items():
+        observed = served.get((family, name), {})
+        reference = load_reference(version.drift_reference)
+        results, flagged = int(observed.get("results", 0)), int(observed.get("flagged", 0))
+        quantities = compare(reference, observed)
+        versions[name] = {
+            "results": results, "flagged": flagged,
+            "share_flagged": round(flagged / results, 4) if results else None,
+            "expected_share_flagged": reference.get("expected_flagged_share") if reference else None,
+            "reference": reference["sources"] if reference else None,
+            "drifting": sorted(q for q, v in quantities.items() if v["drifting"]),
+            "quantities": quantities,
+        }
+        if reference is None:
+            versions[name]["note"] = (f"{family} {name} has no drift reference (drift_reference in the manifest); "
+                                      f"make one with python -m models.calibrate --version {name} --write")
+    return {"family": family, "psi_alert": PSI_ALERT, "since": "the server's start (counts are per process group)",
+            "versions": versions}
+
+
+class DriftCollector(Collector):
+    """On ``/metrics``: each version's PSI per watched quantity and its expected share of flagged results."""
+
+    def __init__(self, registry: ModelRegistry, multiproc_dir: Path | None) -> None:
+        self._registry = registry
+        self._dir = multiproc_dir
+
+    def collect(self):
+        psi_family = GaugeMetricFamily("inference_model_drift_psi", "Population stability index of a watched quantity "
+                                       "against the training split's", labels=["family", "version", "quantity"])
+        expected = GaugeMetricFamily("inference_model_expected_flag_share", "Share of results the calibration "
+                                     "flagged on the test split", labels=["family", "version"])
+        served = metrics.watched_counts(self._dir)
+        for family in self._registry.families:
+            for name, version in self._registry.family(family).versions.items():
+                reference = load_reference(version.drift_reference)
+                if reference is None:
+                    continue
+                expected.add_metric([family, name], float(reference.get("expected_flagged_share") or 0.0))
+                for quantity, row in compare(reference, served.get((family, name), {})).items():
+                    if row["psi"] is not None:
+                        psi_family.add_metric([family, name, quantity], row["psi"])
+        yield psi_family
+        yield expected

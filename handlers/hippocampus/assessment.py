@@ -8,8 +8,8 @@ patient by the same family and version (``history``: our own store, then the PAC
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -22,8 +22,6 @@ from inference.pacs.priors import Patient, PriorResult, find_in_pacs
 from models.monitoring import watched_values
 from models.quality import assess, input_properties, structure_uncertainty
 from models.registry import ModelVersion
-
-log = logging.getLogger("inference.hippocampus")
 
 
 def crop_properties(volume: Volume, voxels: np.ndarray, orientation: np.ndarray) -> dict:
@@ -64,7 +62,7 @@ def change_since_prior(settings: Settings, volume: Volume, version: ModelVersion
     if patient is None:
         return {"searched": [], "prior": None, "structures": {}, "not_comparable": [],
                 "note": "the study has no PatientID: earlier results are never matched on the name alone"}
-    history = ResultHistory(settings.history_db)
+    history = ResultHistory(settings.history_db or Path(settings.output_root) / "history.sqlite3")
     candidates: list[PriorResult] = history.earlier(patient, study_uid)
     searched = ["result store"]
     if settings.prior_dicomweb_url:
