@@ -26,6 +26,9 @@ from .registry import ModelRegistry
 BUCKETS = WATCHED_BUCKETS
 #: PSI above this is a drift worth a look (the usual reading: < 0.1 stable, 0.1-0.25 moderate, > 0.25 large).
 PSI_ALERT = 0.25
+#: Results a version must have served before its PSI is exported or called drifting: a handful of studies
+#: always looks "shifted" against 165 training volumes (2 results gave PSI 3-11 here).
+PSI_MIN_COUNT = 30
 #: Share added to every bucket's proportion before the logarithm, so an empty bucket gives a finite PSI.
 PSI_EPSILON = 1e-4
 
@@ -84,7 +87,7 @@ def compare(reference: Mapping[str, Any] | None, observed: Mapping[str, Sequence
         index = psi(ref, obs) if ref is not None else None
         out[name] = {"buckets_le": [*bounds, "+Inf"], "reference": ref, "observed": obs, "observed_count": sum(obs),
                      "psi": None if index is None else round(index, 4),
-                     "drifting": index is not None and index > PSI_ALERT}
+                     "drifting": index is not None and index > PSI_ALERT and sum(obs) >= PSI_MIN_COUNT}
     return out
 
 
@@ -109,12 +112,14 @@ def summary(registry: ModelRegistry, family: str, multiproc_dir: Path | None) ->
         if reference is None:
             versions[name]["note"] = (f"{family} {name} has no drift reference (drift_reference in the manifest); "
                                       f"make one with python -m models.calibrate --version {name} --write")
-    return {"family": family, "psi_alert": PSI_ALERT, "since": "the server's start (counts are per process group)",
+    return {"family": family, "psi_alert": PSI_ALERT, "psi_min_count": PSI_MIN_COUNT,
+            "since": "the server's start (counts are per process group)",
             "versions": versions}
 
 
 class DriftCollector(Collector):
-    """On ``/metrics``: each version's PSI per watched quantity and its expected share of flagged results."""
+    """On ``/metrics``: each version's PSI per watched quantity (once it served ``PSI_MIN_COUNT`` results) and its
+    expected share of flagged results."""
 
     def __init__(self, registry: ModelRegistry, multiproc_dir: Path | None) -> None:
         self._registry = registry
@@ -133,7 +138,7 @@ class DriftCollector(Collector):
                     continue
                 expected.add_metric([family, name], float(reference.get("expected_flagged_share") or 0.0))
                 for quantity, row in compare(reference, served.get((family, name), {})).items():
-                    if row["psi"] is not None:
+                    if row["psi"] is not None and row["observed_count"] >= PSI_MIN_COUNT:
                         psi_family.add_metric([family, name, quantity], row["psi"])
         yield psi_family
         yield expected
