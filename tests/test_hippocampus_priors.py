@@ -165,18 +165,19 @@ def test_study_without_patient_id_is_never_compared(crop, tmp_path):
     assert "name alone" in now_json["change_since_prior"]["note"]
 
 
-def eroded_prior_report(crop, settings) -> tuple[list[pydicom.Dataset], pydicom.Dataset, dict]:
+def eroded_prior_report(crop, settings, version_name="1.0-fast") -> tuple[list[pydicom.Dataset], pydicom.Dataset, dict]:
     """A prior study with an SR whose labels are Study1's, each structure eroded by one voxel in-plane."""
     prior = copy_study(crop, PRIOR_DATE)
-    response, buffers = run(crop, dataclasses.replace(settings, history_db=settings.history_db.with_suffix(".scratch")),
-                            outputs=())
+    scratch = dataclasses.replace(settings, history_db=settings.history_db.with_suffix(".scratch"),
+                                  prior_dicomweb_url=None)
+    response, buffers = run(crop, scratch, version=version_name, outputs=())
     shape = response["parts"][0]["binary_data_shape"]
     labels = np.frombuffer(bytes(buffers[0]), np.uint8).reshape(shape["depth"], shape["height"], shape["width"])
     eroded = np.zeros_like(labels)
     for value in (1, 2):
         mask = ndimage.binary_erosion(labels == value, structure=np.ones((1, 3, 3), bool))
         eroded[mask] = value
-    version = registry_for(settings.model_manifest).family("hippocampus").resolve("1.0-fast")
+    version = registry_for(settings.model_manifest).family("hippocampus").resolve(version_name)
     volume = load_volume(prior)
     [(_, sr)] = dicom_results(volume, eroded, version.structures, version.provenance, ["sr"])
     volumes = {"Anterior": float(np.count_nonzero(eroded == 1)), "Posterior": float(np.count_nonzero(eroded == 2))}
@@ -213,3 +214,45 @@ def test_unreachable_pacs_still_gives_the_result(crop, tmp_path):
     now_json, _ = run(crop, settings)
     assert now_json["change_since_prior"]["prior"] is None
     assert "quality" in now_json
+
+
+def test_study1_sent_to_the_pacs_after_its_prior_comes_back_with_the_change(crop, tmp_path):
+    """The DICOM node's door: Orthanc holds the prior's SR; Study1's crop sent to Orthanc is routed to the node,
+    whose SR and report image, stored back in Orthanc, carry the change since that prior."""
+    require(orthanc_missing())
+    from dicomweb_client.api import DICOMwebClient
+
+    from bench.pacs_services import DicomNodeProcess, c_store
+    from tests.test_dicom_node import wait_for_results
+
+    node_port = free_port()
+    orthanc = Orthanc(tmp_path / "orthanc", node_port=node_port)
+    node = None
+    try:
+        url = f"{orthanc.url}/dicom-web"
+        node = DicomNodeProcess(tmp_path / "node", port=node_port, env={"INFERENCE_PRIOR_DICOMWEB_URL": url}, args=[
+            "--destination", f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}", "--stable-seconds", "1"])
+        default = registry_for(get_settings().model_manifest).family("hippocampus").default_version
+        _, sr, volumes = eroded_prior_report(crop, settings_for(tmp_path), default)
+        DICOMwebClient(url=url).store_instances([sr])  # an SR alone: Orthanc routes no study without images
+        files = sorted(next(shared_data("studies", "Study1").glob("*HCrop*")).iterdir())
+        assert c_store(files, "127.0.0.1", orthanc.dicom_port, orthanc.aet) == len(files)
+        results = wait_for_results(orthanc, str(crop[0].StudyInstanceUID), 120)
+        report = pydicom.dcmread(io.BytesIO(orthanc.instance_file(results["SR"])))
+        items = sr_items(report)
+        assert [v for name, v in items if name == "Volume in the prior study"] == [volumes["Anterior"],
+                                                                                     volumes["Posterior"]]
+        rates = [v for name, v in items if name == "Annualised volume change rate"]
+        assert len(rates) == 2 and all(rate > 0 for rate in rates)  # the eroded prior was smaller
+        assert any(name == "Result quality" for name, _ in items)
+        picture = pydicom.dcmread(io.BytesIO(orthanc.instance_file(results["OT"])))
+        from PIL import Image
+        Image.fromarray(picture.pixel_array).save(tmp_path / "node-report.png")
+        response = next((tmp_path / "node").rglob("response.json"))
+        import json
+        change = json.loads(response.read_text())["change_since_prior"]
+        assert change["prior"]["source"] == "PACS" and change["prior"]["study_date"] == "2018-01-19"
+    finally:
+        if node is not None:
+            node.stop()
+        orthanc.stop()
