@@ -166,7 +166,8 @@ def test_study_without_patient_id_is_never_compared(crop, tmp_path):
 
 
 def eroded_prior_report(crop, settings, version_name="1.0-fast") -> tuple[list[pydicom.Dataset], pydicom.Dataset, dict]:
-    """A prior study with an SR whose labels are Study1's, each structure eroded by one voxel in-plane."""
+    """A prior study with an SR whose labels are Study1's, each structure eroded by one voxel in-plane on every
+    fourth slice."""
     prior = copy_study(crop, PRIOR_DATE)
     scratch = dataclasses.replace(settings, history_db=settings.history_db.with_suffix(".scratch"),
                                   prior_dicomweb_url=None)
@@ -174,8 +175,9 @@ def eroded_prior_report(crop, settings, version_name="1.0-fast") -> tuple[list[p
     shape = response["parts"][0]["binary_data_shape"]
     labels = np.frombuffer(bytes(buffers[0]), np.uint8).reshape(shape["depth"], shape["height"], shape["width"])
     eroded = np.zeros_like(labels)
-    for value in (1, 2):
-        mask = ndimage.binary_erosion(labels == value, structure=np.ones((1, 3, 3), bool))
+    for value in (1, 2):  # slightly: in-plane, on every fourth slice only (a whole erosion takes ~40% away)
+        mask = labels == value
+        mask[::4] = ndimage.binary_erosion(mask, structure=np.ones((1, 3, 3), bool))[::4]
         eroded[mask] = value
     version = registry_for(settings.model_manifest).family("hippocampus").resolve(version_name)
     volume = load_volume(prior)

@@ -98,8 +98,8 @@ def render_report(volume: Volume, labels: np.ndarray, measures: dict, model_vers
     y = header + tile_h + 32
     if prior:
         draw.text((pad + 220, y - 4), f"Prior {prior['study_date']}", fill=grey, font=small)
-        draw.text((pad + 360, y - 4), "Change", fill=grey, font=small)
-        draw.text((pad + 520, y - 4), "Rate", fill=grey, font=small)
+        draw.text((pad + 340, y - 4), "Change", fill=grey, font=small)
+        draw.text((pad + 560, y - 4), "Rate", fill=grey, font=small)
         y += 20
     rows = [("Anterior", measures["anterior_volume_mm3"], colors[ANTERIOR]),
             ("Posterior", measures["posterior_volume_mm3"], colors[POSTERIOR]),
@@ -114,8 +114,8 @@ def render_report(volume: Volume, labels: np.ndarray, measures: dict, model_vers
             c = changes[name]
             percent = "" if c["change_percent"] is None else f" ({c['change_percent']:+.1f}%)"
             draw.text((pad + 220, y), f"{c['prior_volume_mm3']:,.1f} mm3", fill=grey, font=value_font)
-            draw.text((pad + 360, y), f"{_signed(c['change_mm3'], ' mm3')}{percent}", fill=white, font=value_font)
-            draw.text((pad + 520, y), f"{_signed(c['annualised_percent_per_year'], ' %/year')}", fill=white,
+            draw.text((pad + 340, y), f"{_signed(c['change_mm3'], ' mm3')}{percent}", fill=white, font=value_font)
+            draw.text((pad + 560, y), f"{_signed(c['annualised_percent_per_year'], ' %/year')}", fill=white,
                       font=value_font)
         y += 24
     if change is not None and not prior:
