@@ -106,13 +106,14 @@ def structure_uncertainty(members: Sequence[np.ndarray], structures: Mapping[str
     """
     mean = sum(members[1:], members[0].copy()) / len(members)
     labels = np.argmax(mean, axis=0)
+    each = [np.argmax(p, axis=0) for p in members] if len(members) > 1 else []
     out = {}
     for name, label in structures.items():
         labelled = max(int(np.count_nonzero(labels == label)), 1)
-        if len(members) > 1:
-            votes = sum((np.argmax(p, axis=0) == label).astype(np.int16) for p in members)
+        if each:
+            votes = sum((member == label).astype(np.int16) for member in each)
             unsure = int(np.count_nonzero((votes > 0) & (votes < len(members))))
-            volumes = [float(np.count_nonzero(np.argmax(p, axis=0) == label)) * voxel_mm3 for p in members]
+            volumes = [float(np.count_nonzero(member == label)) * voxel_mm3 for member in each]
             spread = max(volumes) - min(volumes)
         else:
             p = members[0][label]
