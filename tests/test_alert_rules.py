@@ -39,6 +39,11 @@ def test_every_metric_the_rules_name_is_exported():
         assert named <= served, f"{rule['alert']} names metrics nobody exports: {named - served}"
 
 
+def test_the_example_prometheus_config_loads_the_rules():
+    config = yaml.safe_load((PROJECT_ROOT / "deploy" / "prometheus.yml").read_text())
+    assert [(RULES.parent / name).resolve() for name in config["rule_files"]] == [RULES.resolve()]
+
+
 def promtool() -> str:
     found = os.environ.get("PROMTOOL") or shutil.which("promtool")
     if not found:
@@ -97,3 +102,12 @@ def test_promtool_checks_the_rules_and_each_alert_fires_only_on_its_case(tmp_pat
     tests.write_text(UNIT_TESTS.format(rules=RULES))
     run = subprocess.run([tool, "test", "rules", str(tests)], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
+    # the example scrape config with its rule file (its token file left out: it exists only where deployed)
+    config = yaml.safe_load((PROJECT_ROOT / "deploy" / "prometheus.yml").read_text())
+    for job in config["scrape_configs"]:
+        job.pop("authorization", None)
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    shutil.copy(RULES, tmp_path / RULES.name)
+    checked = subprocess.run([tool, "check", "config", str(tmp_path / "prometheus.yml")], capture_output=True,
+                             text=True)
+    assert checked.returncode == 0 and "SUCCESS: 2 rules found" in checked.stdout, checked.stdout + checked.stderr
