@@ -27,6 +27,7 @@ from inference.pipeline.pipeline import Pipeline
 from inference.radiomics.catalogue import Catalogue
 from inference.radiomics.routes import add_radiomics_routes, family_commands, records_for
 from inference.users import Authenticator, user_store
+from models import monitoring
 from models.registry import ManifestError, registry_for
 
 log = logging.getLogger("inference.server")
@@ -93,6 +94,16 @@ def create_app(mode: str | None = None, settings: Settings | None = None, *,
             return flask.jsonify(registry.family(family).describe(registry.failures))
         except BadRequest as exc:
             raise NotFound(exc.message) from None
+
+    @app.get("/models/<family>/monitoring")
+    def monitor_family(family: str):
+        """Drift watch: what each version served (inputs, volumes, uncertainty, flags) against its training split."""
+        try:
+            return flask.jsonify(monitoring.summary(registry, family, settings.metrics_dir))
+        except BadRequest as exc:
+            raise NotFound(exc.message) from None
+
+    app.metrics_collectors.append(monitoring.DriftCollector(registry, settings.metrics_dir))
 
     @app.get("/audit")
     def audit():

@@ -584,6 +584,7 @@ def write_index(output: Path, gallery: Gallery, response_json: dict, info: PageI
                                      undefined=jinja2.StrictUndefined)
     page = environment.get_template("index.html.j2").render(
         info=info, version=model_version(response_json), tables=result_tables(response_json, study),
+        quality=response_json.get("quality"), change=response_json.get("change_since_prior"),
         gallery=gallery, response_text=json.dumps(response_json, indent=2),
         viewer_data={v.key: [{"base": s.base, "overlay": s.overlay, "derived": s.derived, "position": s.position,
                               "legend": s.legend} for s in v.slices] for v in gallery.viewers})

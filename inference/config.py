@@ -159,6 +159,12 @@ class Settings:
     #: INFERENCE_HIPPOCAMPUS_SERIES: regular expression matched against SeriesDescription to find the crop;
     #: unset: the model version's own rule (``input.series_description`` in the manifest).
     hippocampus_series: str | None = field(default=None, metadata={"env": "INFERENCE_HIPPOCAMPUS_SERIES"})
+    #: INFERENCE_HISTORY_DB: SQLite file of earlier hippocampus results by patient, for the change since the prior;
+    #: unset: ``<INFERENCE_OUTPUT_ROOT>/history.sqlite3``.
+    history_db: Path | None = field(default=None, metadata={"env": "INFERENCE_HISTORY_DB"})
+    #: INFERENCE_PRIOR_DICOMWEB_URL: a DICOMweb base URL (QIDO-RS, WADO-RS) where earlier studies' measurement
+    #: reports are also looked up (set it for the DICOM node, e.g. the PACS's STOW URL); unset: our own store only.
+    prior_dicomweb_url: str | None = field(default=None, metadata={"env": "INFERENCE_PRIOR_DICOMWEB_URL"})
     # -- the DICOM node (dicom_node.py); each also a command-line flag --------------------------
     #: INFERENCE_PACS_AE_TITLE: the node's own AE title (what the PACS calls and what its results carry).
     pacs_ae_title: str = field(default="HIPPOAI", metadata={"env": "INFERENCE_PACS_AE_TITLE"})

@@ -52,6 +52,69 @@ DICOM_SENT = Counter("inference_dicom_node_sent_total", "DICOM instances the nod
 DICOM_OUTBOX = Gauge("inference_dicom_node_outbox", "DICOM instances waiting in the node's outbox",
                      multiprocess_mode="mostrecent")
 
+#: Watched quantities of a model version's results -> upper bucket bounds (+Inf implied), one histogram each
+#: (``inference_model_<quantity>``); ``models.calibrate`` bins the training split in the same buckets, and
+#: ``models.monitoring`` compares the two. Chosen to spread the training split (MSD Task04: intensity means
+#: 50-1,500 but a few far above, hippocampus volumes 2,400-4,400 mm3) over several buckets each.
+WATCHED_BUCKETS: dict[str, tuple[float, ...]] = {
+    "intensity_mean": (25, 50, 100, 200, 300, 400, 500, 600, 700, 800, 1000, 1250, 1500, 2000, 5000),
+    "intensity_cv": (0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7, 0.8, 1.0),
+    "voxel_size_mm": (0.5, 0.8, 0.9, 0.95, 0.99, 1.01, 1.05, 1.1, 1.25, 1.5, 2.0, 3.0),
+    "matrix_voxels": (20000, 30000, 40000, 50000, 60000, 70000, 80000, 100000, 150000),
+    "obliquity_deg": (0.5, 1, 2, 5, 10, 20, 45),
+    "total_volume_mm3": (1500, 2000, 2500, 2750, 3000, 3250, 3500, 3750, 4000, 4500, 5000, 6000),
+    "uncertainty": (0.05, 0.1, 0.125, 0.15, 0.175, 0.2, 0.225, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0),
+}
+WATCHED = {name: Histogram(f"inference_model_{name}", f"Results' {name.replace('_', ' ')} (drift watch), by model "
+                                                      "family and version", ["family", "version"], buckets=bounds)
+           for name, bounds in WATCHED_BUCKETS.items()}
+RESULTS = Counter("inference_model_results_total", "Model results made, by family, version and quality flag",
+                  ["family", "version", "flagged"])
+FLAG_REASONS = Counter("inference_model_flag_reasons_total", "Reasons results were flagged, by family, version and "
+                       "kind (an input check's name, uncertainty, not_validated)", ["family", "version", "kind"])
+
+
+def observe_result(family: str, version: str, values: dict[str, float], flagged: bool, kinds: list[str]) -> None:
+    """Record one model result: its watched quantities (``WATCHED_BUCKETS`` names), its flag and the flag's kinds."""
+    for name, value in values.items():
+        WATCHED[name].labels(family, version).observe(value)
+    RESULTS.labels(family, version, "true" if flagged else "false").inc()
+    for kind in kinds:
+        FLAG_REASONS.labels(family, version, kind).inc()
+
+
+def watched_counts(multiproc_dir: Path | None) -> dict[tuple[str, str], dict]:
+    """The watched histograms and result counts as served now: (family, version) -> {quantity: per-bucket counts
+    (not cumulative, the last above the highest bound)}, plus ``results`` and ``flagged`` totals."""
+    registry = CollectorRegistry()
+    if multiproc_dir is not None:
+        multiprocess.MultiProcessCollector(registry, path=str(multiproc_dir))
+    else:
+        registry.register(_ThisProcess())
+    out: dict[tuple[str, str], dict] = {}
+    prefixes = {f"inference_model_{name}_bucket": name for name in WATCHED_BUCKETS}
+    for family in registry.collect():
+        for sample in family.samples:
+            key = (sample.labels.get("family", ""), sample.labels.get("version", ""))
+            if sample.name in prefixes:
+                name = prefixes[sample.name]
+                bounds = WATCHED_BUCKETS[name]
+                le = sample.labels["le"]
+                index = len(bounds) if le == "+Inf" else bounds.index(float(le))
+                entry = out.setdefault(key, {"results": 0.0, "flagged": 0.0})
+                entry.setdefault(name, [0.0] * (len(bounds) + 1))[index] += sample.value
+            elif sample.name == "inference_model_results_total":
+                entry = out.setdefault(key, {"results": 0.0, "flagged": 0.0})
+                entry["results"] += sample.value
+                if sample.labels.get("flagged") == "true":
+                    entry["flagged"] += sample.value
+    for entry in out.values():  # cumulative (le) -> per bucket
+        for name in WATCHED_BUCKETS:
+            if name in entry:
+                cumulative = entry[name]
+                entry[name] = [cumulative[0]] + [b - a for a, b in zip(cumulative, cumulative[1:], strict=False)]
+    return out
+
 
 def observe_request(route: str, command: str | None, status: int, seconds: float, bytes_in: int,
                     bytes_out: int) -> None:

@@ -105,6 +105,12 @@ class ModelVersion:
     date: str
     evaluation: dict = field(default_factory=dict)
     line: int = 0
+    #: What the version was validated on and its calibrated uncertainty threshold (``python -m models.calibrate``);
+    #: empty when the manifest declares none (its results are then flagged, saying so).
+    validated_input: dict = field(default_factory=dict)
+    uncertainty: dict = field(default_factory=dict)
+    #: The training split's histograms the served distributions are compared with (``models.monitoring``).
+    drift_reference: Path | None = None
 
     @property
     def provenance(self) -> Provenance:
@@ -129,6 +135,7 @@ class ModelVersion:
             "inference": self.inference, "training_data": self.training_data, "date": self.date,
             "evaluation": self.evaluation,
             "structures": [s.describe() for s in self.structures],
+            "validated_input": self.validated_input, "uncertainty": self.uncertainty,
         }
 
 
@@ -332,7 +339,9 @@ def _parse_version(path: Path, family: str, name: str, spec: Any, fail) -> Model
         raise fail(line, f"{family} {name}: structures must be a non-empty list with unique label values")
     return ModelVersion(family, name, weights, sha, str(spec["architecture"]), str(spec["framework"]),
                         _plain(spec["input"]), _plain(spec["inference"]), structures,
-                        _plain(spec["training_data"]), str(spec["date"]), _plain(spec.get("evaluation") or {}), line)
+                        _plain(spec["training_data"]), str(spec["date"]), _plain(spec.get("evaluation") or {}), line,
+                        _plain(spec.get("validated_input") or {}), _plain(spec.get("uncertainty") or {}),
+                        (path.parent / str(spec["drift_reference"])).resolve() if spec.get("drift_reference") else None)
 
 
 def _parse_code(value: Any) -> Code:

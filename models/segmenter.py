@@ -238,16 +238,20 @@ class HippocampusSegmenter:
 
     def probabilities(self, volume: np.ndarray) -> np.ndarray:
         """Mean class probabilities (n_classes, *volume.shape) of the selected members (fast path)."""
+        return mean_probabilities(self.member_probabilities(volume))
+
+    def member_probabilities(self, volume: np.ndarray) -> list[np.ndarray]:
+        """Each selected member's class probabilities (its mirrored pass averaged in), for their disagreement."""
         vol = _checked_volume(volume)
         normalized = normalize(vol)
-        total = 0.0
+        out = []
         for (model, cfg), run in zip(self.members, self.runners, strict=True):
             flip = self.flips and bool(cfg.get("tta", False))
             if run is None:
-                total = total + predict_probs_tta(model, vol, cfg, self.device, flip)
+                out.append(predict_probs_tta(model, vol, cfg, self.device, flip))
             else:
-                total = total + fast_member_probs(run, model, normalized, cfg, flip, canvas=self.canvas)
-        return total / len(self.members)
+                out.append(fast_member_probs(run, model, normalized, cfg, flip, canvas=self.canvas))
+        return out
 
     def reference_probabilities(self, volume: np.ndarray) -> np.ndarray:
         """``probabilities`` by the plain PyTorch path (unfolded networks, one pass per mirror), for comparison."""
@@ -259,6 +263,11 @@ class HippocampusSegmenter:
     def segment_reference(self, volume: np.ndarray) -> np.ndarray:
         """``segment`` by the plain PyTorch path, for comparison."""
         return np.argmax(self.reference_probabilities(volume), axis=0).astype(np.uint8)
+
+
+def mean_probabilities(members: Sequence[np.ndarray]) -> np.ndarray:
+    """The ensemble's class probabilities: the mean of its members' (what ``segment`` takes the argmax of)."""
+    return sum(members[1:], members[0].copy()) / len(members)
 
 
 def select_members(members: Sequence[int] | None, available: int) -> tuple[int, ...]:

@@ -190,6 +190,27 @@ def test_hippocampus_volume_on_study1(server, tmp_path, capsys):
     check_mask_files(output)
 
 
+def test_page_shows_the_quality_flag_and_the_change_since_the_prior(server, tmp_path):
+    """A prior of Study1's crop (2018, pixels 2% wider: flagged), then the crop itself: the page says both."""
+    from tests.test_hippocampus_priors import copy_study
+
+    crop_folder = next(shared_data("studies", "Study1").glob("*HCrop*"))
+    crop = [pydicom.dcmread(p) for p in sorted(crop_folder.iterdir())]
+    prior = tmp_path / "prior"
+    prior.mkdir()
+    for number, dataset in enumerate(copy_study(crop, "20180119", spacing_scale=1.02)):
+        dataset.save_as(prior / f"{number:03d}.dcm")
+    args = ("--port", server.port, "-c", "get-hippocampus-volume", "-R", "model_version=1.0-fast")
+    assert run_tool("-i", prior, "-o", tmp_path / "prior-page", *args) == 0
+    page = (tmp_path / "prior-page" / "index.html").read_text()
+    assert 'class="quality flagged"' in page and "voxel_size_mm [1.02, 1.02, 1.0] mm outside" in page
+    assert run_tool("-i", crop_folder, "-o", tmp_path / "page", *args) == 0
+    page = (tmp_path / "page" / "index.html").read_text()
+    assert 'class="quality passed"' in page
+    assert "Change since the prior" in page and "Prior 2018-01-19 (hippocampus 1.0-fast, from the result store)" in page
+    assert "<td>Total</td>" in page and "-3.88" in page  # 1 / 1.02**2 - 1
+
+
 def test_gaussian_blur_3d(server, study_dir, tmp_path):
     assert "gaussian-blur-3d" in available_commands(server)
     output = tmp_path / "out"

@@ -4,8 +4,9 @@ Over HTTP (``inference_command`` ``get-hippocampus-volume``, or ``POST /hippocam
 handler finds the crop series (SeriesDescription matching the model version's rule, or
 ``INFERENCE_HIPPOCAMPUS_SERIES``), segments it with the version of the ``hippocampus`` family the
 request names (``model_version``; the manifest's default otherwise, see ``models/registry.py``) and
-answers a ``numeric_label_mask``, the volumes in ``series_ml_json``, the model's provenance and a
-Secondary Capture report. The batch command line (``python -m handlers.hippocampus``) is
+answers a ``numeric_label_mask``, the volumes in ``series_ml_json``, the model's provenance, a
+``quality`` flag with its reasons, the ``change_since_prior`` (``assessment.py``) and a Secondary
+Capture report showing both. The batch command line (``python -m handlers.hippocampus``) is
 ``cli.py``.
 """
 
@@ -20,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from handlers.hippocampus.assessment import change_since_prior, crop_properties, quality_of
 from handlers.hippocampus.orientation import from_model_orientation, to_model_orientation
-from handlers.hippocampus.report import dicom_results, measure_volumes, render_report
+from handlers.hippocampus.report import dicom_results, measure_volumes, render_report, structure_volumes
 from inference.config import Settings
 from inference.dicom.instance import DicomInstance
 from inference.dicom.series import Volume, describe_series, group_by_series, load_volume, require_instances
@@ -86,17 +88,23 @@ def find_crop_series(series: dict[str, list[DicomInstance]], pattern: str) -> li
 
 
 def segment_study(instances: Sequence[DicomInstance], settings: Settings, version: ModelVersion,
-                  segmenter, volume: Volume | None = None) -> tuple[Volume, np.ndarray, dict, float]:
+                  segmenter, volume: Volume | None = None) -> tuple[Volume, np.ndarray, dict, float, dict]:
     """Find and segment the crop series (or the posted crop ``volume``): its volume, labels (slices,
-    rows, columns), measures, seconds."""
+    rows, columns), measures, seconds, and its quality block (``assessment.quality_of``)."""
     if volume is None:
         pattern = settings.hippocampus_series or version.input["series_description"]
         volume = load_volume(find_crop_series(group_by_series(require_instances(instances)), pattern))
+    from models.segmenter import mean_probabilities  # torch is imported with the model, not with the handlers
+
     started = time.perf_counter()
     voxels, orientation = to_model_orientation(volume)
-    labels = from_model_orientation(segmenter.segment(voxels), orientation)
+    members = segmenter.member_probabilities(voxels)
+    labels = from_model_orientation(np.argmax(mean_probabilities(members), axis=0).astype(np.uint8), orientation)
     seconds = time.perf_counter() - started
-    return volume, labels, measure_volumes(labels, volume), seconds
+    measures = measure_volumes(labels, volume)
+    quality = quality_of(version, crop_properties(volume, voxels, orientation), members, volume.voxel_volume_mm3,
+                         measures["total_volume_mm3"])
+    return volume, labels, measures, seconds, quality
 
 
 @register(COMMAND, route="/hippocampus", warm_up=warm_up, family=FAMILY, volume_input=True,
@@ -116,9 +124,11 @@ def hippocampus_volume(instances: Sequence[DicomInstance], context: HandlerConte
         raise UnprocessableInput("dicom_outputs need the DICOM series; a posted volume gets the label mask only")
     segmenter = segmenter_for(settings, version)
     provenance = version.provenance
-    volume, labels, measures, seconds = segment_study(instances, settings, version, segmenter, context.volume)
+    volume, labels, measures, seconds, quality = segment_study(instances, settings, version, segmenter,
+                                                               context.volume)
     model_version = provenance.short
-    log.info("segmented %s in %.3fs: total %.1f mm3", volume.voxels.shape, seconds, measures["total_volume_mm3"])
+    log.info("segmented %s in %.3fs: total %.1f mm3%s", volume.voxels.shape, seconds, measures["total_volume_mm3"],
+             "; flagged: " + "; ".join(quality["reasons"]) if quality["flagged"] else "")
     series_uid = volume.series_uid
     label_part = {"label": "Hippocampus", "binary_type": "numeric_label_mask",
                   "label_map": {str(s.label): s.name for s in version.structures},
@@ -128,18 +138,23 @@ def hippocampus_volume(instances: Sequence[DicomInstance], context: HandlerConte
     series_ml_json = {series_uid: {**measures, "model": model_version, "inference_seconds": round(seconds, 3)}}
     if context.volume is not None:
         return {"protocol_version": "1.0", "parts": [label_part], "series_ml_json": series_ml_json,
-                "model": provenance.as_json()}, [labels]
+                "model": provenance.as_json(), "quality": quality}, [labels]
+    volumes = structure_volumes(measures, version.structures)
+    change = change_since_prior(settings, volume, version, volumes)
     reference = volume.datasets[0]
-    report = secondary_capture(render_report(volume, labels, measures, model_version, version.structures), reference,
-                               description="Hippocampal volume report", algorithm=provenance)
+    image = render_report(volume, labels, measures, model_version, version.structures, quality, change)
+    report = secondary_capture(image, reference, description="Hippocampal volume report", algorithm=provenance)
     response = {
         "protocol_version": "1.0",
         "parts": [label_part, {"label": "Hippocampal volume report", "binary_type": "dicom_secondary_capture"}],
         "series_ml_json": series_ml_json,
         "model": provenance.as_json(),
+        "quality": quality,
+        "change_since_prior": change,
     }
     buffers = [labels, report]
-    for part, dataset in dicom_results(volume, labels, version.structures, provenance, wanted) if wanted else []:
-        response["parts"].append(part)
-        buffers.append(dataset)
+    if wanted:
+        for part, dataset in dicom_results(volume, labels, version.structures, provenance, wanted, quality, change):
+            response["parts"].append(part)
+            buffers.append(dataset)
     return response, buffers

@@ -147,6 +147,15 @@ def segmentation(source: Sequence[Dataset], labels: np.ndarray, structures: Sequ
     return seg
 
 
+@dataclass(frozen=True)
+class ExtraMeasurement:
+    """A further numeric measurement of a structure's group (e.g. its change since a prior study)."""
+
+    name: Code
+    value: float
+    unit: Code
+
+
 def _procedure(modality: str) -> Code:
     return {"MR": codes.LN.MRIUnspecifiedBodyRegion, "CT": codes.LN.CTUnspecifiedBodyRegion}.get(
         modality, codes.SCT.ImagingProcedure)
@@ -155,11 +164,15 @@ def _procedure(modality: str) -> Code:
 def measurement_report(source: Sequence[Dataset], seg: Dataset, volumes_mm3: Mapping[str, float],
                        structures: Sequence[Structure], algorithm: Algorithm, *,
                        description: str = "AI volume measurements",
-                       series_number: int = SR_SERIES_NUMBER) -> Dataset:
+                       series_number: int = SR_SERIES_NUMBER,
+                       extra_measurements: Mapping[str, Sequence[ExtraMeasurement]] | None = None,
+                       evaluations: Sequence[tuple[Code, Code]] = ()) -> Dataset:
     """A Comprehensive 3D SR (TID 1500) with one volume (mm3) per structure, referencing its segment.
 
     ``volumes_mm3`` maps each structure's name to its volume; ``seg`` is the Segmentation from
     ``segmentation`` for the same ``structures``, which the measurement groups reference.
+    ``extra_measurements`` adds measurements to a structure's group (by name); ``evaluations`` are
+    (name, value) qualitative evaluations put in every group (e.g. the result's quality flag).
     """
     missing = [s.name for s in structures if s.name not in volumes_mm3]
     if missing:
@@ -181,7 +194,9 @@ def measurement_report(source: Sequence[Dataset], seg: Dataset, volumes_mm3: Map
             finding_category=structure.category,
             finding_sites=[site],
             algorithm_id=hd.sr.AlgorithmIdentification(name=algorithm.name[:64], version=algorithm.version[:64]),
-            measurements=[volume],
+            measurements=[volume, *(hd.sr.Measurement(name=m.name, value=float(m.value), unit=m.unit)
+                                    for m in (extra_measurements or {}).get(structure.name, ()))],
+            qualitative_evaluations=[hd.sr.QualitativeEvaluation(name, value) for name, value in evaluations] or None,
         ))
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),

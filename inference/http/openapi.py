@@ -112,6 +112,20 @@ def openapi_document(commands: list[str], job_names: list[str], *, token_require
             "parameters": [{"name": "family", "in": "path", "required": True, "schema": {"type": "string"}}],
             "responses": {"200": _json({"type": "object"}, "the family"),
                           "404": _json(ERROR, "no such family"), **_errors(*auth_errors)}}},
+        "/models/{family}/monitoring": {"get": {
+            "summary": "Drift watch of a model family: per version, the results and flags served and each watched "
+                       "quantity's histogram against the training split's, with its population stability index",
+            "operationId": "monitorModelFamily",
+            "parameters": [{"name": "family", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"200": _json({"type": "object", "required": ["family", "versions"], "properties": {
+                "family": {"type": "string"}, "psi_alert": {"type": "number"}, "psi_min_count": {"type": "integer"},
+                "versions": {"type": "object", "additionalProperties": {"type": "object", "properties": {
+                    "results": {"type": "integer"}, "flagged": {"type": "integer"},
+                    "share_flagged": {"type": "number", "nullable": True},
+                    "expected_share_flagged": {"type": "number", "nullable": True},
+                    "drifting": {"type": "array", "items": {"type": "string"}},
+                    "quantities": {"type": "object"}}}}}}, "the summary"),
+                          "404": _json(ERROR, "no such family"), **_errors(*auth_errors)}}},
         "/job/": {"post": {
             "summary": "Run a command as a job on a folder of the data root", "operationId": "submitJob",
             "requestBody": {"required": True, "content": {"application/json": {

@@ -1,0 +1,74 @@
+"""What a hippocampus result says besides its volumes: its quality flag and its change since the patient's prior.
+
+The flag (``models.quality``) checks the crop against the version's ``validated_input`` and the members'
+disagreement against its calibrated ``uncertainty`` threshold; every result is also counted on
+``/metrics`` for the drift watch. The change compares with the most recent earlier result of the same
+patient by the same family and version (``history``: our own store, then the PACS when configured).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from handlers.hippocampus.history import ResultHistory, compare
+from handlers.hippocampus.orientation import ras_affine
+from inference import metrics
+from inference.config import Settings
+from inference.dicom.series import Volume
+from inference.pacs.priors import Patient, PriorResult, find_in_pacs
+from models.monitoring import watched_values
+from models.quality import assess, input_properties, structure_uncertainty
+from models.registry import ModelVersion
+
+
+def crop_properties(volume: Volume, voxels: np.ndarray, orientation: np.ndarray) -> dict:
+    """The crop's checked properties in the model's orientation (``voxels`` and ``orientation`` as
+    ``to_model_orientation`` returned them)."""
+    zooms = (volume.spacing[2], volume.spacing[1], volume.spacing[0])  # (column, row, slice) index order
+    spacing = [0.0, 0.0, 0.0]
+    for axis, (target, _) in enumerate(orientation):
+        spacing[int(target)] = float(zooms[axis])
+    modality = str(volume.datasets[0].get("Modality", "")) or None if volume.datasets else None
+    return input_properties(voxels, spacing, ras_affine(volume), modality)
+
+
+def quality_of(version: ModelVersion, properties: Mapping, members: Sequence[np.ndarray], voxel_mm3: float,
+               total_volume_mm3: float) -> dict:
+    """The result's ``quality`` block, also counted on ``/metrics`` (watched quantities, flag and reasons)."""
+    structures = {s.name: s.label for s in version.structures}
+    method, per_structure = structure_uncertainty(members, structures, voxel_mm3)
+    quality = assess(properties, method, per_structure, version.validated_input or None,
+                     version.uncertainty or None, f"{version.family} {version.version}")
+    kinds = [c["check"] for c in quality["input"]["checks"] if not c["passed"]]
+    if not version.validated_input or not version.uncertainty:
+        kinds.append("not_validated")
+    if version.uncertainty and quality["uncertainty"]["score"] > float(version.uncertainty["threshold"]):
+        kinds.append("uncertainty")
+    metrics.observe_result(version.family, version.version,
+                           watched_values(properties, total_volume_mm3, quality["uncertainty"]["score"]),
+                           quality["flagged"], kinds)
+    return quality
+
+
+def change_since_prior(settings: Settings, volume: Volume, version: ModelVersion,
+                       volumes_mm3: Mapping[str, float]) -> dict:
+    """Compare with the patient's earlier results, then record this one; the ``change_since_prior`` block."""
+    header = volume.datasets[0]
+    patient = Patient.of(header)
+    study_uid, study_date = str(header.get("StudyInstanceUID", "")), str(header.get("StudyDate", "") or "")
+    if patient is None:
+        return {"searched": [], "prior": None, "structures": {}, "not_comparable": [],
+                "note": "the study has no PatientID: earlier results are never matched on the name alone"}
+    history = ResultHistory(settings.history_db or Path(settings.output_root) / "history.sqlite3")
+    candidates: list[PriorResult] = history.earlier(patient, study_uid)
+    searched = ["result store"]
+    if settings.prior_dicomweb_url:
+        candidates += find_in_pacs(settings.prior_dicomweb_url, patient, study_uid)
+        searched.append("PACS (QIDO-RS)")
+    out = compare(study_date, volumes_mm3, version.family, version.version, candidates, searched)
+    history.record(patient, PriorResult(study_uid, study_date, version.family, version.version, dict(volumes_mm3)))
+    return out
+

@@ -1,0 +1,132 @@
+"""Earlier results of a patient in a PACS: their TID 1500 measurement reports found by QIDO-RS, read by WADO-RS.
+
+A prior is one SR measurement report of an earlier study of the same patient (Patient ID and issuer, and
+birth date when both sides have one; never the name), read back into what the report says: the study's
+date, the algorithm (name and version) and one volume per tracking identifier (structure).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from pydicom.dataset import Dataset
+
+log = logging.getLogger("inference.pacs.priors")
+
+#: Concept names read from a TID 1500 report (code value, scheme): tracking identifier, algorithm name and
+#: version, volume.
+TRACKING_IDENTIFIER = ("112039", "DCM")
+ALGORITHM_NAME = ("111001", "DCM")
+ALGORITHM_VERSION = ("111003", "DCM")
+VOLUME = ("118565006", "SCT")
+
+
+@dataclass(frozen=True)
+class Patient:
+    """Who a study belongs to, as far as matching goes: ID, its issuer, birth date (empty when absent)."""
+
+    patient_id: str
+    issuer: str = ""
+    birth_date: str = ""
+
+    @classmethod
+    def of(cls, dataset: Dataset) -> Patient | None:
+        """The patient of a DICOM header; None without a Patient ID (such a study is never matched)."""
+        patient_id = str(dataset.get("PatientID", "") or "").strip()
+        if not patient_id:
+            return None
+        return cls(patient_id, str(dataset.get("IssuerOfPatientID", "") or "").strip(),
+                   str(dataset.get("PatientBirthDate", "") or "").strip())
+
+    def matches(self, other: Patient) -> bool:
+        """Same ID and issuer; same birth date when both have one."""
+        return (self.patient_id == other.patient_id and self.issuer == other.issuer
+                and (not self.birth_date or not other.birth_date or self.birth_date == other.birth_date))
+
+
+@dataclass
+class PriorResult:
+    """One earlier result: its study, date (YYYYMMDD), model, volumes (mm3) by structure and where it was found."""
+
+    study_uid: str
+    study_date: str
+    family: str
+    version: str
+    volumes_mm3: dict[str, float] = field(default_factory=dict)
+    source: str = "result store"
+
+
+def _code(item: Dataset) -> tuple[str, str]:
+    name = item.get("ConceptNameCodeSequence")
+    if not name:
+        return ("", "")
+    return (str(name[0].get("CodeValue", "")), str(name[0].get("CodingSchemeDesignator", "")))
+
+
+def _groups(items: Iterable[Dataset]) -> Iterable[Dataset]:
+    """Every CONTAINER of the content tree that holds a tracking identifier (a measurement group)."""
+    for item in items:
+        if item.get("ValueType") == "CONTAINER":
+            children = item.get("ContentSequence", [])
+            if any(_code(child) == TRACKING_IDENTIFIER for child in children):
+                yield item
+            else:
+                yield from _groups(children)
+
+
+def read_report(report: Dataset) -> PriorResult | None:
+    """The volumes and algorithm of a TID 1500 report; None when it holds no volume measurement."""
+    family = version = ""
+    volumes: dict[str, float] = {}
+    for group in _groups(report.get("ContentSequence", [])):
+        name, value = "", None
+        for item in group.get("ContentSequence", []):
+            code = _code(item)
+            if code == TRACKING_IDENTIFIER:
+                name = str(item.get("TextValue", ""))
+            elif code == ALGORITHM_NAME:
+                family = str(item.get("TextValue", ""))
+            elif code == ALGORITHM_VERSION:
+                version = str(item.get("TextValue", ""))
+            elif code == VOLUME and item.get("MeasuredValueSequence"):
+                value = float(item.MeasuredValueSequence[0].NumericValue)
+        if name and value is not None:
+            volumes[name] = value
+    if not volumes:
+        return None
+    return PriorResult(str(report.StudyInstanceUID), str(report.get("StudyDate", "")), family,
+                       version.split(" (")[0], volumes, source="PACS")
+
+
+def find_in_pacs(url: str, patient: Patient, exclude_study: str) -> list[PriorResult]:
+    """Measurement reports of the patient's other studies on the DICOMweb server at ``url`` (QIDO-RS, WADO-RS).
+
+    A server that cannot be reached gives an empty list and a warning: the result is still made, without
+    the PACS's priors.
+    """
+    from dicomweb_client.api import DICOMwebClient
+
+    client = DICOMwebClient(url=url)
+    found = []
+    try:
+        studies = client.search_for_studies(search_filters={"PatientID": patient.patient_id},
+                                            fields=["IssuerOfPatientID", "PatientBirthDate", "StudyDate"])
+        for entry in studies:
+            study = Dataset.from_json(entry)
+            other = Patient(str(study.get("PatientID", "")), str(study.get("IssuerOfPatientID", "") or ""),
+                            str(study.get("PatientBirthDate", "") or ""))
+            study_uid = str(study.StudyInstanceUID)
+            if study_uid == exclude_study or not patient.matches(other):
+                continue
+            for series in client.search_for_series(study_uid, search_filters={"Modality": "SR"}):
+                series_uid = str(Dataset.from_json(series).SeriesInstanceUID)
+                for instance in client.search_for_instances(study_uid, series_uid):
+                    sop_uid = str(Dataset.from_json(instance).SOPInstanceUID)
+                    prior = read_report(client.retrieve_instance(study_uid, series_uid, sop_uid))
+                    if prior is not None:
+                        found.append(prior)
+    except Exception as exc:  # requests' and the client's errors alike: no priors from there this time
+        log.warning("no priors from the PACS at %s: %s: %s", url, type(exc).__name__, exc)
+    return found

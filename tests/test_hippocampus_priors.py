@@ -1,0 +1,260 @@
+"""Change since the prior and the quality flag, end to end on generated priors of Study1's crop.
+
+A prior is Study1's HippoCrop series copied into a new study (new UIDs, a date two years earlier). Its change
+is known because either its pixel spacing is scaled (our own store: the model labels the same voxels, so
+every volume scales by the spacing's product) or its SR is written from Study1's labels eroded by one voxel
+(the PACS: Orthanc, found by QIDO-RS). The report image is saved for looking at.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+from scipy import ndimage
+
+from bench.pacs_services import Orthanc, free_port, orthanc_missing
+from handlers.hippocampus.handler import COMMAND
+from handlers.hippocampus.report import dicom_results
+from inference.config import get_settings
+from inference.dicom.series import load_volume
+from inference.dicom.writing import dataset_bytes
+from inference.pacs.priors import read_report
+from inference.pipeline.pipeline import Pipeline
+from models.registry import registry_for
+from tests.conftest import PROJECT_ROOT, require, shared_data
+
+WEIGHTS = PROJECT_ROOT / "models" / "hippocampus_unet.pt"
+PRIOR_DATE, TODAY = "20180119", "20200119"  # Study1's own date is 2020-01-19
+YEARS = 730 / 365.25
+
+
+@pytest.fixture(scope="module")
+def crop():
+    if not WEIGHTS.exists():
+        pytest.skip(f"model weights {WEIGHTS.name} are not in models/")
+    folder = next(shared_data("studies", "Study1").glob("*HCrop*"))
+    return [pydicom.dcmread(p) for p in sorted(folder.iterdir())]
+
+
+def copy_study(datasets, study_date: str, *, spacing_scale: float = 1.0, **patient) -> list[pydicom.Dataset]:
+    """The series in a new study: new study, series, instance and frame-of-reference UIDs, another date."""
+    study_uid, series_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
+    out = []
+    for ds in datasets:
+        c = copy.deepcopy(ds)
+        c.StudyInstanceUID, c.SeriesInstanceUID, c.FrameOfReferenceUID = study_uid, series_uid, frame_uid
+        c.SOPInstanceUID = c.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        c.StudyDate = study_date
+        c.PixelSpacing = [float(v) * spacing_scale for v in ds.PixelSpacing]
+        for keyword, value in patient.items():
+            setattr(c, keyword, value)
+        out.append(c)
+    return out
+
+
+def run(datasets, settings, version="1.0-fast", outputs=("sr",)):
+    pipeline = Pipeline(settings, commands=[COMMAND])
+    result = pipeline.run({"model_version": version, "dicom_outputs": list(outputs)},
+                          [io.BytesIO(dataset_bytes(ds)) for ds in datasets], "0" * 64, command=COMMAND)
+    return result.response_json, result.buffers
+
+
+def settings_for(tmp_path, **more):
+    return dataclasses.replace(get_settings(), history_db=tmp_path / "history.sqlite3", **more)
+
+
+def dicom_of(buffers, modality: str) -> pydicom.Dataset:
+    """The response's DICOM object of ``modality`` (buffers after the label mask are DICOM files)."""
+    return next(ds for ds in (pydicom.dcmread(io.BytesIO(bytes(b))) for b in buffers[1:]) if ds.Modality == modality)
+
+
+def sr_of(buffers) -> pydicom.Dataset:
+    return dicom_of(buffers, "SR")
+
+
+def sr_items(sr: pydicom.Dataset) -> list[tuple[str, str]]:
+    """(concept name meaning, value) of every NUM and CODE item of the SR's content tree."""
+    out = []
+
+    def walk(items):
+        for item in items:
+            name = item.ConceptNameCodeSequence[0].CodeMeaning if "ConceptNameCodeSequence" in item else ""
+            if item.ValueType == "NUM":
+                out.append((name, float(item.MeasuredValueSequence[0].NumericValue)))
+            elif item.ValueType == "CODE":
+                out.append((name, item.ConceptCodeSequence[0].CodeMeaning))
+            walk(item.get("ContentSequence", []))
+
+    walk(sr.ContentSequence)
+    return out
+
+
+def test_study1_after_its_prior_reports_change_and_rate_everywhere(crop, tmp_path):
+    settings = settings_for(tmp_path)
+    scale = 1.02  # the prior's pixels 2% wider each way: the same labels measure 1.02**2 times more
+    prior_json, _ = run(copy_study(crop, PRIOR_DATE, spacing_scale=scale), settings)
+    assert prior_json["change_since_prior"]["prior"] is None  # nothing earlier
+    assert prior_json["quality"]["flagged"]  # 1.02 mm is outside the 1.0 mm the model was validated on
+    assert any("voxel_size_mm" in r for r in prior_json["quality"]["reasons"])
+
+    now_json, buffers = run(crop, settings)
+    change = now_json["change_since_prior"]
+    assert change["prior"]["study_date"] == "2018-01-19" and change["prior"]["source"] == "result store"
+    assert change["prior"]["interval_years"] == pytest.approx(YEARS, abs=1e-3)
+    measures = next(iter(now_json["series_ml_json"].values()))
+    before = next(iter(prior_json["series_ml_json"].values()))
+    for name, key in (("Anterior", "anterior_volume_mm3"), ("Posterior", "posterior_volume_mm3"),
+                      ("Total", "total_volume_mm3")):
+        row = change["structures"][name]
+        assert row["prior_volume_mm3"] == before[key] and row["volume_mm3"] == measures[key]
+        assert row["change_mm3"] == pytest.approx(measures[key] - before[key], abs=0.11)
+        assert row["change_percent"] == pytest.approx(100 * (1 / scale**2 - 1), abs=0.05)  # -3.88 %
+        assert row["annualised_percent_per_year"] == pytest.approx(row["change_percent"] / YEARS, abs=0.01)
+    assert not now_json["quality"]["flagged"], now_json["quality"]["reasons"]
+
+    items = sr_items(sr_of(buffers))
+    changes = [v for name, v in items if name == "Volume change since the prior study, percent"]
+    assert changes == pytest.approx([change["structures"][n]["change_percent"] for n in ("Anterior", "Posterior")])
+    assert [v for name, v in items if name == "Annualised volume change rate"] == pytest.approx(
+        [change["structures"][n]["annualised_percent_per_year"] for n in ("Anterior", "Posterior")])
+    assert ("Result quality", "Within validated input range and uncertainty threshold") in items
+
+    report = dicom_of(buffers, "OT")
+    from PIL import Image
+    out = Path(tmp_path / "report.png")
+    Image.fromarray(report.pixel_array).save(out)
+    # the change rows add height to the report (a table of four columns over the volumes)
+    assert report.Rows > 400
+
+
+def test_flagged_result_says_why_in_the_sr(crop, tmp_path):
+    settings = settings_for(tmp_path)
+    flagged_json, buffers = run(copy_study(crop, TODAY, spacing_scale=0.8), settings)
+    assert flagged_json["quality"]["flagged"] is True
+    reasons = flagged_json["quality"]["reasons"]
+    assert reasons and all(isinstance(r, str) for r in reasons)
+    evaluations = [v for name, v in sr_items(sr_of(buffers)) if name == "Result quality"]
+    assert evaluations and all(v.startswith(("input: voxel_size_mm", "uncertainty")) for v in evaluations)
+
+
+def test_other_versions_are_listed_as_not_comparable_and_other_patients_never_match(crop, tmp_path):
+    settings = settings_for(tmp_path)
+    run(copy_study(crop, "20190119"), settings, version="1.0")  # same patient (no birth date), the ensemble
+    run(copy_study(crop, "20170119", IssuerOfPatientID="OTHER-HOSPITAL"), settings)  # same ID, another issuer
+    run(copy_study(crop, "20160119", PatientBirthDate="19500101"), settings)  # another birth date
+    run(copy_study(crop, "20150119", PatientID="SOMEONE-ELSE"), settings)  # same name, another patient
+    now_json, _ = run(copy_study(crop, TODAY, PatientBirthDate="19400101"), settings)
+    change = now_json["change_since_prior"]
+    assert change["prior"] is None and change["structures"] == {}
+    assert [(o["study_date"], o["model"]) for o in change["not_comparable"]] == [("2019-01-19", "hippocampus 1.0")]
+    assert "not comparable" in change["not_comparable"][0]["note"]
+
+
+def test_study_without_patient_id_is_never_compared(crop, tmp_path):
+    settings = settings_for(tmp_path)
+    run(copy_study(crop, PRIOR_DATE, PatientID=""), settings)
+    now_json, _ = run(copy_study(crop, TODAY, PatientID=""), settings)
+    assert now_json["change_since_prior"]["prior"] is None
+    assert "name alone" in now_json["change_since_prior"]["note"]
+
+
+def eroded_prior_report(crop, settings, version_name="1.0-fast") -> tuple[list[pydicom.Dataset], pydicom.Dataset, dict]:
+    """A prior study with an SR whose labels are Study1's, each structure eroded by one voxel in-plane on every
+    fourth slice."""
+    prior = copy_study(crop, PRIOR_DATE)
+    scratch = dataclasses.replace(settings, history_db=settings.history_db.with_suffix(".scratch"),
+                                  prior_dicomweb_url=None)
+    response, buffers = run(crop, scratch, version=version_name, outputs=())
+    shape = response["parts"][0]["binary_data_shape"]
+    labels = np.frombuffer(bytes(buffers[0]), np.uint8).reshape(shape["depth"], shape["height"], shape["width"])
+    eroded = np.zeros_like(labels)
+    for value in (1, 2):  # slightly: in-plane, on every fourth slice only (a whole erosion takes ~40% away)
+        mask = labels == value
+        mask[::4] = ndimage.binary_erosion(mask, structure=np.ones((1, 3, 3), bool))[::4]
+        eroded[mask] = value
+    version = registry_for(settings.model_manifest).family("hippocampus").resolve(version_name)
+    volume = load_volume(prior)
+    [(_, sr)] = dicom_results(volume, eroded, version.structures, version.provenance, ["sr"])
+    volumes = {"Anterior": float(np.count_nonzero(eroded == 1)), "Posterior": float(np.count_nonzero(eroded == 2))}
+    return prior, sr, volumes
+
+
+def test_prior_report_found_in_the_pacs_by_qido(crop, tmp_path):
+    require(orthanc_missing())
+    orthanc = Orthanc(tmp_path / "orthanc", node_port=free_port())
+    try:
+        from dicomweb_client.api import DICOMwebClient
+
+        url = f"{orthanc.url}/dicom-web"
+        settings = settings_for(tmp_path, prior_dicomweb_url=url)
+        prior, sr, volumes = eroded_prior_report(crop, settings)
+        assert read_report(sr).volumes_mm3 == volumes  # what the PACS will give back is what was written
+        DICOMwebClient(url=url).store_instances([*prior, sr])
+        now_json, buffers = run(crop, settings)
+        change = now_json["change_since_prior"]
+        assert change["searched"] == ["result store", "PACS (QIDO-RS)"]
+        assert change["prior"]["source"] == "PACS" and change["prior"]["study_date"] == "2018-01-19"
+        measures = next(iter(now_json["series_ml_json"].values()))
+        for name, key in (("Anterior", "anterior_volume_mm3"), ("Posterior", "posterior_volume_mm3")):
+            row = change["structures"][name]
+            assert row["prior_volume_mm3"] == volumes[name]  # 1 mm voxels
+            assert row["change_mm3"] == pytest.approx(measures[key] - volumes[name], abs=0.11)
+            assert row["change_mm3"] > 0  # erosion made the prior smaller: the known change
+    finally:
+        orthanc.stop()
+
+
+def test_unreachable_pacs_still_gives_the_result(crop, tmp_path):
+    settings = settings_for(tmp_path, prior_dicomweb_url=f"http://127.0.0.1:{free_port()}/dicom-web")
+    now_json, _ = run(crop, settings)
+    assert now_json["change_since_prior"]["prior"] is None
+    assert "quality" in now_json
+
+
+def test_study1_sent_to_the_pacs_after_its_prior_comes_back_with_the_change(crop, tmp_path):
+    """The DICOM node's door: Orthanc holds the prior's SR; Study1's crop sent to Orthanc is routed to the node,
+    whose SR and report image, stored back in Orthanc, carry the change since that prior."""
+    require(orthanc_missing())
+    from dicomweb_client.api import DICOMwebClient
+
+    from bench.pacs_services import DicomNodeProcess, c_store
+    from tests.test_dicom_node import wait_for_results
+
+    node_port = free_port()
+    orthanc = Orthanc(tmp_path / "orthanc", node_port=node_port)
+    node = None
+    try:
+        url = f"{orthanc.url}/dicom-web"
+        node = DicomNodeProcess(tmp_path / "node", port=node_port, env={"INFERENCE_PRIOR_DICOMWEB_URL": url}, args=[
+            "--destination", f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}", "--stable-seconds", "1"])
+        default = registry_for(get_settings().model_manifest).family("hippocampus").default_version
+        _, sr, volumes = eroded_prior_report(crop, settings_for(tmp_path), default)
+        DICOMwebClient(url=url).store_instances([sr])  # an SR alone: Orthanc routes no study without images
+        files = sorted(next(shared_data("studies", "Study1").glob("*HCrop*")).iterdir())
+        assert c_store(files, "127.0.0.1", orthanc.dicom_port, orthanc.aet) == len(files)
+        results = wait_for_results(orthanc, str(crop[0].StudyInstanceUID), 120)
+        report = pydicom.dcmread(io.BytesIO(orthanc.instance_file(results["SR"])))
+        items = sr_items(report)
+        assert [v for name, v in items if name == "Volume in the prior study"] == [volumes["Anterior"],
+                                                                                     volumes["Posterior"]]
+        rates = [v for name, v in items if name == "Annualised volume change rate"]
+        assert len(rates) == 2 and all(rate > 0 for rate in rates)  # the eroded prior was smaller
+        assert any(name == "Result quality" for name, _ in items)
+        picture = pydicom.dcmread(io.BytesIO(orthanc.instance_file(results["OT"])))
+        from PIL import Image
+        Image.fromarray(picture.pixel_array).save(tmp_path / "node-report.png")
+        response = next((tmp_path / "node").rglob("response.json"))
+        import json
+        change = json.loads(response.read_text())["change_since_prior"]
+        assert change["prior"]["source"] == "PACS" and change["prior"]["study_date"] == "2018-01-19"
+    finally:
+        if node is not None:
+            node.stop()
+        orthanc.stop()
