@@ -184,7 +184,6 @@ class DicomNode:
         self._ignored: dict[int, int] = {}  # instances of our own results received, per open association
         self._studies_of: dict[int, set[str]] = {}  # incoming study folders each open association added to
         self._studies_lock = threading.Lock()
-        self._wake = threading.Event()  # set when the watcher has something to do now
 
     # -- DICOM ----------------------------------------------------------------------------
     def _make_ae(self) -> AE:
@@ -244,10 +243,9 @@ class DicomNode:
                  self._received.pop(id(event.assoc), 0),
                  f", {ignored} of our own results ignored" if ignored else "")
         if released and calling in self.settings.pacs_complete_on_release:
-            # a routing PACS sends a whole study on one association: its release ends the study, unless
-            # another association is still adding to it (that one's release or the stability wait decides)
-            if self.spool.complete(studies - still_sending):
-                self._wake.set()
+            # a routing PACS sends a whole study on one association: its release ends the study (after a
+            # short grace for a follow-up association), unless another association is still adding to it
+            self.spool.complete(studies - still_sending)
 
     def _on_rejected(self, event) -> None:
         log.warning("association from %s (%s) rejected: calling AE title not in INFERENCE_PACS_ALLOWED_AES",
@@ -276,7 +274,6 @@ class DicomNode:
 
     def stop(self) -> None:
         self._stop.set()
-        self._wake.set()
         if self._server is not None:
             self._server.shutdown()
         if self._watcher is not None:
@@ -284,13 +281,9 @@ class DicomNode:
         self.outbox.stop()
 
     def _watch(self) -> None:
-        # short: a finished job's results go out within this; an association's release wakes it at once
+        # short: a study completed by a release, or a finished job's results, move on within this
         interval = max(0.05, min(0.1, self.settings.pacs_stable_seconds / 4))
-        while not self._stop.is_set():
-            self._wake.wait(interval)
-            self._wake.clear()
-            if self._stop.is_set():
-                break
+        while not self._stop.wait(interval):
             try:
                 for folder in self.spool.take_stable():
                     self.route(folder)

@@ -27,6 +27,8 @@ from inference.dicom.header import read_header
 from inference.pacs.routing import ReceivedSeries
 
 SERIES_FILE = ".series.json"
+#: How long a study whose sender released its association waits for a follow-up association.
+RELEASE_GRACE_SECONDS = 1.0
 
 
 def safe_name(uid: str) -> str:
@@ -122,14 +124,18 @@ class StudySpool:
                 taken.append(target)
         return taken
 
-    def complete(self, names: Iterable[str]) -> list[str]:
-        """Mark the studies in incoming folders ``names`` complete now (their sender said it is done);
-        the next ``take_stable`` takes them. The names that were still being received."""
+    def complete(self, names: Iterable[str], grace: float = RELEASE_GRACE_SECONDS) -> list[str]:
+        """Mark the studies in incoming folders ``names`` complete (their sender said it is done): a
+        ``take_stable`` takes them once ``grace`` seconds pass with nothing more arriving. The grace
+        covers a sender that reopens an association mid-study (Orthanc does so to propose a SOP
+        class it had not proposed); an instance arriving meanwhile brings back the full stability
+        wait. The names that were still being received."""
         marked = []
         with self._lock:
+            due = time.time() - self.stable_seconds + min(grace, self.stable_seconds)
             for name in names:
                 if name in self._last_arrival:
-                    self._last_arrival[name] = float("-inf")
+                    self._last_arrival[name] = min(self._last_arrival[name], due)
                     marked.append(name)
         return marked
 
