@@ -3,10 +3,11 @@
     python dicom_node.py --ae-title HIPPOAI --port 11112 --destination ORTHANC@127.0.0.1:4242
 
 Flow: C-STORE -> spool (one folder per study, raw bytes) -> study quiet for ``--stable-seconds``
--> routing rules (``--rules``) pick the commands -> one job per command through the job store
-and runner (shown by the gateway's ``/query``) -> the job's DICOM outputs (SEG, SR, Secondary
-Capture) -> outbox -> C-STORE to every ``--destination`` (and STOW-RS to ``--stow-url``), retried
-with backoff until confirmed. Everything in between is on disk: a restarted node resumes.
+(or, from a calling AE given to ``--complete-on-release``, its association released) -> routing
+rules (``--rules``) pick the commands -> one job per command through the job store and runner
+(shown by the gateway's ``/query``) -> the job's DICOM outputs (SEG, SR, Secondary Capture) -> outbox
+-> C-STORE to every ``--destination`` (and STOW-RS to ``--stow-url``), retried with backoff until
+confirmed. Everything in between is on disk: a restarted node resumes.
 Jobs go to the configured backend (``INFERENCE_JOB_BACKEND``): a local thread pool and SQLite, or,
 with ``celery``, the Celery workers and the Redis job records the API answers ``/query`` from.
 Each (study content, command, parameters, model version) runs once: ``processed/<input hash>``
@@ -72,6 +73,7 @@ from inference.logs import TaggedLogger
 from inference.pacs.outbox import DicomDestination, Outbox, StowDestination
 from inference.pacs.routing import Rule, load_rules, matching_rules
 from inference.pacs.spool import StudySpool, read_series_info, safe_name
+from inference.pacs.transport import NO_DELAY_HANDLERS
 from inference.pipeline.pipeline import Pipeline
 
 log = TaggedLogger(logging.getLogger("inference.pacs"))
@@ -180,6 +182,8 @@ class DicomNode:
         self._watcher: threading.Thread | None = None
         self._received: dict[int, int] = {}  # instances stored per open association (by id)
         self._ignored: dict[int, int] = {}  # instances of our own results received, per open association
+        self._studies_of: dict[int, set[str]] = {}  # incoming study folders each open association added to
+        self._studies_lock = threading.Lock()
 
     # -- DICOM ----------------------------------------------------------------------------
     def _make_ae(self) -> AE:
@@ -194,21 +198,23 @@ class DicomNode:
     def _on_store(self, event) -> int:
         calling = event.assoc.requestor.ae_title
         try:
-            header, kept = self.spool.store(lambda handle: handle.write(event.encoded_dataset()), calling,
-                                            keep=lambda header: not self._is_own_result(header))
+            header, folder = self.spool.store(event.encoded_dataset(), calling,
+                                              keep=lambda header: not self._is_own_result(header))
         except ValueError as exc:
             log.warning("refused an instance from %s: %s", calling, exc)
             return 0xC000  # cannot understand
         except OSError as exc:
             log.error("could not spool an instance from %s: %s", calling, exc)
             return 0xA700  # out of resources
-        if not kept:  # a PACS sending a whole study back sends our results too: they are no input
+        if folder is None:  # a PACS sending a whole study back sends our results too: they are no input
             log.tag({"study": header.StudyInstanceUID}).debug("ignored %s from %s: one of our results",
                                                              header.SOPInstanceUID, calling)
             self._ignored[id(event.assoc)] = self._ignored.get(id(event.assoc), 0) + 1
             return 0x0000
         log.tag({"study": header.StudyInstanceUID}).debug("stored %s from %s", header.SOPInstanceUID, calling)
         self._received[id(event.assoc)] = self._received.get(id(event.assoc), 0) + 1
+        with self._studies_lock:
+            self._studies_of.setdefault(id(event.assoc), set()).add(folder)
         return 0x0000
 
     def _is_own_result(self, header: pydicom.Dataset) -> bool:
@@ -227,11 +233,19 @@ class DicomNode:
                  event.assoc.requestor.port)
 
     def _on_association_end(self, event) -> None:
-        ended = "released" if event.event is evt.EVT_RELEASED else "aborted"
+        released = event.event is evt.EVT_RELEASED
+        calling = event.assoc.requestor.ae_title.strip()
         ignored = self._ignored.pop(id(event.assoc), 0)
-        log.info("association from %s %s: %d instances stored%s", event.assoc.requestor.ae_title, ended,
+        with self._studies_lock:
+            studies = self._studies_of.pop(id(event.assoc), set())
+            still_sending = set().union(*self._studies_of.values())
+        log.info("association from %s %s: %d instances stored%s", calling, "released" if released else "aborted",
                  self._received.pop(id(event.assoc), 0),
                  f", {ignored} of our own results ignored" if ignored else "")
+        if released and calling in self.settings.pacs_complete_on_release:
+            # a routing PACS sends a whole study on one association: its release ends the study (after a
+            # short grace for a follow-up association), unless another association is still adding to it
+            self.spool.complete(studies - still_sending)
 
     def _on_rejected(self, event) -> None:
         log.warning("association from %s (%s) rejected: calling AE title not in INFERENCE_PACS_ALLOWED_AES",
@@ -248,12 +262,14 @@ class DicomNode:
         self._watcher.start()
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_ACCEPTED, self._on_association),
                     (evt.EVT_REJECTED, self._on_rejected), (evt.EVT_RELEASED, self._on_association_end),
-                    (evt.EVT_ABORTED, self._on_association_end)]
+                    (evt.EVT_ABORTED, self._on_association_end), *NO_DELAY_HANDLERS]
         self._server = self.ae.start_server((self.settings.pacs_host, self.settings.pacs_port), block=False,
                                             evt_handlers=handlers)
-        log.info("DICOM node %s listening on %s:%d; destinations: %s; study stable after %.1fs; rules: %s",
+        log.info("DICOM node %s listening on %s:%d; destinations: %s; study stable after %.1fs%s; rules: %s",
                  self.settings.pacs_ae_title, self.settings.pacs_host, self.settings.pacs_port,
                  ", ".join(map(str, self.outbox.destinations)) or "none", self.settings.pacs_stable_seconds,
+                 f" or when {', '.join(self.settings.pacs_complete_on_release)} releases its association"
+                 if self.settings.pacs_complete_on_release else "",
                  ", ".join(f"{r.name} -> {r.command}" for r in self.rules))
 
     def stop(self) -> None:
@@ -265,7 +281,8 @@ class DicomNode:
         self.outbox.stop()
 
     def _watch(self) -> None:
-        interval = max(0.05, min(0.5, self.settings.pacs_stable_seconds / 4))
+        # short: a study completed by a release, or a finished job's results, move on within this
+        interval = max(0.05, min(0.1, self.settings.pacs_stable_seconds / 4))
         while not self._stop.wait(interval):
             try:
                 for folder in self.spool.take_stable():
@@ -450,6 +467,10 @@ def parse_args(argv: Sequence[str] | None, defaults: Settings) -> argparse.Names
     parser.add_argument("--allow-ae", action="append", metavar="AE",
                         help="accept associations only from these calling AE titles; repeatable "
                              "(INFERENCE_PACS_ALLOWED_AES, comma-separated; default: any)")
+    parser.add_argument("--complete-on-release", action="append", metavar="AE",
+                        help="a study from this calling AE title (a routing PACS that sends a whole study on one "
+                             "association) is complete when the association is released, without the stability "
+                             "wait; repeatable (INFERENCE_PACS_COMPLETE_ON_RELEASE, comma-separated; default: none)")
     parser.add_argument("--rules", type=Path, default=defaults.pacs_rules,
                         help="routing rules YAML (INFERENCE_PACS_RULES, default deploy/routing-rules.yaml)")
     parser.add_argument("--root", type=Path, default=defaults.pacs_root,
@@ -466,6 +487,8 @@ def settings_from_args(args: argparse.Namespace, defaults: Settings) -> Settings
         pacs_destinations=tuple(args.destination) if args.destination else defaults.pacs_destinations,
         pacs_stow_url=args.stow_url, pacs_stable_seconds=args.stable_seconds,
         pacs_allowed_aes=tuple(args.allow_ae) if args.allow_ae else defaults.pacs_allowed_aes,
+        pacs_complete_on_release=tuple(args.complete_on_release) if args.complete_on_release
+        else defaults.pacs_complete_on_release,
         pacs_rules=args.rules, pacs_root=args.root)
 
 

@@ -63,12 +63,13 @@ def last_stamp(text: str, pattern: str) -> float:
     return epoch(found[-1])
 
 
-def one_run(orthanc: Orthanc, node: DicomNodeProcess, folder: Path, timeout: float = 300) -> dict:
+def one_run(orthanc: Orthanc, node: DicomNodeProcess, folder: Path, timeout: float = 300, *,
+            no_delay: bool = True) -> dict:
     """Send one renamed copy of Study1 and time its phases."""
     files, study_uid = renamed_copy(STUDY1, folder)
     study = re.escape(study_uid)
     started = time.time()
-    c_store(files, "127.0.0.1", orthanc.dicom_port, orthanc.aet)
+    c_store(files, "127.0.0.1", orthanc.dicom_port, orthanc.aet, no_delay=no_delay)
     sent = time.time()
     deadline = time.monotonic() + timeout
     while not any(s["MainDicomTags"].get("Modality") == "SEG" for s in orthanc.series_of(study_uid)):
@@ -101,7 +102,8 @@ def one_run(orthanc: Orthanc, node: DicomNodeProcess, folder: Path, timeout: flo
     }
 
 
-def measure(runs: int = 3, stable_age: int = 3, stable_seconds: float = 5.0) -> dict:
+def measure(runs: int = 3, stable_age: int = 3, stable_seconds: float = 5.0, *, complete_on_release: bool = True,
+            no_delay: bool = True) -> dict:
     """Median phases over ``runs`` runs (a dict for bench.run's JSON line)."""
     if not STUDY1.exists():
         return {"pacs_skipped": f"needs {STUDY1} (absent on this machine)"}
@@ -110,16 +112,17 @@ def measure(runs: int = 3, stable_age: int = 3, stable_seconds: float = 5.0) -> 
     with tempfile.TemporaryDirectory(prefix="bench-pacs-") as tmp:
         root = Path(tmp)
         node_port = free_port()
-        orthanc = Orthanc(root / "orthanc", node_port=node_port, stable_age=stable_age)
+        orthanc = Orthanc(root / "orthanc", node_port=node_port, stable_age=stable_age, no_delay=no_delay)
         node = None
         try:
             node = DicomNodeProcess(root / "node", port=node_port, args=[
                 "--destination", f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}",
-                "--stable-seconds", str(stable_seconds)])
+                "--stable-seconds", str(stable_seconds),
+                *(["--complete-on-release", orthanc.aet] if complete_on_release else [])])
             results = []
             for index in range(runs):
                 (root / f"run{index}").mkdir()
-                results.append(one_run(orthanc, node, root / f"run{index}"))
+                results.append(one_run(orthanc, node, root / f"run{index}", no_delay=no_delay))
                 log.info("pacs run %d: %s", index + 1, results[-1])
         except (RuntimeError, OSError) as exc:  # Orthanc or the node failed, timed out, refused
             return {"pacs_error": f"{type(exc).__name__}: {exc}"}
@@ -129,7 +132,8 @@ def measure(runs: int = 3, stable_age: int = 3, stable_seconds: float = 5.0) -> 
             orthanc.stop()
     medians = {f"pacs_{key}": round(statistics.median(r[key] for r in results), 2) for key in results[0]}
     return {**medians, "pacs_runs": results, "pacs_orthanc_stable_age_s": stable_age,
-            "pacs_node_stable_seconds": stable_seconds}
+            "pacs_node_stable_seconds": stable_seconds, "pacs_complete_on_release": complete_on_release,
+            "pacs_no_delay": no_delay}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -137,10 +141,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=3, help="runs (default %(default)s); medians are printed")
     parser.add_argument("--stable-age", type=int, default=3, help="Orthanc's StableAge (shipped: 3)")
     parser.add_argument("--stable-seconds", type=float, default=5.0, help="the node's --stable-seconds (default 5)")
+    parser.add_argument("--stability-wait-only", action="store_true",
+                        help="the node waits --stable-seconds even for Orthanc's studies (before issue 28; "
+                             "default: complete when Orthanc releases its association, as deployed)")
+    parser.add_argument("--nagle", action="store_true",
+                        help="leave Nagle's algorithm on in the scanner and Orthanc (before issue 28)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s bench: %(message)s", stream=sys.stderr)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    print(json.dumps(measure(args.runs, args.stable_age, args.stable_seconds)), flush=True)
+    print(json.dumps(measure(args.runs, args.stable_age, args.stable_seconds,
+                             complete_on_release=not args.stability_wait_only, no_delay=not args.nagle)), flush=True)
 
 
 if __name__ == "__main__":

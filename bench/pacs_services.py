@@ -25,6 +25,7 @@ import requests
 from pynetdicom import AE
 
 from inference.config import PROJECT_ROOT
+from inference.pacs.transport import NO_DELAY_HANDLERS
 
 ORTHANC_CONFIG = PROJECT_ROOT / "deploy" / "orthanc" / "orthanc.json"
 AUTOROUTE_LUA = PROJECT_ROOT / "deploy" / "orthanc" / "autoroute.lua"
@@ -56,7 +57,7 @@ class Orthanc:
     """Debian's Orthanc on free ports with the shipped configuration and Lua script."""
 
     def __init__(self, folder: Path, *, node_port: int, node_ae: str = "HIPPOAI", stable_age: int = 1,
-                 dicom_port: int | None = None) -> None:
+                 dicom_port: int | None = None, no_delay: bool = True) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.http_port, self.dicom_port = free_port(), dicom_port or free_port()
@@ -72,7 +73,10 @@ class Orthanc:
         self.config_path.write_text(json.dumps(config, indent=1))
         self.log_path = self.folder / "orthanc.log"
         self._log = open(self.log_path, "wb")
-        self.process = subprocess.Popen(["Orthanc", str(self.config_path)], stdout=self._log,
+        # TCP_NODELAY=1: Orthanc's DICOM library (DCMTK) then switches Nagle's algorithm off, as docker-compose.yml does
+        env = {**os.environ, "TCP_NODELAY": "1"} if no_delay else {k: v for k, v in os.environ.items()
+                                                                     if k != "TCP_NODELAY"}
+        self.process = subprocess.Popen(["Orthanc", str(self.config_path)], stdout=self._log, env=env,
                                         stderr=subprocess.STDOUT, start_new_session=True)
         try:
             self._wait_ready(60)
@@ -179,8 +183,11 @@ class DicomNodeProcess:
 
 
 def c_store(paths: Sequence[Path], host: str, port: int, called_ae: str, *, calling_ae: str = "SCANNER",
-            abort_after: int | None = None) -> int:
+            abort_after: int | None = None, no_delay: bool = True) -> int:
     """Send files by C-STORE over one association as ``calling_ae``; the number stored.
+
+    With ``no_delay`` (default), Nagle's algorithm is off on the connection, as the node does
+    (``inference/pacs/transport.py``); off, every instance waits for a delayed acknowledgement.
 
     With ``abort_after``, the association is aborted (not released) after that many files, as a
     sender that crashed would leave it. Raises ``ConnectionError`` when the association is refused.
@@ -192,7 +199,7 @@ def c_store(paths: Sequence[Path], host: str, port: int, called_ae: str, *, call
     ae = AE(ae_title=calling_ae)
     for sop_class, syntax in sorted(contexts):  # one context per syntax: each file goes as it is stored
         ae.add_requested_context(sop_class, syntax)
-    assoc = ae.associate(host, port, ae_title=called_ae)
+    assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=NO_DELAY_HANDLERS if no_delay else None)
     if not assoc.is_established:
         raise ConnectionError(f"{called_ae}@{host}:{port} refused the association from {calling_ae}")
     stored = 0

@@ -2,13 +2,16 @@
 
 End to end: Study1 sent to Orthanc comes back as SEG + SR + Secondary Capture in the same study,
 equal to what the HTTP path answers. Then the node alone: calling AEs not allowed are refused, a
-study no rule matches is logged and left, a half-sent study waits until stable and runs once,
+study no rule matches is logged and left, a half-sent study waits until stable and runs once, a
+study a routing PACS sent is complete when its association is released (not one aborted, not a
+scanner's),
 results for a destination that is down wait in the outbox (across a restart) until it is up, and a
 study sent again gets its stored results again (not recomputed, not duplicated in Orthanc).
 """
 
 from __future__ import annotations
 
+import collections
 import io
 import json
 import re
@@ -46,7 +49,8 @@ def pacs(tmp_path_factory):
     orthanc = Orthanc(root / "orthanc", node_port=node_port)
     try:
         node = DicomNodeProcess(root / "node", port=node_port, args=[
-            "--destination", f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}", "--stable-seconds", "1"])
+            "--destination", f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}", "--stable-seconds", "1",
+            "--complete-on-release", orthanc.aet])  # as deployed (docker-compose.yml)
     except BaseException:
         orthanc.stop()
         raise
@@ -184,6 +188,30 @@ def test_half_sent_study_waits_until_stable_and_runs_once(light_node, tmp_path):
     assert c_store(files, "127.0.0.1", node.port, node.ae_title) == len(files)
     log = node.wait_for_log("already processed", 30)
     assert len(re.findall(rf"study={re.escape(study_uid)} input_hash=\w+\] rule mock-report: job", log)) == 1
+
+
+def test_a_study_from_a_routing_pacs_is_complete_when_its_association_is_released(tmp_path):
+    # stable only after 60 s, except what ORTHANC sends: complete on the release of its association
+    node = start_light_node(tmp_path, "--stable-seconds", "60", "--complete-on-release", "ORTHANC")
+    try:
+        studies = {}
+        for name, calling, abort_after in (("routed", "ORTHANC", None), ("aborted", "ORTHANC", 2),
+                                           ("scanner", "SCANNER", None)):
+            files = write_study(tmp_path / name, description="Report me")
+            studies[name] = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+            c_store(files, "127.0.0.1", node.port, node.ae_title, calling_ae=calling, abort_after=abort_after)
+        log = node.wait_for_log(rf"study={re.escape(studies['routed'])} input_hash=\w+\] job \w+ completed", 30)
+        assert "or when ORTHANC releases its association" in log
+        time.sleep(1)  # the watcher would have taken them by now had they been complete
+        log = node.log_text()
+        # an aborted association and a sender not listed keep the stability wait (senders that trickle)
+        for name in ("aborted", "scanner"):
+            assert f"study={studies[name]}] study complete" not in log, name
+        incoming = node.folder / "pacs" / "spool" / "incoming"
+        waiting = collections.Counter(path.parent.name for path in incoming.glob("*/*.dcm"))
+        assert waiting == {studies["aborted"]: 2, studies["scanner"]: 8}
+    finally:
+        node.stop()
 
 
 def test_results_wait_in_the_outbox_while_the_destination_is_down_and_after_a_restart(tmp_path):

@@ -96,8 +96,12 @@ class AuditLog:
 
     def append(self, event: str, *, outcome: str = "success", user: str | None = None, client: str | None = None,
                study_uid: str | None = None, series_uids: Iterable[str] = (), input_hash: str | None = None,
-               **detail: Any) -> dict[str, Any]:
-        """Append one record; the record. ``detail`` holds identifiers only (job uid, file name, role)."""
+               sync: bool = True, **detail: Any) -> dict[str, Any]:
+        """Append one record; the record. ``detail`` holds identifiers only (job uid, file name, role).
+
+        The file is fsynced before returning, unless ``sync`` is false: for a record the caller's next
+        append follows within the same request (an fsync makes every earlier write durable too).
+        """
         if outcome not in OUTCOMES:
             raise ValueError(f"audit outcome must be one of {OUTCOMES}, got {outcome!r}")
         record: dict[str, Any] = {
@@ -115,7 +119,8 @@ class AuditLog:
             handle.seek(0, os.SEEK_END)
             handle.write(canonical(record).encode("utf-8") + b"\n")
             handle.flush()
-            os.fsync(handle.fileno())
+            if sync:
+                os.fsync(handle.fileno())
         if self.syslog is not None:
             self._forward(record)
         return record

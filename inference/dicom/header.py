@@ -30,6 +30,9 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
 
 PIXEL_DATA = 0x7FE00010
 SERIES_INSTANCE_UID = 0x0020000E
+STUDY_INSTANCE_UID = 0x0020000D
+ROWS = 0x00280010
+COLUMNS = 0x00280011
 SPECIFIC_CHARACTER_SET = 0x00080005
 #: Where ``stop_before_pixels`` stops, as pydicom does: Pixel Data, Float and Double Float Pixel Data.
 PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, PIXEL_DATA})

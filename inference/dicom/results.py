@@ -21,6 +21,7 @@ from typing import Protocol
 
 import highdicom as hd
 import numpy as np
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
@@ -66,13 +67,18 @@ class Algorithm:
 
 
 def _source_headers(source: Sequence[Dataset]) -> list[Dataset]:
-    """Header copies of the source images (no pixels), the type 2 patient/study attributes highdicom needs present."""
+    """Header copies of the source images (no pixels), the type 2 patient/study attributes highdicom needs present.
+
+    Elements still raw (as read, undecoded: immutable tuples) are shared and decoded in the copy only
+    when highdicom reads them; decoded ones are deep-copied, so the source is never changed. Decoding
+    and deep-copying every element of each header was most of the time a SEG or SR took.
+    """
     out = []
     for ds in source:
         header = Dataset()
-        for element in ds:
-            if element.tag != PIXEL_DATA:
-                header.add(copy.deepcopy(element))
+        for tag, element in ds.items():
+            if tag != PIXEL_DATA:
+                header[tag] = element if isinstance(element, RawDataElement) else copy.deepcopy(element)
         if hasattr(ds, "file_meta"):
             header.file_meta = copy.deepcopy(ds.file_meta)
         for keyword in _TYPE2_PATIENT_STUDY:

@@ -33,15 +33,23 @@ def require_instances(instances: Sequence[DicomInstance]) -> Sequence[DicomInsta
 
 
 def series_uid(item: DicomInstance | Dataset) -> str:
-    """The SeriesInstanceUID of an instance or dataset ("" when absent)."""
+    """The SeriesInstanceUID of an instance or dataset ("" when absent); a checked instance's as validation read it."""
     if isinstance(item, DicomInstance):
+        if item.attributes is not None:
+            return item.attributes.SeriesInstanceUID
         return item.header.text(SERIES_INSTANCE_UID) or ""
     return str(item.get("SeriesInstanceUID", ""))
 
 
 def _numbers(item: DicomInstance | Dataset, keyword: str) -> list[float] | None:
-    """A DS/IS attribute's values as floats, None when absent or empty (an instance's from its fast header)."""
+    """A DS/IS attribute's values as floats, None when absent or empty: a checked instance's as validation
+    decoded them (``DicomInstance.attributes``), else from its fast header, else pydicom's."""
     if isinstance(item, DicomInstance):
+        if item.attributes is not None:
+            value = getattr(item.attributes, keyword)
+            if value is None:
+                return None
+            return [float(value)] if isinstance(value, int) else [float(v) for v in value]
         return item.header.numbers(_TAGS[keyword])
     return as_floats(item.get(keyword))
 

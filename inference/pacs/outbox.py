@@ -26,6 +26,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from inference.logs import TaggedLogger
+from inference.pacs.transport import NO_DELAY_HANDLERS
 
 log = TaggedLogger(logging.getLogger("inference.pacs.outbox"))
 
@@ -69,7 +70,7 @@ class DicomDestination:
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
         for sop_class in classes:
             ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        assoc = ae.associate(self.host, self.port, ae_title=self.ae_title)
+        assoc = ae.associate(self.host, self.port, ae_title=self.ae_title, evt_handlers=NO_DELAY_HANDLERS)
         if not assoc.is_established:
             raise DeliveryError(f"{self}: association refused or destination unreachable")
         stored, failures = [], []

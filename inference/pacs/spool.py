@@ -3,7 +3,8 @@
 An instance is written as received (file meta + the raw data set bytes, never decoded) to a
 temporary file, its few routing tags read from the header, then renamed into
 ``incoming/<StudyInstanceUID>/<SOPInstanceUID>.dcm``. A study is complete ("stable") when no
-instance of it arrived for ``stable_seconds``; it is then moved whole to ``work/<name>`` and
+instance of it arrived for ``stable_seconds``, or at once when ``complete`` says its sender is done
+with it (the node does so when a routing PACS releases its association); it is then moved whole to ``work/<name>`` and
 what arrives later starts a new incoming folder. ``.series.json`` in each study folder keeps what
 the routing rules look at (Modality, SeriesDescription, calling AE per series). Everything is on
 disk, so a restarted node picks up where the last one stopped.
@@ -17,16 +18,17 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import BinaryIO
 
 import pydicom
 
+from inference.dicom.header import read_header
 from inference.pacs.routing import ReceivedSeries
 
 SERIES_FILE = ".series.json"
-ROUTING_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality", "SeriesDescription"]
+#: How long a study whose sender released its association waits for a follow-up association.
+RELEASE_GRACE_SECONDS = 1.0
 
 
 def safe_name(uid: str) -> str:
@@ -63,32 +65,34 @@ class StudySpool:
             mtimes = [p.stat().st_mtime for p in study.iterdir()] or [study.stat().st_mtime]
             self._last_arrival[study.name] = max(mtimes)
 
-    def store(self, write: Callable[[BinaryIO], None], calling_ae: str,
-              keep: Callable[[pydicom.Dataset], bool] = lambda header: True) -> tuple[pydicom.Dataset, bool]:
-        """Write one instance with ``write(file)``, file it under its study unless ``keep(header)`` says not;
-        its routing tags and whether it was filed.
+    def store(self, data: bytes, calling_ae: str,
+              keep: Callable[[pydicom.Dataset], bool] = lambda header: True) -> tuple[pydicom.Dataset, str | None]:
+        """Write one instance (``data``: a Part 10 file's bytes) durably, file it under its study unless
+        ``keep(header)`` says not; its header and the incoming folder's name it was filed in (None: not filed).
 
-        Raises ``ValueError`` when the bytes lack a StudyInstanceUID or SOPInstanceUID.
+        The header is read from ``data`` in memory by the fast reader (``inference.dicom.header``; values
+        decoded by pydicom when read), not from the file again. Raises ``ValueError`` when it lacks a
+        StudyInstanceUID or SOPInstanceUID.
         """
         tmp = self.tmp / f"{uuid.uuid4().hex}.dcm"
         try:
             with open(tmp, "wb") as handle:
-                write(handle)
+                handle.write(data)
                 handle.flush()
-                os.fsync(handle.fileno())
-            header = pydicom.dcmread(tmp, stop_before_pixels=True, specific_tags=ROUTING_TAGS)
+                os.fsync(handle.fileno())  # before the C-STORE is acknowledged: an acknowledged instance is kept
+            header = read_header(data).dataset
             study, sop = str(header.get("StudyInstanceUID", "")), str(header.get("SOPInstanceUID", ""))
             if not study or not sop:
                 raise ValueError("the instance has no StudyInstanceUID or SOPInstanceUID")
             if not keep(header):
-                return header, False
+                return header, None
             with self._lock:
                 folder = self.incoming / safe_name(study)
                 folder.mkdir(exist_ok=True)
                 self._note_series(folder, header, calling_ae)
                 tmp.replace(folder / f"{safe_name(sop)}.dcm")
                 self._last_arrival[folder.name] = time.time()
-            return header, True
+            return header, folder.name
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -119,6 +123,21 @@ class StudySpool:
                 del self._last_arrival[name]
                 taken.append(target)
         return taken
+
+    def complete(self, names: Iterable[str], grace: float = RELEASE_GRACE_SECONDS) -> list[str]:
+        """Mark the studies in incoming folders ``names`` complete (their sender said it is done): a
+        ``take_stable`` takes them once ``grace`` seconds pass with nothing more arriving. The grace
+        covers a sender that reopens an association mid-study (Orthanc does so to propose a SOP
+        class it had not proposed); an instance arriving meanwhile brings back the full stability
+        wait. The names that were still being received."""
+        marked = []
+        with self._lock:
+            due = time.time() - self.stable_seconds + min(grace, self.stable_seconds)
+            for name in names:
+                if name in self._last_arrival:
+                    self._last_arrival[name] = min(self._last_arrival[name], due)
+                    marked.append(name)
+        return marked
 
     def receiving(self) -> list[str]:
         """Folder names of the studies still being received."""
