@@ -50,8 +50,9 @@ from inference.protocol.multipart_response import EncodedResponse, encode_multip
 from inference.protocol.request import MAX_JSON_BYTES, parse_json_object
 from inference.users import ADMIN, REVIEWER, SUBMITTER, Authenticator, role_allows
 
-#: Endpoints served without the bearer token: liveness probes only (not Flask's /static file route).
-OPEN_ENDPOINTS = ("healthcheck", "ping")
+#: Endpoints served without the bearer token: liveness probes and the review page shell (it holds no data;
+#: it asks for a token and reads through the reviewer routes), not Flask's /static file route.
+OPEN_ENDPOINTS = ("healthcheck", "ping", "review_page")
 #: The role each route needs (roles rank submitter < reviewer < admin; the shared INFERENCE_API_TOKEN acts
 #: as admin). Inference routes need SUBMITTER (``add_inference_route``); an endpoint missing here needs ADMIN.
 ROUTE_ROLES: dict[str, str] = {

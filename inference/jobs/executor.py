@@ -27,6 +27,7 @@ from inference.dicom.series import Geometry, Volume
 from inference.errors import (
     GatewayError,
 )
+from inference.jobs.reviews import Review, is_flagged, must_hold, review_store
 from inference.jobs.store import (
     UNFINISHED,
     Job,
@@ -170,15 +171,32 @@ class JobExecutor:
                                             f"log under job {job.uid}", 500)
             shutil.rmtree(volume_input, ignore_errors=True)
         else:
-            self.store.mark_completed(job.uid, str(output))
-            shutil.rmtree(volume_input, ignore_errors=True)
             audit_log(settings).append("result-produced", user=job.user, study_uid=job.study_uid,
                                        input_hash=result.input_hash, job=job.uid, command=result.command)
+            if must_hold(job.review, result.response_json):  # held before it is seen completed: never released early
+                self.hold(job, result.response_json, result.input_hash)
+            self.store.mark_completed(job.uid, str(output))
+            shutil.rmtree(volume_input, ignore_errors=True)
             log.info("job %s completed: %d outputs in %s", job.uid, len(result.buffers), output)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
             if output.is_dir():
                 remove_partials(output)
+
+
+    def hold(self, job: Job, response_json: dict, input_hash: str) -> Review:
+        """Keep a completed job's result for a reviewer (``inference.jobs.reviews``), with the model that made it."""
+        version = self.pipeline.check_request(job_request_json(job), command=job.command).model_version
+        model = {} if version is None else {"family": version.family, "version": version.version,
+                                            "sha256": version.sha256}
+        review = review_store(self.store).hold(Review(
+            uid=job.uid, command=job.command, mode=str(job.review), study_uid=job.study_uid, input_hash=input_hash,
+            flagged=is_flagged(response_json), model=model, submitter=job.user, node=job.spool))
+        audit_log(self.pipeline.settings).append("result-held", user=job.user, study_uid=job.study_uid,
+                                                 input_hash=input_hash, job=job.uid, review=job.review,
+                                                 flagged=review.flagged)
+        log.info("job %s: result held for review (%s%s)", job.uid, job.review, ", flagged" if review.flagged else "")
+        return review
 
 
 def wrapped_exception(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:

@@ -1,0 +1,47 @@
+"""What a reviewer looks at: the source slices with the model's segmentation laid over, and the result's images.
+
+Drawn with ``inference.imaging.render`` as the test tool's page draws them: the image windowed as a
+viewer shows it, each structure filled and outlined in its manifest colour, upscaled for display.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from PIL import Image
+from pydicom.dataset import Dataset
+
+from inference.dicom.results import Structure
+from inference.imaging import render
+
+#: Slices shown per segmentation: the ones with the most segmented pixels, in slice order.
+SLICES_SHOWN = 3
+
+
+def overlay_slices(source: Sequence[Dataset], labels: np.ndarray, structures: Sequence[Structure],
+                   count: int = SLICES_SHOWN) -> list[Image.Image]:
+    """Up to ``count`` source slices (those with the most labelled pixels) with ``labels`` over them."""
+    area = (labels > 0).reshape(len(labels), -1).sum(axis=1)
+    chosen = sorted(int(i) for i in np.argsort(-area, kind="stable")[:count] if area[i] > 0) or [len(labels) // 2]
+    colors = {s.label: s.color for s in structures}
+    images = []
+    for index in chosen:
+        ds = pydicom.dcmread(source[index].filename)
+        rgb = render.to_rgb(render.window_image(ds))
+        drawn = render.overlay_labels(rgb, labels[index], colors)
+        factor = render.display_factor(*drawn.shape[:2])
+        images.append(Image.fromarray(render.upscale(drawn, factor)))
+    return images
+
+
+def result_images(files: Sequence[Path]) -> list[Image.Image]:
+    """The image results among ``files`` (a Secondary Capture report, a derived series), as a viewer shows them."""
+    images = []
+    for path in files:
+        ds = pydicom.dcmread(path)
+        if "PixelData" in ds and ds.get("Modality") not in ("SEG", "SR"):
+            images.append(Image.fromarray(render.to_rgb(render.window_image(ds))))
+    return images
