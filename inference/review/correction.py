@@ -154,4 +154,5 @@ def corrected_report(source: Sequence[Dataset], correction: Segmentation, struct
     volumes = {s.name: round(int(np.count_nonzero(correction.labels == s.label)) * voxel, 1) for s in structures}
     return measurement_report(source, correction.dataset, volumes, structures, algorithm,
                               description="Reviewed volume measurements", series_number=CORRECTED_SR_SERIES_NUMBER,
-                              observer=reviewer, segment_numbers=correction.segment_numbers)
+                              observer=reviewer if "^" in reviewer else f"{reviewer}^",  # a one-part person name
+                              segment_numbers=correction.segment_numbers)
