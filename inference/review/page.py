@@ -72,13 +72,6 @@ async function openResult(uid) {
     $("title").textContent = "Study " + (data.review.study_uid || "-") + " (job " + uid + ")";
     $("model").textContent = data.model;
     $("status").textContent = data.review.status + (data.review.overdue ? " (overdue)" : "");
-    $("images").replaceChildren();
-    for (const link of data.images) {
-      const response = await fetch(link, {headers: headers()});
-      const img = document.createElement("img");
-      img.alt = "result image"; img.src = URL.createObjectURL(await response.blob());
-      $("images").appendChild(img);
-    }
     $("tables").replaceChildren();
     for (const table of data.tables) {
       const caption = document.createElement("h3"); caption.textContent = table.title;
@@ -87,6 +80,13 @@ async function openResult(uid) {
         const tr = element.insertRow(); cell(tr, row.name); cell(tr, row.value); cell(tr, row.unit);
       }
       $("tables").append(caption, element);
+    }
+    $("images").replaceChildren();
+    for (const link of data.images) {
+      const response = await fetch(link, {headers: headers()});
+      const img = document.createElement("img");
+      img.alt = "result image"; img.src = URL.createObjectURL(await response.blob());
+      $("images").appendChild(img);
     }
   } catch (error) { say(error.message); }
 }
