@@ -93,11 +93,12 @@ def test_the_page_reviews_accepts_rejects_and_corrects(served, browser, tmp_path
     def open_row(uid: str) -> None:
         page.click(f"#queue tbody tr[data-uid='{uid}']")
         page.wait_for_function(f"() => document.getElementById('title').textContent.includes('{uid}')")
-        page.wait_for_function("""() => document.images.length > 0 &&
-            [...document.images].every(img => img.complete && img.naturalWidth > 0)""")
+        page.wait_for_selector("#images[data-loaded='true']")
+        assert page.evaluate("() => [...document.images].every(img => img.complete && img.naturalWidth > 0)")
 
     open_row(correct)
     assert "hippocampus 1.0-fast" in page.inner_text("#model")
+    assert page.locator("#images img").count() == 4, "three slices with the segmentation over them, the report"
     assert "volume" in page.inner_text("#tables") and "mm³" in page.inner_text("#tables")
     shots = tmp_path_factory.mktemp("review-page")
     page.screenshot(path=str(shots / "result.png"), full_page=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -86,7 +86,7 @@ class ReviewCollector(Collector):
         self.records = records
         self.overdue_seconds = overdue_seconds
 
-    def collect(self):
+    def collect(self) -> Iterator[GaugeMetricFamily]:
         try:
             held = self.reviews.all()
             figures = version_figures(self.records())

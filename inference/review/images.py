@@ -27,10 +27,14 @@ def overlay_slices(source: Sequence[Dataset], labels: np.ndarray, structures: Se
     area = (labels > 0).reshape(len(labels), -1).sum(axis=1)
     chosen = sorted(int(i) for i in np.argsort(-area, kind="stable")[:count] if area[i] > 0) or [len(labels) // 2]
     colors = {s.label: s.color for s in structures}
+    shown = [pydicom.dcmread(source[index].filename) for index in chosen]
+    # one window for the slices shown, judged from their values as the test tool's page judges a series'
+    sample = np.concatenate([np.asarray(render.apply_modality_lut(ds.pixel_array, ds), np.float64).ravel()
+                             for ds in shown])
+    window = render.choose_window(sample, shown[0])
     images = []
-    for index in chosen:
-        ds = pydicom.dcmread(source[index].filename)
-        rgb = render.to_rgb(render.window_image(ds))
+    for index, ds in zip(chosen, shown, strict=True):
+        rgb = render.to_rgb(render.display_image(ds, window))
         drawn = render.overlay_labels(rgb, labels[index], colors)
         factor = render.display_factor(*drawn.shape[:2])
         images.append(Image.fromarray(render.upscale(drawn, factor)))

@@ -82,12 +82,15 @@ async function openResult(uid) {
       $("tables").append(caption, element);
     }
     $("images").replaceChildren();
+    delete $("images").dataset.loaded;
     for (const link of data.images) {
       const response = await fetch(link, {headers: headers()});
       const img = document.createElement("img");
       img.alt = "result image"; img.src = URL.createObjectURL(await response.blob());
+      await img.decode();
       $("images").appendChild(img);
     }
+    $("images").dataset.loaded = "true";
   } catch (error) { say(error.message); }
 }
 async function decide(path, options, done) {

@@ -70,6 +70,13 @@ def add_review_routes(app: Any, jobs: JobRecords, reviews: ReviewRecords, record
                                      "family with structures: there is no segmentation to correct")
         return registry.family(review.model["family"]).resolve(review.model["version"]).structures
 
+    def source_of(job: Job, seg: Path) -> list:
+        """The headers of the series the model's SEG ``seg`` segments, from the job's input folder."""
+        root = job_root(settings, job)
+        if root is None:
+            raise UnprocessableInput("INFERENCE_DATA_ROOT is not set here: the job's source series cannot be read")
+        return corrections.source_series(root / job.in_dir, corrections.referenced_series_uid(pydicom.dcmread(seg)))
+
     def model_seg(output: Path) -> Path | None:
         for path in result_files(output):
             header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
@@ -115,8 +122,7 @@ def add_review_routes(app: Any, jobs: JobRecords, reviews: ReviewRecords, record
         images: list[Image.Image] = []
         seg = model_seg(output)
         if seg is not None and review.model.get("family"):
-            source = corrections.source_series(job_root(settings, job) / job.in_dir,
-                                               corrections.referenced_series_uid(pydicom.dcmread(seg)))
+            source = source_of(job, seg)
             structures = structures_of(review)
             labels = corrections.read_segmentation(seg.read_bytes(), source, structures,
                                                    "the model's segmentation").labels
@@ -162,8 +168,7 @@ def add_review_routes(app: Any, jobs: JobRecords, reviews: ReviewRecords, record
         if seg is None:
             raise UnprocessableInput(f"the result of job {uid} has no DICOM SEG to correct")
         structures = structures_of(review)
-        source = corrections.source_series(job_root(settings, job) / job.in_dir,
-                                           corrections.referenced_series_uid(pydicom.dcmread(seg)))
+        source = source_of(job, seg)
         model = corrections.read_segmentation(seg.read_bytes(), source, structures, "the model's segmentation")
         corrected = corrections.read_segmentation(data, source, structures)
         comparison = corrections.compare(model.labels, corrected.labels, structures,
