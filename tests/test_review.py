@@ -169,3 +169,37 @@ def test_a_rejected_job_is_never_released_and_overdue_ones_are_reported(app_and_
     metrics = client.get("/metrics", headers=bearer(tokens["ada"])).get_data(as_text=True)
     assert "inference_reviews_awaiting 1.0" in metrics and "inference_reviews_overdue 1.0" in metrics
     assert client.get(f"/job/{late}/files", headers=sam).status_code == 409, "overdue is never released silently"
+
+
+def test_a_request_asking_for_review_is_held_as_a_job(app_and_tokens):
+    from inference.protocol.client import build_multipart_request
+
+    app, tokens, root = app_and_tokens
+    client = app.test_client()
+    sam, rita = bearer(tokens["sam"]), bearer(tokens["rita"])
+    held = client.post("/", json={"studyPath": "study", "inference_command": SC, "review": "required"}, headers=sam)
+    assert held.status_code == 202, held.get_json()
+    uid = held.get_json()["uid"]
+    assert held.headers["Location"] == f"/query/{uid}"
+    assert client.get(f"/query/{uid}", headers=sam).get_json()["review"] == AWAITING
+    assert client.get(f"/job/{uid}/files", headers=sam).status_code == 409
+    shown = client.get(f"/reviews/{uid}", headers=rita).get_json()
+    assert shown["review"]["submitter"] == "sam" and shown["images"]
+    assert client.post(f"/reviews/{uid}/accept", headers=rita).status_code == 200
+    assert client.get(f"/job/{uid}/files", headers=sam).status_code == 200
+
+    # an upload too (its instances kept beside the result for a correction's checks)
+    files = sorted((root / "data" / "study").iterdir())
+    encoder = build_multipart_request({"inference_command": SC, "review": "required"}, files)
+    uploaded = client.post("/", data=encoder.to_string(), content_type=encoder.content_type, headers=sam)
+    assert uploaded.status_code == 202
+    kept = root / "jobs" / uploaded.get_json()["uid"] / "input"
+    assert len(list(kept.iterdir())) == len(files)
+
+    # "flagged": a result without a quality flag is answered as usual
+    plain = client.post("/", json={"studyPath": "study", "inference_command": SC, "review": "flagged"}, headers=sam)
+    assert plain.status_code == 200 and plain.mimetype == "multipart/related"
+    bad = client.post("/", json={"studyPath": "study", "inference_command": SC, "review": "later"}, headers=sam)
+    assert bad.status_code == 400 and "review must be one of required, flagged" in bad.get_json()["error"]
+    assert client.post("/job/", json={"job_name": SC, "in_dir": "study", "review": "yes"},
+                       headers=sam).status_code == 400

@@ -191,6 +191,10 @@ def openapi_document(commands: list[str], job_names: list[str], *, token_require
             "responses": {"200": {"description": "multipart/related: the response JSON, then one part per buffer",
                                   "content": {"multipart/related": {"schema": {"type": "string",
                                                                                "format": "binary"}}}},
+                          "202": _json({"type": "object", "required": ["uid", "review"],
+                                        "properties": {"uid": {"type": "string"}, "review": {"type": "string"},
+                                                       "msg": {"type": "string"}}},
+                                       "held for review (\"review\" in the JSON): a job, GET /query/{uid}"),
                           **_errors(400, *auth_errors, 403, 408, 413, 415, 422, 500)}}},
     }
     paths.update(review_paths(auth_errors))
@@ -225,7 +229,9 @@ def openapi_document(commands: list[str], job_names: list[str], *, token_require
                                         "error": {"type": "string"}}},
             "StudyPathRequest": {"type": "object", "required": ["studyPath"],
                                  "properties": {"studyPath": {"type": "string"},
-                                                "inference_command": {"type": "string", "enum": commands}},
+                                                "inference_command": {"type": "string", "enum": commands},
+                                                "review": {"type": "string", "enum": ["required", "flagged"],
+                                                           "description": "hold the result for a reviewer"}},
                                  "additionalProperties": True},
         }},
     }

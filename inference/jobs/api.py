@@ -23,6 +23,9 @@ time), which appears only once complete.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import time
 from pathlib import Path
 
 import flask
@@ -38,11 +41,14 @@ from inference.errors import (
     UnsupportedMediaType,
 )
 from inference.jobs.executor import (
+    HELD_REQUEST,
     JobExecutor,
+    hold_result,
     job_request_json,
     known_job_names,
     remove_debris,
     study_files,
+    write_outputs,
 )
 from inference.jobs.reviews import ACCEPTED, CORRECTED, review_mode, review_store
 from inference.jobs.store import (
@@ -59,7 +65,8 @@ from inference.jobs.store import (
 from inference.logs import TaggedLogger
 from inference.metrics import JobCountsCollector
 from inference.paths import is_inside
-from inference.pipeline.pipeline import Pipeline
+from inference.pipeline.pipeline import InferenceResult, Pipeline
+from inference.protocol.multipart_request import ParsedBody
 from inference.protocol.request import parse_json_object
 
 log = TaggedLogger(logging.getLogger("inference.jobs"))
@@ -134,6 +141,32 @@ def add_job_routes(app: flask.Flask, pipeline: Pipeline, *, store: JobRecords | 
     reviews = review_store(store)
     if hasattr(app, "metrics_collectors"):  # a Gateway: /metrics counts jobs by state from the store
         app.metrics_collectors.append(JobCountsCollector(store.count_by_status, JOB_STATES))
+
+    def keep_for_review(result: InferenceResult, body: ParsedBody, json_input: dict, study_uid: str | None,
+                        mode: str) -> str:
+        """A request's result held for review: a completed job with its outputs and the study's instances
+        (``<uid>/input``, for a correction's checks) and its review; the job uid."""
+        job = Job(job_name=HELD_REQUEST, command=result.command, in_dir="", status=COMPLETED, review=mode,
+                  params={k: v for k, v in json_input.items() if k != "inference_command"}, user=g.get("user"),
+                  study_uid=study_uid, finished=time.time())
+        job.in_dir = f"{job.uid}/input"
+        output = output_root / job.uid
+        partial = output_root / f"{job.uid}.partial.request"
+        try:
+            write_outputs(partial, result.response_json, result.buffers)
+            (partial / "input").mkdir()
+            for index, part in enumerate(body.parts[1:]):
+                (partial / "input" / f"instance_{index:05d}.dcm").write_bytes(part.read_bytes())
+            os.replace(partial, output)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+        job.output_dir = str(output)
+        hold_result(store, pipeline, job, result.response_json, result.input_hash)  # before the job is seen
+        store.add(job)
+        return job.uid
+
+    if hasattr(app, "hold_result"):  # a Gateway: requests with "review" are held as jobs here
+        app.hold_result = keep_for_review
 
     def audit(event: str, **fields: object) -> None:
         """Append ``event`` to the app's audit trail (a Gateway has one; a plain Flask app in tests has not)."""

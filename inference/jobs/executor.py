@@ -40,6 +40,8 @@ log = TaggedLogger(logging.getLogger("inference.jobs"))
 
 #: Job names of the seed's clients, mapped to the inference command they run.
 JOB_ALIASES = {"3dblur": "gaussian-blur-3d"}
+#: The job name of a request whose result was held for review (``review`` in its JSON): completed when recorded.
+HELD_REQUEST = "held-request"
 #: The job name of a job whose input is a posted volume (the Radiomics door), not a folder of DICOM files.
 VOLUME_JOB = "posted-volume"
 
@@ -174,7 +176,7 @@ class JobExecutor:
             audit_log(settings).append("result-produced", user=job.user, study_uid=job.study_uid,
                                        input_hash=result.input_hash, job=job.uid, command=result.command)
             if must_hold(job.review, result.response_json):  # held before it is seen completed: never released early
-                self.hold(job, result.response_json, result.input_hash)
+                hold_result(self.store, self.pipeline, job, result.response_json, result.input_hash)
             self.store.mark_completed(job.uid, str(output))
             shutil.rmtree(volume_input, ignore_errors=True)
             log.info("job %s completed: %d outputs in %s", job.uid, len(result.buffers), output)
@@ -184,19 +186,18 @@ class JobExecutor:
                 remove_partials(output)
 
 
-    def hold(self, job: Job, response_json: dict, input_hash: str) -> Review:
-        """Keep a completed job's result for a reviewer (``inference.jobs.reviews``), with the model that made it."""
-        version = self.pipeline.check_request(job_request_json(job), command=job.command).model_version
-        model = {} if version is None else {"family": version.family, "version": version.version,
-                                            "sha256": version.sha256}
-        review = review_store(self.store).hold(Review(
-            uid=job.uid, command=job.command, mode=str(job.review), study_uid=job.study_uid, input_hash=input_hash,
-            flagged=is_flagged(response_json), model=model, submitter=job.user, node=job.spool))
-        audit_log(self.pipeline.settings).append("result-held", user=job.user, study_uid=job.study_uid,
-                                                 input_hash=input_hash, job=job.uid, review=job.review,
-                                                 flagged=review.flagged)
-        log.info("job %s: result held for review (%s%s)", job.uid, job.review, ", flagged" if review.flagged else "")
-        return review
+def hold_result(store: JobRecords, pipeline: Pipeline, job: Job, response_json: dict, input_hash: str) -> Review:
+    """Keep a completed job's result for a reviewer (``inference.jobs.reviews``), with the model that made it."""
+    version = pipeline.check_request(job_request_json(job), command=job.command).model_version
+    model = {} if version is None else {"family": version.family, "version": version.version,
+                                        "sha256": version.sha256}
+    review = review_store(store).hold(Review(
+        uid=job.uid, command=job.command, mode=str(job.review), study_uid=job.study_uid, input_hash=input_hash,
+        flagged=is_flagged(response_json), model=model, submitter=job.user, node=job.spool))
+    audit_log(pipeline.settings).append("result-held", user=job.user, study_uid=job.study_uid, input_hash=input_hash,
+                                        job=job.uid, review=job.review, flagged=review.flagged)
+    log.info("job %s: result held for review (%s%s)", job.uid, job.review, ", flagged" if review.flagged else "")
+    return review
 
 
 def wrapped_exception(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
@@ -238,7 +239,10 @@ def remove_debris(output_root: Path, store: JobRecords) -> list[Path]:
 
 
 def job_root(settings: Settings, job: Job) -> Path | None:
-    """The folder ``job.in_dir`` is relative to: the DICOM node's spool for its jobs, else the data root."""
+    """The folder ``job.in_dir`` is relative to: the DICOM node's spool for its jobs, the output root for a
+    request held for review (its study kept in ``<uid>/input``), else the data root."""
+    if job.job_name == HELD_REQUEST:
+        return Path(settings.output_root)
     return Path(settings.pacs_root) / "spool" if job.spool else settings.data_root
 
 
