@@ -61,10 +61,10 @@ async function loadQueue() {
       row.addEventListener("click", () => openResult(item.uid));
     }
     $("summary").textContent = data.awaiting + " awaiting, " + data.overdue + " overdue";
-    say("");
   } catch (error) { say(error.message); }
 }
 async function openResult(uid) {
+  delete $("images").dataset.loaded;
   try {
     const data = await call("/reviews/" + uid);
     current = uid;
@@ -82,7 +82,6 @@ async function openResult(uid) {
       $("tables").append(caption, element);
     }
     $("images").replaceChildren();
-    delete $("images").dataset.loaded;
     for (const link of data.images) {
       const response = await fetch(link, {headers: headers()});
       const img = document.createElement("img");
