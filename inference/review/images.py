@@ -17,15 +17,19 @@ from pydicom.dataset import Dataset
 from inference.dicom.results import Structure
 from inference.imaging import render
 
-#: Slices shown per segmentation: the ones with the most segmented pixels, in slice order.
+#: Slices shown per segmentation: spread over the slices it covers (its quarter, middle, three quarters).
 SLICES_SHOWN = 3
 
 
 def overlay_slices(source: Sequence[Dataset], labels: np.ndarray, structures: Sequence[Structure],
                    count: int = SLICES_SHOWN) -> list[Image.Image]:
-    """Up to ``count`` source slices (those with the most labelled pixels) with ``labels`` over them."""
-    area = (labels > 0).reshape(len(labels), -1).sum(axis=1)
-    chosen = sorted(int(i) for i in np.argsort(-area, kind="stable")[:count] if area[i] > 0) or [len(labels) // 2]
+    """Up to ``count`` source slices spread over those with labels, with ``labels`` over them."""
+    labelled = np.flatnonzero((labels > 0).reshape(len(labels), -1).any(axis=1))
+    if labelled.size == 0:
+        chosen = [len(labels) // 2]
+    else:  # spread over the segmented extent, as the report image spreads its slices
+        chosen = sorted({int(labelled[round(q * (labelled.size - 1))])
+                         for q in np.linspace(0.25, 0.75, count)} if count > 1 else {int(labelled[labelled.size // 2])})
     colors = {s.label: s.color for s in structures}
     shown = [pydicom.dcmread(source[index].filename) for index in chosen]
     # one window for the slices shown, judged from their values as the test tool's page judges a series'
