@@ -194,7 +194,8 @@ def hold_result(store: JobRecords, pipeline: Pipeline, job: Job, response_json: 
     review = review_store(store).hold(Review(
         uid=job.uid, command=job.command, mode=str(job.review), study_uid=job.study_uid, input_hash=input_hash,
         flagged=is_flagged(response_json), model=model, submitter=job.user, node=job.spool))
-    audit_log(pipeline.settings).append("result-held", user=job.user, study_uid=job.study_uid, input_hash=input_hash,
+    holder = job.user or (f"ae:{pipeline.settings.pacs_ae_title}" if job.spool else None)  # the node holds its own
+    audit_log(pipeline.settings).append("result-held", user=holder, study_uid=job.study_uid, input_hash=input_hash,
                                         job=job.uid, review=job.review, flagged=review.flagged)
     log.info("job %s: result held for review (%s%s)", job.uid, job.review, ", flagged" if review.flagged else "")
     return review
