@@ -128,7 +128,7 @@ def review_paths(auth_errors: tuple[int, ...]) -> dict[str, Any]:
             "correctReview", {"required": True, "content": {
                 "application/dicom": {"schema": {"type": "string", "format": "binary"}},
                 "multipart/form-data": {"schema": {"type": "object", "properties": {
-                    "file": {"type": "string", "format": "binary"}}}}}}, 400, 422),
+                    "file": {"type": "string", "format": "binary"}}}}}}, 400, 413, 415, 422),
     }
 
 

@@ -30,7 +30,7 @@ from PIL import Image
 
 from inference import protocol
 from inference.dicom.results import Algorithm
-from inference.errors import BadRequest, Conflict, NotFound, UnprocessableInput
+from inference.errors import BadRequest, Conflict, NotFound, UnprocessableInput, UnsupportedMediaType
 from inference.jobs.executor import job_root
 from inference.jobs.reviews import ACCEPTED, AWAITING, CORRECTED, REJECTED, Review, ReviewRecords
 from inference.jobs.store import Job, JobRecords
@@ -207,6 +207,7 @@ def uploaded_seg() -> bytes:
     """The corrected SEG of a request: its body (application/dicom) or the form field ``file``; 400 otherwise."""
     if (request.content_length or 0) > MAX_CORRECTION_BYTES:
         raise BadRequest(f"a corrected segmentation must be under {MAX_CORRECTION_BYTES // 1024**2} MiB")
+    request.max_content_length = MAX_CORRECTION_BYTES  # a chunked body without a length stops there too (413)
     if request.mimetype == "multipart/form-data":
         upload = request.files.get("file")
         if upload is None:
@@ -214,8 +215,8 @@ def uploaded_seg() -> bytes:
         return upload.read()
     if request.mimetype == "application/dicom":
         return request.get_data(cache=False)
-    raise BadRequest("send the corrected DICOM SEG as Content-Type: application/dicom, or as multipart/form-data "
-                     "with the field 'file'")
+    raise UnsupportedMediaType("send the corrected DICOM SEG as Content-Type: application/dicom, or as "
+                               "multipart/form-data with the field 'file'")
 
 
 def result_files(output: Path) -> list[Path]:
