@@ -24,6 +24,7 @@ from inference.jobs.reviews import (
     SqliteReviews,
     is_flagged,
     must_hold,
+    review_store,
 )
 from tests.conftest import require, write_study
 from tests.test_security import add_user, bearer
@@ -57,12 +58,17 @@ def test_decisions_are_final_in_sqlite(tmp_path):
     decisions_hold(SqliteReviews(tmp_path / "jobs.sqlite3"))
 
 
-def test_decisions_are_final_in_redis(redis_url):
-    import redis
+def test_decisions_are_final_in_redis_beside_the_jobs(redis_url):
+    from inference.jobs.redis_store import RedisJobStore
+    from inference.jobs.store import Job
 
-    client = redis.Redis.from_url(redis_url)
-    client.flushdb()
-    decisions_hold(RedisReviews(client))
+    jobs = RedisJobStore(redis_url)
+    reviews = review_store(jobs)
+    assert isinstance(reviews, RedisReviews), "the celery backend's reviews are in its Redis"
+    decisions_hold(reviews)
+    job = jobs.add(Job(job_name=SC, command=SC, in_dir="study", review="flagged"))
+    assert jobs.get(job.uid).review == "flagged"
+    assert jobs.count_by_status() == {"queued": 1}, "review records are not taken for jobs"
 
 
 @pytest.fixture
