@@ -161,6 +161,9 @@ class JobExecutor:
         except self.reraise:
             raise  # the runner decides: a retry needs the input again
         except GatewayError as exc:
+            wrapped = wrapped_exception(exc, self.reraise)
+            if wrapped is not None:  # e.g. the time limit struck while pixel data was decoded (a 422 around it)
+                raise wrapped from None
             log.warning("job %s failed (%d): %s", job.uid, exc.status, exc.message)
             self.store.mark_failed(job.uid, exc.message, exc.status)
             shutil.rmtree(volume_input, ignore_errors=True)
