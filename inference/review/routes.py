@@ -19,7 +19,9 @@ import json
 import logging
 import os
 import shutil
+import threading
 import uuid
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,8 @@ from inference.users import REVIEWER
 from models.registry import ModelRegistry
 
 log = logging.getLogger("inference.review")
+#: Results whose review images a process keeps drawn (a few PNGs of tens of kB each).
+IMAGES_KEPT = 32
 #: Largest corrected SEG accepted (a label SEG of a whole MR series is a few MB).
 MAX_CORRECTION_BYTES = 256 * 1024**2
 
@@ -118,7 +122,15 @@ def add_review_routes(app: Any, jobs: JobRecords, reviews: ReviewRecords, record
             "tables": [{"title": t["title"], "rows": [vars(row) for row in t["rows"]]} for t in tables],
             "images": [f"/reviews/{uid}/images/{n}.png" for n in range(count)], "response": response_json})
 
-    def review_images(review: Review, job: Job, output: Path) -> list[Image.Image]:
+    drawn: OrderedDict[str, list[bytes]] = OrderedDict()  # job uid -> its PNGs (a result never changes once held)
+    drawn_lock = threading.Lock()
+
+    def review_images(review: Review, job: Job, output: Path) -> list[bytes]:
+        """The PNGs of a held result: overlay slices of the model's SEG, then its image outputs (the last few kept)."""
+        with drawn_lock:
+            if review.uid in drawn:
+                drawn.move_to_end(review.uid)
+                return drawn[review.uid]
         images: list[Image.Image] = []
         seg = model_seg(output)
         if seg is not None and review.model.get("family"):
@@ -127,7 +139,16 @@ def add_review_routes(app: Any, jobs: JobRecords, reviews: ReviewRecords, record
             labels = corrections.read_segmentation(seg.read_bytes(), source, structures,
                                                    "the model's segmentation").labels
             images += overlay_slices(source, labels, structures)
-        return images + result_images(result_files(output))
+        pngs = []
+        for image in images + result_images(result_files(output)):
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            pngs.append(buffer.getvalue())
+        with drawn_lock:
+            drawn[review.uid] = pngs
+            while len(drawn) > IMAGES_KEPT:
+                drawn.popitem(last=False)
+        return pngs
 
     @app.get("/reviews/<uid>/images/<int:number>.png")
     def review_image(uid: str, number: int) -> flask.Response:
@@ -135,10 +156,8 @@ def add_review_routes(app: Any, jobs: JobRecords, reviews: ReviewRecords, record
         images = review_images(review, job, output)
         if number >= len(images):
             raise NotFound(f"job {uid}'s result has {len(images)} images; GET /reviews/{uid} lists them")
-        buffer = io.BytesIO()
-        images[number].save(buffer, format="PNG")
         audit("result-viewed", review, path=request.path)
-        return flask.Response(buffer.getvalue(), mimetype="image/png")
+        return flask.Response(images[number], mimetype="image/png")
 
     @app.post("/reviews/<uid>/accept")
     def review_accept(uid: str) -> flask.Response:
