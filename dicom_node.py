@@ -10,6 +10,9 @@ rules (``--rules``) pick the commands -> one job per command through the job sto
 confirmed. Everything in between is on disk: a restarted node resumes.
 Jobs go to the configured backend (``INFERENCE_JOB_BACKEND``): a local thread pool and SQLite, or,
 with ``celery``, the Celery workers and the Redis job records the API answers ``/query`` from.
+A rule with ``review: required`` (or ``flagged``) holds its results until a reviewer decides through
+the gateway (``GET /reviews``, the ``/review/`` page): accepted ones go out as above, a correction
+goes out instead of the model's, rejected ones go nowhere; the study's spool folder stays meanwhile.
 Each (study content, command, parameters, model version) runs once: ``processed/<input hash>``
 names its job. A study sent again delivers that job's stored results again (the same files, so
 the same SOP Instance UIDs: a PACS that still holds them stores nothing twice); a changed study
@@ -58,6 +61,7 @@ from inference.config import Settings
 from inference.dicom.files import dicom_files_in
 from inference.errors import GatewayError
 from inference.jobs.executor import JobExecutor, job_request_json
+from inference.jobs.reviews import AWAITING, CORRECTED, REJECTED, Review, review_store
 from inference.jobs.store import (
     COMPLETED,
     FAILED,
@@ -102,6 +106,8 @@ TRANSFER_SYNTAXES = (
 )
 STATE_FILE = ".work.json"
 DELIVERING, DONE_FAILED = "delivering", "failed"
+#: A job's results held for a reviewer (``inference.jobs.reviews``), and results a reviewer rejected: nothing sent.
+HELD, DONE_REJECTED = "held", "rejected"
 
 
 def input_hash(json_bytes: bytes, files: Sequence[Path]) -> str:
@@ -175,6 +181,7 @@ class DicomNode:
             destinations.append(StowDestination(settings.pacs_stow_url))
         self.outbox = Outbox(root / "outbox", destinations, retry_max_seconds=settings.pacs_retry_max_seconds)
         self.store, self.runner = job_backend(settings, self.pipeline)
+        self.reviews = review_store(self.store)  # decisions made on any API instance, seen here
         self.audit = audit_log(settings)
         self.ae = self._make_ae()
         self._server = None
@@ -364,7 +371,7 @@ class DicomNode:
 
     def _new_job(self, rule: Rule, folder: Path) -> Job:
         return Job(job_name=rule.command, command=rule.command, in_dir=str(folder.relative_to(self.spool.root)),
-                   params=dict(rule.params), spool=True, study_uid=self._study_uid(folder))
+                   params=dict(rule.params), spool=True, study_uid=self._study_uid(folder), review=rule.review)
 
     def _submit(self, job: Job) -> None:
         job.owner = self.runner.owner
@@ -381,7 +388,7 @@ class DicomNode:
         changed = False
         for uid, entry in list(state["jobs"].items()):
             run_log = study_log.tag({"input_hash": entry["input_hash"]})
-            if entry["state"] != "running":
+            if entry["state"] not in ("running", HELD):
                 continue
             job = self.store.get(uid)
             if job is None or (job.status == FAILED and job.error == INTERRUPTED):
@@ -401,11 +408,30 @@ class DicomNode:
                                     replacement.uid)
                 changed = True
             elif job.status == COMPLETED:
-                files = self._dicom_outputs(Path(job.output_dir))
+                review = self.reviews.get(uid) if job.review else None
+                if review is not None and review.status == AWAITING:
+                    if entry["state"] != HELD:
+                        entry["state"] = HELD
+                        run_log.info("job %s completed: its results wait for a reviewer (review %s); nothing sent",
+                                     uid, job.review)
+                        changed = True
+                    continue
+                if review is not None and review.status == REJECTED:
+                    entry["state"] = DONE_REJECTED
+                    run_log.info("job %s: rejected by %s (%s); nothing sent", uid, review.decided_by, review.reason)
+                    changed = True
+                    continue
+                files = self._release_files(job, review)
                 self._record_own_series(files)  # before any destination has them
                 self.outbox.put(uid, files, {"study": state["study_uid"], "input_hash": entry["input_hash"]})
                 entry["state"] = DELIVERING
-                run_log.info("job %s completed: %d DICOM results (%s) to deliver", uid, len(files),
+                if review is not None:
+                    self.audit.append("result-released", user=f"ae:{self.settings.pacs_ae_title}",
+                                      study_uid=state["study_uid"], input_hash=entry["input_hash"], job=uid,
+                                      decision=review.status, decided_by=review.decided_by,
+                                      files=[p.name for p in files])
+                run_log.info("job %s completed%s: %d DICOM results (%s) to deliver", uid,
+                             f", {review.status} by {review.decided_by}" if review else "", len(files),
                              ", ".join(p.name for p in files))
                 changed = True
             elif job.status == FAILED:
@@ -415,7 +441,7 @@ class DicomNode:
         if changed:
             self._save_state(folder, state)
         entries = state["jobs"].items()
-        if all(e["state"] == DONE_FAILED or (e["state"] == DELIVERING and not self.outbox.pending(uid))
+        if all(e["state"] in (DONE_FAILED, DONE_REJECTED) or (e["state"] == DELIVERING and not self.outbox.pending(uid))
                for uid, e in entries):
             for uid, entry in entries:
                 if entry["state"] == DELIVERING and self.outbox.destinations:
@@ -425,6 +451,13 @@ class DicomNode:
                     study_log.tag({"input_hash": entry["input_hash"]}).info(
                         "job %s: every result confirmed by every destination; study done", uid)
             shutil.rmtree(folder)
+
+    def _release_files(self, job: Job, review: Review | None) -> list[Path]:
+        """What a completed job sends: the model's DICOM results, or, once corrected, the reviewer's."""
+        output_dir = Path(job.output_dir or "")
+        if review is not None and review.status == CORRECTED and review.correction:
+            return [output_dir / name for name in review.correction["files"]]
+        return self._dicom_outputs(output_dir)
 
     @staticmethod
     def _dicom_outputs(output_dir: Path) -> list[Path]:

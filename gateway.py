@@ -35,10 +35,11 @@ from inference.dicom.files import study_folder_files
 from inference.dicom.header import SERIES_INSTANCE_UID, STUDY_INSTANCE_UID, InstanceHeader
 from inference.dicom.validation import read_header_early
 from inference.errors import BadRequest, Forbidden, GatewayError, Unauthorized
+from inference.jobs.reviews import AWAITING, must_hold, review_mode
 from inference.logs import TaggedLogger, bind_request_tags
 from inference.pipeline.context import ArterysHandler, arterys_handler
 from inference.pipeline.handler_registry import HandlerRegistry
-from inference.pipeline.pipeline import InferenceResult, Pipeline
+from inference.pipeline.pipeline import InferenceResult, Pipeline, request_json
 from inference.protocol.multipart_request import (
     ParsedBody,
     PartSpool,
@@ -51,8 +52,9 @@ from inference.protocol.multipart_response import EncodedResponse, encode_multip
 from inference.protocol.request import MAX_JSON_BYTES, parse_json_object
 from inference.users import ADMIN, REVIEWER, SUBMITTER, Authenticator, role_allows
 
-#: Endpoints served without the bearer token: liveness probes only (not Flask's /static file route).
-OPEN_ENDPOINTS = ("healthcheck", "ping")
+#: Endpoints served without the bearer token: liveness probes and the review page shell (it holds no data;
+#: it asks for a token and reads through the reviewer routes), not Flask's /static file route.
+OPEN_ENDPOINTS = ("healthcheck", "ping", "review_page")
 #: The role each route needs (roles rank submitter < reviewer < admin; the shared INFERENCE_API_TOKEN acts
 #: as admin). Inference routes need SUBMITTER (``add_inference_route``); an endpoint missing here needs ADMIN.
 ROUTE_ROLES: dict[str, str] = {
@@ -89,6 +91,9 @@ class Gateway(Flask):
         self.route_roles: dict[str, str] = dict(ROUTE_ROLES)
         self._routes: set[str] = set()
         self.add_url_rule("/ping", "ping", lambda: ("", 200), methods=["GET", "POST"])
+        #: Keeps a request's result for a reviewer instead of answering it (``"review"`` in its JSON): set by the
+        #: job API (``inference.jobs.api``), which answers for it afterwards; None: requests cannot ask for review.
+        self.hold_result: Callable[[InferenceResult, ParsedBody, dict, str | None, str], str] | None = None
         #: Collected at each scrape of ``GET /metrics`` besides the request metrics (e.g. job counts).
         self.metrics_collectors: list = []
         #: Endpoints that requests from these networks reach without the bearer token (the Radiomics routes
@@ -233,6 +238,10 @@ class Gateway(Flask):
             self.audit_event("study-received", study_uid=study, series_uids=series, input_hash=body.input_hash,
                              door="http", parts=len(body.parts), sync=False)
             try:
+                json_input = request_json(body)
+                review = review_mode(json_input.get("review"), "the request JSON")
+                if review is not None and self.hold_result is None:
+                    raise BadRequest("this server keeps no results for review (no job API): leave 'review' out")
                 result = pipeline.run_body(body, command=command)
             except Exception as exc:
                 self.audit_event("result-produced", outcome="failure", study_uid=study, series_uids=series,
@@ -241,6 +250,15 @@ class Gateway(Flask):
             g.command = result.command
             self.audit_event("result-produced", study_uid=study, series_uids=series, input_hash=body.input_hash,
                              command=result.command)
+            if must_hold(review, result.response_json):
+                assert self.hold_result is not None and review is not None
+                uid = self.hold_result(result, body, json_input, study, review)
+                spool.close()
+                held = flask.jsonify({"uid": uid, "msg": "Result held for review: released once a reviewer "
+                                                         "accepts or corrects it", "review": AWAITING})
+                held.status_code = 202
+                held.headers["Location"] = f"/query/{uid}"
+                return held
         except BaseException:
             spool.close()
             raise  # answered by the error handlers below (or by the app's own, when registered)

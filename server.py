@@ -22,10 +22,13 @@ from inference.errors import BadRequest, NotFound
 from inference.http.openapi import openapi_document
 from inference.jobs.api import add_job_routes
 from inference.jobs.executor import known_job_names
+from inference.jobs.reviews import review_store
 from inference.logs import configure_logging
 from inference.pipeline.pipeline import Pipeline
 from inference.radiomics.catalogue import Catalogue
 from inference.radiomics.routes import add_radiomics_routes, family_commands, records_for
+from inference.review.feedback import version_figures
+from inference.review.routes import add_review_routes
 from inference.users import Authenticator, user_store
 from models import monitoring
 from models.registry import ManifestError, registry_for
@@ -67,9 +70,11 @@ def create_app(mode: str | None = None, settings: Settings | None = None, *,
     app = Gateway(__name__, pipeline=pipeline)
     users = app.users = Authenticator(user_store(settings))  # named users, on the job store (python -m inference.users)
     store, runner = add_job_routes(app, pipeline)  # POST /job/, GET /query/<uid>
+    records = records_for(settings)  # the feedback store: Radiomics feedback and telemetry, review decisions
+    add_review_routes(app, store, review_store(store), records, registry)  # /reviews, /review/
     try:
         catalogue = Catalogue(registry, family_commands(pipeline))
-        add_radiomics_routes(app, pipeline, catalogue, store, runner, records_for(settings))  # /api/...
+        add_radiomics_routes(app, pipeline, catalogue, store, runner, records)  # /api/...
     except (ManifestError, ValueError) as exc:
         raise SystemExit(f"Radiomics API: {exc}") from None
     health = {"status": "LOADING"}
@@ -91,9 +96,12 @@ def create_app(mode: str | None = None, settings: Settings | None = None, *,
     @app.get("/models/<family>")
     def show_family(family: str):
         try:
-            return flask.jsonify(registry.family(family).describe(registry.failures))
+            described = registry.family(family).describe(registry.failures)
         except BadRequest as exc:
             raise NotFound(exc.message) from None
+        # per version: review decisions (accepted, rejected, corrected, mean Dice of corrections), feedback, telemetry
+        described["feedback"] = version_figures(records, family).get(family, {})
+        return flask.jsonify(described)
 
     @app.get("/models/<family>/monitoring")
     def monitor_family(family: str):

@@ -133,6 +133,10 @@ class Settings:
     #: INFERENCE_AUDIT_SYSLOG: ``host:port`` of a syslog receiver (UDP) every audit record is also sent to,
     #: as RFC 5424 (IHE ATNA); unset: none.
     audit_syslog: str | None = field(default=None, metadata={"env": "INFERENCE_AUDIT_SYSLOG"})
+    #: INFERENCE_REVIEW_OVERDUE_SECONDS: a result held for review (``review: required``) longer than this is
+    #: reported overdue in ``/metrics`` (``inference_reviews_overdue``), ``GET /reviews`` and the ``/review/`` page;
+    #: it is never released without a decision.
+    review_overdue_seconds: float = field(default=24 * 3600.0, metadata={"env": "INFERENCE_REVIEW_OVERDUE_SECONDS"})
     #: INFERENCE_RADIOMICS_NETWORKS: client networks (CIDR, e.g. ``10.1.2.0/24``, comma-separated) whose requests
     #: to the Radiomics API routes (``/api/...``) need no bearer token even when INFERENCE_API_TOKEN is set
     #: (Velocity sends none); unset: none.

@@ -15,6 +15,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("entry points", ("mock_server", "worker", "dicom_node", "healthcheck", "gunicorn.conf")),
     ("the production app", ("server",)),
     ("the HTTP front door", ("gateway",)),
+    ("the reviewer's routes and page", ("inference.review",)),
     ("front doors' machinery", ("inference.jobs", "inference.http", "inference.radiomics", "inference.users")),
     ("handlers", ("handlers",)),
     ("PACS spool, routing, outbox, delivery", ("inference.pacs",)),

@@ -42,3 +42,13 @@ def test_malformed_rules_say_what_is_wrong(document, message):
 def test_missing_rules_file_names_it(tmp_path):
     with pytest.raises(ValueError, match="nothing.yaml does not exist"):
         load_rules(tmp_path / "nothing.yaml")
+
+
+def test_a_rule_can_ask_for_review_itself_or_through_its_request_option():
+    rules = parse_rules({"rules": [{"command": "c", "review": "required"},
+                                   {"command": "c", "params": {"review": "flagged", "sigma_mm": 2}},
+                                   {"command": "c"}]})
+    assert [(r.review, r.params) for r in rules] == [("required", {}), ("flagged", {"sigma_mm": 2}), (None, {})]
+    assert load_rules(Settings().pacs_rules)[0].review is None, "the shipped rule sends at once"
+    with pytest.raises(ValueError, match="rule 1: review must be one of required, flagged, got 'later'"):
+        parse_rules({"rules": [{"command": "c", "review": "later"}]})

@@ -170,13 +170,16 @@ def _procedure(modality: str) -> Code:
 def measurement_report(source: Sequence[Dataset], seg: Dataset, volumes_mm3: Mapping[str, float],
                        structures: Sequence[Structure], algorithm: Algorithm, *,
                        description: str = "AI volume measurements",
-                       series_number: int = SR_SERIES_NUMBER,
+                       series_number: int = SR_SERIES_NUMBER, observer: str | None = None,
+                       segment_numbers: Sequence[int] | None = None,
                        extra_measurements: Mapping[str, Sequence[ExtraMeasurement]] | None = None,
                        evaluations: Sequence[tuple[Code, Code]] = ()) -> Dataset:
     """A Comprehensive 3D SR (TID 1500) with one volume (mm3) per structure, referencing its segment.
 
     ``volumes_mm3`` maps each structure's name to its volume; ``seg`` is the Segmentation from
-    ``segmentation`` for the same ``structures``, which the measurement groups reference.
+    ``segmentation`` for the same ``structures``, which the measurement groups reference (segment
+    ``segment_numbers[i]`` for structure ``i``; default 1, 2, ...). ``observer``: the person who made
+    the segmentation (a reviewer's correction), named as the report's person observer besides the device.
     ``extra_measurements`` adds measurements to a structure's group (by name); ``evaluations`` are
     (name, value) qualitative evaluations put in every group (e.g. the result's quality flag).
     """
@@ -184,12 +187,16 @@ def measurement_report(source: Sequence[Dataset], seg: Dataset, volumes_mm3: Map
     if missing:
         raise ValueError(f"no volume given for {', '.join(missing)}")
     headers = _source_headers(source)
-    observer = hd.sr.ObserverContext(
+    device = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=generate_uid(), name=algorithm.name[:64], model_name=algorithm.version[:64]))
+    person = None if observer is None else hd.sr.ObserverContext(
+        observer_type=codes.DCM.Person,
+        observer_identifying_attributes=hd.sr.PersonObserverIdentifyingAttributes(name=observer[:64]))
+    numbers = list(segment_numbers) if segment_numbers is not None else list(range(1, len(structures) + 1))
     groups = []
-    for number, structure in enumerate(structures, 1):
+    for number, structure in zip(numbers, structures, strict=True):
         site = hd.sr.FindingSite(anatomic_location=structure.anatomy, topographical_modifier=structure.modifier)
         volume = hd.sr.Measurement(name=codes.SCT.Volume, value=float(volumes_mm3[structure.name]),
                                    unit=codes.UCUM.CubicMillimeter)
@@ -205,7 +212,8 @@ def measurement_report(source: Sequence[Dataset], seg: Dataset, volumes_mm3: Map
             qualitative_evaluations=[hd.sr.QualitativeEvaluation(name, value) for name, value in evaluations] or None,
         ))
     report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        observation_context=hd.sr.ObservationContext(observer_person_context=person,
+                                                     observer_device_context=device),
         procedure_reported=_procedure(str(headers[0].get("Modality", ""))),
         imaging_measurements=groups,
         title=codes.DCM.ImagingMeasurementReport,

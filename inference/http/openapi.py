@@ -3,7 +3,8 @@
 Built from the handler registry, so the command and job-name lists are the served ones. The
 multipart inference protocol itself is described in the README (OpenAPI cannot express its
 ordered parts); ``POST /`` appears here with its JSON form (``studyPath``) and its errors. The
-Radiomics API's routes are listed with their protobuf messages (``inference/radiomics/proto/*.proto``).
+Radiomics API's routes are listed with their protobuf messages (``inference/radiomics/proto/*.proto``),
+the reviewer's routes (``/reviews``) with their decisions.
 A test runs schemathesis against the live server to keep the document and the server in step.
 """
 
@@ -73,6 +74,61 @@ def radiomics_paths(model_ids: list[str], auth_errors: tuple[int, ...]) -> dict[
                                               stored),
         "/api/v2/Telemetry/segmentation": post("The client's timings and errors, stored", "SegmentationTelemetry",
                                                stored),
+    }
+
+
+def review_paths(auth_errors: tuple[int, ...]) -> dict[str, Any]:
+    """The reviewer's routes (``inference.review.routes``; role reviewer): the queue, one result, the decisions."""
+    uid = {"name": "uid", "in": "path", "required": True, "schema": {"type": "string"}, "description": "job uid"}
+    review = _json({"type": "object", "required": ["review", "new"],
+                    "properties": {"review": {"type": "object"}, "new": {"type": "boolean"}}},
+                   "the review after the decision; new is false when it was already made (nothing happens twice)")
+    decided = {"409": _json(ERROR, "another decision was already made: decisions are final"),
+               "404": _json(ERROR, "no result of that job is held for review")}
+
+    def decision(summary: str, operation: str, body: dict | None, *more: int) -> dict:
+        entry: dict[str, Any] = {"summary": summary, "operationId": operation, "tags": ["Review"],
+                                 "parameters": [uid], "responses": {"200": review, **decided,
+                                                                    **_errors(*more, *auth_errors)}}
+        if body is not None:
+            entry["requestBody"] = body
+        return {"post": entry}
+
+    return {
+        "/reviews": {"get": {
+            "summary": "Results held for review (status=all: decided ones too); overdue ones flagged",
+            "operationId": "listReviews", "tags": ["Review"],
+            "parameters": [{"name": "status", "in": "query", "required": False,
+                            "schema": {"type": "string", "enum": ["all"]}}],
+            "responses": {"200": _json({"type": "object", "required": ["reviews", "awaiting", "overdue"],
+                                        "properties": {"reviews": {"type": "array", "items": {"type": "object"}},
+                                                       "awaiting": {"type": "integer"},
+                                                       "overdue": {"type": "integer"}}}, "the queue"),
+                          **_errors(*auth_errors)}}},
+        "/reviews/{uid}": {"get": {
+            "summary": "One held result: its review, response JSON, result tables, model version, image links",
+            "operationId": "showReview", "tags": ["Review"], "parameters": [uid],
+            "responses": {"200": _json({"type": "object"}, "the result"), "404": decided["404"],
+                          **_errors(422, *auth_errors)}}},
+        "/reviews/{uid}/images/{number}.png": {"get": {
+            "summary": "Image n of a held result: source slices with the model's segmentation, result images",
+            "operationId": "reviewImage", "tags": ["Review"],
+            "parameters": [uid, {"name": "number", "in": "path", "required": True,
+                                 "schema": {"type": "integer", "minimum": 0}}],
+            "responses": {"200": {"description": "PNG", "content": {"image/png": {"schema": {
+                "type": "string", "format": "binary"}}}}, "404": _json(ERROR, "no such result or image"),
+                          **_errors(422, *auth_errors)}}},
+        "/reviews/{uid}/accept": decision("Accept: release the result to its destinations", "acceptReview", None),
+        "/reviews/{uid}/reject": decision(
+            "Reject with a reason: nothing is ever released", "rejectReview",
+            {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["reason"], "properties": {"reason": {"type": "string"}}}}}}, 400),
+        "/reviews/{uid}/correct": decision(
+            "Correct: a DICOM SEG of the same series, released instead of the model's with a new SR",
+            "correctReview", {"required": True, "content": {
+                "application/dicom": {"schema": {"type": "string", "format": "binary"}},
+                "multipart/form-data": {"schema": {"type": "object", "properties": {
+                    "file": {"type": "string", "format": "binary"}}}}}}, 400, 413, 415, 422),
     }
 
 
@@ -149,8 +205,13 @@ def openapi_document(commands: list[str], job_names: list[str], *, token_require
             "responses": {"200": {"description": "multipart/related: the response JSON, then one part per buffer",
                                   "content": {"multipart/related": {"schema": {"type": "string",
                                                                                "format": "binary"}}}},
+                          "202": _json({"type": "object", "required": ["uid", "review"],
+                                        "properties": {"uid": {"type": "string"}, "review": {"type": "string"},
+                                                       "msg": {"type": "string"}}},
+                                       "held for review (\"review\" in the JSON): a job, GET /query/{uid}"),
                           **_errors(400, *auth_errors, 403, 408, 413, 415, 422, 500)}}},
     }
+    paths.update(review_paths(auth_errors))
     if radiomics_models is not None:
         paths.update(radiomics_paths(radiomics_models, auth_errors))
     document: dict[str, Any] = {
@@ -172,7 +233,9 @@ def openapi_document(commands: list[str], job_names: list[str], *, token_require
                                                          "description": {"type": "string"}}}}}},
             "JobRequest": {"type": "object", "required": ["job_name", "in_dir"],
                            "properties": {"job_name": {"type": "string", "enum": job_names},
-                                          "in_dir": {"type": "string", "minLength": 1}},
+                                          "in_dir": {"type": "string", "minLength": 1},
+                                          "review": {"type": "string", "enum": ["required", "flagged"],
+                                                     "description": "hold the result for a reviewer"}},
                            "additionalProperties": True},
             "JobCreated": {"type": "object", "required": ["uid"], "properties": {"uid": {"type": "string"}}},
             "JobState": {"type": "object", "required": ["msg"],
@@ -180,7 +243,9 @@ def openapi_document(commands: list[str], job_names: list[str], *, token_require
                                         "error": {"type": "string"}}},
             "StudyPathRequest": {"type": "object", "required": ["studyPath"],
                                  "properties": {"studyPath": {"type": "string"},
-                                                "inference_command": {"type": "string", "enum": commands}},
+                                                "inference_command": {"type": "string", "enum": commands},
+                                                "review": {"type": "string", "enum": ["required", "flagged"],
+                                                           "description": "hold the result for a reviewer"}},
                                  "additionalProperties": True},
         }},
     }

@@ -10,6 +10,8 @@
                       every answer for a job also carries "attempts": how many times a worker started it
     GET  /job/<uid>/files         -> 200 {"uid": ..., "files": [{"name": ..., "bytes": ...}]} of a completed job
     GET  /job/<uid>/files/<name>  -> that file (only files of that job's folder); 409 while not completed
+    A job with "review": "required" (or "flagged") is held once complete: its files answer 409 until a
+    reviewer accepts it (the model's files) or corrects it (the correction's); see ``inference.review``.
 
 A job name is a served inference command, or an alias of one (``JOB_ALIASES``). The job's other
 JSON keys, plus ``inference_command``, are the handler's request JSON, checked at submission; the
@@ -21,6 +23,9 @@ time), which appears only once complete.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import time
 from pathlib import Path
 
 import flask
@@ -36,12 +41,16 @@ from inference.errors import (
     UnsupportedMediaType,
 )
 from inference.jobs.executor import (
+    HELD_REQUEST,
     JobExecutor,
+    hold_result,
     job_request_json,
     known_job_names,
     remove_debris,
     study_files,
+    write_outputs,
 )
+from inference.jobs.reviews import ACCEPTED, CORRECTED, review_mode, review_store
 from inference.jobs.store import (
     COMPLETED,
     FAILED,
@@ -56,14 +65,15 @@ from inference.jobs.store import (
 from inference.logs import TaggedLogger
 from inference.metrics import JobCountsCollector
 from inference.paths import is_inside
-from inference.pipeline.pipeline import Pipeline
+from inference.pipeline.pipeline import InferenceResult, Pipeline
+from inference.protocol.multipart_request import ParsedBody
 from inference.protocol.request import parse_json_object
 
 log = TaggedLogger(logging.getLogger("inference.jobs"))
 #: Job states reported by /metrics.
 JOB_STATES = (QUEUED, RUNNING, COMPLETED, FAILED)
 #: Keys of the job JSON that are about the job, not parameters of the handler.
-JOB_KEYS = ("job_name", "in_dir")
+JOB_KEYS = ("job_name", "in_dir", "review")
 
 
 def job_from_request(pipeline: Pipeline) -> Job:
@@ -79,7 +89,8 @@ def job_from_request(pipeline: Pipeline) -> Job:
     if not isinstance(in_dir, str) or not in_dir:
         raise BadRequest("in_dir must be the folder of the study, relative to the server's data root")
     params = {key: value for key, value in body.items() if key not in JOB_KEYS}
-    job = Job(job_name=job_name, command=names[job_name], in_dir=in_dir, params=params)
+    job = Job(job_name=job_name, command=names[job_name], in_dir=in_dir, params=params,
+              review=review_mode(body.get("review"), "the job"))
     pipeline.check_request(job_request_json(job), command=job.command)  # bad parameters: 400 now, not later
     files = study_files(pipeline.settings.data_root, in_dir)
     job.study_uid = first_study_uid(files)
@@ -127,8 +138,35 @@ def add_job_routes(app: flask.Flask, pipeline: Pipeline, *, store: JobRecords | 
                                  lock_dir=output_root / ".owners")
     runner.recover()
     remove_debris(output_root, store)
+    reviews = review_store(store)
     if hasattr(app, "metrics_collectors"):  # a Gateway: /metrics counts jobs by state from the store
         app.metrics_collectors.append(JobCountsCollector(store.count_by_status, JOB_STATES))
+
+    def keep_for_review(result: InferenceResult, body: ParsedBody, json_input: dict, study_uid: str | None,
+                        mode: str) -> str:
+        """A request's result held for review: a completed job with its outputs and the study's instances
+        (``<uid>/input``, for a correction's checks) and its review; the job uid."""
+        job = Job(job_name=HELD_REQUEST, command=result.command, in_dir="", status=COMPLETED, review=mode,
+                  params={k: v for k, v in json_input.items() if k != "inference_command"}, user=g.get("user"),
+                  study_uid=study_uid, finished=time.time())
+        job.in_dir = f"{job.uid}/input"
+        output = output_root / job.uid
+        partial = output_root / f"{job.uid}.partial.request"
+        try:
+            write_outputs(partial, result.response_json, result.buffers)
+            (partial / "input").mkdir()
+            for index, part in enumerate(body.parts[1:]):
+                (partial / "input" / f"instance_{index:05d}.dcm").write_bytes(part.read_bytes())
+            os.replace(partial, output)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+        job.output_dir = str(output)
+        hold_result(store, pipeline, job, result.response_json, result.input_hash)  # before the job is seen
+        store.add(job)
+        return job.uid
+
+    if hasattr(app, "hold_result"):  # a Gateway: requests with "review" are held as jobs here
+        app.hold_result = keep_for_review
 
     def audit(event: str, **fields: object) -> None:
         """Append ``event`` to the app's audit trail (a Gateway has one; a plain Flask app in tests has not)."""
@@ -165,8 +203,11 @@ def add_job_routes(app: flask.Flask, pipeline: Pipeline, *, store: JobRecords | 
         job = readable(uid)
         if job.status == COMPLETED:
             audit("result-viewed", study_uid=job.study_uid, job=uid, path=request.path)
-            return flask.jsonify({"msg": "Job has completed", "output_dir": job.output_dir,
-                                  "attempts": job.attempts}), 200
+            answer = {"msg": "Job has completed", "output_dir": job.output_dir, "attempts": job.attempts}
+            review = reviews.get(uid) if job.review else None
+            if review is not None:
+                answer["review"] = review.status
+            return flask.jsonify(answer), 200
         if job.status == FAILED:
             return flask.jsonify({"msg": "Job has failed", "error": job.error,
                                   "attempts": job.attempts}), job.error_status or 500
@@ -179,7 +220,14 @@ def add_job_routes(app: flask.Flask, pipeline: Pipeline, *, store: JobRecords | 
         if job.status != COMPLETED:
             state = "has failed" if job.status == FAILED else "is queued" if job.status == QUEUED else "is running"
             raise Conflict(f"job {uid} {state}: it has no files; GET /query/{uid} tells its state")
-        return job, Path(job.output_dir) if job.output_dir else output_root / uid
+        folder = Path(job.output_dir) if job.output_dir else output_root / uid
+        review = reviews.get(uid) if job.review else None
+        if review is not None and review.status not in (ACCEPTED, CORRECTED):
+            raise Conflict(f"job {uid}'s result is {review.status}: it is released only once a reviewer accepts "
+                           "or corrects it (GET /reviews)")
+        if review is not None and review.status == CORRECTED:
+            folder = folder / "correction"  # the reviewer's segmentation and report, not the model's
+        return job, folder
 
     @app.get("/job/<uid>/files")
     def list_job_files(uid: str) -> flask.Response:

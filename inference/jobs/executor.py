@@ -27,6 +27,7 @@ from inference.dicom.series import Geometry, Volume
 from inference.errors import (
     GatewayError,
 )
+from inference.jobs.reviews import Review, is_flagged, must_hold, review_store
 from inference.jobs.store import (
     UNFINISHED,
     Job,
@@ -39,6 +40,8 @@ log = TaggedLogger(logging.getLogger("inference.jobs"))
 
 #: Job names of the seed's clients, mapped to the inference command they run.
 JOB_ALIASES = {"3dblur": "gaussian-blur-3d"}
+#: The job name of a request whose result was held for review (``review`` in its JSON): completed when recorded.
+HELD_REQUEST = "held-request"
 #: The job name of a job whose input is a posted volume (the Radiomics door), not a folder of DICOM files.
 VOLUME_JOB = "posted-volume"
 
@@ -158,6 +161,9 @@ class JobExecutor:
         except self.reraise:
             raise  # the runner decides: a retry needs the input again
         except GatewayError as exc:
+            wrapped = wrapped_exception(exc, self.reraise)
+            if wrapped is not None:  # e.g. the time limit struck while pixel data was decoded (a 422 around it)
+                raise wrapped from None
             log.warning("job %s failed (%d): %s", job.uid, exc.status, exc.message)
             self.store.mark_failed(job.uid, exc.message, exc.status)
             shutil.rmtree(volume_input, ignore_errors=True)
@@ -170,15 +176,32 @@ class JobExecutor:
                                             f"log under job {job.uid}", 500)
             shutil.rmtree(volume_input, ignore_errors=True)
         else:
-            self.store.mark_completed(job.uid, str(output))
-            shutil.rmtree(volume_input, ignore_errors=True)
             audit_log(settings).append("result-produced", user=job.user, study_uid=job.study_uid,
                                        input_hash=result.input_hash, job=job.uid, command=result.command)
+            if must_hold(job.review, result.response_json):  # held before it is seen completed: never released early
+                hold_result(self.store, self.pipeline, job, result.response_json, result.input_hash)
+            self.store.mark_completed(job.uid, str(output))
+            shutil.rmtree(volume_input, ignore_errors=True)
             log.info("job %s completed: %d outputs in %s", job.uid, len(result.buffers), output)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
             if output.is_dir():
                 remove_partials(output)
+
+
+def hold_result(store: JobRecords, pipeline: Pipeline, job: Job, response_json: dict, input_hash: str) -> Review:
+    """Keep a completed job's result for a reviewer (``inference.jobs.reviews``), with the model that made it."""
+    version = pipeline.check_request(job_request_json(job), command=job.command).model_version
+    model = {} if version is None else {"family": version.family, "version": version.version,
+                                        "sha256": version.sha256}
+    review = review_store(store).hold(Review(
+        uid=job.uid, command=job.command, mode=str(job.review), study_uid=job.study_uid, input_hash=input_hash,
+        flagged=is_flagged(response_json), model=model, submitter=job.user, node=job.spool))
+    holder = job.user or (f"ae:{pipeline.settings.pacs_ae_title}" if job.spool else None)  # the node holds its own
+    audit_log(pipeline.settings).append("result-held", user=holder, study_uid=job.study_uid, input_hash=input_hash,
+                                        job=job.uid, review=job.review, flagged=review.flagged)
+    log.info("job %s: result held for review (%s%s)", job.uid, job.review, ", flagged" if review.flagged else "")
+    return review
 
 
 def wrapped_exception(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
@@ -220,7 +243,10 @@ def remove_debris(output_root: Path, store: JobRecords) -> list[Path]:
 
 
 def job_root(settings: Settings, job: Job) -> Path | None:
-    """The folder ``job.in_dir`` is relative to: the DICOM node's spool for its jobs, else the data root."""
+    """The folder ``job.in_dir`` is relative to: the DICOM node's spool for its jobs, the output root for a
+    request held for review (its study kept in ``<uid>/input``), else the data root."""
+    if job.job_name == HELD_REQUEST:
+        return Path(settings.output_root)
     return Path(settings.pacs_root) / "spool" if job.spool else settings.data_root
 
 

@@ -59,14 +59,15 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished REAL,
     spool INTEGER NOT NULL DEFAULT 0,
     user TEXT,
-    study_uid TEXT
+    study_uid TEXT,
+    review TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_unfinished ON jobs (status, owner);
 """
 #: Columns added after the first release, with their type: added to older files when opened.
 ADDED_COLUMNS = {"attempts": "INTEGER NOT NULL DEFAULT 0", "worker": "TEXT", "started": "REAL", "finished": "REAL",
                  "spool": "INTEGER NOT NULL DEFAULT 0", "user": "TEXT",
-                 "study_uid": "TEXT"}
+                 "study_uid": "TEXT", "review": "TEXT"}
 
 
 @dataclass
@@ -95,6 +96,8 @@ class Job:
     user: str | None = None
     #: the StudyInstanceUID of its input, when it is DICOM (for the audit trail)
     study_uid: str | None = None
+    #: ``required`` or ``flagged``: its result is held for a reviewer (``inference.jobs.reviews``); None: released
+    review: str | None = None
 
 
 class JobRecords(Protocol):
@@ -163,11 +166,11 @@ class JobStore:
         with self._connect(write=True) as db:
             db.execute(
                 "INSERT INTO jobs (uid, job_name, command, in_dir, params, status, owner, error, error_status,"
-                " output_dir, created, updated, attempts, worker, started, finished, spool, user, study_uid)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " output_dir, created, updated, attempts, worker, started, finished, spool, user, study_uid, review)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job.uid, job.job_name, job.command, job.in_dir, json.dumps(job.params), job.status, job.owner,
                  job.error, job.error_status, job.output_dir, job.created, job.updated, job.attempts, job.worker,
-                 job.started, job.finished, int(job.spool), job.user, job.study_uid))
+                 job.started, job.finished, int(job.spool), job.user, job.study_uid, job.review))
         return job
 
     def get(self, uid: str) -> Job | None:

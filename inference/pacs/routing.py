@@ -15,6 +15,8 @@ from pathlib import Path
 import yaml
 
 CONDITIONS = ("modality", "series_description", "calling_ae")
+#: What a rule's ``review`` may say (``inference.jobs.reviews.REVIEW_MODES``: the pacs layer sits below jobs).
+REVIEW_MODES = ("required", "flagged")
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,8 @@ class Rule:
     modality: str | None = None
     series_description: str | None = None
     calling_ae: str | None = None
+    #: ``required``: every result waits for a reviewer; ``flagged``: the ones the quality check flagged; None: none
+    review: str | None = None
 
     def matches_series(self, series: ReceivedSeries) -> bool:
         if self.modality is not None and series.modality.upper() != self.modality.upper():
@@ -58,7 +62,7 @@ def parse_rules(document: object, source: str = "rules") -> list[Rule]:
         where = f"{source}: rule {index + 1}"
         if not isinstance(entry, dict):
             raise ValueError(f"{where} must be a mapping with 'command' and optionally 'name', 'match', 'params'")
-        unknown = set(entry) - {"name", "match", "command", "params"}
+        unknown = set(entry) - {"name", "match", "command", "params", "review"}
         if unknown:
             raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
         command, match, params = entry.get("command"), entry.get("match") or {}, entry.get("params") or {}
@@ -68,6 +72,10 @@ def parse_rules(document: object, source: str = "rules") -> list[Rule]:
             raise ValueError(f"{where}: 'match' may only hold {', '.join(CONDITIONS)}")
         if not isinstance(params, dict):
             raise ValueError(f"{where}: 'params' must be a mapping of request JSON keys")
+        params = dict(params)
+        review = entry.get("review", params.pop("review", None))  # a rule's key, or its request's option
+        if review not in (None, *REVIEW_MODES):
+            raise ValueError(f"{where}: review must be one of {', '.join(REVIEW_MODES)}, got {review!r}")
         for key in ("series_description", "calling_ae"):
             if key in match:
                 try:
@@ -75,6 +83,7 @@ def parse_rules(document: object, source: str = "rules") -> list[Rule]:
                 except re.error as exc:
                     raise ValueError(f"{where}: {key} {match[key]!r} is not a regular expression: {exc}") from None
         rules.append(Rule(name=str(entry.get("name", f"rule {index + 1}")), command=command, params=params,
+                          review=review,
                           **{key: str(value) for key, value in match.items()}))
     return rules
 

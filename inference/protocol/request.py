@@ -15,9 +15,10 @@ from typing import Any
 from inference.errors import BadRequest
 
 #: Request keys of the protocol itself, accepted whatever the command: they are not handler parameters.
-#: ``depth``/``height``/``width`` are the volume size the Arterys test tool's ``-S`` option sends.
+#: ``depth``/``height``/``width`` are the volume size the Arterys test tool's ``-S`` option sends; ``review``
+#: (``required``/``flagged``) holds the result for a reviewer instead of answering it (``inference.jobs.reviews``).
 PROTOCOL_KEYS = frozenset({"inference_command", "studyUID", "seriesUID", "studyPath", "model_version",
-                           "depth", "height", "width"})
+                           "depth", "height", "width", "review"})
 #: Largest JSON body read (studyPath requests, jobs): they are read whole, so they are kept small.
 MAX_JSON_BYTES = 1024 * 1024
 #: Deepest nesting of arrays and objects accepted in request JSON.

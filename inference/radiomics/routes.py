@@ -277,7 +277,7 @@ class RadiomicsDoor:
         output.Channels.extend(output_channels(model, labels, part["label_map"]))
         return output
 
-    def keep(self, kind: str, message: Message, segmentation_id: str, model_id: str | None, outcome: str) -> None:
+    def keep(self, kind: str, message: Message, segmentation_id: str, model_id: str | None, outcome: str) -> dict:
         """Store a Feedback or Telemetry message with its job's model version and input hash, and count it."""
         record = self.records.segmentation(segmentation_id) if segmentation_id else None
         entry = {"received": time.time(), "segmentation_id": segmentation_id,
@@ -289,6 +289,7 @@ class RadiomicsDoor:
         metrics.record_radiomics_message(kind, outcome)
         log.info("%s stored for segmentation %r (%s)", kind, segmentation_id,
                  "known job" if record else "no such job here")
+        return entry
 
     def sweep(self, now: float | None = None) -> list[str]:
         """Delete the results and records of segmentations finished more than the grace period ago.
@@ -406,14 +407,18 @@ def add_radiomics_routes(app: Any, pipeline: Pipeline, catalogue: Catalogue, sto
         scores += [comment.Score for comment in feedback.StructureComments if comment.HasField("Score")]
         if any(not 0 <= score.Value <= 1 for score in scores):
             raise RadiomicsError(400, "scores are between 0 and 1 inclusive (leave Score out for 'not rated')")
-        door.keep(FEEDBACK, feedback, feedback.SegmentationID, None,
-                  "accepted" if feedback.SegmentationAccepted else "rejected")
+        entry = door.keep(FEEDBACK, feedback, feedback.SegmentationID, None,
+                          "accepted" if feedback.SegmentationAccepted else "rejected")
+        app.audit_event("feedback-received", input_hash=entry["input_hash"], door="radiomics",
+                        job=feedback.SegmentationID, accepted=feedback.SegmentationAccepted)
         return Response("feedback stored", mimetype="text/plain")
 
     def post_telemetry() -> Response:
         telemetry = parse(M.SegmentationTelemetry, read_body(MAX_MESSAGE_BYTES))
-        door.keep(TELEMETRY, telemetry, telemetry.SegmentationID, telemetry.ModelID,
-                  M.SegmentationTelemetry.ClientErrorType.Name(telemetry.ClientError))
+        entry = door.keep(TELEMETRY, telemetry, telemetry.SegmentationID, telemetry.ModelID,
+                          M.SegmentationTelemetry.ClientErrorType.Name(telemetry.ClientError))
+        app.audit_event("telemetry-received", input_hash=entry["input_hash"], door="radiomics",
+                        job=telemetry.SegmentationID, model=entry["model_id"])
         return Response("telemetry stored", mimetype="text/plain")
 
     route("/api/ping", "GET", "radiomics_ping", ping)
