@@ -55,6 +55,8 @@ SECTIONS = ("large", "small", "blur", "hippocampus", "radiomics", "celery", "pac
 TARGETS = {"small_seq_ratio": (">=", 0.85), "small_8_ratio": (">=", 0.95), "large_ratio": ("<=", 1.15),
            "rss_to_payload": ("<=", 1.0), "hippocampus_model_s": ("<=", 0.35), "hippocampus_fast_model_s": ("<=", 0.08),
            "hippocampus_roundtrip_s": ("<=", 0.6), "blur_ratio": ("<=", 0.2)}
+#: Issue 28: the default hippocampus version's model time at most 1.5 x 1.0-fast's (bench/model_versions.py).
+TARGETS["hippocampus_default_to_fast"] = ("<=", 1.5)
 #: Small-study requests alternate between ours and the floor in this many batches (same load for both).
 SMALL_ROUNDS = 5
 #: The registry's fast hippocampus version (models/manifest.yaml): member 0 alone, no mirrored pass.
@@ -356,7 +358,9 @@ def measure_hippocampus(ours: Server, repeats: int) -> dict:
     fast_measures = [next(iter(pipeline.run_files(fast, files).response_json["series_ml_json"].values()))
                      for _ in range(repeats)]
     out["hippocampus_fast_model_s"] = round(statistics.median(m["inference_seconds"] for m in fast_measures), 4)
-    return out
+    from bench.model_versions import measure_versions
+
+    return {**out, **measure_versions(repeats)}  # every version, interleaved; GFLOP; default / 1.0-fast
 
 
 def targets_met(results: dict) -> dict:
