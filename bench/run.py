@@ -374,7 +374,9 @@ def measure_hippocampus(ours: Server, repeats: int) -> dict:
     fast_measures = [next(iter(pipeline.run_files(fast, files).response_json["series_ml_json"].values()))
                      for _ in range(repeats)]
     out["hippocampus_fast_model_s"] = round(statistics.median(m["inference_seconds"] for m in fast_measures), 4)
-    return out
+    from bench.model_versions import measure_versions
+
+    return {**out, **measure_versions(repeats)}  # every version, interleaved; GFLOP; default / 1.0-fast
 
 
 def derived_figures(results: dict) -> dict:

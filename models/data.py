@@ -206,24 +206,30 @@ def _augment_intensity(x, rand, generator):
     return x + noise * 0.05 * torch.randn(x.shape, generator=generator, device=x.device)
 
 
-def _warp(x, y, theta):
-    """Resample images bilinearly and labels by nearest neighbour on the grid of ``theta``."""
+def _warp(x, y, theta, soft=None):
+    """Resample images (and soft targets) bilinearly and labels by nearest neighbour on the grid of ``theta``."""
     import torch.nn.functional as F
 
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     y = F.grid_sample(y[:, None].float(), grid, mode="nearest", padding_mode="zeros",
                       align_corners=False)[:, 0].long()
-    return x, y
+    if soft is not None:
+        soft = F.grid_sample(soft, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return x, y, soft
 
 
-def augment_batch(x, y, generator=None, flip_dim: int | None = None, p_affine: float = 0.7):
+def augment_batch(x, y, generator=None, flip_dim: int | None = None, p_affine: float = 0.7, soft=None):
     """Batched torch augmentation of 2.5D slices: random rotation/scale, L-R flip, intensity.
 
     ``flip_dim`` is the tensor dimension of ``x`` (B, C, H, W) corresponding
     to the left-right axis: 2 or 3 when it lies in the image plane, 1 when the
     volume is sliced along it (a left-right mirror then only reverses the order
     of the neighbouring-slice channels); None disables flipping.
+
+    ``soft`` (B, K, H, W), e.g. a teacher's foreground probabilities for distillation, is flipped and
+    warped with the labels (bilinearly, zero outside); then ``(x, y, soft)`` is returned instead of
+    ``(x, y)``. The random draws are the same with or without it.
     """
     import torch
 
@@ -240,6 +246,9 @@ def augment_batch(x, y, generator=None, flip_dim: int | None = None, p_affine: f
             x[flip] = x[flip].flip(flip_dim)
             if flip_dim >= 2:  # flip_dim 1 = slice-order (context channel) reversal: label unchanged
                 y[flip] = y[flip].flip(flip_dim - 1)
+                if soft is not None:
+                    soft = soft.clone()
+                    soft[flip] = soft[flip].flip(flip_dim)
     use = rand(b) < p_affine
     if use.any():
         ang = _uniform(rand, b, spread=math.radians(15)) * use
@@ -248,8 +257,9 @@ def augment_batch(x, y, generator=None, flip_dim: int | None = None, p_affine: f
         ty = _uniform(rand, b, spread=0.08) * use
         cos, sin = torch.cos(ang) / scale, torch.sin(ang) / scale
         theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
-        x, y = _warp(x, y, theta)
-    return _augment_intensity(x, rand, generator), y
+        x, y, soft = _warp(x, y, theta, soft)
+    x = _augment_intensity(x, rand, generator)
+    return (x, y) if soft is None else (x, y, soft)
 
 
 def _rotation_3d(angles):
@@ -295,5 +305,5 @@ def augment_volumes(x, y, crop: tuple[int, int, int], generator=None, p_affine: 
     scale = 1 + _uniform(rand, b, spread=0.12) * use
     shift = _uniform(rand, b, 3, spread=0.06) * use[:, None]
     theta = torch.cat([rot / scale[:, None, None], shift[:, :, None]], 2)
-    x, y = _warp(x, y, theta)
+    x, y, _ = _warp(x, y, theta)
     return _augment_intensity(x, rand, generator), y

@@ -14,6 +14,15 @@ Examples (from the repository root):
     # the 1.0-fast version: member 0 alone, no mirrored pass, slices padded to a multiple of 8
     python -m models.evaluate --data ../shared/data/hippocampus --split test --members 0 --no-flip --canvas tight
 
+    # a registry version, with exactly the inference settings models/manifest.yaml declares for it
+    python -m models.evaluate --version 1.0-fast --data ../shared/data/hippocampus --split test
+    # the family's default version (what the server runs when a request names none)
+    python -m models.evaluate --version --data ../shared/data/hippocampus --split test
+
+Without ``--version``, ``--weights``, ``--members``, ``--no-flip`` or ``--canvas`` the family's default
+version is evaluated; those four flags evaluate a checkpoint with settings of your own instead and
+cannot be combined with ``--version``.
+
 Prints one JSON line.  Dice/Jaccard of two empty masks is defined as 1.0.
 """
 from __future__ import annotations
@@ -101,6 +110,21 @@ def member_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated member indices such as 0,2, got {text!r}") from None
 
 
+def registry_version(ap: argparse.ArgumentParser, manifest: str | None, family: str, name: str | None):
+    """The registry's ``family`` version ``name`` (default version when None), its weights' SHA-256 checked;
+    an argparse error naming the available versions or the damaged file otherwise."""
+    from inference.errors import BadRequest
+
+    from .registry import DEFAULT_MANIFEST, ManifestError, ModelRegistry
+
+    try:
+        version = ModelRegistry.load(manifest or DEFAULT_MANIFEST).family(family).resolve(name)
+        version.verify()
+    except (ManifestError, BadRequest) as exc:
+        ap.error(str(exc))
+    return version
+
+
 def main(argv: list[str] | None = None) -> dict:
     from .runtime import BACKENDS
     from .segmenter import CANVASES
@@ -115,12 +139,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, help="split seed (default: the one stored in the checkpoint)")
     ap.add_argument("--cases", help="text file of case ids or a metrics JSON (uses its test split)")
     ap.add_argument("--max-cases", type=int, help="evaluate only the first N selected cases")
+    ap.add_argument("--version", nargs="?", const="", default=None, metavar="V",
+                    help="a version of the registry's family, run with the manifest's inference settings and "
+                    "its weights checked against their SHA-256 (no value: the family's default version)")
+    ap.add_argument("--family", default="hippocampus", help="registry family of --version (default %(default)s)")
+    ap.add_argument("--manifest", help="registry manifest (default models/manifest.yaml)")
     ap.add_argument("--weights", help="checkpoint path (default models/hippocampus_unet.pt)")
     ap.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: CUDA when available)")
     ap.add_argument("--members", type=member_list, metavar="I[,J...]",
                     help="indices of the checkpoint's networks to run, comma-separated (default: all)")
     ap.add_argument("--no-flip", action="store_true", help="skip the left-right mirrored pass of every network")
-    ap.add_argument("--canvas", choices=CANVASES, default="fixed",
+    ap.add_argument("--canvas", choices=CANVASES, default=None,
                     help="fixed: slices padded to the training size (64 x 64); tight: to the next multiple of 8")
     ap.add_argument("--backend", choices=BACKENDS, default="auto",
                     help="auto: ONNX Runtime on the CPU when installed, else PyTorch (same labels)")
@@ -130,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    from .segmenter import HippocampusSegmenter
+    from .segmenter import HippocampusSegmenter, version_settings
 
     if args.data:
         pairs = dataset_pairs(args.data)
@@ -138,9 +167,20 @@ def main(argv: list[str] | None = None) -> dict:
         pairs = list_pairs(args.images, args.labels)
     else:
         ap.error("give --images and --labels, or --data")
+    own = [flag for flag, given in (("--weights", args.weights), ("--members", args.members),
+                                    ("--no-flip", args.no_flip), ("--canvas", args.canvas)) if given]
+    if own and args.version is not None:
+        ap.error(f"--version runs the settings the manifest declares for it; drop {', '.join(own)} "
+                 "(or drop --version to evaluate a checkpoint with settings of your own)")
+    version = None if own else registry_version(ap, args.manifest, args.family, args.version or None)
     try:
-        seg = HippocampusSegmenter.load(args.weights, device=args.device, members=args.members,
-                                        flips=not args.no_flip, backend=args.backend, canvas=args.canvas)
+        if version is not None:
+            seg = HippocampusSegmenter.load(version.weights, device=args.device, backend=args.backend,
+                                            **version_settings(version.inference))
+        else:
+            seg = HippocampusSegmenter.load(args.weights, device=args.device, members=args.members,
+                                            flips=not args.no_flip, backend=args.backend,
+                                            canvas=args.canvas or "fixed")
     except ValueError as exc:  # members out of range, onnxruntime asked for on a GPU
         ap.error(str(exc))
     cases = list(pairs)
@@ -165,6 +205,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.max_cases is not None:
         cases = cases[: args.max_cases]
     result = evaluate_pairs(pairs, seg.segment, cases, progress=args.progress)
+    if version is not None:
+        result["model"] = version.provenance.as_json()
     result["weights_version"] = seg.version
     result["inference"] = {"members": list(seg.member_indices), "flips": seg.flips, "canvas": seg.canvas,
                            "backend": seg.backend}

@@ -17,8 +17,9 @@ flip along axis 1 would swap the anterior (1) and posterior (2) labels.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -268,6 +269,17 @@ class HippocampusSegmenter:
 def mean_probabilities(members: Sequence[np.ndarray]) -> np.ndarray:
     """The ensemble's class probabilities: the mean of its members' (what ``segment`` takes the argmax of)."""
     return sum(members[1:], members[0].copy()) / len(members)
+
+
+def version_settings(inference: Mapping[str, Any]) -> dict[str, Any]:
+    """``HippocampusSegmenter.load`` keywords (members, flips, canvas) for a registry version's ``inference`` block.
+
+    One reading of the manifest's settings, shared by the server (``handlers.hippocampus``) and
+    ``python -m models.evaluate --version``, so a version is evaluated exactly as it is served.
+    """
+    members = inference.get("members", "all")
+    return {"members": None if members == "all" else [int(i) for i in members],
+            "flips": bool(inference.get("flips", True)), "canvas": str(inference.get("canvas", "fixed"))}
 
 
 def select_members(members: Sequence[int] | None, available: int) -> tuple[int, ...]:

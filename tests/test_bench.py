@@ -147,3 +147,19 @@ def test_only_takes_several_sections_and_names_unknown_ones():
     assert sections_list("large, small") == ["large", "small"]
     with pytest.raises(argparse.ArgumentTypeError, match="smal"):
         sections_list("large,smal")
+
+
+def test_model_versions_counts_each_versions_flops_with_its_own_settings():
+    """The ensemble with mirrored passes costs far more than one network on a tight canvas; no Study1: a skip note."""
+    from bench import model_versions
+
+    gflop = model_versions.version_gflop((35, 51, 32))  # Study1's crop as the model sees it
+    assert {"1.0", "1.0-fast"} <= set(gflop)
+    assert gflop["1.0"] == pytest.approx(126.8, abs=0.5) and gflop["1.0-fast"] == pytest.approx(4.5, abs=0.1)
+
+
+def test_model_versions_skips_without_study1(monkeypatch, tmp_path):
+    from bench import model_versions
+
+    monkeypatch.setattr(model_versions, "STUDY1", tmp_path / "absent")
+    assert "Study1" in model_versions.measure_versions(1)["hippocampus_versions_skipped"]

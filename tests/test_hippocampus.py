@@ -36,10 +36,10 @@ def as_parts(datasets):
     return [io.BytesIO(dataset_bytes(ds)) for ds in datasets]
 
 
-def run(instances, settings=None):
+def run(instances, settings=None, request=None):
     """The hippocampus command through the pipeline, as every front door runs it: (JSON, checked buffers)."""
     pipeline = Pipeline(settings or get_settings(), commands=[COMMAND])
-    result = pipeline.run({}, instances, "0" * 64, command=COMMAND)
+    result = pipeline.run(request or {}, instances, "0" * 64, command=COMMAND)
     return result.response_json, result.buffers
 
 
@@ -228,3 +228,43 @@ def test_a_version_runs_the_inference_settings_its_manifest_declares(weights):
     bad = dataclasses.replace(fast, version="bad-canvas", inference={**fast.inference, "canvas": "small"})
     with pytest.raises(ModelUnavailable, match="canvas: unknown 'small'; choose one of fixed, tight"):
         registry.model(bad, load_version)
+
+
+DISTILLED = "1.1"
+
+
+def test_the_distilled_version_is_verified_and_runs_one_network_on_the_tight_canvas(weights):
+    """1.1 (issue 28): its own weights file, hash checked, one network trained on the training split only."""
+    from models.registry import ModelRegistry, file_sha256
+
+    registry = ModelRegistry.load()
+    version = registry.family(FAMILY).resolve(DISTILLED)
+    assert version.weights.name != WEIGHTS.name and version.sha256 == file_sha256(version.weights)
+    segmenter = registry.model(version, load_version)
+    assert (len(segmenter.members), segmenter.flips, segmenter.canvas) == (1, False, "tight")
+    assert segmenter.sha256 == version.sha256 and segmenter.version.startswith("hippocampus-unet-1.1 (")
+    network = segmenter.members[0][1]
+    assert network["trained_on"] == ["train"] and "distilled_from" in network
+    assert "training split only" in version.training_data["cases"]
+    assert "--version 1.1" in version.evaluation["command"]
+    labels = segmenter.segment(np.random.default_rng(0).normal(300, 80, (35, 51, 32)))
+    assert labels.shape == (35, 51, 32) and labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, 1, 2}
+
+
+def test_the_distilled_version_segments_labelled_test_volumes_sent_as_dicom(weights):
+    """Through DICOM and the handler with ``model_version`` 1.1: the truth's hippocampus, anterior in front."""
+    from inference.dicom.series import load_volume
+    from models.data import dataset_pairs, split_cases
+
+    pairs = dataset_pairs(shared_data("hippocampus"))
+    for case in split_cases(sorted(pairs), seed=0)["test"][:2]:
+        image_path, label_path = pairs[case]
+        response, prepared = run(as_parts(series_from_nifti(image_path)), request={"model_version": DISTILLED})
+        assert response["model"]["version"] == DISTILLED
+        shape = response["parts"][0]["binary_data_shape"]
+        predicted = np.frombuffer(prepared[0], np.uint8).reshape(shape["depth"], shape["height"], shape["width"])
+        truth = load_volume(series_from_nifti(label_path), rescale=False).voxels
+        for label in (1, 2):
+            both = np.sum((predicted == label) & (truth == label))
+            dice = 2 * both / (np.sum(predicted == label) + np.sum(truth == label))
+            assert dice >= 0.75, f"{case}: label {label} Dice {dice:.3f} with 1.1; labels swapped or flipped?"

@@ -522,3 +522,81 @@ def test_evaluate_members_and_no_flip_options(capsys):
     with pytest.raises(SystemExit):
         evaluate.main(["--data", str(DATA_DIR), "--members", "zero"])
     assert "comma-separated member indices" in capsys.readouterr().err
+
+
+def _labelled_folder(folder: Path, n: int = 2) -> tuple[Path, Path]:
+    """``n`` generated image/label NIfTI pairs (identity affine) in ``folder``/images and ``folder``/labels."""
+    import nibabel as nib
+
+    images, labels = folder / "images", folder / "labels"
+    images.mkdir(parents=True)
+    labels.mkdir()
+    for i in range(n):
+        label = _two_part_label((21, 30, 17)).astype(np.uint8)
+        image = _structured_volume((21, 30, 17), seed=i) + 80 * label
+        nib.save(nib.Nifti1Image(image, np.eye(4)), images / f"case_{i}.nii.gz")
+        nib.save(nib.Nifti1Image(label, np.eye(4)), labels / f"case_{i}.nii.gz")
+    return images, labels
+
+
+def _tiny_manifest(folder: Path) -> Path:
+    """A manifest of the shipped form whose family serves a tiny ensemble as two versions with other settings."""
+    import shutil
+
+    import yaml
+
+    from models.registry import DEFAULT_MANIFEST, file_sha256
+
+    weights = _tiny_ensemble(folder)
+    shutil.move(weights, folder / "tiny.pt")
+    data = yaml.safe_load(DEFAULT_MANIFEST.read_text())
+    family = data["families"]["hippocampus"]
+    template = family["versions"]["1.0"]
+    sha = file_sha256(folder / "tiny.pt")
+    family["versions"] = {
+        "all": dict(template, weights="tiny.pt", sha256=sha,
+                    inference={"members": "all", "flips": True, "canvas": "fixed"}),
+        "one": dict(template, weights="tiny.pt", sha256=sha,
+                    inference={"members": [1], "flips": False, "canvas": "tight"}),
+    }
+    family["default_version"] = "one"
+    path = folder / "manifest.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_evaluate_version_runs_the_settings_the_manifest_declares(tmp_path, capsys):
+    """``--version V`` scores V with its manifest settings, the same figures as those settings given by hand."""
+    from models import evaluate
+    from models.registry import file_sha256
+
+    images, labels = _labelled_folder(tmp_path / "data")
+    manifest = _tiny_manifest(tmp_path)
+    folder = ["--images", str(images), "--labels", str(labels), "--manifest", str(manifest)]
+    one = evaluate.main([*folder, "--version", "one"])
+    sha = file_sha256(tmp_path / "tiny.pt")
+    assert one["n"] == 2 and one["model"] == {"family": "hippocampus", "version": "one", "weights_sha256": sha}
+    assert {k: one["inference"][k] for k in ("members", "flips", "canvas")} == {"members": [1], "flips": False,
+                                                                               "canvas": "tight"}
+    by_hand = evaluate.main(["--images", str(images), "--labels", str(labels), "--weights", str(tmp_path / "tiny.pt"),
+                             "--members", "1", "--no-flip", "--canvas", "tight"])
+    assert one["per_volume"] == by_hand["per_volume"] and "model" not in by_hand
+    everything = evaluate.main([*folder, "--version", "all"])
+    assert everything["inference"]["members"] == [0, 1, 2] and everything["inference"]["flips"] is True
+    assert everything["per_volume"] != one["per_volume"]  # the settings reached the segmenter
+    # no value, or no --version at all: the family's default version
+    assert evaluate.main([*folder, "--version"])["model"]["version"] == "one"
+    assert evaluate.main(folder)["per_volume"] == one["per_volume"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        evaluate.main([*folder, "--version", "9.9"])
+    assert "unknown model_version '9.9' of hippocampus; available: all, one" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.main([*folder, "--version", "one", "--canvas", "fixed"])
+    assert "drop --canvas" in capsys.readouterr().err
+    with open(tmp_path / "tiny.pt", "r+b") as handle:  # a damaged weights file is refused, never scored
+        handle.seek(500)
+        handle.write(b"\x00damaged")
+    with pytest.raises(SystemExit):
+        evaluate.main([*folder, "--version", "all"])
+    assert "SHA-256" in capsys.readouterr().err

@@ -118,6 +118,7 @@ def test_a_broken_manifest_stops_start_up(tmp_path):
 
 def test_add_registers_a_new_version_and_never_overwrites(tmp_path):
     data = shipped()
+    new_version = "9.9-test"  # a name no shipped version takes
     version = data["families"]["hippocampus"]["versions"]["1.0"]
     for entry in data["families"]["hippocampus"]["versions"].values():
         if not (tmp_path / entry["weights"]).exists():
@@ -129,12 +130,12 @@ def test_add_registers_a_new_version_and_never_overwrites(tmp_path):
         handle.write(b"different bytes")
     metrics = tmp_path / "retrained.metrics.json"
     metrics.write_text(json.dumps({"test": {"mean_dice": 0.91234, "n": 35}}))
-    entry = add_version(manifest, "hippocampus", "1.1", new_weights, metrics, like="1.0", make_default=True)
+    entry = add_version(manifest, "hippocampus", new_version, new_weights, metrics, like="1.0", make_default=True)
     assert entry["sha256"] == file_sha256(new_weights) and entry["evaluation"]["mean_dice"] == 0.9123
     family = parse_manifest(manifest)["hippocampus"]
-    assert family.default_version == "1.1" and family.versions["1.1"].weights == new_weights.resolve()
+    assert family.default_version == new_version and family.versions[new_version].weights == new_weights.resolve()
     with pytest.raises(ManifestError, match="exists already"):
-        add_version(manifest, "hippocampus", "1.1", new_weights, None, like=None)
+        add_version(manifest, "hippocampus", new_version, new_weights, None, like=None)
 
 
 # -- serving: versions side by side, a corrupt one refused while the others serve ----------------------

@@ -47,13 +47,11 @@ def load_version(version: ModelVersion, onnx_cache: Path | None = None):
 
     ``onnx_cache`` (``INFERENCE_MODEL_CACHE``) keeps the exported ONNX graphs between loads.
     """
-    from models.segmenter import HippocampusSegmenter
+    from models.segmenter import HippocampusSegmenter, version_settings
 
     started = time.perf_counter()
-    members = version.inference.get("members", "all")
-    segmenter = HippocampusSegmenter.load(version.weights, members=None if members == "all" else list(members),
-                                          flips=bool(version.inference.get("flips", True)),
-                                          canvas=str(version.inference.get("canvas", "fixed")), onnx_cache=onnx_cache)
+    segmenter = HippocampusSegmenter.load(version.weights, onnx_cache=onnx_cache,
+                                          **version_settings(version.inference))
     log.info("loaded %s in %.1fs", version.provenance.short, time.perf_counter() - started)
     return segmenter
 
