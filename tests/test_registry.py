@@ -68,8 +68,10 @@ def test_command_line_list_and_verify():
 
 def test_verify_exits_1_on_a_corrupt_weights_file(tmp_path):
     data = shipped()
-    version = data["families"]["hippocampus"]["versions"]["1.0"]
-    copy_weights(tmp_path, version)
+    versions = data["families"]["hippocampus"]["versions"]
+    for entry in versions.values():  # every version's file present: only 1.0's is then damaged
+        copy_weights(tmp_path, entry)
+    version = versions["1.0"]
     with open(tmp_path / version["weights"], "r+b") as handle:
         handle.seek(1000)
         handle.write(b"\x00corrupt")
@@ -199,7 +201,8 @@ def test_a_corrupt_version_is_refused_and_the_others_keep_serving(tmp_path):
     data = shipped()
     versions = data["families"]["hippocampus"]["versions"]
     corrupt = next(name for name in versions if name != data["families"]["hippocampus"]["default_version"])
-    copy_weights(tmp_path, versions["1.0"])
+    for entry in versions.values():
+        copy_weights(tmp_path, entry)
     bad = tmp_path / "corrupt.pt"
     shutil.copy(tmp_path / versions["1.0"]["weights"], bad)
     with open(bad, "r+b") as handle:
