@@ -119,7 +119,8 @@ def test_blocks_written_into_the_manifest_replace_earlier_ones_and_keep_comments
     manifest = tmp_path / "manifest.yaml"
     text = (PROJECT_ROOT / "models" / "manifest.yaml").read_text()
     manifest.write_text(text)
-    (tmp_path / "hippocampus_unet.pt").symlink_to(PROJECT_ROOT / "models" / "hippocampus_unet.pt")
+    for weights in {v["weights"] for v in yaml.safe_load(text)["families"]["hippocampus"]["versions"].values()}:
+        (tmp_path / weights).symlink_to(PROJECT_ROOT / "models" / weights)
     blocks = {"validated_input": {"modality": ["MR"]}, "uncertainty": {"threshold": 0.5},
               "drift_reference": "drift/x.json"}
     written = replace_blocks(text, "hippocampus", "1.0-fast", blocks)
