@@ -174,6 +174,7 @@ def test_command_line_on_studies_writes_reports_and_summary(weights, tmp_path):
     assert np.array_equal(np.asarray(Image.open(study_out / "report.png")), report.pixel_array)
     volumes = json.loads((study_out / "volumes.json").read_text())
     assert volumes["total_volume_mm3"] == summary[str(good)]["total_volume_mm3"]
+    assert isinstance(volumes["quality"]["flagged"], bool) and "change_since_prior" in volumes  # as over HTTP
     assert "Study1" in result.stdout and "FAILED" in result.stdout
 
 

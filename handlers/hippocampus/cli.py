@@ -53,8 +53,11 @@ def process_study(pipeline: Pipeline, folder: Path, out_dir: Path, dicom_outputs
     # the PNG is drawn from the file as written, so a report that does not read back fails the study
     Image.fromarray(pydicom.dcmread(out_dir / "report.dcm").pixel_array).save(out_dir / "report.png")
     measures = next(iter(result.response_json["series_ml_json"].values()))
+    # the result's quality flag and change since the prior, as the HTTP door's JSON carries them
+    assessment = {key: result.response_json[key] for key in ("quality", "change_since_prior")
+                  if key in result.response_json}
     (out_dir / "volumes.json").write_text(json.dumps({"study": str(folder), "input_hash": result.input_hash,
-                                                      **measures}, indent=2))
+                                                      **measures, **assessment}, indent=2))
     return {**measures, "input_hash": result.input_hash, "files": [str(p) for p in sorted(written)]}
 
 
