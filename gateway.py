@@ -63,6 +63,8 @@ ROUTE_ROLES: dict[str, str] = {
     "list_models": SUBMITTER, "show_family": SUBMITTER, "openapi": SUBMITTER,
     **{f"radiomics_{name}": SUBMITTER for name in ("ping", "vendor_status", "credits", "models", "segmentation",
                                                     "progress", "result", "feedback", "telemetry")},
+    # the drift watch: aggregates per model version, no patient data; for those who judge results
+    "monitor_family": REVIEWER,
     # operating the server
     "metrics": ADMIN, "audit": ADMIN,
 }

@@ -170,7 +170,8 @@ def openapi_document(commands: list[str], job_names: list[str], *, token_require
                           "404": _json(ERROR, "no such family"), **_errors(*auth_errors)}}},
         "/models/{family}/monitoring": {"get": {
             "summary": "Drift watch of a model family: per version, the results and flags served and each watched "
-                       "quantity's histogram against the training split's, with its population stability index",
+                       "quantity's histogram against the training split's, with its population stability index "
+                       "(role reviewer)",
             "operationId": "monitorModelFamily",
             "parameters": [{"name": "family", "in": "path", "required": True, "schema": {"type": "string"}}],
             "responses": {"200": _json({"type": "object", "required": ["family", "versions"], "properties": {
