@@ -58,6 +58,17 @@ def corrupt_manifest(folder: Path) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _metrics_folder_not_leaked() -> Iterator[None]:
+    """gunicorn.conf.py, run in-process by a few tests, names a metrics folder in ``os.environ``; undo it after."""
+    before = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    yield
+    if before is None:
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    else:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = before
+
+
 @pytest.fixture
 def study(tmp_path: Path) -> list[Path]:
     """A small generated series (8 slices of 32 x 40), as DICOM files on disk."""
@@ -83,7 +94,10 @@ class RunningServer:
                  ready_timeout: float = 120, wait: bool = True) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        full_env = {**os.environ, "INFERENCE_PORT": str(self.port), "INFERENCE_HOST": "127.0.0.1",
+        # Each server gets its own metrics folder (gunicorn.conf.py makes one) unless ``env`` names one: a
+        # folder inherited from this process would be shared, and every gunicorn empties its folder at start.
+        inherited = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+        full_env = {**inherited, "INFERENCE_PORT": str(self.port), "INFERENCE_HOST": "127.0.0.1",
                     "INFERENCE_WORKERS": "1", "INFERENCE_THREADS": "4", **env}
         # ``{port}`` in ``args`` is replaced by the port chosen for this server
         command = [a.replace("{port}", str(self.port)) for a in args] if args else \
