@@ -265,6 +265,7 @@ def test_benchmark_times_the_pipeline(monkeypatch):
     """The benchmark's hippocampus row runs the real handler path: the pipeline, on Study1."""
     shared_data("studies", "Study1")
     import bench.run
+    from models.registry import ModelRegistry
 
     calls = []
     original_run = Pipeline.run
@@ -275,7 +276,11 @@ def test_benchmark_times_the_pipeline(monkeypatch):
             return []
 
     out = bench.run.measure_hippocampus(NoServer(), repeats=1)
-    assert len(calls) == 4  # warm-up + one timed run, for the default version and for the fast one
+    versions = ModelRegistry.load().family("hippocampus").versions
+    # warm-up + one timed run for the default version and for the fast one, then for every version, in turn
+    # (bench/model_versions.py)
+    assert len(calls) == 4 + 2 * len(versions)
+    assert set(out["hippocampus_version_model_s"]) == set(versions)
     assert 0 < out["hippocampus_model_s"] <= out["hippocampus_pipeline_s"]
     assert out["hippocampus_fast_model_s"] > 0
     assert out["hippocampus_crop_shape"]["depth"] > 0
