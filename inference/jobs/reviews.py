@@ -22,6 +22,7 @@ from typing import Protocol, cast
 import redis
 
 from inference.errors import BadRequest, Conflict, NotFound, ServiceUnavailable
+from inference.jobs.store import sqlite_connection
 
 AWAITING, ACCEPTED, REJECTED, CORRECTED = "awaiting review", "accepted", "rejected", "corrected"
 DECISIONS = (ACCEPTED, REJECTED, CORRECTED)
@@ -126,21 +127,8 @@ class SqliteReviews:
         with self._connect() as db:
             db.executescript(SCHEMA)
 
-    @contextlib.contextmanager
-    def _connect(self, *, write: bool = False) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-        try:
-            if write:
-                db.execute("BEGIN IMMEDIATE")
-            yield db
-            if write:
-                db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
-        finally:
-            db.close()
+    def _connect(self, *, write: bool = False) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return sqlite_connection(self.path, 30.0, write=write)
 
     def hold(self, review: Review) -> Review:
         with self._connect(write=True) as db:

@@ -70,6 +70,26 @@ ADDED_COLUMNS = {"attempts": "INTEGER NOT NULL DEFAULT 0", "worker": "TEXT", "st
                  "study_uid": "TEXT", "review": "TEXT"}
 
 
+@contextlib.contextmanager
+def sqlite_connection(path: Path, busy_timeout: float, *, write: bool = False) -> Iterator[sqlite3.Connection]:
+    """A fresh connection to the job file (closed after), rows by name; with ``write``, one transaction
+    (``BEGIN IMMEDIATE``: one writer at a time) committed on success, rolled back on any error."""
+    db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
+    db.row_factory = sqlite3.Row
+    try:
+        if write:
+            db.execute("BEGIN IMMEDIATE")
+        yield db
+        if write:
+            db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    finally:
+        db.close()
+
+
 @dataclass
 class Job:
     """One job: what to run (handler ``command`` on ``in_dir`` with ``params``) and how it went."""
@@ -144,23 +164,8 @@ class JobStore:
                 if name not in present:
                     db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
 
-    @contextlib.contextmanager
-    def _connect(self, *, write: bool = False) -> Iterator[sqlite3.Connection]:
-        """A fresh connection (closed after); with ``write``, one transaction committed on success."""
-        db = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        try:
-            if write:
-                db.execute("BEGIN IMMEDIATE")
-            yield db
-            if write:
-                db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
-        finally:
-            db.close()
+    def _connect(self, *, write: bool = False) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return sqlite_connection(self.path, self.busy_timeout, write=write)
 
     def add(self, job: Job) -> Job:
         with self._connect(write=True) as db:
