@@ -161,7 +161,7 @@ class Gateway(Flask):
         Nothing is asked while neither INFERENCE_API_TOKEN nor any user exists (as before users).
         """
         token = self.settings.api_token
-        if not token and (self.users is None or not self.users.store.any_users()):
+        if not token and (self.users is None or not self.users.any_users()):
             return
         needed = self.route_roles.get(request.endpoint or "", ADMIN) if request.endpoint else SUBMITTER
         header = request.headers.get("Authorization", "")

@@ -129,7 +129,7 @@ def create_app(mode: str | None = None, settings: Settings | None = None, *,
     def openapi():
         return flask.jsonify(openapi_document([spec.command for spec in pipeline.specs],
                                               sorted(known_job_names(pipeline)),
-                                              token_required=bool(settings.api_token) or users.store.any_users(),
+                                              token_required=bool(settings.api_token) or users.any_users(),
                                               radiomics_models=sorted(catalogue.models)))
 
     def warm_up() -> None:

@@ -46,7 +46,7 @@ from .registry import file_sha256
 from .segmenter import CANVASES, DEFAULT_WEIGHTS, HippocampusSegmenter, build_model, predict_volume
 from .train_hippocampus import DEFAULTS, dice_ce_loss, dice_fg, lr_at
 
-STUDENT_NAME = "hippocampus-unet-1.1"
+DEFAULT_STUDENT_NAME = "hippocampus-unet-1.1"
 
 
 def _log(msg: str) -> None:
@@ -107,7 +107,7 @@ def distil(data: str | Path, out: str | Path, cache: str | Path, teacher_weights
            soft_weight: float = 0.7, seed: int = 0, threads: int = 1, batch_size: int = DEFAULTS["batch_size"],
            lr: float = DEFAULTS["lr"], weight_decay: float = DEFAULTS["weight_decay"],
            canvas: str = "tight", max_volumes: int | None = None, max_steps: int | None = None,
-           skip_test: bool = False) -> dict:
+           skip_test: bool = False, name: str = DEFAULT_STUDENT_NAME) -> dict:
     """Train the student; write the best-validation checkpoint to ``out`` and its metrics JSON; return the metrics."""
     if not 0.0 <= soft_weight <= 1.0:
         raise ValueError(f"soft_weight must be between 0 and 1, got {soft_weight}")
@@ -191,7 +191,7 @@ def distil(data: str | Path, out: str | Path, cache: str | Path, teacher_weights
         improved = val_dice is None or best["state"] is None or val_dice > best["val_dice"]
         if improved:
             best = {"val_dice": val_dice, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
-            torch.save({"state_dict": best["state"], "config": config, "version": STUDENT_NAME, "split": split,
+            torch.save({"state_dict": best["state"], "config": config, "version": name, "split": split,
                         "epoch": epoch, "val_dice": val_dice}, out)
         _log(f"[distil] epoch {epoch}: loss {np.mean(losses):.4f} val_dice {val_dice} "
              f"{'(best, saved) ' if improved else ''}[{time.time() - t_ep:.0f}s, "
@@ -208,7 +208,7 @@ def distil(data: str | Path, out: str | Path, cache: str | Path, teacher_weights
         _log(f"[distil] test (epoch {best['epoch']}, canvas {canvas}): mean_dice {test['mean_dice']:.4f} "
              f"anterior {test['dice_anterior']:.4f} posterior {test['dice_posterior']:.4f}")
     metrics = {
-        "model": STUDENT_NAME, "weights": out.name,
+        "model": name, "weights": out.name,
         "data": "Medical Segmentation Decathlon Task04_Hippocampus (CC-BY-SA 4.0)",
         "config": config,
         "distillation": {"teacher": config["distilled_from"], "teacher_inference": "all members, mirrored passes, "
@@ -258,10 +258,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-volumes", type=int, default=None, help="use only the first K cases (sorted)")
     ap.add_argument("--max-steps", type=int, default=None, help="stop after N optimiser steps")
     ap.add_argument("--skip-test", action="store_true", help="do not score the test split at the end")
+    ap.add_argument("--name", default=DEFAULT_STUDENT_NAME,
+                    help="model name stored in the checkpoint and metrics (default %(default)s)")
     a = ap.parse_args(argv)
     return distil(a.data, a.out, a.cache, a.teacher, axis=a.axis, base=a.base, epochs=a.epochs,
                   time_limit_min=a.time_limit, soft_weight=a.soft_weight, seed=a.seed, threads=a.threads,
-                  canvas=a.canvas, max_volumes=a.max_volumes, max_steps=a.max_steps, skip_test=a.skip_test)
+                  canvas=a.canvas, max_volumes=a.max_volumes, max_steps=a.max_steps, skip_test=a.skip_test,
+                  name=a.name)
 
 
 if __name__ == "__main__":

@@ -179,3 +179,35 @@ def test_headers_read_while_streaming_are_reused_and_damaged_parts_are_still_nam
         validate_instances(parts[1:], max_series_voxels=LIMIT, early_headers=early)
     assert "part 2 (file 'cut.dcm')" in caught.value.message
     assert validate_instances(parts[1:2], max_series_voxels=LIMIT, early_headers=early)[0].header is early[1]
+
+
+def test_instances_checked_while_streaming_are_not_checked_again_and_defects_keep_their_words(monkeypatch):
+    import inference.dicom.validation as validation
+
+    good = dicom_bytes(instances(depth=1)[0])
+    bad_ds = instances(depth=1)[0]
+    bad_ds.Rows = 0
+    bad = dicom_bytes(bad_ds)
+    spool = PartSpool(1 << 20)
+    request_json = spool.begin_part([("Content-Type", "application/json")])
+    spool.append(request_json, b"{}")
+    parts = [request_json]
+    for name, content in (("good.dcm", good), ("bad.dcm", bad)):
+        part = spool.begin_part([("Content-Type", "application/dicom"),
+                                 ("Content-Disposition", f'form-data; name="file"; filename="{name}"')])
+        spool.append(part, content)
+        parts.append(part)
+    early = {part.index: header for part in parts if (header := read_header_early(part)) is not None}
+    assert early[1].prechecked is not None and early[1].prechecked[1] == 16 * 20
+    assert early[2].prechecked is None, "a defective instance is left for validate_instances to word"
+    expected = refused(good, bad)
+
+    calls = []
+    real = validation.check_attributes
+    monkeypatch.setattr(validation, "check_attributes", lambda *a: calls.append(1) or real(*a))
+    checked = validate_instances(parts[1:2], max_series_voxels=LIMIT, early_headers=early)
+    assert calls == [] and checked[0].attributes is early[1].prechecked[0]
+    with pytest.raises(UnprocessableInput) as caught:
+        validate_instances(parts[1:], max_series_voxels=LIMIT, early_headers=early)
+    assert caught.value.message == expected.replace("part 1 (file '001.dcm')", "part 2 (file 'bad.dcm')")
+    assert "Rows" in caught.value.message

@@ -260,6 +260,23 @@ def test_users_turn_the_token_check_on_without_a_shared_token(tmp_path: Path) ->
     assert client.get("/models", headers=bearer(token)).status_code == 200
 
 
+def test_the_token_check_stays_on_once_a_user_existed_and_stops_asking_the_store(tmp_path: Path) -> None:
+    from inference.users import Authenticator, SqliteUsers, new_user
+
+    store = SqliteUsers(tmp_path / "jobs.sqlite3")
+    asked = []
+    real = store.any_users
+    store.any_users = lambda: asked.append(1) or real()  # type: ignore[method-assign]
+    users = Authenticator(store)
+    assert not users.any_users() and not users.any_users()
+    assert len(asked) == 2, "while no user exists, every request asks the store (a user may be added any time)"
+    store.add(new_user("alice", "submitter")[0])
+    assert users.any_users()
+    assert store.revoke("alice")
+    assert users.any_users() and users.any_users(), "revoking the last user must not open the server"
+    assert len(asked) == 3, "once true, the answer is remembered"
+
+
 def run_users_command(output_root: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "INFERENCE_OUTPUT_ROOT": str(output_root), "INFERENCE_JOB_BACKEND": "local"}
     return subprocess.run([sys.executable, "-m", "inference.users", *args], env=env, capture_output=True,

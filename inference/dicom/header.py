@@ -106,6 +106,9 @@ class InstanceHeader:
         self._raw_readable = raw_little_endian  # raw values may be decoded here (else: by pydicom)
         self.pixel = pixel
         self.file_size = file_size
+        #: (checked attributes, voxel count) when ``inference.dicom.validation`` checked this header
+        #: while the request streamed in; it then does not check it again
+        self.prechecked: tuple[Any, int] | None = None
 
     @cached_property
     def dataset(self) -> FileDataset:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import os
 import secrets
 import sqlite3
 import threading
@@ -107,6 +108,9 @@ class SqliteUsers:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._reader: sqlite3.Connection | None = None
+        self._reader_pid = 0
+        self._reader_lock = threading.Lock()
         with self._connect() as db:
             db.execute("CREATE TABLE IF NOT EXISTS users (name TEXT PRIMARY KEY, role TEXT NOT NULL, "
                        "token_id TEXT NOT NULL UNIQUE, salt TEXT NOT NULL, token_hash TEXT NOT NULL, "
@@ -151,8 +155,13 @@ class SqliteUsers:
         return cursor.rowcount == 1
 
     def any_users(self) -> bool:
-        with self._connect() as db:
-            return db.execute("SELECT 1 FROM users LIMIT 1").fetchone() is not None
+        # asked on every request while the server has no user: one connection per process is kept for it
+        # (opening one costs more than the query); each statement reads the latest committed state
+        with self._reader_lock:
+            if self._reader is None or self._reader_pid != os.getpid():
+                self._reader = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False)
+                self._reader_pid = os.getpid()
+            return self._reader.execute("SELECT 1 FROM users LIMIT 1").fetchone() is not None
 
 
 class RedisUsers:
@@ -227,6 +236,14 @@ class Authenticator:
         self.store = store
         self._verified: dict[str, str] = {}  # SHA-256 of a token -> the scrypt hash it matched
         self._guard = threading.Lock()
+        self._had_users = False
+
+    def any_users(self) -> bool:
+        """The store's ``any_users``, remembered once true: users are revoked, never deleted, so the
+        answer cannot go back to false (one store query per request saved)."""
+        if not self._had_users:
+            self._had_users = self.store.any_users()
+        return self._had_users
 
     def user_for(self, token: str) -> User | None:
         """The active user holding ``token``, else None (unknown, malformed or revoked)."""
