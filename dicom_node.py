@@ -252,7 +252,7 @@ class DicomNode:
         if released and calling in self.settings.pacs_complete_on_release:
             # a routing PACS sends a whole study on one association: its release ends the study (after a
             # short grace for a follow-up association), unless another association is still adding to it
-            self.spool.complete(studies - still_sending)
+            self.spool.complete(studies - still_sending, grace=self.settings.pacs_release_grace_seconds)
 
     def _on_rejected(self, event) -> None:
         log.warning("association from %s (%s) rejected: calling AE title not in INFERENCE_PACS_ALLOWED_AES",

@@ -185,10 +185,16 @@ class Settings:
     #: INFERENCE_PACS_ALLOWED_AES: calling AE titles accepted, separated by commas (unset: any).
     pacs_allowed_aes: tuple[str, ...] = field(default=(), metadata={"env": "INFERENCE_PACS_ALLOWED_AES"})
     #: INFERENCE_PACS_COMPLETE_ON_RELEASE: calling AE titles (separated by commas) of routing PACSs that send
-    #: a whole study on one association: such a study is complete 1 s after that association is released, with
-    #: no stability wait (unset: every study waits ``INFERENCE_PACS_STABLE_SECONDS``, for senders that trickle).
+    #: a whole study on one association: such a study is complete shortly after that association is released
+    #: (``INFERENCE_PACS_RELEASE_GRACE_SECONDS``), with no stability wait (unset: every study waits
+    #: ``INFERENCE_PACS_STABLE_SECONDS``, for senders that trickle).
     pacs_complete_on_release: tuple[str, ...] = field(default=(),
                                                       metadata={"env": "INFERENCE_PACS_COMPLETE_ON_RELEASE"})
+    #: INFERENCE_PACS_RELEASE_GRACE_SECONDS: after such a release, how long a study waits for a follow-up
+    #: association of the same sender (Orthanc 1.10 opens one 0.06-0.13 s later for a study mixing SOP classes
+    #: and transfer syntaxes: ``python -m bench.pacs_reopen``); an instance arriving meanwhile brings back the
+    #: stability wait.
+    pacs_release_grace_seconds: float = field(default=0.5, metadata={"env": "INFERENCE_PACS_RELEASE_GRACE_SECONDS"})
     #: INFERENCE_PACS_RULES: routing rules (YAML) deciding what runs on a complete study.
     pacs_rules: Path = field(default=PROJECT_ROOT / "deploy" / "routing-rules.yaml",
                              metadata={"env": "INFERENCE_PACS_RULES"})

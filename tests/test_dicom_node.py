@@ -214,6 +214,33 @@ def test_a_study_from_a_routing_pacs_is_complete_when_its_association_is_release
         node.stop()
 
 
+def test_a_study_orthanc_routes_on_two_associations_is_one_study_within_the_release_grace(tmp_path):
+    # Orthanc 1.10 opens a second association for this study (bench/pacs_reopen.py); the grace
+    # (INFERENCE_PACS_RELEASE_GRACE_SECONDS, default 0.5 s) must keep both in one complete study
+    from bench.pacs_reopen import mixed_syntax_study
+
+    require(orthanc_missing())
+    node_port = free_port()
+    orthanc = Orthanc(tmp_path / "orthanc", node_port=node_port)
+    try:
+        node = start_light_node(tmp_path, "--stable-seconds", "60", "--complete-on-release", orthanc.aet,
+                                port=node_port)
+        try:
+            files = mixed_syntax_study(tmp_path / "study")
+            study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+            assert c_store(files, "127.0.0.1", orthanc.dicom_port, orthanc.aet) == len(files)
+            log = node.wait_for_log(rf"study={re.escape(study_uid)}\] study complete", 60)
+            assert len(re.findall(r"association from ORTHANC released", log)) == 2, "Orthanc reopened"
+            assert f"study={study_uid}] study complete: {len(files)} instances in 4 series" in log
+            time.sleep(1)
+            assert len(re.findall(rf"study={re.escape(study_uid)}\] study complete", node.log_text())) == 1
+            assert not list((node.folder / "pacs" / "spool" / "incoming").glob("*/*.dcm")), "nothing left behind"
+        finally:
+            node.stop()
+    finally:
+        orthanc.stop()
+
+
 def test_results_wait_in_the_outbox_while_the_destination_is_down_and_after_a_restart(tmp_path):
     require(orthanc_missing())
     orthanc_port = free_port()

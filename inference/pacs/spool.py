@@ -27,8 +27,9 @@ from inference.dicom.header import read_header
 from inference.pacs.routing import ReceivedSeries
 
 SERIES_FILE = ".series.json"
-#: How long a study whose sender released its association waits for a follow-up association.
-RELEASE_GRACE_SECONDS = 1.0
+#: How long a study whose sender released its association waits for a follow-up association
+#: (``INFERENCE_PACS_RELEASE_GRACE_SECONDS`` sets the node's; this is its default).
+RELEASE_GRACE_SECONDS = 0.5
 
 
 def safe_name(uid: str) -> str:
