@@ -237,12 +237,32 @@ def distil(data: str | Path, out: str | Path, cache: str | Path, teacher_weights
     return metrics
 
 
+def combine_students(paths: list[str | Path], out: str | Path, name: str) -> Path:
+    """One checkpoint whose ``members`` are the students in ``paths`` (e.g. one per slicing axis): the
+    segmenter averages their class probabilities, as it does the ``1.0`` ensemble's. Splits must agree."""
+    checkpoints = [torch.load(path, map_location="cpu", weights_only=True) for path in paths]
+    splits = {json.dumps(c.get("split"), sort_keys=True) for c in checkpoints}
+    if len(splits) != 1:
+        raise ValueError("the students were trained on different splits; combine students of one split only")
+    members = [{"state_dict": c["state_dict"], "config": c["config"]} for c in checkpoints]
+    config = {"n_classes": 3, "ensemble": "mean of member class probabilities",
+              "members": [f"unet2.5d axis {m['config']['axis']} width {m['config']['base']}" for m in members],
+              "split_seed": checkpoints[0]["config"]["split_seed"],
+              "split_fractions": checkpoints[0]["config"]["split_fractions"], "trained_on": ["train"],
+              "distilled_from": checkpoints[0]["config"].get("distilled_from")}
+    out = Path(out)
+    torch.save({"members": members, "config": config, "version": name, "split": checkpoints[0].get("split")}, out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m models.distil_hippocampus", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", required=True, help="folder with images/ and labels/")
+    ap.add_argument("--combine", nargs="+", metavar="STUDENT",
+                    help="instead of training: write --out as one checkpoint whose members are these students")
+    ap.add_argument("--data", help="folder with images/ and labels/")
     ap.add_argument("--out", required=True, help="student checkpoint; <stem>.metrics.json goes beside it")
-    ap.add_argument("--cache", required=True,
+    ap.add_argument("--cache",
                     help="folder for the teacher's soft targets (outside the repository; reused between runs)")
     ap.add_argument("--teacher", default=None, help="teacher checkpoint (default models/hippocampus_unet.pt)")
     ap.add_argument("--axis", type=int, default=2, choices=[0, 1, 2], help="slicing axis (default %(default)s)")
@@ -261,6 +281,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--name", default=DEFAULT_STUDENT_NAME,
                     help="model name stored in the checkpoint and metrics (default %(default)s)")
     a = ap.parse_args(argv)
+    if a.combine:
+        combine_students(a.combine, a.out, a.name)
+        return {"combined": a.combine, "out": a.out}
+    if not a.data or not a.cache:
+        ap.error("--data and --cache are needed to train a student")
     return distil(a.data, a.out, a.cache, a.teacher, axis=a.axis, base=a.base, epochs=a.epochs,
                   time_limit_min=a.time_limit, soft_weight=a.soft_weight, seed=a.seed, threads=a.threads,
                   canvas=a.canvas, max_volumes=a.max_volumes, max_steps=a.max_steps, skip_test=a.skip_test,

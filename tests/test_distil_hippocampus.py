@@ -70,3 +70,26 @@ def test_distil_trains_a_student_on_teacher_targets_of_the_training_split_only(t
     assert again["split"] == metrics["split"]
     with pytest.raises(ValueError, match="soft_weight"):
         distil(tmp_path / "data", tmp_path / "bad.pt", cache, soft_weight=1.5, **kwargs)
+
+
+def test_students_of_two_axes_combine_into_one_checkpoint_whose_members_are_averaged(tmp_path):
+    from models.distil_hippocampus import combine_students, main
+
+    _labelled_folder(tmp_path / "data", n=10)
+    teacher = _tiny_ensemble(tmp_path)
+    kwargs = dict(teacher_weights=teacher, base=4, epochs=1, max_steps=2, threads=1, batch_size=8, skip_test=True)
+    for axis in (0, 2):
+        distil(tmp_path / "data", tmp_path / f"axis{axis}.pt", tmp_path / "cache", axis=axis, **kwargs)
+    main(["--combine", str(tmp_path / "axis0.pt"), str(tmp_path / "axis2.pt"), "--out", str(tmp_path / "both.pt"),
+          "--name", "hippocampus-unet-two-views"])
+    both = HippocampusSegmenter.load(tmp_path / "both.pt", device="cpu", flips=False, canvas="tight", threads=1)
+    assert both.version.startswith("hippocampus-unet-two-views (")
+    assert [cfg["axis"] for _, cfg in both.members] == [0, 2]
+    volume = np.random.default_rng(1).normal(100, 20, (21, 30, 17))
+    singles = [HippocampusSegmenter.load(tmp_path / f"axis{axis}.pt", device="cpu", flips=False, canvas="tight",
+                                         threads=1).probabilities(volume) for axis in (0, 2)]
+    np.testing.assert_allclose(both.probabilities(volume), (singles[0] + singles[1]) / 2, atol=1e-5)
+    other = distil(tmp_path / "data", tmp_path / "other.pt", tmp_path / "cache", seed=1, **kwargs)
+    assert other["split"] != json.loads((tmp_path / "axis0.metrics.json").read_text())["split"]
+    with pytest.raises(ValueError, match="different splits"):
+        combine_students([tmp_path / "axis0.pt", tmp_path / "other.pt"], tmp_path / "bad.pt", "x")
