@@ -237,9 +237,15 @@ def distil(data: str | Path, out: str | Path, cache: str | Path, teacher_weights
     return metrics
 
 
-def combine_students(paths: list[str | Path], out: str | Path, name: str) -> Path:
+def combine_students(paths: list[str | Path], out: str | Path, name: str, data: str | Path | None = None,
+                     canvas: str = "tight") -> dict:
     """One checkpoint whose ``members`` are the students in ``paths`` (e.g. one per slicing axis): the
-    segmenter averages their class probabilities, as it does the ``1.0`` ensemble's. Splits must agree."""
+    segmenter averages their class probabilities, as it does the ``1.0`` ensemble's. Splits must agree.
+
+    Writes ``<stem>.metrics.json`` beside ``out`` (each student's own metrics file when present) and,
+    with ``data``, the combination's figures on the validation and test splits (one pass, ``canvas``);
+    returns those metrics. Choose the combination on validation: the test split is only reported.
+    """
     checkpoints = [torch.load(path, map_location="cpu", weights_only=True) for path in paths]
     splits = {json.dumps(c.get("split"), sort_keys=True) for c in checkpoints}
     if len(splits) != 1:
@@ -251,8 +257,24 @@ def combine_students(paths: list[str | Path], out: str | Path, name: str) -> Pat
               "split_fractions": checkpoints[0]["config"]["split_fractions"], "trained_on": ["train"],
               "distilled_from": checkpoints[0]["config"].get("distilled_from")}
     out = Path(out)
-    torch.save({"members": members, "config": config, "version": name, "split": checkpoints[0].get("split")}, out)
-    return out
+    split = checkpoints[0].get("split")
+    torch.save({"members": members, "config": config, "version": name, "split": split}, out)
+    students = []
+    for path in map(Path, paths):
+        sidecar = path.with_name(path.name.removesuffix(".pt") + ".metrics.json")
+        students.append(json.loads(sidecar.read_text()) if sidecar.is_file() else {"weights": path.name})
+    metrics: dict = {"model": name, "weights": out.name, "config": config, "members": students, "split": split,
+                     "trained_on": ["train"], "validation_canvas": canvas}
+    if data is not None and split:
+        pairs = dataset_pairs(data)
+        combined = HippocampusSegmenter.load(out, device="cpu", flips=False, canvas=canvas)
+        for part in ("val", "test"):
+            metrics[part] = evaluate_pairs(pairs, combined.segment, split[part])
+            _log(f"[distil] combined, {part}: mean_dice {metrics[part]['mean_dice']:.4f} "
+                 f"anterior {metrics[part]['dice_anterior']:.4f} posterior {metrics[part]['dice_posterior']:.4f}")
+    metrics_path = out.with_name(out.name.removesuffix(".pt") + ".metrics.json")
+    metrics_path.write_text(json.dumps(metrics, indent=1) + "\n")
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -260,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--combine", nargs="+", metavar="STUDENT",
                     help="instead of training: write --out as one checkpoint whose members are these students")
-    ap.add_argument("--data", help="folder with images/ and labels/")
+    ap.add_argument("--data", help="folder with images/ and labels/ (with --combine: scores the combination)")
     ap.add_argument("--out", required=True, help="student checkpoint; <stem>.metrics.json goes beside it")
     ap.add_argument("--cache",
                     help="folder for the teacher's soft targets (outside the repository; reused between runs)")
@@ -282,8 +304,7 @@ def main(argv: list[str] | None = None) -> dict:
                     help="model name stored in the checkpoint and metrics (default %(default)s)")
     a = ap.parse_args(argv)
     if a.combine:
-        combine_students(a.combine, a.out, a.name)
-        return {"combined": a.combine, "out": a.out}
+        return combine_students(a.combine, a.out, a.name, a.data, a.canvas)
     if not a.data or not a.cache:
         ap.error("--data and --cache are needed to train a student")
     return distil(a.data, a.out, a.cache, a.teacher, axis=a.axis, base=a.base, epochs=a.epochs,

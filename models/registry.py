@@ -13,6 +13,7 @@ the manifest, so every result can name the exact weights that produced it (``Pro
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import sys
@@ -377,7 +378,8 @@ def add_version(manifest: Path, family: str, version: str, weights: Path, metric
                             "version name")
     template = families[family].versions[like or families[family].default_version]
     data = yaml.safe_load(manifest.read_text(encoding="utf-8"))
-    entry = dict(data["families"][family]["versions"][template.version])
+    # a deep copy: shared blocks would be written as YAML anchors and aliases (&id001 / *id001)
+    entry = copy.deepcopy(data["families"][family]["versions"][template.version])
     try:
         entry["weights"] = weights.resolve().relative_to(manifest.parent.resolve()).as_posix()
     except ValueError:

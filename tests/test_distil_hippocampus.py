@@ -85,6 +85,8 @@ def test_students_of_two_axes_combine_into_one_checkpoint_whose_members_are_aver
     both = HippocampusSegmenter.load(tmp_path / "both.pt", device="cpu", flips=False, canvas="tight", threads=1)
     assert both.version.startswith("hippocampus-unet-two-views (")
     assert [cfg["axis"] for _, cfg in both.members] == [0, 2]
+    record = json.loads((tmp_path / "both.metrics.json").read_text())
+    assert [m["config"]["axis"] for m in record["members"]] == [0, 2] and "test" not in record
     volume = np.random.default_rng(1).normal(100, 20, (21, 30, 17))
     singles = [HippocampusSegmenter.load(tmp_path / f"axis{axis}.pt", device="cpu", flips=False, canvas="tight",
                                          threads=1).probabilities(volume) for axis in (0, 2)]
@@ -93,3 +95,6 @@ def test_students_of_two_axes_combine_into_one_checkpoint_whose_members_are_aver
     assert other["split"] != json.loads((tmp_path / "axis0.metrics.json").read_text())["split"]
     with pytest.raises(ValueError, match="different splits"):
         combine_students([tmp_path / "axis0.pt", tmp_path / "other.pt"], tmp_path / "bad.pt", "x")
+    scored = combine_students([tmp_path / "axis0.pt", tmp_path / "axis2.pt"], tmp_path / "scored.pt", "x",
+                              data=tmp_path / "data")
+    assert scored["val"]["n"] == len(scored["split"]["val"]) and scored["test"]["n"] == len(scored["split"]["test"])

@@ -252,6 +252,23 @@ def test_the_distilled_version_is_verified_and_runs_one_network_on_the_tight_can
     assert labels.shape == (35, 51, 32) and labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, 1, 2}
 
 
+def test_the_two_view_distilled_version_averages_a_sagittal_and_an_axial_network(weights):
+    """1.2 (issue 28): its own weights file, two networks (axes 0 and 2) distilled on the training split only."""
+    from models.registry import ModelRegistry, file_sha256
+
+    registry = ModelRegistry.load()
+    version = registry.family(FAMILY).resolve("1.2")
+    assert version.sha256 == file_sha256(version.weights) and version.weights.name == "hippocampus_unet_1_2.pt"
+    segmenter = registry.model(version, load_version)
+    assert (segmenter.flips, segmenter.canvas) == (False, "tight")
+    assert [(cfg["axis"], cfg["base"]) for _, cfg in segmenter.members] == [(0, 12), (2, 12)]
+    assert all(cfg["trained_on"] == ["train"] and "distilled_from" in cfg for _, cfg in segmenter.members)
+    assert version.uncertainty["method"] == "member disagreement" and registry.family(FAMILY).default_version == "1.0"
+    volume = np.random.default_rng(0).normal(300, 80, (35, 51, 32))
+    each = segmenter.member_probabilities(volume)
+    np.testing.assert_allclose(segmenter.probabilities(volume), (each[0] + each[1]) / 2, atol=1e-6)
+
+
 def test_the_distilled_version_segments_labelled_test_volumes_sent_as_dicom(weights):
     """Through DICOM and the handler with ``model_version`` 1.1: the truth's hippocampus, anterior in front."""
     from inference.dicom.series import load_volume

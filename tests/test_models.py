@@ -221,7 +221,11 @@ def test_runner_backend_choice():
         make_runner(net, "cuda", "onnxruntime")  # refused before any CUDA call
     assert make_runner(UNet3D(base=4, depth=2), "cpu").backend == "torch"  # auto: ONNX Runtime for 2D only
     if onnxruntime_available():
-        assert make_runner(net, "cpu").backend == "onnxruntime"
+        runner = make_runner(net, "cpu")
+        assert runner.backend == "onnxruntime"
+        # idle threads sleep: an ensemble's next member (or another request) gets the cores
+        options = runner.session.get_session_options()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
 def _structured_volume(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:

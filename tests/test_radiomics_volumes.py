@@ -98,16 +98,16 @@ def test_one_output_channel_per_structure_on_the_input_grid():
 def test_a_version_added_with_the_registry_command_is_listed(tmp_path):
     """Nothing configured twice: ``add`` alone puts the new version in the Radiomics model list."""
     shutil.copy(DEFAULT_MANIFEST, tmp_path / "manifest.yaml")
-    for weights in ("hippocampus_unet.pt", "hippocampus_unet_1_1.pt"):  # every shipped version's file
-        shutil.copy(DEFAULT_MANIFEST.parent / weights, tmp_path / weights)
+    for version in ModelRegistry.load(DEFAULT_MANIFEST).family("hippocampus").versions.values():
+        shutil.copy(version.weights, tmp_path / version.weights.name)  # every shipped version's file
     retrained = tmp_path / "retrained.pt"
     retrained.write_bytes((tmp_path / "hippocampus_unet.pt").read_bytes() + b"retrained")
-    add_version(tmp_path / "manifest.yaml", "hippocampus", "1.2", retrained, None, like="1.0")
+    add_version(tmp_path / "manifest.yaml", "hippocampus", "1.9", retrained, None, like="1.0")  # a name not shipped
     catalogue = Catalogue(ModelRegistry.load(tmp_path / "manifest.yaml"), COMMANDS)
-    assert "hippocampus-1.2" in catalogue.models
+    assert "hippocampus-1.9" in catalogue.models
     [family] = catalogue.collection().Models
-    assert [v.ID for v in family.ModelVersions][-1] == "hippocampus-1.2"  # ordered by CreatedOn
-    assert (family.ModelVersions[-1].MajorVersion, family.ModelVersions[-1].MinorVersion) == (1, 2)
+    assert [v.ID for v in family.ModelVersions][-1] == "hippocampus-1.9"  # ordered by CreatedOn
+    assert (family.ModelVersions[-1].MajorVersion, family.ModelVersions[-1].MinorVersion) == (1, 9)
 
 
 def test_model_ids_and_version_numbers():

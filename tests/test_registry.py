@@ -136,6 +136,7 @@ def test_add_registers_a_new_version_and_never_overwrites(tmp_path):
     assert entry["sha256"] == file_sha256(new_weights) and entry["evaluation"]["mean_dice"] == 0.9123
     family = parse_manifest(manifest)["hippocampus"]
     assert family.default_version == new_version and family.versions[new_version].weights == new_weights.resolve()
+    assert "&id0" not in manifest.read_text() and "*id0" not in manifest.read_text(), "no YAML anchors or aliases"
     with pytest.raises(ManifestError, match="exists already"):
         add_version(manifest, "hippocampus", new_version, new_weights, None, like=None)
 
