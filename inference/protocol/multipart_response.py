@@ -22,15 +22,10 @@ READ_AHEAD = 64 * 1024
 SMALL_PIECE = 64 * 1024
 WRITE_CHUNK = 4 * 1024 * 1024
 MULTIPART_TYPES = ("multipart/related", "multipart/form-data")
-#: Responses smaller than this are hashed on the request's own thread: starting and joining a
-#: thread costs more than hashing a few megabytes (measured on the small-study benchmark, issue 28).
-THREADED_HASH_BYTES = 16 * 1024 * 1024
 
 
 class ThreadedSHA256:
     """SHA-256 of data fed in order, computed on a thread of its own while the caller goes on.
-
-    With ``threaded`` false (a small response) the caller hashes as it feeds.
 
     hashlib releases the GIL on large buffers, so a response is hashed on the second core while
     the request thread sends it; ``hexdigest`` waits for the hash. When another digest of this
@@ -42,11 +37,11 @@ class ThreadedSHA256:
     #: busy anyway and a thread each only adds switching (measured: 8 clients lost 15 % throughput).
     _spare = threading.BoundedSemaphore(1)
 
-    def __init__(self, threaded: bool = True) -> None:
+    def __init__(self) -> None:
         self._queue: SimpleQueue = SimpleQueue()
         self._digest = hashlib.sha256()
         self._thread: threading.Thread | None = None
-        if threaded and self._spare.acquire(blocking=False):
+        if self._spare.acquire(blocking=False):
             self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
             try:
                 self._thread.start()
@@ -111,8 +106,7 @@ def encode_multipart_related(
     # the output hash is computed on another thread while the parts go out (hashlib releases the GIL)
     output_digest = None
     if input_hash is not None:
-        body_bytes = sum(memoryview(body).nbytes for _, body in parts)
-        output_digest = ThreadedSHA256(threaded=body_bytes >= THREADED_HASH_BYTES)
+        output_digest = ThreadedSHA256()
         for _, body in parts:
             view = memoryview(body).cast("B")
             for start in range(0, view.nbytes, WRITE_CHUNK):
