@@ -390,14 +390,44 @@ def add_version(manifest: Path, family: str, version: str, weights: Path, metric
         figures = json.loads(metrics.read_text(encoding="utf-8"))
         test = figures.get("test") or {}
         entry["evaluation"] = {key: round(float(test[key]), 4)
-                               for key in ("mean_dice", "dice_anterior", "dice_posterior", "n") if key in test}
+                               for key in ("mean_dice", "dice_anterior", "dice_posterior") if key in test}
+        if "n" in test:
+            entry["evaluation"]["n"] = int(test["n"])
         entry["evaluation"]["metrics_file"] = metrics.name
-    data["families"][family]["versions"][version] = entry
-    if make_default:
-        data["families"][family]["default_version"] = version
-    manifest.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    text = manifest.read_text(encoding="utf-8")
+    manifest.write_text(_with_version(text, family, version, entry, make_default), encoding="utf-8")
     parse_manifest(manifest)  # what was written must load
     return entry
+
+
+def _with_version(text: str, family: str, version: str, entry: dict, make_default: bool) -> str:
+    """The manifest ``text`` with ``entry`` appended to ``family``'s versions, comments and layout kept.
+
+    The manifest's own layout (families at 2 spaces, their keys at 4, versions at 6) is what this
+    relies on; ``add_version`` parses the result, so a manifest laid out otherwise fails loudly.
+    """
+    lines = text.splitlines()
+    family_at = next((i for i, line in enumerate(lines) if line.rstrip() == f"  {family}:"), None)
+    if family_at is None:
+        raise ManifestError(f"family {family!r} is not laid out as '  {family}:' in the manifest; "
+                            "add the version by hand")
+    family_end = next((i for i in range(family_at + 1, len(lines))
+                       if lines[i].strip() and not lines[i].startswith("   ")), len(lines))
+    versions_at = next((i for i in range(family_at + 1, family_end) if lines[i].rstrip() == "    versions:"), None)
+    if versions_at is None:
+        raise ManifestError(f"{family} has no '    versions:' line in the manifest; add the version by hand")
+    end = next((i for i in range(versions_at + 1, family_end)
+                if lines[i].strip() and not lines[i].startswith("     ")), family_end)
+    while end > versions_at + 1 and not lines[end - 1].strip():
+        end -= 1
+    dumped = yaml.safe_dump({version: entry}, sort_keys=False, allow_unicode=True, width=110, default_flow_style=None)
+    block = ["      " + line if line else line for line in dumped.splitlines()]
+    lines[end:end] = block
+    if make_default:
+        for i in range(family_at + 1, versions_at):
+            if lines[i].startswith("    default_version:"):
+                lines[i] = f"    default_version: {yaml.safe_dump(version).splitlines()[0]}"
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -141,6 +141,29 @@ def test_add_registers_a_new_version_and_never_overwrites(tmp_path):
         add_version(manifest, "hippocampus", new_version, new_weights, None, like=None)
 
 
+def test_add_keeps_the_manifests_comments_and_lines_and_switches_the_default(tmp_path):
+    text = DEFAULT_MANIFEST.read_text()
+    manifest = tmp_path / "manifest.yaml"
+    manifest.write_text(text)
+    for entry in shipped()["families"]["hippocampus"]["versions"].values():
+        if not (tmp_path / entry["weights"]).exists():
+            copy_weights(tmp_path, entry)
+    new_weights = tmp_path / "retrained.pt"
+    new_weights.write_bytes((tmp_path / "hippocampus_unet.pt").read_bytes() + b"retrained")
+    add_version(manifest, "hippocampus", "9.9-test", new_weights, None, like="1.0-fast", make_default=True)
+    written = manifest.read_text()
+    lines = written.splitlines()
+    start = lines.index("      9.9-test:")
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].strip() and not lines[i].startswith("       ")),
+               len(lines))
+    without = "\n".join(lines[:start] + lines[end:]) + "\n"
+    assert without == text.replace("default_version: '1.0'", "default_version: 9.9-test"), "only the block added"
+    assert written.startswith(text.splitlines()[0]) and "# How the Radiomics Segmentation API" in written
+    family = parse_manifest(manifest)["hippocampus"]
+    assert family.default_version == "9.9-test" and list(family.versions)[-1] == "9.9-test"
+    assert family.versions["9.9-test"].inference == family.versions["1.0-fast"].inference
+
+
 # -- serving: versions side by side, a corrupt one refused while the others serve ----------------------
 def crop_files(folder: Path) -> list[Path]:
     voxels = np.random.default_rng(2).integers(0, 300, (12, 20, 16)).astype(np.int16)
