@@ -153,7 +153,11 @@ class ModelFamily:
     def resolve(self, version: str | None) -> ModelVersion:
         """The version named (the default when ``None``); a 400 listing the available ones otherwise."""
         name = self.default_version if version is None else version
-        if not isinstance(name, str) or name not in self.versions:
+        if not isinstance(name, str):
+            raise BadRequest(f"model_version must be a string naming a version, got the {type(name).__name__} "
+                             f"{json.dumps(name)}: send it quoted, e.g. \"{self.default_version}\"; available: "
+                             f"{', '.join(self.versions)} (default {self.default_version})")
+        if name not in self.versions:
             raise BadRequest(f"unknown model_version {version!r} of {self.name}; available: "
                              f"{', '.join(self.versions)} (default {self.default_version})")
         return self.versions[name]

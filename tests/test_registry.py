@@ -208,6 +208,10 @@ def test_an_unknown_version_is_a_400_listing_the_available_ones(app, tmp_path):
     response = post(app, crop_files(tmp_path / "crop"), {"inference_command": HIPPOCAMPUS, "model_version": "7"})
     assert response.status_code == 400
     assert "unknown model_version '7' of hippocampus; available: 1.0" in response.get_json()["error"]
+    response = post(app, crop_files(tmp_path / "crop2"), {"inference_command": HIPPOCAMPUS, "model_version": 1.2})
+    assert response.status_code == 400
+    assert 'model_version must be a string naming a version, got the float 1.2: send it quoted' in \
+        response.get_json()["error"]
 
 
 def test_models_shows_the_registry(app):
