@@ -401,8 +401,9 @@ def test_a_lost_pool_process_gives_its_job_back_at_once(tmp_path):
 def test_a_job_past_its_time_limit_fails_with_timeout(tmp_path):
     running = make_cluster(tmp_path, time_limit=1, visibility=5)
     try:
-        # reading, blurring and writing 192 slices takes well over 1 s
-        write_study(running.data / "big", shape=(192, 256, 256))
+        # reading, blurring and writing 256 slices of 512 x 512 takes well over 1 s (192 of 256 x 256 took
+        # under 1 s on a faster machine)
+        write_study(running.data / "big", shape=(256, 512, 512))
         running.start_workers("t1", args=CPU_ONLY)
         client = job_client(running.settings()).test_client()
         uid = client.post("/job/", json={"job_name": "3dblur", "in_dir": "big"}).get_json()["uid"]
