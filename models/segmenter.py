@@ -17,7 +17,9 @@ flip along axis 1 would swap the anterior (1) and posterior (2) labels.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ import torch
 
 from .data import PadCrop, context_slices, normalize, target_size
 from .registry import file_sha256
-from .runtime import Runner, make_runner
+from .runtime import Runner, make_runner, onnxruntime_available
 from .unet import UNet, UNet2D, UNet3D
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "hippocampus_unet.pt"
@@ -175,8 +177,18 @@ class HippocampusSegmenter:
         # 3D networks (instance norm, nothing to fold) keep the reference path and get no runner
         # the exported graph of member i is cached under the weights' SHA-256 and i (when loaded from a file)
         cache = Path(onnx_cache) if onnx_cache is not None and sha256 else None
-        self.runners = [None if is_3d(cfg) else make_runner(m, device, backend, threads, cache, f"{sha256}-member{i}")
+        # an ensemble's ONNX networks run side by side, one ONNX Runtime thread each: small networks use two
+        # threads poorly (issue 28: the 1.0 ensemble 476 -> 428 ms on 2 cores, the same labels)
+        total = max(1, threads or torch.get_num_threads())
+        onnx = backend == "onnxruntime" or (backend == "auto" and onnxruntime_available())
+        side_by_side = (total > 1 and len(self.members) > 1 and onnx and torch.device(device).type == "cpu"
+                        and not any(is_3d(cfg) for _, cfg in self.members))
+        self.parallel_members = min(total, len(self.members)) if side_by_side else 1
+        per_runner = 1 if side_by_side else threads
+        self.runners = [None if is_3d(cfg) else make_runner(m, device, backend, per_runner, cache, f"{sha256}-member{i}")
                         for (m, cfg), i in zip(self.members, self.member_indices, strict=True)]
+        self._pool: ThreadPoolExecutor | None = None  # made at first use (not before a server forks)
+        self._pool_guard = threading.Lock()
         self.backend = ",".join(sorted({r.backend for r in self.runners if r is not None} or {"torch"}))
 
     @classmethod
@@ -193,7 +205,9 @@ class HippocampusSegmenter:
                 (all four shipped ones); False runs each network once.
             backend: ``"auto"`` (ONNX Runtime on the CPU when installed, else PyTorch),
                 ``"onnxruntime"`` or ``"torch"``.
-            threads: ONNX Runtime threads per network (default ``torch.get_num_threads()``).
+            threads: CPU threads for inference (default ``torch.get_num_threads()``): an ensemble's ONNX
+                networks run side by side on up to that many threads, one ONNX Runtime thread each; a
+                single network gets them all.
             canvas: ``"fixed"`` (slices padded to the training size) or ``"tight"`` (to the next
                 multiple of 8: fewer FLOPs, slightly different labels); see ``CANVASES``.
             onnx_cache: folder keeping the exported ONNX graphs between loads (named by the
@@ -245,14 +259,23 @@ class HippocampusSegmenter:
         """Each selected member's class probabilities (its mirrored pass averaged in), for their disagreement."""
         vol = _checked_volume(volume)
         normalized = normalize(vol)
-        out = []
-        for (model, cfg), run in zip(self.members, self.runners, strict=True):
+
+        def member(index: int) -> np.ndarray:
+            (model, cfg), run = self.members[index], self.runners[index]
             flip = self.flips and bool(cfg.get("tta", False))
             if run is None:
-                out.append(predict_probs_tta(model, vol, cfg, self.device, flip))
-            else:
-                out.append(fast_member_probs(run, model, normalized, cfg, flip, canvas=self.canvas))
-        return out
+                return predict_probs_tta(model, vol, cfg, self.device, flip)
+            return fast_member_probs(run, model, normalized, cfg, flip, canvas=self.canvas)
+
+        if self.parallel_members == 1:
+            return [member(i) for i in range(len(self.members))]
+        return list(self._member_pool().map(member, range(len(self.members))))  # in member order
+
+    def _member_pool(self) -> ThreadPoolExecutor:
+        with self._pool_guard:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.parallel_members, thread_name_prefix="ensemble-member")
+            return self._pool
 
     def reference_probabilities(self, volume: np.ndarray) -> np.ndarray:
         """``probabilities`` by the plain PyTorch path (unfolded networks, one pass per mirror), for comparison."""

@@ -269,6 +269,23 @@ def test_fast_path_matches_the_reference_path(tmp_path, backend, flips):
     np.testing.assert_array_equal(labels[clear], ref_labels[clear])
 
 
+@pytest.mark.skipif(not onnxruntime_available(), reason="onnxruntime not installed: members run one after another")
+def test_an_ensembles_networks_run_side_by_side_with_one_thread_each_and_the_same_result(tmp_path):
+    path = _tiny_ensemble(tmp_path)
+    vol = _structured_volume((21, 30, 17), seed=2)
+    one_by_one = HippocampusSegmenter.load(path, device="cpu", threads=1)
+    side_by_side = HippocampusSegmenter.load(path, device="cpu", threads=2)
+    assert (one_by_one.parallel_members, side_by_side.parallel_members) == (1, 2)
+    threads = {runner.session.get_session_options().intra_op_num_threads for runner in side_by_side.runners}
+    assert threads == {1}, "each network one ONNX Runtime thread; the members share the cores"
+    np.testing.assert_array_equal(side_by_side.probabilities(vol), one_by_one.probabilities(vol))
+    each = side_by_side.member_probabilities(vol)
+    assert [p.shape for p in each] == [(3, *vol.shape)] * len(side_by_side.members)
+    np.testing.assert_array_equal(each[1], one_by_one.member_probabilities(vol)[1])  # in member order
+    single = HippocampusSegmenter.load(path, device="cpu", members=[0], threads=2)
+    assert single.parallel_members == 1 and single.runners[0].session.get_session_options().intra_op_num_threads == 2
+
+
 def test_members_and_flips_options(tmp_path):
     path = _tiny_ensemble(tmp_path)
     vol = _structured_volume((20, 26, 18), seed=1)
