@@ -184,8 +184,8 @@ class HippocampusSegmenter:
         side_by_side = (total > 1 and len(self.members) > 1 and onnx and torch.device(device).type == "cpu"
                         and not any(is_3d(cfg) for _, cfg in self.members))
         self.parallel_members = min(total, len(self.members)) if side_by_side else 1
-        per_runner = 1 if side_by_side else threads
-        self.runners = [None if is_3d(cfg) else make_runner(m, device, backend, per_runner, cache, f"{sha256}-member{i}")
+        each = 1 if side_by_side else threads
+        self.runners = [None if is_3d(cfg) else make_runner(m, device, backend, each, cache, f"{sha256}-member{i}")
                         for (m, cfg), i in zip(self.members, self.member_indices, strict=True)]
         self._pool: ThreadPoolExecutor | None = None  # made at first use (not before a server forks)
         self._pool_guard = threading.Lock()
