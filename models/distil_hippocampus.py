@@ -44,7 +44,7 @@ from .data import (
 from .evaluate import evaluate_pairs
 from .registry import file_sha256
 from .segmenter import CANVASES, DEFAULT_WEIGHTS, HippocampusSegmenter, build_model, predict_volume
-from .train_hippocampus import DEFAULTS, dice_ce_loss, dice_fg, lr_at
+from .train_hippocampus import DEFAULTS, dice_ce_loss, dice_fg, lr_at, metrics_path_of
 
 DEFAULT_STUDENT_NAME = "hippocampus-unet-1.1"
 
@@ -231,7 +231,7 @@ def distil(data: str | Path, out: str | Path, cache: str | Path, teacher_weights
         "dice_definition": "2|P n T|/(|P|+|T|) per volume, 1.0 when both masks are empty; "
                            "mean_dice uses foreground (label > 0)",
     }
-    metrics_path = out.with_name(out.name.removesuffix(".pt") + ".metrics.json")
+    metrics_path = metrics_path_of(out)
     metrics_path.write_text(json.dumps(metrics, indent=1) + "\n")
     _log(f"[distil] wrote {out} and {metrics_path}")
     return metrics
@@ -261,7 +261,7 @@ def combine_students(paths: list[str | Path], out: str | Path, name: str, data: 
     torch.save({"members": members, "config": config, "version": name, "split": split}, out)
     students = []
     for path in map(Path, paths):
-        sidecar = path.with_name(path.name.removesuffix(".pt") + ".metrics.json")
+        sidecar = metrics_path_of(path)
         students.append(json.loads(sidecar.read_text()) if sidecar.is_file() else {"weights": path.name})
     metrics: dict = {"model": name, "weights": out.name, "config": config, "members": students, "split": split,
                      "trained_on": ["train"], "validation_canvas": canvas}
@@ -272,7 +272,7 @@ def combine_students(paths: list[str | Path], out: str | Path, name: str, data: 
             metrics[part] = evaluate_pairs(pairs, combined.segment, split[part])
             _log(f"[distil] combined, {part}: mean_dice {metrics[part]['mean_dice']:.4f} "
                  f"anterior {metrics[part]['dice_anterior']:.4f} posterior {metrics[part]['dice_posterior']:.4f}")
-    metrics_path = out.with_name(out.name.removesuffix(".pt") + ".metrics.json")
+    metrics_path = metrics_path_of(out)
     metrics_path.write_text(json.dumps(metrics, indent=1) + "\n")
     return metrics
 

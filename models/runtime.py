@@ -154,13 +154,19 @@ def make_runner(model: UNet, device: str | torch.device = "cpu", backend: str = 
 
     ``cache_dir`` and ``cache_key`` keep the exported ONNX graph between loads (``cached_export``).
     """
+    if chosen_backend(model, device, backend) == "onnxruntime":
+        return OnnxRunner(model, threads, cache_dir, cache_key)
+    return TorchRunner(model, device)
+
+
+def chosen_backend(model: UNet, device: str | torch.device = "cpu", backend: str = "auto") -> str:
+    """What ``make_runner`` runs ``model`` with: ``"onnxruntime"`` or ``"torch"`` (``"auto"``: ONNX Runtime for
+    2D networks on the CPU when installed); a ValueError for an unknown backend or ONNX Runtime off the CPU."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     on_cpu = torch.device(device).type == "cpu"
     if backend == "auto":
-        backend = "onnxruntime" if on_cpu and model.dims == 2 and onnxruntime_available() else "torch"
-    if backend == "onnxruntime":
-        if not on_cpu:
-            raise ValueError(f"the onnxruntime backend runs on the CPU only (device {device}); use backend 'torch'")
-        return OnnxRunner(model, threads, cache_dir, cache_key)
-    return TorchRunner(model, device)
+        return "onnxruntime" if on_cpu and model.dims == 2 and onnxruntime_available() else "torch"
+    if backend == "onnxruntime" and not on_cpu:
+        raise ValueError(f"the onnxruntime backend runs on the CPU only (device {device}); use backend 'torch'")
+    return backend

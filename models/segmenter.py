@@ -28,7 +28,7 @@ import torch
 
 from .data import PadCrop, context_slices, normalize, target_size
 from .registry import file_sha256
-from .runtime import Runner, make_runner, onnxruntime_available
+from .runtime import Runner, chosen_backend, make_runner
 from .unet import UNet, UNet2D, UNet3D
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "hippocampus_unet.pt"
@@ -180,9 +180,8 @@ class HippocampusSegmenter:
         # an ensemble's ONNX networks run side by side, one ONNX Runtime thread each: small networks use two
         # threads poorly (issue 28: the 1.0 ensemble 476 -> 428 ms on 2 cores, the same labels)
         total = max(1, threads or torch.get_num_threads())
-        onnx = backend == "onnxruntime" or (backend == "auto" and onnxruntime_available())
-        side_by_side = (total > 1 and len(self.members) > 1 and onnx and torch.device(device).type == "cpu"
-                        and not any(is_3d(cfg) for _, cfg in self.members))
+        side_by_side = total > 1 and len(self.members) > 1 and all(
+            not is_3d(cfg) and chosen_backend(m, device, backend) == "onnxruntime" for m, cfg in self.members)
         self.parallel_members = min(total, len(self.members)) if side_by_side else 1
         each = 1 if side_by_side else threads
         self.runners = [None if is_3d(cfg) else make_runner(m, device, backend, each, cache, f"{sha256}-member{i}")

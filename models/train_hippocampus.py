@@ -127,7 +127,7 @@ def train(data: str | Path, out: str | Path, epochs: int = DEFAULTS["epochs"], s
     np.random.seed(seed)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    metrics_path = _metrics_path(out)
+    metrics_path = metrics_path_of(out)
 
     pairs = dataset_pairs(data)
     if not pairs:
@@ -296,12 +296,13 @@ def _describe(config: dict) -> str:
     return "unet3d" if config.get("arch") == "unet3d" else f"unet2.5d axis {config['axis']}"
 
 
-def _metrics_path(path: Path) -> Path:
+def metrics_path_of(path: Path) -> Path:
+    """The metrics JSON written beside checkpoint ``path`` (``<stem>.metrics.json``)."""
     return path.with_name(path.name.removesuffix(".pt") + ".metrics.json")
 
 
 def _member_metrics(path: Path) -> dict | None:
-    mp = _metrics_path(path)
+    mp = metrics_path_of(path)
     if not mp.is_file():
         return None
     m = json.loads(mp.read_text())
@@ -322,7 +323,7 @@ def load_candidates(paths: list[str | Path]) -> list[dict]:
             found.append(dict(name=p.name, state_dict=ckpt["state_dict"], config=dict(ckpt["config"]),
                               split=ckpt["split"], metrics=_member_metrics(p)))
             continue
-        mp = _metrics_path(p)
+        mp = metrics_path_of(p)
         recorded = json.loads(mp.read_text()).get("members", []) if mp.is_file() else []
         for i, m in enumerate(ckpt["members"]):
             rec = recorded[i] if i < len(recorded) else {}
@@ -374,7 +375,7 @@ def combine(data: str | Path, out: str | Path, member_paths: list[str | Path], t
     torch.set_num_threads(threads)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    metrics_path = _metrics_path(out)
+    metrics_path = metrics_path_of(out)
     ckpts = load_candidates(member_paths)
     candidate_names = [c["name"] for c in ckpts]
     split = ckpts[0]["split"]
