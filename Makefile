@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve worker test bench lint fuzz soak clean pacs-node image-test proto
+.PHONY: serve worker test bench lint fuzz soak clean pacs-node image-test proto docs docs-build
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -59,9 +59,18 @@ lint: $(VENV)/.dev
 	$(BIN)/hadolint Dockerfile inference-test-tool/Dockerfile || status=1; \
 	exit $$status
 
+## docs: serve the documentation site on http://127.0.0.1:8000, rebuilt on every save (mkdocs.yml, docs/)
+docs: $(VENV)/.dev
+	$(BIN)/mkdocs serve
+
+## docs-build: build the site into site/ as CI does: a broken link, a page missing from the nav or a setting,
+## route or metric the reference cannot describe fails it
+docs-build: $(VENV)/.dev
+	$(BIN)/mkdocs build --strict
+
 ## proto: regenerate the Radiomics API's committed *_pb2.py from its .proto files (pinned grpcio-tools)
 proto: $(VENV)/.dev
 	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. inference/radiomics/proto/*.proto
 
 clean:
-	rm -rf $(VENV) .pytest_cache inference-test-tool/output output
+	rm -rf $(VENV) .pytest_cache inference-test-tool/output output site

@@ -92,7 +92,7 @@ class Gateway(Flask):
         #: endpoint -> the role it needs (``ROUTE_ROLES`` plus this app's inference routes).
         self.route_roles: dict[str, str] = dict(ROUTE_ROLES)
         self._routes: set[str] = set()
-        self.add_url_rule("/ping", "ping", lambda: ("", 200), methods=["GET", "POST"])
+        self.add_url_rule("/ping", "ping", self._ping, methods=["GET", "POST"])
         #: Keeps a request's result for a reviewer instead of answering it (``"review"`` in its JSON): set by the
         #: job API (``inference.jobs.api``), which answers for it afterwards; None: requests cannot ask for review.
         self.hold_result: Callable[[InferenceResult, ParsedBody, dict, str | None, str], str] | None = None
@@ -107,6 +107,11 @@ class Gateway(Flask):
         self.register_error_handler(Exception, self._answer_unexpected_error)
         self.before_request(self._start_request)
         self.after_request(self._finish_request)
+
+    @staticmethod
+    def _ping() -> tuple[str, int]:
+        """Liveness: an empty 200, without a token (load balancers; Velocity's ping)."""
+        return "", 200
 
     # -- public API --------------------------------------------------------------------
     def add_inference_route(self, route: str, handler: str | ArterysHandler | None = None) -> None:

@@ -45,7 +45,7 @@ def served_commands(settings: Settings, mode: str | None = None) -> list[str]:
 
 
 def create_app(mode: str | None = None, settings: Settings | None = None, *,
-               warm_up_first: bool = False) -> Gateway:
+               warm_up_first: bool = False, load_models: bool = True) -> Gateway:
     """Build the gateway; ``mode`` (a command) serves only that one on ``/``.
 
     Without ``mode`` it serves the real handlers, and the mocks too when ``INFERENCE_ENABLE_MOCKS`` is
@@ -53,7 +53,9 @@ def create_app(mode: str | None = None, settings: Settings | None = None, *,
     Handlers' warm-ups (model loading) run in a background thread while ``/healthcheck`` answers
     ``LOADING``, or, with ``warm_up_first``, before this returns. gunicorn uses the latter: a worker
     then accepts no connection until it is warm, so with several workers the healthcheck (and every
-    request) is answered by a ready worker, never by one that is still loading.
+    request) is answered by a ready worker, never by one that is still loading. ``load_models=False``
+    builds the app without any warm-up (it stays ``LOADING``): for reading its routes and metrics, as the
+    documentation's generated reference does.
     """
     settings = settings or get_settings()
     configure_logging(settings.logging_config)
@@ -127,6 +129,7 @@ def create_app(mode: str | None = None, settings: Settings | None = None, *,
 
     @app.get("/openapi.json")
     def openapi():
+        """This OpenAPI 3.0 document of the JSON routes, from the commands and models served."""
         return flask.jsonify(openapi_document([spec.command for spec in pipeline.specs],
                                               sorted(known_job_names(pipeline)),
                                               token_required=bool(settings.api_token) or users.any_users(),
@@ -140,6 +143,8 @@ def create_app(mode: str | None = None, settings: Settings | None = None, *,
         log.info("READY: serving %s", ", ".join(commands))
 
     log.info("settings: %s", settings.describe())
+    if not load_models:
+        return app
     if warm_up_first:
         warm_up()
     else:

@@ -29,7 +29,7 @@ def per_call_ms(call, count: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.audit_users", description=__doc__)
     parser.add_argument("--records", type=int, default=10000, help="audit records written before timing")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:

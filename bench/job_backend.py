@@ -337,7 +337,8 @@ def measure_recovery(kills: int, lease: int) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.job_backend", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="4 jobs on a 64 x 256 x 256 study")
     parser.add_argument("--jobs", type=int, help="number of jobs per run (default 8, 4 with --quick)")
     parser.add_argument("--recovery", type=int, metavar="KILLS", help="measure recovery from KILLS worker kills")

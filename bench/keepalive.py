@@ -105,7 +105,8 @@ def run(connections: int, idle: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.keepalive", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--connections", type=int, default=200)
     parser.add_argument("--idle", type=float, default=65.0, help="seconds the connections sit idle (default 65)")
     args = parser.parse_args(argv)

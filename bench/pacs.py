@@ -137,7 +137,8 @@ def measure(runs: int = 3, stable_age: int = 3, stable_seconds: float = 5.0, *, 
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.pacs", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3, help="runs (default %(default)s); medians are printed")
     parser.add_argument("--stable-age", type=int, default=3, help="Orthanc's StableAge (shipped: 3)")
     parser.add_argument("--stable-seconds", type=float, default=5.0, help="the node's --stable-seconds (default 5)")

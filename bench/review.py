@@ -42,7 +42,7 @@ def timed(call, runs: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.review", description=__doc__)
     parser.add_argument("--runs", type=int, default=9)
     args = parser.parse_args(argv)
     if not CROP.is_dir():

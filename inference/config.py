@@ -71,7 +71,7 @@ class Settings:
     host: str = field(default="127.0.0.1", metadata={"env": "INFERENCE_HOST"})
     #: INFERENCE_PORT: TCP port.
     port: int = field(default=8900, metadata={"env": "INFERENCE_PORT"})
-    #: INFERENCE_WORKERS: gunicorn worker processes.
+    #: INFERENCE_WORKERS: gunicorn worker processes (gthread workers).
     workers: int = field(default=2, metadata={"env": "INFERENCE_WORKERS"})
     #: INFERENCE_THREADS: threads per gunicorn worker.
     threads: int = field(default=4, metadata={"env": "INFERENCE_THREADS"})
@@ -79,7 +79,8 @@ class Settings:
     timeout: int = field(default=900, metadata={"env": "INFERENCE_TIMEOUT"})
     #: INFERENCE_GRACEFUL_TIMEOUT: seconds in-flight requests get to finish after SIGTERM.
     graceful_timeout: int = field(default=120, metadata={"env": "INFERENCE_GRACEFUL_TIMEOUT"})
-    #: INFERENCE_MAX_REQUEST_BYTES: largest accepted request body (default 2 GiB).
+    #: INFERENCE_MAX_REQUEST_BYTES: largest accepted request body: 413 above, from Content-Length before reading,
+    #: or while a chunked body streams in.
     max_request_bytes: int = field(default=2 * 1024**3, metadata={"env": "INFERENCE_MAX_REQUEST_BYTES"})
     #: INFERENCE_SPOOL_MEMORY_BYTES: request part bytes kept in memory; the rest spills to a temp file.
     spool_memory_bytes: int = field(default=16 * 1024**2, metadata={"env": "INFERENCE_SPOOL_MEMORY_BYTES"})
@@ -94,9 +95,10 @@ class Settings:
     #: INFERENCE_MIN_UPLOAD_RATE: bytes per second a request body must average once it has been
     #: arriving for inference.http.gunicorn_worker.UPLOAD_GRACE_SECONDS (5 s; 408 below it); 0 turns the check off.
     min_upload_rate: int = field(default=32 * 1024, metadata={"env": "INFERENCE_MIN_UPLOAD_RATE"})
-    #: INFERENCE_MAX_SERIES_VOXELS: largest series (rows x columns x frames x instances) read (422 above).
+    #: INFERENCE_MAX_SERIES_VOXELS: largest series (rows x columns x frames x instances) a request may hold
+    #: (422 above, before any handler runs).
     max_series_voxels: int = field(default=256 * 1024**2, metadata={"env": "INFERENCE_MAX_SERIES_VOXELS"})
-    #: INFERENCE_MAX_RESPONSE_BYTES: largest response body a handler may produce (413 above).
+    #: INFERENCE_MAX_RESPONSE_BYTES: largest response body a handler may produce (413 above, before any of it is sent).
     max_response_bytes: int = field(default=1024**3, metadata={"env": "INFERENCE_MAX_RESPONSE_BYTES"})
     #: PROMETHEUS_MULTIPROC_DIR: folder where gunicorn's workers keep their metrics (prometheus-client's
     #: variable); gunicorn.conf.py empties it at start, or makes a temporary one when unset.
@@ -105,7 +107,7 @@ class Settings:
     data_root: Path | None = field(default=None, metadata={"env": "INFERENCE_DATA_ROOT"})
     #: INFERENCE_OUTPUT_ROOT: folder where jobs write their outputs, one sub-folder per job.
     output_root: Path = field(default=PROJECT_ROOT / "output" / "jobs", metadata={"env": "INFERENCE_OUTPUT_ROOT"})
-    #: INFERENCE_JOB_WORKERS: jobs run at the same time in each server process.
+    #: INFERENCE_JOB_WORKERS: jobs run at the same time in each server process (local backend).
     job_workers: int = field(default=1, metadata={"env": "INFERENCE_JOB_WORKERS"})
     #: INFERENCE_JOB_BACKEND: where jobs run: ``local`` (thread pool + SQLite) or ``celery`` (workers + Redis).
     job_backend: str = field(default="local", metadata={"env": "INFERENCE_JOB_BACKEND"})
@@ -114,18 +116,22 @@ class Settings:
                             metadata={"env": "INFERENCE_BROKER_URL", "secret": True})
     #: INFERENCE_JOB_QUEUES: celery queue of each command, ``command=queue`` comma-separated, ``*`` for the rest.
     job_queues: str = field(default="get-hippocampus-volume=gpu,*=cpu", metadata={"env": "INFERENCE_JOB_QUEUES"})
-    #: INFERENCE_JOB_TIME_LIMIT: seconds a celery job may run; it then fails with reason ``timeout``.
+    #: INFERENCE_JOB_TIME_LIMIT: seconds a celery job may run; it then fails with reason ``timeout`` (its process is
+    #: killed a tenth of the limit later, 1 to 30 s).
     job_time_limit: int = field(default=900, metadata={"env": "INFERENCE_JOB_TIME_LIMIT"})
-    #: INFERENCE_JOB_RETRIES: re-runs of a celery job after a transient error (out of memory, Redis lost).
+    #: INFERENCE_JOB_RETRIES: re-runs of a celery job after a transient error (out of memory, connection lost),
+    #: with backoff 1, 2, 4 ... s.
     job_retries: int = field(default=3, metadata={"env": "INFERENCE_JOB_RETRIES"})
     #: INFERENCE_BROKER_VISIBILITY_TIMEOUT: seconds before Redis hands an unacknowledged job to another
-    #: worker; above the job time limit plus its grace, and the longest a dead worker's job waits.
+    #: worker; must exceed the job time limit plus its grace. The broker's own late redelivery: the lease
+    #: (INFERENCE_JOB_LEASE_SECONDS) brings a dead worker's job back sooner.
     broker_visibility_timeout: int = field(default=1200, metadata={"env": "INFERENCE_BROKER_VISIBILITY_TIMEOUT"})
     #: INFERENCE_JOB_LEASE_SECONDS: a running celery job's lease, renewed by its worker every quarter of it;
     #: a job whose lease ran out (its worker died) is queued again within about 1.25 times this.
     job_lease_seconds: int = field(default=20, metadata={"env": "INFERENCE_JOB_LEASE_SECONDS"})
     #: INFERENCE_API_TOKEN: when set, every route but /healthcheck and /ping needs ``Authorization: Bearer``;
-    #: its holder acts as an admin. Named users (``python -m inference.users``) have tokens of their own.
+    #: the Radiomics routes too, except from INFERENCE_RADIOMICS_NETWORKS; its holder acts as an admin. Named users
+    #: (``python -m inference.users``) have tokens of their own, and turn the check on as well.
     api_token: str | None = field(default=None, metadata={"env": "INFERENCE_API_TOKEN", "secret": True})
     #: INFERENCE_AUDIT_LOG: the audit trail, one hash-chained JSON line per event touching patient data;
     #: unset: ``<INFERENCE_OUTPUT_ROOT>/audit.jsonl``.
@@ -149,25 +155,29 @@ class Settings:
     radiomics_service_url: str | None = field(default=None, metadata={"env": "INFERENCE_RADIOMICS_SERVICE_URL"})
     #: INFERENCE_LOGGING_CONFIG: logging configuration (YAML, ``logging.config.dictConfig`` schema).
     logging_config: Path = field(default=PROJECT_ROOT / "logging.yaml", metadata={"env": "INFERENCE_LOGGING_CONFIG"})
-    #: INFERENCE_DEFAULT_COMMAND: command run on ``POST /`` when the request JSON names none; unset: a 400.
+    #: INFERENCE_DEFAULT_COMMAND: command run on ``POST /`` when the request JSON names none; unset: a 400 listing
+    #: the commands served.
     default_command: str | None = field(default=None, metadata={"env": "INFERENCE_DEFAULT_COMMAND"})
-    #: INFERENCE_ENABLE_MOCKS: also serve the mock handlers (integration and tests); off in production.
+    #: INFERENCE_ENABLE_MOCKS: also serve the mock handlers (integration and tests; ``mock_server.py`` always does);
+    #: off in production.
     enable_mocks: bool = field(default=False, metadata={"env": "INFERENCE_ENABLE_MOCKS"})
     #: INFERENCE_MODEL_MANIFEST: the model registry's manifest (families, versions, weights and their SHA-256).
     model_manifest: Path = field(default=PROJECT_ROOT / "models" / "manifest.yaml",
                                  metadata={"env": "INFERENCE_MODEL_MANIFEST"})
     #: INFERENCE_MODEL_CACHE: folder keeping the models' exported ONNX graphs between starts (named by the
-    #: weights' SHA-256, each checked against its own SHA-256 when read); safe to delete.
+    #: weights' SHA-256, each checked against its own SHA-256 when read; the ensemble then loads in 0.6 s instead of
+    #: 2.4 s); safe to delete.
     model_cache: Path = field(default=PROJECT_ROOT / "output" / "model-cache",
                               metadata={"env": "INFERENCE_MODEL_CACHE"})
     #: INFERENCE_HIPPOCAMPUS_SERIES: regular expression matched against SeriesDescription to find the crop;
-    #: unset: the model version's own rule (``input.series_description`` in the manifest).
+    #: unset: the model version's own rule (``input.series_description`` in the manifest: ``HippoCrop``).
     hippocampus_series: str | None = field(default=None, metadata={"env": "INFERENCE_HIPPOCAMPUS_SERIES"})
     #: INFERENCE_HISTORY_DB: SQLite file of earlier hippocampus results by patient, for the change since the prior;
     #: unset: ``<INFERENCE_OUTPUT_ROOT>/history.sqlite3``.
     history_db: Path | None = field(default=None, metadata={"env": "INFERENCE_HISTORY_DB"})
     #: INFERENCE_PRIOR_DICOMWEB_URL: a DICOMweb base URL (QIDO-RS, WADO-RS) where earlier studies' measurement
-    #: reports are also looked up (set it for the DICOM node, e.g. the PACS's STOW URL); unset: our own store only.
+    #: reports are also looked up (set it for the DICOM node, e.g. the PACS's ``/dicom-web``); unset: our own store
+    #: only.
     prior_dicomweb_url: str | None = field(default=None, metadata={"env": "INFERENCE_PRIOR_DICOMWEB_URL"})
     # -- the DICOM node (dicom_node.py); each also a command-line flag --------------------------
     #: INFERENCE_PACS_AE_TITLE: the node's own AE title (what the PACS calls and what its results carry).
@@ -185,20 +195,22 @@ class Settings:
     #: INFERENCE_PACS_ALLOWED_AES: calling AE titles accepted, separated by commas (unset: any).
     pacs_allowed_aes: tuple[str, ...] = field(default=(), metadata={"env": "INFERENCE_PACS_ALLOWED_AES"})
     #: INFERENCE_PACS_COMPLETE_ON_RELEASE: calling AE titles (separated by commas) of routing PACSs that send
-    #: a whole study on one association: such a study is complete shortly after that association is released
-    #: (``INFERENCE_PACS_RELEASE_GRACE_SECONDS``), with no stability wait (unset: every study waits
-    #: ``INFERENCE_PACS_STABLE_SECONDS``, for senders that trickle).
+    #: a whole study on one association (Orthanc's routing does): such a study is complete shortly after that
+    #: association is released (``INFERENCE_PACS_RELEASE_GRACE_SECONDS``), with no stability wait; an aborted
+    #: association, or one from any other AE, keeps ``INFERENCE_PACS_STABLE_SECONDS`` (unset: every study waits,
+    #: for senders that trickle). Compose sets ``ORTHANC``.
     pacs_complete_on_release: tuple[str, ...] = field(default=(),
                                                       metadata={"env": "INFERENCE_PACS_COMPLETE_ON_RELEASE"})
     #: INFERENCE_PACS_RELEASE_GRACE_SECONDS: after such a release, how long a study waits for a follow-up
     #: association of the same sender (Orthanc 1.10 opens one 0.06-0.13 s later for a study mixing SOP classes
-    #: and transfer syntaxes: ``python -m bench.pacs_reopen``); an instance arriving meanwhile brings back the
-    #: stability wait.
+    #: and transfer syntaxes: ``python -m bench.pacs_reopen``, five runs, loaded machine); an instance arriving
+    #: meanwhile brings back the stability wait.
     pacs_release_grace_seconds: float = field(default=0.5, metadata={"env": "INFERENCE_PACS_RELEASE_GRACE_SECONDS"})
     #: INFERENCE_PACS_RULES: routing rules (YAML) deciding what runs on a complete study.
     pacs_rules: Path = field(default=PROJECT_ROOT / "deploy" / "routing-rules.yaml",
                              metadata={"env": "INFERENCE_PACS_RULES"})
-    #: INFERENCE_PACS_ROOT: the node's folders: ``spool/`` (studies received), ``outbox/``, ``jobs/``.
+    #: INFERENCE_PACS_ROOT: the node's folders: ``spool/`` (studies received), ``outbox/`` (results not yet
+    #: confirmed), ``processed/`` (inputs already run, by input hash), ``results-series/`` (series it produced).
     pacs_root: Path = field(default=PROJECT_ROOT / "output" / "pacs", metadata={"env": "INFERENCE_PACS_ROOT"})
     #: INFERENCE_PACS_RETRY_MAX_SECONDS: longest wait between two delivery attempts (backoff doubles up to it).
     pacs_retry_max_seconds: float = field(default=60.0, metadata={"env": "INFERENCE_PACS_RETRY_MAX_SECONDS"})

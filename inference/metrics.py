@@ -35,17 +35,20 @@ log = logging.getLogger("inference.metrics")
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
 BYTES_BUCKETS = tuple(1024 * 4**k for k in range(12))  # 1 KiB to 4 GiB
 
-REQUESTS = Counter("inference_http_requests_total", "HTTP requests answered, by route, command and status",
+REQUESTS = Counter("inference_http_requests_total", "HTTP requests answered, by route (the URL rule; "
+                   "unparsed: refused by gunicorn's parser), command and status",
                    ["route", "command", "status"])
 LATENCY = Histogram("inference_http_request_seconds", "Time from the request's start to the last byte sent",
                     ["route"], buckets=SECONDS_BUCKETS)
 BYTES_IN = Histogram("inference_http_request_bytes", "Request body bytes read", ["route"], buckets=BYTES_BUCKETS)
 BYTES_OUT = Histogram("inference_http_response_bytes", "Response body bytes", ["route"], buckets=BYTES_BUCKETS)
-MODEL_SECONDS = Histogram("inference_model_seconds", "Seconds a handler (model) ran, by model and version",
-                          ["model", "version"], buckets=SECONDS_BUCKETS)
+MODEL_SECONDS = Histogram("inference_model_seconds",
+                          "Seconds a handler (model) ran, by model (the command) and version", ["model", "version"],
+                          buckets=SECONDS_BUCKETS)
 RADIOMICS_MESSAGES = Counter("inference_radiomics_messages_total",
                              "Radiomics API Feedback and Telemetry messages stored, by kind and outcome "
-                             "(feedback: accepted or rejected by the clinician; telemetry: the client error)",
+                             "(feedback: accepted or rejected by the clinician; telemetry: the client's ClientError, "
+                             "None when there was none)",
                              ["kind", "outcome"])
 DICOM_RECEIVED = Counter("inference_dicom_node_received_total", "DICOM instances the node received")
 DICOM_SENT = Counter("inference_dicom_node_sent_total", "DICOM instances the node sent")
@@ -65,8 +68,10 @@ WATCHED_BUCKETS: dict[str, tuple[float, ...]] = {
     "total_volume_mm3": (1500, 2000, 2500, 2750, 3000, 3250, 3500, 3750, 4000, 4500, 5000, 6000),
     "uncertainty": (0.05, 0.1, 0.125, 0.15, 0.175, 0.2, 0.225, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0),
 }
-WATCHED = {name: Histogram(f"inference_model_{name}", f"Results' {name.replace('_', ' ')} (drift watch), by model "
-                                                      "family and version", ["family", "version"], buckets=bounds)
+WATCHED = {name: Histogram(f"inference_model_{name}",
+                           f"Results' {name.replace('_', ' ')} (drift watch; buckets: "
+                           "inference.metrics.WATCHED_BUCKETS), by model family and version",
+                           ["family", "version"], buckets=bounds)
            for name, bounds in WATCHED_BUCKETS.items()}
 RESULTS = Counter("inference_model_results_total", "Model results made, by family, version and quality flag",
                   ["family", "version", "flagged"])
@@ -150,6 +155,10 @@ def set_dicom_outbox(count: int) -> None:
     DICOM_OUTBOX.set(count)
 
 
+JOB_STORE_UP = ("1 when the job store answered this scrape; 0 while it is unreachable (Redis down): the job "
+                "gauges are then left out, every other metric is still served")
+
+
 class JobCountsCollector(Collector):
     """Jobs by state and the queue depth, read from the shared job store when scraped."""
 
@@ -162,10 +171,11 @@ class JobCountsCollector(Collector):
             counts = self._counts()
         except Exception as exc:  # the job store (Redis) unreachable: the other metrics are still served
             log.warning("job metrics left out of this scrape: %s", exc)
-            yield GaugeMetricFamily("inference_job_store_up", "Whether the job store answered this scrape", value=0)
+            yield GaugeMetricFamily("inference_job_store_up", JOB_STORE_UP, value=0)
             return
-        yield GaugeMetricFamily("inference_job_store_up", "Whether the job store answered this scrape", value=1)
-        by_state = GaugeMetricFamily("inference_jobs", "Jobs in the job store, by state", labels=["state"])
+        yield GaugeMetricFamily("inference_job_store_up", JOB_STORE_UP, value=1)
+        by_state = GaugeMetricFamily("inference_jobs", "Jobs in the job store, by state (read from the store at each "
+                                     "scrape)", labels=["state"])
         for state in self._states:
             by_state.add_metric([state], counts.get(state, 0))
         yield by_state

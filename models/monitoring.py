@@ -127,7 +127,8 @@ class DriftCollector(Collector):
 
     def collect(self):
         psi_family = GaugeMetricFamily("inference_model_drift_psi", "Population stability index of a watched quantity "
-                                       "against the training split's", labels=["family", "version", "quantity"])
+                                       f"against the training split's (once a version served {PSI_MIN_COUNT} results)",
+                                       labels=["family", "version", "quantity"])
         expected = GaugeMetricFamily("inference_model_expected_flag_share", "Share of results the calibration "
                                      "flagged on the test split", labels=["family", "version"])
         served = metrics.watched_counts(self._dir)

@@ -387,15 +387,15 @@ def test_files_of_unknown_failed_or_unfinished_jobs_are_refused(client, roots):
 
 
 def readme_job_example() -> str:
-    """The shell block of the README's job section."""
-    readme = (PROJECT_ROOT / "README.md").read_text()
-    section = readme[readme.index("## Asynchronous jobs"):]
+    """The first shell block of the jobs page (docs/jobs.md)."""
+    readme = (PROJECT_ROOT / "docs" / "jobs.md").read_text()
+    section = readme[readme.index("# Asynchronous jobs"):]
     start = section.index("```sh\n") + 6
     return section[start:section.index("\n```", start)]
 
 
 def test_the_readme_job_example_runs_verbatim(tmp_path):
-    """The README's commands, as written (only the port differs), against a server started as it says."""
+    """The jobs page's commands, as written (only the port differs), against a server started as it says."""
     example = readme_job_example()
     root = "../shared/data/studies"
     assert f"INFERENCE_DATA_ROOT={root}" in example

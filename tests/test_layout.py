@@ -25,8 +25,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("ground floor", ("inference.config", "inference.errors", "inference.logs", "inference.metrics",
                       "inference.metrics_dir", "inference.paths", "inference.audit", "inference")),
 ]
-#: Folders whose modules are not part of the product's layers (they may import anything above).
-OUTSIDE = ("tests", "bench", "inference-test-tool", ".venv", ".git")
+#: Folders whose modules are not part of the product's layers (they may import anything above; docs/ holds the
+#: site's generator).
+OUTSIDE = ("tests", "bench", "inference-test-tool", "docs", "site", ".venv", ".git")
 
 
 def module_name(path: Path) -> str:

@@ -33,6 +33,26 @@ GENESIS = "0" * 64
 SYSLOG_PRIORITY = 10 * 8 + 5
 #: Outcomes a record may carry.
 OUTCOMES = ("success", "failure", "refused")
+#: Every event kind a record may name, with what it means (the documentation's reference is built from this).
+EVENTS: dict[str, str] = {
+    "study-received": "a study arrived: by ``POST /`` (or a model's route), ``POST /job/``, a Radiomics "
+                      "segmentation, or the DICOM node",
+    "result-produced": "a request or a job finished (``success``) or failed (``failure``)",
+    "result-viewed": "a job's status or file list, a held result or its images on the review routes were read; "
+                     "``refused`` for another submitter's job",
+    "result-downloaded": "a job's file or a Radiomics result was downloaded",
+    "result-held": "a result was kept for review instead of being released",
+    "result-accepted": "a reviewer accepted a held result (``repeated`` when that decision was already made)",
+    "result-rejected": "a reviewer rejected a held result, with a reason (``repeated`` as above)",
+    "result-corrected": "a reviewer replaced the model's segmentation with a corrected one (``repeated`` as above)",
+    "result-released": "the DICOM node sends a reviewed result on to its destinations",
+    "result-sent": "every destination confirmed the DICOM node's results of a study",
+    "feedback-received": "a Radiomics SegmentationFeedback message was stored",
+    "telemetry-received": "a Radiomics SegmentationTelemetry message was stored",
+    "user-created": "``python -m inference.users add`` created a user (``detail``: name and role)",
+    "user-revoked": "``python -m inference.users revoke`` revoked a user's token",
+    "request-refused": "a known user asked for a route that needs a higher role (``detail``: the role needed)",
+}
 
 
 def canonical(record: dict[str, Any]) -> str:

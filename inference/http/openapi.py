@@ -1,7 +1,7 @@
 """The OpenAPI 3.0 description of the gateway's JSON routes, served at ``GET /openapi.json``.
 
 Built from the handler registry, so the command and job-name lists are the served ones. The
-multipart inference protocol itself is described in the README (OpenAPI cannot express its
+multipart inference protocol itself is described in docs/protocol.md (OpenAPI cannot express its
 ordered parts); ``POST /`` appears here with its JSON form (``studyPath``) and its errors. The
 Radiomics API's routes are listed with their protobuf messages (``inference/radiomics/proto/*.proto``),
 the reviewer's routes (``/reviews``) with their decisions.
@@ -199,7 +199,7 @@ def openapi_document(commands: list[str], job_names: list[str], *, token_require
                              for s in (400, 403, 413, 422, 500)},
                           **_errors(*auth_errors)}}},
         "/": {"post": {
-            "summary": "Inference on a study folder of the data root (multipart uploads: see the README)",
+            "summary": "Inference on a study folder of the data root (multipart uploads: docs/protocol.md)",
             "operationId": "inferStudyPath",
             "requestBody": {"required": True, "content": {"application/json": {
                 "schema": {"$ref": "#/components/schemas/StudyPathRequest"}}}},

@@ -231,6 +231,7 @@ def add_job_routes(app: flask.Flask, pipeline: Pipeline, *, store: JobRecords | 
 
     @app.get("/job/<uid>/files")
     def list_job_files(uid: str) -> flask.Response:
+        """The files of a completed job: name and size of each (409 while it runs or when it failed)."""
         job, folder = completed_folder(uid)
         files = [{"name": path.name, "bytes": path.stat().st_size}
                  for path in sorted(folder.iterdir()) if path.is_file() and is_inside(folder, path)]
@@ -239,6 +240,7 @@ def add_job_routes(app: flask.Flask, pipeline: Pipeline, *, store: JobRecords | 
 
     @app.get("/job/<uid>/files/<name>")
     def get_job_file(uid: str, name: str) -> flask.Response:
+        """One file of a completed job's own folder, as an attachment."""
         job, folder = completed_folder(uid)
         path = folder / name
         if "/" in name or name.startswith(".") or not path.is_file() or not is_inside(folder, path):

@@ -431,7 +431,12 @@ def add_radiomics_routes(app: Any, pipeline: Pipeline, catalogue: Catalogue, sto
     route("/api/v2/Feedback/segmentation", "POST", "radiomics_feedback", post_feedback)
     route("/api/v2/Telemetry/segmentation", "POST", "radiomics_telemetry", post_telemetry)
     gateway_ping = app.view_functions["ping"]
-    app.view_functions["ping"] = lambda: ping() if request.method == "GET" else gateway_ping()
+
+    def ping_either() -> Response:
+        """GET: the server's version (ApiInformation, the Radiomics ping); POST: the gateway's liveness answer."""
+        return ping() if request.method == "GET" else app.make_response(gateway_ping())
+
+    app.view_functions["ping"] = ping_either
     return door
 
 

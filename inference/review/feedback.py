@@ -95,12 +95,14 @@ class ReviewCollector(Collector):
             return
         now = time.time()
         waiting = [review for review in held if review.status == AWAITING]
-        yield GaugeMetricFamily("inference_reviews_awaiting", "Results held, awaiting a reviewer's decision",
+        yield GaugeMetricFamily("inference_reviews_awaiting", "Results held, awaiting a reviewer's decision (read "
+                                "from the job store at each scrape)",
                                 value=len(waiting))
         yield GaugeMetricFamily("inference_reviews_overdue", "Results awaiting review longer than "
                                 "INFERENCE_REVIEW_OVERDUE_SECONDS (never released without a decision)",
                                 value=sum(is_overdue(r, self.overdue_seconds, now) for r in waiting))
-        decisions = GaugeMetricFamily("inference_review_decisions", "Review decisions, by model version",
+        decisions = GaugeMetricFamily("inference_review_decisions", "Review decisions (accepted, rejected, "
+                                      "corrected), by model version (the feedback store)",
                                       labels=["family", "version", "decision"])
         dice = GaugeMetricFamily("inference_review_correction_dice_mean", "Mean Dice between the model's and the "
                                  "reviewers' corrected segmentations, by model version", labels=["family", "version"])

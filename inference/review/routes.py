@@ -216,7 +216,11 @@ def add_review_routes(app: Any, jobs: JobRecords, reviews: ReviewRecords, record
             raise
         return decided(review, changed, "result-corrected", mean_dice=details["mean_dice"])
 
-    app.add_url_rule("/review/", "review_page", lambda: flask.Response(REVIEW_PAGE, mimetype="text/html"))
+    def review_page() -> flask.Response:
+        """The reviewer's page: the queue, a result's images and volumes, the decisions (it asks for the token)."""
+        return flask.Response(REVIEW_PAGE, mimetype="text/html")
+
+    app.add_url_rule("/review/", "review_page", review_page)
     for endpoint in ("reviews_queue", "review_show", "review_image", "review_accept", "review_reject",
                      "review_correct"):
         app.route_roles[endpoint] = REVIEWER
