@@ -212,7 +212,7 @@ class Settings:
     #: INFERENCE_PACS_ROOT: the node's folders: ``spool/`` (studies received), ``outbox/`` (results not yet
     #: confirmed), ``processed/`` (inputs already run, by input hash), ``results-series/`` (series it produced).
     pacs_root: Path = field(default=PROJECT_ROOT / "output" / "pacs", metadata={"env": "INFERENCE_PACS_ROOT"})
-    #: INFERENCE_PACS_RETRY_MAX_SECONDS: longest wait between two delivery attempts (backoff doubles up to it).
+    #: INFERENCE_PACS_RETRY_MAX_SECONDS: longest wait between two delivery attempts (the wait doubles from 1 s).
     pacs_retry_max_seconds: float = field(default=60.0, metadata={"env": "INFERENCE_PACS_RETRY_MAX_SECONDS"})
 
     @classmethod
