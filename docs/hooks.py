@@ -32,7 +32,7 @@ from typing import Any
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MARKER = re.compile(r"^<!-- reference: ([a-z-]+) -->$", re.MULTILINE)
 #: The tables a page can ask for.
-TABLES = ("settings", "routes", "commands", "metrics", "audit-events")
+TABLES = ("settings", "routes", "inference-commands", "commands", "metrics", "audit-events")
 
 #: Every command line, as typed, and where its ``main(argv)`` is (a path for the test tool's script).
 COMMANDS: list[tuple[str, str]] = [
@@ -234,6 +234,22 @@ def metric_rows(app) -> list[dict[str, str]]:
     return [found[name] for name in sorted(found) if name.startswith("inference_")]
 
 
+def inference_command_rows() -> list[dict[str, str]]:
+    """One row per inference command (mocks included): its route, what it returns and its parameters."""
+    from handlers import load_handlers
+
+    rows = []
+    for spec in load_handlers():
+        described = spec.describe()
+        parameters = "; ".join(f"`{p['name']}` ({p['allowed']}, default `{json.dumps(p['default'])}`): "
+                               f"{p['description']}" for p in described["parameters"])
+        rows.append({"command": described["inference_command"], "route": described["route"],
+                     "mock": "yes" if described["mock"] else "", "description": _first_line(described["description"]),
+                     "parameters": parameters, "undescribed": ", ".join(p["name"] for p in described["parameters"]
+                                                                         if not p["description"])})
+    return rows
+
+
 def audit_rows() -> list[dict[str, str]]:
     """One row per audit event kind: the kind and what it records."""
     from inference.audit import EVENTS
@@ -304,8 +320,9 @@ def render_all(state: Path) -> dict[str, str]:
     """Every reference table as Markdown, by marker name (the app's stores in the folder ``state``)."""
     app = build_app(state)
     settings = setting_rows(command_line_flags())
-    routes, metric_list = route_rows(app), metric_rows(app)
+    routes, metric_list, handlers = route_rows(app), metric_rows(app), inference_command_rows()
     undescribed = ([row["variable"] for row in settings if not row["meaning"]]
+                   + [row["command"] for row in handlers if not row["description"] or row["undescribed"]]
                    + [row["path"] for row in routes if not row["summary"]]
                    + [row["name"] for row in metric_list if not row["help"]])
     if undescribed:
@@ -322,6 +339,9 @@ def render_all(state: Path) -> dict[str, str]:
                             for r in settings]),
         "routes": _table(["path", "method", "role", "summary"],
                          [(f"`{r['path']}`", r["methods"], r["role"], r["summary"]) for r in routes]),
+        "inference-commands": _table(
+            ["command", "route", "mock", "returns", "parameters"],
+            [(f"`{r['command']}`", f"`{r['route']}`", r["mock"], r["description"], r["parameters"]) for r in handlers]),
         "metrics": _table(["metric", "type", "labels", "help"],
                           [(f"`{r['name']}`", r["type"], r["labels"], r["help"]) for r in metric_list]),
         "audit-events": _table(["event", "recorded when"],

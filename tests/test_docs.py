@@ -91,6 +91,16 @@ def test_every_metric_served_is_in_the_reference_with_labels_and_help(app):
     assert {f"inference_model_{name}" for name in ("intensity_mean", "uncertainty", "total_volume_mm3")} <= set(rows)
 
 
+def test_every_inference_command_and_parameter_is_described():
+    rows = {row["command"]: row for row in hooks.inference_command_rows()}
+    assert {"get-hippocampus-volume", "gaussian-blur-3d", "get-probability-mask"} <= set(rows)
+    undescribed = [command for command, row in rows.items() if not row["description"] or row["undescribed"]]
+    assert not undescribed, f"describe {undescribed} (the handler's docstring, each Param's description)"
+    blur = rows["gaussian-blur-3d"]
+    assert blur["route"] == "/gaussian-blur" and "`sigma_mm`" in blur["parameters"]
+    assert rows["get-probability-mask"]["mock"] == "yes" and rows["get-hippocampus-volume"]["mock"] == ""
+
+
 # -- audit events ---------------------------------------------------------------------------------------------
 EVENT = re.compile(r"^[a-z]+(?:-[a-z]+)+$")
 
