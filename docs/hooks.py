@@ -239,7 +239,7 @@ def inference_command_rows() -> list[dict[str, str]]:
     from handlers import load_handlers
 
     rows = []
-    for spec in load_handlers():
+    for spec in sorted(load_handlers(), key=lambda spec: spec.mock):  # the real handlers first
         described = spec.describe()
         parameters = "; ".join(f"`{p['name']}` ({p['allowed']}, default `{json.dumps(p['default'])}`): "
                                f"{p['description']}" for p in described["parameters"])
