@@ -295,7 +295,7 @@ def test_build_context_keeps_what_the_images_need(path: str) -> None:
     "tests/conftest.py", ".git/HEAD", ".venv/bin/python", "output/jobs/1/response.json", "jobs/x",
     "inference-test-tool/output/index.html", "utils/__pycache__/config.cpython-311.pyc", "data/Study1/1.dcm",
     ".env", "bench/run.py", "bench/.cache/volume.npy", ".pytest_cache/v/x", "deploy/orthanc/orthanc.json",
-    "deploy/images/build-stand-ins.sh",
+    "deploy/images/build-stand-ins.sh", "docs/hooks.py", "mkdocs.yml", "site/index.html",
 ])
 def test_build_context_leaves_out_tests_outputs_caches_and_secrets(path: str) -> None:
     assert not sent_to_builder(path, (PROJECT_ROOT / ".dockerignore").read_text())
