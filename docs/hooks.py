@@ -2,8 +2,10 @@
 
 mkdocs loads this file (``hooks:`` in mkdocs.yml). A page holds a line ``<!-- reference: NAME -->`` and the
 hook replaces it with the table NAME: ``settings`` (inference/config.py), ``routes`` (the production app's
-URL map, roles from its route table, summaries from ``/openapi.json``), ``commands`` (every command line's
-``--help``), ``metrics`` (every Prometheus metric of ``/metrics``) and ``audit-events`` (inference.audit.EVENTS).
+URL map, roles from its route table, summaries from ``/openapi.json``), ``inference-commands`` (the handler
+registry: every command, its route and parameters), ``commands`` (every command line's ``--help``), ``metrics``
+(every Prometheus metric of ``/metrics``) and ``audit-events`` (inference.audit.EVENTS). Building fails when a
+setting, route, metric or command has no description.
 The tables are made by ``python docs/hooks.py`` in a child process, which prints them as JSON: building the
 app configures logging and imports the models' code, and neither belongs in the process mkdocs runs in.
 tests/test_docs.py calls the row functions below directly.
