@@ -94,6 +94,9 @@ class Settings:
     #: INFERENCE_MIN_UPLOAD_RATE: bytes per second a request body must average once it has been
     #: arriving for inference.http.gunicorn_worker.UPLOAD_GRACE_SECONDS (5 s; 408 below it); 0 turns the check off.
     min_upload_rate: int = field(default=32 * 1024, metadata={"env": "INFERENCE_MIN_UPLOAD_RATE"})
+    #: INFERENCE_MIN_FREE_SPACE_MB: free space (MiB) a store's filesystem (spool, output, PACS root) must keep;
+    #: below it ``/healthcheck`` says degraded and writes to that store are refused with 507 (inference.disk_space).
+    min_free_space_mb: int = field(default=512, metadata={"env": "INFERENCE_MIN_FREE_SPACE_MB"})
     #: INFERENCE_MAX_SERIES_VOXELS: largest series (rows x columns x frames x instances) read (422 above).
     max_series_voxels: int = field(default=256 * 1024**2, metadata={"env": "INFERENCE_MAX_SERIES_VOXELS"})
     #: INFERENCE_MAX_RESPONSE_BYTES: largest response body a handler may produce (413 above).

@@ -47,6 +47,8 @@ RADIOMICS_MESSAGES = Counter("inference_radiomics_messages_total",
                              "Radiomics API Feedback and Telemetry messages stored, by kind and outcome "
                              "(feedback: accepted or rejected by the clinician; telemetry: the client error)",
                              ["kind", "outcome"])
+STORE_FULL = Counter("inference_store_full_total", "Writes refused because a store's filesystem was full "
+                     "(507), by store (spool, output, pacs)", ["store"])
 DICOM_RECEIVED = Counter("inference_dicom_node_received_total", "DICOM instances the node received")
 DICOM_SENT = Counter("inference_dicom_node_sent_total", "DICOM instances the node sent")
 DICOM_OUTBOX = Gauge("inference_dicom_node_outbox", "DICOM instances waiting in the node's outbox",
@@ -133,6 +135,11 @@ def observe_model(model: str, version: str | None, seconds: float) -> None:
 def record_radiomics_message(kind: str, outcome: str) -> None:
     """Count one stored Radiomics Feedback or Telemetry message."""
     RADIOMICS_MESSAGES.labels(kind, outcome).inc()
+
+
+def record_store_full(store: str) -> None:
+    """Count a write refused for want of space in ``store`` (``inference.disk_space.STORES``)."""
+    STORE_FULL.labels(store=store).inc()
 
 
 def record_dicom_received(count: int = 1) -> None:

@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("the pipeline", ("inference.pipeline",)),
     ("models", ("models",)),
     ("protocol, DICOM, imaging", ("inference.protocol", "inference.dicom", "inference.imaging")),
-    ("ground floor", ("inference.config", "inference.errors", "inference.logs", "inference.metrics",
+    ("ground floor", ("inference.config", "inference.disk_space", "inference.errors", "inference.logs", "inference.metrics",
                       "inference.metrics_dir", "inference.paths", "inference.audit", "inference")),
 ]
 #: Folders whose modules are not part of the product's layers (they may import anything above).
