@@ -30,6 +30,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
+from models.monitoring import BUCKETS as WATCHED_BUCKETS
+
 log = logging.getLogger("inference.metrics")
 
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
@@ -54,19 +56,6 @@ DICOM_SENT = Counter("inference_dicom_node_sent_total", "DICOM instances the nod
 DICOM_OUTBOX = Gauge("inference_dicom_node_outbox", "DICOM instances waiting in the node's outbox",
                      multiprocess_mode="mostrecent")
 
-#: Watched quantities of a model version's results -> upper bucket bounds (+Inf implied), one histogram each
-#: (``inference_model_<quantity>``); ``models.calibrate`` bins the training split in the same buckets, and
-#: ``models.monitoring`` compares the two. Chosen to spread the training split (MSD Task04: intensity means
-#: 50-1,500 but a few far above, hippocampus volumes 2,400-4,400 mm3) over several buckets each.
-WATCHED_BUCKETS: dict[str, tuple[float, ...]] = {
-    "intensity_mean": (25, 50, 100, 200, 300, 400, 500, 600, 700, 800, 1000, 1250, 1500, 2000, 5000),
-    "intensity_cv": (0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7, 0.8, 1.0),
-    "voxel_size_mm": (0.5, 0.8, 0.9, 0.95, 0.99, 1.01, 1.05, 1.1, 1.25, 1.5, 2.0, 3.0),
-    "matrix_voxels": (20000, 30000, 40000, 50000, 60000, 70000, 80000, 100000, 150000),
-    "obliquity_deg": (0.5, 1, 2, 5, 10, 20, 45),
-    "total_volume_mm3": (1500, 2000, 2500, 2750, 3000, 3250, 3500, 3750, 4000, 4500, 5000, 6000),
-    "uncertainty": (0.05, 0.1, 0.125, 0.15, 0.175, 0.2, 0.225, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0),
-}
 WATCHED = {name: Histogram(f"inference_model_{name}", f"Results' {name.replace('_', ' ')} (drift watch), by model "
                                                       "family and version", ["family", "version"], buckets=bounds)
            for name, bounds in WATCHED_BUCKETS.items()}
