@@ -268,7 +268,13 @@ class HippocampusSegmenter:
 
         if self.parallel_members == 1:
             return [member(i) for i in range(len(self.members))]
-        return list(self._member_pool().map(member, range(len(self.members))))  # in member order
+        pool, submitted = self._member_pool(), []
+        for index in range(len(self.members)):
+            try:
+                submitted.append(pool.submit(member, index))
+            except RuntimeError:  # the pool takes no more work (the interpreter is shutting down): run them here
+                break
+        return [f.result() for f in submitted] + [member(i) for i in range(len(submitted), len(self.members))]
 
     def _member_pool(self) -> ThreadPoolExecutor:
         with self._pool_guard:
