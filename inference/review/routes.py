@@ -32,6 +32,7 @@ from PIL import Image
 
 from inference import protocol
 from inference.dicom.results import Algorithm
+from inference.dicom.writing import dataset_bytes
 from inference.errors import BadRequest, Conflict, NotFound, UnprocessableInput, UnsupportedMediaType
 from inference.jobs.executor import job_root
 from inference.jobs.reviews import ACCEPTED, AWAITING, CORRECTED, REJECTED, Review, ReviewRecords
@@ -200,7 +201,7 @@ def add_review_routes(app: Any, jobs: JobRecords, reviews: ReviewRecords, record
         partial.mkdir()
         try:
             (partial / "corrected_seg.dcm").write_bytes(data)  # released as the viewer exported it
-            report.save_as(partial / "corrected_sr.dcm", enforce_file_format=True)
+            (partial / "corrected_sr.dcm").write_bytes(dataset_bytes(report))  # what it cannot write is dropped
             os.rename(partial, output / "correction")  # fails when another correction got there first
         except OSError:
             shutil.rmtree(partial, ignore_errors=True)
