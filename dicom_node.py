@@ -52,6 +52,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
+from prometheus_client import start_http_server
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
@@ -218,6 +219,7 @@ class DicomNode:
         self.audit = audit_log(settings)
         self.ae = self._make_ae()
         self._server = None
+        self._metrics_server = None
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self._transfers: dict[int, Transfer] = {}  # per open association (by id)
@@ -253,8 +255,9 @@ class DicomNode:
         try:
             self._check_space()
         except StoreFull as exc:
-            log.warning("association from %s (%s) refused: %s", event.assoc.requestor.ae_title,
-                        event.assoc.requestor.address, exc.message)
+            calling = event.assoc.requestor.primitive.calling_ae_title  # not yet in requestor.ae_title
+            log.warning("association from %s (%s) refused: %s", str(calling).strip(), event.assoc.requestor.address,
+                        exc.message)
             event.assoc.acse.send_reject(0x02, 0x03, 0x02)
             event.assoc.kill()  # returns once the rejection is sent
 
@@ -370,6 +373,9 @@ class DicomNode:
         self.outbox.start()
         if not self.outbox.destinations:
             log.warning("no destination configured: results stay in the job output folders")
+        if self.settings.pacs_metrics_port:
+            self._metrics_server, _ = start_http_server(self.settings.pacs_metrics_port, self.settings.pacs_host)
+            log.info("metrics on http://%s:%d/metrics", self.settings.pacs_host, self.settings.pacs_metrics_port)
         self._watcher = threading.Thread(target=self._watch, name="pacs-watch", daemon=True)
         self._watcher.start()
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_REQUESTED, self._on_requested),
@@ -392,6 +398,8 @@ class DicomNode:
         if self._watcher is not None:
             self._watcher.join(timeout=10)
         self.outbox.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
 
     def _watch(self) -> None:
         # short: a study completed by a release, or a finished job's results, move on within this

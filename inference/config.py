@@ -209,6 +209,9 @@ class Settings:
                              metadata={"env": "INFERENCE_PACS_RULES"})
     #: INFERENCE_PACS_ROOT: the node's folders: ``spool/`` (studies received), ``outbox/``, ``jobs/``.
     pacs_root: Path = field(default=PROJECT_ROOT / "output" / "pacs", metadata={"env": "INFERENCE_PACS_ROOT"})
+    #: INFERENCE_PACS_METRICS_PORT: TCP port where the node serves its Prometheus metrics (``GET /metrics``,
+    #: no token: bind it to a private network; ``inference_dicom_node_*``); 0: not served.
+    pacs_metrics_port: int = field(default=0, metadata={"env": "INFERENCE_PACS_METRICS_PORT"})
     #: INFERENCE_PACS_RETRY_MAX_SECONDS: longest wait between two delivery attempts (backoff doubles up to it).
     pacs_retry_max_seconds: float = field(default=60.0, metadata={"env": "INFERENCE_PACS_RETRY_MAX_SECONDS"})
 
