@@ -3,7 +3,8 @@
     python dicom_node.py --ae-title HIPPOAI --port 11112 --destination ORTHANC@127.0.0.1:4242
 
 Flow: C-STORE -> spool (one folder per study, raw bytes) -> study quiet for ``--stable-seconds``
-(or, from a calling AE given to ``--complete-on-release``, its association released) -> routing
+(or, from a calling AE given to ``--complete-on-release``, its association released; never while it
+is known incomplete: a C-STORE of it refused or failed, its files found at start) -> routing
 rules (``--rules``) pick the commands -> one job per command through the job store and runner
 (shown by the gateway's ``/query``) -> the job's DICOM outputs (SEG, SR, Secondary Capture) -> outbox
 -> C-STORE to every ``--destination`` (and STOW-RS to ``--stow-url``), retried with backoff until
@@ -38,6 +39,7 @@ from pathlib import Path
 
 import pydicom
 import yaml
+from prometheus_client import start_http_server
 from pydicom.uid import (
     JPEG2000,
     DeflatedExplicitVRLittleEndian,
@@ -52,7 +54,6 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from prometheus_client import start_http_server
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
