@@ -430,16 +430,17 @@ class DicomNode:
             series = read_series_info(folder)
             study_uid = self._study_uid(folder)
             rules = matching_rules(self.rules, series)
+            for rule in rules:  # first: a store that cannot take them now leaves the report for the next try
+                job = self._new_job(rule, folder)
+                job.status, job.error, job.error_status = FAILED, f"{INCOMPLETE}: {reason}", 422
+                job.finished = time.time()
+                self.store.add(job)
             log.tag({"study": study_uid}).warning(
                 "study incomplete and nothing completed it: %d instances in %d series received; %s; not run "
                 "(rules %s); a re-send of the whole study runs it", len(dicom_files_in(folder)), len(series), reason,
                 ", ".join(rule.name for rule in rules) or "none")
             record_dicom_incomplete()
-            for rule in rules:
-                job = self._new_job(rule, folder)
-                job.status, job.error, job.error_status = FAILED, f"{INCOMPLETE}: {reason}", 422
-                job.finished = time.time()
-                self.store.add(job)
+            self.spool.reported(folder.name)
 
     # -- a complete study -----------------------------------------------------------------
     def route(self, folder: Path) -> None:

@@ -74,10 +74,14 @@ def test_a_node_killed_mid_transfer_runs_nothing_until_the_study_is_sent_again(t
         received = len(list(incoming.glob("*/*.dcm")))
         assert 0 < received < len(files), "the kill came mid-transfer"
 
-        node = start_light_node(tmp_path, *args, port=node_port)  # restarted on the same folders
+        metrics_port = free_port()
+        node = start_light_node(tmp_path, *args, port=node_port,  # restarted on the same folders
+                                env={"INFERENCE_PACS_METRICS_PORT": str(metrics_port)})
         uid = re.escape(study_uid)
         log = node.wait_for_log(rf"study={uid}\] study incomplete and nothing completed it: {received} instances", 30)
         assert FOUND_AT_START in log
+        text = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+        assert metric(text, "inference_dicom_node_incomplete_studies_total") == 1
         time.sleep(1.5)
         assert f"study={study_uid}] study complete" not in node.log_text(), "a partial study must never run"
         [(status, error)] = jobs_of(node.folder, study_uid)  # reported in the job store too
@@ -286,6 +290,7 @@ def test_files_found_in_the_spool_at_start_wait_for_a_re_send(tmp_path):
     later = time.time() + 5
     assert restarted.take_stable(now=later) == []
     assert restarted.stalled(now=later) == [(restarted.incoming / folder, FOUND_AT_START)]
+    restarted.reported(folder)
     assert restarted.stalled(now=later) == [], "reported once"
     assert StudySpool(tmp_path / "spool", stable_seconds=1).stalled(now=later) == [], "and not again after a restart"
 

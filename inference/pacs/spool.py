@@ -178,17 +178,18 @@ class StudySpool:
         return cleared
 
     def stalled(self, now: float | None = None) -> list[tuple[Path, str]]:
-        """Incomplete studies quiet for ``stable_seconds`` and not reported yet: (folder, reason) each; each is
-        reported once (``reported`` is set here)."""
+        """Incomplete studies quiet for ``stable_seconds`` and not reported yet (``reported``): (folder, reason)."""
         now = time.time() if now is None else now
-        due = []
         with self._lock:
-            for name, mark in self._incomplete.items():
-                if not mark.get("reported") and now - self._last_arrival.get(name, now) >= self.stable_seconds:
-                    mark["reported"] = True
-                    self._save_mark(name)
-                    due.append((self.incoming / name, str(mark["reason"])))
-        return due
+            return [(self.incoming / name, str(mark["reason"])) for name, mark in self._incomplete.items()
+                    if not mark.get("reported") and now - self._last_arrival.get(name, now) >= self.stable_seconds]
+
+    def reported(self, name: str) -> None:
+        """Note that the incomplete study in incoming folder ``name`` was reported: ``stalled`` leaves it out."""
+        with self._lock:
+            if name in self._incomplete:
+                self._incomplete[name]["reported"] = True
+                self._save_mark(name)
 
     def incomplete(self) -> dict[str, str]:
         """The studies marked incomplete: incoming folder name -> why."""
