@@ -625,3 +625,23 @@ def test_the_page_names_the_model_from_its_provenance_or_its_results():
     assert tool_gallery.model_version(provenance) == "hippocampus 1.0 (weights abababababab)"
     assert tool_gallery.model_version({"series_ml_json": {"1.2": {"model": "unet 2"}}}) == "unet 2"
     assert tool_gallery.model_version({"parts": []}) == ""
+
+
+def test_page_says_why_there_is_no_prior_and_what_was_not_trusted(fake, study_dir, tmp_path):
+    """A study without PatientID: the page gives the JSON's reason, never an empty "(searched: )"; untrusted
+    earlier results are named with the reason they were not used."""
+    no_patient = {"searched": [], "prior": None, "structures": {}, "earlier_comparable": [], "untrusted": [],
+                  "not_comparable": [], "note": "the study has no PatientID: earlier results are never matched on the "
+                                                "name alone"}
+    fake.answer = lambda _: multipart_answer({"parts": [], "change_since_prior": no_patient}, [])
+    assert run_tool(study_dir, "--port", fake.port, "-o", tmp_path / "a") == 0
+    page = (tmp_path / "a" / "index.html").read_text()
+    assert "(searched: )" not in page and "has no PatientID" in page and "No earlier result" not in page
+    untrusted = {**no_patient, "searched": ["result store"], "note": "no change given: cannot be trusted",
+                 "untrusted": [{"study_uid": "1.2", "study_date": "2018-01-19", "model": "hippocampus 1.0",
+                                "source": "result store", "reason": "rejected on review"}]}
+    fake.answer = lambda _: multipart_answer({"parts": [], "change_since_prior": untrusted}, [])
+    assert run_tool(study_dir, "--port", fake.port, "-o", tmp_path / "b") == 0
+    page = (tmp_path / "b" / "index.html").read_text()
+    assert "no change given" in page and "(searched: result store)" in page
+    assert "Not used as prior: 2018-01-19 (hippocampus 1.0, result store): rejected on review" in page
