@@ -4,9 +4,10 @@ r"""Derive a version's quality blocks from the data it was trained and validated
 
 1. ``validated_input``: from the training split's input properties (``models.quality.input_properties``):
    the intensity mean's bands (one per intensity scale of the data) and the coefficient of variation's range,
-   robust (percentiles, outliers named in ``outliers_excluded`` and left out); the crop matrix's extremes per
-   axis; the voxel size's tolerance, measured: the widest range of sizes around 1 mm at which training volumes
-   resampled to that size keep the mean Dice within 0.01 of 1 mm's (``spacing_tolerance``); no obliquity.
+   robust (Tukey's fences: quartiles +- 1.5 interquartile ranges; outliers named in ``outliers_excluded``); the
+   crop matrix's extremes per axis; the voxel size's tolerance, measured: the widest range of sizes around 1 mm
+   at which training volumes resampled to that size keep the mean Dice within 0.01 of 1 mm's
+   (``spacing_tolerance``); no obliquity.
 2. ``uncertainty``: the version run on the validation split; the threshold on the uncertainty score that
    best separates volumes whose lowest structure Dice is below ``--low-dice`` (Youden's J, among thresholds
    flagging at most ``--max-flagged`` of the split; the higher threshold on a tie), then the test split's
@@ -46,12 +47,11 @@ def case_properties(image: np.ndarray, zooms) -> dict:
     return input_properties(image, [float(z) for z in zooms], np.eye(4), TRAINING_MODALITY)
 
 
-#: Robust ranges: a value more than ``OUTLIER_MADS`` scaled median absolute deviations from the median of its
-#: group is an outlier (named in the block and the model card, left out); the range is the remaining values'
-#: ``PERCENTILES``.
-OUTLIER_MADS, PERCENTILES = 5.0, (0.5, 99.5)
+#: Robust ranges (Tukey's fences): a group's values beyond its quartiles by more than ``FENCE`` times the
+#: interquartile range are outliers (named in the block and the model card, left out); the range is the fences.
+FENCE = 1.5
 #: The training split's intensity scales differ by orders of magnitude between acquisitions (about 50-75,
-#: 150-1,000 and 180,000-290,000): sorted means further apart than this factor start another band.
+#: 300-850 and 160,000-290,000): sorted means further apart than this factor start another band.
 BAND_GAP = 2.0
 #: The voxel sizes (mm, isotropic) at which the tolerance of the voxel-size check is measured, and the largest
 #: loss of mean Dice against 1 mm that a size may cost to lie within it.
@@ -60,17 +60,16 @@ MAX_DICE_LOSS = 0.01
 
 
 def robust_range(values: dict[str, float], log: bool = False) -> tuple[dict, dict[str, float]]:
-    """``{"min", "max"}`` of the values (by case) without outliers, and the outliers; ``log``: judged on log10."""
-    cases = list(values)
-    x = np.array([values[c] for c in cases], float)
+    """The fences ``{"min", "max"}`` of the values (by case): the quartiles widened by ``FENCE`` interquartile
+    ranges (``log``: on log10, for values spanning a scale); and the cases outside them (outliers)."""
+    x = np.array(list(values.values()), float)
     judged = np.log10(x) if log else x
-    median = float(np.median(judged))
-    mad = 1.4826 * float(np.median(np.abs(judged - median)))
-    outliers = {c: values[c] for c, v in zip(cases, judged, strict=True)
-                if mad > 0 and abs(v - median) > OUTLIER_MADS * mad}
-    kept = np.array([values[c] for c in cases if c not in outliers], float)
-    low, high = np.percentile(kept, PERCENTILES)
-    return {"min": float(low), "max": float(high)}, outliers
+    q1, q3 = np.percentile(judged, [25, 75])
+    low, high = q1 - FENCE * (q3 - q1), q3 + FENCE * (q3 - q1)
+    outliers = {c: v for c, v, j in zip(values, x, judged, strict=True) if not low <= j <= high}
+    if log:
+        low, high = 10**low, 10**high
+    return {"min": float(low), "max": float(high)}, {c: float(v) for c, v in outliers.items()}
 
 
 def _rounded(value: float, digits: int = 4) -> float:
@@ -80,7 +79,7 @@ def _rounded(value: float, digits: int = 4) -> float:
 
 def intensity_bands(means: dict[str, float]) -> tuple[list[dict], dict[str, float]]:
     """The validated bands of the intensity mean: the training means grouped by scale (``BAND_GAP``), each group's
-    robust range on a log scale; groups of fewer than 5 % of the cases are outliers, as are each group's own."""
+    fences on a log scale; groups of fewer than 5 % of the cases are outliers, as are each group's own."""
     ordered = sorted(means, key=means.get)
     groups: list[list[str]] = [[ordered[0]]]
     for previous, case in zip(ordered, ordered[1:], strict=False):

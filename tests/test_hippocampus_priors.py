@@ -22,7 +22,7 @@ from scipy import ndimage
 
 from bench.pacs_services import Orthanc, free_port, orthanc_missing
 from handlers.hippocampus.handler import COMMAND
-from handlers.hippocampus.report import dicom_results
+from handlers.hippocampus.report import change_lines, dicom_results
 from inference.config import get_settings
 from inference.dicom.series import load_volume
 from inference.dicom.writing import dataset_bytes
@@ -306,9 +306,14 @@ def test_other_versions_are_listed_as_not_comparable_and_other_patients_never_ma
 def test_study_without_patient_id_is_never_compared(crop, tmp_path):
     settings = settings_for(tmp_path)
     run(copy_study(crop, PRIOR_DATE, PatientID=""), settings)
-    now_json, _ = run(copy_study(crop, TODAY, PatientID=""), settings)
-    assert now_json["change_since_prior"]["prior"] is None
-    assert "name alone" in now_json["change_since_prior"]["note"]
+    now_json, buffers = run(copy_study(crop, TODAY, PatientID=""), settings)
+    change = now_json["change_since_prior"]
+    assert change["prior"] is None and "name alone" in change["note"]
+    assert change["earlier_comparable"] == [] and change["untrusted"] == [] and change["searched"] == []
+    # the image gives the JSON's reason, not "No earlier result of this patient" (issue 37)
+    texts = [text for text, *_ in change_lines(change)]
+    assert texts == ["The study has no PatientID: earlier results are never matched on the name alone."]
+    save_report(buffers, tmp_path / "no-patient-id.png")
 
 
 def eroded_prior_report(crop, settings, version_name="1.0-fast") -> tuple[list[pydicom.Dataset], pydicom.Dataset, dict]:
@@ -327,9 +332,40 @@ def eroded_prior_report(crop, settings, version_name="1.0-fast") -> tuple[list[p
         eroded[mask] = value
     version = registry_for(settings.model_manifest).family("hippocampus").resolve(version_name)
     volume = load_volume(prior)
-    [(_, sr)] = dicom_results(volume, eroded, version.structures, version.provenance, ["sr"])
+    [(_, sr)] = dicom_results(volume, eroded, version.structures, version.provenance, ["sr"],
+                              quality={"flagged": False, "reasons": []})  # as our own SRs carry the flag
     volumes = {"Anterior": float(np.count_nonzero(eroded == 1)), "Posterior": float(np.count_nonzero(eroded == 2))}
     return prior, sr, volumes
+
+
+def test_a_pacs_report_tells_its_flag_and_a_reviewers_correction(crop):
+    """A prior read from the PACS is judged like our own: the SR's quality evaluation gives its flag (none: not
+    known), and a reviewer's corrected SR (its algorithm names the corrector) is a corrected result."""
+    from inference.dicom.results import Algorithm
+    from inference.pacs.priors import CORRECTED_BY
+
+    version = registry_for(get_settings().model_manifest).family("hippocampus").resolve("1.0-fast")
+    volume = load_volume(copy_study(crop, PRIOR_DATE))
+    labels = np.zeros(volume.voxels.shape, np.uint8)
+    labels[10:20, 10:20, 10:20], labels[10:20, 20:30, 10:20] = 1, 2
+
+    def report(quality):
+        [(_, sr)] = dicom_results(volume, labels, version.structures, version.provenance, ["sr"], quality=quality)
+        return read_report(sr)
+
+    reason = "input: intensity_mean 33,270 outside the validated ranges (47.89 to 78.31, 311.5 to 858.1)"
+    flagged = report({"flagged": True, "reasons": [reason]})
+    assert flagged.flagged is True and flagged.flag_reasons == [reason[:61] + "..."]  # a code meaning's 64 chars
+    assert report({"flagged": False, "reasons": []}).flagged is False
+    assert report(None).flagged is None
+    from inference.review import correction
+
+    seg = dicom_results(volume, labels, version.structures, version.provenance, ["seg"])[0][1]
+    read = correction.read_segmentation(dataset_bytes(seg), volume.datasets, version.structures)
+    algorithm = Algorithm("hippocampus", f"1.0-fast (weights sha256 0123456789ab){CORRECTED_BY}rita")
+    corrected = read_report(correction.corrected_report(volume.datasets, read, version.structures, algorithm, "rita"))
+    assert corrected.review == "corrected" and corrected.version == "1.0-fast"
+    assert corrected.volumes_mm3 == {"Anterior": 1000.0, "Posterior": 1000.0}
 
 
 def test_prior_report_found_in_the_pacs_by_qido(crop, tmp_path):

@@ -88,7 +88,7 @@ def render_report(volume: Volume, labels: np.ndarray, measures: dict, model_vers
     tile_w, tile_h = tiles[0][1].size
     width = max(3 * tile_w + 4 * pad, 760)
     white, grey, small, value_font = (255, 255, 255), (200, 200, 200), font(13), font(15)
-    notes = _wrapped(_change_lines(change) + _quality_lines(quality, measures, model_version), width - 2 * pad)
+    notes = _wrapped(change_lines(change) + quality_lines(quality, measures, model_version), width - 2 * pad)
     height = header + tile_h + 32 + (20 if prior else 0) + 3 * 24 + sum(step for *_, step in notes) + 12
     image = Image.new("RGB", (width, height), (12, 12, 12))
     draw = ImageDraw.Draw(image)
@@ -135,7 +135,7 @@ def render_report(volume: Volume, labels: np.ndarray, measures: dict, model_vers
 _GREY, _AMBER, _ORANGE, _GREEN = (200, 200, 200), (255, 170, 90), (255, 120, 40), (120, 220, 120)
 
 
-def _change_lines(change: dict | None) -> list[tuple[str, tuple, int, int]]:
+def change_lines(change: dict | None) -> list[tuple[str, tuple, int, int]]:
     """The report's lines on the change since the prior: what the prior was, why there is none, what was not used."""
     if change is None:
         return []
@@ -165,7 +165,7 @@ def _change_lines(change: dict | None) -> list[tuple[str, tuple, int, int]]:
     return lines
 
 
-def _quality_lines(quality: dict | None, measures: dict, model_version: str) -> list[tuple[str, tuple, int, int]]:
+def quality_lines(quality: dict | None, measures: dict, model_version: str) -> list[tuple[str, tuple, int, int]]:
     """The report's lines on the geometry, the model and the quality flag with its reasons."""
     spacing = " x ".join(f"{s:g}" for s in measures["spacing_mm"])
     lines = [(f"Voxel spacing (slice x row x column): {spacing} mm", _GREY, 13, 0),
