@@ -28,6 +28,7 @@ from inference.dicom.series import load_volume
 from inference.dicom.writing import dataset_bytes
 from inference.pacs.priors import read_report
 from inference.pipeline.pipeline import Pipeline
+from inference.protocol.summary import result_rows
 from models.registry import registry_for
 from tests.conftest import PROJECT_ROOT, require, shared_data
 
@@ -158,6 +159,9 @@ def test_axis_order_is_named_and_the_same_in_the_reason_the_geometry_line_and_sp
     properties = response["quality"]["input"]["properties"]
     assert properties["axes"] == ["slice", "row", "column"] and properties["voxel_size_mm"] == measures["spacing_mm"]
     assert properties["matrix"] == [len(crop), crop[0].Rows, crop[0].Columns]
+    assert measures["spacing_axes"] == ["slice", "row", "column"]
+    rows = {row.name: row.value for row in result_rows(measures)}  # as the test tool's page and the review show it
+    assert rows["spacing"] == f"{slice_mm} × 2 × 2" and rows["spacing axes"] == "slice × row × column"
     save_report(buffers, tmp_path / "two-mm.png")
 
 

@@ -14,7 +14,7 @@ from inference.dicom.series import Volume
 from inference.errors import UnprocessableInput
 from inference.imaging.render import font, overlay_labels, to_rgb, upscale, window_values
 from inference.pacs import priors
-from models.quality import short_reason
+from models.quality import SERIES_AXES, short_reason
 from models.registry import Provenance, Structure
 
 ANTERIOR, POSTERIOR = 1, 2  # label values, as in the training data and the manifest's structures
@@ -51,6 +51,7 @@ def measure_volumes(labels: np.ndarray, volume: Volume) -> dict:
         "posterior_voxels": posterior,
         "voxel_volume_mm3": round(voxel_mm3, 4),
         "spacing_mm": [round(s, 4) for s in volume.spacing],
+        "spacing_axes": list(SERIES_AXES),  # the order of spacing_mm, of the mask and of the quality reasons
     }
 
 
