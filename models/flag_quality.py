@@ -87,7 +87,8 @@ def measure_split(version: ModelVersion, args: argparse.Namespace) -> dict[str, 
     segmenter = HippocampusSegmenter.load(version.weights, **version_settings(version.inference))
     pairs = dataset_pairs(args.data)
     cases = [c for c in segmenter.split[args.split] if c in pairs][:args.max_volumes]
-    conditions = {CLEAN: lambda image, label: Degraded(image, label, (1.0, 1.0, 1.0)), **DEGRADATIONS}
+    conditions = {CLEAN: lambda image, label: Degraded(image, label, (1.0, 1.0, 1.0)),
+                  **({} if args.as_it_is else DEGRADATIONS)}
     measured: dict[str, list[dict]] = {name: [] for name in conditions}
     for i, case in enumerate(cases):
         image, label = load_pair(*pairs[case])
@@ -111,13 +112,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--split", default="test", choices=("train", "val", "test"))
     ap.add_argument("--max-volumes", type=int, help="only the split's first N volumes (a slow version on a busy "
                                                     "machine)")
+    ap.add_argument("--as-it-is", action="store_true", help="only the split as it is, no degraded copies")
     ap.add_argument("--out", type=Path, help="write the figures and every case here as JSON")
     ap.add_argument("--reuse", type=Path, help="flag the volumes measured in an earlier --out file again with the "
                                                "manifest's current blocks (after a recalibration), without running "
                                                "the model")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args(argv)
-    if not (args.data / "images").is_dir():
+    if not args.reuse and not (args.data / "images").is_dir():
         ap.error(f"{args.data}/images not found: give --data, the folder of the MSD Task04 images/ and labels/")
 
     import torch
@@ -136,8 +138,9 @@ def main(argv: list[str] | None = None) -> dict:
     low_dice = float(version.uncertainty["low_dice"])
     figures = {name: summary(rows, low_dice) for name, rows in per_case.items()}
     degraded = [r for name, rows in per_case.items() if name != CLEAN for r in rows]
-    figures["all degraded"] = summary(degraded, low_dice)
-    figures["all"] = summary(degraded + per_case[CLEAN], low_dice)
+    if degraded:
+        figures["all degraded"] = summary(degraded, low_dice)
+        figures["all"] = summary(degraded + per_case[CLEAN], low_dice)
     print(table(args.version, figures))
     if args.out:
         args.out.write_text(json.dumps({"family": args.family, "version": args.version, "split": args.split,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import yaml
@@ -228,3 +230,24 @@ def test_degraded_inputs_keep_image_and_label_on_one_grid_and_the_flag_figures_c
     assert summary(rows, 0.85) == {"volumes": 4, "low_dice": 2, "low_dice_flagged": 1, "flagged": 2,
                                    "share_of_low_dice_flagged": 0.5, "share_flagged": 0.5, "flagged_by_input": 1,
                                    "flagged_by_uncertainty": 1}
+
+
+def test_measured_volumes_are_flagged_again_with_the_manifests_blocks(tmp_path, capsys):
+    """models.flag_quality --reuse: volumes measured once are flagged with the version's current blocks."""
+    from models.flag_quality import main
+
+    properties = input_properties(crop((35, 45, 30), mean=60.0), [1.0, 1.0, 1.0], np.eye(4), "MR")
+    calm = {"Anterior": {"unsure_fraction": 0.01, "volume_spread_mm3": 0}}
+    rows = [{"case": "a", "min_dice": 0.9, "dice": 0.92, "method": SOFT_BOUNDARY, "structures": calm,
+             "properties": properties},
+            {"case": "b", "min_dice": 0.7, "dice": 0.8, "method": SOFT_BOUNDARY, "structures": calm,
+             "properties": {**properties, "intensity_mean": 50 * 60.0}},
+            {"case": "c", "min_dice": 0.8, "dice": 0.85, "method": SOFT_BOUNDARY,
+             "structures": {"Anterior": {"unsure_fraction": 0.9, "volume_spread_mm3": 9}}, "properties": properties}]
+    measured = tmp_path / "measured.json"
+    measured.write_text(json.dumps({"version": "1.0-fast", "per_case": {"as it is": rows}}))
+    figures = main(["--version", "1.0-fast", "--reuse", str(measured)])
+    assert figures["as it is"] == {"volumes": 3, "low_dice": 2, "low_dice_flagged": 2, "flagged": 2,
+                                   "share_of_low_dice_flagged": 1.0, "share_flagged": 0.667, "flagged_by_input": 1,
+                                   "flagged_by_uncertainty": 1}
+    assert "| `1.0-fast` | as it is | 3 | 2 | 2 of 2 (100%) | 2 of 3 (67%) | 1 | 1 |" in capsys.readouterr().out
