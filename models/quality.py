@@ -197,8 +197,8 @@ def assess(properties: Mapping[str, Any], method: str, per_structure: Mapping[st
                        f"python -m models.calibrate --version ...)")
     elif score > threshold:
         worst = max(per_structure, key=lambda n: per_structure[n]["unsure_fraction"])
-        reasons.append(f"uncertainty: unsure on {score:.1%} of the voxels that may be {worst} ({method}), "
-                       f"above the calibrated {threshold:.1%}")
+        reasons.append(f"uncertainty: unsure on {score:.1%} of the voxels that may be {worst}, above the "
+                       f"calibrated {threshold:.1%}; method: {method}")
     figures = {k: calibration[k] for k in ("validation", "test") if calibration and k in calibration}
     return {
         "flagged": bool(reasons),

@@ -66,8 +66,8 @@ def test_uncertainty_above_the_threshold_flags_and_below_does_not():
                                           "Posterior": {"unsure_fraction": 0.3, "volume_spread_mm3": 40}},
                     VALIDATED, CALIBRATION, "hippocampus 1.0")
     assert unsure["flagged"] and unsure["reasons"] == [
-        ("uncertainty: unsure on 30.0% of the voxels that may be Posterior (member disagreement), above the "
-         "calibrated 20.0%")]
+        ("uncertainty: unsure on 30.0% of the voxels that may be Posterior, above the calibrated 20.0%; "
+         "method: member disagreement")]
 
 
 def test_a_version_without_blocks_is_flagged_saying_so():
