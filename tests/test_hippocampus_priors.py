@@ -207,9 +207,13 @@ def test_a_flagged_prior_is_never_a_silent_prior(crop, tmp_path):
 def test_review_decisions_decide_which_result_is_the_prior(tmp_path):
     """Rejected: never a prior. Corrected: the prior, with the correction's volumes. Flagged then accepted: the
     prior, saying so. A result whose flag was never recorded: not trusted."""
+    from handlers.hippocampus import history as module
     from handlers.hippocampus.history import ResultHistory, compare, learn_decision
-    from inference.jobs.reviews import ACCEPTED, CORRECTED, REJECTED, Review
+    from inference.jobs.reviews import ACCEPTED, CORRECTED, DECISIONS, REJECTED, Review
     from inference.pacs.priors import Patient, PriorResult
+
+    assert (module.ACCEPTED, module.REJECTED, module.CORRECTED) == (ACCEPTED, REJECTED, CORRECTED) and \
+        set(DECISIONS) == {ACCEPTED, REJECTED, CORRECTED}  # the history's copy of the review's names
 
     settings = settings_for(tmp_path)
     history = ResultHistory(settings.history_db)

@@ -16,10 +16,22 @@ import sqlite3
 import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Protocol
 
 from inference.config import Settings
-from inference.jobs.reviews import ACCEPTED, CORRECTED, REJECTED, Review
 from inference.pacs.priors import Patient, PriorResult
+
+#: A reviewer's decisions, as ``inference.jobs.reviews`` names them (that module is in a layer above this one).
+ACCEPTED, REJECTED, CORRECTED = "accepted", "rejected", "corrected"
+
+
+class Decision(Protocol):
+    """What the history needs of a decided review (``inference.jobs.reviews.Review``)."""
+
+    study_uid: str | None
+    model: dict
+    status: str
+    correction: dict | None
 
 _SCHEMA = """CREATE TABLE IF NOT EXISTS results (
     patient_id TEXT NOT NULL, issuer TEXT NOT NULL, birth_date TEXT NOT NULL, study_uid TEXT NOT NULL,
@@ -100,7 +112,7 @@ class ResultHistory:
         return out
 
 
-def learn_decision(settings: Settings, review: Review) -> bool:
+def learn_decision(settings: Settings, review: Decision) -> bool:
     """Tell the history a reviewer's decision on a held result (the review routes call it for every new
     decision); whether the history held that result. A correction's volumes replace the model's as the prior."""
     family, version = review.model.get("family"), review.model.get("version")
