@@ -49,6 +49,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("python -m models.calibrate", "models.calibrate:main"),
     ("python -m models.train_hippocampus", "models.train_hippocampus:main"),
     ("python -m models.distil_hippocampus", "models.distil_hippocampus:main"),
+    ("python -m models.flag_quality", "models.flag_quality:main"),
     ("send-inference-request.sh", "inference-test-tool/send_inference_request.py:main"),
     ("python -m bench.run", "bench.run:main"),
     ("python -m bench.soak", "bench.soak:main"),
@@ -61,6 +62,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("python -m bench.pacs_reopen", "bench.pacs_reopen:main"),
     ("python -m bench.review", "bench.review:main"),
     ("python -m bench.audit_users", "bench.audit_users:main"),
+    ("python -m bench.model_memory", "bench.model_memory:main"),
 ]
 
 

@@ -95,9 +95,19 @@ class Settings:
     #: INFERENCE_MIN_UPLOAD_RATE: bytes per second a request body must average once it has been
     #: arriving for inference.http.gunicorn_worker.UPLOAD_GRACE_SECONDS (5 s; 408 below it); 0 turns the check off.
     min_upload_rate: int = field(default=32 * 1024, metadata={"env": "INFERENCE_MIN_UPLOAD_RATE"})
+    #: INFERENCE_MIN_FREE_SPACE_MB: free space (MiB) a store's filesystem (spool, output, PACS root) must keep;
+    #: below it ``/healthcheck`` says degraded and writes to that store are refused with 507 naming the store
+    #: (inference.disk_space).
+    min_free_space_mb: int = field(default=512, metadata={"env": "INFERENCE_MIN_FREE_SPACE_MB"})
     #: INFERENCE_MAX_SERIES_VOXELS: largest series (rows x columns x frames x instances) a request may hold
     #: (422 above, before any handler runs).
     max_series_voxels: int = field(default=256 * 1024**2, metadata={"env": "INFERENCE_MAX_SERIES_VOXELS"})
+    #: INFERENCE_MODEL_MEMORY_BYTES: the memory one model run may take (default 4 GiB): a series whose run would
+    #: need more (the model's own count, ``HippocampusSegmenter.peak_bytes``, checked against measured peaks in
+    #: bench/README.md) gets a 422 naming this limit and the series, before its pixels are read. The networks take
+    #: ``BATCH_PIXELS`` (128 x 64 x 64) pixels per batch whatever the slice size, so their memory does not grow
+    #: with the series.
+    model_memory_bytes: int = field(default=4 * 1024**3, metadata={"env": "INFERENCE_MODEL_MEMORY_BYTES"})
     #: INFERENCE_MAX_RESPONSE_BYTES: largest response body a handler may produce (413 above, before any of it is sent).
     max_response_bytes: int = field(default=1024**3, metadata={"env": "INFERENCE_MAX_RESPONSE_BYTES"})
     #: PROMETHEUS_MULTIPROC_DIR: folder where gunicorn's workers keep their metrics (prometheus-client's
@@ -179,6 +189,12 @@ class Settings:
     #: reports are also looked up (set it for the DICOM node, e.g. the PACS's ``/dicom-web``); unset: our own store
     #: only.
     prior_dicomweb_url: str | None = field(default=None, metadata={"env": "INFERENCE_PRIOR_DICOMWEB_URL"})
+    #: INFERENCE_PRIOR_TIMEOUT_SECONDS: longest a job waits for that PACS's priors (all its requests together; a
+    #: connection gets at most 2 s of it); past it the result is made without them.
+    prior_timeout_seconds: float = field(default=5.0, metadata={"env": "INFERENCE_PRIOR_TIMEOUT_SECONDS"})
+    #: INFERENCE_PRIOR_RETRY_SECONDS: after that PACS failed to answer (refused, timed out, 5xx), how long it is not
+    #: asked (each job's look-up skipped at once) before one look-up tries it again.
+    prior_retry_seconds: float = field(default=60.0, metadata={"env": "INFERENCE_PRIOR_RETRY_SECONDS"})
     # -- the DICOM node (dicom_node.py); each also a command-line flag --------------------------
     #: INFERENCE_PACS_AE_TITLE: the node's own AE title (what the PACS calls and what its results carry).
     pacs_ae_title: str = field(default="HIPPOAI", metadata={"env": "INFERENCE_PACS_AE_TITLE"})
@@ -212,6 +228,10 @@ class Settings:
     #: INFERENCE_PACS_ROOT: the node's folders: ``spool/`` (studies received), ``outbox/`` (results not yet
     #: confirmed), ``processed/`` (inputs already run, by input hash), ``results-series/`` (series it produced).
     pacs_root: Path = field(default=PROJECT_ROOT / "output" / "pacs", metadata={"env": "INFERENCE_PACS_ROOT"})
+    #: INFERENCE_PACS_METRICS_PORT: TCP port where the node serves its Prometheus metrics (``GET /metrics``,
+    #: no token: bind it to a private network; ``inference_dicom_node_*``; compose sets 9102, which
+    #: deploy/prometheus.yml scrapes); 0: not served.
+    pacs_metrics_port: int = field(default=0, metadata={"env": "INFERENCE_PACS_METRICS_PORT"})
     #: INFERENCE_PACS_RETRY_MAX_SECONDS: longest wait between two delivery attempts (the wait doubles from 1 s).
     pacs_retry_max_seconds: float = field(default=60.0, metadata={"env": "INFERENCE_PACS_RETRY_MAX_SECONDS"})
 
