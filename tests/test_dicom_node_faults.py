@@ -198,7 +198,7 @@ def metric(text: str, name: str) -> float:
     return float(match.group(1))
 
 
-def test_the_node_serves_its_received_sent_and_outbox_metrics(tmp_path):
+def test_the_node_serves_its_received_sent_and_outbox_metrics_and_logs_a_down_destination_once(tmp_path):
     from pynetdicom import AE, AllStoragePresentationContexts, evt
 
     metrics_port, destination_port = free_port(), free_port()
@@ -218,11 +218,14 @@ def test_the_node_serves_its_received_sent_and_outbox_metrics(tmp_path):
         assert metric(text, "inference_dicom_node_outbox") == 1
         assert metric(text, "inference_dicom_node_sent_total") == 0
 
+        time.sleep(2.5)  # a few more attempts (the wait is at most 1 s here): each is not logged again
         ae = AE(ae_title="DEST")
         ae.supported_contexts = AllStoragePresentationContexts
         destination = ae.start_server(("127.0.0.1", destination_port), block=False,
                                       evt_handlers=[(evt.EVT_C_STORE, lambda event: 0x0000)])
-        node.wait_for_log(r"1 results delivered to DEST@", 30)
+        log = node.wait_for_log(r"1 results delivered to DEST@", 30)
+        assert len(re.findall(r"delivery of 1 results to DEST@.* failed", log)) == 1
+        assert re.search(r"1 results delivered to DEST@\S+ after ([2-9]|\d\d+) failed attempts", log)
         assert eventually(lambda: metric(scrape(), "inference_dicom_node_sent_total") == 1, 5)
         assert metric(scrape(), "inference_dicom_node_outbox") == 0
     finally:
