@@ -212,9 +212,9 @@ class Settings:
     pacs_allowed_aes: tuple[str, ...] = field(default=(), metadata={"env": "INFERENCE_PACS_ALLOWED_AES"})
     #: INFERENCE_PACS_COMPLETE_ON_RELEASE: calling AE titles (separated by commas) of routing PACSs that send
     #: a whole study on one association (Orthanc's routing does): such a study is complete shortly after that
-    #: association is released (``INFERENCE_PACS_RELEASE_GRACE_SECONDS``), with no stability wait; an aborted
-    #: association, or one from any other AE, keeps ``INFERENCE_PACS_STABLE_SECONDS`` (unset: every study waits,
-    #: for senders that trickle). Compose sets ``ORTHANC``.
+    #: association is released (``INFERENCE_PACS_RELEASE_GRACE_SECONDS``), with no stability wait; their aborted
+    #: association leaves the study incomplete (it waits for a re-send); any other AE keeps
+    #: ``INFERENCE_PACS_STABLE_SECONDS`` (unset: every study waits, for senders that trickle). Compose sets ``ORTHANC``.
     pacs_complete_on_release: tuple[str, ...] = field(default=(),
                                                       metadata={"env": "INFERENCE_PACS_COMPLETE_ON_RELEASE"})
     #: INFERENCE_PACS_RELEASE_GRACE_SECONDS: after such a release, how long a study waits for a follow-up
