@@ -6,7 +6,7 @@ URL map, roles from its route table, summaries from ``/openapi.json``), ``infere
 registry: every command, its route and parameters), ``commands`` (every command line's ``--help``), ``metrics``
 (every Prometheus metric of ``/metrics``) and ``audit-events`` (inference.audit.EVENTS). Building fails when a
 setting, route, metric or command has no description.
-The tables are made by ``python docs/hooks.py`` in a child process, which prints them as JSON: building the
+The tables are made by this file run in a child process, which prints them as JSON: building the
 app configures logging and imports the models' code, and neither belongs in the process mkdocs runs in.
 tests/test_docs.py calls the row functions below directly.
 """
@@ -265,10 +265,7 @@ def audit_rows() -> list[dict[str, str]]:
 def load_main(target: str) -> Callable[[Sequence[str]], Any]:
     """The ``main`` function ``module:attribute`` (or ``path/file.py:attribute``) names."""
     where, _, attribute = target.partition(":")
-    if where.endswith(".py"):
-        folder = str((PROJECT_ROOT / where).parent)  # the script imports its folder's modules
-        if folder not in sys.path:
-            sys.path.insert(0, folder)
+    if where.endswith(".py"):  # its folder is on the import path: pytest's settings, or generated()'s PYTHONPATH
         spec = importlib.util.spec_from_file_location(Path(where).stem, PROJECT_ROOT / where)
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
@@ -365,10 +362,15 @@ def on_pre_build(config: Any) -> None:
 
 
 def generated() -> dict[str, str]:
-    """The tables, made once per build by ``python docs/hooks.py``."""
+    """The tables, made once per build by this file run as a program."""
     if not _generated:
-        done = subprocess.run([sys.executable, str(Path(__file__).resolve())], cwd=PROJECT_ROOT,
-                              capture_output=True, text=True, timeout=600)
+        # run from the repository root (bench/ is importable there, as under pytest), with the test tool's folder
+        # on the import path (its script imports its own modules, as pyproject.toml's pytest settings allow)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT / "inference-test-tool"),
+                                                                          os.environ.get("PYTHONPATH")]))}
+        code = f"import runpy; runpy.run_path({str(Path(__file__).resolve())!r}, run_name='__main__')"
+        done = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, env=env, capture_output=True,
+                              text=True, timeout=600)
         if done.returncode != 0:
             raise RuntimeError(f"docs/hooks.py could not generate the reference:\n{done.stderr}")
         _generated.update(json.loads(done.stdout))
@@ -389,8 +391,7 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
     return MARKER.sub(table, markdown)
 
 
-if __name__ == "__main__":
-    sys.path.insert(0, str(PROJECT_ROOT))  # the repository's top-level modules (server, dicom_node) and bench/
+if __name__ == "__main__":  # run by generated(), from the repository root
     with contextlib.redirect_stdout(sys.stderr), tempfile.TemporaryDirectory(prefix="docs-reference-") as folder:
         tables = render_all(Path(folder))  # anything printed meanwhile goes to the log, not into the JSON
     print(json.dumps(tables))
