@@ -313,7 +313,7 @@ def test_workers_get_at_least_the_job_time_limit_to_stop(values):
     assert grace >= hard_time_limit(limit) >= limit
 
 
-def test_the_routing_rules_and_orthanc_s_script_are_the_repository_s():
+def test_the_routing_rules_model_manifest_and_orthanc_s_script_are_the_repository_s():
     docs = rendered("orthanc-ohif-values.yaml")
     maps = {doc["metadata"]["name"]: doc["data"] for doc in kind(docs, "ConfigMap")}
     rules = maps[f"{RELEASE}-inference-gateway-routing-rules"]["routing-rules.yaml"]
@@ -323,6 +323,13 @@ def test_the_routing_rules_and_orthanc_s_script_are_the_repository_s():
     assert orthanc["autoroute.lua"].strip() == script.strip()
     modality = yaml.safe_load(orthanc["orthanc.json"])["DicomModalities"]["hippoai"]
     assert modality == ["HIPPOAI", f"{RELEASE}-inference-gateway-dicom-node", 11112]
+    # the repository's manifest with its files named under the image's /app/models/ (the code's folder there)
+    manifest = maps[f"{RELEASE}-inference-gateway-model-manifest"]["manifest.yaml"]
+    assert manifest.replace("/app/models/", "") == (PROJECT_ROOT / "models" / "manifest.yaml").read_text()
+    for component in ("gateway", "worker", "dicom-node"):
+        mounts = {mount["mountPath"]: mount["name"] for mount in container(docs, component)["volumeMounts"]}
+        assert mounts["/etc/hippoai/models"] == "model-manifest", component
+        assert environment(docs, component)["INFERENCE_MODEL_MANIFEST"] == "/etc/hippoai/models/manifest.yaml"
     node = environment(docs, "dicom-node")
     assert node["INFERENCE_PACS_DESTINATIONS"] == f"ORTHANC@{RELEASE}-inference-gateway-orthanc:4242"
 
@@ -519,3 +526,18 @@ def test_network_policy_starts_from_default_deny_with_dns():
     dns = next(doc for doc in kind(docs, "NetworkPolicy") if doc["metadata"]["name"].endswith("-dns"))
     assert {item["port"] for item in dns["spec"]["egress"][0]["ports"]} == {53}
     assert not kind(rendered("podman-values.yaml"), "NetworkPolicy")
+
+
+def test_the_rendered_model_manifest_loads_with_every_weights_file(tmp_path):
+    """The registry reads the chart's manifest and finds (and hashes) every file it names, this checkout's
+    models/ standing in for the image's /app/models/."""
+    from models.registry import registry_for
+
+    docs = rendered("default-values.yaml")
+    manifest = next(doc["data"]["manifest.yaml"] for doc in kind(docs, "ConfigMap") if "manifest.yaml" in doc["data"])
+    path = tmp_path / "manifest.yaml"
+    path.write_text(manifest.replace("/app/models/", f"{PROJECT_ROOT / 'models'}/"), encoding="utf-8")
+    registry = registry_for(path)
+    for family in registry.families.values():
+        for version in family.versions.values():
+            version.verify()

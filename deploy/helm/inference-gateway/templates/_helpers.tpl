@@ -186,6 +186,9 @@ inference-gateway/shared-volumes: {{ .Release.Name | quote }}
 - name: model-cache
   emptyDir:
     sizeLimit: 1Gi
+- name: model-manifest
+  configMap:
+    name: {{ include "ig.component" (dict "root" . "component" "model-manifest") }}
 {{- end -}}
 
 {{/* Mounts of those volumes; the spool read-only except in the node (ig.sharedMounts (dict "root" $ "spoolWritable" true)) */}}
@@ -202,6 +205,9 @@ inference-gateway/shared-volumes: {{ .Release.Name | quote }}
   mountPath: /tmp
 - name: model-cache
   mountPath: /var/lib/inference/model-cache
+- name: model-manifest
+  mountPath: /etc/hippoai/models
+  readOnly: true
 {{- end -}}
 
 {{/* Pod and container security: uid 10001 (the image's user), no privilege escalation, no capabilities. */}}
