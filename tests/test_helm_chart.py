@@ -375,7 +375,7 @@ def test_keda_keeps_one_worker_and_owns_the_replicas():
     triggers = scaled["spec"]["triggers"]
     assert all(trigger["authenticationRef"]["name"] == auth["metadata"]["name"] for trigger in triggers)
     for trigger in scaled["spec"]["triggers"]:
-        assert trigger["metadata"]["address"] == f"{RELEASE}-inference-gateway-redis:6379"
+        assert trigger["metadata"]["address"] == f"{RELEASE}-inference-gateway-redis.imaging.svc:6379"
 
 
 def test_the_hpa_scales_workers_on_the_queue_depth():
