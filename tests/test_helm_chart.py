@@ -262,6 +262,8 @@ def test_secret_references_name_the_values_secrets():
                   for item in container(docs, "gateway")["env"]
                   if "valueFrom" in item and "secretKeyRef" in item["valueFrom"]}
     assert references == {("REDIS_PASSWORD", "inference-gateway-redis"), ("INFERENCE_API_TOKEN", "inference-api-token")}
+    for component in ("worker", "dicom-node"):  # only the API checks the token
+        assert "INFERENCE_API_TOKEN" not in environment(docs, component)
     external = container(rendered("external-redis-values.yaml"), "worker")["env"]
     url = next(item for item in external if item["name"] == "INFERENCE_BROKER_URL")
     assert url["valueFrom"]["secretKeyRef"] == {"name": "site-redis-url", "key": "url"}

@@ -87,13 +87,6 @@ inference-gateway/shared-volumes: {{ .Release.Name | quote }}
       name: {{ .Values.externalRedis.urlSecret.name }}
       key: {{ .Values.externalRedis.urlSecret.key }}
 {{- end }}
-{{- if .Values.apiToken.existingSecret }}
-- name: INFERENCE_API_TOKEN
-  valueFrom:
-    secretKeyRef:
-      name: {{ .Values.apiToken.existingSecret }}
-      key: {{ .Values.apiToken.key }}
-{{- end }}
 {{- end -}}
 
 {{/* TLS settings (issue 39) pointing at the mounted Secrets: ig.tlsEnv (dict "root" $ "parts" (list "gateway" "redis")) */}}
