@@ -179,3 +179,15 @@ def test_capacity_model_queue_formulas():
     # 3,600 studies an hour of 5 s: 5 Erlangs; a p95 wait of a minute needs more than 5 workers, fewer than 10
     needed = servers_needed(3600, 5.0, 60)
     assert 5 < needed < 10 and p95_wait(needed, 1.0, 5.0) <= 60 < p95_wait(needed - 1, 1.0, 5.0)
+
+
+def test_job_backend_client_serves_the_job_routes_and_returns_their_store(tmp_path):
+    """bench.job_backend.job_client (bench.capacity uses it) gives the test client and the job store."""
+    import dataclasses
+
+    from bench.job_backend import job_client
+    from inference.config import Settings
+
+    client, store = job_client(dataclasses.replace(Settings(), output_root=tmp_path, data_root=tmp_path))
+    assert client.get("/query/0123456789abcdef0123456789abcdef").status_code == 404
+    assert store.get("0123456789abcdef0123456789abcdef") is None
