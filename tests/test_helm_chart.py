@@ -320,7 +320,7 @@ def test_the_routing_rules_model_manifest_and_orthanc_s_script_are_the_repositor
     maps = {doc["metadata"]["name"]: doc["data"] for doc in kind(docs, "ConfigMap")}
     rules = maps[f"{RELEASE}-inference-gateway-routing-rules"]["routing-rules.yaml"]
     assert yaml.safe_load(rules) == yaml.safe_load((PROJECT_ROOT / "deploy" / "routing-rules.yaml").read_text())
-    orthanc = maps[f"{RELEASE}-inference-gateway-orthanc"]
+    orthanc = maps[f"{RELEASE}-inference-gateway-orthanc-config"]
     script = (PROJECT_ROOT / "deploy" / "orthanc" / "autoroute.lua").read_text()
     assert orthanc["autoroute.lua"].strip() == script.strip()
     modality = yaml.safe_load(orthanc["orthanc.json"])["DicomModalities"]["hippoai"]

@@ -156,6 +156,12 @@ inference-gateway/shared-volumes: {{ .Release.Name | quote }}
 {{- end }}
 {{- end -}}
 
+{{/* The name of a pod-local volume (emptyDir): podman 4.3 makes it a volume named so on the host, shared by
+     every pod that names it alike, so there it carries the release's name. */}}
+{{- define "ig.localVolume" -}}
+{{- if .root.Values.podman.enabled }}{{ include "ig.component" . }}{{ else }}{{ .component }}{{ end -}}
+{{- end -}}
+
 {{/* The shared volumes: job outputs, the node's spool, the data root; and /tmp and the model cache. */}}
 {{- define "ig.sharedVolumes" -}}
 - name: jobs
@@ -164,7 +170,7 @@ inference-gateway/shared-volumes: {{ .Release.Name | quote }}
 - name: spool
   persistentVolumeClaim:
     claimName: {{ default (include "ig.component" (dict "root" . "component" "spool")) .Values.storage.spool.existingClaim }}
-- name: data
+- name: {{ include "ig.localVolume" (dict "root" . "component" "data") }}
 {{- if .Values.storage.data.existingClaim }}
   persistentVolumeClaim:
     claimName: {{ .Values.storage.data.existingClaim }}
@@ -173,10 +179,10 @@ inference-gateway/shared-volumes: {{ .Release.Name | quote }}
   emptyDir:
     sizeLimit: 1Mi
 {{- end }}
-- name: tmp
+- name: {{ include "ig.localVolume" (dict "root" . "component" "tmp") }}
   emptyDir:
     sizeLimit: 4Gi
-- name: model-cache
+- name: {{ include "ig.localVolume" (dict "root" . "component" "model-cache") }}
   emptyDir:
     sizeLimit: 1Gi
 - name: model-manifest
@@ -191,12 +197,12 @@ inference-gateway/shared-volumes: {{ .Release.Name | quote }}
 - name: spool
   mountPath: /var/lib/inference/pacs
   readOnly: {{ not .spoolWritable }}
-- name: data
+- name: {{ include "ig.localVolume" (dict "root" .root "component" "data") }}
   mountPath: /data
   readOnly: true
-- name: tmp
+- name: {{ include "ig.localVolume" (dict "root" .root "component" "tmp") }}
   mountPath: /tmp
-- name: model-cache
+- name: {{ include "ig.localVolume" (dict "root" .root "component" "model-cache") }}
   mountPath: /var/lib/inference/model-cache
 - name: model-manifest
   mountPath: /etc/hippoai/models
