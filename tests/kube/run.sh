@@ -64,7 +64,8 @@ cleanup() {
         # kube down removes the pods and their containers; what it leaves here is a failure
         left=$(leftovers | grep -E '^(pod|container) ' || true)
         [ -z "$left" ] || { say "podman kube down left: $left"; status=1; }
-        # the claims' and ConfigMaps' volumes (podman 4.3's kube down keeps named volumes; a cluster keeps PVCs too), the Secret and the
+        # the claims' and ConfigMaps' volumes (podman 4.3's kube down keeps named volumes; a cluster keeps
+        # PVCs too), the Secret and the
         # network were made for this run: removed here
         volumes=$(leftovers | awk '$1 == "volume" {print $2}')
         [ -z "$volumes" ] || { say "removing the volumes podman kube down keeps (claims and ConfigMaps): $(echo $volumes)"; podman volume rm -f $volumes >/dev/null; }
