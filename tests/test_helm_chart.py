@@ -438,7 +438,7 @@ def test_orthanc_and_ohif_are_off_by_default():
 # -- network policy: the flows it allows -----------------------------------------------------------------------
 
 #: every port any component listens on: each flow is tried on each, so a policy opening a port it should not shows
-PORTS = (8900, 11112, 6379, 4242, 8042, 8080)
+PORTS = (8900, 11112, 9102, 6379, 4242, 8042, 8080)
 
 
 def pod_labels(component: str) -> dict:
@@ -485,6 +485,7 @@ def flows(docs) -> set[tuple[str, str, int]]:
     callers["outside"] = ({"app": "client"}, "other")
     callers["clinical-apps"] = ({"app": "client"}, "clinical-apps")
     callers["keda"] = ({"app": "keda-operator"}, "keda")
+    callers["monitoring"] = ({"app": "prometheus"}, "monitoring")
     result = set()
     for source, (labels, namespace) in callers.items():
         for target in present - {source}:
@@ -497,25 +498,26 @@ def flows(docs) -> set[tuple[str, str, int]]:
 
 
 INTERNAL = {("gateway", "redis", 6379), ("worker", "redis", 6379), ("dicom-node", "redis", 6379)}
-FROM_ANYWHERE = {(source, "gateway", 8900) for source in ("outside", "clinical-apps", "keda")} | {
-    (source, "dicom-node", 11112) for source in ("outside", "clinical-apps", "keda")}
+OUTSIDE = ("outside", "clinical-apps", "keda", "monitoring")
+FROM_ANYWHERE = {(source, "gateway", 8900) for source in OUTSIDE} | {(source, "dicom-node", 11112) for source in OUTSIDE}
+#: Prometheus (the monitoring namespace) scrapes the node's metrics port; the gateway's /metrics is on its own port
+SCRAPE = {("monitoring", "dicom-node", 9102)}
 
 
 def test_network_policy_allows_only_the_system_s_flows():
-    assert flows(rendered("default-values.yaml")) == INTERNAL | FROM_ANYWHERE
+    assert flows(rendered("default-values.yaml")) == INTERNAL | FROM_ANYWHERE | SCRAPE
 
 
 def test_network_policy_with_orthanc_and_ohif():
     orthanc = {("dicom-node", "orthanc", 4242), ("orthanc", "dicom-node", 11112), ("gateway", "orthanc", 8042),
                ("worker", "orthanc", 8042), ("ohif", "orthanc", 8042)}
-    outside = {(source, target, port) for source in ("outside", "clinical-apps", "keda")
-               for target, port in (("orthanc", 4242), ("ohif", 8080))}
-    assert flows(rendered("orthanc-ohif-values.yaml")) == INTERNAL | FROM_ANYWHERE | orthanc | outside
+    outside = {(source, target, port) for source in OUTSIDE for target, port in (("orthanc", 4242), ("ohif", 8080))}
+    assert flows(rendered("orthanc-ohif-values.yaml")) == INTERNAL | FROM_ANYWHERE | SCRAPE | orthanc | outside
 
 
 def test_network_policy_narrowed_to_the_site_s_callers_and_keda():
     """gatewayFrom and dicomFrom narrow who calls in; KEDA's namespace reads Redis."""
-    expected = INTERNAL | {("clinical-apps", "gateway", 8900), ("keda", "redis", 6379)}
+    expected = INTERNAL | SCRAPE | {("clinical-apps", "gateway", 8900), ("keda", "redis", 6379)}
     assert flows(rendered("keda-values.yaml")) == expected  # dicomFrom is an address block: no pod here
 
 
@@ -543,3 +545,15 @@ def test_the_rendered_model_manifest_loads_with_every_weights_file(tmp_path):
     for family in registry.families.values():
         for version in family.versions.values():
             version.verify()
+
+
+def test_the_node_serves_its_metrics_on_a_named_port():
+    docs = rendered("default-values.yaml")
+    node = container(docs, "dicom-node")
+    assert environment(docs, "dicom-node")["INFERENCE_PACS_METRICS_PORT"] == "9102"
+    assert {"name": "metrics", "containerPort": 9102} in node["ports"]
+    service = next(doc for doc in kind(docs, "Service") if doc["metadata"]["name"].endswith("-dicom-node"))
+    assert {"name": "metrics", "port": 9102, "targetPort": "metrics"} in service["spec"]["ports"]
+    podman = rendered("podman-values.yaml")  # podman publishes every containerPort on the host: none there
+    assert environment(podman, "dicom-node")["INFERENCE_PACS_METRICS_PORT"] == "0"
+    assert [port["name"] for port in container(podman, "dicom-node")["ports"]] == ["dicom"]
