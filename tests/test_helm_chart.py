@@ -499,7 +499,8 @@ def flows(docs) -> set[tuple[str, str, int]]:
 
 INTERNAL = {("gateway", "redis", 6379), ("worker", "redis", 6379), ("dicom-node", "redis", 6379)}
 OUTSIDE = ("outside", "clinical-apps", "keda", "monitoring")
-FROM_ANYWHERE = {(source, "gateway", 8900) for source in OUTSIDE} | {(source, "dicom-node", 11112) for source in OUTSIDE}
+FROM_ANYWHERE = {(source, target, port) for source in OUTSIDE for target, port in (("gateway", 8900),
+                                                                                  ("dicom-node", 11112))}
 #: Prometheus (the monitoring namespace) scrapes the node's metrics port; the gateway's /metrics is on its own port
 SCRAPE = {("monitoring", "dicom-node", 9102)}
 
