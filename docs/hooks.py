@@ -63,6 +63,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("python -m bench.review", "bench.review:main"),
     ("python -m bench.audit_users", "bench.audit_users:main"),
     ("python -m bench.model_memory", "bench.model_memory:main"),
+    ("python -m bench.capacity", "bench.capacity:main"),
 ]
 
 
