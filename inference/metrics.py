@@ -8,8 +8,8 @@ importing this one creates the metrics, and their files, in the importing proces
 Without that variable (``python mock_server.py``, tests in one process)
 the process's own registry is served.
 
-The DICOM node reports through ``record_dicom_received``, ``record_dicom_sent`` and
-``set_dicom_outbox``; jobs are counted from the job store at scrape time (``JobCountsCollector``).
+The DICOM node reports through ``record_dicom_received``, ``record_dicom_sent``, ``set_dicom_outbox`` and
+``record_dicom_incomplete``; jobs are counted from the job store at scrape time (``JobCountsCollector``).
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ STORE_FULL = Counter("inference_store_full_total", "Writes refused because a sto
                      "(507), by store (spool, output, pacs)", ["store"])
 DICOM_RECEIVED = Counter("inference_dicom_node_received_total", "DICOM instances the node received")
 DICOM_SENT = Counter("inference_dicom_node_sent_total", "DICOM instances the node sent")
+DICOM_INCOMPLETE = Counter("inference_dicom_node_incomplete_studies_total",
+                           "Studies the node received only part of and nothing completed: reported, not run")
 DICOM_OUTBOX = Gauge("inference_dicom_node_outbox", "DICOM instances waiting in the node's outbox",
                      multiprocess_mode="mostrecent")
 
@@ -139,6 +141,11 @@ def record_dicom_received(count: int = 1) -> None:
 def record_dicom_sent(count: int = 1) -> None:
     """Hook for the DICOM node: ``count`` instances sent."""
     DICOM_SENT.inc(count)
+
+
+def record_dicom_incomplete() -> None:
+    """Hook for the DICOM node: a study it received only part of, reported and not run."""
+    DICOM_INCOMPLETE.inc()
 
 
 def set_dicom_outbox(count: int) -> None:

@@ -129,7 +129,7 @@ def segment_study(instances: Sequence[DicomInstance], settings: Settings, versio
     labels = from_model_orientation(np.argmax(mean_probabilities(members), axis=0).astype(np.uint8), orientation)
     seconds = time.perf_counter() - started
     measures = measure_volumes(labels, volume)
-    quality = quality_of(version, crop_properties(volume, voxels, orientation), members, volume.voxel_volume_mm3,
+    quality = quality_of(version, *crop_properties(volume, voxels, orientation), members, volume.voxel_volume_mm3,
                          measures["total_volume_mm3"])
     return volume, labels, measures, seconds, quality
 
@@ -167,7 +167,7 @@ def hippocampus_volume(instances: Sequence[DicomInstance], context: HandlerConte
         return {"protocol_version": "1.0", "parts": [label_part], "series_ml_json": series_ml_json,
                 "model": provenance.as_json(), "quality": quality}, [labels]
     volumes = structure_volumes(measures, version.structures)
-    change = change_since_prior(settings, volume, version, volumes)
+    change = change_since_prior(settings, volume, version, volumes, quality)
     reference = volume.datasets[0]
     image = render_report(volume, labels, measures, model_version, version.structures, quality, change)
     report = secondary_capture(image, reference, description="Hippocampal volume report", algorithm=provenance)
