@@ -10,6 +10,10 @@ import os
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from inference.tls import TLSFiles
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,6 +75,15 @@ class Settings:
     host: str = field(default="127.0.0.1", metadata={"env": "INFERENCE_HOST"})
     #: INFERENCE_PORT: TCP port.
     port: int = field(default=8900, metadata={"env": "INFERENCE_PORT"})
+    #: INFERENCE_TLS_CERT: PEM certificate (chain) the gateway serves HTTPS with; with INFERENCE_TLS_KEY it turns
+    #: HTTPS on (TLS 1.2/1.3, AEAD forward-secret suites: inference/tls.py). Unset: plain HTTP (``make serve``).
+    #: The file is read per connection: a replaced certificate is served without a restart.
+    tls_cert: Path | None = field(default=None, metadata={"env": "INFERENCE_TLS_CERT"})
+    #: INFERENCE_TLS_KEY: PEM private key of INFERENCE_TLS_CERT.
+    tls_key: Path | None = field(default=None, metadata={"env": "INFERENCE_TLS_KEY"})
+    #: INFERENCE_TLS_CLIENT_CA: PEM CA certificate(s); when set, every client must present a certificate from it
+    #: (mutual TLS, for service clients). Unset: no client certificate asked.
+    tls_client_ca: Path | None = field(default=None, metadata={"env": "INFERENCE_TLS_CLIENT_CA"})
     #: INFERENCE_WORKERS: gunicorn worker processes.
     workers: int = field(default=2, metadata={"env": "INFERENCE_WORKERS"})
     #: INFERENCE_THREADS: threads per gunicorn worker.
@@ -241,6 +254,12 @@ class Settings:
                                  "e.g. 'get-hippocampus-volume=gpu,*=cpu'")
             routes[command] = queue
         return routes
+
+    def gateway_tls(self) -> TLSFiles | None:
+        """The gateway's HTTPS files, checked (``inference.tls.TLSConfigError`` names a bad one); None: plain HTTP."""
+        from inference.tls import tls_files
+
+        return tls_files(self.tls_cert, self.tls_key, self.tls_client_ca, "INFERENCE_TLS")
 
     def describe(self) -> dict[str, str]:
         """Settings as strings for the start-up log, secrets masked."""
