@@ -34,7 +34,7 @@ from inference.config import Settings, get_settings
 from inference.dicom.files import study_folder_files
 from inference.dicom.header import SERIES_INSTANCE_UID, STUDY_INSTANCE_UID, InstanceHeader
 from inference.dicom.validation import read_header_early
-from inference.errors import BadRequest, Forbidden, GatewayError, Unauthorized
+from inference.errors import BadRequest, Forbidden, GatewayError, ServiceUnavailable, Unauthorized
 from inference.jobs.reviews import AWAITING, must_hold, review_mode
 from inference.logs import TaggedLogger, bind_request_tags
 from inference.pipeline.context import ArterysHandler, arterys_handler
@@ -51,6 +51,7 @@ from inference.protocol.multipart_request import (
 from inference.protocol.multipart_response import EncodedResponse, encode_multipart_related
 from inference.protocol.request import MAX_JSON_BYTES, parse_json_object
 from inference.users import ADMIN, REVIEWER, SUBMITTER, Authenticator, role_allows
+from models.registry import ModelUnavailable, UnknownModel
 
 #: Endpoints served without the bearer token: liveness probes and the review page shell (it holds no data;
 #: it asks for a token and reads through the reviewer routes), not Flask's /static file route.
@@ -103,6 +104,10 @@ class Gateway(Flask):
         self.token_free_networks: dict[str, tuple[IPv4Network | IPv6Network, ...]] = {}
         self.add_url_rule("/metrics", "metrics", self._serve_metrics, methods=["GET"])
         self.register_error_handler(GatewayError, self._answer_gateway_error)
+        # the model registry knows no HTTP: a family or version it lacks is the client's error, one it cannot load ours
+        self.register_error_handler(UnknownModel, lambda error: self._answer_gateway_error(BadRequest(error.message)))
+        self.register_error_handler(ModelUnavailable,
+                                    lambda error: self._answer_gateway_error(ServiceUnavailable(error.message)))
         self.register_error_handler(HTTPException, self._answer_http_error)
         self.register_error_handler(Exception, self._answer_unexpected_error)
         self.before_request(self._start_request)

@@ -16,6 +16,7 @@ import flask
 
 from gateway import Gateway
 from handlers import REGISTRY, load_handlers
+from inference import metrics
 from inference.audit import epoch
 from inference.config import Settings, get_settings
 from inference.errors import BadRequest, NotFound
@@ -32,7 +33,7 @@ from inference.review.feedback import version_figures
 from inference.review.routes import add_review_routes
 from inference.users import Authenticator, user_store
 from models import monitoring
-from models.registry import ManifestError, registry_for
+from models.registry import ManifestError, UnknownModel, registry_for
 
 log = logging.getLogger("inference.server")
 
@@ -99,7 +100,7 @@ def create_app(mode: str | None = None, settings: Settings | None = None, *,
     def show_family(family: str):
         try:
             described = registry.family(family).describe(registry.failures)
-        except BadRequest as exc:
+        except UnknownModel as exc:
             raise NotFound(exc.message) from None
         # per version: review decisions (accepted, rejected, corrected, mean Dice of corrections), feedback, telemetry
         described["feedback"] = version_figures(records, family).get(family, {})
@@ -109,11 +110,12 @@ def create_app(mode: str | None = None, settings: Settings | None = None, *,
     def monitor_family(family: str):
         """Drift watch: what each version served (inputs, volumes, uncertainty, flags) against its training split."""
         try:
-            return flask.jsonify(monitoring.summary(registry, family, settings.metrics_dir))
-        except BadRequest as exc:
+            return flask.jsonify(monitoring.summary(registry, family, metrics.watched_counts(settings.metrics_dir)))
+        except UnknownModel as exc:
             raise NotFound(exc.message) from None
 
-    app.metrics_collectors.append(monitoring.DriftCollector(registry, settings.metrics_dir))
+    app.metrics_collectors.append(monitoring.DriftCollector(
+        registry, lambda: metrics.watched_counts(settings.metrics_dir)))
 
     @app.get("/audit")
     def audit():

@@ -66,7 +66,8 @@ def change_since_prior(settings: Settings, volume: Volume, version: ModelVersion
     candidates: list[PriorResult] = history.earlier(patient, study_uid)
     searched = ["result store"]
     if settings.prior_dicomweb_url:
-        candidates += find_in_pacs(settings.prior_dicomweb_url, patient, study_uid)
+        candidates += find_in_pacs(settings.prior_dicomweb_url, patient, study_uid,
+                                   timeout=settings.prior_timeout_seconds, retry_after=settings.prior_retry_seconds)
         searched.append("PACS (QIDO-RS)")
     out = compare(study_date, volumes_mm3, version.family, version.version, candidates, searched)
     history.record(patient, PriorResult(study_uid, study_date, version.family, version.version, dict(volumes_mm3)))

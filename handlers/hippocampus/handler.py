@@ -28,7 +28,7 @@ from inference.config import Settings
 from inference.dicom.instance import DicomInstance
 from inference.dicom.series import Volume, describe_series, group_by_series, load_volume, require_instances
 from inference.dicom.writing import secondary_capture
-from inference.errors import UnprocessableInput
+from inference.errors import ServiceUnavailable, UnprocessableInput
 from inference.logs import TaggedLogger
 from inference.pipeline.context import HandlerContext
 from inference.pipeline.handler_registry import Param, register
@@ -59,7 +59,10 @@ def load_version(version: ModelVersion, onnx_cache: Path | None = None):
 def segmenter_for(settings: Settings, version: ModelVersion):
     """The loaded model of a registry version (loaded once per process, then shared)."""
     registry = registry_for(settings.model_manifest)
-    return registry.model(version, partial(load_version, onnx_cache=settings.model_cache))
+    try:
+        return registry.model(version, partial(load_version, onnx_cache=settings.model_cache))
+    except ModelUnavailable as exc:
+        raise ServiceUnavailable(exc.message) from exc
 
 
 def warm_up(settings: Settings) -> str | None:
@@ -68,7 +71,7 @@ def warm_up(settings: Settings) -> str | None:
     failed = registry.load_family(FAMILY, partial(load_version, onnx_cache=settings.model_cache))
     default = registry.family(FAMILY).default_version
     if default in failed:
-        raise ModelUnavailable(f"{FAMILY} {default} (the default): {failed[default]}")
+        raise ServiceUnavailable(f"{FAMILY} {default} (the default): {failed[default]}")
     return "; ".join(f"{FAMILY} {name} unavailable: {why}" for name, why in failed.items()) or None
 
 

@@ -37,7 +37,7 @@ from inference.pipeline.context import HandlerContext
 from inference.pipeline.handler_registry import REGISTRY, HandlerRegistry, HandlerSpec
 from inference.protocol.multipart_request import ParsedBody, PartSpool, parts_from_files
 from inference.protocol.request import parse_json_object
-from models.registry import ModelVersion, registry_for
+from models.registry import ModelVersion, UnknownModel, registry_for
 
 log = TaggedLogger(logging.getLogger("inference.pipeline"))
 
@@ -114,8 +114,11 @@ class Pipeline:
         params = spec.validate_params(json_input)
         version = None
         if spec.family is not None:
-            version = registry_for(self.settings.model_manifest).family(spec.family).resolve(
-                json_input.get("model_version"))
+            try:
+                version = registry_for(self.settings.model_manifest).family(spec.family).resolve(
+                    json_input.get("model_version"))
+            except UnknownModel as exc:
+                raise BadRequest(exc.message) from None
         elif "model_version" in json_input:
             raise BadRequest(f"{spec.command} has no model versions; remove model_version from the request")
         return CheckedRequest(spec, params, version)
