@@ -14,6 +14,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -183,7 +184,7 @@ class DicomNodeProcess:
 
 
 def c_store(paths: Sequence[Path], host: str, port: int, called_ae: str, *, calling_ae: str = "SCANNER",
-            abort_after: int | None = None, no_delay: bool = True) -> int:
+            abort_after: int | None = None, no_delay: bool = True, tls: ssl.SSLContext | None = None) -> int:
     """Send files by C-STORE over one association as ``calling_ae``; the number stored.
 
     With ``no_delay`` (default), Nagle's algorithm is off on the connection, as the node does
@@ -191,6 +192,7 @@ def c_store(paths: Sequence[Path], host: str, port: int, called_ae: str, *, call
 
     With ``abort_after``, the association is aborted (not released) after that many files, as a
     sender that crashed would leave it. Raises ``ConnectionError`` when the association is refused.
+    ``tls``: a client context for DICOM TLS (the server's certificate is verified for ``host``).
     """
     contexts = set()
     for path in paths:
@@ -199,7 +201,8 @@ def c_store(paths: Sequence[Path], host: str, port: int, called_ae: str, *, call
     ae = AE(ae_title=calling_ae)
     for sop_class, syntax in sorted(contexts):  # one context per syntax: each file goes as it is stored
         ae.add_requested_context(sop_class, syntax)
-    assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=NO_DELAY_HANDLERS if no_delay else None)
+    assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=NO_DELAY_HANDLERS if no_delay else None,
+                         tls_args=None if tls is None else (tls, host))
     if not assoc.is_established:
         raise ConnectionError(f"{called_ae}@{host}:{port} refused the association from {calling_ae}")
     stored = 0

@@ -43,6 +43,7 @@ from requests_toolbelt.multipart.decoder import (
 from inference import protocol
 from inference.errors import OutputValidationError
 from inference.protocol.client import InferenceRequestError, InferenceResponse, send_inference_request
+from inference.tls import https_session
 from tool_gallery import Gallery, PageInfo, format_result, image_count, write_index, write_outputs
 from tool_input import Study, ToolError, load_study
 
@@ -165,30 +166,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         path = getattr(args, option)
         if path is not None and not path.is_file():
             parser.error(f"--{option.replace('_', '-')}: {path} is not a file")
-    args.session = http_session(args.ca_file, args.cert, args.key)
+    args.session = https_session(args.ca_file, args.cert, args.key)
     return args
 
 
 # -- talking to the server ---------------------------------------------------------------------
-class _Session(requests.Session):
-    """requests' session whose own ``verify`` (--ca-file) wins over REQUESTS_CA_BUNDLE in the environment."""
-
-    def merge_environment_settings(self, url, proxies, stream, verify, cert):  # type: ignore[no-untyped-def]
-        return super().merge_environment_settings(url, proxies, stream, self.verify if verify is None else verify,
-                                                  cert)
-
-
-def http_session(ca_file: Path | None, cert: Path | None, key: Path | None) -> requests.Session:
-    """A session verifying https:// servers against ``ca_file`` (the system's CAs when None) and presenting
-    ``cert`` (with ``key``) to servers that require a client certificate."""
-    session = _Session()
-    if ca_file is not None:
-        session.verify = str(ca_file)
-    if cert is not None:
-        session.cert = (str(cert), str(key)) if key is not None else str(cert)
-    return session
-
-
 def base_url(host: str, port: int) -> str:
     base = host if "://" in host else f"http://{host}"
     return f"{base.rstrip('/')}:{port}"

@@ -225,6 +225,16 @@ class Settings:
     #: INFERENCE_PACS_METRICS_PORT: TCP port where the node serves its Prometheus metrics (``GET /metrics``,
     #: no token: bind it to a private network; ``inference_dicom_node_*``); 0: not served.
     pacs_metrics_port: int = field(default=0, metadata={"env": "INFERENCE_PACS_METRICS_PORT"})
+    #: INFERENCE_PACS_TLS_CERT: PEM certificate (chain; RSA, as the BCP 195 suites need) of the node's DICOM TLS;
+    #: with INFERENCE_PACS_TLS_KEY it turns TLS on for the listener and every C-STORE destination (port 2762 is
+    #: the registered ``dicom-tls`` port). Unset: plain DICOM.
+    pacs_tls_cert: Path | None = field(default=None, metadata={"env": "INFERENCE_PACS_TLS_CERT"})
+    #: INFERENCE_PACS_TLS_KEY: PEM private key of INFERENCE_PACS_TLS_CERT.
+    pacs_tls_key: Path | None = field(default=None, metadata={"env": "INFERENCE_PACS_TLS_KEY"})
+    #: INFERENCE_PACS_TLS_CA: PEM CA certificate(s): callers must present a certificate from it, destinations (and
+    #: an https:// STOW-RS URL) are verified against it. Unset with TLS on: callers need no certificate, destinations
+    #: are verified against the system's CAs.
+    pacs_tls_ca: Path | None = field(default=None, metadata={"env": "INFERENCE_PACS_TLS_CA"})
     #: INFERENCE_PACS_RETRY_MAX_SECONDS: longest wait between two delivery attempts (backoff doubles up to it).
     pacs_retry_max_seconds: float = field(default=60.0, metadata={"env": "INFERENCE_PACS_RETRY_MAX_SECONDS"})
 
@@ -272,6 +282,12 @@ class Settings:
         from inference.tls import tls_files
 
         return tls_files(self.tls_cert, self.tls_key, self.tls_client_ca, "INFERENCE_TLS")
+
+    def pacs_tls(self) -> TLSFiles | None:
+        """The DICOM node's TLS files, checked (``inference.tls.TLSConfigError`` names a bad one); None: plain DICOM."""
+        from inference.tls import tls_files
+
+        return tls_files(self.pacs_tls_cert, self.pacs_tls_key, self.pacs_tls_ca, "INFERENCE_PACS_TLS")
 
     def describe(self) -> dict[str, str]:
         """Settings as strings for the start-up log, secrets masked."""

@@ -12,7 +12,7 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
+import requests
 
 #: OpenSSL cipher string of the TLS 1.2 suites allowed (TLS 1.3 suites are set apart by OpenSSL).
 TLS12_CIPHERS = "ECDHE+AESGCM:DHE+AESGCM:ECDHE+CHACHA20:DHE+CHACHA20"
@@ -44,6 +44,8 @@ class TLSFiles:
     def check(self, now: datetime.datetime | None = None) -> None:
         """Refuse files that cannot serve: missing, unreadable, not PEM, a key not matching the certificate,
         an expired or not yet valid certificate, a CA file without a certificate."""
+        from cryptography import x509  # here: the test tool imports this module without it
+
         cert_bytes = _read(self.cert, self.cert_setting)
         _read(self.key, self.key_setting)
         try:
@@ -70,9 +72,9 @@ class TLSFiles:
                 raise TLSConfigError(f"{self.ca_setting}: {self.ca} holds no PEM CA certificate "
                                      f"({exc.reason or exc})") from None
 
-    def server_context(self) -> ssl.SSLContext:
+    def server_context(self, context_class: type[ssl.SSLContext] = ssl.SSLContext) -> ssl.SSLContext:
         """A listener's context: this certificate, and when a CA is named, client certificates from it required."""
-        context = harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+        context = harden(context_class(ssl.PROTOCOL_TLS_SERVER))
         context.load_cert_chain(self.cert, self.key)
         if self.ca is not None:
             context.load_verify_locations(cafile=str(self.ca))
@@ -86,6 +88,30 @@ class TLSFiles:
                                                     cafile=None if self.ca is None else str(self.ca)))
         context.load_cert_chain(self.cert, self.key)
         return context
+
+    def https_session(self) -> requests.Session:
+        """A requests session verifying https:// servers against the CA and presenting this certificate."""
+        return https_session(self.ca, self.cert, self.key)
+
+
+class _Session(requests.Session):
+    """requests' session whose own ``verify`` (a CA file) wins over REQUESTS_CA_BUNDLE in the environment
+    (requests lets the environment override a session's ``verify``)."""
+
+    def merge_environment_settings(self, url, proxies, stream, verify, cert):  # type: ignore[no-untyped-def]
+        return super().merge_environment_settings(url, proxies, stream, self.verify if verify is None else verify,
+                                                  cert)
+
+
+def https_session(ca_file: Path | None, cert: Path | None, key: Path | None) -> requests.Session:
+    """A session verifying https:// servers against ``ca_file`` (the system's CAs when None) and presenting
+    ``cert`` (with ``key``; None when the key is in ``cert``) to servers that require a client certificate."""
+    session = _Session()
+    if ca_file is not None:
+        session.verify = str(ca_file)
+    if cert is not None:
+        session.cert = (str(cert), str(key)) if key is not None else str(cert)
+    return session
 
 
 def _read(path: Path, setting: str) -> bytes:

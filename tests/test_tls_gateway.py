@@ -111,7 +111,8 @@ def test_a_tls11_client_is_refused(https_server, pki):
     assert "version" in ssl_refused(address(https_server), tls11_context(pki)).lower()
 
 
-def test_sslyze_finds_no_version_below_12_and_no_suite_outside_the_list(https_server, pki):
+def sslyze_accepted(port: int, pki: Pki) -> dict[str, list[str]]:
+    """The suites sslyze finds accepted on ``port`` per protocol version, scanning with the site client certificate."""
     from sslyze import (
         ClientAuthenticationCredentials,
         ScanCommand,
@@ -125,7 +126,7 @@ def test_sslyze_finds_no_version_below_12_and_no_suite_outside_the_list(https_se
                 ScanCommand.TLS_1_0_CIPHER_SUITES, ScanCommand.TLS_1_1_CIPHER_SUITES,
                 ScanCommand.TLS_1_2_CIPHER_SUITES, ScanCommand.TLS_1_3_CIPHER_SUITES}
     credentials = ClientAuthenticationCredentials(certificate_chain_path=pki.client_cert, key_path=pki.client_key)
-    request = ServerScanRequest(server_location=ServerNetworkLocation("127.0.0.1", https_server.port),
+    request = ServerScanRequest(server_location=ServerNetworkLocation("127.0.0.1", port),
                                 network_configuration=ServerNetworkConfiguration(
                                     "127.0.0.1", tls_client_auth_credentials=credentials),
                                 scan_commands=commands)
@@ -138,6 +139,11 @@ def test_sslyze_finds_no_version_below_12_and_no_suite_outside_the_list(https_se
         attempt = getattr(result.scan_result, f"{name}_cipher_suites")
         assert attempt.result is not None, (name, attempt.error_trace)
         accepted[name] = [suite.cipher_suite.name for suite in attempt.result.accepted_cipher_suites]
+    return accepted
+
+
+def test_sslyze_finds_no_version_below_12_and_no_suite_outside_the_list(https_server, pki):
+    accepted = sslyze_accepted(https_server.port, pki)
     assert not any(accepted[name] for name in ("ssl_2_0", "ssl_3_0", "tls_1_0", "tls_1_1")), accepted
     assert accepted["tls_1_2"] and accepted["tls_1_3"]
     outside = [s for s in accepted["tls_1_2"] if not (s.startswith(("TLS_ECDHE_", "TLS_DHE_"))
