@@ -66,6 +66,7 @@ from inference.dicom.files import dicom_files_in
 from inference.dicom.header import read_header
 from inference.disk_space import StoreFull, check_free_space
 from inference.errors import GatewayError
+from inference.folders import NODE_FOLDERS, check_folders
 from inference.jobs.executor import JobExecutor, job_request_json
 from inference.jobs.reviews import AWAITING, CORRECTED, REJECTED, Review, review_store
 from inference.jobs.store import (
@@ -712,6 +713,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_handlers()
     try:
         settings = settings_from_args(args, defaults)
+        check_folders(settings, NODE_FOLDERS)  # UnusableFolder (a ValueError): the setting, its value and why
         rules = load_rules(settings.pacs_rules)
         node = DicomNode(settings, rules)
     except ValueError as exc:

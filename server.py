@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import logging
 import threading
+from functools import partial
 
 import flask
 
 from gateway import Gateway
 from handlers import REGISTRY, load_handlers
+from handlers.hippocampus.history import learn_decision
 from inference import metrics
 from inference.audit import epoch
 from inference.config import Settings, get_settings
@@ -74,7 +76,9 @@ def create_app(mode: str | None = None, settings: Settings | None = None, *,
     users = app.users = Authenticator(user_store(settings))  # named users, on the job store (python -m inference.users)
     store, runner = add_job_routes(app, pipeline)  # POST /job/, GET /query/<uid>
     records = records_for(settings)  # the feedback store: Radiomics feedback and telemetry, review decisions
-    add_review_routes(app, store, review_store(store), records, registry)  # /reviews, /review/
+    # /reviews, /review/; every decision also reaches the hippocampus result history (a rejected result is no prior)
+    add_review_routes(app, store, review_store(store), records, registry,
+                      on_decision=[partial(learn_decision, settings)])
     try:
         catalogue = Catalogue(registry, family_commands(pipeline))
         add_radiomics_routes(app, pipeline, catalogue, store, runner, records)  # /api/...

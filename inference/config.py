@@ -112,6 +112,10 @@ class Settings:
     min_free_space_mb: int = field(default=512, metadata={"env": "INFERENCE_MIN_FREE_SPACE_MB"})
     #: INFERENCE_MAX_SERIES_VOXELS: largest series (rows x columns x frames x instances) read (422 above).
     max_series_voxels: int = field(default=256 * 1024**2, metadata={"env": "INFERENCE_MAX_SERIES_VOXELS"})
+    #: INFERENCE_MODEL_MEMORY_BYTES: the memory one model run may take (default 4 GiB): a series whose run would
+    #: need more (the model's own count, ``HippocampusSegmenter.peak_bytes``; per voxel in bench/README.md) gets a
+    #: 422 naming this limit and the series, before its pixels are read.
+    model_memory_bytes: int = field(default=4 * 1024**3, metadata={"env": "INFERENCE_MODEL_MEMORY_BYTES"})
     #: INFERENCE_MAX_RESPONSE_BYTES: largest response body a handler may produce (413 above).
     max_response_bytes: int = field(default=1024**3, metadata={"env": "INFERENCE_MAX_RESPONSE_BYTES"})
     #: PROMETHEUS_MULTIPROC_DIR: folder where gunicorn's workers keep their metrics (prometheus-client's

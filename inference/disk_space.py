@@ -9,8 +9,9 @@ INFERENCE_MIN_FREE_SPACE_MB; ``disk_full_as`` turns a write that still hits ENOS
 from __future__ import annotations
 
 import errno
+import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -90,3 +91,43 @@ def disk_full_as(store: str) -> Iterator[None]:
         if error.errno in DISK_FULL_ERRNOS:
             raise StoreFull(store) from error
         raise
+
+
+def store_of(error: BaseException, folders: Mapping[str, Path]) -> str:
+    """The store a disk-full ``error`` hit: the one whose folder holds the file it names, else the one of
+    ``folders`` with the least free space (the full one, in practice)."""
+    current: BaseException | None = error
+    while current is not None:
+        if isinstance(current, StoreFull):
+            return current.store
+        filename = getattr(current, "filename", None)
+        if filename:
+            path = Path(os.fsdecode(filename)).absolute()
+            for store, folder in folders.items():
+                if path.is_relative_to(Path(folder).absolute()):
+                    return store
+        current = current.__cause__ or current.__context__
+    return min(folders, key=lambda store: free_space_bytes(folders[store]))
+
+
+def low_stores(folders: Mapping[str, Path], min_free_mb: int | None = None) -> dict[str, str]:
+    """Store -> why, for each of ``folders`` whose filesystem has less than ``min_free_mb`` MiB free."""
+    low = {}
+    for store, folder in folders.items():
+        try:
+            check_free_space(store, folder, min_free_mb)
+        except StoreFull as full:
+            low[store] = full.message
+        except OSError as exc:
+            low[store] = f"the {store} store ({STORES.get(store, store)}) cannot be checked: {exc.strerror}"
+    return low
+
+
+def with_storage(status: str, folders: Mapping[str, Path], min_free_mb: int | None = None) -> str:
+    """A healthcheck text (``READY``, ``DEGRADED: ...``, ``FAILED: ...``) with the low stores added: READY
+    becomes DEGRADED while any of ``folders`` is below the free-space floor."""
+    low = low_stores(folders, min_free_mb)
+    if not low:
+        return status
+    reasons = "; ".join(low.values())
+    return f"DEGRADED: {reasons}" if status == "READY" else f"{status}; {reasons}"

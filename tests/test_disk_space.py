@@ -51,3 +51,19 @@ def test_the_setting_has_a_documented_default(monkeypatch):
     assert Settings.from_env().min_free_space_mb == 512
     monkeypatch.setenv("INFERENCE_MIN_FREE_SPACE_MB", "64")
     assert Settings.from_env().min_free_space_mb == 64
+
+
+def test_store_of_names_the_store_holding_the_file_the_error_names(tmp_path):
+    folders = {"spool": tmp_path / "spool", "output": tmp_path / "out"}
+    error = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "job" / "x.dcm"))
+    assert disk_space.store_of(error, folders) == "output"
+    assert disk_space.store_of(StoreFull("spool"), folders) == "spool"
+
+
+def test_with_storage_turns_ready_into_degraded_naming_the_low_store(tmp_path, monkeypatch):
+    monkeypatch.setattr(disk_space, "free_space_bytes", lambda folder: 10 * disk_space.MIB)
+    folders = {"output": tmp_path}
+    assert disk_space.with_storage("READY", folders, min_free_mb=5) == "READY"
+    degraded = disk_space.with_storage("READY", folders, min_free_mb=64)
+    assert degraded.startswith("DEGRADED: ") and "output store (INFERENCE_OUTPUT_ROOT)" in degraded
+    assert disk_space.with_storage("FAILED: x", folders, min_free_mb=64).startswith("FAILED: x; ")

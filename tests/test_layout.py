@@ -21,8 +21,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("PACS spool, routing, outbox, delivery", ("inference.pacs",)),
     ("the pipeline", ("inference.pipeline",)),
     ("protocol, DICOM, imaging", ("inference.protocol", "inference.dicom", "inference.imaging")),
-    ("ground floor", ("inference.config", "inference.disk_space", "inference.errors", "inference.logs",
-                      "inference.metrics", "inference.metrics_dir", "inference.paths", "inference.audit", "inference")),
+    ("ground floor", ("inference.config", "inference.disk_space", "inference.errors", "inference.folders",
+                      "inference.logs", "inference.metrics", "inference.metrics_dir", "inference.paths",
+                      "inference.audit", "inference")),
     # the models are a library of their own: trained, evaluated and served without the gateway, so they sit under it
     ("models", ("models",)),
 ]

@@ -33,6 +33,11 @@ TRACKING_IDENTIFIER = ("112039", "DCM")
 ALGORITHM_NAME = ("111001", "DCM")
 ALGORITHM_VERSION = ("111003", "DCM")
 VOLUME = ("118565006", "SCT")
+#: Our SR's quality evaluation (``handlers.hippocampus.report``): its concept name, the value code saying it
+#: passed, the prefix of the flag reasons' value codes; and what a reviewer's corrected SR's algorithm says.
+RESULT_QUALITY = ("RESULTQUALITY", "99HIPPOAI")
+QUALITY_PASSED, QUALITY_FLAG_PREFIX = "QUALITYOK", "QUALITYFLAG"
+CORRECTED_BY = ", corrected by "
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,8 @@ class Patient:
 
 @dataclass
 class PriorResult:
-    """One earlier result: its study, date (YYYYMMDD), model, volumes (mm3) by structure and where it was found."""
+    """One earlier result: its study, date (YYYYMMDD), model, volumes (mm3) by structure, where it was found, its
+    quality flag (None: not known) with the reasons, and a reviewer's decision on it (None: none made)."""
 
     study_uid: str
     study_date: str
@@ -68,6 +74,9 @@ class PriorResult:
     version: str
     volumes_mm3: dict[str, float] = field(default_factory=dict)
     source: str = "result store"
+    flagged: bool | None = None
+    flag_reasons: list[str] = field(default_factory=list)
+    review: str | None = None
 
 
 def _code(item: Dataset) -> tuple[str, str]:
@@ -89,14 +98,25 @@ def _groups(items: Iterable[Dataset]) -> Iterable[Dataset]:
 
 
 def read_report(report: Dataset) -> PriorResult | None:
-    """The volumes and algorithm of a TID 1500 report; None when it holds no volume measurement."""
+    """The volumes, algorithm and quality flag of a TID 1500 report; None when it holds no volume measurement.
+
+    The flag is read from our own quality evaluation (None when the report has none); a reviewer's corrected
+    report (its algorithm version says who corrected it) is a corrected result.
+    """
     family = version = ""
     volumes: dict[str, float] = {}
+    passed, reasons = False, []
     for group in _groups(report.get("ContentSequence", [])):
         name, value = "", None
         for item in group.get("ContentSequence", []):
             code = _code(item)
-            if code == TRACKING_IDENTIFIER:
+            if code == RESULT_QUALITY and item.get("ConceptCodeSequence"):
+                concept = item.ConceptCodeSequence[0]
+                if str(concept.CodeValue) == QUALITY_PASSED:
+                    passed = True
+                elif str(concept.CodeValue).startswith(QUALITY_FLAG_PREFIX) and concept.CodeMeaning not in reasons:
+                    reasons.append(str(concept.CodeMeaning))
+            elif code == TRACKING_IDENTIFIER:
                 name = str(item.get("TextValue", ""))
             elif code == ALGORITHM_NAME:
                 family = str(item.get("TextValue", ""))
@@ -108,8 +128,10 @@ def read_report(report: Dataset) -> PriorResult | None:
             volumes[name] = value
     if not volumes:
         return None
+    flagged = True if reasons else (False if passed else None)
     return PriorResult(str(report.StudyInstanceUID), str(report.get("StudyDate", "")), family,
-                       version.split(" (")[0], volumes, source="PACS")
+                       version.split(" (")[0], volumes, source="PACS", flagged=flagged, flag_reasons=reasons,
+                       review="corrected" if CORRECTED_BY in version else None)
 
 
 class PriorDeadline(requests.Timeout):

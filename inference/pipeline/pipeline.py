@@ -186,7 +186,8 @@ class Pipeline:
     @contextmanager
     def open_files(self, json_input: dict, files: Sequence[Path]) -> Iterator[ParsedBody]:
         """The files as a request body (the JSON as part 0, as a viewer sends it); the spool is closed after."""
-        spool = PartSpool(self.settings.spool_memory_bytes, self.settings.spool_dir)
+        spool = PartSpool(self.settings.spool_memory_bytes, self.settings.spool_dir,
+                          self.settings.min_free_space_mb)
         try:
             yield parts_from_files(json.dumps(json_input).encode(), files, spool)
         finally:
