@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlencode
 
 if TYPE_CHECKING:
     from inference.tls import TLSFiles
@@ -132,6 +133,14 @@ class Settings:
     #: INFERENCE_BROKER_URL: Redis of the celery backend: its broker and its job records.
     broker_url: str = field(default="redis://localhost:6379/0",
                             metadata={"env": "INFERENCE_BROKER_URL", "secret": True})
+    #: INFERENCE_REDIS_TLS_CERT: PEM client certificate presented to Redis over TLS (a ``rediss://``
+    #: INFERENCE_BROKER_URL, e.g. ``rediss://inference:PASSWORD@redis:6380/0`` with an ACL user), for a Redis with
+    #: ``tls-auth-clients yes``.
+    redis_tls_cert: Path | None = field(default=None, metadata={"env": "INFERENCE_REDIS_TLS_CERT"})
+    #: INFERENCE_REDIS_TLS_KEY: PEM private key of INFERENCE_REDIS_TLS_CERT.
+    redis_tls_key: Path | None = field(default=None, metadata={"env": "INFERENCE_REDIS_TLS_KEY"})
+    #: INFERENCE_REDIS_TLS_CA: PEM CA that Redis's certificate is verified against (unset: the system's CAs).
+    redis_tls_ca: Path | None = field(default=None, metadata={"env": "INFERENCE_REDIS_TLS_CA"})
     #: INFERENCE_JOB_QUEUES: celery queue of each command, ``command=queue`` comma-separated, ``*`` for the rest.
     job_queues: str = field(default="get-hippocampus-volume=gpu,*=cpu", metadata={"env": "INFERENCE_JOB_QUEUES"})
     #: INFERENCE_JOB_TIME_LIMIT: seconds a celery job may run; it then fails with reason ``timeout``.
@@ -292,6 +301,36 @@ class Settings:
         from inference.tls import tls_files
 
         return tls_files(self.pacs_tls_cert, self.pacs_tls_key, self.pacs_tls_ca, "INFERENCE_PACS_TLS")
+
+    def redis_ssl_options(self) -> dict[str, object] | None:
+        """TLS options of every Redis client (redis-py's ``ssl_*`` names, as Celery's ``broker_use_ssl`` takes
+        them) for a ``rediss://`` INFERENCE_BROKER_URL; None for ``redis://``. Files are checked here."""
+        import ssl
+
+        from inference.tls import TLSConfigError, check_ca, tls_files
+
+        tls_set = any((self.redis_tls_cert, self.redis_tls_key, self.redis_tls_ca))
+        if not self.broker_url.startswith("rediss://"):
+            if tls_set:
+                raise TLSConfigError("INFERENCE_REDIS_TLS_* are set but INFERENCE_BROKER_URL is not a rediss:// URL")
+            return None
+        options: dict[str, object] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+        if self.redis_tls_ca is not None:
+            check_ca(self.redis_tls_ca, "INFERENCE_REDIS_TLS_CA")
+            options["ssl_ca_certs"] = str(self.redis_tls_ca)
+        files = tls_files(self.redis_tls_cert, self.redis_tls_key, None, "INFERENCE_REDIS_TLS")
+        if files is not None:
+            options.update(ssl_certfile=str(files.cert), ssl_keyfile=str(files.key))
+        return options
+
+    def redis_url(self) -> str:
+        """INFERENCE_BROKER_URL with its TLS options as query parameters (redis-py's ``from_url`` reads them): the
+        one URL every Redis client of the job, user, review and Radiomics stores is made from."""
+        options = self.redis_ssl_options()
+        if not options:
+            return self.broker_url
+        query = {**options, "ssl_cert_reqs": "required"}
+        return self.broker_url + ("&" if "?" in self.broker_url else "?") + urlencode(query)
 
     def describe(self) -> dict[str, str]:
         """Settings as strings for the start-up log, secrets masked."""

@@ -65,12 +65,7 @@ class TLSFiles:
             raise TLSConfigError(f"{self.key_setting}: {self.key} is not the private key of the certificate in "
                                  f"{self.cert} ({self.cert_setting}): {exc.reason or exc}") from None
         if self.ca is not None:
-            _read(self.ca, self.ca_setting)
-            try:
-                ssl.create_default_context(cafile=str(self.ca))
-            except ssl.SSLError as exc:
-                raise TLSConfigError(f"{self.ca_setting}: {self.ca} holds no PEM CA certificate "
-                                     f"({exc.reason or exc})") from None
+            check_ca(self.ca, self.ca_setting)
 
     def server_context(self, context_class: type[ssl.SSLContext] = ssl.SSLContext) -> ssl.SSLContext:
         """A listener's context: this certificate, and when a CA is named, client certificates from it required."""
@@ -112,6 +107,15 @@ def https_session(ca_file: Path | None, cert: Path | None, key: Path | None) -> 
     if cert is not None:
         session.cert = (str(cert), str(key)) if key is not None else str(cert)
     return session
+
+
+def check_ca(path: Path, setting: str) -> None:
+    """Refuse a CA file that is missing, unreadable or holds no PEM certificate, naming ``setting``."""
+    _read(path, setting)
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except ssl.SSLError as exc:
+        raise TLSConfigError(f"{setting}: {path} holds no PEM CA certificate ({exc.reason or exc})") from None
 
 
 def _read(path: Path, setting: str) -> bytes:

@@ -438,7 +438,7 @@ def add_radiomics_routes(app: Any, pipeline: Pipeline, catalogue: Catalogue, sto
 def records_for(settings: Settings) -> RadiomicsRecords:
     """The records of the configured job backend: Redis (the broker's) with celery, else SQLite beside the jobs."""
     if settings.job_backend == "celery":
-        return RedisRadiomicsRecords(settings.broker_url)
+        return RedisRadiomicsRecords(settings.redis_url())
     return SqliteRadiomicsRecords(Path(settings.output_root) / "radiomics.sqlite3")
 
 

@@ -269,5 +269,5 @@ class Authenticator:
 def user_store(settings: Settings) -> UserStore:
     """The users of ``settings``' job store: Redis with the celery backend, else the local SQLite file."""
     if settings.job_backend == "celery":
-        return RedisUsers(settings.broker_url)
+        return RedisUsers(settings.redis_url())
     return SqliteUsers(Path(settings.output_root) / "jobs.sqlite3")
