@@ -88,6 +88,7 @@ from inference.pacs.retry import RepeatedFailures
 from inference.pacs.routing import Rule, load_rules, matching_rules
 from inference.pacs.spool import StudySpool, read_series_info, safe_name
 from inference.pacs.transport import NO_DELAY_HANDLERS, LazyHandshakeContext
+from inference.paths import private_files
 from inference.pipeline.pipeline import Pipeline
 from inference.tls import TLSConfigError
 
@@ -706,6 +707,7 @@ def settings_from_args(args: argparse.Namespace, defaults: Settings) -> Settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    private_files()  # studies received, results, job records: the service user's alone (0600 / 0700)
     defaults = Settings.from_env()
     args = parse_args(argv, defaults)
     with open(defaults.logging_config, encoding="utf-8") as handle:

@@ -7,8 +7,10 @@ import sys
 import tempfile
 
 from inference.config import get_settings
+from inference.paths import private_files
 from inference.tls import TLSConfigError, harden
 
+private_files()  # job store, history, audit trail, job folders: 0600 files, 0700 folders (workers inherit it)
 _settings = get_settings()
 # Metrics across workers (inference.metrics): every worker writes its samples into one folder, named
 # here, before any worker imports prometheus_client, and emptied of a previous run's samples.

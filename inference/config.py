@@ -156,6 +156,11 @@ class Settings:
     #: INFERENCE_API_TOKEN: when set, every route but /healthcheck and /ping needs ``Authorization: Bearer``;
     #: its holder acts as an admin. Named users (``python -m inference.users``) have tokens of their own.
     api_token: str | None = field(default=None, metadata={"env": "INFERENCE_API_TOKEN", "secret": True})
+    #: INFERENCE_AUTH_FAILURE_LIMIT: failed authentications (a bearer token not valid) allowed per client address and
+    #: per token id within INFERENCE_AUTH_FAILURE_WINDOW_SECONDS; past it such requests get 429 with Retry-After.
+    auth_failure_limit: int = field(default=10, metadata={"env": "INFERENCE_AUTH_FAILURE_LIMIT"})
+    #: INFERENCE_AUTH_FAILURE_WINDOW_SECONDS: the sliding window of INFERENCE_AUTH_FAILURE_LIMIT.
+    auth_failure_window_seconds: float = field(default=60.0, metadata={"env": "INFERENCE_AUTH_FAILURE_WINDOW_SECONDS"})
     #: INFERENCE_AUDIT_LOG: the audit trail, one hash-chained JSON line per event touching patient data;
     #: unset: ``<INFERENCE_OUTPUT_ROOT>/audit.jsonl``.
     audit_log: Path | None = field(default=None, metadata={"env": "INFERENCE_AUDIT_LOG"})
