@@ -189,3 +189,32 @@ def test_stores_history_audit_and_job_folders_are_private(tmp_path):
     public = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in [tmp_path / "out", *created]
               if stat.S_IMODE(p.stat().st_mode) & 0o077}
     assert not public, public
+
+
+# -- what answers tell ------------------------------------------------------------------------------
+def test_ping_tells_the_version_only_to_an_authenticated_client(tmp_path):
+    from inference.radiomics.routes import server_version
+
+    version = server_version().encode()
+    assert version != b"inference-gateway", "the package is installed (pip install -e .): it has a version"
+    app = make_app(tmp_path, radiomics_networks=("127.0.0.1/32",))  # the Radiomics door lets this network in
+    client = app.test_client()
+    anonymous = client.get("/api/ping")
+    assert anonymous.status_code == 200 and b"inference-gateway" in anonymous.data and version not in anonymous.data
+    elsewhere = {"REMOTE_ADDR": "192.0.2.20"}  # outside the network: it authenticates with the token
+    assert version in client.get("/api/ping", headers=bearer(TOKEN), environ_base=elsewhere).data
+    assert version not in client.get("/ping").data
+
+
+def test_answers_name_no_server_path(tmp_path):
+    app = make_app(tmp_path)
+    client = app.test_client()
+    missing = client.post("/job/", json={"job_name": "3dblur", "in_dir": "no-such-folder"}, headers=bearer(TOKEN))
+    assert missing.status_code == 422 and str(tmp_path) not in missing.get_data(as_text=True)
+    uid = client.post("/job/", json={"job_name": "3dblur", "in_dir": "study"}, headers=bearer(TOKEN)).get_json()["uid"]
+    deadline = time.monotonic() + 60
+    while (done := client.get(f"/query/{uid}", headers=bearer(TOKEN))).status_code == 202 \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert done.status_code == 200 and str(tmp_path) not in done.get_data(as_text=True)
+    assert done.get_json()["output_dir"] == uid and done.get_json()["files"] == f"/job/{uid}/files"

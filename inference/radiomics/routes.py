@@ -352,7 +352,8 @@ def add_radiomics_routes(app: Any, pipeline: Pipeline, catalogue: Catalogue, sto
             app.token_free_networks[name] = networks
 
     def ping() -> Response:
-        return answer(M.ApiInformation(Version=server_version()))
+        # the version only to a client that authenticated (a token): it helps an attacker pick an exploit
+        return answer(M.ApiInformation(Version=server_version() if g.get("user") else "inference-gateway"))
 
     def vendor_status() -> Response:
         url = settings.radiomics_service_url or request.host_url.rstrip("/") + "/api/v2/"
