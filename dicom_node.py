@@ -231,6 +231,7 @@ class DicomNode:
         self.audit = audit_log(settings)
         self.ae = self._make_ae()
         self._server = None
+        self._tls_stamp = None if self.tls is None else self.tls.stamp()  # the files' state the listener serves
         self._metrics_server = None
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -405,6 +406,24 @@ class DicomNode:
                  if self.settings.pacs_complete_on_release else "",
                  ", ".join(f"{r.name} -> {r.command}" for r in self.rules))
 
+    def _reload_tls_if_changed(self) -> None:
+        """Serve replaced certificate files (rotation) to the next associations, without a restart; files that
+        do not serve (a key not matching yet, half-copied) keep the previous context until they do."""
+        if self.tls is None or self._server is None:
+            return
+        stamp = self.tls.stamp()
+        if stamp == self._tls_stamp:
+            return
+        try:
+            self.tls.check()
+            context = self.server_tls_context()
+        except (TLSConfigError, ssl.SSLError, OSError) as exc:
+            log.warning("DICOM TLS files changed but do not serve yet; keeping the previous certificate: %s", exc)
+        else:
+            self._server.ssl_context = context
+            log.info("DICOM TLS: certificate reloaded from %s", self.tls.cert)
+        self._tls_stamp = stamp
+
     def server_tls_context(self) -> ssl.SSLContext | None:
         """The listener's TLS context (handshakes out of the accept loop), None for plain DICOM."""
         return None if self.tls is None else self.tls.server_context(LazyHandshakeContext)
@@ -424,6 +443,7 @@ class DicomNode:
         interval = max(0.05, min(0.1, self.settings.pacs_stable_seconds / 4))
         while not self._stop.wait(interval):
             self.watch_once()
+            self.failures.run("tls", "reloading the DICOM TLS certificate", self._reload_tls_if_changed)
 
     def watch_once(self) -> None:
         """One pass of the watcher: report incomplete studies nothing completed, take complete ones, move every

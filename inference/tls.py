@@ -67,6 +67,17 @@ class TLSFiles:
         if self.ca is not None:
             check_ca(self.ca, self.ca_setting)
 
+    def stamp(self) -> tuple[tuple[int, int] | None, ...]:
+        """The files' modification times and sizes (None: gone), to notice a replaced certificate."""
+        stamps: list[tuple[int, int] | None] = []
+        for path in (self.cert, self.key, self.ca):
+            try:
+                info = path.stat() if path is not None else None
+            except OSError:
+                info = None
+            stamps.append(None if info is None else (info.st_mtime_ns, info.st_size))
+        return tuple(stamps)
+
     def server_context(self, context_class: type[ssl.SSLContext] = ssl.SSLContext) -> ssl.SSLContext:
         """A listener's context: this certificate, and when a CA is named, client certificates from it required."""
         context = harden(context_class(ssl.PROTOCOL_TLS_SERVER))

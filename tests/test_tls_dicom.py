@@ -3,6 +3,7 @@ BCP 195 versions and suites (sslyze), handshakes out of pynetdicom's accept loop
 
 from __future__ import annotations
 
+import shutil
 import socket
 import ssl
 import subprocess
@@ -12,6 +13,8 @@ import time
 
 import pydicom
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
@@ -168,3 +171,32 @@ def test_stow_rs_goes_over_https_with_the_ca_and_our_certificate(https_stow, pki
     assert len(posted) == 1 and posted[0].count(b"DICM") == 1
     with pytest.raises(DeliveryError, match="CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
         StowDestination(url).send(files)  # without the site CA the server is not trusted
+
+
+def test_a_replaced_certificate_is_served_by_the_node_without_a_restart(pki, tmp_path):
+    cert, key = tmp_path / "node.pem", tmp_path / "node.key"
+    shutil.copy(pki.server_cert, cert)
+    shutil.copy(pki.server_key, key)
+    env = {"INFERENCE_PACS_TLS_CERT": str(cert), "INFERENCE_PACS_TLS_KEY": str(key),
+           "INFERENCE_PACS_TLS_CA": str(pki.ca_file)}
+    node = start_light_node(tmp_path / "node", env=env)
+    try:
+        before = served_certificate(node.port, pki)
+        new_cert, new_key = pki.issue("rotated-node")
+        shutil.copy(new_key, key)
+        shutil.copy(new_cert, cert)
+        expected = x509.load_pem_x509_certificate(new_cert.read_bytes()).public_bytes(serialization.Encoding.DER)
+        node.wait_for_log("DICOM TLS: certificate reloaded", 20)
+        after = served_certificate(node.port, pki)
+        assert after != before and after == expected
+        files = write_study(tmp_path / "study", description="Report me")[:1]
+        assert c_store(files, "127.0.0.1", node.port, node.ae_title, tls=pki.client_context()) == 1
+        assert node.process.poll() is None
+    finally:
+        node.stop()
+
+
+def served_certificate(port: int, pki: Pki) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            pki.client_context().wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        return tls.getpeercert(binary_form=True)
