@@ -58,7 +58,8 @@ class Orthanc:
     """Debian's Orthanc on free ports with the shipped configuration and Lua script."""
 
     def __init__(self, folder: Path, *, node_port: int, node_ae: str = "HIPPOAI", stable_age: int = 1,
-                 dicom_port: int | None = None, no_delay: bool = True) -> None:
+                 dicom_port: int | None = None, no_delay: bool = True,
+                 tls: tuple[Path, Path, Path] | None = None) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.http_port, self.dicom_port = free_port(), dicom_port or free_port()
@@ -70,6 +71,12 @@ class Orthanc:
             HttpPort=self.http_port, DicomPort=self.dicom_port, RemoteAccessAllowed=False, StableAge=stable_age,
             LuaScripts=[str(AUTOROUTE_LUA)], Plugins=[str(DICOMWEB_PLUGIN)],
             DicomModalities={"hippoai": [node_ae, "127.0.0.1", node_port]})
+        if tls is not None:  # DICOM TLS both ways (certificate, key, CA); the node's modality uses it too
+            cert, key, ca = tls
+            config.update(DicomTlsEnabled=True, DicomTlsCertificate=str(cert), DicomTlsPrivateKey=str(key),
+                          DicomTlsTrustedCertificates=str(ca), DicomTlsRemoteCertificateRequired=True,
+                          DicomModalities={"hippoai": {"AET": node_ae, "Host": "127.0.0.1", "Port": node_port,
+                                                       "UseDicomTls": True}})
         self.config_path = self.folder / "orthanc.json"
         self.config_path.write_text(json.dumps(config, indent=1))
         self.log_path = self.folder / "orthanc.log"

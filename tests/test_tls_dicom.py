@@ -202,3 +202,39 @@ def served_certificate(port: int, pki: Pki) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
             pki.client_context().wrap_socket(raw, server_hostname="127.0.0.1") as tls:
         return tls.getpeercert(binary_form=True)
+
+
+def test_study1_goes_round_the_pacs_loop_over_dicom_tls_both_ways(pki, tmp_path):
+    """A scanner sends Study1 to Orthanc over TLS; Orthanc routes it to the node over TLS (the node requires its
+    certificate); the node's SEG, SR and Secondary Capture go back to Orthanc over TLS (Orthanc requires ours)."""
+    from bench.pacs_services import DicomNodeProcess, Orthanc, orthanc_missing
+    from tests.conftest import require, shared_data
+    from tests.test_dicom_node import wait_for_results
+
+    require(orthanc_missing())
+    files = sorted(shared_data("studies", "Study1").rglob("*.dcm"))
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    orthanc_cert, orthanc_key = pki.issue("orthanc")
+    node_port = free_port()
+    orthanc = Orthanc(tmp_path / "orthanc", node_port=node_port, tls=(orthanc_cert, orthanc_key, pki.ca_file))
+    try:
+        env = {"INFERENCE_PACS_TLS_CERT": str(pki.server_cert), "INFERENCE_PACS_TLS_KEY": str(pki.server_key),
+               "INFERENCE_PACS_TLS_CA": str(pki.ca_file)}
+        node = DicomNodeProcess(tmp_path / "node", port=node_port, env=env, args=[
+            "--destination", f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}", "--stable-seconds", "1",
+            "--complete-on-release", orthanc.aet])
+        try:
+            with pytest.raises(ConnectionError):  # Orthanc's DICOM port takes no plain association
+                c_store(files[:1], "127.0.0.1", orthanc.dicom_port, orthanc.aet)
+            assert c_store(files, "127.0.0.1", orthanc.dicom_port, orthanc.aet,
+                           tls=pki.client_context()) == len(files)
+            results = wait_for_results(orthanc, study_uid, 120)
+            assert set(results) == {"SEG", "SR", "OT"}
+            log = node.log_text()
+            assert "association from ORTHANC released" in log and "(DICOM TLS, client certificates required)" in log
+            version, cipher = negotiated(orthanc.dicom_port, pki.client_context())
+            assert version in ("TLSv1.2", "TLSv1.3") and ("GCM" in cipher or "CHACHA20" in cipher), (version, cipher)
+        finally:
+            node.stop()
+    finally:
+        orthanc.stop()
