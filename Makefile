@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve worker test bench lint fuzz soak clean pacs-node image-test proto
+.PHONY: serve worker test bench lint fuzz soak clean pacs-node image-test kube-test proto
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ test: $(VENV)/.dev
 ## image-test: build the image, run the compose stack (Docker, else podman) and check it (tests/image/run.sh)
 image-test: $(VENV)/.dev
 	PYTHON=$(BIN)/python tests/image/run.sh
+
+## kube-test: play the Helm chart's podman profile with podman kube play and send Study1 through it (tests/kube/run.sh)
+kube-test: $(VENV)/.dev
+	PYTHON=$(BIN)/python tests/kube/run.sh
 
 ## bench: run the benchmark (prints one JSON line)
 bench: $(VENV)/.dev

@@ -153,8 +153,8 @@ def job_client(settings: Settings):
 
     pipeline = Pipeline(settings, commands=served_commands(settings))
     app = Gateway(__name__, pipeline=pipeline)
-    runner = add_job_routes(app, pipeline)
-    return app.test_client(), runner.store
+    store, _runner = add_job_routes(app, pipeline)
+    return app.test_client(), store
 
 
 def run_jobs(client, store, in_dir: str, count: int, *, one_at_a_time: bool = False) -> list[dict]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import time
 
 import pydicom
@@ -163,3 +164,30 @@ def test_model_versions_skips_without_study1(monkeypatch, tmp_path):
 
     monkeypatch.setattr(model_versions, "STUDY1", tmp_path / "absent")
     assert "Study1" in model_versions.measure_versions(1)["hippocampus_versions_skipped"]
+
+
+def test_capacity_model_queue_formulas():
+    """bench.capacity's Erlang C against closed forms: M/M/1 waits with probability rho; M/M/2 at 1 Erlang, 1/3."""
+    from bench.capacity import erlang_c, p95_wait, servers_needed
+
+    assert erlang_c(1, 0.6) == pytest.approx(0.6)
+    assert erlang_c(2, 1.0) == pytest.approx(1 / 3)
+    # M/M/1: P(wait > t) = rho * exp(-(mu - lambda) t); rho 0.5, mu 1: the 95th percentile is ln(10) / 0.5
+    assert p95_wait(1, 0.5, 1.0) == pytest.approx(math.log(10) / 0.5)
+    assert p95_wait(2, 2.0, 1.0) == math.inf  # 2 Erlangs on 2 servers: the queue grows without end
+    assert p95_wait(4, 0.1, 1.0) == 0.0
+    # 3,600 studies an hour of 5 s: 5 Erlangs; a p95 wait of a minute needs more than 5 workers, fewer than 10
+    needed = servers_needed(3600, 5.0, 60)
+    assert 5 < needed < 10 and p95_wait(needed, 1.0, 5.0) <= 60 < p95_wait(needed - 1, 1.0, 5.0)
+
+
+def test_job_backend_client_serves_the_job_routes_and_returns_their_store(tmp_path):
+    """bench.job_backend.job_client (bench.capacity uses it) gives the test client and the job store."""
+    import dataclasses
+
+    from bench.job_backend import job_client
+    from inference.config import Settings
+
+    client, store = job_client(dataclasses.replace(Settings(), output_root=tmp_path, data_root=tmp_path))
+    assert client.get("/query/0123456789abcdef0123456789abcdef").status_code == 404
+    assert store.get("0123456789abcdef0123456789abcdef") is None

@@ -26,16 +26,23 @@ rebuild=0
 
 log() { printf 'build-stand-ins: %s\n' "$*" >&2; }
 
-# build NAME PACKAGES HOOK CHANGE...: one rootfs (mmdebstrap, tarball on stdout) imported as NAME
+# build NAME REVISION PACKAGES HOOK CHANGE...: one rootfs (mmdebstrap, tarball on stdout) imported as NAME.
+# REVISION counts changes to a stand-in's recipe: an existing image of an older revision is built again.
 build() {
-    local name=$1 packages=$2 hook=$3
-    shift 3
-    if [ "$rebuild" = 0 ] && podman image exists "$name"; then
+    local name=$1 revision=$2 packages=$3 hook=$4 existing
+    shift 4
+    existing=0
+    if podman image exists "$name"; then
+        existing=$(podman image inspect --format '{{ index .Labels "org.hippoai.stand-in.revision" }}' "$name")
+        # images from before revisions were labelled are revision 1
+        case $existing in ''|'<no value>') existing=1 ;; esac
+    fi
+    if [ "$rebuild" = 0 ] && [ "$existing" -ge "$revision" ]; then
         log "$name exists (kept; --rebuild builds it again)"
         return
     fi
     log "building $name from Debian $SUITE ($packages)"
-    local changes=(--change "LABEL org.hippoai.stand-in=1")
+    local changes=(--change "LABEL org.hippoai.stand-in=1" --change "LABEL org.hippoai.stand-in.revision=$revision")
     for change in "$@"; do changes+=(--change "$change"); done
     mmdebstrap --quiet --variant=minbase --include="$packages" \
         --customize-hook="$hook" \
@@ -46,25 +53,26 @@ build() {
 
 # Python as the official image has it: python, python3 and pip on PATH under /usr/local/bin, pip
 # allowed to install system-wide (no EXTERNALLY-MANAGED marker; Debian's pip installs under /usr/local).
-build "$PYTHON_IMAGE" "$PYTHON_PACKAGES" \
+build "$PYTHON_IMAGE" 1 "$PYTHON_PACKAGES" \
     'for n in python python3; do ln -sf /usr/bin/python3.11 "$1/usr/local/bin/$n"; done;
      ln -sf /usr/bin/pip3 "$1/usr/local/bin/pip";
      rm -f "$1"/usr/lib/python3.11/EXTERNALLY-MANAGED;
      chroot "$1" python -c "import ssl, sqlite3, ctypes, lzma, bz2, readline, curses, venv"' \
     'ENV PATH=/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' 'ENV LANG=C.UTF-8' 'CMD ["python3"]'
 
-# Redis as the official image runs it: working folder /data, protected mode off (the official build
+# Redis as the official image runs it: working folder /data owned by its redis user (uid 999, gid 1000, so a
+# pod running as 999 writes there: deploy/helm), programs on PATH, protected mode off (the official build
 # turns it off; the compose network is the boundary), redis-cli for the healthcheck.
-build "$REDIS_IMAGE" "$COMMON,redis-server" \
-    'mkdir -p "$1/data";
+build "$REDIS_IMAGE" 2 "$COMMON,redis-server" \
+    'mkdir -p "$1/data"; chown 999:1000 "$1/data";
      printf "%s\n" "#!/bin/sh" "[ \"\$1\" = redis-server ] && set -- \"\$@\" --protected-mode no" "exec \"\$@\"" \
         > "$1/usr/local/bin/docker-entrypoint.sh";
      chmod 755 "$1/usr/local/bin/docker-entrypoint.sh"' \
-    'WORKDIR /data' 'EXPOSE 6379' 'ENTRYPOINT ["/usr/local/bin/docker-entrypoint.sh"]' 'CMD ["redis-server"]'
+    'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' 'WORKDIR /data' 'EXPOSE 6379' 'ENTRYPOINT ["/usr/local/bin/docker-entrypoint.sh"]' 'CMD ["redis-server"]'
 
 # Orthanc 1.10 with its DICOMweb plugin (Debian's packages); like the jodogne image, the entrypoint is
 # Orthanc and the command its configuration file (deploy/orthanc/orthanc.json lists Debian's plugin path).
-build "$ORTHANC_IMAGE" "$COMMON,orthanc,orthanc-dicomweb" \
+build "$ORTHANC_IMAGE" 1 "$COMMON,orthanc,orthanc-dicomweb" \
     'mkdir -p "$1/var/lib/orthanc/db"' \
     'EXPOSE 4242' 'EXPOSE 8042' 'ENTRYPOINT ["/usr/sbin/Orthanc"]' 'CMD ["/etc/orthanc/orthanc.json"]'
 

@@ -88,40 +88,8 @@ trap 'exit 143' TERM
 if [ "$ENGINE" = docker ]; then
     docker compose -p "$PROJECT" --profile test build inference test-tool
 else
-    deploy/images/build-stand-ins.sh
-    # pip inside the build uses this host's pip configuration (its mirrors, wheel folders, constraints,
-    # CA certificates): the settings `pip config list` shows, with the folders they name mounted read-only.
-    mounts=()
-    while IFS= read -r path; do mounts+=(-v "$path:$path:ro"); done < <("$PYTHON" - "$WORK/pip.conf" <<'EOF'
-import configparser, os, subprocess, sys
-listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
-settings = {}
-for line in listed.splitlines():
-    key, _, value = line.partition("=")
-    settings[key.rpartition(".")[2]] = value.strip("'\"")
-settings.update(retries="1", timeout="10")  # unreachable extra indexes (the torch one) cost ~1 s each
-config = configparser.ConfigParser()
-config["global"] = settings
-with open(sys.argv[1], "w") as out:
-    config.write(out)
-paths = {"/etc/ssl/certs"}
-for value in settings.values():
-    for word in value.split():
-        # a local index (file://.../simple) links its files relative to itself (../../files): its parent too
-        path = os.path.dirname(word.removeprefix("file://").rstrip("/")) if word.startswith("file://") else word
-        if path.startswith("/") and os.path.exists(path):
-            paths.add(path if os.path.isdir(path) else os.path.dirname(path))
-print(*sorted(p for p in paths if os.path.exists(p)), sep="\n")
-EOF
-)
-    say "building the images (podman, pip settings of this host: ${#mounts[@]} mounts)"
-    # the tags and Dockerfiles of the compose file's inference and test-tool services (context: .)
-    for image in hippocampus-inference:latest=Dockerfile \
-                 hippocampus-inference-test-tool:latest=inference-test-tool/Dockerfile; do
-        podman build --network=host --pull=never --format docker -f "${image#*=}" \
-            -v "$WORK/pip.conf:/etc/pip.conf:ro" "${mounts[@]}" -t "${image%%=*}" . >"$WORK/build.log" 2>&1 \
-            || { tail -n 40 "$WORK/build.log"; exit 1; }
-    done
+    # the stand-in base images, then both images (cached layers), pip through this host's settings
+    PYTHON=$PYTHON tests/image/build-podman.sh --test-tool
 fi
 say "image built ($(elapsed))"
 

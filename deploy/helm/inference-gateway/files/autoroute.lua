@@ -1,0 +1,1 @@
+../../../orthanc/autoroute.lua

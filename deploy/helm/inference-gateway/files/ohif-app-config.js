@@ -1,0 +1,1 @@
+../../../ohif/app-config.js
