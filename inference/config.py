@@ -307,25 +307,31 @@ class Settings:
 
         return tls_files(self.pacs_tls_cert, self.pacs_tls_key, self.pacs_tls_ca, "INFERENCE_PACS_TLS")
 
-    def redis_ssl_options(self) -> dict[str, object] | None:
+    def redis_ssl_options(self, check: bool = True) -> dict[str, object] | None:
         """TLS options of every Redis client (redis-py's ``ssl_*`` names, as Celery's ``broker_use_ssl`` takes
-        them) for a ``rediss://`` INFERENCE_BROKER_URL; None for ``redis://``. Files are checked here."""
+        them) for a ``rediss://`` INFERENCE_BROKER_URL; None for ``redis://``. With ``check``, the files are checked
+        and TLS files beside a ``redis://`` URL are an error (``redis_url`` checks; Celery's configuration,
+        made where the files may not exist, does not)."""
         import ssl
 
         from inference.tls import TLSConfigError, check_ca, tls_files
 
         tls_set = any((self.redis_tls_cert, self.redis_tls_key, self.redis_tls_ca))
         if not self.broker_url.startswith("rediss://"):
-            if tls_set:
+            if tls_set and check:
                 raise TLSConfigError("INFERENCE_REDIS_TLS_* are set but INFERENCE_BROKER_URL is not a rediss:// URL")
             return None
         options: dict[str, object] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
         if self.redis_tls_ca is not None:
-            check_ca(self.redis_tls_ca, "INFERENCE_REDIS_TLS_CA")
+            if check:
+                check_ca(self.redis_tls_ca, "INFERENCE_REDIS_TLS_CA")
             options["ssl_ca_certs"] = str(self.redis_tls_ca)
-        files = tls_files(self.redis_tls_cert, self.redis_tls_key, None, "INFERENCE_REDIS_TLS")
-        if files is not None:
-            options.update(ssl_certfile=str(files.cert), ssl_keyfile=str(files.key))
+        if check:
+            tls_files(self.redis_tls_cert, self.redis_tls_key, None, "INFERENCE_REDIS_TLS")
+        if self.redis_tls_cert is not None:
+            options["ssl_certfile"] = str(self.redis_tls_cert)
+        if self.redis_tls_key is not None:
+            options["ssl_keyfile"] = str(self.redis_tls_key)
         return options
 
     def redis_url(self) -> str:

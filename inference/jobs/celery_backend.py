@@ -72,7 +72,7 @@ def celery_config(settings: Settings) -> dict:
     return {
         "broker_url": settings.broker_url,
         # rediss://: TLS with the CA and client certificate of INFERENCE_REDIS_TLS_* (None: plain redis://)
-        "broker_use_ssl": settings.redis_ssl_options(),
+        "broker_use_ssl": settings.redis_ssl_options(check=False),  # the stores check the files at start
         "broker_connection_retry_on_startup": True,
         "broker_connection_timeout": 2,
         "broker_transport_options": {
