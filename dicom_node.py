@@ -31,6 +31,7 @@ import logging
 import logging.config
 import shutil
 import signal
+import ssl
 import sys
 import threading
 import time
@@ -82,12 +83,14 @@ from inference.jobs.store import (
 )
 from inference.logs import TaggedLogger
 from inference.metrics import record_dicom_incomplete, record_dicom_received, record_store_full
-from inference.pacs.outbox import DicomDestination, Outbox, StowDestination
+from inference.pacs.outbox import Destination, DicomDestination, Outbox, StowDestination
 from inference.pacs.retry import RepeatedFailures
 from inference.pacs.routing import Rule, load_rules, matching_rules
 from inference.pacs.spool import StudySpool, read_series_info, safe_name
-from inference.pacs.transport import NO_DELAY_HANDLERS
+from inference.pacs.transport import NO_DELAY_HANDLERS, LazyHandshakeContext
+from inference.paths import private_files
 from inference.pipeline.pipeline import Pipeline
+from inference.tls import TLSConfigError
 
 log = TaggedLogger(logging.getLogger("inference.pacs"))
 
@@ -212,15 +215,23 @@ class DicomNode:
         self.processed.mkdir(parents=True, exist_ok=True)
         self.own_series = root / "results-series"  # one empty file per series of results we produced
         self.own_series.mkdir(parents=True, exist_ok=True)
-        destinations = [DicomDestination.parse(text, settings.pacs_ae_title) for text in settings.pacs_destinations]
+        try:
+            self.tls = settings.pacs_tls()  # DICOM TLS both ways, and STOW-RS verified against its CA
+        except TLSConfigError as exc:
+            raise ValueError(f"DICOM TLS: {exc}") from None
+        client_tls = None if self.tls is None else self.tls.client_context()
+        destinations: list[Destination] = [DicomDestination.parse(text, settings.pacs_ae_title, client_tls)
+                                           for text in settings.pacs_destinations]
         if settings.pacs_stow_url:
-            destinations.append(StowDestination(settings.pacs_stow_url))
+            destinations.append(StowDestination(settings.pacs_stow_url,
+                                                None if self.tls is None else self.tls.https_session()))
         self.outbox = Outbox(root / "outbox", destinations, retry_max_seconds=settings.pacs_retry_max_seconds)
         self.store, self.runner = job_backend(settings, self.pipeline)
         self.reviews = review_store(self.store)  # decisions made on any API instance, seen here
         self.audit = audit_log(settings)
         self.ae = self._make_ae()
         self._server = None
+        self._tls_stamp = None if self.tls is None else self.tls.stamp()  # the files' state the listener serves
         self._metrics_server = None
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -385,13 +396,37 @@ class DicomNode:
                     (evt.EVT_REJECTED, self._on_rejected), (evt.EVT_RELEASED, self._on_association_end),
                     (evt.EVT_ABORTED, self._on_association_end), *NO_DELAY_HANDLERS]
         self._server = self.ae.start_server((self.settings.pacs_host, self.settings.pacs_port), block=False,
-                                            evt_handlers=handlers)
-        log.info("DICOM node %s listening on %s:%d; destinations: %s; study stable after %.1fs%s; rules: %s",
+                                            evt_handlers=handlers, ssl_context=self.server_tls_context())
+        log.info("DICOM node %s listening on %s:%d%s; destinations: %s; study stable after %.1fs%s; rules: %s",
                  self.settings.pacs_ae_title, self.settings.pacs_host, self.settings.pacs_port,
+                 "" if self.tls is None else " (DICOM TLS" + (", client certificates required)" if self.tls.ca
+                                                              else ")"),
                  ", ".join(map(str, self.outbox.destinations)) or "none", self.settings.pacs_stable_seconds,
                  f" or when {', '.join(self.settings.pacs_complete_on_release)} releases its association"
                  if self.settings.pacs_complete_on_release else "",
                  ", ".join(f"{r.name} -> {r.command}" for r in self.rules))
+
+    def _reload_tls_if_changed(self) -> None:
+        """Serve replaced certificate files (rotation) to the next associations, without a restart; files that
+        do not serve (a key not matching yet, half-copied) keep the previous context until they do."""
+        if self.tls is None or self._server is None:
+            return
+        stamp = self.tls.stamp()
+        if stamp == self._tls_stamp:
+            return
+        try:
+            self.tls.check()
+            context = self.server_tls_context()
+        except (TLSConfigError, ssl.SSLError, OSError) as exc:
+            log.warning("DICOM TLS files changed but do not serve yet; keeping the previous certificate: %s", exc)
+        else:
+            self._server.ssl_context = context
+            log.info("DICOM TLS: certificate reloaded from %s", self.tls.cert)
+        self._tls_stamp = stamp
+
+    def server_tls_context(self) -> ssl.SSLContext | None:
+        """The listener's TLS context (handshakes out of the accept loop), None for plain DICOM."""
+        return None if self.tls is None else self.tls.server_context(LazyHandshakeContext)
 
     def stop(self) -> None:
         self._stop.set()
@@ -408,6 +443,7 @@ class DicomNode:
         interval = max(0.05, min(0.1, self.settings.pacs_stable_seconds / 4))
         while not self._stop.wait(interval):
             self.watch_once()
+            self.failures.run("tls", "reloading the DICOM TLS certificate", self._reload_tls_if_changed)
 
     def watch_once(self) -> None:
         """One pass of the watcher: report incomplete studies nothing completed, take complete ones, move every
@@ -662,6 +698,14 @@ def parse_args(argv: Sequence[str] | None, defaults: Settings) -> argparse.Names
                              "wait; repeatable (INFERENCE_PACS_COMPLETE_ON_RELEASE, comma-separated; default: none)")
     parser.add_argument("--rules", type=Path, default=defaults.pacs_rules,
                         help="routing rules YAML (INFERENCE_PACS_RULES, default deploy/routing-rules.yaml)")
+    parser.add_argument("--tls-cert", type=Path, default=defaults.pacs_tls_cert,
+                        help="PEM certificate: DICOM TLS for the listener and every destination "
+                             "(INFERENCE_PACS_TLS_CERT)")
+    parser.add_argument("--tls-key", type=Path, default=defaults.pacs_tls_key,
+                        help="PEM private key of --tls-cert (INFERENCE_PACS_TLS_KEY)")
+    parser.add_argument("--tls-ca", type=Path, default=defaults.pacs_tls_ca,
+                        help="PEM CA: callers' certificates must come from it, destinations are verified against it "
+                             "(INFERENCE_PACS_TLS_CA)")
     parser.add_argument("--root", type=Path, default=defaults.pacs_root,
                         help="folder for spool, outbox and processed marks (INFERENCE_PACS_ROOT)")
     return parser.parse_args(argv)
@@ -678,10 +722,12 @@ def settings_from_args(args: argparse.Namespace, defaults: Settings) -> Settings
         pacs_allowed_aes=tuple(args.allow_ae) if args.allow_ae else defaults.pacs_allowed_aes,
         pacs_complete_on_release=tuple(args.complete_on_release) if args.complete_on_release
         else defaults.pacs_complete_on_release,
-        pacs_rules=args.rules, pacs_root=args.root)
+        pacs_rules=args.rules, pacs_root=args.root, pacs_tls_cert=args.tls_cert, pacs_tls_key=args.tls_key,
+        pacs_tls_ca=args.tls_ca)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    private_files()  # studies received, results, job records: the service user's alone (0600 / 0700)
     defaults = Settings.from_env()
     args = parse_args(argv, defaults)
     with open(defaults.logging_config, encoding="utf-8") as handle:

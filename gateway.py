@@ -193,6 +193,7 @@ class Gateway(Flask):
             return
         user = self.users.user_for(given) if self.users is not None and scheme.lower() == "bearer" else None
         if user is None:
+            g.auth_failed = True  # audited and counted by inference.http.throttle
             raise Forbidden("the bearer token is not valid for this server", required_role=needed)
         g.user, g.role = user.name, user.role
         if not role_allows(user.role, needed):

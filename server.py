@@ -22,6 +22,8 @@ from inference import metrics
 from inference.audit import epoch
 from inference.config import Settings, get_settings
 from inference.errors import BadRequest, NotFound
+from inference.http import headers as security_headers
+from inference.http import throttle as auth_throttle
 from inference.http.openapi import openapi_document
 from inference.jobs.api import add_job_routes
 from inference.jobs.executor import known_job_names
@@ -71,6 +73,8 @@ def create_app(mode: str | None = None, settings: Settings | None = None, *,
         raise SystemExit(f"model manifest: {exc}") from None
     pipeline = Pipeline(settings, REGISTRY, commands=commands, default_command=default)
     app = Gateway(__name__, pipeline=pipeline)
+    security_headers.install(app, settings)  # inference/http/headers.py: on every answer
+    auth_throttle.install(app, settings)  # inference/http/throttle.py: failed authentications audited, throttled
     users = app.users = Authenticator(user_store(settings))  # named users, on the job store (python -m inference.users)
     store, runner = add_job_routes(app, pipeline)  # POST /job/, GET /query/<uid>
     records = records_for(settings)  # the feedback store: Radiomics feedback and telemetry, review decisions

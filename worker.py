@@ -29,6 +29,7 @@ from inference.config import get_settings
 from inference.folders import problem as folder_problem
 from inference.jobs.celery_backend import LeaseReaper, job_store, make_celery
 from inference.logs import configure_logging
+from inference.paths import private_files
 from inference.pipeline.pipeline import Pipeline
 from server import served_commands
 
@@ -36,6 +37,7 @@ log = logging.getLogger("inference.worker")
 #: Folder settings a worker writes to besides the output root (created, or checked writable, at start).
 WORKER_FOLDERS = ("spool_dir", "model_cache", "history_db", "audit_log")
 
+private_files()  # results, job records and folders: the service user's alone (0600 files, 0700 folders)
 settings = get_settings()
 app = make_celery(settings)  # its pipeline is made at worker start, once the handlers are loaded
 

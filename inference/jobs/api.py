@@ -77,6 +77,16 @@ JOB_STATES = (QUEUED, RUNNING, COMPLETED, FAILED)
 JOB_KEYS = ("job_name", "in_dir", "review")
 
 
+def shown_folder(output_dir: str | None, output_root: Path) -> str | None:
+    """A job's output folder as answers show it: relative to the output root (no server path)."""
+    if output_dir is None:
+        return None
+    try:
+        return Path(output_dir).relative_to(output_root).as_posix()
+    except ValueError:
+        return Path(output_dir).name
+
+
 def job_from_request(pipeline: Pipeline) -> Job:
     """The job a ``POST /job/`` asks for, checked up front: name, parameters, folder, DICOM present."""
     if request.mimetype != "application/json":
@@ -206,7 +216,9 @@ def add_job_routes(app: flask.Flask, pipeline: Pipeline, *, store: JobRecords | 
         job = readable(uid)
         if job.status == COMPLETED:
             audit("result-viewed", study_uid=job.study_uid, job=uid, path=request.path)
-            answer = {"msg": "Job has completed", "output_dir": job.output_dir, "attempts": job.attempts}
+            # the folder relative to INFERENCE_OUTPUT_ROOT, never the server's path; its files at /job/<uid>/files
+            answer = {"msg": "Job has completed", "output_dir": shown_folder(job.output_dir, output_root),
+                      "files": f"/job/{uid}/files", "attempts": job.attempts}
             review = reviews.get(uid) if job.review else None
             if review is not None:
                 answer["review"] = review.status

@@ -71,6 +71,8 @@ def celery_config(settings: Settings) -> dict:
     restore_every = max(1, min(10, settings.broker_visibility_timeout // 10))
     return {
         "broker_url": settings.broker_url,
+        # rediss://: TLS with the CA and client certificate of INFERENCE_REDIS_TLS_* (None: plain redis://)
+        "broker_use_ssl": settings.redis_ssl_options(check=False),  # the stores check the files at start
         "broker_connection_retry_on_startup": True,
         "broker_connection_timeout": 2,
         "broker_transport_options": {
@@ -104,7 +106,7 @@ def _store(url: str) -> RedisJobStore:
 
 def job_store(settings: Settings) -> RedisJobStore:
     """This process's store for ``settings`` (one connection pool per process and URL)."""
-    return _store(settings.broker_url)
+    return _store(settings.redis_url())
 
 
 class JobTask(Task):

@@ -91,15 +91,15 @@ def known_job_names(pipeline: Pipeline) -> dict[str, str]:
 def study_files(root: Path | None, in_dir: str) -> list[Path]:
     """The DICOM files of job folder ``in_dir``: 403 outside the data root, 422 for no DICOM there.
 
-    Errors name the data root as configured (``INFERENCE_DATA_ROOT``), so a client can tell
-    which folder ``in_dir`` is read from.
+    Errors say that ``in_dir`` is relative to the data root (``INFERENCE_DATA_ROOT``), never the root's path:
+    answers show no server paths.
     """
     try:
         return study_folder_files(root, in_dir, field="in_dir")
     except GatewayError as exc:
         if root is None:
             raise
-        raise type(exc)(f"{exc.message} (in_dir is relative to the data root INFERENCE_DATA_ROOT={root})",
+        raise type(exc)(f"{exc.message} (in_dir is relative to the server's data root, INFERENCE_DATA_ROOT)",
                         status=exc.status) from None
 
 

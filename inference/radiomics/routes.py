@@ -352,7 +352,8 @@ def add_radiomics_routes(app: Any, pipeline: Pipeline, catalogue: Catalogue, sto
             app.token_free_networks[name] = networks
 
     def ping() -> Response:
-        return answer(M.ApiInformation(Version=server_version()))
+        # the version only to a client that authenticated (a token): it helps an attacker pick an exploit
+        return answer(M.ApiInformation(Version=server_version() if g.get("user") else "inference-gateway"))
 
     def vendor_status() -> Response:
         url = settings.radiomics_service_url or request.host_url.rstrip("/") + "/api/v2/"
@@ -438,7 +439,7 @@ def add_radiomics_routes(app: Any, pipeline: Pipeline, catalogue: Catalogue, sto
 def records_for(settings: Settings) -> RadiomicsRecords:
     """The records of the configured job backend: Redis (the broker's) with celery, else SQLite beside the jobs."""
     if settings.job_backend == "celery":
-        return RedisRadiomicsRecords(settings.broker_url)
+        return RedisRadiomicsRecords(settings.redis_url())
     return SqliteRadiomicsRecords(Path(settings.output_root) / "radiomics.sqlite3")
 
 

@@ -35,6 +35,11 @@ ROLES = (SUBMITTER, REVIEWER, ADMIN)
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 
 
+#: What an unknown or revoked id's secret is checked against, at a known id's cost.
+UNKNOWN_ID_SALT = bytes(16)
+UNKNOWN_ID_HASH = "0" * 128
+
+
 def role_allows(role: str, needed: str) -> bool:
     """Whether ``role`` may use a route that needs ``needed``."""
     return ROLES.index(role) >= ROLES.index(needed)
@@ -252,6 +257,8 @@ class Authenticator:
             return None
         user = self.store.by_token_id(token_id)
         if user is None or user.revoked is not None:
+            # the same scrypt as a known id: the answer's time tells nothing about which ids exist
+            hmac.compare_digest(hash_secret(secret, UNKNOWN_ID_SALT), UNKNOWN_ID_HASH)
             return None
         key = hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
         with self._guard:
@@ -269,5 +276,5 @@ class Authenticator:
 def user_store(settings: Settings) -> UserStore:
     """The users of ``settings``' job store: Redis with the celery backend, else the local SQLite file."""
     if settings.job_backend == "celery":
-        return RedisUsers(settings.broker_url)
+        return RedisUsers(settings.redis_url())
     return SqliteUsers(Path(settings.output_root) / "jobs.sqlite3")
