@@ -27,11 +27,13 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import flask
 import pydicom
 import pydicom.errors
 from flask import g, request
+from flask.blueprints import BlueprintSetupState
 
 from inference.errors import (
     BadRequest,
@@ -62,12 +64,15 @@ from inference.jobs.store import (
     JobStore,
     LocalPoolRunner,
 )
+from inference.http.current import audit_event, may_read
+from inference.http.roles import needs
 from inference.logs import TaggedLogger
 from inference.metrics import JobCountsCollector
 from inference.paths import is_inside
 from inference.pipeline.pipeline import InferenceResult, Pipeline
 from inference.protocol.multipart_request import ParsedBody
 from inference.protocol.request import parse_json_object
+from inference.users import SUBMITTER
 
 log = TaggedLogger(logging.getLogger("inference.jobs"))
 #: Job states reported by /metrics.
@@ -108,16 +113,14 @@ def first_study_uid(files: list[Path]) -> str | None:
     return None
 
 
-def add_job_routes(app: flask.Flask, pipeline: Pipeline, *, store: JobRecords | None = None,
-                   runner: JobRunner | None = None) -> tuple[JobRecords, JobRunner]:
-    """Serve ``POST /job/`` and ``GET /query/<uid>`` on ``app``; recover interrupted jobs first. The store
-    and runner used (other front doors submit their jobs there too).
+def job_service(pipeline: Pipeline, *, store: JobRecords | None = None,
+                runner: JobRunner | None = None) -> tuple[JobRecords, JobRunner]:
+    """The job store and runner of ``pipeline``'s settings, interrupted jobs recovered and their debris removed.
 
-    Jobs run ``pipeline``'s handlers with its settings. Default store:
-    ``<INFERENCE_OUTPUT_ROOT>/jobs.sqlite3``; default runner: a local pool of ``INFERENCE_JOB_WORKERS`` threads.
-    ``INFERENCE_JOB_BACKEND=celery``: records in Redis, jobs run by celery workers (``inference.jobs.celery_backend``)
-    with the same handlers. A ``store`` other than a ``JobStore`` comes with its ``runner``: the local pool
-    recovers interrupted jobs from a ``JobStore``.
+    Default store: ``<INFERENCE_OUTPUT_ROOT>/jobs.sqlite3``; default runner: a local pool of
+    ``INFERENCE_JOB_WORKERS`` threads. ``INFERENCE_JOB_BACKEND=celery``: records in Redis, jobs run by celery
+    workers (``inference.jobs.celery_backend``) with the same handlers. A ``store`` other than a ``JobStore``
+    comes with its ``runner``: the local pool recovers interrupted jobs from a ``JobStore``.
     """
     settings = pipeline.settings
     output_root = Path(settings.output_root)
@@ -138,9 +141,26 @@ def add_job_routes(app: flask.Flask, pipeline: Pipeline, *, store: JobRecords | 
                                  lock_dir=output_root / ".owners")
     runner.recover()
     remove_debris(output_root, store)
+    return store, runner
+
+
+def add_job_routes(app: flask.Flask, pipeline: Pipeline, *, store: JobRecords | None = None,
+                   runner: JobRunner | None = None) -> tuple[JobRecords, JobRunner]:
+    """The job API on a gateway built by hand: ``job_service``'s store and runner, ``job_blueprint`` registered."""
+    store, runner = job_service(pipeline, store=store, runner=runner)
+    app.register_blueprint(job_blueprint(pipeline, store, runner))
+    return store, runner
+
+
+def job_blueprint(pipeline: Pipeline, store: JobRecords, runner: JobRunner) -> flask.Blueprint:
+    """``POST /job/``, ``GET /query/<uid>`` and a job's files, for the jobs of ``store`` run by ``runner``.
+
+    Registered on a Gateway, it counts jobs by state on ``/metrics`` and keeps the requests that ask for
+    review as held jobs (the gateway's ``hold_result``).
+    """
+    output_root = Path(pipeline.settings.output_root)
     reviews = review_store(store)
-    if hasattr(app, "metrics_collectors"):  # a Gateway: /metrics counts jobs by state from the store
-        app.metrics_collectors.append(JobCountsCollector(store.count_by_status, JOB_STATES))
+    blueprint = flask.Blueprint("jobs", __name__)
 
     def keep_for_review(result: InferenceResult, body: ParsedBody, json_input: dict, study_uid: str | None,
                         mode: str) -> str:
@@ -165,32 +185,32 @@ def add_job_routes(app: flask.Flask, pipeline: Pipeline, *, store: JobRecords | 
         store.add(job)
         return job.uid
 
-    if hasattr(app, "hold_result"):  # a Gateway: requests with "review" are held as jobs here
-        app.hold_result = keep_for_review
+    def joined(state: BlueprintSetupState) -> None:
+        app: Any = state.app
+        app.metrics_collectors.append(JobCountsCollector(store.count_by_status, JOB_STATES))
+        app.hold_result = keep_for_review  # requests with "review" are held as jobs here
 
-    def audit(event: str, **fields: object) -> None:
-        """Append ``event`` to the app's audit trail (a Gateway has one; a plain Flask app in tests has not)."""
-        if hasattr(app, "audit_event"):
-            app.audit_event(event, **fields)
+    blueprint.record_once(joined)
 
     def readable(uid: str) -> Job:
         """Job ``uid`` when this request's user may read it: 404 unknown, 403 another submitter's (audited)."""
         job = store.get(uid)
         if job is None:
             raise NotFound(f"no job with uid {uid!r}; POST /job/ answers the uid of a new job")
-        if hasattr(app, "may_read") and not app.may_read(job.user):
-            audit("result-viewed", outcome="refused", study_uid=job.study_uid, job=uid, path=request.path)
+        if not may_read(job.user):
+            audit_event("result-viewed", outcome="refused", study_uid=job.study_uid, job=uid, path=request.path)
             raise Forbidden(f"job {uid} was submitted by another user; a submitter reads only its own jobs",
                             required_role="reviewer")
         return job
 
-    @app.post("/job/", strict_slashes=False)  # POST /job answers too, without a redirect
+    @blueprint.post("/job/", strict_slashes=False)  # POST /job answers too, without a redirect
+    @needs(SUBMITTER)
     def submit_job() -> tuple[flask.Response, int]:
         job = job_from_request(pipeline)
         job.owner = runner.owner
         job.user = g.get("user")
         store.add(job)
-        audit("study-received", study_uid=job.study_uid, door="job", job=job.uid, in_dir=job.in_dir,
+        audit_event("study-received", study_uid=job.study_uid, door="job", job=job.uid, in_dir=job.in_dir,
               command=job.command)
         runner.submit(job)
         log.info("job %s queued: %s (%s) on %s", job.uid, job.job_name, job.command, job.in_dir)
@@ -198,11 +218,12 @@ def add_job_routes(app: flask.Flask, pipeline: Pipeline, *, store: JobRecords | 
         response.headers["Location"] = f"/query/{job.uid}"
         return response, 201
 
-    @app.get("/query/<uid>")
+    @blueprint.get("/query/<uid>")
+    @needs(SUBMITTER)
     def query_job(uid: str) -> tuple[flask.Response, int]:
         job = readable(uid)
         if job.status == COMPLETED:
-            audit("result-viewed", study_uid=job.study_uid, job=uid, path=request.path)
+            audit_event("result-viewed", study_uid=job.study_uid, job=uid, path=request.path)
             answer = {"msg": "Job has completed", "output_dir": job.output_dir, "attempts": job.attempts}
             review = reviews.get(uid) if job.review else None
             if review is not None:
@@ -229,22 +250,24 @@ def add_job_routes(app: flask.Flask, pipeline: Pipeline, *, store: JobRecords | 
             folder = folder / "correction"  # the reviewer's segmentation and report, not the model's
         return job, folder
 
-    @app.get("/job/<uid>/files")
+    @blueprint.get("/job/<uid>/files")
+    @needs(SUBMITTER)
     def list_job_files(uid: str) -> flask.Response:
         job, folder = completed_folder(uid)
         files = [{"name": path.name, "bytes": path.stat().st_size}
                  for path in sorted(folder.iterdir()) if path.is_file() and is_inside(folder, path)]
-        audit("result-viewed", study_uid=job.study_uid, job=uid, path=request.path)
+        audit_event("result-viewed", study_uid=job.study_uid, job=uid, path=request.path)
         return flask.jsonify({"uid": uid, "files": files})
 
-    @app.get("/job/<uid>/files/<name>")
+    @blueprint.get("/job/<uid>/files/<name>")
+    @needs(SUBMITTER)
     def get_job_file(uid: str, name: str) -> flask.Response:
         job, folder = completed_folder(uid)
         path = folder / name
         if "/" in name or name.startswith(".") or not path.is_file() or not is_inside(folder, path):
             raise NotFound(f"job {uid} has no file {name!r}; GET /job/{uid}/files lists them")
-        audit("result-downloaded", study_uid=job.study_uid, job=uid, file=name)
+        audit_event("result-downloaded", study_uid=job.study_uid, job=uid, file=name)
         return flask.send_file(path, as_attachment=True, download_name=name,
                                mimetype="application/json" if name.endswith(".json") else None)
 
-    return store, runner
+    return blueprint
