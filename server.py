@@ -19,13 +19,15 @@ from inference.http.audit_routes import audit_blueprint
 from inference.http.model_routes import model_blueprint
 from inference.jobs.api import job_blueprint, job_service
 from inference.jobs.executor import known_job_names
-from inference.jobs.reviews import review_store
+from inference.jobs.reviews import review_records
 from inference.logs import configure_logging
 from inference.pipeline.pipeline import Pipeline
 from inference.radiomics.catalogue import Catalogue
-from inference.radiomics.routes import RadiomicsDoor, family_commands, radiomics_blueprint, records_for
+from inference.radiomics.records import radiomics_records
+from inference.radiomics.routes import RadiomicsDoor, family_commands, radiomics_blueprint
 from inference.review.feedback import version_figures
 from inference.review.routes import review_blueprint
+from inference.storage.backend import checked_backend
 from inference.users import Authenticator, user_store
 from models.registry import ManifestError, registry_for
 
@@ -64,17 +66,19 @@ def create_app(mode: str | None = None, settings: Settings | None = None, *,
         raise SystemExit(f"model manifest: {exc}") from None
     pipeline = Pipeline(settings, REGISTRY, commands=commands, default_command=default)
     app = Gateway(__name__, pipeline=pipeline)
-    app.users = Authenticator(user_store(settings))  # named users, on the job store (python -m inference.users)
-    store, runner = job_service(pipeline)  # the job store and runner of INFERENCE_JOB_BACKEND
-    records = records_for(settings)  # the feedback store: Radiomics feedback and telemetry, review decisions
+    backend = checked_backend(settings)  # the stores' backend: a store of another schema version stops here
+    app.users = Authenticator(user_store(backend))  # named users, on the job store (python -m inference.users)
+    store, runner = job_service(pipeline, backend)  # the job store and runner of INFERENCE_JOB_BACKEND
+    reviews = review_records(backend)  # held results and the decisions on them
+    records = radiomics_records(backend)  # the feedback store: Radiomics feedback and telemetry, review decisions
     try:
         catalogue = Catalogue(registry, family_commands(pipeline))
         radiomics = radiomics_blueprint(RadiomicsDoor(pipeline, catalogue, store, runner, records))
     except (ManifestError, ValueError) as exc:
         raise SystemExit(f"Radiomics API: {exc}") from None
     for blueprint in (
-            job_blueprint(pipeline, store, runner),  # POST /job/, GET /query/<uid>, a job's files
-            review_blueprint(settings, store, review_store(store), records, registry),  # /reviews, /review/
+            job_blueprint(pipeline, store, runner, reviews),  # POST /job/, GET /query/<uid>, a job's files
+            review_blueprint(settings, store, reviews, records, registry),  # /reviews, /review/
             radiomics,  # /api/...
             model_blueprint(pipeline, registry, settings,  # /models, /openapi.json
                             feedback=lambda family: version_figures(records, family).get(family, {}),

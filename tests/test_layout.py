@@ -22,6 +22,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("the pipeline", ("inference.pipeline",)),
     ("models", ("models",)),
     ("protocol, DICOM, imaging", ("inference.protocol", "inference.dicom", "inference.imaging")),
+    ("the storage layer", ("inference.storage",)),
     ("ground floor", ("inference.config", "inference.errors", "inference.logs", "inference.metrics",
                       "inference.metrics_dir", "inference.paths", "inference.audit", "inference")),
 ]

@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import datetime
 import json
-import sqlite3
 import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from inference.pacs.priors import Patient, PriorResult
+from inference.storage.migrations import HISTORY, open_sqlite
+from inference.storage.sqlite import connection
 
-_SCHEMA = """CREATE TABLE IF NOT EXISTS results (
-    patient_id TEXT NOT NULL, issuer TEXT NOT NULL, birth_date TEXT NOT NULL, study_uid TEXT NOT NULL,
-    study_date TEXT NOT NULL, family TEXT NOT NULL, version TEXT NOT NULL, volumes TEXT NOT NULL,
-    recorded TEXT NOT NULL, PRIMARY KEY (study_uid, family, version))"""
+#: The results table's columns (``inference.storage.migrations.HISTORY`` makes them).
+COLUMNS = ("patient_id", "issuer", "birth_date", "study_uid", "study_date", "family", "version", "volumes", "recorded")
 _lock = threading.Lock()
 
 
@@ -28,30 +27,35 @@ class ResultHistory:
     """Earlier results by patient, in an SQLite file (``INFERENCE_HISTORY_DB``) shared by the processes of a machine."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
-            db.execute(_SCHEMA)
-
-    def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, timeout=30)
+        self.path = Path(path)
+        open_sqlite(self.path, HISTORY)  # created at this release's schema, or refused at another one
 
     def record(self, patient: Patient, result: PriorResult) -> None:
         """Keep one result (a study processed again by the same version replaces its earlier record)."""
-        with _lock, self._connect() as db:
-            db.execute("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                       (patient.patient_id, patient.issuer, patient.birth_date, result.study_uid, result.study_date,
-                        result.family, result.version, json.dumps(result.volumes_mm3),
-                        datetime.datetime.now(datetime.UTC).isoformat()))
+        with _lock, connection(self.path, write=True) as db:
+            db.execute(f"INSERT OR REPLACE INTO results ({', '.join(COLUMNS)}) "
+                       f"VALUES ({', '.join('?' * len(COLUMNS))})", to_row(patient, result))
 
     def earlier(self, patient: Patient, study_uid: str) -> list[PriorResult]:
         """The patient's results of other studies, any model (matched on ID, issuer and birth date when known)."""
-        with self._connect() as db:
-            rows = db.execute("SELECT patient_id, issuer, birth_date, study_uid, study_date, family, version, volumes "
-                              "FROM results WHERE patient_id = ? AND issuer = ? AND study_uid != ?",
+        with connection(self.path) as db:
+            rows = db.execute(f"SELECT {', '.join(COLUMNS)} FROM results "
+                              "WHERE patient_id = ? AND issuer = ? AND study_uid != ?",
                               (patient.patient_id, patient.issuer, study_uid)).fetchall()
-        return [PriorResult(row[3], row[4], row[5], row[6], json.loads(row[7]))
-                for row in rows if patient.matches(Patient(row[0], row[1], row[2]))]
+        return [result for row_patient, result in map(from_row, rows) if patient.matches(row_patient)]
+
+
+def to_row(patient: Patient, result: PriorResult) -> tuple:
+    """One result of ``patient`` as the results table's row (``COLUMNS``), recorded now."""
+    return (patient.patient_id, patient.issuer, patient.birth_date, result.study_uid, result.study_date,
+            result.family, result.version, json.dumps(result.volumes_mm3),
+            datetime.datetime.now(datetime.UTC).isoformat())
+
+
+def from_row(row: Mapping) -> tuple[Patient, PriorResult]:
+    """The patient and result of a results table row."""
+    return (Patient(row["patient_id"], row["issuer"], row["birth_date"]),
+            PriorResult(row["study_uid"], row["study_date"], row["family"], row["version"], json.loads(row["volumes"])))
 
 
 def _date(text: str) -> datetime.date | None:

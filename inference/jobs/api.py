@@ -42,6 +42,8 @@ from inference.errors import (
     NotFound,
     UnsupportedMediaType,
 )
+from inference.http.current import audit_event, may_read
+from inference.http.roles import needs
 from inference.jobs.executor import (
     HELD_REQUEST,
     JobExecutor,
@@ -52,7 +54,7 @@ from inference.jobs.executor import (
     study_files,
     write_outputs,
 )
-from inference.jobs.reviews import ACCEPTED, CORRECTED, review_mode, review_store
+from inference.jobs.reviews import ACCEPTED, CORRECTED, ReviewRecords, review_mode, review_records
 from inference.jobs.store import (
     COMPLETED,
     FAILED,
@@ -64,14 +66,13 @@ from inference.jobs.store import (
     JobStore,
     LocalPoolRunner,
 )
-from inference.http.current import audit_event, may_read
-from inference.http.roles import needs
 from inference.logs import TaggedLogger
 from inference.metrics import JobCountsCollector
 from inference.paths import is_inside
 from inference.pipeline.pipeline import InferenceResult, Pipeline
 from inference.protocol.multipart_request import ParsedBody
 from inference.protocol.request import parse_json_object
+from inference.storage.backend import REDIS, Backend, checked_backend
 from inference.users import SUBMITTER
 
 log = TaggedLogger(logging.getLogger("inference.jobs"))
@@ -113,7 +114,7 @@ def first_study_uid(files: list[Path]) -> str | None:
     return None
 
 
-def job_service(pipeline: Pipeline, *, store: JobRecords | None = None,
+def job_service(pipeline: Pipeline, backend: Backend, *, store: JobRecords | None = None,
                 runner: JobRunner | None = None) -> tuple[JobRecords, JobRunner]:
     """The job store and runner of ``pipeline``'s settings, interrupted jobs recovered and their debris removed.
 
@@ -124,21 +125,19 @@ def job_service(pipeline: Pipeline, *, store: JobRecords | None = None,
     """
     settings = pipeline.settings
     output_root = Path(settings.output_root)
-    if store is None and runner is None and settings.job_backend == "celery":
+    if store is None and runner is None and backend.kind == REDIS:
         from inference.jobs.celery_backend import (
             celery_backend,  # celery is imported only by servers that use it
         )
 
         store, runner = celery_backend(settings)
-    elif settings.job_backend not in ("local", "celery"):
-        raise ValueError(f"INFERENCE_JOB_BACKEND must be 'local' or 'celery', got {settings.job_backend!r}")
     if store is None:
-        store = JobStore(output_root / "jobs.sqlite3")
+        store = JobStore(backend.folder / "jobs.sqlite3")
     if runner is None:
         if not isinstance(store, JobStore):
             raise TypeError(f"a {type(store).__name__} needs its own runner: the local pool keeps jobs in a JobStore")
-        runner = LocalPoolRunner(store, JobExecutor(store, pipeline), workers=settings.job_workers,
-                                 lock_dir=output_root / ".owners")
+        runner = LocalPoolRunner(store, JobExecutor(store, pipeline, reviews=review_records(backend)),
+                                 workers=settings.job_workers, lock_dir=output_root / ".owners")
     runner.recover()
     remove_debris(output_root, store)
     return store, runner
@@ -147,19 +146,20 @@ def job_service(pipeline: Pipeline, *, store: JobRecords | None = None,
 def add_job_routes(app: flask.Flask, pipeline: Pipeline, *, store: JobRecords | None = None,
                    runner: JobRunner | None = None) -> tuple[JobRecords, JobRunner]:
     """The job API on a gateway built by hand: ``job_service``'s store and runner, ``job_blueprint`` registered."""
-    store, runner = job_service(pipeline, store=store, runner=runner)
-    app.register_blueprint(job_blueprint(pipeline, store, runner))
+    backend = checked_backend(pipeline.settings)
+    store, runner = job_service(pipeline, backend, store=store, runner=runner)
+    app.register_blueprint(job_blueprint(pipeline, store, runner, review_records(backend)))
     return store, runner
 
 
-def job_blueprint(pipeline: Pipeline, store: JobRecords, runner: JobRunner) -> flask.Blueprint:
+def job_blueprint(pipeline: Pipeline, store: JobRecords, runner: JobRunner,
+                  reviews: ReviewRecords) -> flask.Blueprint:
     """``POST /job/``, ``GET /query/<uid>`` and a job's files, for the jobs of ``store`` run by ``runner``.
 
     Registered on a Gateway, it counts jobs by state on ``/metrics`` and keeps the requests that ask for
     review as held jobs (the gateway's ``hold_result``).
     """
     output_root = Path(pipeline.settings.output_root)
-    reviews = review_store(store)
     blueprint = flask.Blueprint("jobs", __name__)
 
     def keep_for_review(result: InferenceResult, body: ParsedBody, json_input: dict, study_uid: str | None,
@@ -181,7 +181,7 @@ def job_blueprint(pipeline: Pipeline, store: JobRecords, runner: JobRunner) -> f
         finally:
             shutil.rmtree(partial, ignore_errors=True)
         job.output_dir = str(output)
-        hold_result(store, pipeline, job, result.response_json, result.input_hash)  # before the job is seen
+        hold_result(reviews, pipeline, job, result.response_json, result.input_hash)  # before the job is seen
         store.add(job)
         return job.uid
 

@@ -40,23 +40,21 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError, Message
 
 from inference import metrics
-from inference.config import Settings
 from inference.errors import GatewayError
 from inference.http.current import audit_event, may_read
 from inference.http.roles import needs
 from inference.jobs.executor import VOLUME_JOB, save_volume_input, volume_input_folder
 from inference.jobs.store import COMPLETED, FAILED, FINISHED, QUEUED, RUNNING, Job, JobRecords, JobRunner
 from inference.logs import TaggedLogger
-from inference.pipeline.pipeline import Pipeline, input_hash_of
+from inference.pipeline.pipeline import Pipeline
+from inference.protocol.input_hash import input_hash_of
 from inference.radiomics.catalogue import Catalogue, CatalogueModel
 from inference.radiomics.proto import Model_pb2 as M
 from inference.radiomics.records import (
     FEEDBACK,
     TELEMETRY,
     RadiomicsRecords,
-    RedisRadiomicsRecords,
     Segmentation,
-    SqliteRadiomicsRecords,
 )
 from inference.radiomics.volumes import ERROR_CODES, InputRejected, channel_volume, output_channels
 from inference.users import SUBMITTER
@@ -439,13 +437,6 @@ def radiomics_blueprint(door: RadiomicsDoor) -> Blueprint:
     route("/api/v2/Feedback/segmentation", "POST", "radiomics_feedback", post_feedback)
     route("/api/v2/Telemetry/segmentation", "POST", "radiomics_telemetry", post_telemetry)
     return blueprint
-
-
-def records_for(settings: Settings) -> RadiomicsRecords:
-    """The records of the configured job backend: Redis (the broker's) with celery, else SQLite beside the jobs."""
-    if settings.job_backend == "celery":
-        return RedisRadiomicsRecords(settings.broker_url)
-    return SqliteRadiomicsRecords(Path(settings.output_root) / "radiomics.sqlite3")
 
 
 def family_commands(pipeline: Pipeline) -> dict[str, str]:

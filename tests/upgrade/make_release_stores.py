@@ -3,7 +3,8 @@
 Run once, from a checkout of that commit (its code, this project's .venv), with a folder to write to:
 
     git archive 125255a | tar -x -C /tmp/release && cd /tmp/release
-    cp <repo>/tests/upgrade/make_release_stores.py . && <repo>/.venv/bin/python make_release_stores.py <repo>/tests/upgrade/release-125255a
+    cp <repo>/tests/upgrade/make_release_stores.py .
+    <repo>/.venv/bin/python make_release_stores.py <repo>/tests/upgrade/release-125255a
 
 It writes what that release's own classes write: ``jobs.sqlite3`` (jobs, reviews, users),
 ``radiomics.sqlite3`` (segmentations, feedback, telemetry, review decisions), ``history.sqlite3``
@@ -28,7 +29,7 @@ import redis
 from bench.job_backend import RedisServer
 from handlers.hippocampus.history import ResultHistory
 from inference.jobs.redis_store import RedisJobStore
-from inference.jobs.reviews import ACCEPTED, CORRECTED, REJECTED, Review, RedisReviews, SqliteReviews
+from inference.jobs.reviews import ACCEPTED, CORRECTED, REJECTED, RedisReviews, Review, SqliteReviews
 from inference.jobs.store import Job, JobStore
 from inference.pacs.priors import Patient, PriorResult
 from inference.radiomics.records import (

@@ -1,0 +1,144 @@
+"""Upgrades keep data: the stores written by the release before the storage layer (``tests/upgrade/release-125255a``,
+made once by ``tests/upgrade/make_release_stores.py`` on that commit's code) are refused as they are, with one
+line naming ``inference-migrate``, and after it every job, user (their tokens still valid), review decision,
+feedback record and history entry comes through; per store, on both backends."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from handlers.hippocampus.history import ResultHistory
+from inference.config import Settings
+from inference.jobs.redis_store import RedisJobStore
+from inference.jobs.reviews import review_records
+from inference.jobs.store import JobStore, job_fields
+from inference.pacs.priors import Patient
+from inference.radiomics.records import FEEDBACK, TELEMETRY, radiomics_records
+from inference.review.feedback import DECISION
+from inference.storage.backend import REDIS, Backend, backend_for, checked_backend
+from inference.users import Authenticator, user_store
+from tests.conftest import PROJECT_ROOT, require
+
+RELEASE = PROJECT_ROOT / "tests" / "upgrade" / "release-125255a"
+EXPECTED = json.loads((RELEASE / "expected.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def old_stores(request, tmp_path) -> tuple[Settings, dict]:
+    """Settings whose stores are the old release's files (and its Redis dump, loaded by a redis-server)."""
+    output = tmp_path / "jobs"
+    output.mkdir()
+    for name in ("jobs.sqlite3", "radiomics.sqlite3", "history.sqlite3"):
+        shutil.copy(RELEASE / name, output / name)
+    settings = dataclasses.replace(Settings(), output_root=output)
+    if request.param == "redis":
+        require(None if shutil.which("redis-server") else "needs redis-server (Debian package redis-server)")
+        from bench.job_backend import RedisServer
+
+        folder = tmp_path / "redis"
+        folder.mkdir()
+        shutil.copy(RELEASE / "redis.rdb", folder / "dump.rdb")  # loaded at start-up
+        server = RedisServer(folder)
+        request.addfinalizer(server.stop)
+        settings = dataclasses.replace(settings, job_backend="celery", broker_url=server.url)
+    return settings, EXPECTED[request.param]
+
+
+def migrated(settings: Settings) -> Backend:
+    """The backend of ``settings`` once ``inference-migrate`` ran, after the API refused to start on it."""
+    with pytest.raises(SystemExit) as refused:
+        checked_backend(settings)
+    message = str(refused.value)
+    assert "\n" not in message and "schema version 0, this release needs 1" in message
+    assert "run `inference-migrate`" in message
+    backend = backend_for(settings)
+    done = backend.migrate()
+    assert all("version 0 -> 1" in line for line in done), done
+    assert backend.migrate() == [line.replace("version 0", "version 1") for line in done], "a second run: nothing"
+    backend.check()
+    return backend
+
+
+def test_every_job_comes_through(old_stores):
+    settings, expected = old_stores
+    backend = migrated(settings)
+    jobs = RedisJobStore(backend.url) if backend.kind == REDIS else JobStore(backend.folder / "jobs.sqlite3")
+    assert [job_fields(jobs.get(job["uid"])) for job in expected["jobs"]] == expected["jobs"]
+    assert jobs.count_by_status() == {"completed": 4, "failed": 1, "running": 1}
+    running = next(job for job in expected["jobs"] if job["status"] == "running")
+    assert jobs.mark_completed(running["uid"], "/out/x"), "old records change state as new ones do"
+
+
+def test_every_review_decision_comes_through(old_stores):
+    settings, expected = old_stores
+    reviews = review_records(migrated(settings))
+    assert [review.to_json() for review in reviews.all()] == expected["reviews"]
+    assert {r["status"] for r in expected["reviews"]} == {"accepted", "rejected", "corrected"}
+
+
+def test_every_user_comes_through_and_their_tokens_still_work(old_stores):
+    settings, expected = old_stores
+    users = user_store(migrated(settings))
+    assert [dataclasses.asdict(user) for user in users.all()] == expected["users"]
+    authenticator = Authenticator(users)
+    for name, token in expected["tokens"].items():
+        found = authenticator.user_for(token)
+        assert (found.name if found else None) == (None if name == "gone" else name), name
+
+
+def test_every_feedback_record_and_decision_entry_comes_through(old_stores):
+    settings, expected = old_stores
+    records = radiomics_records(migrated(settings))
+    assert [records.segmentation(s["uid"]).to_json() for s in expected["segmentations"]] == expected["segmentations"]
+    for kind in (FEEDBACK, TELEMETRY, DECISION):
+        assert records.entries(kind) == expected["entries"][kind], kind
+
+
+def test_every_history_entry_comes_through(old_stores):
+    settings, _ = old_stores
+    backend = migrated(settings)
+    history = ResultHistory(backend.history_path)
+    rows = EXPECTED["history"]
+    first = Patient("P-1", "HOSP", "19500101")
+    assert [(p.study_uid, p.version, p.volumes_mm3) for p in history.earlier(first, "1.2.3.99")] == [
+        (row["study_uid"], row["version"], json.loads(row["volumes"])) for row in rows if row["patient_id"] == "P-1"]
+    with sqlite3.connect(backend.history_path) as db:
+        columns = [row[1] for row in db.execute("PRAGMA table_info(results)")]
+        rows_stored = db.execute("SELECT * FROM results ORDER BY study_uid").fetchall()
+        stored = [dict(zip(columns, row, strict=True)) for row in rows_stored]
+    db.close()
+    assert stored == rows
+
+
+def test_the_migrate_console_script_migrates_the_stores_of_the_settings(tmp_path):
+    output = tmp_path / "jobs"
+    output.mkdir()
+    for name in ("jobs.sqlite3", "radiomics.sqlite3", "history.sqlite3"):
+        shutil.copy(RELEASE / name, output / name)
+    env = {**os.environ, "INFERENCE_OUTPUT_ROOT": str(output), "INFERENCE_JOB_BACKEND": "local"}
+    env.pop("INFERENCE_HISTORY_DB", None)
+    script = Path(sys.executable).parent / "inference-migrate"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "inference.storage"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, cwd=PROJECT_ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("version 0 -> 1") == 3, done.stdout
+    JobStore(output / "jobs.sqlite3")  # opens: no refusal
+
+
+def test_the_api_refuses_to_start_on_an_old_store_naming_the_command(tmp_path):
+    import server
+
+    output = tmp_path / "jobs"
+    output.mkdir()
+    shutil.copy(RELEASE / "jobs.sqlite3", output / "jobs.sqlite3")
+    with pytest.raises(SystemExit, match=r"job store .* is at schema version 0, .*run `inference-migrate`"):
+        server.create_app(settings=dataclasses.replace(Settings(), output_root=output))
