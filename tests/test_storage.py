@@ -227,3 +227,59 @@ def test_opening_does_not_create_tables_in_a_file_of_an_older_release(tmp_path):
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT name FROM sqlite_master WHERE name = 'entries'").fetchone() is None
     db.close()
+
+
+# -- the result history ----------------------------------------------------------------------------------
+def test_the_history_keeps_a_patients_results_one_per_study_and_version(backend):
+    from handlers.hippocampus.history import ResultHistory, history_rows
+    from inference.pacs.priors import Patient, PriorResult
+
+    history = ResultHistory(history_rows(backend))
+    alice, other = Patient("P-1", "HOSP", "19500101"), Patient("P-2")
+    history.record(alice, PriorResult("1.1", "20230101", "hippocampus", "1.0", {"Anterior": 1800.0}))
+    history.record(alice, PriorResult("1.1", "20230101", "hippocampus", "1.0", {"Anterior": 1790.0}))  # again
+    history.record(alice, PriorResult("1.2", "20240101", "hippocampus", "1.1", {"Anterior": 1750.5}))
+    history.record(other, PriorResult("2.1", "20220101", "hippocampus", "1.0", {"Anterior": 2000.0}))
+    found = sorted(history.earlier(alice, "9.9"), key=lambda result: result.study_uid)
+    assert [(r.study_uid, r.version, r.volumes_mm3) for r in found] == [
+        ("1.1", "1.0", {"Anterior": 1790.0}), ("1.2", "1.1", {"Anterior": 1750.5})], "one row per study and version"
+    assert [r.study_uid for r in history.earlier(alice, "1.2")] == ["1.1"], "not the study itself"
+    assert history.earlier(Patient("P-1", "HOSP", "19600101"), "9.9") == [], "another birth date: another patient"
+    rows = history_rows(backend)
+    assert rows.update("1.1", "hippocampus", "1.0", {"study_date": "20230102"})
+    assert not rows.update("nope", "hippocampus", "1.0", {"study_date": "x"})
+    with pytest.raises(ValueError, match="no column"):
+        rows.update("1.1", "hippocampus", "1.0", {"nonsense": 1})
+
+
+def test_a_history_row_of_a_later_release_with_a_column_unknown_here_still_loads(backend):
+    from handlers.hippocampus.history import ResultHistory, history_rows
+    from inference.pacs.priors import Patient, PriorResult
+    from inference.storage.history import RedisHistoryRows
+
+    history = ResultHistory(history_rows(backend))
+    patient = Patient("P-1")
+    history.record(patient, PriorResult("1.1", "20230101", "hippocampus", "1.0", {"Anterior": 1800.0}))
+    if backend.kind == REDIS:
+        key = RedisHistoryRows.ROW + json.dumps(["1.1", "hippocampus", "1.0"])
+        backend.redis.set(key, json.dumps({**json.loads(backend.redis.get(key)), "scanner": "x"}))
+    else:
+        with sqlite3.connect(backend.history_path) as db:
+            db.execute("ALTER TABLE results ADD COLUMN scanner TEXT")
+        db.close()
+    assert [r.volumes_mm3 for r in history.earlier(patient, "9")] == [{"Anterior": 1800.0}]
+
+
+def test_the_celery_backend_refuses_a_history_file_not_yet_in_redis(backend, tmp_path):
+    if backend.kind != REDIS:
+        pytest.skip("the celery backend's history is in Redis")
+    from inference.storage.history import SqliteHistoryRows
+
+    SqliteHistoryRows(backend.history_path).put({"patient_id": "P", "issuer": "", "birth_date": "", "study_uid": "1",
+                                                 "study_date": "20200101", "family": "f", "version": "1",
+                                                 "volumes": "{}", "recorded": "now"})
+    with pytest.raises(StoreVersionError, match="not in Redis yet.*run `inference-migrate`"):
+        backend.check()
+    assert backend.migrate()[-1].startswith(f"result history {backend.history_path}: 1 results copied to Redis")
+    backend.check()
+    assert not backend.history_path.exists()

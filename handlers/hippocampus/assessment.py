@@ -9,11 +9,10 @@ patient by the same family and version (``history``: our own store, then the PAC
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 
-from handlers.hippocampus.history import ResultHistory, compare
+from handlers.hippocampus.history import compare, result_history
 from handlers.hippocampus.orientation import ras_affine
 from inference import metrics
 from inference.config import Settings
@@ -62,7 +61,7 @@ def change_since_prior(settings: Settings, volume: Volume, version: ModelVersion
     if patient is None:
         return {"searched": [], "prior": None, "structures": {}, "not_comparable": [],
                 "note": "the study has no PatientID: earlier results are never matched on the name alone"}
-    history = ResultHistory(settings.history_db or Path(settings.output_root) / "history.sqlite3")
+    history = result_history(settings)
     candidates: list[PriorResult] = history.earlier(patient, study_uid)
     searched = ["result store"]
     if settings.prior_dicomweb_url:

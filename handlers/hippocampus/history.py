@@ -1,4 +1,4 @@
-"""Change since the prior: our own record of earlier hippocampus results (SQLite), and the comparison with them.
+"""Change since the prior: our own record of earlier hippocampus results, and the comparison with them.
 
 Every result made from DICOM is recorded with the patient's identity (Patient ID, issuer, birth date), its
 study and date, the model (family and version) and the volumes. A new study of the same patient is compared
@@ -10,50 +10,55 @@ from __future__ import annotations
 
 import datetime
 import json
-import threading
 from collections.abc import Iterable, Mapping
-from pathlib import Path
+from typing import Any
 
+from inference.config import Settings
 from inference.pacs.priors import Patient, PriorResult
-from inference.storage.migrations import HISTORY, open_sqlite
-from inference.storage.sqlite import connection
-
-#: The results table's columns (``inference.storage.migrations.HISTORY`` makes them).
-COLUMNS = ("patient_id", "issuer", "birth_date", "study_uid", "study_date", "family", "version", "volumes", "recorded")
-_lock = threading.Lock()
+from inference.storage.backend import REDIS, Backend, backend_for
+from inference.storage.history import HistoryRows, RedisHistoryRows, SqliteHistoryRows
 
 
 class ResultHistory:
-    """Earlier results by patient, in an SQLite file (``INFERENCE_HISTORY_DB``) shared by the processes of a machine."""
+    """Earlier results by patient, in the history of the stores' backend (``inference.storage.history``): an
+    SQLite file (``INFERENCE_HISTORY_DB``) shared by a machine's processes, or the celery backend's Redis."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        open_sqlite(self.path, HISTORY)  # created at this release's schema, or refused at another one
+    def __init__(self, rows: HistoryRows) -> None:
+        self.rows = rows
 
     def record(self, patient: Patient, result: PriorResult) -> None:
         """Keep one result (a study processed again by the same version replaces its earlier record)."""
-        with _lock, connection(self.path, write=True) as db:
-            db.execute(f"INSERT OR REPLACE INTO results ({', '.join(COLUMNS)}) "
-                       f"VALUES ({', '.join('?' * len(COLUMNS))})", to_row(patient, result))
+        self.rows.put(to_row(patient, result))
 
     def earlier(self, patient: Patient, study_uid: str) -> list[PriorResult]:
         """The patient's results of other studies, any model (matched on ID, issuer and birth date when known)."""
-        with connection(self.path) as db:
-            rows = db.execute(f"SELECT {', '.join(COLUMNS)} FROM results "
-                              "WHERE patient_id = ? AND issuer = ? AND study_uid != ?",
-                              (patient.patient_id, patient.issuer, study_uid)).fetchall()
+        rows = self.rows.of_patient(patient.patient_id, patient.issuer, study_uid)
         return [result for row_patient, result in map(from_row, rows) if patient.matches(row_patient)]
 
 
-def to_row(patient: Patient, result: PriorResult) -> tuple:
-    """One result of ``patient`` as the results table's row (``COLUMNS``), recorded now."""
-    return (patient.patient_id, patient.issuer, patient.birth_date, result.study_uid, result.study_date,
-            result.family, result.version, json.dumps(result.volumes_mm3),
-            datetime.datetime.now(datetime.UTC).isoformat())
+def history_rows(backend: Backend) -> HistoryRows:
+    """The history of ``backend``: its Redis with the celery backend (one for every machine), else the SQLite
+    file (``INFERENCE_HISTORY_DB``, ``<INFERENCE_OUTPUT_ROOT>/history.sqlite3`` by default)."""
+    if backend.kind == REDIS:
+        return RedisHistoryRows(backend.redis)
+    return SqliteHistoryRows(backend.history_path)
 
 
-def from_row(row: Mapping) -> tuple[Patient, PriorResult]:
-    """The patient and result of a results table row."""
+def result_history(settings: Settings) -> ResultHistory:
+    """The history of ``settings``' stores."""
+    return ResultHistory(history_rows(backend_for(settings)))
+
+
+def to_row(patient: Patient, result: PriorResult) -> dict[str, Any]:
+    """One result of ``patient`` as a history row, recorded now."""
+    return {"patient_id": patient.patient_id, "issuer": patient.issuer, "birth_date": patient.birth_date,
+            "study_uid": result.study_uid, "study_date": result.study_date, "family": result.family,
+            "version": result.version, "volumes": json.dumps(result.volumes_mm3),
+            "recorded": datetime.datetime.now(datetime.UTC).isoformat()}
+
+
+def from_row(row: Mapping[str, Any]) -> tuple[Patient, PriorResult]:
+    """The patient and result of a history row."""
     return (Patient(row["patient_id"], row["issuer"], row["birth_date"]),
             PriorResult(row["study_uid"], row["study_date"], row["family"], row["version"], json.loads(row["volumes"])))
 

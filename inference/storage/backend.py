@@ -22,10 +22,9 @@ SQLITE, REDIS = "sqlite", "redis"
 
 @dataclass(frozen=True)
 class Backend:
-    """Where the stores keep their records: ``kind`` SQLITE (files in ``folder``) or REDIS (at ``url``).
-
-    The result history is an SQLite file (``history_path``) with either kind.
-    """
+    """Where the stores keep their records: ``kind`` SQLITE (files in ``folder``, the result history in
+    ``history_path``) or REDIS (at ``url``; a ``history_path`` file left by an older release is copied there by
+    ``migrate``)."""
 
     kind: str
     folder: Path
@@ -39,10 +38,10 @@ class Backend:
 
     def sqlite_files(self) -> dict[Path, Database]:
         """The SQLite files of this backend and their schemas."""
-        files = {self.history_path: HISTORY}
-        if self.kind == SQLITE:
-            files.update({self.folder / "jobs.sqlite3": JOBS, self.folder / "radiomics.sqlite3": RADIOMICS})
-        return files
+        if self.kind == REDIS:
+            return {}
+        return {self.folder / "jobs.sqlite3": JOBS, self.folder / "radiomics.sqlite3": RADIOMICS,
+                self.history_path: HISTORY}
 
     def check(self) -> None:
         """Refuse (``StoreVersionError``, one line) a store at a version this release does not run on; create
@@ -55,6 +54,11 @@ class Backend:
             except UNREACHABLE as exc:
                 log.warning("Redis at %s unreachable at start-up (%s): its schema version is not checked",
                             where(self.redis), exc)
+            if self.history_path.exists():
+                raise StoreVersionError(
+                    f"the result history {self.history_path} of an older release is not in Redis yet (the celery "
+                    f"backend keeps it there): run `{migrations.MIGRATE_COMMAND}` (python -m inference.storage) on "
+                    "this machine with the same settings")
 
     def migrate(self) -> list[str]:
         """Bring every store to this release's schema; a line per store saying what was done."""
@@ -65,7 +69,22 @@ class Backend:
         if self.kind == REDIS:
             before, after = migrations.migrate_redis(self.redis)
             done.append(f"Redis at {where(self.redis)}: version {before} -> {after}")
+            if self.history_path.exists():
+                done.append(self._history_to_redis())
         return done
+
+    def _history_to_redis(self) -> str:
+        """Copy this machine's result history file (an older release's) into Redis, then rename it ``.imported``."""
+        from inference.storage.history import RedisHistoryRows, SqliteHistoryRows  # they stand on this module
+
+        migrations.migrate_sqlite(self.history_path, HISTORY)
+        rows = SqliteHistoryRows(self.history_path).all()
+        target = RedisHistoryRows(self.redis)
+        for row in rows:
+            target.put(row)
+        imported = self.history_path.with_name(self.history_path.name + ".imported")
+        self.history_path.rename(imported)
+        return f"result history {self.history_path}: {len(rows)} results copied to Redis, the file renamed {imported}"
 
 
 def backend_for(settings: Settings) -> Backend:
