@@ -39,7 +39,9 @@ control_socket_disable = True
 
 def on_starting(server):
     from inference.metrics_dir import prepare_multiproc_dir
+    from inference.storage.backend import checked_backend
 
+    checked_backend(_settings)  # a store of another schema version stops gunicorn here, with one line, not each worker
     prepare_multiproc_dir(_metrics_dir)
 
 
