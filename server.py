@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import logging
 import threading
+from functools import partial
 
 from gateway import Gateway
 from handlers import REGISTRY, load_handlers
+from handlers.hippocampus.history import learn_decision
 from inference.config import Settings, get_settings
 from inference.http.audit_routes import audit_blueprint
 from inference.http.model_routes import model_blueprint
@@ -78,7 +80,9 @@ def create_app(mode: str | None = None, settings: Settings | None = None, *,
         raise SystemExit(f"Radiomics API: {exc}") from None
     for blueprint in (
             job_blueprint(pipeline, store, runner, reviews),  # POST /job/, GET /query/<uid>, a job's files
-            review_blueprint(settings, store, reviews, records, registry),  # /reviews, /review/
+            # /reviews, /review/; each decision also reaches the hippocampus history (a rejected result: no prior)
+            review_blueprint(settings, store, reviews, records, registry,
+                             on_decision=[partial(learn_decision, settings)]),
             radiomics,  # /api/...
             model_blueprint(pipeline, registry, settings,  # /models, /openapi.json
                             feedback=lambda family: version_figures(records, family).get(family, {}),

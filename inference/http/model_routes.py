@@ -8,15 +8,16 @@ from collections.abc import Callable
 import flask
 from flask import Blueprint
 
+from inference import metrics
 from inference.config import Settings
-from inference.errors import BadRequest, NotFound
+from inference.errors import NotFound
 from inference.http.current import gateway
 from inference.http.openapi import openapi_document
 from inference.http.roles import needs
 from inference.pipeline.pipeline import Pipeline
 from inference.users import REVIEWER, SUBMITTER
 from models import monitoring
-from models.registry import ModelRegistry
+from models.registry import ModelRegistry, UnknownModel
 
 
 def model_blueprint(pipeline: Pipeline, registry: ModelRegistry, settings: Settings, *,
@@ -27,7 +28,7 @@ def model_blueprint(pipeline: Pipeline, registry: ModelRegistry, settings: Setti
     """
     blueprint = Blueprint("models", __name__)
     blueprint.record_once(lambda state: state.app.metrics_collectors.append(  # type: ignore[attr-defined]
-        monitoring.DriftCollector(registry, settings.metrics_dir)))
+        monitoring.DriftCollector(registry, lambda: metrics.watched_counts(settings.metrics_dir))))
 
     @blueprint.get("/models")
     @needs(SUBMITTER)
@@ -42,7 +43,7 @@ def model_blueprint(pipeline: Pipeline, registry: ModelRegistry, settings: Setti
     def show_family(family: str) -> flask.Response:
         try:
             described = registry.family(family).describe(registry.failures)
-        except BadRequest as exc:
+        except UnknownModel as exc:
             raise NotFound(exc.message) from None
         # per version: review decisions (accepted, rejected, corrected, mean Dice of corrections), feedback, telemetry
         described["feedback"] = feedback(family)
@@ -53,8 +54,8 @@ def model_blueprint(pipeline: Pipeline, registry: ModelRegistry, settings: Setti
     def monitor_family(family: str) -> flask.Response:
         """Drift watch: what each version served (inputs, volumes, uncertainty, flags) against its training split."""
         try:
-            return flask.jsonify(monitoring.summary(registry, family, settings.metrics_dir))
-        except BadRequest as exc:
+            return flask.jsonify(monitoring.summary(registry, family, metrics.watched_counts(settings.metrics_dir)))
+        except UnknownModel as exc:
             raise NotFound(exc.message) from None
 
     @blueprint.get("/openapi.json")

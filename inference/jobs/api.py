@@ -35,6 +35,7 @@ import pydicom.errors
 from flask import g, request
 from flask.blueprints import BlueprintSetupState
 
+from inference.disk_space import check_free_space, disk_full_as
 from inference.errors import (
     BadRequest,
     Conflict,
@@ -159,7 +160,8 @@ def job_blueprint(pipeline: Pipeline, store: JobRecords, runner: JobRunner,
     Registered on a Gateway, it counts jobs by state on ``/metrics`` and keeps the requests that ask for
     review as held jobs (the gateway's ``hold_result``).
     """
-    output_root = Path(pipeline.settings.output_root)
+    settings = pipeline.settings
+    output_root = Path(settings.output_root)
     blueprint = flask.Blueprint("jobs", __name__)
 
     def keep_for_review(result: InferenceResult, body: ParsedBody, json_input: dict, study_uid: str | None,
@@ -173,11 +175,12 @@ def job_blueprint(pipeline: Pipeline, store: JobRecords, runner: JobRunner,
         output = output_root / job.uid
         partial = output_root / f"{job.uid}.partial.request"
         try:
-            write_outputs(partial, result.response_json, result.buffers)
-            (partial / "input").mkdir()
-            for index, part in enumerate(body.parts[1:]):
-                (partial / "input" / f"instance_{index:05d}.dcm").write_bytes(part.read_bytes())
-            os.replace(partial, output)
+            with disk_full_as("output"):
+                write_outputs(partial, result.response_json, result.buffers)
+                (partial / "input").mkdir()
+                for index, part in enumerate(body.parts[1:]):
+                    (partial / "input" / f"instance_{index:05d}.dcm").write_bytes(part.read_bytes())
+                os.replace(partial, output)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
         job.output_dir = str(output)
@@ -207,11 +210,12 @@ def job_blueprint(pipeline: Pipeline, store: JobRecords, runner: JobRunner,
     @needs(SUBMITTER)
     def submit_job() -> tuple[flask.Response, int]:
         job = job_from_request(pipeline)
+        check_free_space("output", output_root, settings.min_free_space_mb)  # 507 now, not a job failing later
         job.owner = runner.owner
         job.user = g.get("user")
         store.add(job)
         audit_event("study-received", study_uid=job.study_uid, door="job", job=job.uid, in_dir=job.in_dir,
-              command=job.command)
+                    command=job.command)
         runner.submit(job)
         log.info("job %s queued: %s (%s) on %s", job.uid, job.job_name, job.command, job.in_dir)
         response = flask.jsonify({"uid": job.uid})

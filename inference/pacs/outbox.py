@@ -26,6 +26,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from inference.logs import TaggedLogger
+from inference.metrics import record_dicom_sent, set_dicom_outbox
 from inference.pacs.transport import NO_DELAY_HANDLERS
 
 log = TaggedLogger(logging.getLogger("inference.pacs.outbox"))
@@ -142,6 +143,11 @@ class Outbox:
                 target.with_suffix(".tmp").replace(target)
             log.tag(tags).info("%d results queued for %s", len(files), destination)
             self._wake[destination.key].set()
+        set_dicom_outbox(self.waiting())
+
+    def waiting(self) -> int:
+        """Files waiting for some destination (a file for two destinations counts twice)."""
+        return sum(len(list((self.root / d.key).glob("*__*.dcm"))) for d in self.destinations)
 
     def pending(self, batch: str) -> int:
         """Files of ``batch`` not yet confirmed by some destination."""
@@ -152,6 +158,7 @@ class Outbox:
         return dict(Counter(path.name.split("__", 1)[0] for path in (self.root / destination.key).glob("*__*.dcm")))
 
     def start(self) -> None:
+        set_dicom_outbox(self.waiting())  # what a stopped process left
         for destination in self.destinations:
             thread = threading.Thread(target=self._sender, args=(destination,), name=f"outbox-{destination.key}",
                                       daemon=True)
@@ -195,6 +202,8 @@ class Outbox:
                     continue
                 for path in stored:
                     path.unlink()
+                record_dicom_sent(len(stored))
+                set_dicom_outbox(self.waiting())
                 if len(stored) < len(paths):
                     failed = True
                     log.tag(tags).warning("%s took %d of %d results; the rest stay in the outbox",

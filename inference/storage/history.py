@@ -20,8 +20,11 @@ from inference.storage.migrations import HISTORY, open_sqlite, redis_prefix
 from inference.storage.redis_client import reaching
 from inference.storage.sqlite import connection
 
-#: The results table's columns (``inference.storage.migrations.HISTORY`` makes them), in the order written.
-COLUMNS = ("patient_id", "issuer", "birth_date", "study_uid", "study_date", "family", "version", "volumes", "recorded")
+#: The results table's columns (``inference.storage.migrations.HISTORY`` makes them), in the order written. Since
+#: issue 37 (schema version 2): ``flagged`` 1/0 (None: recorded before flags were kept), ``flag_reasons`` a JSON
+#: list, ``review`` the reviewer's decision (None until one), ``corrected_volumes`` JSON (None unless corrected).
+COLUMNS = ("patient_id", "issuer", "birth_date", "study_uid", "study_date", "family", "version", "volumes", "recorded",
+           "flagged", "flag_reasons", "review", "corrected_volumes")
 #: What identifies a row: a study's result by one model version.
 KEY = ("study_uid", "family", "version")
 

@@ -87,13 +87,24 @@ CREATE TABLE IF NOT EXISTS segmentations (uid TEXT PRIMARY KEY, received REAL NO
 CREATE INDEX IF NOT EXISTS segmentations_received ON segmentations (received);
 CREATE TABLE IF NOT EXISTS entries (id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, entry TEXT NOT NULL)
 """)])
+def _flags_and_reviews(db: sqlite3.Connection) -> None:
+    """Version 2 of the history (issue 37): each result's quality flag and reasons, and a reviewer's decision with
+    a correction's volumes. Rows recorded before keep NULL: their flag is unknown. Columns a file already has
+    (added when opened by the release that introduced them) are kept."""
+    present = {row[1] for row in db.execute("PRAGMA table_info(results)")}
+    for name, kind in (("flagged", "INTEGER"), ("flag_reasons", "TEXT"), ("review", "TEXT"),
+                       ("corrected_volumes", "TEXT")):
+        if name not in present:
+            db.execute(f"ALTER TABLE results ADD COLUMN {name} {kind}")
+
+
 #: ``INFERENCE_HISTORY_DB`` (``<INFERENCE_OUTPUT_ROOT>/history.sqlite3``): the hippocampus result history.
 HISTORY = Database("result history", [_script("""
 CREATE TABLE IF NOT EXISTS results (
     patient_id TEXT NOT NULL, issuer TEXT NOT NULL, birth_date TEXT NOT NULL, study_uid TEXT NOT NULL,
     study_date TEXT NOT NULL, family TEXT NOT NULL, version TEXT NOT NULL, volumes TEXT NOT NULL,
     recorded TEXT NOT NULL, PRIMARY KEY (study_uid, family, version))
-""")])
+"""), _flags_and_reviews])
 
 
 def sqlite_version(db: sqlite3.Connection) -> tuple[int, bool]:
