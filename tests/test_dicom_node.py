@@ -232,9 +232,11 @@ def test_a_study_from_a_routing_pacs_is_complete_when_its_association_is_release
         assert "or when ORTHANC releases its association" in log
         time.sleep(1)  # the watcher would have taken them by now had they been complete
         log = node.log_text()
-        # an aborted association and a sender not listed keep the stability wait (senders that trickle)
+        # a routing PACS's aborted association leaves its study incomplete (it waits for a re-send); a sender not
+        # listed keeps the stability wait (senders that trickle)
         for name in ("aborted", "scanner"):
             assert f"study={studies[name]}] study complete" not in log, name
+        assert f"study={studies['aborted']}] study incomplete: the association from ORTHANC, a routing PACS" in log
         incoming = node.folder / "pacs" / "spool" / "incoming"
         waiting = collections.Counter(path.parent.name for path in incoming.glob("*/*.dcm"))
         assert waiting == {studies["aborted"]: 2, studies["scanner"]: 8}

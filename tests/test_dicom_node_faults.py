@@ -198,7 +198,7 @@ def metric(text: str, name: str) -> float:
     return float(match.group(1))
 
 
-def test_the_node_serves_its_received_sent_and_outbox_metrics(tmp_path):
+def test_the_node_serves_its_received_sent_and_outbox_metrics_and_logs_a_down_destination_once(tmp_path):
     from pynetdicom import AE, AllStoragePresentationContexts, evt
 
     metrics_port, destination_port = free_port(), free_port()
@@ -218,11 +218,14 @@ def test_the_node_serves_its_received_sent_and_outbox_metrics(tmp_path):
         assert metric(text, "inference_dicom_node_outbox") == 1
         assert metric(text, "inference_dicom_node_sent_total") == 0
 
+        time.sleep(2.5)  # a few more attempts (the wait is at most 1 s here): each is not logged again
         ae = AE(ae_title="DEST")
         ae.supported_contexts = AllStoragePresentationContexts
         destination = ae.start_server(("127.0.0.1", destination_port), block=False,
                                       evt_handlers=[(evt.EVT_C_STORE, lambda event: 0x0000)])
-        node.wait_for_log(r"1 results delivered to DEST@", 30)
+        log = node.wait_for_log(r"1 results delivered to DEST@", 30)
+        assert len(re.findall(r"delivery of 1 results to DEST@.* failed", log)) == 1
+        assert re.search(r"1 results delivered to DEST@\S+ after ([2-9]|\d\d+) failed attempts", log)
         assert eventually(lambda: metric(scrape(), "inference_dicom_node_sent_total") == 1, 5)
         assert metric(scrape(), "inference_dicom_node_outbox") == 0
     finally:
@@ -347,3 +350,32 @@ def test_a_series_short_of_its_announced_instances_or_with_a_gap_is_refused_befo
     with pytest.raises(UnprocessableInput, match=r"a gap of 4.00 mm .* 2.00 mm apart: slices are missing"):
         load_volume(datasets[:4] + datasets[5:])
     assert load_volume(datasets[:6]).voxels.shape == (6, 16, 16), "a series whose headers say nothing more"
+
+
+def test_a_job_whose_prior_pacs_is_frozen_finishes_within_the_look_ups_deadline(tmp_path):
+    """The hippocampus job itself, with INFERENCE_PRIOR_DICOMWEB_URL at an Orthanc that accepts connections and
+    never answers: it used to wait forever; now its look-up gives up after INFERENCE_PRIOR_TIMEOUT_SECONDS."""
+    import threading
+
+    from inference.pacs.priors import CIRCUITS
+    from tests.test_hippocampus_priors import WEIGHTS, run, settings_for
+
+    require(orthanc_missing())
+    if not WEIGHTS.exists():
+        pytest.skip(f"model weights {WEIGHTS.name} are not in models/")
+    crop = [pydicom.dcmread(p) for p in sorted(next(shared_data("studies", "Study1").glob("*HCrop*")).iterdir())]
+    orthanc = Orthanc(tmp_path / "orthanc", node_port=free_port())
+    url = f"{orthanc.url}/dicom-web"
+    os.killpg(orthanc.process.pid, signal.SIGSTOP)
+    try:
+        settings = settings_for(tmp_path, prior_dicomweb_url=url, prior_timeout_seconds=1.0)
+        answers: list[dict] = []
+        job = threading.Thread(target=lambda: answers.append(run(crop, settings)[0]), daemon=True)
+        job.start()
+        job.join(120)
+        assert not job.is_alive(), "the job is held by the frozen PACS"
+        assert answers[0]["change_since_prior"]["prior"] is None and "quality" in answers[0]
+    finally:
+        os.killpg(orthanc.process.pid, signal.SIGCONT)
+        orthanc.stop()
+        CIRCUITS.answered(url)

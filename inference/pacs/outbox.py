@@ -181,6 +181,7 @@ class Outbox:
     def _sender(self, destination: Destination) -> None:
         folder = self.root / destination.key
         delay = self.retry_first_seconds
+        failures: dict[str, tuple[int, str]] = {}  # batch -> failed attempts in a row, the last error: logged once
         while not self._stop.is_set():
             self._wake[destination.key].clear()
             files = sorted(folder.glob("*__*.dcm"))
@@ -197,8 +198,12 @@ class Outbox:
                     stored = destination.send(paths)
                 except Exception as exc:  # anything a destination raises: keep the files, retry later
                     failed = True
-                    log.tag(tags).warning("delivery of %d results to %s failed (%s); retrying in %.1fs",
-                                          len(paths), destination, exc, delay)
+                    count, last = failures.get(batch, (0, ""))
+                    failures[batch] = (count + 1, str(exc))
+                    if str(exc) != last:  # the first failure, or another error: a repeat is not logged again
+                        log.tag(tags).warning("delivery of %d results to %s failed (%s); retrying in %.1fs, then "
+                                              "less often (logged again when it changes or succeeds)",
+                                              len(paths), destination, exc, delay)
                     continue
                 for path in stored:
                     path.unlink()
@@ -210,7 +215,9 @@ class Outbox:
                                           destination, len(stored), len(paths))
                 else:
                     (folder / f"{batch}.json").unlink(missing_ok=True)
-                log.tag(tags).info("%d results delivered to %s", len(stored), destination)
+                count, _ = failures.pop(batch, (0, ""))
+                log.tag(tags).info("%d results delivered to %s%s", len(stored), destination,
+                                   f" after {count} failed attempts" if count else "")
             if failed:
                 self._stop.wait(delay)
                 delay = min(delay * 2, self.retry_max_seconds)
