@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import logging
 import logging.config
@@ -68,7 +67,7 @@ from inference.disk_space import StoreFull, check_free_space
 from inference.errors import GatewayError
 from inference.folders import NODE_FOLDERS, check_folders
 from inference.jobs.executor import JobExecutor, job_request_json
-from inference.jobs.reviews import AWAITING, CORRECTED, REJECTED, Review, review_store
+from inference.jobs.reviews import AWAITING, CORRECTED, REJECTED, Review, review_records
 from inference.jobs.store import (
     COMPLETED,
     FAILED,
@@ -90,6 +89,9 @@ from inference.pacs.spool import StudySpool, read_series_info, safe_name
 from inference.pacs.transport import NO_DELAY_HANDLERS, LazyHandshakeContext
 from inference.paths import private_files
 from inference.pipeline.pipeline import Pipeline
+from inference.protocol.input_hash import input_hash_of_files
+from inference.storage.backend import REDIS, Backend, backend_for
+from inference.storage.migrations import StoreVersionError
 from inference.tls import TLSConfigError
 
 log = TaggedLogger(logging.getLogger("inference.pacs"))
@@ -126,16 +128,6 @@ DELIVERING, DONE_FAILED = "delivering", "failed"
 HELD, DONE_REJECTED = "held", "rejected"
 
 
-def input_hash(json_bytes: bytes, files: Sequence[Path]) -> str:
-    """SHA-256 over the request JSON and the files, in order: the input hash a job on them logs."""
-    digest = hashlib.sha256(json_bytes)
-    for path in files:
-        with open(path, "rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
 def job_pipeline(settings: Settings, rules: Sequence[Rule]) -> Pipeline:
     """The pipeline the node's jobs run through: the rules' commands, each rule's parameters checked.
 
@@ -155,22 +147,19 @@ def job_pipeline(settings: Settings, rules: Sequence[Rule]) -> Pipeline:
     return pipeline
 
 
-def job_backend(settings: Settings, pipeline: Pipeline) -> tuple[JobRecords, JobRunner]:
-    """The job store and runner of ``INFERENCE_JOB_BACKEND``: the API's, so ``/query`` and ``/metrics`` show node jobs.
+def job_backend(settings: Settings, backend: Backend, pipeline: Pipeline) -> tuple[JobRecords, JobRunner]:
+    """The job store and runner of ``backend``: the API's, so ``/query`` and ``/metrics`` show node jobs.
 
-    ``celery``: Redis records, jobs queued for the workers (they read the spool below
-    ``INFERENCE_PACS_ROOT``: a shared volume). ``local``: ``<INFERENCE_OUTPUT_ROOT>/jobs.sqlite3``, a thread pool here.
+    Redis (``INFERENCE_JOB_BACKEND=celery``): jobs queued for the workers (they read the spool below
+    ``INFERENCE_PACS_ROOT``: a shared volume). SQLite: ``<INFERENCE_OUTPUT_ROOT>/jobs.sqlite3``, a thread pool here.
     """
-    if settings.job_backend == "celery":
+    if backend.kind == REDIS:
         from inference.jobs.celery_backend import celery_backend  # celery is imported only when used
 
         return celery_backend(settings)
-    if settings.job_backend != "local":
-        raise ValueError(f"INFERENCE_JOB_BACKEND must be 'local' or 'celery', got {settings.job_backend!r}")
-    output_root = Path(settings.output_root)
-    store = JobStore(output_root / "jobs.sqlite3")
-    return store, LocalPoolRunner(store, JobExecutor(store, pipeline), workers=settings.job_workers,
-                                  lock_dir=output_root / ".owners")
+    store = JobStore(backend.folder / "jobs.sqlite3")
+    return store, LocalPoolRunner(store, JobExecutor(store, pipeline, reviews=review_records(backend)),
+                                  workers=settings.job_workers, lock_dir=backend.folder / ".owners")
 
 
 @dataclasses.dataclass
@@ -226,8 +215,10 @@ class DicomNode:
             destinations.append(StowDestination(settings.pacs_stow_url,
                                                 None if self.tls is None else self.tls.https_session()))
         self.outbox = Outbox(root / "outbox", destinations, retry_max_seconds=settings.pacs_retry_max_seconds)
-        self.store, self.runner = job_backend(settings, self.pipeline)
-        self.reviews = review_store(self.store)  # decisions made on any API instance, seen here
+        backend = backend_for(settings)
+        backend.check()  # a store at another schema version: StoreVersionError, naming the migrate command
+        self.store, self.runner = job_backend(settings, backend, self.pipeline)
+        self.reviews = review_records(backend)  # decisions made on any API instance, seen here
         self.audit = audit_log(settings)
         self.ae = self._make_ae()
         self._server = None
@@ -509,7 +500,7 @@ class DicomNode:
         state: dict = {"study_uid": study_uid, "jobs": {}}
         for rule in rules:
             job = self._new_job(rule, folder)
-            digest = input_hash(json.dumps(job_request_json(job)).encode(), files)
+            digest = input_hash_of_files(json.dumps(job_request_json(job)).encode(), files)
             run_log = study_log.tag({"input_hash": digest})
             version = model_version_label(self.pipeline, rule)
             marker = self.processed / digest
@@ -738,7 +729,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_folders(settings, NODE_FOLDERS)  # UnusableFolder (a ValueError): the setting, its value and why
         rules = load_rules(settings.pacs_rules)
         node = DicomNode(settings, rules)
-    except ValueError as exc:
+    except (ValueError, StoreVersionError) as exc:
         print(f"dicom_node: {exc}", file=sys.stderr)
         return 2
     if settings.job_backend == "local":  # its jobs run here: load the models now (the workers load their own)

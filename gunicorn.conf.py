@@ -62,6 +62,7 @@ control_socket_disable = True
 def on_starting(server):
     from inference.folders import SERVER_FOLDERS, UnusableFolder, check_folders
     from inference.metrics_dir import prepare_multiproc_dir
+    from inference.storage.backend import checked_backend
 
     try:  # every folder setting created or writable, before a worker loads a model or takes a request
         check_folders(_settings, SERVER_FOLDERS)
@@ -69,6 +70,7 @@ def on_starting(server):
         if _own_metrics_dir:
             shutil.rmtree(_metrics_dir, ignore_errors=True)
         sys.exit(f"gateway not started: {exc}")
+    checked_backend(_settings)  # a store of another schema version stops gunicorn here, with one line, not each worker
     prepare_multiproc_dir(_metrics_dir)
 
 

@@ -31,6 +31,8 @@ from inference.jobs.celery_backend import LeaseReaper, job_store, make_celery
 from inference.logs import configure_logging
 from inference.paths import private_files
 from inference.pipeline.pipeline import Pipeline
+from inference.storage.backend import backend_for
+from inference.storage.migrations import StoreVersionError
 from server import served_commands
 
 log = logging.getLogger("inference.worker")
@@ -85,6 +87,11 @@ def _check_and_load(**_) -> None:
                    "instances use (a shared volume across machines): inputs readable, outputs writable.")
         print(message, file=sys.stderr, flush=True)  # before celery's logging is set up: plain stderr
         os._exit(2)  # an exception would not do: celery logs and ignores those of signal handlers
+    try:
+        backend_for(settings).check()  # stores at another schema version: refused, naming inference-migrate
+    except StoreVersionError as exc:
+        print(f"worker not started: {exc}", file=sys.stderr, flush=True)
+        os._exit(2)
     # the commands the API serves (the same settings: mocks only with INFERENCE_ENABLE_MOCKS)
     app.job_pipeline = Pipeline(settings, REGISTRY, commands=served_commands(settings))
     log.info("job worker: queues %s, commands %s, time limit %d s, visibility timeout %d s, data %s, output %s",

@@ -197,7 +197,8 @@ class Settings:
     #: INFERENCE_HIPPOCAMPUS_SERIES: regular expression matched against SeriesDescription to find the crop;
     #: unset: the model version's own rule (``input.series_description`` in the manifest).
     hippocampus_series: str | None = field(default=None, metadata={"env": "INFERENCE_HIPPOCAMPUS_SERIES"})
-    #: INFERENCE_HISTORY_DB: SQLite file of earlier hippocampus results by patient, for the change since the prior;
+    #: INFERENCE_HISTORY_DB: SQLite file of earlier hippocampus results by patient, for the change since the prior
+    #: (the local job backend; the celery backend keeps them in Redis);
     #: unset: ``<INFERENCE_OUTPUT_ROOT>/history.sqlite3``.
     history_db: Path | None = field(default=None, metadata={"env": "INFERENCE_HISTORY_DB"})
     #: INFERENCE_PRIOR_DICOMWEB_URL: a DICOMweb base URL (QIDO-RS, WADO-RS) where earlier studies' measurement

@@ -96,9 +96,12 @@ class RunningServer:
         self.url = f"http://127.0.0.1:{self.port}"
         # Each server gets its own metrics folder (gunicorn.conf.py makes one) unless ``env`` names one: a
         # folder inherited from this process would be shared, and every gunicorn empties its folder at start.
+        # Its stores (jobs, users, history, audit) are its own too unless ``env`` names a folder: the checkout's
+        # output/ may hold another release's stores, which a server refuses (inference-migrate).
         inherited = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
         full_env = {**inherited, "INFERENCE_PORT": str(self.port), "INFERENCE_HOST": "127.0.0.1",
-                    "INFERENCE_WORKERS": "1", "INFERENCE_THREADS": "4", **env}
+                    "INFERENCE_WORKERS": "1", "INFERENCE_THREADS": "4",
+                    "INFERENCE_OUTPUT_ROOT": str(Path(log_dir) / f"output-{self.port}"), **env}
         # ``{port}`` in ``args`` is replaced by the port chosen for this server
         command = [a.replace("{port}", str(self.port)) for a in args] if args else \
             [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"]

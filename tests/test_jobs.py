@@ -21,6 +21,7 @@ from inference.config import Settings
 from inference.jobs.api import add_job_routes
 from inference.jobs.store import FAILED, INTERRUPTED, RUNNING, Job, JobStore, LocalPoolRunner
 from inference.pipeline.pipeline import Pipeline
+from inference.storage.migrations import JOBS, StoreVersionError, migrate_sqlite
 from tests.conftest import PROJECT_ROOT, RunningServer, write_study
 
 
@@ -205,6 +206,9 @@ def test_a_store_file_from_before_attempts_were_counted_is_upgraded(tmp_path):
         db.execute("INSERT INTO jobs VALUES ('old', '3dblur', 'gaussian-blur-3d', 's', '{}', 'completed', NULL, NULL, "
                    "NULL, '/out/old', 1.0, 2.0)")
     db.close()
+    with pytest.raises(StoreVersionError, match="schema version 0, this release needs 1: .* run `inference-migrate`"):
+        JobStore(path)  # a file of an older release is migrated by the command, never by whoever opens it
+    assert migrate_sqlite(path, JOBS) == (0, 1)
     store = JobStore(path)
     assert store.get("old").attempts == 0 and store.get("old").output_dir == "/out/old"
     new = store.add(Job("3dblur", "gaussian-blur-3d", "s"))

@@ -15,6 +15,7 @@ import redis
 
 from inference.config import Settings
 from inference.jobs.celery_backend import job_store
+from inference.storage.backend import backend_for
 from inference.tls import TLSConfigError
 from inference.users import user_store
 from tests.conftest import free_port, require, write_study
@@ -105,7 +106,7 @@ def test_a_celery_job_runs_through_tls_redis(tls_redis, tmp_path):
 
 
 def test_the_user_store_reaches_tls_redis(tls_redis):
-    users = user_store(tls_redis.settings(job_backend="celery"))
+    users = user_store(backend_for(tls_redis.settings(job_backend="celery")))
     assert users.any_users() is False
 
 

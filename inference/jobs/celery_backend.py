@@ -37,6 +37,7 @@ from inference.config import Settings
 from inference.errors import ServiceUnavailable
 from inference.jobs.executor import JobExecutor
 from inference.jobs.redis_store import RedisJobStore
+from inference.jobs.reviews import RedisReviews
 from inference.jobs.store import FINISHED, TIMEOUT, Job
 from inference.pipeline.pipeline import Pipeline
 
@@ -152,7 +153,8 @@ def run_job(task: Task, uid: str) -> None:
     log.info("job %s: attempt %d on %s", uid, job.attempts + 1, worker)
     try:
         with LeaseKeeper(store, uid, worker, settings.job_lease_seconds):
-            JobExecutor(store, pipeline, reraise=(SoftTimeLimitExceeded, *TRANSIENT_ERRORS))(job)
+            JobExecutor(store, pipeline, reviews=RedisReviews(store.client),
+                        reraise=(SoftTimeLimitExceeded, *TRANSIENT_ERRORS))(job)
     except SoftTimeLimitExceeded:
         log.error("job %s: past its time limit (%d s)", uid, settings.job_time_limit)
         store.mark_failed(uid, TIMEOUT, 500)
