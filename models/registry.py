@@ -16,10 +16,11 @@ import argparse
 import copy
 import hashlib
 import json
+import re
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -29,12 +30,15 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from inference.errors import BadRequest, GatewayError
+from models.declared.schema import Declaration, parse_declaration
 
 DEFAULT_MANIFEST = Path(__file__).resolve().parent / "manifest.yaml"
 #: Keys every version must have; the rest (evaluation, notes) are optional.
 VERSION_KEYS = ("weights", "sha256", "architecture", "framework", "input", "inference", "structures",
                 "training_data", "date")
 STRUCTURE_KEYS = ("name", "label", "color", "anatomy")
+#: What a declared family's ``command:`` may be: an inference command name.
+COMMAND_PATTERN = re.compile(r"[a-z][a-z0-9-]{1,62}")
 
 
 class ManifestError(Exception):
@@ -112,6 +116,10 @@ class ModelVersion:
     uncertainty: dict = field(default_factory=dict)
     #: The training split's histograms the served distributions are compared with (``models.monitoring``).
     drift_reference: Path | None = None
+    #: How a version of a declared family (one with a ``command:``) is run (``models.declared``), and why it
+    #: cannot be when its declaration is broken (the version is then listed as unavailable).
+    declaration: Declaration | None = None
+    problem: str | None = None
 
     @property
     def provenance(self) -> Provenance:
@@ -137,6 +145,7 @@ class ModelVersion:
             "evaluation": self.evaluation,
             "structures": [s.describe() for s in self.structures],
             "validated_input": self.validated_input, "uncertainty": self.uncertainty,
+            **({"declaration": asdict(self.declaration)} if self.declaration is not None else {}),
         }
 
 
@@ -149,6 +158,7 @@ class ModelFamily:
     default_version: str
     versions: dict[str, ModelVersion]
     catalogue: dict = field(default_factory=dict)  # what other protocols' model lists say of it (Radiomics API)
+    command: str | None = None  # the inference command serving a declared family (``handlers.declared``)
 
     def resolve(self, version: str | None) -> ModelVersion:
         """The version named (the default when ``None``); a 400 listing the available ones otherwise."""
@@ -171,7 +181,7 @@ class ModelFamily:
                 entry["unavailable"] = failures[(self.name, name)]
             versions.append(entry)
         return {"family": self.name, "description": self.description, "default_version": self.default_version,
-                "catalogue": self.catalogue, "versions": versions}
+                "catalogue": self.catalogue, "command": self.command, "versions": versions}
 
 
 class ModelRegistry:
@@ -181,7 +191,9 @@ class ModelRegistry:
         self.path = path
         self.families = families
         self._models: dict[tuple[str, str], Any] = {}
-        self._failures: dict[tuple[str, str], str] = {}
+        self._failures: dict[tuple[str, str], str] = {
+            (family.name, version.version): version.problem
+            for family in families.values() for version in family.versions.values() if version.problem}
         self._lock = threading.Lock()
 
     @classmethod
@@ -291,17 +303,24 @@ def parse_manifest(path: Path) -> dict[str, ModelFamily]:
     for name, family in _items(data["families"]):
         if not isinstance(family, dict) or not isinstance(family.get("versions"), dict):
             raise fail(_line(family, data["families"]), f"family {name!r} needs 'versions:' (version -> settings)")
-        versions = {str(v): _parse_version(path, str(name), str(v), spec, fail)
+        command = family.get("command")
+        if command is not None and not (isinstance(command, str) and COMMAND_PATTERN.fullmatch(command)):
+            raise fail(family["__line__"], f"family {name!r}: command must be an inference command name (lower-case "
+                                           f"letters, digits and dashes, e.g. get-spleen-volume), got {command!r}")
+        versions = {str(v): _parse_version(path, str(name), str(v), spec, fail, declared=command is not None)
                     for v, spec in _items(family["versions"])}
         default = str(family.get("default_version", ""))
         if default not in versions:
             raise fail(family["__line__"], f"family {name!r}: default_version {default!r} is not one of its "
                                            f"versions ({', '.join(versions)}); set it to one of them")
+        if versions[default].problem:
+            raise fail(versions[default].line, f"{name} {default} (the default version) cannot be served: "
+                                                f"{versions[default].problem}")
         catalogue = family.get("catalogue") or {}
         if not isinstance(catalogue, dict):
             raise fail(family["__line__"], f"family {name!r}: catalogue must be a mapping (see the hippocampus family)")
         families[str(name)] = ModelFamily(str(name), str(family.get("description", "")), default, versions,
-                                          _plain(catalogue))
+                                          _plain(catalogue), command)
     return families
 
 
@@ -322,7 +341,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _parse_version(path: Path, family: str, name: str, spec: Any, fail) -> ModelVersion:
+def _parse_version(path: Path, family: str, name: str, spec: Any, fail, declared: bool = False) -> ModelVersion:
     if not isinstance(spec, dict):
         raise fail(1, f"{family} {name}: a version must be a mapping of {', '.join(VERSION_KEYS)}")
     line = spec["__line__"]
@@ -342,11 +361,17 @@ def _parse_version(path: Path, family: str, name: str, spec: Any, fail) -> Model
     labels = [s.label for s in structures]
     if not structures or len(set(labels)) != len(labels):
         raise fail(line, f"{family} {name}: structures must be a non-empty list with unique label values")
+    declaration, problem = None, None
+    if declared:
+        declaration, problems = parse_declaration(spec)
+        if problems:
+            problem = f"line {line}: " + "; ".join(problems)
     return ModelVersion(family, name, weights, sha, str(spec["architecture"]), str(spec["framework"]),
                         _plain(spec["input"]), _plain(spec["inference"]), structures,
                         _plain(spec["training_data"]), str(spec["date"]), _plain(spec.get("evaluation") or {}), line,
                         _plain(spec.get("validated_input") or {}), _plain(spec.get("uncertainty") or {}),
-                        (path.parent / str(spec["drift_reference"])).resolve() if spec.get("drift_reference") else None)
+                        (path.parent / str(spec["drift_reference"])).resolve() if spec.get("drift_reference") else None,
+                        declaration, problem)
 
 
 def _parse_code(value: Any) -> Code:
