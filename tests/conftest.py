@@ -171,3 +171,11 @@ def require(missing_reason: str | None) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"CI: {missing_reason}")
     pytest.skip(missing_reason)
+
+
+@pytest.fixture(scope="session")
+def phantom_networks(tmp_path_factory) -> dict[str, dict[str, Path]]:
+    """Small segmentation networks trained on synthetic spheres (tests/declared_models.py), once per session."""
+    from tests.declared_models import trained_networks
+
+    return trained_networks(tmp_path_factory.mktemp("phantom-networks"))
