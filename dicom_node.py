@@ -79,6 +79,7 @@ from inference.pacs.routing import Rule, load_rules, matching_rules
 from inference.pacs.spool import StudySpool, read_series_info, safe_name
 from inference.pacs.transport import NO_DELAY_HANDLERS
 from inference.pipeline.pipeline import Pipeline
+from models.registry import ManifestError
 
 log = TaggedLogger(logging.getLogger("inference.pacs"))
 
@@ -530,12 +531,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv, defaults)
     with open(defaults.logging_config, encoding="utf-8") as handle:
         logging.config.dictConfig(yaml.safe_load(handle))
-    load_handlers()
     try:
+        load_handlers(defaults.model_manifest)
         settings = settings_from_args(args, defaults)
         rules = load_rules(settings.pacs_rules)
         node = DicomNode(settings, rules)
-    except ValueError as exc:
+    except (ValueError, ManifestError) as exc:
         print(f"dicom_node: {exc}", file=sys.stderr)
         return 2
     if settings.job_backend == "local":  # its jobs run here: load the models now (the workers load their own)
