@@ -3,7 +3,8 @@
     python dicom_node.py --ae-title HIPPOAI --port 11112 --destination ORTHANC@127.0.0.1:4242
 
 Flow: C-STORE -> spool (one folder per study, raw bytes) -> study quiet for ``--stable-seconds``
-(or, from a calling AE given to ``--complete-on-release``, its association released) -> routing
+(or, from a calling AE given to ``--complete-on-release``, its association released; never while it
+is known incomplete: a C-STORE of it refused or failed, its files found at start) -> routing
 rules (``--rules``) pick the commands -> one job per command through the job store and runner
 (shown by the gateway's ``/query``) -> the job's DICOM outputs (SEG, SR, Secondary Capture) -> outbox
 -> C-STORE to every ``--destination`` (and STOW-RS to ``--stow-url``), retried with backoff until
@@ -32,11 +33,13 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import pydicom
 import yaml
+from prometheus_client import start_http_server
 from pydicom.uid import (
     JPEG2000,
     DeflatedExplicitVRLittleEndian,
@@ -51,7 +54,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, evt
+from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
 from handlers import load_handlers
@@ -59,12 +62,16 @@ from inference import protocol
 from inference.audit import audit_log
 from inference.config import Settings
 from inference.dicom.files import dicom_files_in
+from inference.dicom.header import read_header
+from inference.disk_space import StoreFull, check_free_space
 from inference.errors import GatewayError
+from inference.folders import NODE_FOLDERS, check_folders
 from inference.jobs.executor import JobExecutor, job_request_json
 from inference.jobs.reviews import AWAITING, CORRECTED, REJECTED, Review, review_store
 from inference.jobs.store import (
     COMPLETED,
     FAILED,
+    INCOMPLETE,
     INTERRUPTED,
     UNFINISHED,
     Job,
@@ -74,7 +81,9 @@ from inference.jobs.store import (
     LocalPoolRunner,
 )
 from inference.logs import TaggedLogger
+from inference.metrics import record_dicom_incomplete, record_dicom_received, record_store_full
 from inference.pacs.outbox import DicomDestination, Outbox, StowDestination
+from inference.pacs.retry import RepeatedFailures
 from inference.pacs.routing import Rule, load_rules, matching_rules
 from inference.pacs.spool import StudySpool, read_series_info, safe_name
 from inference.pacs.transport import NO_DELAY_HANDLERS
@@ -83,8 +92,10 @@ from models.registry import ManifestError
 
 log = TaggedLogger(logging.getLogger("inference.pacs"))
 
-#: Image storage classes a PACS sends us: MR, CT, their enhanced forms, secondary captures.
-STORAGE_CLASSES = (
+#: Image storage classes the models read: MR, CT, their enhanced forms, secondary captures. Every other
+#: storage class (``AllStoragePresentationContexts``: SEG, SR, presentation states, documents...) is
+#: accepted too, as a study re-sent whole holds them, and acknowledged without being kept.
+INPUT_CLASSES = (
     "1.2.840.10008.5.1.4.1.1.4",  # MR Image
     "1.2.840.10008.5.1.4.1.1.4.1",  # Enhanced MR Image
     "1.2.840.10008.5.1.4.1.1.4.3",  # Enhanced MR Color Image
@@ -106,6 +117,8 @@ TRANSFER_SYNTAXES = (
     JPEG2000Lossless, JPEG2000, RLELossless,
 )
 STATE_FILE = ".work.json"
+#: In a study's work folder once its arrival is in the audit trail (a retried routing step does not add it again).
+RECEIVED_FILE = ".received"
 DELIVERING, DONE_FAILED = "delivering", "failed"
 #: A job's results held for a reviewer (``inference.jobs.reviews``), and results a reviewer rejected: nothing sent.
 HELD, DONE_REJECTED = "held", "rejected"
@@ -158,6 +171,29 @@ def job_backend(settings: Settings, pipeline: Pipeline) -> tuple[JobRecords, Job
                                   lock_dir=output_root / ".owners")
 
 
+@dataclasses.dataclass
+class Transfer:
+    """What one association did: instances stored and ignored, C-STOREs refused or failed, studies added to."""
+
+    started: float = dataclasses.field(default_factory=time.time)
+    stored: int = 0
+    own: int = 0  # instances of our own results, ignored
+    not_input: int = 0  # instances of storage classes the models do not read (SEG, SR, ...), ignored
+    failed: int = 0  # C-STOREs answered with an error status
+    first_error: str = ""
+    studies: set[str] = dataclasses.field(default_factory=set)
+
+    def summary(self) -> str:
+        ignored = [f"{self.own} of our own results" if self.own else "",
+                   f"{self.not_input} not images the models read (SEG, SR, ...)" if self.not_input else ""]
+        text = f"{self.stored} instances stored"
+        if any(ignored):
+            text += f", {' and '.join(filter(None, ignored))} ignored"
+        if self.failed:
+            text += f", {self.failed} refused or failed (first: {self.first_error})"
+        return text
+
+
 def model_version_label(pipeline: Pipeline, rule: Rule) -> str:
     """What identifies the model a rule runs: family, version and weights digest; ``-`` for a handler without one."""
     version = pipeline.check_request({"inference_command": rule.command, **rule.params}).model_version
@@ -186,44 +222,105 @@ class DicomNode:
         self.audit = audit_log(settings)
         self.ae = self._make_ae()
         self._server = None
+        self._metrics_server = None
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
-        self._received: dict[int, int] = {}  # instances stored per open association (by id)
-        self._ignored: dict[int, int] = {}  # instances of our own results received, per open association
-        self._studies_of: dict[int, set[str]] = {}  # incoming study folders each open association added to
+        self._transfers: dict[int, Transfer] = {}  # per open association (by id)
         self._studies_lock = threading.Lock()
+        self.failures = RepeatedFailures(log)  # the watcher's steps that fail again and again
+        self._audited: set[str] = set()  # work folders whose arrival is in the audit trail
 
     # -- DICOM ----------------------------------------------------------------------------
     def _make_ae(self) -> AE:
         ae = AE(ae_title=self.settings.pacs_ae_title)
         ae.add_supported_context(Verification)
-        for sop_class in STORAGE_CLASSES:
-            ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, list(TRANSFER_SYNTAXES))
         if self.settings.pacs_allowed_aes:
             ae.require_calling_aet = list(self.settings.pacs_allowed_aes)
         return ae
 
+    def _transfer(self, assoc) -> Transfer:
+        with self._studies_lock:
+            return self._transfers.setdefault(id(assoc), Transfer())
+
+    def _check_space(self) -> None:
+        """``StoreFull`` (counted in ``inference_store_full_total``) while the spool's filesystem has less free
+        space than INFERENCE_MIN_FREE_SPACE_MB: a study the node cannot keep is refused, not half-taken."""
+        try:
+            check_free_space("pacs", self.spool.root, self.settings.min_free_space_mb)
+        except StoreFull:
+            record_store_full("pacs")
+            raise
+
+    def _on_requested(self, event) -> None:
+        """Refuse an association (rejected-transient, local-limit-exceeded) while the spool has no room."""
+        try:
+            self._check_space()
+        except StoreFull as exc:
+            calling = event.assoc.requestor.primitive.calling_ae_title  # not yet in requestor.ae_title
+            log.warning("association from %s (%s) refused: %s", str(calling).strip(), event.assoc.requestor.address,
+                        exc.message)
+            event.assoc.acse.send_reject(0x02, 0x03, 0x02)
+            event.assoc.kill()  # returns once the rejection is sent
+
     def _on_store(self, event) -> int:
         calling = event.assoc.requestor.ae_title
+        transfer = self._transfer(event.assoc)
+        data = event.encoded_dataset()
+        ignored: list[str] = []
+
+        def keep(header: pydicom.Dataset) -> bool:
+            reason = self._ignored_as(header)
+            if reason:
+                ignored.append(reason)
+            return not reason
+
         try:
-            header, folder = self.spool.store(event.encoded_dataset(), calling,
-                                              keep=lambda header: not self._is_own_result(header))
-        except ValueError as exc:
-            log.warning("refused an instance from %s: %s", calling, exc)
-            return 0xC000  # cannot understand
-        except OSError as exc:
-            log.error("could not spool an instance from %s: %s", calling, exc)
-            return 0xA700  # out of resources
-        if folder is None:  # a PACS sending a whole study back sends our results too: they are no input
-            log.tag({"study": header.StudyInstanceUID}).debug("ignored %s from %s: one of our results",
-                                                             header.SOPInstanceUID, calling)
-            self._ignored[id(event.assoc)] = self._ignored.get(id(event.assoc), 0) + 1
+            self._check_space()  # below the floor mid-study: refused with "out of resources", the study incomplete
+            header, folder = self.spool.store(data, calling, keep=keep)
+        except (ValueError, OSError, StoreFull) as exc:
+            # the study this instance belonged to is incomplete here: the association's end marks it so
+            transfer.failed += 1
+            study = self._study_of(data)
+            if study is not None:
+                with self._studies_lock:
+                    transfer.studies.add(study)
+            if transfer.failed == 1:  # once per association; its end says how many
+                transfer.first_error = f"{type(exc).__name__}: {exc}"
+                log.error("%s an instance from %s: %s", "refused" if isinstance(exc, ValueError) else
+                          "could not spool", calling, exc.message if isinstance(exc, StoreFull) else exc)
+            return 0xC000 if isinstance(exc, ValueError) else 0xA700  # cannot understand; out of resources
+        record_dicom_received()
+        if folder is None:  # ours (a PACS sending a whole study back), or no image the models read
+            log.tag({"study": header.StudyInstanceUID}).debug("ignored %s from %s: %s", header.SOPInstanceUID,
+                                                             calling, ignored[0])
+            if ignored[0] == "own":
+                transfer.own += 1
+            else:
+                transfer.not_input += 1
             return 0x0000
         log.tag({"study": header.StudyInstanceUID}).debug("stored %s from %s", header.SOPInstanceUID, calling)
-        self._received[id(event.assoc)] = self._received.get(id(event.assoc), 0) + 1
+        transfer.stored += 1
         with self._studies_lock:
-            self._studies_of.setdefault(id(event.assoc), set()).add(folder)
+            transfer.studies.add(folder)
         return 0x0000
+
+    @staticmethod
+    def _study_of(data: bytes) -> str | None:
+        """The spool folder name of the study an instance that could not be stored belongs to, if readable."""
+        try:
+            study = str(read_header(data).dataset.get("StudyInstanceUID", ""))
+        except Exception:  # unreadable: nothing of it was kept either
+            return None
+        return safe_name(study) if study else None
+
+    def _ignored_as(self, header: pydicom.Dataset) -> str:
+        """Why an instance is no input: ``own`` (one of our results), ``not input`` (a class the models do not
+        read: SEG, SR, ...); empty for an input."""
+        if self._is_own_result(header):
+            return "own"
+        return "" if str(header.get("SOPClassUID", "")) in INPUT_CLASSES else "not input"
 
     def _is_own_result(self, header: pydicom.Dataset) -> bool:
         """Whether an instance belongs to a series of results this node produced (recorded when delivered)."""
@@ -243,17 +340,30 @@ class DicomNode:
     def _on_association_end(self, event) -> None:
         released = event.event is evt.EVT_RELEASED
         calling = event.assoc.requestor.ae_title.strip()
-        ignored = self._ignored.pop(id(event.assoc), 0)
         with self._studies_lock:
-            studies = self._studies_of.pop(id(event.assoc), set())
-            still_sending = set().union(*self._studies_of.values())
-        log.info("association from %s %s: %d instances stored%s", calling, "released" if released else "aborted",
-                 self._received.pop(id(event.assoc), 0),
-                 f", {ignored} of our own results ignored" if ignored else "")
-        if released and calling in self.settings.pacs_complete_on_release:
-            # a routing PACS sends a whole study on one association: its release ends the study (after a
-            # short grace for a follow-up association), unless another association is still adding to it
-            self.spool.complete(studies - still_sending, grace=self.settings.pacs_release_grace_seconds)
+            transfer = self._transfers.pop(id(event.assoc), Transfer())
+            still_sending = set().union(*(t.studies for t in self._transfers.values()))
+        log.info("association from %s %s: %s", calling, "released" if released else "aborted", transfer.summary())
+        routing_pacs = calling in self.settings.pacs_complete_on_release
+        if transfer.failed:
+            # not every instance the sender sent is here: the study must not run until a re-send completes it
+            self._mark_incomplete(transfer.studies, f"the association from {calling} ended after {transfer.failed} "
+                                                    f"C-STOREs refused or failed ({transfer.first_error})")
+        elif not released and routing_pacs:
+            self._mark_incomplete(transfer.studies, f"the association from {calling}, a routing PACS that sends a "
+                                                    "whole study on one association, was aborted")
+        elif released:
+            for name in self.spool.confirm(transfer.studies, since=transfer.started):
+                log.info("study folder %s: the re-send from %s completed it", name, calling)
+            if routing_pacs:
+                # a routing PACS sends a whole study on one association: its release ends the study (after a
+                # short grace for a follow-up association), unless another association is still adding to it
+                self.spool.complete(transfer.studies - still_sending, grace=self.settings.pacs_release_grace_seconds)
+
+    def _mark_incomplete(self, studies: set[str], reason: str) -> None:
+        for name in self.spool.mark_incomplete(studies, reason):
+            log.tag({"study": self._study_uid(self.spool.incoming / name)}).warning(
+                "study incomplete: %s; it is not run until a re-send completes it", reason)
 
     def _on_rejected(self, event) -> None:
         log.warning("association from %s (%s) rejected: calling AE title not in INFERENCE_PACS_ALLOWED_AES",
@@ -266,9 +376,13 @@ class DicomNode:
         self.outbox.start()
         if not self.outbox.destinations:
             log.warning("no destination configured: results stay in the job output folders")
+        if self.settings.pacs_metrics_port:
+            self._metrics_server, _ = start_http_server(self.settings.pacs_metrics_port, self.settings.pacs_host)
+            log.info("metrics on http://%s:%d/metrics", self.settings.pacs_host, self.settings.pacs_metrics_port)
         self._watcher = threading.Thread(target=self._watch, name="pacs-watch", daemon=True)
         self._watcher.start()
-        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_ACCEPTED, self._on_association),
+        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_REQUESTED, self._on_requested),
+                    (evt.EVT_ACCEPTED, self._on_association),
                     (evt.EVT_REJECTED, self._on_rejected), (evt.EVT_RELEASED, self._on_association_end),
                     (evt.EVT_ABORTED, self._on_association_end), *NO_DELAY_HANDLERS]
         self._server = self.ae.start_server((self.settings.pacs_host, self.settings.pacs_port), block=False,
@@ -287,18 +401,48 @@ class DicomNode:
         if self._watcher is not None:
             self._watcher.join(timeout=10)
         self.outbox.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
 
     def _watch(self) -> None:
         # short: a study completed by a release, or a finished job's results, move on within this
         interval = max(0.05, min(0.1, self.settings.pacs_stable_seconds / 4))
         while not self._stop.wait(interval):
-            try:
-                for folder in self.spool.take_stable():
-                    self.route(folder)
-                for folder in sorted(self.spool.work.iterdir()):
-                    self.advance(folder)
-            except Exception:  # the watcher must outlive any one study's trouble
-                log.exception("the spool watcher hit an error; it keeps watching")
+            self.watch_once()
+
+    def watch_once(self) -> None:
+        """One pass of the watcher: report incomplete studies nothing completed, take complete ones, move every
+        study in ``work/`` on (routed, its jobs' results to the outbox). A step that fails is retried after a
+        doubling wait and logged once with a count (``RepeatedFailures``); the other studies go on meanwhile."""
+        self.failures.run("stalled", "reporting incomplete studies", self._report_stalled)
+        folders: list[Path] = []
+        self.failures.run("spool", "taking complete studies from the spool",
+                          lambda: folders.extend(self._take_and_list()))
+        for folder in folders:
+            self.failures.run(f"study {folder.name}", f"moving study {folder.name} on",
+                              lambda folder=folder: self.advance(folder))
+
+    def _take_and_list(self) -> list[Path]:
+        self.spool.take_stable()  # moved to work/: routed by advance() below
+        return sorted(self.spool.work.iterdir())
+
+    def _report_stalled(self) -> None:
+        """Incomplete studies quiet for the stability wait: logged, counted, a failed job per matching rule."""
+        for folder, reason in self.spool.stalled():
+            series = read_series_info(folder)
+            study_uid = self._study_uid(folder)
+            rules = matching_rules(self.rules, series)
+            for rule in rules:  # first: a store that cannot take them now leaves the report for the next try
+                job = self._new_job(rule, folder)
+                job.status, job.error, job.error_status = FAILED, f"{INCOMPLETE}: {reason}", 422
+                job.finished = time.time()
+                self.store.add(job)
+            log.tag({"study": study_uid}).warning(
+                "study incomplete and nothing completed it: %d instances in %d series received; %s; not run "
+                "(rules %s); a re-send of the whole study runs it", len(dicom_files_in(folder)), len(series), reason,
+                ", ".join(rule.name for rule in rules) or "none")
+            record_dicom_incomplete()
+            self.spool.reported(folder.name)
 
     # -- a complete study -----------------------------------------------------------------
     def route(self, folder: Path) -> None:
@@ -307,18 +451,25 @@ class DicomNode:
         study_uid = self._study_uid(folder)
         files = dicom_files_in(folder)
         study_log = log.tag({"study": study_uid})
-        study_log.info("study complete: %d instances in %d series (%s)", len(files), len(series),
-                       "; ".join(f"{s.modality} '{s.description}' from {s.calling_ae}" for s in series))
         rules = matching_rules(self.rules, series)
-        entries = json.loads((folder / ".series.json").read_text()) if (folder / ".series.json").exists() else {}
-        callers = ", ".join(sorted({f"ae:{s.calling_ae}" for s in series})) or None
-        self.audit.append("study-received", user=callers, study_uid=study_uid, series_uids=entries.keys(),
-                          door="dicom", instances=len(files), rules=[rule.name for rule in rules])
+        if folder.name not in self._audited and not (folder / RECEIVED_FILE).exists():
+            # once per arrival, however often a later step fails and routing is tried again
+            study_log.info("study complete: %d instances in %d series (%s)", len(files), len(series),
+                           "; ".join(f"{s.modality} '{s.description}' from {s.calling_ae}" for s in series))
+            entries = json.loads((folder / ".series.json").read_text()) if (folder / ".series.json").exists() else {}
+            callers = ", ".join(sorted({f"ae:{s.calling_ae}" for s in series})) or None
+            self.audit.append("study-received", user=callers, study_uid=study_uid, series_uids=entries.keys(),
+                              door="dicom", instances=len(files), rules=[rule.name for rule in rules])
+            self._audited.add(folder.name)
+            try:
+                (folder / RECEIVED_FILE).touch()
+            except OSError:  # a full disk: remembered in memory meanwhile
+                pass
         if not rules:
             study_log.warning("no routing rule matches this study (rules: %s); nothing run, no results",
                               "; ".join(f"{r.name}: modality={r.modality} series_description={r.series_description}"
                                         f" calling_ae={r.calling_ae}" for r in self.rules))
-            shutil.rmtree(folder)
+            self._drop(folder)
             return
         state: dict = {"study_uid": study_uid, "jobs": {}}
         for rule in rules:
@@ -347,7 +498,7 @@ class DicomNode:
             run_log.info("rule %s: job %s queued (%s %s, model %s)", rule.name, job.uid, rule.command,
                          json.dumps(rule.params), version)
         if not state["jobs"]:
-            shutil.rmtree(folder)
+            self._drop(folder)
 
     def _earlier_job(self, marker: Path, version: str) -> Job | None:
         """The job that ran (or runs) this input with model ``version``: unfinished, or completed with its
@@ -451,7 +602,12 @@ class DicomNode:
                                       destinations=[str(d) for d in self.outbox.destinations])
                     study_log.tag({"input_hash": entry["input_hash"]}).info(
                         "job %s: every result confirmed by every destination; study done", uid)
-            shutil.rmtree(folder)
+            self._drop(folder)
+
+    def _drop(self, folder: Path) -> None:
+        """A study's work folder is done with: removed."""
+        shutil.rmtree(folder)
+        self._audited.discard(folder.name)
 
     def _release_files(self, job: Job, review: Review | None) -> list[Path]:
         """What a completed job sends: the model's DICOM results, or, once corrected, the reviewer's."""
@@ -534,6 +690,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         load_handlers(defaults.model_manifest)
         settings = settings_from_args(args, defaults)
+        check_folders(settings, NODE_FOLDERS)  # UnusableFolder (a ValueError): the setting, its value and why
         rules = load_rules(settings.pacs_rules)
         node = DicomNode(settings, rules)
     except (ValueError, ManifestError) as exc:

@@ -16,12 +16,14 @@ import hashlib
 import hmac
 import json
 import logging
+import tempfile
 import time
 import traceback
 import uuid
 from collections.abc import Callable
 from functools import partial
 from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address
+from pathlib import Path
 from typing import Any
 
 import flask
@@ -34,7 +36,8 @@ from inference.config import Settings, get_settings
 from inference.dicom.files import study_folder_files
 from inference.dicom.header import SERIES_INSTANCE_UID, STUDY_INSTANCE_UID, InstanceHeader
 from inference.dicom.validation import read_header_early
-from inference.errors import BadRequest, Forbidden, GatewayError, Unauthorized
+from inference.disk_space import StoreFull, is_disk_full, store_of, with_storage
+from inference.errors import BadRequest, Forbidden, GatewayError, ServiceUnavailable, Unauthorized
 from inference.jobs.reviews import AWAITING, must_hold, review_mode
 from inference.logs import TaggedLogger, bind_request_tags
 from inference.pipeline.context import ArterysHandler, arterys_handler
@@ -51,6 +54,7 @@ from inference.protocol.multipart_request import (
 from inference.protocol.multipart_response import EncodedResponse, encode_multipart_related
 from inference.protocol.request import MAX_JSON_BYTES, parse_json_object
 from inference.users import ADMIN, REVIEWER, SUBMITTER, Authenticator, role_allows
+from models.registry import ModelUnavailable, UnknownModel
 
 #: Endpoints served without the bearer token: liveness probes and the review page shell (it holds no data;
 #: it asks for a token and reads through the reviewer routes), not Flask's /static file route.
@@ -103,6 +107,10 @@ class Gateway(Flask):
         self.token_free_networks: dict[str, tuple[IPv4Network | IPv6Network, ...]] = {}
         self.add_url_rule("/metrics", "metrics", self._serve_metrics, methods=["GET"])
         self.register_error_handler(GatewayError, self._answer_gateway_error)
+        # the model registry knows no HTTP: a family or version it lacks is the client's error, one it cannot load ours
+        self.register_error_handler(UnknownModel, lambda error: self._answer_gateway_error(BadRequest(error.message)))
+        self.register_error_handler(ModelUnavailable,
+                                    lambda error: self._answer_gateway_error(ServiceUnavailable(error.message)))
         self.register_error_handler(HTTPException, self._answer_http_error)
         self.register_error_handler(Exception, self._answer_unexpected_error)
         self.before_request(self._start_request)
@@ -132,9 +140,19 @@ class Gateway(Flask):
         self.add_url_rule(route, endpoint, partial(self._serve_inference, pipeline, command), methods=["POST"])
 
     def add_healthcheck_route(self, check: Callable[[], str]) -> None:
-        """Serve ``GET|POST /healthcheck``: 200 with the text ``check()`` returns (``READY`` when ready)."""
-        self.add_url_rule("/healthcheck", "healthcheck", lambda: Response(check(), mimetype="text/plain"),
-                          methods=["GET", "POST"])
+        """Serve ``GET|POST /healthcheck``: 200 with the text ``check()`` returns (``READY`` when ready), degraded
+        while a store's filesystem has less than INFERENCE_MIN_FREE_SPACE_MB free (``inference.disk_space``)."""
+
+        def healthcheck() -> Response:
+            return Response(with_storage(check(), self.store_folders(), self.settings.min_free_space_mb),
+                            mimetype="text/plain")
+
+        self.add_url_rule("/healthcheck", "healthcheck", healthcheck, methods=["GET", "POST"])
+
+    def store_folders(self) -> dict[str, Path]:
+        """The stores this server writes to, by name (``inference.disk_space.STORES``): spool and output."""
+        spool = self.settings.spool_dir if self.settings.spool_dir is not None else Path(tempfile.gettempdir())
+        return {"spool": Path(spool), "output": Path(self.settings.output_root)}
 
     def _serve_metrics(self) -> Response:
         """``GET /metrics``: Prometheus text format, summed over gunicorn's workers (``inference.metrics``)."""
@@ -227,7 +245,8 @@ class Gateway(Flask):
 
     # -- inference ----------------------------------------------------------------------
     def _serve_inference(self, pipeline: Pipeline, command: str | None) -> Response:
-        spool = PartSpool(self.settings.spool_memory_bytes, self.settings.spool_dir)
+        spool = PartSpool(self.settings.spool_memory_bytes, self.settings.spool_dir,
+                          self.settings.min_free_space_mb)
         try:
             body = self._read_request(spool)
             g.input_hash, g.bytes_in = body.input_hash, body.bytes_read
@@ -308,6 +327,8 @@ class Gateway(Flask):
 
     def _answer_gateway_error(self, error: GatewayError) -> Response:
         log = g.get("log", self.log)
+        if isinstance(error, StoreFull):
+            metrics.record_store_full(error.store)
         (log.error if error.status >= 500 else log.warning)("%d: %s", error.status, error.message)
         body, status = self._error_response(error.status, error.message, **error.details)
         challenge = {"WWW-Authenticate": 'Bearer realm="inference"'} if status == 401 else {}
@@ -327,6 +348,9 @@ class Gateway(Flask):
         if isinstance(error, TimeoutError):  # a request body read by werkzeug (JSON routes) stalled
             log.warning("%s %s: request body too slow: %s", request.method, request.path, error)
             return self._error_response(408, f"request body too slow: {error}")
+        if is_disk_full(error):  # a write no store check wrapped (the audit trail, a SQLite store...)
+            log.error("%s %s: a filesystem is full:\n%s", request.method, request.path, traceback.format_exc())
+            return self._answer_gateway_error(StoreFull(store_of(error, self.store_folders())))
         if g.get("input_hash"):
             log.error("%s %s failed:\n%s", request.method, request.path, traceback.format_exc())
             return self._error_response(500, "internal error while handling the request; the detail is in "

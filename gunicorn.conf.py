@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import sys
 import tempfile
 
 from inference.config import get_settings
@@ -38,8 +39,15 @@ control_socket_disable = True
 
 
 def on_starting(server):
+    from inference.folders import SERVER_FOLDERS, UnusableFolder, check_folders
     from inference.metrics_dir import prepare_multiproc_dir
 
+    try:  # every folder setting created or writable, before a worker loads a model or takes a request
+        check_folders(_settings, SERVER_FOLDERS)
+    except UnusableFolder as exc:
+        if _own_metrics_dir:
+            shutil.rmtree(_metrics_dir, ignore_errors=True)
+        sys.exit(f"gateway not started: {exc}")
     prepare_multiproc_dir(_metrics_dir)
 
 

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import logging
 import threading
+from functools import partial
 
 import flask
 
 from gateway import Gateway
 from handlers import REGISTRY, load_handlers
+from handlers.hippocampus.history import learn_decision
+from inference import metrics
 from inference.audit import epoch
 from inference.config import Settings, get_settings
 from inference.errors import BadRequest, NotFound
@@ -31,7 +34,7 @@ from inference.review.feedback import version_figures
 from inference.review.routes import add_review_routes
 from inference.users import Authenticator, user_store
 from models import monitoring
-from models.registry import ManifestError, registry_for
+from models.registry import ManifestError, UnknownModel, registry_for
 
 log = logging.getLogger("inference.server")
 
@@ -80,7 +83,9 @@ def create_app(mode: str | None = None, settings: Settings | None = None, *,
     users = app.users = Authenticator(user_store(settings))  # named users, on the job store (python -m inference.users)
     store, runner = add_job_routes(app, pipeline)  # POST /job/, GET /query/<uid>
     records = records_for(settings)  # the feedback store: Radiomics feedback and telemetry, review decisions
-    add_review_routes(app, store, review_store(store), records, registry)  # /reviews, /review/
+    # /reviews, /review/; every decision also reaches the hippocampus result history (a rejected result is no prior)
+    add_review_routes(app, store, review_store(store), records, registry,
+                      on_decision=[partial(learn_decision, settings)])
     try:
         catalogue = Catalogue(registry, family_commands(pipeline))
         add_radiomics_routes(app, pipeline, catalogue, store, runner, records)  # /api/...
@@ -106,7 +111,7 @@ def create_app(mode: str | None = None, settings: Settings | None = None, *,
     def show_family(family: str):
         try:
             described = registry.family(family).describe(registry.failures)
-        except BadRequest as exc:
+        except UnknownModel as exc:
             raise NotFound(exc.message) from None
         # per version: review decisions (accepted, rejected, corrected, mean Dice of corrections), feedback, telemetry
         described["feedback"] = version_figures(records, family).get(family, {})
@@ -116,11 +121,12 @@ def create_app(mode: str | None = None, settings: Settings | None = None, *,
     def monitor_family(family: str):
         """Drift watch: what each version served (inputs, volumes, uncertainty, flags) against its training split."""
         try:
-            return flask.jsonify(monitoring.summary(registry, family, settings.metrics_dir))
-        except BadRequest as exc:
+            return flask.jsonify(monitoring.summary(registry, family, metrics.watched_counts(settings.metrics_dir)))
+        except UnknownModel as exc:
             raise NotFound(exc.message) from None
 
-    app.metrics_collectors.append(monitoring.DriftCollector(registry, settings.metrics_dir))
+    app.metrics_collectors.append(monitoring.DriftCollector(
+        registry, lambda: metrics.watched_counts(settings.metrics_dir)))
 
     @app.get("/audit")
     def audit():

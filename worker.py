@@ -26,12 +26,15 @@ from celery import signals
 # package (`pip install -e .`; the Docker image sets PYTHONPATH=/app).
 from handlers import REGISTRY
 from inference.config import get_settings
+from inference.folders import problem as folder_problem
 from inference.jobs.celery_backend import LeaseReaper, job_store, make_celery
 from inference.logs import configure_logging
 from inference.pipeline.pipeline import Pipeline
 from server import served_commands
 
 log = logging.getLogger("inference.worker")
+#: Folder settings a worker writes to besides the output root (created, or checked writable, at start).
+WORKER_FOLDERS = ("spool_dir", "model_cache", "history_db", "audit_log")
 
 settings = get_settings()
 app = make_celery(settings)  # its pipeline is made at worker start, once the handlers are loaded
@@ -72,7 +75,9 @@ def _logging(**_) -> None:
 
 @signals.worker_init.connect
 def _check_and_load(**_) -> None:
-    problems = storage_problems(settings.data_root, settings.output_root)
+    # the roots first: the other folders' checks create what is missing, the output root included
+    problems = storage_problems(settings.data_root, settings.output_root) or [
+        why for name in WORKER_FOLDERS if (why := folder_problem(settings, name)) is not None]
     if problems:
         message = ("worker not started: " + "; ".join(problems) + ". Both roots must be the storage the API "
                    "instances use (a shared volume across machines): inputs readable, outputs writable.")

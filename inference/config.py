@@ -94,8 +94,15 @@ class Settings:
     #: INFERENCE_MIN_UPLOAD_RATE: bytes per second a request body must average once it has been
     #: arriving for inference.http.gunicorn_worker.UPLOAD_GRACE_SECONDS (5 s; 408 below it); 0 turns the check off.
     min_upload_rate: int = field(default=32 * 1024, metadata={"env": "INFERENCE_MIN_UPLOAD_RATE"})
+    #: INFERENCE_MIN_FREE_SPACE_MB: free space (MiB) a store's filesystem (spool, output, PACS root) must keep;
+    #: below it ``/healthcheck`` says degraded and writes to that store are refused with 507 (inference.disk_space).
+    min_free_space_mb: int = field(default=512, metadata={"env": "INFERENCE_MIN_FREE_SPACE_MB"})
     #: INFERENCE_MAX_SERIES_VOXELS: largest series (rows x columns x frames x instances) read (422 above).
     max_series_voxels: int = field(default=256 * 1024**2, metadata={"env": "INFERENCE_MAX_SERIES_VOXELS"})
+    #: INFERENCE_MODEL_MEMORY_BYTES: the memory one model run may take (default 4 GiB): a series whose run would
+    #: need more (the model's own count, ``HippocampusSegmenter.peak_bytes``; per voxel in bench/README.md) gets a
+    #: 422 naming this limit and the series, before its pixels are read.
+    model_memory_bytes: int = field(default=4 * 1024**3, metadata={"env": "INFERENCE_MODEL_MEMORY_BYTES"})
     #: INFERENCE_MAX_RESPONSE_BYTES: largest response body a handler may produce (413 above).
     max_response_bytes: int = field(default=1024**3, metadata={"env": "INFERENCE_MAX_RESPONSE_BYTES"})
     #: PROMETHEUS_MULTIPROC_DIR: folder where gunicorn's workers keep their metrics (prometheus-client's
@@ -169,6 +176,12 @@ class Settings:
     #: INFERENCE_PRIOR_DICOMWEB_URL: a DICOMweb base URL (QIDO-RS, WADO-RS) where earlier studies' measurement
     #: reports are also looked up (set it for the DICOM node, e.g. the PACS's STOW URL); unset: our own store only.
     prior_dicomweb_url: str | None = field(default=None, metadata={"env": "INFERENCE_PRIOR_DICOMWEB_URL"})
+    #: INFERENCE_PRIOR_TIMEOUT_SECONDS: longest a job waits for that PACS's priors (all its requests together; a
+    #: connection gets at most 2 s of it); past it the result is made without them.
+    prior_timeout_seconds: float = field(default=5.0, metadata={"env": "INFERENCE_PRIOR_TIMEOUT_SECONDS"})
+    #: INFERENCE_PRIOR_RETRY_SECONDS: after that PACS failed to answer, how long it is not asked (each job's
+    #: look-up skipped at once) before one look-up tries it again.
+    prior_retry_seconds: float = field(default=60.0, metadata={"env": "INFERENCE_PRIOR_RETRY_SECONDS"})
     # -- the DICOM node (dicom_node.py); each also a command-line flag --------------------------
     #: INFERENCE_PACS_AE_TITLE: the node's own AE title (what the PACS calls and what its results carry).
     pacs_ae_title: str = field(default="HIPPOAI", metadata={"env": "INFERENCE_PACS_AE_TITLE"})
@@ -200,6 +213,9 @@ class Settings:
                              metadata={"env": "INFERENCE_PACS_RULES"})
     #: INFERENCE_PACS_ROOT: the node's folders: ``spool/`` (studies received), ``outbox/``, ``jobs/``.
     pacs_root: Path = field(default=PROJECT_ROOT / "output" / "pacs", metadata={"env": "INFERENCE_PACS_ROOT"})
+    #: INFERENCE_PACS_METRICS_PORT: TCP port where the node serves its Prometheus metrics (``GET /metrics``,
+    #: no token: bind it to a private network; ``inference_dicom_node_*``); 0: not served.
+    pacs_metrics_port: int = field(default=0, metadata={"env": "INFERENCE_PACS_METRICS_PORT"})
     #: INFERENCE_PACS_RETRY_MAX_SECONDS: longest wait between two delivery attempts (backoff doubles up to it).
     pacs_retry_max_seconds: float = field(default=60.0, metadata={"env": "INFERENCE_PACS_RETRY_MAX_SECONDS"})
 

@@ -8,8 +8,8 @@ importing this one creates the metrics, and their files, in the importing proces
 Without that variable (``python mock_server.py``, tests in one process)
 the process's own registry is served.
 
-The DICOM node reports through ``record_dicom_received``, ``record_dicom_sent`` and
-``set_dicom_outbox``; jobs are counted from the job store at scrape time (``JobCountsCollector``).
+The DICOM node reports through ``record_dicom_received``, ``record_dicom_sent``, ``set_dicom_outbox`` and
+``record_dicom_incomplete``; jobs are counted from the job store at scrape time (``JobCountsCollector``).
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
+from models.monitoring import BUCKETS as WATCHED_BUCKETS
+
 log = logging.getLogger("inference.metrics")
 
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
@@ -47,24 +49,15 @@ RADIOMICS_MESSAGES = Counter("inference_radiomics_messages_total",
                              "Radiomics API Feedback and Telemetry messages stored, by kind and outcome "
                              "(feedback: accepted or rejected by the clinician; telemetry: the client error)",
                              ["kind", "outcome"])
+STORE_FULL = Counter("inference_store_full_total", "Writes refused because a store's filesystem was full "
+                     "(507), by store (spool, output, pacs)", ["store"])
 DICOM_RECEIVED = Counter("inference_dicom_node_received_total", "DICOM instances the node received")
 DICOM_SENT = Counter("inference_dicom_node_sent_total", "DICOM instances the node sent")
+DICOM_INCOMPLETE = Counter("inference_dicom_node_incomplete_studies_total",
+                           "Studies the node received only part of and nothing completed: reported, not run")
 DICOM_OUTBOX = Gauge("inference_dicom_node_outbox", "DICOM instances waiting in the node's outbox",
                      multiprocess_mode="mostrecent")
 
-#: Watched quantities of a model version's results -> upper bucket bounds (+Inf implied), one histogram each
-#: (``inference_model_<quantity>``); ``models.calibrate`` bins the training split in the same buckets, and
-#: ``models.monitoring`` compares the two. Chosen to spread the training split (MSD Task04: intensity means
-#: 50-1,500 but a few far above, hippocampus volumes 2,400-4,400 mm3) over several buckets each.
-WATCHED_BUCKETS: dict[str, tuple[float, ...]] = {
-    "intensity_mean": (25, 50, 100, 200, 300, 400, 500, 600, 700, 800, 1000, 1250, 1500, 2000, 5000),
-    "intensity_cv": (0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7, 0.8, 1.0),
-    "voxel_size_mm": (0.5, 0.8, 0.9, 0.95, 0.99, 1.01, 1.05, 1.1, 1.25, 1.5, 2.0, 3.0),
-    "matrix_voxels": (20000, 30000, 40000, 50000, 60000, 70000, 80000, 100000, 150000),
-    "obliquity_deg": (0.5, 1, 2, 5, 10, 20, 45),
-    "total_volume_mm3": (1500, 2000, 2500, 2750, 3000, 3250, 3500, 3750, 4000, 4500, 5000, 6000),
-    "uncertainty": (0.05, 0.1, 0.125, 0.15, 0.175, 0.2, 0.225, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0),
-}
 WATCHED = {name: Histogram(f"inference_model_{name}", f"Results' {name.replace('_', ' ')} (drift watch), by model "
                                                       "family and version", ["family", "version"], buckets=bounds)
            for name, bounds in WATCHED_BUCKETS.items()}
@@ -135,6 +128,11 @@ def record_radiomics_message(kind: str, outcome: str) -> None:
     RADIOMICS_MESSAGES.labels(kind, outcome).inc()
 
 
+def record_store_full(store: str) -> None:
+    """Count a write refused for want of space in ``store`` (``inference.disk_space.STORES``)."""
+    STORE_FULL.labels(store=store).inc()
+
+
 def record_dicom_received(count: int = 1) -> None:
     """Hook for the DICOM node: ``count`` instances received."""
     DICOM_RECEIVED.inc(count)
@@ -143,6 +141,11 @@ def record_dicom_received(count: int = 1) -> None:
 def record_dicom_sent(count: int = 1) -> None:
     """Hook for the DICOM node: ``count`` instances sent."""
     DICOM_SENT.inc(count)
+
+
+def record_dicom_incomplete() -> None:
+    """Hook for the DICOM node: a study it received only part of, reported and not run."""
+    DICOM_INCOMPLETE.inc()
 
 
 def set_dicom_outbox(count: int) -> None:

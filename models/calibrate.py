@@ -2,8 +2,12 @@ r"""Derive a version's quality blocks from the data it was trained and validated
 
     python -m models.calibrate --version 1.0 [--family hippocampus] [--data ../shared/data/hippocampus] [--write]
 
-1. ``validated_input``: the training split's input properties (``models.quality.input_properties``: voxel
-   size, crop matrix per axis, intensity mean and coefficient of variation, obliquity), their min and max.
+1. ``validated_input``: from the training split's input properties (``models.quality.input_properties``):
+   the intensity mean's bands (one per intensity scale of the data) and the coefficient of variation's range,
+   robust (Tukey's fences: quartiles +- 1.5 interquartile ranges; outliers named in ``outliers_excluded``); the
+   crop matrix's extremes per axis; the voxel size's tolerance, measured: the widest range of sizes around 1 mm
+   at which training volumes resampled to that size keep the mean Dice within 0.01 of 1 mm's
+   (``spacing_tolerance``); no obliquity.
 2. ``uncertainty``: the version run on the validation split; the threshold on the uncertainty score that
    best separates volumes whose lowest structure Dice is below ``--low-dice`` (Youden's J, among thresholds
    flagging at most ``--max-flagged`` of the split; the higher threshold on a tie), then the test split's
@@ -43,22 +47,124 @@ def case_properties(image: np.ndarray, zooms) -> dict:
     return input_properties(image, [float(z) for z in zooms], np.eye(4), TRAINING_MODALITY)
 
 
-def derive_validated_input(rows: list[dict]) -> dict:
-    """The ``validated_input`` block: each property's min and max over the training cases."""
-    def span(key, digits=4):
-        values = [r[key] for r in rows]
-        return {"min": round(float(min(values)), digits), "max": round(float(max(values)), digits)}
+#: Robust ranges (Tukey's fences): a group's values beyond its quartiles by more than ``FENCE`` times the
+#: interquartile range are outliers (named in the block and the model card, left out); the range is the fences.
+FENCE = 1.5
+#: The training split's intensity scales differ by orders of magnitude between acquisitions (about 50-75,
+#: 300-850 and 160,000-290,000): sorted means further apart than this factor start another band.
+BAND_GAP = 2.0
+#: The voxel sizes (mm, isotropic) at which the tolerance of the voxel-size check is measured, and the largest
+#: loss of mean Dice against 1 mm that a size may cost to lie within it.
+TOLERANCE_SPACINGS = (0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15)
+MAX_DICE_LOSS = 0.01
 
+
+def robust_range(values: dict[str, float], log: bool = False) -> tuple[dict, dict[str, float]]:
+    """The fences ``{"min", "max"}`` of the values (by case): the quartiles widened by ``FENCE`` interquartile
+    ranges (``log``: on log10, for values spanning a scale); and the cases outside them (outliers)."""
+    x = np.array(list(values.values()), float)
+    judged = np.log10(x) if log else x
+    q1, q3 = np.percentile(judged, [25, 75])
+    low, high = q1 - FENCE * (q3 - q1), q3 + FENCE * (q3 - q1)
+    outliers = {c: v for c, v, j in zip(values, x, judged, strict=True) if not low <= j <= high}
+    if log:
+        low, high = 10**low, 10**high
+    return {"min": float(low), "max": float(high)}, {c: float(v) for c, v in outliers.items()}
+
+
+def _rounded(value: float, digits: int = 4) -> float:
+    """``value`` to ``digits`` significant digits (a manifest stays readable)."""
+    return float(f"{value:.{digits}g}")
+
+
+def intensity_bands(means: dict[str, float]) -> tuple[list[dict], dict[str, float]]:
+    """The validated bands of the intensity mean: the training means grouped by scale (``BAND_GAP``), each group's
+    fences on a log scale; groups of fewer than 5 % of the cases are outliers, as are each group's own."""
+    ordered = sorted(means, key=means.get)
+    groups: list[list[str]] = [[ordered[0]]]
+    for previous, case in zip(ordered, ordered[1:], strict=False):
+        if means[case] > BAND_GAP * means[previous]:
+            groups.append([])
+        groups[-1].append(case)
+    bands, outliers = [], {}
+    for group in groups:
+        if len(group) < 0.05 * len(means):
+            outliers.update({c: means[c] for c in group})
+            continue
+        span, out = robust_range({c: means[c] for c in group}, log=True)
+        bands.append({"min": _rounded(span["min"]), "max": _rounded(span["max"])})
+        outliers.update(out)
+    return bands, outliers
+
+
+def derive_validated_input(rows: list[dict], cases: list[str] | None = None,
+                           voxel_size: dict | None = None) -> dict:
+    """The ``validated_input`` block from the training cases' properties (``rows``, of ``cases``): the intensity
+    mean's bands and the coefficient of variation's robust range (``outliers`` named and left out), the matrix's
+    extremes per axis (the model takes any crop size; these are the sizes it was shown), the voxel size's
+    measured tolerance (``voxel_size``; the training extremes without one), no obliquity."""
+    cases = cases or [str(i) for i in range(len(rows))]
     matrices = np.array([r["matrix"] for r in rows])
     sizes = [s for r in rows for s in r["voxel_size_mm"]]
-    return {
+    bands, mean_outliers = intensity_bands({c: r["intensity_mean"] for c, r in zip(cases, rows, strict=True)})
+    cv, cv_outliers = robust_range({c: r["intensity_cv"] for c, r in zip(cases, rows, strict=True)})
+    outliers = {**{c: f"intensity_mean {v:g}" for c, v in mean_outliers.items()},
+                **{c: f"intensity_cv {v:g}" for c, v in cv_outliers.items()}}
+    block = {
         "modality": [TRAINING_MODALITY],
-        "voxel_size_mm": {"min": round(min(sizes), 4), "max": round(max(sizes), 4)},
+        "voxel_size_mm": voxel_size or {"min": round(min(sizes), 4), "max": round(max(sizes), 4)},
         "matrix": {"min": matrices.min(axis=0).tolist(), "max": matrices.max(axis=0).tolist()},
-        "intensity_mean": span("intensity_mean", 1),
-        "intensity_cv": span("intensity_cv"),
+        "intensity_mean": {"bands": bands},
+        "intensity_cv": {"min": round(cv["min"], 4), "max": round(cv["max"], 4)},
         "obliquity_deg": {"max": round(max(r["obliquity_deg"] for r in rows), 3)},
     }
+    if outliers:
+        block["outliers_excluded"] = dict(sorted(outliers.items()))
+    return block
+
+
+def tolerated(measured: dict[float, float], max_loss: float = MAX_DICE_LOSS) -> tuple[float, float]:
+    """The widest range of sizes around 1 mm whose every measured size (``measured``: mean Dice by size) keeps the
+    mean Dice within ``max_loss`` of 1 mm's; a size beyond a failing one is not reached."""
+    reference, low, high = measured[1.0], 1.0, 1.0
+    for size in sorted((s for s in measured if s < 1.0), reverse=True):
+        if reference - measured[size] > max_loss:
+            break
+        low = size
+    for size in sorted(s for s in measured if s > 1.0):
+        if reference - measured[size] > max_loss:
+            break
+        high = size
+    return low, high
+
+
+def spacing_tolerance(segment, pairs: dict, cases: list[str], spacings=TOLERANCE_SPACINGS,
+                      max_loss: float = MAX_DICE_LOSS, progress: bool = False) -> tuple[dict, dict]:
+    """The voxel sizes the model handles: ``cases`` (training volumes) resampled to each isotropic size of
+    ``spacings`` and segmented (``segment(image) -> labels``); the widest range around 1 mm whose every measured
+    size keeps the mean Dice within ``max_loss`` of 1 mm's. Returns the ``voxel_size_mm`` rule and the measurements."""
+    from .degrade import resample
+    from .evaluate import volume_metrics
+
+    measured = {}
+    for k, size in enumerate(spacings):
+        scores = []
+        for case in cases:
+            image, label = load_pair(*pairs[case])
+            case_ = resample(image, label, (size,) * 3) if size != 1.0 else None
+            pred = segment(case_.image if case_ else image)
+            scores.append(volume_metrics(pred, case_.label if case_ else label)["dice"])
+        measured[size] = round(float(np.mean(scores)), 4)
+        if progress:
+            print(f"\r[calibrate] voxel sizes {k + 1}/{len(spacings)}", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    low, high = tolerated(measured, max_loss)
+    rule = {"min": low, "max": high,
+            "tolerance_from": f"mean Dice of {len(cases)} training volumes resampled to {min(spacings)}-"
+                              f"{max(spacings)} mm within {max_loss} of 1 mm's",
+            "dice_by_size": {f"{s:g}": measured[s] for s in spacings}}
+    return rule, measured
 
 
 def choose_threshold(scores: list[float], low: list[bool], max_flagged: float) -> float:
@@ -168,6 +274,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-flagged", type=float, default=0.25,
                     help="largest share of the validation split the threshold may flag (a review queue must stay "
                          "short; default 0.25)")
+    ap.add_argument("--tolerance-volumes", type=int, default=20,
+                    help="training volumes resampled to each voxel size to measure the voxel-size tolerance (the "
+                         "first of the training split; default 20)")
     ap.add_argument("--write", action="store_true", help="write the blocks into the manifest and the reference file")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args(argv)
@@ -194,8 +303,12 @@ def main(argv: list[str] | None = None) -> dict:
         image, label = load_pair(*pairs[case])
         train_props.append(case_properties(image, (1.0, 1.0, 1.0)))
         train_volumes.append(float(np.count_nonzero(label)))  # 1 mm voxels
-    validated = derive_validated_input(train_props)
-    command = f"python -m models.calibrate --version {args.version}"
+    tolerance_cases = split["train"][:args.tolerance_volumes]
+    voxel_size, _ = spacing_tolerance(segmenter.segment, pairs, tolerance_cases, progress=args.progress)
+    validated = derive_validated_input(train_props, split["train"], voxel_size)
+    command = f"python -m models.calibrate --version {args.version}" + "".join(
+        f" --{name.replace('_', '-')} {getattr(args, name)}"
+        for name in ("low_dice", "max_flagged", "tolerance_volumes") if getattr(args, name) != ap.get_default(name))
     validated["derived_from"] = f"train split ({len(train_props)} volumes), by {command}"
 
     val = run_split(segmenter, version, pairs, split["val"], args.progress)

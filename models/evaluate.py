@@ -113,14 +113,12 @@ def member_list(text: str) -> list[int]:
 def registry_version(ap: argparse.ArgumentParser, manifest: str | None, family: str, name: str | None):
     """The registry's ``family`` version ``name`` (default version when None), its weights' SHA-256 checked;
     an argparse error naming the available versions or the damaged file otherwise."""
-    from inference.errors import BadRequest
-
-    from .registry import DEFAULT_MANIFEST, ManifestError, ModelRegistry
+    from .registry import DEFAULT_MANIFEST, ManifestError, ModelRegistry, UnknownModel
 
     try:
         version = ModelRegistry.load(manifest or DEFAULT_MANIFEST).family(family).resolve(name)
         version.verify()
-    except (ManifestError, BadRequest) as exc:
+    except (ManifestError, UnknownModel) as exc:
         ap.error(str(exc))
     return version
 

@@ -10,20 +10,32 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from inference import metrics
-from inference.metrics import WATCHED_BUCKETS
-
 from .registry import ModelRegistry
 
-#: Watched quantity -> upper bucket bounds (Prometheus ``le``; +Inf implied): the same as ``/metrics`` serves.
-BUCKETS = WATCHED_BUCKETS
+#: Watched quantity of a model version's results -> upper bucket bounds (Prometheus ``le``; +Inf implied), one
+#: histogram each on ``/metrics`` (``inference_model_<quantity>``, ``inference.metrics``); ``models.calibrate`` bins
+#: the training split in the same buckets, and ``compare`` sets the two side by side. Chosen to spread the training
+#: split (MSD Task04: intensity means 50-1,500 but a few far above, hippocampus volumes 2,400-4,400 mm3) over
+#: several buckets each.
+BUCKETS: dict[str, tuple[float, ...]] = {
+    "intensity_mean": (25, 50, 100, 200, 300, 400, 500, 600, 700, 800, 1000, 1250, 1500, 2000, 5000),
+    "intensity_cv": (0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7, 0.8, 1.0),
+    "voxel_size_mm": (0.5, 0.8, 0.9, 0.95, 0.99, 1.01, 1.05, 1.1, 1.25, 1.5, 2.0, 3.0),
+    "matrix_voxels": (20000, 30000, 40000, 50000, 60000, 70000, 80000, 100000, 150000),
+    "obliquity_deg": (0.5, 1, 2, 5, 10, 20, 45),
+    "total_volume_mm3": (1500, 2000, 2500, 2750, 3000, 3250, 3500, 3750, 4000, 4500, 5000, 6000),
+    "uncertainty": (0.05, 0.1, 0.125, 0.15, 0.175, 0.2, 0.225, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0),
+}
+#: What ``summary`` and ``DriftCollector`` read of the served results: (family, version) -> {quantity: per-bucket
+#: counts, ``results``, ``flagged``} (``inference.metrics.watched_counts``, passed in: the models know no server).
+ServedCounts = Mapping[tuple[str, str], Mapping[str, Any]]
 #: PSI above this is a drift worth a look (the usual reading: < 0.1 stable, 0.1-0.25 moderate, > 0.25 large).
 PSI_ALERT = 0.25
 #: Results a version must have served before its PSI is exported or called drifting: a handful of studies
@@ -91,10 +103,9 @@ def compare(reference: Mapping[str, Any] | None, observed: Mapping[str, Sequence
     return out
 
 
-def summary(registry: ModelRegistry, family: str, multiproc_dir: Path | None) -> dict:
+def summary(registry: ModelRegistry, family: str, served: ServedCounts) -> dict:
     """``GET /models/<family>/monitoring``: per version, results and flags served, and each watched
     quantity's histogram against the training split's with its PSI."""
-    served = metrics.watched_counts(multiproc_dir)
     versions = {}
     for name, version in registry.family(family).versions.items():
         observed = served.get((family, name), {})
@@ -121,16 +132,16 @@ class DriftCollector(Collector):
     """On ``/metrics``: each version's PSI per watched quantity (once it served ``PSI_MIN_COUNT`` results) and its
     expected share of flagged results."""
 
-    def __init__(self, registry: ModelRegistry, multiproc_dir: Path | None) -> None:
+    def __init__(self, registry: ModelRegistry, served: Callable[[], ServedCounts]) -> None:
         self._registry = registry
-        self._dir = multiproc_dir
+        self._served = served
 
     def collect(self):
         psi_family = GaugeMetricFamily("inference_model_drift_psi", "Population stability index of a watched quantity "
                                        "against the training split's", labels=["family", "version", "quantity"])
         expected = GaugeMetricFamily("inference_model_expected_flag_share", "Share of results the calibration "
                                      "flagged on the test split", labels=["family", "version"])
-        served = metrics.watched_counts(self._dir)
+        served = self._served()
         for family in self._registry.families:
             for name, version in self._registry.family(family).versions.items():
                 reference = load_reference(version.drift_reference)

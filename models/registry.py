@@ -29,7 +29,6 @@ import yaml
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from inference.errors import BadRequest, GatewayError
 from models.declared.schema import Declaration, parse_declaration
 
 DEFAULT_MANIFEST = Path(__file__).resolve().parent / "manifest.yaml"
@@ -45,10 +44,21 @@ class ManifestError(Exception):
     """The manifest cannot be used; the message names the file, the line and the fix."""
 
 
-class ModelUnavailable(GatewayError):
-    """A version named by a request that could not be loaded (503: the server is fine, that model is not)."""
+class UnknownModel(LookupError):
+    """A family or version the manifest does not have; the message lists the available ones (a server answers
+    it as the client's error, 400)."""
 
-    status = 503
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ModelUnavailable(RuntimeError):
+    """A version that could not be loaded (a server answers 503: the server is fine, that model is not)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
 
 
 @dataclass(frozen=True)
@@ -161,15 +171,15 @@ class ModelFamily:
     command: str | None = None  # the inference command serving a declared family (``handlers.declared``)
 
     def resolve(self, version: str | None) -> ModelVersion:
-        """The version named (the default when ``None``); a 400 listing the available ones otherwise."""
+        """The version named (the default when ``None``); ``UnknownModel`` listing the available ones otherwise."""
         name = self.default_version if version is None else version
         if not isinstance(name, str):
-            raise BadRequest(f"model_version must be a string naming a version, got the {type(name).__name__} "
-                             f"{json.dumps(name)}: send it quoted, e.g. \"{self.default_version}\"; available: "
-                             f"{', '.join(self.versions)} (default {self.default_version})")
+            raise UnknownModel(f"model_version must be a string naming a version, got the {type(name).__name__} "
+                               f"{json.dumps(name)}: send it quoted, e.g. \"{self.default_version}\"; available: "
+                               f"{', '.join(self.versions)} (default {self.default_version})")
         if name not in self.versions:
-            raise BadRequest(f"unknown model_version {version!r} of {self.name}; available: "
-                             f"{', '.join(self.versions)} (default {self.default_version})")
+            raise UnknownModel(f"unknown model_version {version!r} of {self.name}; available: "
+                               f"{', '.join(self.versions)} (default {self.default_version})")
         return self.versions[name]
 
     def describe(self, failures: dict[tuple[str, str], str] | None = None) -> dict:
@@ -206,7 +216,7 @@ class ModelRegistry:
         try:
             return self.families[name]
         except KeyError:
-            raise BadRequest(f"unknown model family {name!r}; families: {', '.join(self.families)}") from None
+            raise UnknownModel(f"unknown model family {name!r}; families: {', '.join(self.families)}") from None
 
     def model(self, version: ModelVersion, loader: Callable[[ModelVersion], Any]) -> Any:
         """The loaded model of ``version`` (``loader(version)`` once, after verifying the weights)."""

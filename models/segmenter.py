@@ -16,6 +16,7 @@ flip along axis 1 would swap the anterior (1) and posterior (2) labels.
 """
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections.abc import Mapping, Sequence
@@ -112,13 +113,22 @@ def predict_ensemble(members: list[tuple[UNet, dict]], volume: np.ndarray, devic
 CANVASES = ("fixed", "tight")
 
 
+#: Pixels (slices x padded canvas) a 2.5D network takes in one batch: 128 slices of the 64 x 64 training canvas;
+#: a larger slice means fewer slices per batch, so the network's own memory (each ONNX Runtime session keeps its
+#: peak) is the same for any series (a 512 x 512 series sent 128 slices at once: 22.9 GB, issue 35).
+BATCH_PIXELS = 128 * 64 * 64
+#: Bytes a network's forward pass holds per batch pixel and per channel of its first level (``base``): its
+#: activations, and what ONNX Runtime's arena keeps of them; from ``python -m bench.model_memory``.
+ACTIVATION_BYTES_PER_PIXEL_PER_BASE = 48
+
+
 def fast_member_probs(run: Runner, model: UNet, normalized: np.ndarray, config: dict, flip: bool,
-                      max_batch: int = 128, canvas: str = "fixed") -> np.ndarray:
+                      max_batch: int | None = None, canvas: str = "fixed") -> np.ndarray:
     """Class probabilities (n_classes, *shape) of one 2.5D network, the mirrored pass batched in.
 
     Same result as ``predict_probs_tta`` (up to float rounding) with ``canvas="fixed"``, with the volume
-    normalised once by the caller and every slice of both passes sent through ``run`` in as few
-    batches as possible.
+    normalised once by the caller and every slice of both passes sent through ``run`` in batches of
+    ``max_batch`` slices (default: ``BATCH_PIXELS`` worth of the padded canvas).
     """
     axis, context = int(config["axis"]), int(config["context"])
     size = int(config["size"]) if canvas == "fixed" else 0
@@ -126,7 +136,8 @@ def fast_member_probs(run: Runner, model: UNet, normalized: np.ndarray, config: 
     stacks = [context_slices(v, axis, context) for v in views]  # each (n, C, A, B)
     pc = PadCrop(tuple(stacks[0].shape[-2:]), target_size(stacks[0].shape[-2:], size, model.size_multiple))
     x = np.concatenate([pc.apply(s, 0.0) for s in stacks])
-    p = pc.undo(np.concatenate([run(x[i:i + max_batch]) for i in range(0, len(x), max_batch)]), 0.0)
+    batch = max_batch or max(1, BATCH_PIXELS // math.prod(pc.out_shape))
+    p = pc.undo(np.concatenate([run(x[i:i + batch]) for i in range(0, len(x), batch)]), 0.0)
     n = stacks[0].shape[0]
     passes = [np.moveaxis(np.moveaxis(p[k * n:(k + 1) * n], 1, 0), 1, axis + 1) for k in range(len(views))]
     if flip:
@@ -268,7 +279,44 @@ class HippocampusSegmenter:
 
         if self.parallel_members == 1:
             return [member(i) for i in range(len(self.members))]
-        return list(self._member_pool().map(member, range(len(self.members))))  # in member order
+        pool, submitted = self._member_pool(), []
+        for index in range(len(self.members)):
+            try:
+                submitted.append(pool.submit(member, index))
+            except RuntimeError:  # the pool takes no more work (the interpreter is shutting down): run them here
+                break
+        return [f.result() for f in submitted] + [member(i) for i in range(len(submitted), len(self.members))]
+
+    def peak_bytes(self, shape: Sequence[int]) -> int:
+        """The most memory ``member_probabilities`` takes on a volume of ``shape`` (model orientation), besides
+        the loaded networks: every array it makes (``fast_member_probs``'s, counted from its code), the members
+        running side by side, and each network's activations for one batch (``BATCH_PIXELS``).
+
+        Checked against measurements by ``python -m bench.model_memory`` and ``tests/test_model_memory.py``.
+        """
+        voxels = math.prod(shape)
+        kept = 2 * 4 * voxels  # the float32 volume and its normalised copy
+        running, results, activations = [], 0, 0
+        for (model, cfg), run in zip(self.members, self.runners, strict=True):
+            classes = int(cfg.get("n_classes", 3))
+            results += 4 * classes * voxels  # each member's probabilities, kept until the mean
+            if run is None or is_3d(cfg):  # the PyTorch reference path: the whole volume at once
+                running.append(4 * voxels * (classes + 1) * 64)
+                continue
+            axis, channels = int(cfg["axis"]), 2 * int(cfg["context"]) + 1
+            views = 2 if self.flips and cfg.get("tta", False) else 1
+            plane = [n for i, n in enumerate(shape) if i != axis]
+            size = int(cfg["size"]) if self.canvas == "fixed" else 0
+            padded = math.prod(target_size(tuple(plane), size, model.size_multiple))
+            slices = views * int(shape[axis])
+            running.append(4 * (views * channels * voxels  # the context stacks
+                                + slices * channels * padded  # padded and concatenated
+                                + 2 * slices * classes * padded  # the batches' outputs and their concatenation
+                                + slices * classes * (voxels // int(shape[axis]))  # cropped back
+                                + 2 * classes * voxels))  # the mirrored passes' mean
+            activations += ACTIVATION_BYTES_PER_PIXEL_PER_BASE * int(cfg["base"]) * BATCH_PIXELS
+        side_by_side = sum(sorted(running, reverse=True)[:self.parallel_members])
+        return kept + side_by_side + results + 4 * 3 * voxels + activations  # + their mean
 
     def _member_pool(self) -> ThreadPoolExecutor:
         with self._pool_guard:

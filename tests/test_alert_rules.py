@@ -21,7 +21,8 @@ RULES = PROJECT_ROOT / "deploy" / "alert-rules.yml"
 
 def exported_names() -> set[str]:
     """Metric names the gateway serves for the drift watch (the counters' ``_total`` included)."""
-    collector = DriftCollector(registry_for(PROJECT_ROOT / "models" / "manifest.yaml"), None)
+    collector = DriftCollector(registry_for(PROJECT_ROOT / "models" / "manifest.yaml"),
+                               lambda: metrics.watched_counts(None))
     names = {family.name for family in collector.collect()}
     for collector in (metrics.RESULTS, metrics.FLAG_REASONS, *metrics.WATCHED.values()):
         for family in collector.describe():

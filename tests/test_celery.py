@@ -517,10 +517,13 @@ def test_a_job_killed_by_the_hard_time_limit_is_recorded_as_timeout(tmp_path):
         server.stop()
 
 
-@pytest.mark.parametrize("problem", ["missing", "read-only"])
+@pytest.mark.parametrize("problem", ["missing", "read-only", "model cache"])
 def test_worker_refuses_to_start_without_writable_roots(tmp_path, problem):
     data, output = tmp_path / "data", tmp_path / "jobs"
     data.mkdir()
+    if problem == "model cache":
+        output.mkdir()
+        (tmp_path / "a-file").write_text("not a folder")
     if problem == "read-only":
         output.mkdir()
         output.chmod(0o555)
@@ -528,12 +531,15 @@ def test_worker_refuses_to_start_without_writable_roots(tmp_path, problem):
            "INFERENCE_OUTPUT_ROOT": str(output)}
     if problem == "read-only" and os.geteuid() == 0:
         env["INFERENCE_OUTPUT_ROOT"] = "/proc"  # root writes anywhere chmod allows; /proc takes no files
+    if problem == "model cache":
+        env["INFERENCE_MODEL_CACHE"] = str(tmp_path / "a-file" / "cache")
     worker = CeleryWorker("refused@test", env, tmp_path)
     try:
         assert worker.process.wait(120) == 2
     finally:
         worker.stop()
-    expected = "does not exist" if problem == "missing" else "is not writable"
+    expected = {"missing": "does not exist", "read-only": "is not writable",
+                "model cache": f"INFERENCE_MODEL_CACHE={tmp_path / 'a-file' / 'cache'}: it cannot be created"}[problem]
     assert "worker not started" in worker.log() and expected in worker.log(), worker.log()
 
 

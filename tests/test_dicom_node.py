@@ -135,6 +135,34 @@ def test_study_routed_by_orthanc_comes_back_as_seg_sr_and_report(pacs, server, t
     assert len(re.findall(r"job [0-9a-f]{32} queued", node.log_text())) == 1
 
 
+def test_a_study_holding_our_seg_sr_and_report_is_accepted_when_sent_again(pacs, tmp_path):
+    """An operator re-sends a study that already holds our results: every instance is accepted (Orthanc failed
+    the whole transfer when the node refused SEG and SR), ours are ignored, the stored results go again."""
+    from tests.test_review_pacs import new_study
+
+    orthanc, node = pacs
+    files = new_study(sorted(next(shared_data("studies", "Study1").glob("*HCrop*")).iterdir()), tmp_path / "study")
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    uid = re.escape(study_uid)
+    assert c_store(files, "127.0.0.1", orthanc.dicom_port, orthanc.aet) == len(files)
+    first = {modality: series["Instances"] for modality, series in wait_for_results(orthanc, study_uid, 120).items()}
+    before = len(node.wait_for_log(rf"study={uid} input_hash=\w+\] job \w+: every result confirmed", 30))
+
+    response = requests.post(f"{orthanc.url}/modalities/hippoai/store", timeout=120,
+                             json={"Resources": [orthanc.study_id(study_uid)]})
+    assert response.ok, f"Orthanc could not send the study: {response.text}\n{orthanc.log_text()[-1500:]}"
+    log = node.wait_for_log(rf"study={uid} input_hash=\w+\] job \w+: every result confirmed", 60, count=2)
+    # Orthanc may send them on more than one association (it reopens one for another SOP class)
+    resent = re.findall(r"association from ORTHANC released: (\d+) instances stored(?:, (\d+) of our own results "
+                        r"ignored)?\n", log[before:])
+    assert sum(int(stored) for stored, _ in resent) == len(files) and sum(int(own or 0) for _, own in resent) == 3
+    assert f"study={study_uid}] study complete: {len(files)} instances in 1 series" in log
+    assert re.search(rf"study={uid} input_hash=\w+\] rule .*delivering its stored results again", log)
+    assert len(re.findall(rf"study={uid} input_hash=\w+\] rule \S+: job \w+ queued", log)) == 1, "not run again"
+    assert {modality: series["Instances"] for modality, series in wait_for_results(orthanc, study_uid, 5).items()} \
+        == first, "the same results, nothing duplicated"
+
+
 def start_light_node(folder: Path, *args: str, env: dict | None = None, port: int | None = None) -> DicomNodeProcess:
     """A node with mock rules (no model), stable after 2 s, accepting only SCANNER and ORTHANC."""
     rules = folder / "rules.yaml"
@@ -204,9 +232,11 @@ def test_a_study_from_a_routing_pacs_is_complete_when_its_association_is_release
         assert "or when ORTHANC releases its association" in log
         time.sleep(1)  # the watcher would have taken them by now had they been complete
         log = node.log_text()
-        # an aborted association and a sender not listed keep the stability wait (senders that trickle)
+        # a routing PACS's aborted association leaves its study incomplete (it waits for a re-send); a sender not
+        # listed keeps the stability wait (senders that trickle)
         for name in ("aborted", "scanner"):
             assert f"study={studies[name]}] study complete" not in log, name
+        assert f"study={studies['aborted']}] study incomplete: the association from ORTHANC, a routing PACS" in log
         incoming = node.folder / "pacs" / "spool" / "incoming"
         waiting = collections.Counter(path.parent.name for path in incoming.glob("*/*.dcm"))
         assert waiting == {studies["aborted"]: 2, studies["scanner"]: 8}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import io
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +22,13 @@ from scipy import ndimage
 
 from bench.pacs_services import Orthanc, free_port, orthanc_missing
 from handlers.hippocampus.handler import COMMAND
-from handlers.hippocampus.report import dicom_results
+from handlers.hippocampus.report import change_lines, dicom_results
 from inference.config import get_settings
 from inference.dicom.series import load_volume
 from inference.dicom.writing import dataset_bytes
 from inference.pacs.priors import read_report
 from inference.pipeline.pipeline import Pipeline
+from inference.protocol.summary import result_rows
 from models.registry import registry_for
 from tests.conftest import PROJECT_ROOT, require, shared_data
 
@@ -101,8 +103,9 @@ def test_study1_after_its_prior_reports_change_and_rate_everywhere(crop, tmp_pat
     scale = 1.02  # the prior's pixels 2% wider each way: the same labels measure 1.02**2 times more
     prior_json, _ = run(copy_study(crop, PRIOR_DATE, spacing_scale=scale), settings)
     assert prior_json["change_since_prior"]["prior"] is None  # nothing earlier
-    assert prior_json["quality"]["flagged"]  # 1.02 mm is outside the 1.0 mm the model was validated on
-    assert any("voxel_size_mm" in r for r in prior_json["quality"]["reasons"])
+    assert not prior_json["quality"]["flagged"], prior_json["quality"]["reasons"]  # 1.02 mm: within the tolerance
+    assert set(prior_json["change_since_prior"]) == {"searched", "prior", "structures", "earlier_comparable",
+                                                     "untrusted", "not_comparable", "note"}  # one shape
 
     now_json, buffers = run(crop, settings)
     change = now_json["change_since_prior"]
@@ -144,6 +147,157 @@ def test_flagged_result_says_why_in_the_sr(crop, tmp_path):
     assert evaluations and all(v.startswith(("input: voxel_size_mm", "uncertainty")) for v in evaluations)
 
 
+def test_axis_order_is_named_and_the_same_in_the_reason_the_geometry_line_and_spacing(crop, tmp_path):
+    """Issue 37: 2.0 mm pixels were [2.0, 2.0, 1.0] in the reason, 1 x 2 x 2 (slice x row x column) on the image and
+    [1.0, 2.0, 2.0] in spacing_mm: now all three in the series' order, slice x row x column."""
+    response, buffers = run(copy_study(crop, TODAY, spacing_scale=2.0), settings_for(tmp_path))
+    measures = next(iter(response["series_ml_json"].values()))
+    assert measures["spacing_mm"][1:] == [2.0, 2.0]
+    slice_mm = f"{measures['spacing_mm'][0]:g}"
+    assert f"input: voxel_size_mm (slice x row x column) {slice_mm} x 2 x 2 mm outside the validated range" in \
+        " ".join(response["quality"]["reasons"])
+    properties = response["quality"]["input"]["properties"]
+    assert properties["axes"] == ["slice", "row", "column"] and properties["voxel_size_mm"] == measures["spacing_mm"]
+    assert properties["matrix"] == [len(crop), crop[0].Rows, crop[0].Columns]
+    assert measures["spacing_axes"] == ["slice", "row", "column"]
+    rows = {row.name: row.value for row in result_rows(measures)}  # as the test tool's page and the review show it
+    assert rows["spacing"] == f"{slice_mm} × 2 × 2" and rows["spacing axes"] == "slice × row × column"
+    save_report(buffers, tmp_path / "two-mm.png")
+
+
+def save_report(buffers, path: Path) -> np.ndarray:
+    """The report image of a response, written as PNG for looking at; its pixels."""
+    from PIL import Image
+
+    pixels = dicom_of(buffers, "OT").pixel_array
+    Image.fromarray(pixels).save(path)
+    return pixels
+
+
+def test_a_flagged_prior_is_never_a_silent_prior(crop, tmp_path):
+    """Issue 37: a crop with 2.0 mm pixels (correctly flagged) became the prior of a normal study, whose report
+    showed -75 % beside a green quality line. Now no change is given, and the JSON, SR and image say why."""
+    settings = settings_for(tmp_path)
+    flagged_json, _ = run(copy_study(crop, PRIOR_DATE, spacing_scale=2.0), settings)
+    assert flagged_json["quality"]["flagged"]
+    now_json, buffers = run(crop, settings)
+    change = now_json["change_since_prior"]
+    assert change["prior"] is None and change["structures"] == {} and change["earlier_comparable"] == []
+    [untrusted] = change["untrusted"]
+    assert untrusted["study_date"] == "2018-01-19" and untrusted["reason"].startswith("flagged: input: voxel_size_mm")
+    assert change["note"].startswith("no change given") and "cannot be trusted" in change["note"]
+    items = sr_items(sr_of(buffers))
+    assert not [v for name, v in items if name == "Volume in the prior study"]
+    assert ("Comparison with the prior study", "No change given: the earlier results cannot be trusted") in items
+    assert not now_json["quality"]["flagged"]
+    save_report(buffers, tmp_path / "untrusted-prior.png")
+
+    # a trustworthy result older than the flagged one is the prior, and the flagged one is named as passed over
+    run(copy_study(crop, "20160119", spacing_scale=1.02), settings)
+    now_json, buffers = run(crop, settings)
+    change = now_json["change_since_prior"]
+    assert change["prior"]["study_date"] == "2016-01-19" and change["prior"]["flagged"] is False
+    assert [u["study_date"] for u in change["untrusted"]] == ["2018-01-19"]
+    assert change["structures"]["Total"]["change_percent"] == pytest.approx(100 * (1 / 1.02**2 - 1), abs=0.05)
+    assert ("Comparison with the prior study", "A more recent earlier result was not trusted, not used") in \
+        sr_items(sr_of(buffers))
+    save_report(buffers, tmp_path / "older-prior.png")
+
+
+def test_review_decisions_decide_which_result_is_the_prior(tmp_path):
+    """Rejected: never a prior. Corrected: the prior, with the correction's volumes. Flagged then accepted: the
+    prior, saying so. A result whose flag was never recorded: not trusted."""
+    from handlers.hippocampus import history as module
+    from handlers.hippocampus.history import ResultHistory, compare, learn_decision
+    from inference.jobs.reviews import ACCEPTED, CORRECTED, DECISIONS, REJECTED, Review
+    from inference.pacs.priors import Patient, PriorResult
+
+    assert (module.ACCEPTED, module.REJECTED, module.CORRECTED) == (ACCEPTED, REJECTED, CORRECTED) and \
+        set(DECISIONS) == {ACCEPTED, REJECTED, CORRECTED}  # the history's copy of the review's names
+
+    settings = settings_for(tmp_path)
+    history = ResultHistory(settings.history_db)
+    patient, volumes = Patient("P1"), {"Anterior": 1000.0, "Posterior": 900.0, "Total": 1900.0}
+    for uid, date, flagged in (("1.1", "20190101", False), ("1.2", "20180101", True), ("1.3", "20170101", False)):
+        history.record(patient, PriorResult(uid, date, "hippocampus", "1.0", volumes, flagged=flagged,
+                                            flag_reasons=["uncertainty: high"] if flagged else []))
+
+    def change_now() -> dict:
+        return compare("20200101", {"Anterior": 990.0, "Posterior": 900.0, "Total": 1890.0}, "hippocampus", "1.0",
+                       history.earlier(patient, "9.9"), ["result store"])
+
+    assert change_now()["prior"]["study_uid"] == "1.1"
+    model = {"family": "hippocampus", "version": "1.0", "sha256": "0" * 64}
+    assert learn_decision(settings, Review("j1", "c", "required", study_uid="1.1", model=model, status=REJECTED))
+    change = change_now()
+    assert change["prior"]["study_uid"] == "1.3"  # 1.1 rejected, 1.2 flagged and not reviewed
+    assert {u["study_uid"]: u["reason"] for u in change["untrusted"]} == {
+        "1.1": "rejected on review", "1.2": "flagged: uncertainty: high"}
+    assert learn_decision(settings, Review("j2", "c", "flagged", study_uid="1.2", model=model, status=ACCEPTED))
+    prior = change_now()["prior"]
+    assert (prior["study_uid"], prior["flagged"], prior["review"]) == ("1.2", True, ACCEPTED)
+    correction = {"structures": {"Anterior": {"corrected_mm3": 1100.0}, "Posterior": {"corrected_mm3": 900.0}}}
+    history.record(patient, PriorResult("1.4", "20190601", "hippocampus", "1.0", volumes, flagged=True))
+    assert learn_decision(settings, Review("j3", "c", "flagged", study_uid="1.4", model=model, status=CORRECTED,
+                                           correction=correction))
+    change = change_now()
+    assert change["prior"]["study_uid"] == "1.4" and change["prior"]["volumes"] == "corrected by a reviewer"
+    assert change["structures"]["Anterior"]["prior_volume_mm3"] == 1100.0
+    assert change["structures"]["Total"]["prior_volume_mm3"] == 2000.0
+    assert [e["study_uid"] for e in change["earlier_comparable"]] == ["1.2", "1.3"]
+    assert not learn_decision(settings, Review("j4", "c", "required", study_uid="7.7", model=model, status=REJECTED))
+
+
+def test_results_recorded_before_flags_were_kept_are_not_trusted(tmp_path):
+    """A history file of the first schema (no flag columns) gets them; its results' flags are unknown."""
+    import sqlite3
+
+    from handlers.hippocampus.history import ResultHistory, compare
+    from inference.pacs.priors import Patient
+
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE results (patient_id TEXT NOT NULL, issuer TEXT NOT NULL, birth_date TEXT NOT NULL, "
+                   "study_uid TEXT NOT NULL, study_date TEXT NOT NULL, family TEXT NOT NULL, version TEXT NOT NULL, "
+                   "volumes TEXT NOT NULL, recorded TEXT NOT NULL, PRIMARY KEY (study_uid, family, version))")
+        db.execute("INSERT INTO results VALUES ('P1', '', '', '1.1', '20190101', 'hippocampus', '1.0', "
+                   "'{\"Total\": 1900.0}', '2019-01-01')")
+    earlier = ResultHistory(path).earlier(Patient("P1"), "9.9")
+    assert earlier[0].flagged is None
+    change = compare("20200101", {"Total": 1890.0}, "hippocampus", "1.0", earlier, ["result store"])
+    assert change["prior"] is None and change["untrusted"][0]["reason"].startswith("its quality flag is not known")
+
+
+def test_a_rejected_result_is_no_prior_once_the_reviewer_decides(crop, tmp_path):
+    """Through the gateway: the prior study's job is held for review and rejected at POST /reviews/<uid>/reject;
+    the history learns it, so the next study of the patient gets no change from it."""
+    import server
+    from tests.test_security import add_user, bearer
+
+    folder = tmp_path / "data" / "prior"
+    folder.mkdir(parents=True)
+    for number, dataset in enumerate(copy_study(crop, PRIOR_DATE)):
+        dataset.save_as(folder / f"{number:03d}.dcm")
+    sam, rita = (add_user(tmp_path / "jobs", name, role) for name, role in (("sam", "submitter"), ("rita", "reviewer")))
+    settings = settings_for(tmp_path, data_root=tmp_path / "data", output_root=tmp_path / "jobs")
+    client = server.create_app(settings=settings).test_client()
+    body = {"job_name": COMMAND, "in_dir": "prior", "model_version": "1.0-fast", "review": "required"}
+    created = client.post("/job/", json=body, headers=bearer(sam))
+    assert created.status_code == 201, created.get_json()
+    uid = created.get_json()["uid"]
+    deadline = time.monotonic() + 120
+    while client.get(f"/query/{uid}", headers=bearer(sam)).get_json().get("review") != "awaiting review":
+        assert time.monotonic() < deadline, client.get(f"/query/{uid}", headers=bearer(sam)).get_json()
+        time.sleep(0.1)
+    before, _ = run(crop, settings)
+    assert before["change_since_prior"]["prior"]["study_date"] == "2018-01-19"  # not flagged, not yet decided
+    rejected = client.post(f"/reviews/{uid}/reject", json={"reason": "motion"}, headers=bearer(rita))
+    assert rejected.status_code == 200, rejected.get_json()
+    now_json, _ = run(crop, settings)
+    change = now_json["change_since_prior"]
+    assert change["prior"] is None and change["untrusted"][0]["reason"] == "rejected on review"
+
+
 def test_other_versions_are_listed_as_not_comparable_and_other_patients_never_match(crop, tmp_path):
     settings = settings_for(tmp_path)
     run(copy_study(crop, "20190119"), settings, version="1.0")  # same patient (no birth date), the ensemble
@@ -160,9 +314,14 @@ def test_other_versions_are_listed_as_not_comparable_and_other_patients_never_ma
 def test_study_without_patient_id_is_never_compared(crop, tmp_path):
     settings = settings_for(tmp_path)
     run(copy_study(crop, PRIOR_DATE, PatientID=""), settings)
-    now_json, _ = run(copy_study(crop, TODAY, PatientID=""), settings)
-    assert now_json["change_since_prior"]["prior"] is None
-    assert "name alone" in now_json["change_since_prior"]["note"]
+    now_json, buffers = run(copy_study(crop, TODAY, PatientID=""), settings)
+    change = now_json["change_since_prior"]
+    assert change["prior"] is None and "name alone" in change["note"]
+    assert change["earlier_comparable"] == [] and change["untrusted"] == [] and change["searched"] == []
+    # the image gives the JSON's reason, not "No earlier result of this patient" (issue 37)
+    texts = [text for text, *_ in change_lines(change)]
+    assert texts == ["The study has no PatientID: earlier results are never matched on the name alone."]
+    save_report(buffers, tmp_path / "no-patient-id.png")
 
 
 def eroded_prior_report(crop, settings, version_name="1.0-fast") -> tuple[list[pydicom.Dataset], pydicom.Dataset, dict]:
@@ -181,9 +340,40 @@ def eroded_prior_report(crop, settings, version_name="1.0-fast") -> tuple[list[p
         eroded[mask] = value
     version = registry_for(settings.model_manifest).family("hippocampus").resolve(version_name)
     volume = load_volume(prior)
-    [(_, sr)] = dicom_results(volume, eroded, version.structures, version.provenance, ["sr"])
+    [(_, sr)] = dicom_results(volume, eroded, version.structures, version.provenance, ["sr"],
+                              quality={"flagged": False, "reasons": []})  # as our own SRs carry the flag
     volumes = {"Anterior": float(np.count_nonzero(eroded == 1)), "Posterior": float(np.count_nonzero(eroded == 2))}
     return prior, sr, volumes
+
+
+def test_a_pacs_report_tells_its_flag_and_a_reviewers_correction(crop):
+    """A prior read from the PACS is judged like our own: the SR's quality evaluation gives its flag (none: not
+    known), and a reviewer's corrected SR (its algorithm names the corrector) is a corrected result."""
+    from inference.dicom.results import Algorithm
+    from inference.pacs.priors import CORRECTED_BY
+
+    version = registry_for(get_settings().model_manifest).family("hippocampus").resolve("1.0-fast")
+    volume = load_volume(copy_study(crop, PRIOR_DATE))
+    labels = np.zeros(volume.voxels.shape, np.uint8)
+    labels[10:20, 10:20, 10:20], labels[10:20, 20:30, 10:20] = 1, 2
+
+    def report(quality):
+        [(_, sr)] = dicom_results(volume, labels, version.structures, version.provenance, ["sr"], quality=quality)
+        return read_report(sr)
+
+    reason = "input: intensity_mean 33,270 outside the validated ranges (47.89 to 78.31, 311.5 to 858.1)"
+    flagged = report({"flagged": True, "reasons": [reason]})
+    assert flagged.flagged is True and flagged.flag_reasons == [reason[:61] + "..."]  # a code meaning's 64 chars
+    assert report({"flagged": False, "reasons": []}).flagged is False
+    assert report(None).flagged is None
+    from inference.review import correction
+
+    seg = dicom_results(volume, labels, version.structures, version.provenance, ["seg"])[0][1]
+    read = correction.read_segmentation(dataset_bytes(seg), volume.datasets, version.structures)
+    algorithm = Algorithm("hippocampus", f"1.0-fast (weights sha256 0123456789ab){CORRECTED_BY}rita")
+    corrected = read_report(correction.corrected_report(volume.datasets, read, version.structures, algorithm, "rita"))
+    assert corrected.review == "corrected" and corrected.version == "1.0-fast"
+    assert corrected.volumes_mm3 == {"Anterior": 1000.0, "Posterior": 1000.0}
 
 
 def test_prior_report_found_in_the_pacs_by_qido(crop, tmp_path):

@@ -20,10 +20,12 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("handlers", ("handlers",)),
     ("PACS spool, routing, outbox, delivery", ("inference.pacs",)),
     ("the pipeline", ("inference.pipeline",)),
-    ("models", ("models",)),
     ("protocol, DICOM, imaging", ("inference.protocol", "inference.dicom", "inference.imaging")),
-    ("ground floor", ("inference.config", "inference.errors", "inference.logs", "inference.metrics",
-                      "inference.metrics_dir", "inference.paths", "inference.audit", "inference")),
+    ("ground floor", ("inference.config", "inference.disk_space", "inference.errors", "inference.folders",
+                      "inference.logs", "inference.metrics", "inference.metrics_dir", "inference.paths",
+                      "inference.audit", "inference")),
+    # the models are a library of their own: trained, evaluated and served without the gateway, so they sit under it
+    ("models", ("models",)),
 ]
 #: Folders whose modules are not part of the product's layers (they may import anything above).
 OUTSIDE = ("tests", "bench", "inference-test-tool", ".venv", ".git")
@@ -121,6 +123,13 @@ def test_every_module_has_a_layer():
 def test_imports_only_go_down(module):
     upward = upward_imports(GRAPH, module)
     assert not upward, f"{module} ({LAYERS[layer_of(module)][0]}) imports from a layer above it: {upward}"
+
+
+def test_models_import_nothing_of_the_gateway():
+    """``models/`` trains, evaluates and registers models with no server: nothing of ``inference`` (nor above)."""
+    upward = {module: sorted(name for name in GRAPH[module] if not name.startswith("models"))
+              for module in MODULES if module == "models" or module.startswith("models.")}
+    assert not {module: names for module, names in upward.items() if names}
 
 
 def test_no_import_circle():

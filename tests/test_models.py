@@ -286,6 +286,19 @@ def test_an_ensembles_networks_run_side_by_side_with_one_thread_each_and_the_sam
     assert single.parallel_members == 1 and single.runners[0].session.get_session_options().intra_op_num_threads == 2
 
 
+@pytest.mark.skipif(not onnxruntime_available(), reason="onnxruntime not installed: members run one after another")
+def test_an_ensemble_whose_pool_takes_no_more_work_runs_its_members_on_the_calling_thread(tmp_path):
+    """A stopping process's pools refuse new work (issue 35: a request in flight at SIGTERM answered 500)."""
+    path = _tiny_ensemble(tmp_path)
+    vol = _structured_volume((21, 30, 17), seed=3)
+    segmenter = HippocampusSegmenter.load(path, device="cpu", threads=2)
+    expected = segmenter.member_probabilities(vol)
+    segmenter._member_pool().shutdown()  # as the interpreter's shutdown does to every pool
+    refused = segmenter.member_probabilities(vol)
+    for got, want in zip(refused, expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_members_and_flips_options(tmp_path):
     path = _tiny_ensemble(tmp_path)
     vol = _structured_volume((20, 26, 18), seed=1)

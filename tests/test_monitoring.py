@@ -8,7 +8,9 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from inference.config import get_settings
 from models.monitoring import BUCKETS, PSI_MIN_COUNT, bucket_counts, compare, psi, watched_values
+from models.registry import registry_for
 from tests.conftest import PROJECT_ROOT, shared_data
 
 
@@ -56,7 +58,9 @@ def test_served_results_show_in_monitoring_and_metrics(server):
     summary = requests.get(f"{server.url}/models/hippocampus/monitoring", timeout=30).json()
     after = summary["versions"]["1.0-fast"]
     assert after["results"] == before["results"] + 1 and after["flagged"] == before["flagged"]
-    assert after["expected_share_flagged"] == pytest.approx(0.4)
+    expected = registry_for(get_settings().model_manifest).family("hippocampus").resolve("1.0-fast") \
+        .uncertainty["test"]["share_flagged"]  # the calibrated share (0.4 before issue 37's recalibration)
+    assert after["expected_share_flagged"] == pytest.approx(expected)
     mean = after["quantities"]["intensity_mean"]  # Study1's crop: mean 58.6, in the (50, 100] bucket
     index = mean["buckets_le"].index(100)
     assert mean["observed"][index] == before["quantities"]["intensity_mean"]["observed"][index] + 1
@@ -70,4 +74,4 @@ def test_served_results_show_in_monitoring_and_metrics(server):
     labels = (("family", "hippocampus"), ("flagged", "false"), ("version", "1.0-fast"))
     assert samples[("inference_model_results_total", labels)] >= 1
     assert samples[("inference_model_expected_flag_share", (("family", "hippocampus"), ("version", "1.0-fast")))] \
-        == pytest.approx(0.4)
+        == pytest.approx(expected)

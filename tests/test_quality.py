@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import yaml
 
-from models.calibrate import choose_threshold, derive_validated_input, figures, replace_blocks
+from models.calibrate import choose_threshold, derive_validated_input, figures, replace_blocks, tolerated
 from models.quality import (
     DISAGREEMENT,
     SOFT_BOUNDARY,
     assess,
     check_input,
+    in_series_order,
     input_properties,
     obliquity_degrees,
     structure_uncertainty,
@@ -49,8 +52,8 @@ def test_each_check_outside_its_range_is_named():
     quality = assess(bad, DISAGREEMENT, {"Anterior": {"unsure_fraction": 0.1, "volume_spread_mm3": 5}},
                      VALIDATED, CALIBRATION, "hippocampus 1.0")
     assert quality["flagged"] is True
-    assert any(r.startswith("input: voxel_size_mm [0.5, 1.0, 1.0] mm outside the validated range 1.0 to 1.0")
-               for r in quality["reasons"])
+    assert ("input: voxel_size_mm (left-right x posterior-anterior x inferior-superior) 0.5 x 1 x 1 mm outside the "
+            "validated range 1 to 1 mm") in quality["reasons"]
     assert any("modality CT" in r for r in quality["reasons"])
 
 
@@ -63,7 +66,8 @@ def test_uncertainty_above_the_threshold_flags_and_below_does_not():
                                           "Posterior": {"unsure_fraction": 0.3, "volume_spread_mm3": 40}},
                     VALIDATED, CALIBRATION, "hippocampus 1.0")
     assert unsure["flagged"] and unsure["reasons"] == [
-        "uncertainty: Posterior 0.300 of its voxels unsure (member disagreement), above the calibrated 0.200"]
+        ("uncertainty: unsure on 30.0% of the voxels that may be Posterior, above the calibrated 20.0%; "
+         "method: member disagreement")]
 
 
 def test_a_version_without_blocks_is_flagged_saying_so():
@@ -85,8 +89,9 @@ def test_member_disagreement_and_the_one_network_proxy():
     other[0, 2:6, 2:6, 5], other[1, 2:6, 2:6, 5] = 1.0, 0.0  # the second member leaves out 16 of them
     method, per = structure_uncertainty([agree, other], {"A": 1, "B": 2}, 2.0)
     assert method == DISAGREEMENT
-    # a 1-1 split of the mean is labelled background (the first class): 16 unsure over the 48 voxels labelled A
-    assert per["A"]["unsure_fraction"] == pytest.approx(16 / 48, abs=1e-4) and per["A"]["volume_spread_mm3"] == 32.0
+    # a 1-1 split of the mean is labelled background (the first class): 16 unsure over the 64 voxels some member
+    # labels A (48 the mean labels A, and the 16 it does not)
+    assert per["A"]["unsure_fraction"] == pytest.approx(16 / 64, abs=1e-4) and per["A"]["volume_spread_mm3"] == 32.0
     assert per["B"]["unsure_fraction"] == 0.0
     soft = agree.copy()
     soft[1, 2:6, 2:6, 5], soft[0, 2:6, 2:6, 5] = 0.6, 0.4  # still labelled A, but unsure
@@ -106,13 +111,85 @@ def test_threshold_separates_low_dice_within_the_flag_budget():
     assert choose_threshold(scores, low, max_flagged=0.125) == 0.25
 
 
-def test_derived_ranges_are_the_training_cases_extremes():
-    rows = [input_properties(crop((31 + i, 45, 30), 100 + 50 * i, i), [1.0, 1.0, 1.0], np.eye(4), "MR")
-            for i in range(3)]
-    block = derive_validated_input(rows)
-    assert block["matrix"] == {"min": [31, 45, 30], "max": [33, 45, 30]}
-    assert block["intensity_mean"]["min"] == pytest.approx(rows[0]["intensity_mean"], abs=0.05)
-    assert all(c["passed"] for r in rows for c in check_input(r, block))
+def test_unsure_fraction_is_a_share_even_when_the_mean_labels_almost_nothing():
+    """Issue 37: an inverted-contrast crop had members disagreeing on 957 voxels the mean labelled none of, and
+    reported unsure_fraction 957.0; it is a share of the voxels that may be the structure, at most 1."""
+    shape = (3, 20, 20, 20)
+    first, second = np.zeros(shape), np.zeros(shape)
+    first[0], second[0] = 1.0, 1.0
+    first[0, :10], first[1, :10] = 0.0, 1.0  # member 1 calls half the volume A; member 2 calls none of it
+    method, per = structure_uncertainty([first, second], {"A": 1}, 1.0)
+    assert per["A"]["unsure_fraction"] == 1.0  # 4,000 unsure voxels, every voxel that may be A
+    soft = np.zeros(shape)
+    soft[0], soft[1, :10] = 0.7, 0.3
+    soft[0, :10] = 0.7
+    method, per = structure_uncertainty([soft], {"A": 1}, 1.0)  # unsure everywhere, labelled nowhere
+    assert method == SOFT_BOUNDARY and per["A"]["unsure_fraction"] == 1.0
+    empty = np.zeros(shape)
+    empty[0] = 1.0
+    assert structure_uncertainty([empty], {"A": 1}, 1.0)[1]["A"]["unsure_fraction"] == 0.0
+
+
+def training_like_rows(n=60):
+    """Training-style cases on three intensity scales (as the MSD Task04 volumes are), plus one outlier."""
+    rows, cases = [], []
+    for i in range(n):
+        scale = (60.0, 500.0, 230000.0)[i % 3] * (1 + 0.1 * ((i * 7) % 5 - 2) / 2)
+        rows.append(input_properties(crop((31 + i % 10, 45, 30), scale, i), [1.0, 1.0, 1.0], np.eye(4), "MR"))
+        cases.append(f"case_{i:03d}")
+    odd = input_properties(crop((35, 45, 30), 500.0, 99), [1.0, 1.0, 1.0], np.eye(4), "MR")
+    odd["intensity_cv"] = 2.5
+    return [*rows, odd], [*cases, "case_odd"]
+
+
+def test_derived_ranges_are_robust_bands_with_outliers_named():
+    rows, cases = training_like_rows()
+    block = derive_validated_input(rows, cases, {"min": 0.9, "max": 1.1})
+    assert block["matrix"] == {"min": [31, 45, 30], "max": [40, 45, 30]}
+    assert len(block["intensity_mean"]["bands"]) == 3  # one per intensity scale, not 50 to 280,000
+    assert block["outliers_excluded"] == {"case_odd": "intensity_cv 2.5"}
+    assert block["intensity_cv"]["max"] < 1.0
+    assert sum(all(c["passed"] for c in check_input(r, block)) for r in rows) >= 0.9 * len(rows)
+    study = input_properties(crop((35, 45, 30), mean=500.0, seed=5), [1.0, 1.0, 1.0], np.eye(4), "MR")
+    assert all(c["passed"] for c in check_input(study, block))
+    for factor in (50, 1 / 50):  # pixel values x50 (RescaleSlope 50), or the reverse: flagged
+        scaled = {**study, "intensity_mean": study["intensity_mean"] * factor}
+        [failed] = [c for c in check_input(scaled, block) if not c["passed"]]
+        assert failed["check"] == "intensity_mean"
+        quality = assess(scaled, SOFT_BOUNDARY, {"A": {"unsure_fraction": 0.0, "volume_spread_mm3": 0}}, block,
+                         CALIBRATION, "hippocampus 1.0")
+        assert any(r.startswith("input: intensity_mean") and "outside the validated ranges" in r
+                   for r in quality["reasons"])
+
+
+def test_voxel_size_tolerance_is_the_widest_range_keeping_dice():
+    measured = {0.85: 0.86, 0.9: 0.895, 0.95: 0.90, 1.0: 0.901, 1.05: 0.90, 1.1: 0.889, 1.15: 0.895}
+    assert tolerated(measured, 0.01) == (0.9, 1.05)  # 1.15 is within again, but beyond a size that failed
+    assert tolerated(measured, 0.003) == (0.95, 1.05)
+
+
+@pytest.mark.parametrize("version", ["1.0", "1.0-fast", "1.1", "1.2"])
+def test_shipped_ranges_pass_harmless_geometry_and_flag_a_rescaled_study(version):
+    """Issue 37: 0.98 mm voxels were flagged (validated 1.0 to 1.0) and pixel values x50 passed (53 to 285,426)."""
+    validated = ModelRegistry.load(PROJECT_ROOT / "models" / "manifest.yaml").family("hippocampus") \
+        .resolve(version).validated_input
+    study = input_properties(crop(mean=420.0), [0.98, 0.98, 1.0], np.eye(4), "MR")  # Study1's crop: mean ~420
+    assert all(c["passed"] for c in check_input(study, validated)), check_input(study, validated)
+    for harmful in ({"voxel_size_mm": [2.0, 2.0, 1.0]}, {"intensity_mean": 50 * 420.0}):
+        assert not all(c["passed"] for c in check_input({**study, **harmful}, validated))
+
+
+def test_checks_are_told_in_the_series_axis_order():
+    """Issue 37: the flag said [2.0, 2.0, 1.0] (RAS) where the report said slice x row x column 1 x 2 x 2."""
+    ras = input_properties(crop((35, 50, 40)), [2.0, 2.0, 1.0], np.eye(4), "MR")
+    # an axial series: slices run inferior-superior (RAS axis 2), rows posterior-anterior (1), columns left-right (0)
+    props, rules = in_series_order(ras, VALIDATED, [2, 1, 0])
+    assert props["voxel_size_mm"] == [1.0, 2.0, 2.0] and props["matrix"] == [40, 50, 35]
+    assert props["axes"] == ["slice", "row", "column"] and rules["matrix"]["min"] == [24, 40, 31]
+    quality = assess(props, SOFT_BOUNDARY, {"A": {"unsure_fraction": 0.0, "volume_spread_mm3": 0}}, rules,
+                     CALIBRATION, "hippocampus 1.0")
+    assert "input: voxel_size_mm (slice x row x column) 1 x 2 x 2 mm outside the validated range 1 to 1 mm" \
+        in quality["reasons"]
 
 
 def test_blocks_written_into_the_manifest_replace_earlier_ones_and_keep_comments(tmp_path):
@@ -131,3 +208,46 @@ def test_blocks_written_into_the_manifest_replace_earlier_ones_and_keep_comments
     assert version.uncertainty == {"threshold": 0.5} and version.validated_input == {"modality": ["MR"]}
     other = ModelRegistry.load(manifest).family("hippocampus").resolve("1.0")
     assert other.uncertainty == yaml.safe_load(text)["families"]["hippocampus"]["versions"]["1.0"]["uncertainty"]
+
+
+def test_degraded_inputs_keep_image_and_label_on_one_grid_and_the_flag_figures_count_them():
+    from models.degrade import DEGRADATIONS, resample
+    from models.flag_quality import summary
+
+    image = crop((30, 40, 30))
+    label = np.zeros(image.shape, np.uint8)
+    label[10:20, 10:20, 10:20], label[10:20, 20:30, 10:20] = 1, 2
+    for name, degrade in DEGRADATIONS.items():
+        case = degrade(image, label)
+        assert case.image.shape == case.label.shape, name
+        assert set(np.unique(case.label)) <= {0, 1, 2}, name
+    half = resample(image, label, (2.0, 2.0, 2.0))
+    assert half.image.shape == (15, 20, 15) and half.spacing == (2.0, 2.0, 2.0)
+    assert np.count_nonzero(half.label == 1) == pytest.approx(1000 / 8, rel=0.2)  # the same structure, 8x the voxel
+    rows = [{"min_dice": 0.8, "flagged": True, "kinds": ["input"]}, {"min_dice": 0.8, "flagged": False, "kinds": []},
+            {"min_dice": 0.9, "flagged": True, "kinds": ["uncertainty"]},
+            {"min_dice": 0.95, "flagged": False, "kinds": []}]
+    assert summary(rows, 0.85) == {"volumes": 4, "low_dice": 2, "low_dice_flagged": 1, "flagged": 2,
+                                   "share_of_low_dice_flagged": 0.5, "share_flagged": 0.5, "flagged_by_input": 1,
+                                   "flagged_by_uncertainty": 1}
+
+
+def test_measured_volumes_are_flagged_again_with_the_manifests_blocks(tmp_path, capsys):
+    """models.flag_quality --reuse: volumes measured once are flagged with the version's current blocks."""
+    from models.flag_quality import main
+
+    properties = input_properties(crop((35, 45, 30), mean=60.0), [1.0, 1.0, 1.0], np.eye(4), "MR")
+    calm = {"Anterior": {"unsure_fraction": 0.01, "volume_spread_mm3": 0}}
+    rows = [{"case": "a", "min_dice": 0.9, "dice": 0.92, "method": SOFT_BOUNDARY, "structures": calm,
+             "properties": properties},
+            {"case": "b", "min_dice": 0.7, "dice": 0.8, "method": SOFT_BOUNDARY, "structures": calm,
+             "properties": {**properties, "intensity_mean": 50 * 60.0}},
+            {"case": "c", "min_dice": 0.8, "dice": 0.85, "method": SOFT_BOUNDARY,
+             "structures": {"Anterior": {"unsure_fraction": 0.9, "volume_spread_mm3": 9}}, "properties": properties}]
+    measured = tmp_path / "measured.json"
+    measured.write_text(json.dumps({"version": "1.0-fast", "per_case": {"as it is": rows}}))
+    figures = main(["--version", "1.0-fast", "--reuse", str(measured)])
+    assert figures["as it is"] == {"volumes": 3, "low_dice": 2, "low_dice_flagged": 2, "flagged": 2,
+                                   "share_of_low_dice_flagged": 1.0, "share_flagged": 0.667, "flagged_by_input": 1,
+                                   "flagged_by_uncertainty": 1}
+    assert "| `1.0-fast` | as it is | 3 | 2 | 2 of 2 (100%) | 2 of 3 (67%) | 1 | 1 |" in capsys.readouterr().out

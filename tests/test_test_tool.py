@@ -191,7 +191,8 @@ def test_hippocampus_volume_on_study1(server, tmp_path, capsys):
 
 
 def test_page_shows_the_quality_flag_and_the_change_since_the_prior(server, tmp_path):
-    """A prior of Study1's crop (2018, pixels 2% wider: flagged), then the crop itself: the page says both."""
+    """A prior of Study1's crop (2018, pixels 2% wider: within the voxel-size tolerance), then the crop itself:
+    the page shows both quality lines and the change."""
     from tests.test_hippocampus_priors import copy_study
 
     crop_folder = next(shared_data("studies", "Study1").glob("*HCrop*"))
@@ -203,7 +204,8 @@ def test_page_shows_the_quality_flag_and_the_change_since_the_prior(server, tmp_
     args = ("--port", server.port, "-c", "get-hippocampus-volume", "-R", "model_version=1.0-fast")
     assert run_tool("-i", prior, "-o", tmp_path / "prior-page", *args) == 0
     page = (tmp_path / "prior-page" / "index.html").read_text()
-    assert 'class="quality flagged"' in page and "voxel_size_mm [1.02, 1.02, 1.0] mm outside" in page
+    assert 'class="quality passed"' in page
+    assert "No earlier result of this patient by this model version (searched: result store)." in page
     assert run_tool("-i", crop_folder, "-o", tmp_path / "page", *args) == 0
     page = (tmp_path / "page" / "index.html").read_text()
     assert 'class="quality passed"' in page
@@ -625,3 +627,23 @@ def test_the_page_names_the_model_from_its_provenance_or_its_results():
     assert tool_gallery.model_version(provenance) == "hippocampus 1.0 (weights abababababab)"
     assert tool_gallery.model_version({"series_ml_json": {"1.2": {"model": "unet 2"}}}) == "unet 2"
     assert tool_gallery.model_version({"parts": []}) == ""
+
+
+def test_page_says_why_there_is_no_prior_and_what_was_not_trusted(fake, study_dir, tmp_path):
+    """A study without PatientID: the page gives the JSON's reason, never an empty "(searched: )"; untrusted
+    earlier results are named with the reason they were not used."""
+    no_patient = {"searched": [], "prior": None, "structures": {}, "earlier_comparable": [], "untrusted": [],
+                  "not_comparable": [], "note": "the study has no PatientID: earlier results are never matched on the "
+                                                "name alone"}
+    fake.answer = lambda _: multipart_answer({"parts": [], "change_since_prior": no_patient}, [])
+    assert run_tool(study_dir, "--port", fake.port, "-o", tmp_path / "a") == 0
+    page = (tmp_path / "a" / "index.html").read_text()
+    assert "(searched: )" not in page and "has no PatientID" in page and "No earlier result" not in page
+    untrusted = {**no_patient, "searched": ["result store"], "note": "no change given: cannot be trusted",
+                 "untrusted": [{"study_uid": "1.2", "study_date": "2018-01-19", "model": "hippocampus 1.0",
+                                "source": "result store", "reason": "rejected on review"}]}
+    fake.answer = lambda _: multipart_answer({"parts": [], "change_since_prior": untrusted}, [])
+    assert run_tool(study_dir, "--port", fake.port, "-o", tmp_path / "b") == 0
+    page = (tmp_path / "b" / "index.html").read_text()
+    assert "no change given" in page and "(searched: result store)" in page
+    assert "Not used as prior: 2018-01-19 (hippocampus 1.0, result store): rejected on review" in page

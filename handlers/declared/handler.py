@@ -22,7 +22,7 @@ from inference.dicom.instance import DicomInstance
 from inference.dicom.results import Algorithm, measurement_report, segmentation
 from inference.dicom.series import Volume, describe_series, group_by_series, load_volume, require_instances
 from inference.dicom.writing import secondary_capture
-from inference.errors import UnprocessableInput
+from inference.errors import ServiceUnavailable, UnprocessableInput
 from inference.logs import TaggedLogger
 from inference.pipeline.context import HandlerContext
 from models.declared.schema import SeriesRule
@@ -50,7 +50,7 @@ def warm_up(settings: Settings, family: str) -> str | None:
     failed = registry.load_family(family, load_declared)
     default = registry.family(family).default_version
     if default in failed:
-        raise ModelUnavailable(f"{family} {default} (the default): {failed[default]}")
+        raise ServiceUnavailable(f"{family} {default} (the default): {failed[default]}")
     return "; ".join(f"{family} {name} unavailable: {why}" for name, why in failed.items()) or None
 
 
@@ -83,7 +83,10 @@ def segment_declared(instances: Sequence[DicomInstance], context: HandlerContext
     assert version is not None  # the pipeline resolves a family's version
     if context.volume is not None and wanted:
         raise UnprocessableInput("dicom_outputs need the DICOM series; a posted volume gets the label mask only")
-    segmenter = registry_for(settings.model_manifest).model(version, load_declared)  # 503 for a broken version
+    try:
+        segmenter = registry_for(settings.model_manifest).model(version, load_declared)
+    except ModelUnavailable as exc:  # a broken declaration or weights: that version cannot serve, the server can
+        raise ServiceUnavailable(exc.message) from exc
     volume = context.volume
     if volume is None:
         items = find_series(group_by_series(require_instances(instances)), segmenter.declaration.input, family)

@@ -12,6 +12,7 @@ Capture report showing both. The batch command line (``python -m handlers.hippoc
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import time
@@ -28,7 +29,7 @@ from inference.config import Settings
 from inference.dicom.instance import DicomInstance
 from inference.dicom.series import Volume, describe_series, group_by_series, load_volume, require_instances
 from inference.dicom.writing import secondary_capture
-from inference.errors import UnprocessableInput
+from inference.errors import ServiceUnavailable, UnprocessableInput
 from inference.logs import TaggedLogger
 from inference.pipeline.context import HandlerContext
 from inference.pipeline.handler_registry import Param, register
@@ -59,7 +60,10 @@ def load_version(version: ModelVersion, onnx_cache: Path | None = None):
 def segmenter_for(settings: Settings, version: ModelVersion):
     """The loaded model of a registry version (loaded once per process, then shared)."""
     registry = registry_for(settings.model_manifest)
-    return registry.model(version, partial(load_version, onnx_cache=settings.model_cache))
+    try:
+        return registry.model(version, partial(load_version, onnx_cache=settings.model_cache))
+    except ModelUnavailable as exc:
+        raise ServiceUnavailable(exc.message) from exc
 
 
 def warm_up(settings: Settings) -> str | None:
@@ -68,7 +72,7 @@ def warm_up(settings: Settings) -> str | None:
     failed = registry.load_family(FAMILY, partial(load_version, onnx_cache=settings.model_cache))
     default = registry.family(FAMILY).default_version
     if default in failed:
-        raise ModelUnavailable(f"{FAMILY} {default} (the default): {failed[default]}")
+        raise ServiceUnavailable(f"{FAMILY} {default} (the default): {failed[default]}")
     return "; ".join(f"{FAMILY} {name} unavailable: {why}" for name, why in failed.items()) or None
 
 
@@ -85,13 +89,38 @@ def find_crop_series(series: dict[str, list[DicomInstance]], pattern: str) -> li
     return matches[0]
 
 
+def series_shape(series: Sequence[DicomInstance]) -> tuple[int, int, int]:
+    """(frames, rows, columns) of a series, from its headers."""
+    first = series[0].dataset
+    frames = sum(int(item.dataset.get("NumberOfFrames", 1) or 1) for item in series)
+    return frames, int(first.Rows), int(first.Columns)
+
+
+def check_model_memory(shape: Sequence[int], series_uid: str, settings: Settings, version: ModelVersion,
+                       segmenter) -> None:
+    """422 naming INFERENCE_MODEL_MEMORY_BYTES and the series when the model's run on a series of ``shape`` could
+    take more memory than that: its largest count over the orders the series may take in model orientation."""
+    need = max(segmenter.peak_bytes(order) for order in itertools.permutations(shape))
+    if need > settings.model_memory_bytes:
+        raise UnprocessableInput(
+            f"series {series_uid} ({' x '.join(str(n) for n in shape)} voxels) needs up to {need / 2**30:.1f} GiB for "
+            f"{version.family} {version.version}, over the model memory limit INFERENCE_MODEL_MEMORY_BYTES="
+            f"{settings.model_memory_bytes} ({settings.model_memory_bytes / 2**30:.1f} GiB); send the hippocampus "
+            "crop (a few dozen voxels a side), not a whole series")
+
+
 def segment_study(instances: Sequence[DicomInstance], settings: Settings, version: ModelVersion,
                   segmenter, volume: Volume | None = None) -> tuple[Volume, np.ndarray, dict, float, dict]:
     """Find and segment the crop series (or the posted crop ``volume``): its volume, labels (slices,
     rows, columns), measures, seconds, and its quality block (``assessment.quality_of``)."""
     if volume is None:
         pattern = settings.hippocampus_series or version.input["series_description"]
-        volume = load_volume(find_crop_series(group_by_series(require_instances(instances)), pattern))
+        crop = find_crop_series(group_by_series(require_instances(instances)), pattern)
+        check_model_memory(series_shape(crop), str(crop[0].dataset.get("SeriesInstanceUID", "")), settings, version,
+                           segmenter)  # before its pixels are read
+        volume = load_volume(crop)
+    else:
+        check_model_memory(volume.voxels.shape, volume.series_uid, settings, version, segmenter)
     from models.segmenter import mean_probabilities  # torch is imported with the model, not with the handlers
 
     started = time.perf_counter()
@@ -100,7 +129,7 @@ def segment_study(instances: Sequence[DicomInstance], settings: Settings, versio
     labels = from_model_orientation(np.argmax(mean_probabilities(members), axis=0).astype(np.uint8), orientation)
     seconds = time.perf_counter() - started
     measures = measure_volumes(labels, volume)
-    quality = quality_of(version, crop_properties(volume, voxels, orientation), members, volume.voxel_volume_mm3,
+    quality = quality_of(version, *crop_properties(volume, voxels, orientation), members, volume.voxel_volume_mm3,
                          measures["total_volume_mm3"])
     return volume, labels, measures, seconds, quality
 
@@ -138,7 +167,7 @@ def hippocampus_volume(instances: Sequence[DicomInstance], context: HandlerConte
         return {"protocol_version": "1.0", "parts": [label_part], "series_ml_json": series_ml_json,
                 "model": provenance.as_json(), "quality": quality}, [labels]
     volumes = structure_volumes(measures, version.structures)
-    change = change_since_prior(settings, volume, version, volumes)
+    change = change_since_prior(settings, volume, version, volumes, quality)
     reference = volume.datasets[0]
     image = render_report(volume, labels, measures, model_version, version.structures, quality, change)
     report = secondary_capture(image, reference, description="Hippocampal volume report", algorithm=provenance)

@@ -13,7 +13,8 @@ from inference.dicom.results import Algorithm, ExtraMeasurement, measurement_rep
 from inference.dicom.series import Volume
 from inference.errors import UnprocessableInput
 from inference.imaging.render import font, overlay_labels, to_rgb, upscale, window_values
-from models.quality import short_reason
+from inference.pacs import priors
+from models.quality import SERIES_AXES, short_reason
 from models.registry import Provenance, Structure
 
 ANTERIOR, POSTERIOR = 1, 2  # label values, as in the training data and the manifest's structures
@@ -24,9 +25,15 @@ PRIOR_VOLUME = Code("PRIORVOL", PRIVATE_SCHEME, "Volume in the prior study")
 VOLUME_CHANGE = Code("VOLCHANGE", PRIVATE_SCHEME, "Volume change since the prior study")
 VOLUME_CHANGE_PERCENT = Code("VOLCHANGEPCT", PRIVATE_SCHEME, "Volume change since the prior study, percent")
 ANNUAL_RATE = Code("VOLRATE", PRIVATE_SCHEME, "Annualised volume change rate")
-RESULT_QUALITY = Code("RESULTQUALITY", PRIVATE_SCHEME, "Result quality")
-WITHIN_VALIDATED = Code("QUALITYOK", PRIVATE_SCHEME, "Within validated input range and uncertainty threshold")
-FLAG_REASON_PREFIX = "QUALITYFLAG"
+RESULT_QUALITY = Code(priors.RESULT_QUALITY[0], priors.RESULT_QUALITY[1], "Result quality")
+WITHIN_VALIDATED = Code(priors.QUALITY_PASSED, PRIVATE_SCHEME, "Within validated input range and uncertainty threshold")
+FLAG_REASON_PREFIX = priors.QUALITY_FLAG_PREFIX
+#: What the SR says of its prior when that is not a plain, trusted earlier result (``prior_evaluations``).
+PRIOR_COMPARISON = Code("PRIORCMP", PRIVATE_SCHEME, "Comparison with the prior study")
+PRIOR_UNTRUSTED = Code("PRIORUNTRUSTED", PRIVATE_SCHEME, "No change given: the earlier results cannot be trusted")
+PRIOR_SKIPPED = Code("PRIORSKIPPED", PRIVATE_SCHEME, "A more recent earlier result was not trusted, not used")
+PRIOR_CORRECTED = Code("PRIORCORRECTED", PRIVATE_SCHEME, "Prior volumes as corrected by a reviewer")
+PRIOR_FLAG_ACCEPTED = Code("PRIORFLAGACCEPTED", PRIVATE_SCHEME, "Prior was flagged, then accepted on review")
 PERCENT = Code("%", "UCUM", "percent")
 PERCENT_PER_YEAR = Code("%/a", "UCUM", "percent per year")
 
@@ -44,6 +51,7 @@ def measure_volumes(labels: np.ndarray, volume: Volume) -> dict:
         "posterior_voxels": posterior,
         "voxel_volume_mm3": round(voxel_mm3, 4),
         "spacing_mm": [round(s, 4) for s in volume.spacing],
+        "spacing_axes": list(SERIES_AXES),  # the order of spacing_mm, of the mask and of the quality reasons
     }
 
 
@@ -76,16 +84,15 @@ def render_report(volume: Volume, labels: np.ndarray, measures: dict, model_vers
         gray = window_values(volume.voxels[k], (low + high) / 2, max(high - low, 1.0))
         rgb = overlay_labels(to_rgb(upscale(gray, scale)), upscale(labels[k], scale), colors)
         tiles.append((k, Image.fromarray(rgb)))
-    reasons = list(quality["reasons"]) if quality else []
     prior = (change or {}).get("prior")
-    others = (change or {}).get("not_comparable", [])
     pad, header = 16, 78
     tile_w, tile_h = tiles[0][1].size
     width = max(3 * tile_w + 4 * pad, 760)
-    height = header + tile_h + 24 + 170 + 22 * (len(reasons) + 1) + (24 if prior else 0) + 18 * len(others[:3])
+    white, grey, small, value_font = (255, 255, 255), (200, 200, 200), font(13), font(15)
+    notes = _wrapped(change_lines(change) + quality_lines(quality, measures, model_version), width - 2 * pad)
+    height = header + tile_h + 32 + (20 if prior else 0) + 3 * 24 + sum(step for *_, step in notes) + 12
     image = Image.new("RGB", (width, height), (12, 12, 12))
     draw = ImageDraw.Draw(image)
-    white, grey, small, value_font = (255, 255, 255), (200, 200, 200), font(13), font(15)
     draw.text((pad, 10), "Hippocampal volume report", fill=white, font=font(18))
     draw.text((pad, 34), "Research use only. NOT FOR CLINICAL USE.", fill=(255, 180, 0), font=font(14))
     draw.text((pad, 54), f"Series: {volume.datasets[0].get('SeriesDescription', '')}  "
@@ -104,7 +111,7 @@ def render_report(volume: Volume, labels: np.ndarray, measures: dict, model_vers
     rows = [("Anterior", measures["anterior_volume_mm3"], colors[ANTERIOR]),
             ("Posterior", measures["posterior_volume_mm3"], colors[POSTERIOR]),
             ("Total", measures["total_volume_mm3"], white)]
-    changes = (change or {}).get("structures", {})
+    changes = (change or {}).get("structures", {}) if prior else {}
     for name, value, color in rows:
         draw.rectangle((pad, y + 3, pad + 12, y + 15), fill=tuple(color))
         draw.text((pad + 20, y), name, fill=white, font=value_font)
@@ -118,28 +125,83 @@ def render_report(volume: Volume, labels: np.ndarray, measures: dict, model_vers
             draw.text((pad + 560, y), f"{_signed(c['annualised_percent_per_year'], ' %/year')}", fill=white,
                       font=value_font)
         y += 24
-    if change is not None and not prior:
-        draw.text((pad, y), "No earlier result of this patient by this model version to compare with.",
-                  fill=grey, font=small)
-        y += 18
-    for other in others[:3]:
-        draw.text((pad, y), f"Not comparable: {other['study_date']} by {other['model']} (another model version)",
-                  fill=grey, font=small)
-        y += 18
-    spacing = " x ".join(f"{s:g}" for s in measures["spacing_mm"])
-    draw.text((pad, y + 6), f"Voxel spacing (slice x row x column): {spacing} mm", fill=grey, font=small)
-    draw.text((pad, y + 28), f"Model: {model_version}", fill=grey, font=small)
-    if quality is not None:
-        y += 52
-        if reasons:
-            draw.text((pad, y), "QUALITY FLAG: check this result before use", fill=(255, 120, 40), font=value_font)
-            for reason in reasons:
-                y += 22
-                draw.text((pad + 12, y), f"- {reason}", fill=(255, 170, 90), font=small)
-        else:
-            draw.text((pad, y), "Quality: input within the validated range, model uncertainty below its threshold",
-                      fill=(120, 220, 120), font=small)
+    y += 4
+    for text, color, size, indent, step in notes:
+        draw.text((pad + indent, y), text, fill=color, font=font(size))
+        y += step
     return np.asarray(image)
+
+
+#: Colours of the report's notes: plain, a warning (an untrusted prior, a flag's reasons), the flag's headline, passed.
+_GREY, _AMBER, _ORANGE, _GREEN = (200, 200, 200), (255, 170, 90), (255, 120, 40), (120, 220, 120)
+
+
+def change_lines(change: dict | None) -> list[tuple[str, tuple, int, int]]:
+    """The report's lines on the change since the prior: what the prior was, why there is none, what was not used."""
+    if change is None:
+        return []
+    lines: list[tuple[str, tuple, int, int]] = []
+    prior, untrusted = change.get("prior"), change.get("untrusted", [])
+    if prior:
+        if prior.get("review") == "corrected":
+            lines.append((f"Prior {prior['study_date']}: volumes as corrected by a reviewer.", _GREY, 13, 0))
+        elif prior.get("flagged"):
+            lines.append((f"Prior {prior['study_date']} was flagged by its quality check and then accepted on review.",
+                          _AMBER, 13, 0))
+    newer = [u for u in untrusted if prior and u["study_date"] > prior["study_date"]]
+    if not prior and untrusted:
+        lines.append((("No change since the prior is given: the earlier results of this patient by this model "
+                       "version cannot be trusted."), _AMBER, 13, 0))
+    elif newer:
+        lines.append(("A more recent earlier result was not used as the prior: it cannot be trusted.", _AMBER, 13, 0))
+    elif change.get("note"):
+        lines.append((_sentence(change["note"]), _GREY, 13, 0))
+    elif not prior:
+        lines.append(("No earlier result of this patient by this model version to compare with.", _GREY, 13, 0))
+    for item in (untrusted if not prior else newer)[:3]:
+        lines.append((f"- {item['study_date']} ({item['source']}): {item['reason']}", _AMBER, 13, 12))
+    for other in change.get("not_comparable", [])[:3]:
+        lines.append((f"Not comparable: {other['study_date']} by {other['model']} (another model version)",
+                      _GREY, 13, 0))
+    return lines
+
+
+def quality_lines(quality: dict | None, measures: dict, model_version: str) -> list[tuple[str, tuple, int, int]]:
+    """The report's lines on the geometry, the model and the quality flag with its reasons."""
+    spacing = " x ".join(f"{s:g}" for s in measures["spacing_mm"])
+    lines = [(f"Voxel spacing (slice x row x column): {spacing} mm", _GREY, 13, 0),
+             (f"Model: {model_version}", _GREY, 13, 0)]
+    if quality is None:
+        return lines
+    if quality["reasons"]:
+        lines.append(("QUALITY FLAG: check this result before use", _ORANGE, 15, 0))
+        lines += [(f"- {reason}", _AMBER, 13, 12) for reason in quality["reasons"]]
+    else:
+        lines.append(("Quality: input within the validated range, model uncertainty below its threshold", _GREEN,
+                      13, 0))
+    return lines
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")
+
+
+def _wrapped(lines: Sequence[tuple[str, tuple, int, int]], width: int) -> list[tuple[str, tuple, int, int, int]]:
+    """Each line broken at spaces to fit ``width`` pixels (continuations indented): (text, colour, size, indent,
+    height it takes)."""
+    out = []
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    for text, color, size, indent in lines:
+        current, offset = "", indent
+        for word in text.split(" "):
+            candidate = f"{current} {word}".strip()
+            if current and measure.textlength(candidate, font=font(size)) > width - offset:
+                out.append((current, color, size, offset, size + 7))
+                current, offset = word, indent + 12
+            else:
+                current = candidate
+        out.append((current, color, size, offset, size + 7))
+    return out
 
 
 def dicom_results(volume: Volume, labels: np.ndarray, structures: Sequence[Structure], provenance: Provenance,
@@ -167,7 +229,7 @@ def dicom_results(volume: Volume, labels: np.ndarray, structures: Sequence[Struc
         report = measurement_report(volume.datasets, seg, volumes, structures, algorithm,
                                     description="Hippocampal volume measurements",
                                     extra_measurements=change_measurements(change, structures),
-                                    evaluations=quality_evaluations(quality))
+                                    evaluations=quality_evaluations(quality) + prior_evaluations(change))
         out.append(({"label": "Hippocampal volume measurements", "binary_type": "dicom"}, report))
     return out
 
@@ -199,3 +261,21 @@ def quality_evaluations(quality: dict | None) -> list[tuple[Code, Code]]:
         return [(RESULT_QUALITY, WITHIN_VALIDATED)]
     return [(RESULT_QUALITY, Code(FLAG_REASON_PREFIX + str(i), PRIVATE_SCHEME, short_reason(reason)))
             for i, reason in enumerate(quality["reasons"], 1)]
+
+
+def prior_evaluations(change: dict | None) -> list[tuple[Code, Code]]:
+    """What the SR says of the comparison when the prior is not a plain trusted result: no change given because
+    only untrusted earlier results exist, a newer untrusted one passed over, a corrected or flagged-accepted prior."""
+    if not change:
+        return []
+    prior, untrusted = change.get("prior"), change.get("untrusted", [])
+    if prior is None:
+        return [(PRIOR_COMPARISON, PRIOR_UNTRUSTED)] if untrusted else []
+    out = []
+    if any(u["study_date"] > prior["study_date"] for u in untrusted):
+        out.append((PRIOR_COMPARISON, PRIOR_SKIPPED))
+    if prior.get("review") == "corrected":
+        out.append((PRIOR_COMPARISON, PRIOR_CORRECTED))
+    elif prior.get("flagged"):
+        out.append((PRIOR_COMPARISON, PRIOR_FLAG_ACCEPTED))
+    return out

@@ -68,7 +68,8 @@ class Algorithm:
 
 
 def _source_headers(source: Sequence[Dataset]) -> list[Dataset]:
-    """Header copies of the source images (no pixels), the type 2 patient/study attributes highdicom needs present.
+    """Header copies of the source images (no pixels, no private elements), the type 2 patient/study attributes
+    highdicom needs present.
 
     Elements still raw (as read, undecoded: immutable tuples) are shared and decoded in the copy only
     when highdicom reads them; decoded ones are deep-copied, so the source is never changed. Decoding
@@ -78,7 +79,7 @@ def _source_headers(source: Sequence[Dataset]) -> list[Dataset]:
     for ds in source:
         header = Dataset()
         for tag, element in ds.items():
-            if tag != PIXEL_DATA:
+            if tag != PIXEL_DATA and not tag.is_private:  # nobody reads private ones; setting one decodes it
                 header[tag] = element if isinstance(element, RawDataElement) else copy.deepcopy(element)
         if hasattr(ds, "file_meta"):
             header.file_meta = copy.deepcopy(ds.file_meta)

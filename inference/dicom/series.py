@@ -120,6 +120,46 @@ def slice_spacing(datasets: Sequence[DicomInstance | Dataset]) -> float:
     return 1.0
 
 
+def _text(item: DicomInstance | Dataset, keyword: str) -> str:
+    """An attribute's value as text; empty when absent or undecodable (such a value is checked elsewhere, or not
+    needed)."""
+    try:
+        return str(_dataset(item).get(keyword, "") or "").strip()
+    except Exception:  # pydicom's conversion of a damaged value: as if absent
+        return ""
+
+
+#: A step between two slice positions above this many times the series' median step is a missing slice.
+GAP_FACTOR = 1.5
+
+
+def check_complete(datasets: Sequence[DicomInstance | Dataset]) -> None:
+    """A 422 when a series is not what its own headers say, so no measurement is made on part of it: fewer
+    instances than the ImagesInAcquisition they all give, or a gap in the slice positions (a step above
+    ``GAP_FACTOR`` times the median step)."""
+    uid = series_uid(datasets[0]) or "(no SeriesInstanceUID)"
+    announced = {_text(ds, "ImagesInAcquisition") for ds in datasets}
+    acquisitions = {_text(ds, "AcquisitionNumber") for ds in datasets}
+    if len(announced) == 1 and len(acquisitions) == 1 and (count := announced.pop()).isdigit() \
+            and len(datasets) < int(count):
+        raise UnprocessableInput(f"series {uid} holds {len(datasets)} instances, but its headers announce "
+                                 f"{int(count)} (ImagesInAcquisition): part of it is missing; send the whole series")
+    normal = slice_normal(datasets[0])
+    positions = [_numbers(ds, "ImagePositionPatient") for ds in datasets]
+    if normal is None or len(datasets) < 3 or any(position is None for position in positions):
+        return
+    along = np.unique(np.round([float(np.dot(normal, cast(list[float], p))) for p in positions], 3))
+    steps = np.diff(along)
+    if steps.size < 2:
+        return
+    usual = float(np.median(steps))
+    gap = int(np.argmax(steps))
+    if steps[gap] > GAP_FACTOR * usual + 1e-3:
+        raise UnprocessableInput(f"series {uid} has a gap of {steps[gap]:.2f} mm between the slices at "
+                                 f"{along[gap]:.2f} and {along[gap + 1]:.2f} mm along its normal, where its slices "
+                                 f"are {usual:.2f} mm apart: slices are missing; send the whole series")
+
+
 @dataclass(frozen=True)
 class Geometry:
     """Where a volume that came without DICOM headers lies, in DICOM patient coordinates (LPS, mm).
@@ -162,8 +202,10 @@ class Volume:
 def load_volume(items: Sequence[DicomInstance | Dataset], *, rescale: bool = True) -> Volume:
     """Sort a series and stack its pixels; with ``rescale``, apply RescaleSlope/Intercept (float32).
 
-    Instances are sorted by their headers, then read whole; datasets must hold their pixels.
+    Instances are checked (``check_complete``) and sorted by their headers, then read whole; datasets must
+    hold their pixels.
     """
+    check_complete(items)
     ordered_items = sort_by_position(items)
     ordered = [item.read_full() if isinstance(item, DicomInstance) else item for item in ordered_items]
     shapes = {(int(ds.Rows), int(ds.Columns)) for ds in ordered}

@@ -2,11 +2,19 @@
 
 Every object written is stamped with the gateway as Manufacturer (and the model's provenance when
 given), so a result found in a PACS leads back to what made it.
+
+One rule for every result writer (derived series, SC, SEG, SR, correction SR): what a writer *reads* from an
+input instance is checked at the boundary (``inference.dicom.attributes``: a 422 naming the element); what it
+merely *copies* is copied only when it can be written. ``dataset_bytes`` writes a result, and when pydicom
+cannot write it, drops each element that cannot be decoded or encoded (a damaged value, a wrong VR, a file
+meta element inside the data set, a broken sequence item) with a warning in the log naming it, and writes the rest.
 """
 
 from __future__ import annotations
 
+import copy
 import io
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from datetime import datetime
@@ -15,10 +23,17 @@ from typing import Any
 
 import numpy as np
 import pydicom
+from pydicom.charset import convert_encodings
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_data_element
+from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from inference.dicom.series import Volume
+
+log = logging.getLogger("inference.dicom.writing")
 
 SECONDARY_CAPTURE_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 BASIC_TEXT_SR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.11"
@@ -61,10 +76,130 @@ def derived_series(volume: Volume, voxels: np.ndarray, description: str) -> list
 
 
 def dataset_bytes(ds: Dataset) -> bytes:
-    """``ds`` as the bytes of a DICOM file (preamble, file meta, explicit VR little endian)."""
+    """``ds`` as the bytes of a DICOM file (preamble, file meta, explicit VR little endian).
+
+    When pydicom cannot write it, the elements it cannot write are dropped (``writable_copy``, each named in
+    a warning), the file meta made again from the SOP Class and Instance UIDs, and the rest written.
+    """
     buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
+    try:
+        if damaged := undecodable(ds):  # pydicom would copy them as read, for any reader to trip on
+            raise ValueError(f"{', '.join(damaged)} cannot be decoded")
+        ds.save_as(buffer, enforce_file_format=True)
+    except Exception as error:
+        clean, dropped = writable_copy(ds)
+        if not dropped and _meta_is_whole(ds):
+            raise  # nothing damaged to drop: the writer's own fault
+        what = f"instance {ds.get('SOPInstanceUID', '(no SOPInstanceUID)')}"
+        log.warning("%s cannot be written as it is (%s: %s); written without %s", what, type(error).__name__,
+                    error, ", ".join(dropped) if dropped else "its damaged file meta")
+        clean.file_meta = _file_meta(clean)
+        clean.preamble = b"\0" * 128
+        buffer = io.BytesIO()
+        clean.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+#: VRs whose value pydicom parses when it decodes one (sequences, binary numbers): a damaged one raises there.
+#: Text of any VR decodes (undecodable bytes become replacement characters) and is written back as read.
+PARSED_VRS = frozenset({"SQ", "US", "SS", "UL", "SL", "FL", "FD", "AT", "UV", "SV"})
+
+
+def undecodable(ds: Dataset, where: str = "") -> list[str]:
+    """The elements of ``ds`` still as read (raw) whose value cannot be decoded, sequence items included.
+
+    Only raw elements of ``PARSED_VRS`` are decoded to find out (the others are written back as they were
+    read), so checking a source instance costs little.
+    """
+    bad = []
+    for tag in list(ds.keys()):
+        element = ds.get_item(tag)
+        if not isinstance(element, RawDataElement) or element.VR not in PARSED_VRS:
+            if isinstance(element, DataElement) and element.VR == "SQ":
+                bad += _undecodable_items(element, f"{where}{tag} {_keyword(tag)}".rstrip())
+            continue
+        name = f"{where}{tag} {_keyword(tag)}".rstrip()
+        try:
+            decoded = ds[tag]
+        except Exception:
+            bad.append(name)
+            continue
+        if decoded.VR == "SQ":
+            bad += _undecodable_items(decoded, name)
+    return bad
+
+
+def _undecodable_items(element: DataElement, name: str) -> list[str]:
+    bad = []
+    for index, item in enumerate(element.value or ()):
+        if isinstance(item, Dataset):
+            bad += undecodable(item, f"{name}[{index}] > ")
+        else:
+            bad.append(f"{name}[{index}]")
+    return bad
+
+
+def _meta_is_whole(ds: Dataset) -> bool:
+    meta = getattr(ds, "file_meta", None)
+    try:
+        return meta is not None and all(meta.get(k) for k in ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID",
+                                                               "TransferSyntaxUID"))
+    except Exception:
+        return False
+
+
+def _file_meta(clean: Dataset) -> FileMetaDataset:
+    """File meta for ``clean``: its SOP Class and Instance UIDs, explicit VR little endian."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(str(clean.SOPClassUID))
+    meta.MediaStorageSOPInstanceUID = UID(str(clean.SOPInstanceUID))
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return meta
+
+
+def writable_copy(ds: Dataset, where: str = "") -> tuple[Dataset, list[str]]:
+    """A deep copy of ``ds``'s data set holding only the elements pydicom can write as explicit VR little endian,
+    and the names of those dropped (``(gggg,eeee) Keyword``, sequence items as ``...[i] > (gggg,eeee)``).
+
+    Dropped: an element that cannot be decoded (an unknown VR, a value its VR cannot hold) or encoded (text
+    its character set cannot hold, a value of the wrong type), a file meta element (group 0002) inside the
+    data set, a sequence item that is not a data set; a sequence keeps its writable items' writable elements.
+    """
+    out, dropped = Dataset(), []
+    try:
+        encodings = convert_encodings(ds.get("SpecificCharacterSet") or "ISO_IR 6")
+    except Exception:
+        encodings = convert_encodings("ISO_IR 6")
+    for tag in list(ds.keys()):
+        name = f"{where}{tag} {_keyword(tag)}".rstrip()
+        if tag.group == 0x0002:
+            dropped.append(name)
+            continue
+        try:
+            element = ds[tag]  # decodes a raw element
+            if element.VR == "SQ":
+                items = []
+                for index, item in enumerate(element.value or ()):
+                    if not isinstance(item, Dataset):
+                        dropped.append(f"{name}[{index}]")
+                        continue
+                    clean, lost = writable_copy(item, f"{name}[{index}] > ")
+                    items.append(clean)
+                    dropped += lost
+                out.add(DataElement(tag, "SQ", DicomSequence(items)))
+                continue
+            fp = DicomBytesIO()
+            fp.is_little_endian, fp.is_implicit_VR = True, False
+            write_data_element(fp, element, encodings)
+        except Exception:
+            dropped.append(name)
+            continue
+        out.add(copy.deepcopy(element))
+    return out, dropped
+
+
+def _keyword(tag: Any) -> str:
+    return pydicom.datadict.keyword_for_tag(tag) or ("private" if tag.is_private else "")
 
 
 def _new_file_dataset(sop_class_uid: str) -> Dataset:

@@ -11,7 +11,10 @@ gunicorn's threaded worker it
   pool of their own, recognised by peeking at the request line, so slow uploads holding every
   request thread cannot make an orchestrator believe the server is dead;
 * bounds how long a socket read or write may wait without progress (``SO_RCVTIMEO`` and
-  ``SO_SNDTIMEO``, ``INFERENCE_READ_TIMEOUT``), so a stalled client frees its thread.
+  ``SO_SNDTIMEO``, ``INFERENCE_READ_TIMEOUT``), so a stalled client frees its thread;
+* on SIGTERM, returns (and lets the interpreter shut down) only once every request in flight is answered
+  or the graceful timeout passed: a request still uploading at the stop gets its 200, whatever thread pool
+  it then uses (the model's, the blur's, the hash's refuse work once the interpreter shuts down).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import json
 import selectors
 import socket
 import struct
+import threading
 import time
 from concurrent import futures
 from functools import partial
@@ -143,7 +147,26 @@ class GatewayWorker(ThreadWorker):
         self.read_timeout = settings.read_timeout
         self.min_upload_rate = settings.min_upload_rate
         self.probe_pool = futures.ThreadPoolExecutor(PROBE_THREADS, thread_name_prefix="probe")
+        self.in_flight = 0  # connections being served on a request or probe thread
+        self.in_flight_done = threading.Condition()
+        self.stopping_since: float | None = None
         super().init_process()
+
+    def run(self) -> None:
+        """gthread's loop, then wait for the requests still in flight (the interpreter's shutdown follows)."""
+        super().run()
+        deadline = (self.stopping_since or time.monotonic()) + self.cfg.graceful_timeout
+        with self.in_flight_done:
+            while self.in_flight and time.monotonic() < deadline:
+                self.notify()
+                self.in_flight_done.wait(min(1.0, max(0.0, deadline - time.monotonic())))
+            if self.in_flight:
+                self.log.warning("graceful timeout: %d request(s) still in flight are cut off", self.in_flight)
+
+    def handle_exit(self, sig, frame) -> None:
+        if self.stopping_since is None:
+            self.stopping_since = time.monotonic()
+        super().handle_exit(sig, frame)
 
     def enqueue_req(self, conn) -> None:
         """Hand a connection to the probe pool when it starts with a probe's request line."""
@@ -182,10 +205,27 @@ class GatewayWorker(ThreadWorker):
         gunicorn's graceful close waits (up to 2 s) for the client to stop sending; done by the
         event loop, a slow sender that is being cut off would stall every connection of the process.
         """
-        result = super().handle(conn)
-        if result is False:
-            util.close_graceful(conn.sock, timeout=1.0)
-        return result
+        with self.in_flight_done:
+            self.in_flight += 1
+        try:
+            result = super().handle(conn)
+            if result is False:
+                util.close_graceful(conn.sock, timeout=1.0)
+                conn.closed_on_thread = True
+            return result
+        finally:
+            with self.in_flight_done:
+                self.in_flight -= 1
+                self.in_flight_done.notify_all()
+
+    def finish_request(self, conn, fs) -> None:
+        """Count a connection closed on its thread (``handle``) once: gunicorn's own close of it fails on the
+        closed socket and counted it twice, so its count of open connections went negative and a stop no
+        longer waited for the requests in flight."""
+        if getattr(conn, "closed_on_thread", False):
+            self.nr_conns -= 1
+            return
+        super().finish_request(conn, fs)
 
     def handle_request(self, req, conn):
         """Serve one request with its body read through a ``PacedSocket`` (slow senders get a 408)."""

@@ -33,6 +33,7 @@ import pydicom
 import pydicom.errors
 from flask import g, request
 
+from inference.disk_space import check_free_space, disk_full_as
 from inference.errors import (
     BadRequest,
     Conflict,
@@ -153,11 +154,12 @@ def add_job_routes(app: flask.Flask, pipeline: Pipeline, *, store: JobRecords | 
         output = output_root / job.uid
         partial = output_root / f"{job.uid}.partial.request"
         try:
-            write_outputs(partial, result.response_json, result.buffers)
-            (partial / "input").mkdir()
-            for index, part in enumerate(body.parts[1:]):
-                (partial / "input" / f"instance_{index:05d}.dcm").write_bytes(part.read_bytes())
-            os.replace(partial, output)
+            with disk_full_as("output"):
+                write_outputs(partial, result.response_json, result.buffers)
+                (partial / "input").mkdir()
+                for index, part in enumerate(body.parts[1:]):
+                    (partial / "input" / f"instance_{index:05d}.dcm").write_bytes(part.read_bytes())
+                os.replace(partial, output)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
         job.output_dir = str(output)
@@ -187,6 +189,7 @@ def add_job_routes(app: flask.Flask, pipeline: Pipeline, *, store: JobRecords | 
     @app.post("/job/", strict_slashes=False)  # POST /job answers too, without a redirect
     def submit_job() -> tuple[flask.Response, int]:
         job = job_from_request(pipeline)
+        check_free_space("output", output_root, settings.min_free_space_mb)  # 507 now, not a job failing later
         job.owner = runner.owner
         job.user = g.get("user")
         store.add(job)

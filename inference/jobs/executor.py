@@ -24,6 +24,7 @@ from inference.audit import audit_log
 from inference.config import Settings
 from inference.dicom.files import study_folder_files
 from inference.dicom.series import Geometry, Volume
+from inference.disk_space import StoreFull, check_free_space, disk_full_as
 from inference.errors import (
     GatewayError,
 )
@@ -34,6 +35,7 @@ from inference.jobs.store import (
     JobRecords,
 )
 from inference.logs import TaggedLogger, bind_request_tags
+from inference.metrics import record_store_full
 from inference.pipeline.pipeline import Pipeline
 
 log = TaggedLogger(logging.getLogger("inference.jobs"))
@@ -57,12 +59,17 @@ def save_volume_input(folder: Path, volume: Volume, input_hash: str) -> None:
     Written under a temporary name and renamed, so a worker never reads half of it.
     """
     partial = folder.with_name(folder.name.removesuffix(".input") + ".partial-input")
-    partial.mkdir(parents=True)
-    np.save(partial / "voxels.npy", volume.voxels, allow_pickle=False)
     geometry = dataclasses.asdict(volume.geometry) if volume.geometry is not None else None
-    (partial / "volume.json").write_text(json.dumps({"spacing": volume.spacing, "geometry": geometry,
-                                                     "uid": volume.uid, "input_hash": input_hash}), encoding="utf-8")
-    os.replace(partial, folder)
+    try:
+        with disk_full_as("output"):
+            partial.mkdir(parents=True)
+            np.save(partial / "voxels.npy", volume.voxels, allow_pickle=False)
+            (partial / "volume.json").write_text(json.dumps({"spacing": volume.spacing, "geometry": geometry,
+                                                             "uid": volume.uid, "input_hash": input_hash}),
+                                                 encoding="utf-8")
+            os.replace(partial, folder)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def load_volume_input(folder: Path) -> tuple[Volume, str]:
@@ -139,6 +146,7 @@ class JobExecutor:
             return
         volume_input = volume_input_folder(settings.output_root, job.uid)
         try:
+            check_free_space("output", settings.output_root, settings.min_free_space_mb)
             if job.job_name == VOLUME_JOB:
                 volume, input_hash = load_volume_input(volume_input)
                 log.info("job %s: %s on a posted volume %s", job.uid, job.command, volume.voxels.shape)
@@ -147,11 +155,12 @@ class JobExecutor:
                 files = study_files(job_root(settings, job), job.in_dir)
                 log.info("job %s: %s on %d files of %s", job.uid, job.command, len(files), job.in_dir)
                 result = self.pipeline.run_files(job_request_json(job), files, command=job.command)
-            write_outputs(partial, result.response_json, result.buffers)
-            (partial / "job.json").write_text(json.dumps({
-                "uid": job.uid, "job_name": job.job_name, "command": result.command, "in_dir": job.in_dir,
-                "params": job.params, "input_hash": result.input_hash, "seconds": round(result.seconds, 3),
-            }, indent=1), encoding="utf-8")
+            with disk_full_as("output"):
+                write_outputs(partial, result.response_json, result.buffers)
+                (partial / "job.json").write_text(json.dumps({
+                    "uid": job.uid, "job_name": job.job_name, "command": result.command, "in_dir": job.in_dir,
+                    "params": job.params, "input_hash": result.input_hash, "seconds": round(result.seconds, 3),
+                }, indent=1), encoding="utf-8")
             try:
                 os.replace(partial, output)
             except OSError:
@@ -165,6 +174,9 @@ class JobExecutor:
             if wrapped is not None:  # e.g. the time limit struck while pixel data was decoded (a 422 around it)
                 raise wrapped from None
             log.warning("job %s failed (%d): %s", job.uid, exc.status, exc.message)
+            if isinstance(exc, StoreFull):
+                record_store_full(exc.store)
+                shutil.rmtree(partial, ignore_errors=True)  # the room the job store needs to record the failure
             self.store.mark_failed(job.uid, exc.message, exc.status)
             shutil.rmtree(volume_input, ignore_errors=True)
         except Exception as exc:

@@ -34,6 +34,8 @@ log = logging.getLogger("inference.jobs")
 
 QUEUED, RUNNING, COMPLETED, FAILED = "queued", "running", "completed", "failed"
 INTERRUPTED = "interrupted"
+#: The error of a DICOM node job that never ran: its study arrived only in part (the reason follows).
+INCOMPLETE = "incomplete study"
 TIMEOUT = "timeout"
 FINISHED = (COMPLETED, FAILED)
 UNFINISHED = (QUEUED, RUNNING)

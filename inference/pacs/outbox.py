@@ -26,6 +26,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from inference.logs import TaggedLogger
+from inference.metrics import record_dicom_sent, set_dicom_outbox
 from inference.pacs.transport import NO_DELAY_HANDLERS
 
 log = TaggedLogger(logging.getLogger("inference.pacs.outbox"))
@@ -142,6 +143,11 @@ class Outbox:
                 target.with_suffix(".tmp").replace(target)
             log.tag(tags).info("%d results queued for %s", len(files), destination)
             self._wake[destination.key].set()
+        set_dicom_outbox(self.waiting())
+
+    def waiting(self) -> int:
+        """Files waiting for some destination (a file for two destinations counts twice)."""
+        return sum(len(list((self.root / d.key).glob("*__*.dcm"))) for d in self.destinations)
 
     def pending(self, batch: str) -> int:
         """Files of ``batch`` not yet confirmed by some destination."""
@@ -152,6 +158,7 @@ class Outbox:
         return dict(Counter(path.name.split("__", 1)[0] for path in (self.root / destination.key).glob("*__*.dcm")))
 
     def start(self) -> None:
+        set_dicom_outbox(self.waiting())  # what a stopped process left
         for destination in self.destinations:
             thread = threading.Thread(target=self._sender, args=(destination,), name=f"outbox-{destination.key}",
                                       daemon=True)
@@ -174,6 +181,7 @@ class Outbox:
     def _sender(self, destination: Destination) -> None:
         folder = self.root / destination.key
         delay = self.retry_first_seconds
+        failures: dict[str, tuple[int, str]] = {}  # batch -> failed attempts in a row, the last error: logged once
         while not self._stop.is_set():
             self._wake[destination.key].clear()
             files = sorted(folder.glob("*__*.dcm"))
@@ -190,18 +198,26 @@ class Outbox:
                     stored = destination.send(paths)
                 except Exception as exc:  # anything a destination raises: keep the files, retry later
                     failed = True
-                    log.tag(tags).warning("delivery of %d results to %s failed (%s); retrying in %.1fs",
-                                          len(paths), destination, exc, delay)
+                    count, last = failures.get(batch, (0, ""))
+                    failures[batch] = (count + 1, str(exc))
+                    if str(exc) != last:  # the first failure, or another error: a repeat is not logged again
+                        log.tag(tags).warning("delivery of %d results to %s failed (%s); retrying in %.1fs, then "
+                                              "less often (logged again when it changes or succeeds)",
+                                              len(paths), destination, exc, delay)
                     continue
                 for path in stored:
                     path.unlink()
+                record_dicom_sent(len(stored))
+                set_dicom_outbox(self.waiting())
                 if len(stored) < len(paths):
                     failed = True
                     log.tag(tags).warning("%s took %d of %d results; the rest stay in the outbox",
                                           destination, len(stored), len(paths))
                 else:
                     (folder / f"{batch}.json").unlink(missing_ok=True)
-                log.tag(tags).info("%d results delivered to %s", len(stored), destination)
+                count, _ = failures.pop(batch, (0, ""))
+                log.tag(tags).info("%d results delivered to %s%s", len(stored), destination,
+                                   f" after {count} failed attempts" if count else "")
             if failed:
                 self._stop.wait(delay)
                 delay = min(delay * 2, self.retry_max_seconds)

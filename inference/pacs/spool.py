@@ -8,6 +8,12 @@ with it (the node does so when a routing PACS releases its association); it is t
 what arrives later starts a new incoming folder. ``.series.json`` in each study folder keeps what
 the routing rules look at (Modality, SeriesDescription, calling AE per series). Everything is on
 disk, so a restarted node picks up where the last one stopped.
+
+A study may be known to be incomplete: its sender's association ended after a C-STORE we refused
+or failed, or its files were found in ``incoming/`` at start (a stopped node may have taken only
+part of it). ``mark_incomplete`` records why (``.incomplete.json``, and in memory when the disk
+is too full for it); such a study is never taken as complete, whatever the wait, until an
+association that began after the mark stores into it and ends cleanly (``confirm``: a re-send).
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ from inference.dicom.header import read_header
 from inference.pacs.routing import ReceivedSeries
 
 SERIES_FILE = ".series.json"
+INCOMPLETE_FILE = ".incomplete.json"
+#: Why files found in ``incoming/`` at start are incomplete.
+FOUND_AT_START = "its instances were found in the spool at start: the node stopped while receiving it"
 #: How long a study whose sender released its association waits for a follow-up association
 #: (``INFERENCE_PACS_RELEASE_GRACE_SECONDS`` sets the node's; this is its default).
 RELEASE_GRACE_SECONDS = 0.5
@@ -60,11 +69,16 @@ class StudySpool:
         self.stable_seconds = stable_seconds
         self._lock = threading.Lock()
         self._last_arrival: dict[str, float] = {}
+        self._incomplete: dict[str, dict] = {}  # name -> {"reason", "since", "reported"}
         for tmp in self.tmp.iterdir():  # half-written instances of a stopped process: never acknowledged
             tmp.unlink()
-        for study in self.incoming.iterdir():  # studies a stopped process was receiving
+        for study in self.incoming.iterdir():  # studies a stopped process was receiving: part of them, maybe
             mtimes = [p.stat().st_mtime for p in study.iterdir()] or [study.stat().st_mtime]
             self._last_arrival[study.name] = max(mtimes)
+            try:
+                self._incomplete[study.name] = json.loads((study / INCOMPLETE_FILE).read_text())
+            except (OSError, ValueError):
+                self._set_mark(study.name, FOUND_AT_START)
 
     def store(self, data: bytes, calling_ae: str,
               keep: Callable[[pydicom.Dataset], bool] = lambda header: True) -> tuple[pydicom.Dataset, str | None]:
@@ -112,12 +126,12 @@ class StudySpool:
             path.with_suffix(".tmp").replace(path)
 
     def take_stable(self, now: float | None = None) -> list[Path]:
-        """Move every study quiet for ``stable_seconds`` to ``work/``; the new folders."""
+        """Move every study quiet for ``stable_seconds`` and not marked incomplete to ``work/``; the new folders."""
         now = time.time() if now is None else now
         taken = []
         with self._lock:
             for name, last in list(self._last_arrival.items()):
-                if now - last < self.stable_seconds:
+                if now - last < self.stable_seconds or name in self._incomplete:
                     continue
                 target = self.work / f"{name}--{time.time_ns()}"
                 (self.incoming / name).replace(target)
@@ -139,6 +153,61 @@ class StudySpool:
                     self._last_arrival[name] = min(self._last_arrival[name], due)
                     marked.append(name)
         return marked
+
+    def mark_incomplete(self, names: Iterable[str], reason: str) -> list[str]:
+        """Mark the studies in incoming folders ``names`` incomplete for ``reason``; the names marked."""
+        marked = []
+        with self._lock:
+            for name in names:
+                if name in self._last_arrival:
+                    self._set_mark(name, reason)
+                    marked.append(name)
+        return marked
+
+    def confirm(self, names: Iterable[str], since: float) -> list[str]:
+        """Clear the marks of ``names`` set before ``since`` (an association that began then stored into them
+        and ended cleanly: a re-send); the names cleared."""
+        cleared = []
+        with self._lock:
+            for name in names:
+                mark = self._incomplete.get(name)
+                if mark is not None and mark["since"] < since:
+                    del self._incomplete[name]
+                    (self.incoming / name / INCOMPLETE_FILE).unlink(missing_ok=True)
+                    cleared.append(name)
+        return cleared
+
+    def stalled(self, now: float | None = None) -> list[tuple[Path, str]]:
+        """Incomplete studies quiet for ``stable_seconds`` and not reported yet (``reported``): (folder, reason)."""
+        now = time.time() if now is None else now
+        with self._lock:
+            return [(self.incoming / name, str(mark["reason"])) for name, mark in self._incomplete.items()
+                    if not mark.get("reported") and now - self._last_arrival.get(name, now) >= self.stable_seconds]
+
+    def reported(self, name: str) -> None:
+        """Note that the incomplete study in incoming folder ``name`` was reported: ``stalled`` leaves it out."""
+        with self._lock:
+            if name in self._incomplete:
+                self._incomplete[name]["reported"] = True
+                self._save_mark(name)
+
+    def incomplete(self) -> dict[str, str]:
+        """The studies marked incomplete: incoming folder name -> why."""
+        with self._lock:
+            return {name: str(mark["reason"]) for name, mark in self._incomplete.items()}
+
+    def _set_mark(self, name: str, reason: str) -> None:
+        self._incomplete[name] = {"reason": reason, "since": time.time(), "reported": False}
+        self._save_mark(name)
+
+    def _save_mark(self, name: str) -> None:
+        """Write a mark to its folder; on a full disk it stays in memory (a restart marks the folder again)."""
+        path = self.incoming / name / INCOMPLETE_FILE
+        try:
+            path.with_suffix(".tmp").write_text(json.dumps(self._incomplete[name]))
+            path.with_suffix(".tmp").replace(path)
+        except OSError:
+            path.with_suffix(".tmp").unlink(missing_ok=True)
 
     def receiving(self) -> list[str]:
         """Folder names of the studies still being received."""

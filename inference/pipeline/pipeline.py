@@ -37,7 +37,7 @@ from inference.pipeline.context import HandlerContext
 from inference.pipeline.handler_registry import REGISTRY, HandlerRegistry, HandlerSpec
 from inference.protocol.multipart_request import ParsedBody, PartSpool, parts_from_files
 from inference.protocol.request import parse_json_object
-from models.registry import ModelVersion, registry_for
+from models.registry import ModelVersion, UnknownModel, registry_for
 
 log = TaggedLogger(logging.getLogger("inference.pipeline"))
 
@@ -114,8 +114,11 @@ class Pipeline:
         params = spec.validate_params(json_input)
         version = None
         if spec.family is not None:
-            version = registry_for(self.settings.model_manifest).family(spec.family).resolve(
-                json_input.get("model_version"))
+            try:
+                version = registry_for(self.settings.model_manifest).family(spec.family).resolve(
+                    json_input.get("model_version"))
+            except UnknownModel as exc:
+                raise BadRequest(exc.message) from None
         elif "model_version" in json_input:
             raise BadRequest(f"{spec.command} has no model versions; remove model_version from the request")
         return CheckedRequest(spec, params, version)
@@ -183,7 +186,8 @@ class Pipeline:
     @contextmanager
     def open_files(self, json_input: dict, files: Sequence[Path]) -> Iterator[ParsedBody]:
         """The files as a request body (the JSON as part 0, as a viewer sends it); the spool is closed after."""
-        spool = PartSpool(self.settings.spool_memory_bytes, self.settings.spool_dir)
+        spool = PartSpool(self.settings.spool_memory_bytes, self.settings.spool_dir,
+                          self.settings.min_free_space_mb)
         try:
             yield parts_from_files(json.dumps(json_input).encode(), files, spool)
         finally:

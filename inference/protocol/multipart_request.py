@@ -22,6 +22,7 @@ from typing import Any, BinaryIO
 import multipart as multipart_lib
 from werkzeug.http import parse_options_header
 
+from inference.disk_space import check_free_space, disk_full_as
 from inference.errors import (
     BadRequest,
     PayloadTooLarge,
@@ -199,11 +200,18 @@ class Part(io.RawIOBase):
 
 
 class PartSpool:
-    """Holds the parts of one request: in memory up to ``memory_budget`` bytes, then in one temp file."""
+    """Holds the parts of one request: in memory up to ``memory_budget`` bytes, then in one temp file.
 
-    def __init__(self, memory_budget: int, spool_dir: str | os.PathLike[str] | None = None) -> None:
+    The file is not started on a filesystem with less than ``min_free_mb`` MiB free (default
+    INFERENCE_MIN_FREE_SPACE_MB), and a write the filesystem refuses for want of space is a 507 naming
+    the ``spool`` store (``inference.disk_space``), not an internal error.
+    """
+
+    def __init__(self, memory_budget: int, spool_dir: str | os.PathLike[str] | None = None,
+                 min_free_mb: int | None = None) -> None:
         self.memory_budget = memory_budget
         self.spool_dir = spool_dir
+        self.min_free_mb = min_free_mb
         self.parts: list[Part] = []
         self._in_memory = 0
         self._file: BinaryIO | None = None
@@ -225,16 +233,20 @@ class PartSpool:
         part._append(data)
 
     def write_file(self, data: bytes) -> None:
-        if self._file is None:
-            self._file = tempfile.TemporaryFile(prefix="inference-parts-", dir=self.spool_dir)
-        self._file.write(data)
+        with disk_full_as("spool"):
+            if self._file is None:
+                folder = Path(self.spool_dir) if self.spool_dir is not None else Path(tempfile.gettempdir())
+                check_free_space("spool", folder, self.min_free_mb)
+                self._file = tempfile.TemporaryFile(prefix="inference-parts-", dir=self.spool_dir)
+            self._file.write(data)
         self._file_size += len(data)
         self._unflushed = True
 
     def read_at(self, offset: int, n: int) -> bytes:
         assert self._file is not None
         if self._unflushed:
-            self._file.flush()
+            with disk_full_as("spool"):
+                self._file.flush()
             self._unflushed = False
         return os.pread(self._file.fileno(), n, offset)
 

@@ -23,7 +23,6 @@ row, then slice). The JSON may also hold ``bounding_boxes_2d``, ``linear_measure
 
 from __future__ import annotations
 
-import io
 import itertools
 import math
 from collections.abc import Mapping, Sequence
@@ -32,6 +31,7 @@ from typing import Any, NoReturn, TypeGuard
 
 import numpy as np
 
+from inference.dicom.writing import dataset_bytes
 from inference.errors import OutputValidationError, PayloadTooLarge
 
 MASK_TYPES = ("probability_mask", "boolean_mask", "heatmap", "numeric_label_mask")
@@ -125,9 +125,7 @@ def _dicom_bytes(buffer: Any, where: str) -> BytesLike:
     from pydicom.dataset import Dataset
 
     if isinstance(buffer, Dataset):
-        out = io.BytesIO()
-        buffer.save_as(out, enforce_file_format=True)
-        return out.getbuffer()
+        return dataset_bytes(buffer)  # what cannot be written is dropped, with a warning (inference.dicom.writing)
     if isinstance(buffer, (bytes, bytearray, memoryview)):
         return buffer
     _fail(f"{where}: buffer is a {type(buffer).__name__}; return DICOM file bytes or a pydicom Dataset")

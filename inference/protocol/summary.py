@@ -32,6 +32,8 @@ def _format_value(value: Any) -> str:
         return f"{value:,}"
     if isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
         return " × ".join(_format_value(v) for v in value)
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):  # e.g. the axes of a list above
+        return " × ".join(value)
     if isinstance(value, (dict, list)):
         return json.dumps(value)
     return str(value)

@@ -22,6 +22,7 @@ import shutil
 import threading
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +33,12 @@ from PIL import Image
 
 from inference import protocol
 from inference.dicom.results import Algorithm
+from inference.dicom.writing import dataset_bytes
 from inference.errors import BadRequest, Conflict, NotFound, UnprocessableInput, UnsupportedMediaType
 from inference.jobs.executor import job_root
 from inference.jobs.reviews import ACCEPTED, AWAITING, CORRECTED, REJECTED, Review, ReviewRecords
 from inference.jobs.store import Job, JobRecords
+from inference.pacs.priors import CORRECTED_BY
 from inference.protocol.summary import model_version, result_rows
 from inference.radiomics.records import RadiomicsRecords
 from inference.review import correction as corrections
@@ -53,8 +56,9 @@ MAX_CORRECTION_BYTES = 256 * 1024**2
 
 
 def add_review_routes(app: Any, jobs: JobRecords, reviews: ReviewRecords, records: RadiomicsRecords,
-                      registry: ModelRegistry) -> None:
-    """Serve the reviewer's routes and page on ``app`` (a Gateway) for the jobs of ``jobs``."""
+                      registry: ModelRegistry, on_decision: Sequence[Callable[[Review], object]] = ()) -> None:
+    """Serve the reviewer's routes and page on ``app`` (a Gateway) for the jobs of ``jobs``; each new decision
+    is also passed to ``on_decision`` (e.g. the hippocampus result history, so a rejected result is no prior)."""
     settings = app.settings
     overdue_seconds = settings.review_overdue_seconds
     app.metrics_collectors.append(ReviewCollector(reviews, lambda: records, overdue_seconds))
@@ -94,6 +98,11 @@ def add_review_routes(app: Any, jobs: JobRecords, reviews: ReviewRecords, record
     def decided(review: Review, changed: bool, event: str, **fields: Any) -> flask.Response:
         if changed:
             records.add_entry(DECISION, decision_entry(review))
+            for listener in on_decision:
+                try:
+                    listener(review)
+                except Exception:  # the decision stands; a store that missed it is logged, not the reviewer's error
+                    log.exception("job %s: decision %s not passed on to %r", review.uid, review.status, listener)
             audit(event, review, decision=review.status, **fields)
             log.info("job %s %s by %s", review.uid, review.status, review.decided_by)
         else:
@@ -194,13 +203,13 @@ def add_review_routes(app: Any, jobs: JobRecords, reviews: ReviewRecords, record
                                          corrections.voxel_volume_mm3(source))
         user = g.get("user") or "unnamed reviewer"
         algorithm = Algorithm(review.model["family"], f"{review.model['version']} (weights sha256 "
-                                                      f"{review.model['sha256'][:12]}), corrected by {user}")
+                                                      f"{review.model['sha256'][:12]}){CORRECTED_BY}{user}")
         report = corrections.corrected_report(source, corrected, structures, algorithm, user)
         partial = output / f"correction.partial-{uuid.uuid4().hex[:8]}"
         partial.mkdir()
         try:
             (partial / "corrected_seg.dcm").write_bytes(data)  # released as the viewer exported it
-            report.save_as(partial / "corrected_sr.dcm", enforce_file_format=True)
+            (partial / "corrected_sr.dcm").write_bytes(dataset_bytes(report))  # what it cannot write is dropped
             os.rename(partial, output / "correction")  # fails when another correction got there first
         except OSError:
             shutil.rmtree(partial, ignore_errors=True)
