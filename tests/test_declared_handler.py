@@ -213,3 +213,31 @@ def test_the_job_api_runs_a_declared_family(app, tmp_path):
     mask = answer["parts"][0]
     assert mask["binary_type"] == "numeric_label_mask"
     assert (settings.output_root / uid / mask["file"]).stat().st_size == truth.size
+
+
+def test_velocity_s_door_lists_the_families_and_runs_a_posted_volume(app):
+    """The Radiomics API's catalogue offers every declared version; a posted volume (calibrated voxels and their
+    geometry, no DICOM) is segmented on its own grid."""
+    from inference.dicom.series import Geometry, Volume, load_volume
+    from inference.radiomics.catalogue import Catalogue
+    from inference.radiomics.routes import family_commands
+
+    catalogue = Catalogue(registry_for(app.pipeline.settings.model_manifest), family_commands(app.pipeline))
+    assert {"sphere-1", "sphere-2", "organs-1"} <= set(catalogue.models)
+    assert catalogue.model("organs-1").command == ORGANS
+    organs = next(f for f in catalogue.collection().Models if f.FamilyDescription.Description.startswith("Five"))
+    assert [s.Name for s in organs.ModelVersions[0].Structures] == ["Spleen", "Liver", "Pancreas",
+                                                                    "Left kidney", "Right kidney"]
+    series, truth, _ = phantom.phantom_study(1)
+    read = load_volume(series)
+    orientation = np.asarray(series[0].ImageOrientationPatient, float)
+    normal = np.cross(orientation[:3], orientation[3:])
+    geometry = Geometry(tuple(orientation[:3]), tuple(orientation[3:]), tuple(normal),
+                        tuple(float(v) for v in series[0].ImagePositionPatient))
+    posted = Volume(read.voxels, read.spacing, [], geometry=geometry, uid="1.2.826.0.1.3680043.8.498.1")
+    result = app.pipeline.run_volume({"inference_command": SPHERE}, posted, "0" * 64)
+    labels = np.frombuffer(bytes(result.buffers[0]), np.uint8).reshape(truth.shape)
+    measures = result.response_json["series_ml_json"]["1.2.826.0.1.3680043.8.498.1"]
+    assert measures["spleen_voxels"] == np.count_nonzero(labels)
+    assert np.count_nonzero(labels) == pytest.approx(np.count_nonzero(truth), rel=0.05)
+    assert [p["binary_type"] for p in result.response_json["parts"]] == ["numeric_label_mask"]
