@@ -93,6 +93,7 @@ from inference.protocol.input_hash import input_hash_of_files
 from inference.storage.backend import REDIS, Backend, backend_for
 from inference.storage.migrations import StoreVersionError
 from inference.tls import TLSConfigError
+from models.registry import ManifestError
 
 log = TaggedLogger(logging.getLogger("inference.pacs"))
 
@@ -723,13 +724,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv, defaults)
     with open(defaults.logging_config, encoding="utf-8") as handle:
         logging.config.dictConfig(yaml.safe_load(handle))
-    load_handlers()
     try:
+        load_handlers(defaults.model_manifest)
         settings = settings_from_args(args, defaults)
         check_folders(settings, NODE_FOLDERS)  # UnusableFolder (a ValueError): the setting, its value and why
         rules = load_rules(settings.pacs_rules)
         node = DicomNode(settings, rules)
-    except (ValueError, StoreVersionError) as exc:
+    except (ValueError, StoreVersionError, ManifestError) as exc:
         print(f"dicom_node: {exc}", file=sys.stderr)
         return 2
     if settings.job_backend == "local":  # its jobs run here: load the models now (the workers load their own)

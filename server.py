@@ -39,11 +39,20 @@ log = logging.getLogger("inference.server")
 
 
 def served_commands(settings: Settings, mode: str | None = None) -> list[str]:
-    """The commands an app serves: ``mode`` alone, else the real handlers, plus the mocks when enabled."""
-    specs = load_handlers()
+    """The commands an app serves: ``mode`` alone, else the real handlers, plus the mocks when enabled.
+
+    Handlers of a model family serve only when the app's manifest has that family (the registry may
+    hold declared families of another app's manifest in the same process).
+    """
+    try:
+        specs = load_handlers(settings.model_manifest)
+        families = registry_for(settings.model_manifest).families
+    except (ManifestError, ValueError) as exc:  # unparsable, a broken default, a declared command taken twice
+        raise SystemExit(f"model manifest: {exc}") from None
     if mode is not None:
         return [REGISTRY.get(mode).command]
-    return [spec.command for spec in specs if settings.enable_mocks or not spec.mock]
+    return [spec.command for spec in specs
+            if (settings.enable_mocks or not spec.mock) and (spec.family is None or spec.family in families)]
 
 
 def create_app(mode: str | None = None, settings: Settings | None = None, *,

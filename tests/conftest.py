@@ -38,6 +38,19 @@ def write_study(folder: Path, shape=(8, 32, 40), spacing=(2.0, 0.7, 0.7), seed: 
                                            study_uid=study_uid), folder)
 
 
+def copy_shipped_weights(folder: Path) -> None:
+    """Copy every file the shipped manifest's versions name, of every family, next to a test manifest in ``folder``."""
+    from models.registry import DEFAULT_MANIFEST, ModelRegistry
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for family in ModelRegistry.load(DEFAULT_MANIFEST).families.values():
+        for version in family.versions.values():
+            target = folder / version.weights.relative_to(DEFAULT_MANIFEST.parent)
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(version.weights.read_bytes())
+
+
 def corrupt_manifest(folder: Path) -> Path:
     """A copy of the shipped model manifest whose weights files (copied next to it) are all corrupted."""
     import yaml
@@ -174,3 +187,11 @@ def require(missing_reason: str | None) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"CI: {missing_reason}")
     pytest.skip(missing_reason)
+
+
+@pytest.fixture(scope="session")
+def phantom_networks(tmp_path_factory) -> dict[str, dict[str, Path]]:
+    """Small segmentation networks trained on synthetic spheres (tests/declared_models.py), once per session."""
+    from tests.declared_models import trained_networks
+
+    return trained_networks(tmp_path_factory.mktemp("phantom-networks"))

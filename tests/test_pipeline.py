@@ -181,7 +181,8 @@ def test_an_app_warms_up_the_models_of_its_own_settings(tmp_path):
 def test_production_app_serves_the_real_handlers_only(tmp_path, study):
     app = server.create_app(settings=dataclasses.replace(Settings(), output_root=tmp_path / "jobs"))
     listed = {m["inference_command"] for m in app.test_client().get("/models").get_json()["models"]}
-    assert listed == {HIPPOCAMPUS, "gaussian-blur-3d"}
+    declared = {f.command for f in registry_for(Settings().model_manifest).families.values() if f.command}
+    assert listed == {HIPPOCAMPUS, "gaussian-blur-3d"} | declared  # and any family the manifest declares
     bare = post(app, study, {"studyUID": "1"})
     assert bare.status_code == 400
     assert "names no inference_command" in bare.get_json()["error"]
