@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import logging
 import logging.config
 import shutil
 import signal
+import ssl
 import sys
 import threading
 import time
@@ -67,7 +67,7 @@ from inference.disk_space import StoreFull, check_free_space
 from inference.errors import GatewayError
 from inference.folders import NODE_FOLDERS, check_folders
 from inference.jobs.executor import JobExecutor, job_request_json
-from inference.jobs.reviews import AWAITING, CORRECTED, REJECTED, Review, review_store
+from inference.jobs.reviews import AWAITING, CORRECTED, REJECTED, Review, review_records
 from inference.jobs.store import (
     COMPLETED,
     FAILED,
@@ -82,12 +82,18 @@ from inference.jobs.store import (
 )
 from inference.logs import TaggedLogger
 from inference.metrics import record_dicom_incomplete, record_dicom_received, record_store_full
-from inference.pacs.outbox import DicomDestination, Outbox, StowDestination
+from inference.pacs.outbox import Destination, DicomDestination, Outbox, StowDestination
 from inference.pacs.retry import RepeatedFailures
 from inference.pacs.routing import Rule, load_rules, matching_rules
 from inference.pacs.spool import StudySpool, read_series_info, safe_name
-from inference.pacs.transport import NO_DELAY_HANDLERS
+from inference.pacs.transport import NO_DELAY_HANDLERS, LazyHandshakeContext
+from inference.paths import private_files
 from inference.pipeline.pipeline import Pipeline
+from inference.protocol.input_hash import input_hash_of_files
+from inference.storage.backend import REDIS, Backend, backend_for
+from inference.storage.migrations import StoreVersionError
+from inference.tls import TLSConfigError
+from models.registry import ManifestError
 
 log = TaggedLogger(logging.getLogger("inference.pacs"))
 
@@ -123,16 +129,6 @@ DELIVERING, DONE_FAILED = "delivering", "failed"
 HELD, DONE_REJECTED = "held", "rejected"
 
 
-def input_hash(json_bytes: bytes, files: Sequence[Path]) -> str:
-    """SHA-256 over the request JSON and the files, in order: the input hash a job on them logs."""
-    digest = hashlib.sha256(json_bytes)
-    for path in files:
-        with open(path, "rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
 def job_pipeline(settings: Settings, rules: Sequence[Rule]) -> Pipeline:
     """The pipeline the node's jobs run through: the rules' commands, each rule's parameters checked.
 
@@ -152,22 +148,19 @@ def job_pipeline(settings: Settings, rules: Sequence[Rule]) -> Pipeline:
     return pipeline
 
 
-def job_backend(settings: Settings, pipeline: Pipeline) -> tuple[JobRecords, JobRunner]:
-    """The job store and runner of ``INFERENCE_JOB_BACKEND``: the API's, so ``/query`` and ``/metrics`` show node jobs.
+def job_backend(settings: Settings, backend: Backend, pipeline: Pipeline) -> tuple[JobRecords, JobRunner]:
+    """The job store and runner of ``backend``: the API's, so ``/query`` and ``/metrics`` show node jobs.
 
-    ``celery``: Redis records, jobs queued for the workers (they read the spool below
-    ``INFERENCE_PACS_ROOT``: a shared volume). ``local``: ``<INFERENCE_OUTPUT_ROOT>/jobs.sqlite3``, a thread pool here.
+    Redis (``INFERENCE_JOB_BACKEND=celery``): jobs queued for the workers (they read the spool below
+    ``INFERENCE_PACS_ROOT``: a shared volume). SQLite: ``<INFERENCE_OUTPUT_ROOT>/jobs.sqlite3``, a thread pool here.
     """
-    if settings.job_backend == "celery":
+    if backend.kind == REDIS:
         from inference.jobs.celery_backend import celery_backend  # celery is imported only when used
 
         return celery_backend(settings)
-    if settings.job_backend != "local":
-        raise ValueError(f"INFERENCE_JOB_BACKEND must be 'local' or 'celery', got {settings.job_backend!r}")
-    output_root = Path(settings.output_root)
-    store = JobStore(output_root / "jobs.sqlite3")
-    return store, LocalPoolRunner(store, JobExecutor(store, pipeline), workers=settings.job_workers,
-                                  lock_dir=output_root / ".owners")
+    store = JobStore(backend.folder / "jobs.sqlite3")
+    return store, LocalPoolRunner(store, JobExecutor(store, pipeline, reviews=review_records(backend)),
+                                  workers=settings.job_workers, lock_dir=backend.folder / ".owners")
 
 
 @dataclasses.dataclass
@@ -212,15 +205,25 @@ class DicomNode:
         self.processed.mkdir(parents=True, exist_ok=True)
         self.own_series = root / "results-series"  # one empty file per series of results we produced
         self.own_series.mkdir(parents=True, exist_ok=True)
-        destinations = [DicomDestination.parse(text, settings.pacs_ae_title) for text in settings.pacs_destinations]
+        try:
+            self.tls = settings.pacs_tls()  # DICOM TLS both ways, and STOW-RS verified against its CA
+        except TLSConfigError as exc:
+            raise ValueError(f"DICOM TLS: {exc}") from None
+        client_tls = None if self.tls is None else self.tls.client_context()
+        destinations: list[Destination] = [DicomDestination.parse(text, settings.pacs_ae_title, client_tls)
+                                           for text in settings.pacs_destinations]
         if settings.pacs_stow_url:
-            destinations.append(StowDestination(settings.pacs_stow_url))
+            destinations.append(StowDestination(settings.pacs_stow_url,
+                                                None if self.tls is None else self.tls.https_session()))
         self.outbox = Outbox(root / "outbox", destinations, retry_max_seconds=settings.pacs_retry_max_seconds)
-        self.store, self.runner = job_backend(settings, self.pipeline)
-        self.reviews = review_store(self.store)  # decisions made on any API instance, seen here
+        backend = backend_for(settings)
+        backend.check()  # a store at another schema version: StoreVersionError, naming the migrate command
+        self.store, self.runner = job_backend(settings, backend, self.pipeline)
+        self.reviews = review_records(backend)  # decisions made on any API instance, seen here
         self.audit = audit_log(settings)
         self.ae = self._make_ae()
         self._server = None
+        self._tls_stamp = None if self.tls is None else self.tls.stamp()  # the files' state the listener serves
         self._metrics_server = None
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -385,13 +388,37 @@ class DicomNode:
                     (evt.EVT_REJECTED, self._on_rejected), (evt.EVT_RELEASED, self._on_association_end),
                     (evt.EVT_ABORTED, self._on_association_end), *NO_DELAY_HANDLERS]
         self._server = self.ae.start_server((self.settings.pacs_host, self.settings.pacs_port), block=False,
-                                            evt_handlers=handlers)
-        log.info("DICOM node %s listening on %s:%d; destinations: %s; study stable after %.1fs%s; rules: %s",
+                                            evt_handlers=handlers, ssl_context=self.server_tls_context())
+        log.info("DICOM node %s listening on %s:%d%s; destinations: %s; study stable after %.1fs%s; rules: %s",
                  self.settings.pacs_ae_title, self.settings.pacs_host, self.settings.pacs_port,
+                 "" if self.tls is None else " (DICOM TLS" + (", client certificates required)" if self.tls.ca
+                                                              else ")"),
                  ", ".join(map(str, self.outbox.destinations)) or "none", self.settings.pacs_stable_seconds,
                  f" or when {', '.join(self.settings.pacs_complete_on_release)} releases its association"
                  if self.settings.pacs_complete_on_release else "",
                  ", ".join(f"{r.name} -> {r.command}" for r in self.rules))
+
+    def _reload_tls_if_changed(self) -> None:
+        """Serve replaced certificate files (rotation) to the next associations, without a restart; files that
+        do not serve (a key not matching yet, half-copied) keep the previous context until they do."""
+        if self.tls is None or self._server is None:
+            return
+        stamp = self.tls.stamp()
+        if stamp == self._tls_stamp:
+            return
+        try:
+            self.tls.check()
+            context = self.server_tls_context()
+        except (TLSConfigError, ssl.SSLError, OSError) as exc:
+            log.warning("DICOM TLS files changed but do not serve yet; keeping the previous certificate: %s", exc)
+        else:
+            self._server.ssl_context = context
+            log.info("DICOM TLS: certificate reloaded from %s", self.tls.cert)
+        self._tls_stamp = stamp
+
+    def server_tls_context(self) -> ssl.SSLContext | None:
+        """The listener's TLS context (handshakes out of the accept loop), None for plain DICOM."""
+        return None if self.tls is None else self.tls.server_context(LazyHandshakeContext)
 
     def stop(self) -> None:
         self._stop.set()
@@ -408,6 +435,7 @@ class DicomNode:
         interval = max(0.05, min(0.1, self.settings.pacs_stable_seconds / 4))
         while not self._stop.wait(interval):
             self.watch_once()
+            self.failures.run("tls", "reloading the DICOM TLS certificate", self._reload_tls_if_changed)
 
     def watch_once(self) -> None:
         """One pass of the watcher: report incomplete studies nothing completed, take complete ones, move every
@@ -473,7 +501,7 @@ class DicomNode:
         state: dict = {"study_uid": study_uid, "jobs": {}}
         for rule in rules:
             job = self._new_job(rule, folder)
-            digest = input_hash(json.dumps(job_request_json(job)).encode(), files)
+            digest = input_hash_of_files(json.dumps(job_request_json(job)).encode(), files)
             run_log = study_log.tag({"input_hash": digest})
             version = model_version_label(self.pipeline, rule)
             marker = self.processed / digest
@@ -662,6 +690,14 @@ def parse_args(argv: Sequence[str] | None, defaults: Settings) -> argparse.Names
                              "wait; repeatable (INFERENCE_PACS_COMPLETE_ON_RELEASE, comma-separated; default: none)")
     parser.add_argument("--rules", type=Path, default=defaults.pacs_rules,
                         help="routing rules YAML (INFERENCE_PACS_RULES, default deploy/routing-rules.yaml)")
+    parser.add_argument("--tls-cert", type=Path, default=defaults.pacs_tls_cert,
+                        help="PEM certificate: DICOM TLS for the listener and every destination "
+                             "(INFERENCE_PACS_TLS_CERT)")
+    parser.add_argument("--tls-key", type=Path, default=defaults.pacs_tls_key,
+                        help="PEM private key of --tls-cert (INFERENCE_PACS_TLS_KEY)")
+    parser.add_argument("--tls-ca", type=Path, default=defaults.pacs_tls_ca,
+                        help="PEM CA: callers' certificates must come from it, destinations are verified against it "
+                             "(INFERENCE_PACS_TLS_CA)")
     parser.add_argument("--root", type=Path, default=defaults.pacs_root,
                         help="folder for spool, outbox and processed marks (INFERENCE_PACS_ROOT)")
     return parser.parse_args(argv)
@@ -678,21 +714,23 @@ def settings_from_args(args: argparse.Namespace, defaults: Settings) -> Settings
         pacs_allowed_aes=tuple(args.allow_ae) if args.allow_ae else defaults.pacs_allowed_aes,
         pacs_complete_on_release=tuple(args.complete_on_release) if args.complete_on_release
         else defaults.pacs_complete_on_release,
-        pacs_rules=args.rules, pacs_root=args.root)
+        pacs_rules=args.rules, pacs_root=args.root, pacs_tls_cert=args.tls_cert, pacs_tls_key=args.tls_key,
+        pacs_tls_ca=args.tls_ca)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    private_files()  # studies received, results, job records: the service user's alone (0600 / 0700)
     defaults = Settings.from_env()
     args = parse_args(argv, defaults)
     with open(defaults.logging_config, encoding="utf-8") as handle:
         logging.config.dictConfig(yaml.safe_load(handle))
-    load_handlers()
     try:
+        load_handlers(defaults.model_manifest)
         settings = settings_from_args(args, defaults)
         check_folders(settings, NODE_FOLDERS)  # UnusableFolder (a ValueError): the setting, its value and why
         rules = load_rules(settings.pacs_rules)
         node = DicomNode(settings, rules)
-    except ValueError as exc:
+    except (ValueError, StoreVersionError, ManifestError) as exc:
         print(f"dicom_node: {exc}", file=sys.stderr)
         return 2
     if settings.job_backend == "local":  # its jobs run here: load the models now (the workers load their own)

@@ -22,7 +22,7 @@ import traceback
 import uuid
 from collections.abc import Callable
 from functools import partial
-from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address
+from ipaddress import IPv6Address, ip_address
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,8 @@ from inference.dicom.header import SERIES_INSTANCE_UID, STUDY_INSTANCE_UID, Inst
 from inference.dicom.validation import read_header_early
 from inference.disk_space import StoreFull, is_disk_full, store_of, with_storage
 from inference.errors import BadRequest, Forbidden, GatewayError, ServiceUnavailable, Unauthorized
+from inference.http.metrics_routes import metrics_blueprint
+from inference.http.roles import PUBLIC, declared_role, needs, role_of, token_free_networks_of
 from inference.jobs.reviews import AWAITING, must_hold, review_mode
 from inference.logs import TaggedLogger, bind_request_tags
 from inference.pipeline.context import ArterysHandler, arterys_handler
@@ -56,22 +58,6 @@ from inference.protocol.request import MAX_JSON_BYTES, parse_json_object
 from inference.users import ADMIN, REVIEWER, SUBMITTER, Authenticator, role_allows
 from models.registry import ModelUnavailable, UnknownModel
 
-#: Endpoints served without the bearer token: liveness probes and the review page shell (it holds no data;
-#: it asks for a token and reads through the reviewer routes), not Flask's /static file route.
-OPEN_ENDPOINTS = ("healthcheck", "ping", "review_page")
-#: The role each route needs (roles rank submitter < reviewer < admin; the shared INFERENCE_API_TOKEN acts
-#: as admin). Inference routes need SUBMITTER (``add_inference_route``); an endpoint missing here needs ADMIN.
-ROUTE_ROLES: dict[str, str] = {
-    # sending studies and reading one's own results
-    "submit_job": SUBMITTER, "query_job": SUBMITTER, "list_job_files": SUBMITTER, "get_job_file": SUBMITTER,
-    "list_models": SUBMITTER, "show_family": SUBMITTER, "openapi": SUBMITTER,
-    **{f"radiomics_{name}": SUBMITTER for name in ("ping", "vendor_status", "credits", "models", "segmentation",
-                                                    "progress", "result", "feedback", "telemetry")},
-    # the drift watch: aggregates per model version, no patient data; for those who judge results
-    "monitor_family": REVIEWER,
-    # operating the server
-    "metrics": ADMIN, "audit": ADMIN,
-}
 #: Roles that read every user's jobs; a submitter reads only its own.
 READS_ALL = (REVIEWER, ADMIN)
 
@@ -93,19 +79,16 @@ class Gateway(Flask):
         self.users: Authenticator | None = None
         #: The audit trail every front door of this app appends to.
         self.audit: AuditLog = audit_log(self.settings)
-        #: endpoint -> the role it needs (``ROUTE_ROLES`` plus this app's inference routes).
-        self.route_roles: dict[str, str] = dict(ROUTE_ROLES)
         self._routes: set[str] = set()
+        #: What ``GET /ping`` answers besides liveness (the Radiomics door's ApiInformation); None: an empty 200.
+        self.ping_information: Callable[[], Response] | None = None
         self.add_url_rule("/ping", "ping", self._ping, methods=["GET", "POST"])
         #: Keeps a request's result for a reviewer instead of answering it (``"review"`` in its JSON): set by the
         #: job API (``inference.jobs.api``), which answers for it afterwards; None: requests cannot ask for review.
         self.hold_result: Callable[[InferenceResult, ParsedBody, dict, str | None, str], str] | None = None
         #: Collected at each scrape of ``GET /metrics`` besides the request metrics (e.g. job counts).
         self.metrics_collectors: list = []
-        #: Endpoints that requests from these networks reach without the bearer token (the Radiomics routes
-        #: with INFERENCE_RADIOMICS_NETWORKS): endpoint -> networks.
-        self.token_free_networks: dict[str, tuple[IPv4Network | IPv6Network, ...]] = {}
-        self.add_url_rule("/metrics", "metrics", self._serve_metrics, methods=["GET"])
+        self.register_blueprint(metrics_blueprint())
         self.register_error_handler(GatewayError, self._answer_gateway_error)
         # the model registry knows no HTTP: a family or version it lacks is the client's error, one it cannot load ours
         self.register_error_handler(UnknownModel, lambda error: self._answer_gateway_error(BadRequest(error.message)))
@@ -115,11 +98,6 @@ class Gateway(Flask):
         self.register_error_handler(Exception, self._answer_unexpected_error)
         self.before_request(self._start_request)
         self.after_request(self._finish_request)
-
-    @staticmethod
-    def _ping() -> tuple[str, int]:
-        """Liveness: an empty 200, without a token (load balancers; Velocity's ping)."""
-        return "", 200
 
     # -- public API --------------------------------------------------------------------
     def add_inference_route(self, route: str, handler: str | ArterysHandler | None = None) -> None:
@@ -141,8 +119,8 @@ class Gateway(Flask):
             pipeline.spec(command)  # fail now, not on the first request, for a command not served
         self._routes.add(route)
         endpoint = "inference" if route == "/" else f"inference{route.replace('/', '_')}"
-        self.route_roles[endpoint] = SUBMITTER
-        self.add_url_rule(route, endpoint, partial(self._serve_inference, pipeline, command), methods=["POST"])
+        self.add_url_rule(route, endpoint, needs(SUBMITTER)(partial(self._serve_inference, pipeline, command)),
+                          methods=["POST"])
 
     def add_healthcheck_route(self, check: Callable[[], str]) -> None:
         """Serve ``GET|POST /healthcheck``: 200 with the text ``check()`` returns (``READY`` when ready), degraded
@@ -152,17 +130,25 @@ class Gateway(Flask):
             return Response(with_storage(check(), self.store_folders(), self.settings.min_free_space_mb),
                             mimetype="text/plain")
 
-        self.add_url_rule("/healthcheck", "healthcheck", healthcheck, methods=["GET", "POST"])
+        self.add_url_rule("/healthcheck", "healthcheck", needs(PUBLIC)(healthcheck), methods=["GET", "POST"])
 
     def store_folders(self) -> dict[str, Path]:
         """The stores this server writes to, by name (``inference.disk_space.STORES``): spool and output."""
         spool = self.settings.spool_dir if self.settings.spool_dir is not None else Path(tempfile.gettempdir())
         return {"spool": Path(spool), "output": Path(self.settings.output_root)}
 
-    def _serve_metrics(self) -> Response:
-        """``GET /metrics``: Prometheus text format, summed over gunicorn's workers (``inference.metrics``)."""
-        text, content_type = metrics.render(self.settings.metrics_dir, tuple(self.metrics_collectors))
-        return Response(text, content_type=content_type)
+    @property
+    def route_roles(self) -> dict[str, str]:
+        """endpoint -> the role its view declares (``inference.http.roles``); an endpoint missing here needs admin."""
+        return {endpoint: role for endpoint, view in self.view_functions.items()
+                if (role := declared_role(view)) is not None}
+
+    @needs(PUBLIC)
+    def _ping(self) -> Response | tuple[str, int]:
+        """Liveness: an empty 200; a GET answers ``ping_information`` when a door declared it."""
+        if request.method == "GET" and self.ping_information is not None:
+            return self.ping_information()
+        return "", 200
 
     # -- request life cycle -----------------------------------------------------------
     def _start_request(self) -> None:
@@ -171,22 +157,22 @@ class Gateway(Flask):
         g.log = self.log
         bind_request_tags({})  # this thread served other requests before
         g.user, g.role = None, None
-        if request.endpoint not in OPEN_ENDPOINTS and not self._from_token_free_network():
-            self._authenticate()
+        view = self.view_functions.get(request.endpoint or "")
+        if role_of(view) != PUBLIC and not self._from_token_free_network(view):
+            self._authenticate(role_of(view) if request.endpoint else SUBMITTER)
         if request.mimetype == "application/json":
             # routes read JSON whole: Werkzeug stops one byte past the limit (a chunked body has no
             # Content-Length to check first), so a reader sees that the body is too large
             request.max_content_length = MAX_JSON_BYTES + 1
 
-    def _authenticate(self) -> None:
-        """Check the bearer token against the shared token and the named users, then the route's role.
+    def _authenticate(self, needed: str) -> None:
+        """Check the bearer token against the shared token and the named users, then the route's role ``needed``.
 
         Nothing is asked while neither INFERENCE_API_TOKEN nor any user exists (as before users).
         """
         token = self.settings.api_token
         if not token and (self.users is None or not self.users.any_users()):
             return
-        needed = self.route_roles.get(request.endpoint or "", ADMIN) if request.endpoint else SUBMITTER
         header = request.headers.get("Authorization", "")
         scheme, _, given = header.partition(" ")
         if not header:
@@ -198,6 +184,7 @@ class Gateway(Flask):
             return
         user = self.users.user_for(given) if self.users is not None and scheme.lower() == "bearer" else None
         if user is None:
+            g.auth_failed = True  # audited and counted by inference.http.throttle
             raise Forbidden("the bearer token is not valid for this server", required_role=needed)
         g.user, g.role = user.name, user.role
         if not role_allows(user.role, needed):
@@ -214,9 +201,9 @@ class Gateway(Flask):
         """Whether this request's user may read a job submitted by ``owner`` (submitters: only their own)."""
         return g.get("role") in (None, *READS_ALL) or owner == g.get("user")
 
-    def _from_token_free_network(self) -> bool:
-        """Whether this request's endpoint lets its client's network in without the token."""
-        networks = self.token_free_networks.get(request.endpoint or "")
+    def _from_token_free_network(self, view: Callable[..., Any] | None) -> bool:
+        """Whether this request's view lets its client's network in without the token."""
+        networks = token_free_networks_of(view)
         if not networks or not request.remote_addr:
             return False
         try:

@@ -2,11 +2,15 @@
 
 import os
 import shutil
+import ssl
 import sys
 import tempfile
 
 from inference.config import get_settings
+from inference.paths import private_files
+from inference.tls import TLSConfigError, harden
 
+private_files()  # job store, history, audit trail, job folders: 0600 files, 0700 folders (workers inherit it)
 _settings = get_settings()
 # Metrics across workers (inference.metrics): every worker writes its samples into one folder, named
 # here, before any worker imports prometheus_client, and emptied of a previous run's samples.
@@ -30,6 +34,23 @@ graceful_timeout = _settings.graceful_timeout  # SIGTERM: in-flight requests get
 # idle connections outlive the clients' and load balancers' idle timeouts (60 s): the client closes
 # first, so it never sends a request on a connection we are closing (the soak's resets at 5 s)
 keepalive = _settings.keepalive
+# HTTPS when INFERENCE_TLS_CERT and INFERENCE_TLS_KEY are set (checked here: a bad file stops the start naming
+# it); gthread workers build the context per connection, so a replaced certificate file is served at once
+try:
+    _tls = _settings.gateway_tls()
+except TLSConfigError as exc:
+    raise SystemExit(f"HTTPS: {exc}") from None
+if _tls is not None:
+    certfile, keyfile = str(_tls.cert), str(_tls.key)
+    if _tls.ca is not None:  # mutual TLS: every client presents a certificate from this CA
+        ca_certs, cert_reqs = str(_tls.ca), ssl.CERT_REQUIRED
+
+
+def ssl_context(config, default_ssl_context_factory):
+    """gunicorn's context, held to the policy of inference.tls (TLS 1.2+, AEAD forward-secret suites)."""
+    return harden(default_ssl_context_factory())
+
+
 accesslog = None  # the gateway logs one line per request itself, tagged with the input hash
 errorlog = "-"
 capture_output = True
@@ -41,6 +62,7 @@ control_socket_disable = True
 def on_starting(server):
     from inference.folders import SERVER_FOLDERS, UnusableFolder, check_folders
     from inference.metrics_dir import prepare_multiproc_dir
+    from inference.storage.backend import checked_backend
 
     try:  # every folder setting created or writable, before a worker loads a model or takes a request
         check_folders(_settings, SERVER_FOLDERS)
@@ -48,6 +70,7 @@ def on_starting(server):
         if _own_metrics_dir:
             shutil.rmtree(_metrics_dir, ignore_errors=True)
         sys.exit(f"gateway not started: {exc}")
+    checked_backend(_settings)  # a store of another schema version stops gunicorn here, with one line, not each worker
     prepare_multiproc_dir(_metrics_dir)
 
 

@@ -13,38 +13,46 @@ import logging
 import threading
 from functools import partial
 
-import flask
-
 from gateway import Gateway
 from handlers import REGISTRY, load_handlers
 from handlers.hippocampus.history import learn_decision
-from inference import metrics
-from inference.audit import epoch
 from inference.config import Settings, get_settings
-from inference.errors import BadRequest, NotFound
-from inference.http.openapi import openapi_document
-from inference.jobs.api import add_job_routes
+from inference.http import headers as security_headers
+from inference.http import throttle as auth_throttle
+from inference.http.audit_routes import audit_blueprint
+from inference.http.model_routes import model_blueprint
+from inference.jobs.api import job_blueprint, job_service
 from inference.jobs.executor import known_job_names
-from inference.jobs.reviews import review_store
+from inference.jobs.reviews import review_records
 from inference.logs import configure_logging
 from inference.pipeline.pipeline import Pipeline
 from inference.radiomics.catalogue import Catalogue
-from inference.radiomics.routes import add_radiomics_routes, family_commands, records_for
+from inference.radiomics.records import radiomics_records
+from inference.radiomics.routes import RadiomicsDoor, family_commands, radiomics_blueprint
 from inference.review.feedback import version_figures
-from inference.review.routes import add_review_routes
+from inference.review.routes import review_blueprint
+from inference.storage.backend import checked_backend
 from inference.users import Authenticator, user_store
-from models import monitoring
-from models.registry import ManifestError, UnknownModel, registry_for
+from models.registry import ManifestError, registry_for
 
 log = logging.getLogger("inference.server")
 
 
 def served_commands(settings: Settings, mode: str | None = None) -> list[str]:
-    """The commands an app serves: ``mode`` alone, else the real handlers, plus the mocks when enabled."""
-    specs = load_handlers()
+    """The commands an app serves: ``mode`` alone, else the real handlers, plus the mocks when enabled.
+
+    Handlers of a model family serve only when the app's manifest has that family (the registry may
+    hold declared families of another app's manifest in the same process).
+    """
+    try:
+        specs = load_handlers(settings.model_manifest)
+        families = registry_for(settings.model_manifest).families
+    except (ManifestError, ValueError) as exc:  # unparsable, a broken default, a declared command taken twice
+        raise SystemExit(f"model manifest: {exc}") from None
     if mode is not None:
         return [REGISTRY.get(mode).command]
-    return [spec.command for spec in specs if settings.enable_mocks or not spec.mock]
+    return [spec.command for spec in specs
+            if (settings.enable_mocks or not spec.mock) and (spec.family is None or spec.family in families)]
 
 
 def create_app(mode: str | None = None, settings: Settings | None = None, *,
@@ -56,9 +64,7 @@ def create_app(mode: str | None = None, settings: Settings | None = None, *,
     Handlers' warm-ups (model loading) run in a background thread while ``/healthcheck`` answers
     ``LOADING``, or, with ``warm_up_first``, before this returns. gunicorn uses the latter: a worker
     then accepts no connection until it is warm, so with several workers the healthcheck (and every
-    request) is answered by a ready worker, never by one that is still loading. ``load_models=False``
-    builds the app without any warm-up (it stays ``LOADING``): for reading its routes and metrics, as the
-    documentation's generated reference does.
+    request) is answered by a ready worker, never by one that is still loading.
     """
     settings = settings or get_settings()
     configure_logging(settings.logging_config)
@@ -73,73 +79,37 @@ def create_app(mode: str | None = None, settings: Settings | None = None, *,
         raise SystemExit(f"model manifest: {exc}") from None
     pipeline = Pipeline(settings, REGISTRY, commands=commands, default_command=default)
     app = Gateway(__name__, pipeline=pipeline)
-    users = app.users = Authenticator(user_store(settings))  # named users, on the job store (python -m inference.users)
-    store, runner = add_job_routes(app, pipeline)  # POST /job/, GET /query/<uid>
-    records = records_for(settings)  # the feedback store: Radiomics feedback and telemetry, review decisions
-    # /reviews, /review/; every decision also reaches the hippocampus result history (a rejected result is no prior)
-    add_review_routes(app, store, review_store(store), records, registry,
-                      on_decision=[partial(learn_decision, settings)])
+    security_headers.install(app, settings)  # inference/http/headers.py: on every answer
+    auth_throttle.install(app, settings)  # inference/http/throttle.py: failed authentications audited, throttled
+    backend = checked_backend(settings)  # the stores' backend: a store of another schema version stops here
+    app.users = Authenticator(user_store(backend))  # named users, on the job store (python -m inference.users)
+    store, runner = job_service(pipeline, backend)  # the job store and runner of INFERENCE_JOB_BACKEND
+    reviews = review_records(backend)  # held results and the decisions on them
+    records = radiomics_records(backend)  # the feedback store: Radiomics feedback and telemetry, review decisions
     try:
         catalogue = Catalogue(registry, family_commands(pipeline))
-        add_radiomics_routes(app, pipeline, catalogue, store, runner, records)  # /api/...
+        radiomics = radiomics_blueprint(RadiomicsDoor(pipeline, catalogue, store, runner, records))
     except (ManifestError, ValueError) as exc:
         raise SystemExit(f"Radiomics API: {exc}") from None
-    health = {"status": "LOADING"}
-
+    for blueprint in (
+            job_blueprint(pipeline, store, runner, reviews),  # POST /job/, GET /query/<uid>, a job's files
+            # /reviews, /review/; each decision also reaches the hippocampus history (a rejected result: no prior)
+            review_blueprint(settings, store, reviews, records, registry,
+                             on_decision=[partial(learn_decision, settings)]),
+            radiomics,  # /api/...
+            model_blueprint(pipeline, registry, settings,  # /models, /openapi.json
+                            feedback=lambda family: version_figures(records, family).get(family, {}),
+                            job_names=sorted(known_job_names(pipeline)), radiomics_models=sorted(catalogue.models)),
+            audit_blueprint(),  # /audit
+    ):  # /metrics and /ping are the gateway's own
+        app.register_blueprint(blueprint)
     app.add_inference_route("/", mode)
     if mode is None:
         for spec in pipeline.specs:
             if spec.route:
                 app.add_inference_route(spec.route, spec.command)
+    health = {"status": "LOADING"}
     app.add_healthcheck_route(lambda: health["status"])
-
-    @app.get("/models")
-    def list_models():
-        """The commands served (with their parameters) and the model registry's families."""
-        return flask.jsonify({"default_command": pipeline.default_command,
-                              "models": [spec.describe() for spec in pipeline.specs],
-                              "families": registry.describe()})
-
-    @app.get("/models/<family>")
-    def show_family(family: str):
-        try:
-            described = registry.family(family).describe(registry.failures)
-        except UnknownModel as exc:
-            raise NotFound(exc.message) from None
-        # per version: review decisions (accepted, rejected, corrected, mean Dice of corrections), feedback, telemetry
-        described["feedback"] = version_figures(records, family).get(family, {})
-        return flask.jsonify(described)
-
-    @app.get("/models/<family>/monitoring")
-    def monitor_family(family: str):
-        """Drift watch: what each version served (inputs, volumes, uncertainty, flags) against its training split."""
-        try:
-            return flask.jsonify(monitoring.summary(registry, family, metrics.watched_counts(settings.metrics_dir)))
-        except UnknownModel as exc:
-            raise NotFound(exc.message) from None
-
-    app.metrics_collectors.append(monitoring.DriftCollector(
-        registry, lambda: metrics.watched_counts(settings.metrics_dir)))
-
-    @app.get("/audit")
-    def audit():
-        """The audit trail's records, oldest first; filters ``study``, ``user``, ``from`` and ``to`` (ISO 8601)."""
-        args = flask.request.args
-        try:
-            start, end = (epoch(args[name], name) if args.get(name) else None for name in ("from", "to"))
-        except ValueError as exc:
-            raise BadRequest(str(exc)) from None
-        records = app.audit.search(study=args.get("study") or None, user=args.get("user") or None,
-                                   start=start, end=end)
-        return flask.jsonify({"records": records, "count": len(records)})
-
-    @app.get("/openapi.json")
-    def openapi():
-        """This OpenAPI 3.0 document of the JSON routes, from the commands and models served."""
-        return flask.jsonify(openapi_document([spec.command for spec in pipeline.specs],
-                                              sorted(known_job_names(pipeline)),
-                                              token_required=bool(settings.api_token) or users.any_users(),
-                                              radiomics_models=sorted(catalogue.models)))
 
     def warm_up() -> None:
         health["status"] = pipeline.warm_up().health()
@@ -149,7 +119,7 @@ def create_app(mode: str | None = None, settings: Settings | None = None, *,
         log.info("READY: serving %s", ", ".join(commands))
 
     log.info("settings: %s", settings.describe())
-    if not load_models:
+    if not load_models:  # for reading the app's routes and metrics (the documentation's reference), no warm-up
         return app
     if warm_up_first:
         warm_up()

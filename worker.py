@@ -29,13 +29,17 @@ from inference.config import get_settings
 from inference.folders import problem as folder_problem
 from inference.jobs.celery_backend import LeaseReaper, job_store, make_celery
 from inference.logs import configure_logging
+from inference.paths import private_files
 from inference.pipeline.pipeline import Pipeline
+from inference.storage.backend import backend_for
+from inference.storage.migrations import StoreVersionError
 from server import served_commands
 
 log = logging.getLogger("inference.worker")
 #: Folder settings a worker writes to besides the output root (created, or checked writable, at start).
 WORKER_FOLDERS = ("spool_dir", "model_cache", "history_db", "audit_log")
 
+private_files()  # results, job records and folders: the service user's alone (0600 files, 0700 folders)
 settings = get_settings()
 app = make_celery(settings)  # its pipeline is made at worker start, once the handlers are loaded
 
@@ -83,6 +87,11 @@ def _check_and_load(**_) -> None:
                    "instances use (a shared volume across machines): inputs readable, outputs writable.")
         print(message, file=sys.stderr, flush=True)  # before celery's logging is set up: plain stderr
         os._exit(2)  # an exception would not do: celery logs and ignores those of signal handlers
+    try:
+        backend_for(settings).check()  # stores at another schema version: refused, naming inference-migrate
+    except StoreVersionError as exc:
+        print(f"worker not started: {exc}", file=sys.stderr, flush=True)
+        os._exit(2)
     # the commands the API serves (the same settings: mocks only with INFERENCE_ENABLE_MOCKS)
     app.job_pipeline = Pipeline(settings, REGISTRY, commands=served_commands(settings))
     log.info("job worker: queues %s, commands %s, time limit %d s, visibility timeout %d s, data %s, output %s",

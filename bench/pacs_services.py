@@ -14,6 +14,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -57,7 +58,8 @@ class Orthanc:
     """Debian's Orthanc on free ports with the shipped configuration and Lua script."""
 
     def __init__(self, folder: Path, *, node_port: int, node_ae: str = "HIPPOAI", stable_age: int = 1,
-                 dicom_port: int | None = None, no_delay: bool = True) -> None:
+                 dicom_port: int | None = None, no_delay: bool = True,
+                 tls: tuple[Path, Path, Path] | None = None) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.http_port, self.dicom_port = free_port(), dicom_port or free_port()
@@ -69,6 +71,12 @@ class Orthanc:
             HttpPort=self.http_port, DicomPort=self.dicom_port, RemoteAccessAllowed=False, StableAge=stable_age,
             LuaScripts=[str(AUTOROUTE_LUA)], Plugins=[str(DICOMWEB_PLUGIN)],
             DicomModalities={"hippoai": [node_ae, "127.0.0.1", node_port]})
+        if tls is not None:  # DICOM TLS both ways (certificate, key, CA); the node's modality uses it too
+            cert, key, ca = tls
+            config.update(DicomTlsEnabled=True, DicomTlsCertificate=str(cert), DicomTlsPrivateKey=str(key),
+                          DicomTlsTrustedCertificates=str(ca), DicomTlsRemoteCertificateRequired=True,
+                          DicomModalities={"hippoai": {"AET": node_ae, "Host": "127.0.0.1", "Port": node_port,
+                                                       "UseDicomTls": True}})
         self.config_path = self.folder / "orthanc.json"
         self.config_path.write_text(json.dumps(config, indent=1))
         self.log_path = self.folder / "orthanc.log"
@@ -183,7 +191,7 @@ class DicomNodeProcess:
 
 
 def c_store(paths: Sequence[Path], host: str, port: int, called_ae: str, *, calling_ae: str = "SCANNER",
-            abort_after: int | None = None, no_delay: bool = True) -> int:
+            abort_after: int | None = None, no_delay: bool = True, tls: ssl.SSLContext | None = None) -> int:
     """Send files by C-STORE over one association as ``calling_ae``; the number stored.
 
     With ``no_delay`` (default), Nagle's algorithm is off on the connection, as the node does
@@ -191,6 +199,7 @@ def c_store(paths: Sequence[Path], host: str, port: int, called_ae: str, *, call
 
     With ``abort_after``, the association is aborted (not released) after that many files, as a
     sender that crashed would leave it. Raises ``ConnectionError`` when the association is refused.
+    ``tls``: a client context for DICOM TLS (the server's certificate is verified for ``host``).
     """
     contexts = set()
     for path in paths:
@@ -199,7 +208,8 @@ def c_store(paths: Sequence[Path], host: str, port: int, called_ae: str, *, call
     ae = AE(ae_title=calling_ae)
     for sop_class, syntax in sorted(contexts):  # one context per syntax: each file goes as it is stored
         ae.add_requested_context(sop_class, syntax)
-    assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=NO_DELAY_HANDLERS if no_delay else None)
+    assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=NO_DELAY_HANDLERS if no_delay else None,
+                         tls_args=None if tls is None else (tls, host))
     if not assoc.is_established:
         raise ConnectionError(f"{called_ae}@{host}:{port} refused the association from {calling_ae}")
     stored = 0

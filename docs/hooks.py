@@ -42,6 +42,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("python dicom_node.py", "dicom_node:main"),
     ("python -m inference.users", "inference.users.__main__:main"),
     ("python -m inference.audit", "inference.audit.__main__:main"),
+    ("python -m inference.storage", "inference.storage.__main__:main"),
     ("python -m inference.dicom.volume_io", "inference.dicom.volume_io:main"),
     ("python -m handlers.hippocampus", "handlers.hippocampus.cli:main"),
     ("python -m models.registry", "models.registry:main"),
@@ -184,7 +185,7 @@ EVERY_METHOD = {"GET", "POST", "PUT", "PATCH", "DELETE"}
 def route_rows(app) -> list[dict[str, str]]:
     """One row per route: its methods, the role it needs, a summary (``/openapi.json``'s, else the view's
     docstring; a model's own route: its command and the handler's description)."""
-    from gateway import ADMIN, OPEN_ENDPOINTS
+    from inference.http.roles import PUBLIC, role_of, token_free_networks_of
 
     operations: dict[str, dict[str, Any]] = {}
     for path, methods in app.test_client().get("/openapi.json").get_json()["paths"].items():
@@ -194,12 +195,11 @@ def route_rows(app) -> list[dict[str, str]]:
         if rule.endpoint == "static":
             continue
         view = app.view_functions[rule.endpoint]
-        if rule.endpoint in OPEN_ENDPOINTS:
+        role = role_of(view)  # the role the view declares (inference.http.roles); undeclared: admin
+        if role == PUBLIC:
             role = "none (open)"
-        else:
-            role = app.route_roles.get(rule.endpoint, ADMIN)
-            if rule.endpoint in app.token_free_networks:
-                role += ", or none from `INFERENCE_RADIOMICS_NETWORKS`"
+        elif token_free_networks_of(view):
+            role += ", or none from `INFERENCE_RADIOMICS_NETWORKS`"
         methods = sorted((rule.methods or set()) - {"HEAD", "OPTIONS"})
         described = operations.get(_path_key(rule.rule), {})
         summaries = [described[m.lower()]["summary"] for m in methods if described.get(m.lower(), {}).get("summary")]

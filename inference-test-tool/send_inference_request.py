@@ -43,6 +43,7 @@ from requests_toolbelt.multipart.decoder import (
 from inference import protocol
 from inference.errors import OutputValidationError
 from inference.protocol.client import InferenceRequestError, InferenceResponse, send_inference_request
+from inference.tls import https_session
 from tool_gallery import Gallery, PageInfo, format_result, image_count, write_index, write_outputs
 from tool_input import Study, ToolError, load_study
 
@@ -120,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--job", metavar="IN_DIR",
                         help="run -c as a job on IN_DIR (a folder under the server's data root): POST /job, "
                              "wait for it, fetch its files and render them (with INPUT, against a local copy)")
+    parser.add_argument("--ca-file", type=Path, metavar="PEM",
+                        help="CA certificate(s) to verify an https:// server with (default: the system's)")
+    parser.add_argument("--cert", type=Path, metavar="PEM",
+                        help="client certificate for a server that asks for one (mutual TLS); the key in it or --key")
+    parser.add_argument("--key", type=Path, metavar="PEM", help="private key of --cert")
     parser.add_argument("--token", default=None,
                         help="bearer token (default: environment variable INFERENCE_API_TOKEN)")
     return parser
@@ -154,6 +160,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         options[key] = option_value(value)
     args.request_options = options
     args.token = args.token or os.environ.get("INFERENCE_API_TOKEN") or None
+    if args.key and not args.cert:
+        parser.error("--key needs --cert")
+    for option in ("ca_file", "cert", "key"):
+        path = getattr(args, option)
+        if path is not None and not path.is_file():
+            parser.error(f"--{option.replace('_', '-')}: {path} is not a file")
+    args.session = https_session(args.ca_file, args.cert, args.key)
     return args
 
 
@@ -173,7 +186,7 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
     pending = [exc]
     while pending:
         current = pending.pop()
-        if current is None or id(current) in seen or len(seen) > 20:
+        if not isinstance(current, BaseException) or id(current) in seen or len(seen) > 20:  # a str reason
             continue
         seen.add(id(current))
         yield current
@@ -185,6 +198,9 @@ def host_error(exc: requests.ConnectionError, url: str, host: str) -> ToolError:
     """A connection failure in words: a host name that does not resolve, or nothing listening there."""
     if any(isinstance(cause, socket.gaierror) for cause in _causes(exc)):
         return ToolError(f"cannot resolve the host name {host!r}: check --host (a misspelt name, or no DNS entry)")
+    if isinstance(exc, requests.exceptions.SSLError):
+        return ToolError(f"TLS with {url} failed: {exc} (check --ca-file for the server's CA, and --cert/--key "
+                         "when it requires a client certificate)")
     return ToolError(f"cannot reach the server at {url}: is it running (make serve) on that host and port? ({exc})")
 
 
@@ -192,10 +208,10 @@ def auth_headers(token: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def get_json(url: str, token: str | None, host: str) -> tuple[int, Any]:
+def get_json(url: str, token: str | None, host: str, session: requests.Session) -> tuple[int, Any]:
     """GET ``url``: status and decoded JSON (None when the body is not JSON)."""
     try:
-        response = requests.get(url, headers=auth_headers(token), timeout=30)
+        response = session.get(url, headers=auth_headers(token), timeout=30)
     except requests.ConnectionError as exc:
         raise host_error(exc, url, host) from exc
     try:
@@ -214,7 +230,7 @@ class ServedModels:
 
 def served_models(args: argparse.Namespace) -> ServedModels | None:
     """The server's ``GET /models``; None when it has no such route (another server of the protocol)."""
-    status, body = get_json(f"{base_url(args.host, args.port)}/models", args.token, args.host)
+    status, body = get_json(f"{base_url(args.host, args.port)}/models", args.token, args.host, args.session)
     if status in (401, 403):
         message = body.get("error") if isinstance(body, dict) else ""
         raise InferenceRequestError(status, f"{message} (GET /models; give --token or set INFERENCE_API_TOKEN)")
@@ -470,7 +486,7 @@ def send(args: argparse.Namespace, url: str, request_json: dict, files: Sequence
         if bar is None:
             wait.start()
         return send_inference_request(url, request_json, files, attachments=args.attachments if files else (),
-                                      token=args.token, progress=progress)
+                                      token=args.token, progress=progress, session=args.session)
     except requests.ConnectionError as exc:
         raise host_error(exc, url, args.host) from exc
     except OutputValidationError as exc:
@@ -503,7 +519,7 @@ def run_job(args: argparse.Namespace, staging: Path) -> InferenceResponse:
     base = base_url(args.host, args.port)
     job = {"job_name": args.inference_command, "in_dir": args.job, **args.request_options}
     try:
-        response = requests.post(f"{base}/job", json=job, headers=auth_headers(args.token), timeout=60)
+        response = args.session.post(f"{base}/job", json=job, headers=auth_headers(args.token), timeout=60)
     except requests.ConnectionError as exc:
         raise host_error(exc, f"{base}/job", args.host) from exc
     if response.status_code != 201:
@@ -512,7 +528,7 @@ def run_job(args: argparse.Namespace, staging: Path) -> InferenceResponse:
     state = ["queued"]
     with waiting(sys.stderr, lambda: f"job {uid} {state[0]}..."):
         while True:
-            status, body = get_json(f"{base}/query/{uid}", args.token, args.host)
+            status, body = get_json(f"{base}/query/{uid}", args.token, args.host, args.session)
             message = (body or {}).get("msg", "") if isinstance(body, dict) else ""
             if status == 200:
                 break
@@ -520,14 +536,14 @@ def run_job(args: argparse.Namespace, staging: Path) -> InferenceResponse:
                 raise InferenceRequestError(status, f"job {uid}: {(body or {}).get('error') or message}")
             state[0] = "running" if "running" in message else "queued"
             time.sleep(JOB_POLL_SECONDS)
-    status, listing = get_json(f"{base}/job/{uid}/files", args.token, args.host)
+    status, listing = get_json(f"{base}/job/{uid}/files", args.token, args.host, args.session)
     if status != 200:
         raise InferenceRequestError(status, f"listing the files of job {uid}: {listing}")
     folder = staging / "job-files"
     folder.mkdir()
     received = 0
     for entry in listing["files"]:
-        got = requests.get(f"{base}/job/{uid}/files/{entry['name']}", headers=auth_headers(args.token), timeout=300)
+        got = args.session.get(f"{base}/job/{uid}/files/{entry['name']}", headers=auth_headers(args.token), timeout=300)
         if got.status_code != 200:
             raise InferenceRequestError(got.status_code, f"fetching {entry['name']} of job {uid}: {_error_text(got)}")
         (folder / entry["name"]).write_bytes(got.content)

@@ -10,6 +10,11 @@ import os
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlencode
+
+if TYPE_CHECKING:
+    from inference.tls import TLSFiles
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,6 +76,15 @@ class Settings:
     host: str = field(default="127.0.0.1", metadata={"env": "INFERENCE_HOST"})
     #: INFERENCE_PORT: TCP port.
     port: int = field(default=8900, metadata={"env": "INFERENCE_PORT"})
+    #: INFERENCE_TLS_CERT: PEM certificate (chain) the gateway serves HTTPS with; with INFERENCE_TLS_KEY it turns
+    #: HTTPS on (TLS 1.2/1.3, AEAD forward-secret suites: inference/tls.py). Unset: plain HTTP (``make serve``).
+    #: The file is read per connection: a replaced certificate is served without a restart.
+    tls_cert: Path | None = field(default=None, metadata={"env": "INFERENCE_TLS_CERT"})
+    #: INFERENCE_TLS_KEY: PEM private key of INFERENCE_TLS_CERT.
+    tls_key: Path | None = field(default=None, metadata={"env": "INFERENCE_TLS_KEY"})
+    #: INFERENCE_TLS_CLIENT_CA: PEM CA certificate(s); when set, every client must present a certificate from it
+    #: (mutual TLS, for service clients). Unset: no client certificate asked.
+    tls_client_ca: Path | None = field(default=None, metadata={"env": "INFERENCE_TLS_CLIENT_CA"})
     #: INFERENCE_WORKERS: gunicorn worker processes (gthread workers).
     workers: int = field(default=2, metadata={"env": "INFERENCE_WORKERS"})
     #: INFERENCE_THREADS: threads per gunicorn worker.
@@ -124,6 +138,14 @@ class Settings:
     #: INFERENCE_BROKER_URL: Redis of the celery backend: its broker and its job records.
     broker_url: str = field(default="redis://localhost:6379/0",
                             metadata={"env": "INFERENCE_BROKER_URL", "secret": True})
+    #: INFERENCE_REDIS_TLS_CERT: PEM client certificate presented to Redis over TLS (a ``rediss://``
+    #: INFERENCE_BROKER_URL, e.g. ``rediss://inference:PASSWORD@redis:6380/0`` with an ACL user), for a Redis with
+    #: ``tls-auth-clients yes``.
+    redis_tls_cert: Path | None = field(default=None, metadata={"env": "INFERENCE_REDIS_TLS_CERT"})
+    #: INFERENCE_REDIS_TLS_KEY: PEM private key of INFERENCE_REDIS_TLS_CERT.
+    redis_tls_key: Path | None = field(default=None, metadata={"env": "INFERENCE_REDIS_TLS_KEY"})
+    #: INFERENCE_REDIS_TLS_CA: PEM CA that Redis's certificate is verified against (unset: the system's CAs).
+    redis_tls_ca: Path | None = field(default=None, metadata={"env": "INFERENCE_REDIS_TLS_CA"})
     #: INFERENCE_JOB_QUEUES: celery queue of each command, ``command=queue`` comma-separated, ``*`` for the rest.
     job_queues: str = field(default="get-hippocampus-volume=gpu,*=cpu", metadata={"env": "INFERENCE_JOB_QUEUES"})
     #: INFERENCE_JOB_TIME_LIMIT: seconds a celery job may run; it then fails with reason ``timeout`` (its process is
@@ -143,6 +165,11 @@ class Settings:
     #: the Radiomics routes too, except from INFERENCE_RADIOMICS_NETWORKS; its holder acts as an admin. Named users
     #: (``python -m inference.users``) have tokens of their own, and turn the check on as well.
     api_token: str | None = field(default=None, metadata={"env": "INFERENCE_API_TOKEN", "secret": True})
+    #: INFERENCE_AUTH_FAILURE_LIMIT: failed authentications (a bearer token not valid) allowed per client address and
+    #: per token id within INFERENCE_AUTH_FAILURE_WINDOW_SECONDS; past it such requests get 429 with Retry-After.
+    auth_failure_limit: int = field(default=10, metadata={"env": "INFERENCE_AUTH_FAILURE_LIMIT"})
+    #: INFERENCE_AUTH_FAILURE_WINDOW_SECONDS: the sliding window of INFERENCE_AUTH_FAILURE_LIMIT.
+    auth_failure_window_seconds: float = field(default=60.0, metadata={"env": "INFERENCE_AUTH_FAILURE_WINDOW_SECONDS"})
     #: INFERENCE_AUDIT_LOG: the audit trail, one hash-chained JSON line per event touching patient data;
     #: unset: ``<INFERENCE_OUTPUT_ROOT>/audit.jsonl``.
     audit_log: Path | None = field(default=None, metadata={"env": "INFERENCE_AUDIT_LOG"})
@@ -182,7 +209,9 @@ class Settings:
     #: INFERENCE_HIPPOCAMPUS_SERIES: regular expression matched against SeriesDescription to find the crop;
     #: unset: the model version's own rule (``input.series_description`` in the manifest: ``HippoCrop``).
     hippocampus_series: str | None = field(default=None, metadata={"env": "INFERENCE_HIPPOCAMPUS_SERIES"})
-    #: INFERENCE_HISTORY_DB: SQLite file of earlier hippocampus results by patient, for the change since the prior;
+    #: INFERENCE_HISTORY_DB: SQLite file of earlier hippocampus results by patient, for the change since the prior
+    #: (the local job backend; the celery backend keeps them in Redis, shared by every machine: ``inference-migrate``
+    #: copies such a file there);
     #: unset: ``<INFERENCE_OUTPUT_ROOT>/history.sqlite3``.
     history_db: Path | None = field(default=None, metadata={"env": "INFERENCE_HISTORY_DB"})
     #: INFERENCE_PRIOR_DICOMWEB_URL: a DICOMweb base URL (QIDO-RS, WADO-RS) where earlier studies' measurement
@@ -232,6 +261,16 @@ class Settings:
     #: no token: bind it to a private network; ``inference_dicom_node_*``; compose sets 9102, which
     #: deploy/prometheus.yml scrapes); 0: not served.
     pacs_metrics_port: int = field(default=0, metadata={"env": "INFERENCE_PACS_METRICS_PORT"})
+    #: INFERENCE_PACS_TLS_CERT: PEM certificate (chain; RSA, as the BCP 195 suites need) of the node's DICOM TLS;
+    #: with INFERENCE_PACS_TLS_KEY it turns TLS on for the listener and every C-STORE destination (port 2762 is
+    #: the registered ``dicom-tls`` port). Unset: plain DICOM.
+    pacs_tls_cert: Path | None = field(default=None, metadata={"env": "INFERENCE_PACS_TLS_CERT"})
+    #: INFERENCE_PACS_TLS_KEY: PEM private key of INFERENCE_PACS_TLS_CERT.
+    pacs_tls_key: Path | None = field(default=None, metadata={"env": "INFERENCE_PACS_TLS_KEY"})
+    #: INFERENCE_PACS_TLS_CA: PEM CA certificate(s): callers must present a certificate from it, destinations (and
+    #: an https:// STOW-RS URL) are verified against it. Unset with TLS on: callers need no certificate, destinations
+    #: are verified against the system's CAs.
+    pacs_tls_ca: Path | None = field(default=None, metadata={"env": "INFERENCE_PACS_TLS_CA"})
     #: INFERENCE_PACS_RETRY_MAX_SECONDS: longest wait between two delivery attempts (the wait doubles from 1 s).
     pacs_retry_max_seconds: float = field(default=60.0, metadata={"env": "INFERENCE_PACS_RETRY_MAX_SECONDS"})
 
@@ -273,6 +312,54 @@ class Settings:
                                  "e.g. 'get-hippocampus-volume=gpu,*=cpu'")
             routes[command] = queue
         return routes
+
+    def gateway_tls(self) -> TLSFiles | None:
+        """The gateway's HTTPS files, checked (``inference.tls.TLSConfigError`` names a bad one); None: plain HTTP."""
+        from inference.tls import tls_files
+
+        return tls_files(self.tls_cert, self.tls_key, self.tls_client_ca, "INFERENCE_TLS")
+
+    def pacs_tls(self) -> TLSFiles | None:
+        """The DICOM node's TLS files, checked (``inference.tls.TLSConfigError`` names a bad one); None: plain DICOM."""
+        from inference.tls import tls_files
+
+        return tls_files(self.pacs_tls_cert, self.pacs_tls_key, self.pacs_tls_ca, "INFERENCE_PACS_TLS")
+
+    def redis_ssl_options(self, check: bool = True) -> dict[str, object] | None:
+        """TLS options of every Redis client (redis-py's ``ssl_*`` names, as Celery's ``broker_use_ssl`` takes
+        them) for a ``rediss://`` INFERENCE_BROKER_URL; None for ``redis://``. With ``check``, the files are checked
+        and TLS files beside a ``redis://`` URL are an error (``redis_url`` checks; Celery's configuration,
+        made where the files may not exist, does not)."""
+        import ssl
+
+        from inference.tls import TLSConfigError, check_ca, tls_files
+
+        tls_set = any((self.redis_tls_cert, self.redis_tls_key, self.redis_tls_ca))
+        if not self.broker_url.startswith("rediss://"):
+            if tls_set and check:
+                raise TLSConfigError("INFERENCE_REDIS_TLS_* are set but INFERENCE_BROKER_URL is not a rediss:// URL")
+            return None
+        options: dict[str, object] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+        if self.redis_tls_ca is not None:
+            if check:
+                check_ca(self.redis_tls_ca, "INFERENCE_REDIS_TLS_CA")
+            options["ssl_ca_certs"] = str(self.redis_tls_ca)
+        if check:
+            tls_files(self.redis_tls_cert, self.redis_tls_key, None, "INFERENCE_REDIS_TLS")
+        if self.redis_tls_cert is not None:
+            options["ssl_certfile"] = str(self.redis_tls_cert)
+        if self.redis_tls_key is not None:
+            options["ssl_keyfile"] = str(self.redis_tls_key)
+        return options
+
+    def redis_url(self) -> str:
+        """INFERENCE_BROKER_URL with its TLS options as query parameters (redis-py's ``from_url`` reads them): the
+        one URL every Redis client of the job, user, review and Radiomics stores is made from."""
+        options = self.redis_ssl_options()
+        if not options:
+            return self.broker_url
+        query = {**options, "ssl_cert_reqs": "required"}
+        return self.broker_url + ("&" if "?" in self.broker_url else "?") + urlencode(query)
 
     def describe(self) -> dict[str, str]:
         """Settings as strings for the start-up log, secrets masked."""

@@ -43,3 +43,13 @@ def is_inside(root: Path, path: Path) -> bool:
     """Whether ``path`` resolves (symlinks followed) to ``root`` or below it."""
     real_root, real = Path(os.path.realpath(root)), Path(os.path.realpath(path))
     return real == real_root or real_root in real.parents
+
+
+#: The process umask of the server, the node and the workers: what they create (job store, history, audit trail,
+#: users, job folders and results: patient data) is the service user's alone, files 0600 and folders 0700.
+PRIVATE_UMASK = 0o077
+
+
+def private_files() -> None:
+    """Make every file and folder this process creates from now on private to its user (``PRIVATE_UMASK``)."""
+    os.umask(PRIVATE_UMASK)

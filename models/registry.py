@@ -16,10 +16,11 @@ import argparse
 import copy
 import hashlib
 import json
+import re
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -28,11 +29,15 @@ import yaml
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from models.declared.schema import Declaration, parse_declaration
+
 DEFAULT_MANIFEST = Path(__file__).resolve().parent / "manifest.yaml"
 #: Keys every version must have; the rest (evaluation, notes) are optional.
 VERSION_KEYS = ("weights", "sha256", "architecture", "framework", "input", "inference", "structures",
                 "training_data", "date")
 STRUCTURE_KEYS = ("name", "label", "color", "anatomy")
+#: What a declared family's ``command:`` may be: an inference command name.
+COMMAND_PATTERN = re.compile(r"[a-z][a-z0-9-]{1,62}")
 
 
 class ManifestError(Exception):
@@ -121,6 +126,10 @@ class ModelVersion:
     uncertainty: dict = field(default_factory=dict)
     #: The training split's histograms the served distributions are compared with (``models.monitoring``).
     drift_reference: Path | None = None
+    #: How a version of a declared family (one with a ``command:``) is run (``models.declared``), and why it
+    #: cannot be when its declaration is broken (the version is then listed as unavailable).
+    declaration: Declaration | None = None
+    problem: str | None = None
 
     @property
     def provenance(self) -> Provenance:
@@ -146,6 +155,7 @@ class ModelVersion:
             "evaluation": self.evaluation,
             "structures": [s.describe() for s in self.structures],
             "validated_input": self.validated_input, "uncertainty": self.uncertainty,
+            **({"declaration": asdict(self.declaration)} if self.declaration is not None else {}),
         }
 
 
@@ -158,6 +168,7 @@ class ModelFamily:
     default_version: str
     versions: dict[str, ModelVersion]
     catalogue: dict = field(default_factory=dict)  # what other protocols' model lists say of it (Radiomics API)
+    command: str | None = None  # the inference command serving a declared family (``handlers.declared``)
 
     def resolve(self, version: str | None) -> ModelVersion:
         """The version named (the default when ``None``); ``UnknownModel`` listing the available ones otherwise."""
@@ -180,7 +191,7 @@ class ModelFamily:
                 entry["unavailable"] = failures[(self.name, name)]
             versions.append(entry)
         return {"family": self.name, "description": self.description, "default_version": self.default_version,
-                "catalogue": self.catalogue, "versions": versions}
+                "catalogue": self.catalogue, "command": self.command, "versions": versions}
 
 
 class ModelRegistry:
@@ -190,7 +201,9 @@ class ModelRegistry:
         self.path = path
         self.families = families
         self._models: dict[tuple[str, str], Any] = {}
-        self._failures: dict[tuple[str, str], str] = {}
+        self._failures: dict[tuple[str, str], str] = {
+            (family.name, version.version): version.problem
+            for family in families.values() for version in family.versions.values() if version.problem}
         self._lock = threading.Lock()
 
     @classmethod
@@ -300,17 +313,24 @@ def parse_manifest(path: Path) -> dict[str, ModelFamily]:
     for name, family in _items(data["families"]):
         if not isinstance(family, dict) or not isinstance(family.get("versions"), dict):
             raise fail(_line(family, data["families"]), f"family {name!r} needs 'versions:' (version -> settings)")
-        versions = {str(v): _parse_version(path, str(name), str(v), spec, fail)
+        command = family.get("command")
+        if command is not None and not (isinstance(command, str) and COMMAND_PATTERN.fullmatch(command)):
+            raise fail(family["__line__"], f"family {name!r}: command must be an inference command name (lower-case "
+                                           f"letters, digits and dashes, e.g. get-spleen-volume), got {command!r}")
+        versions = {str(v): _parse_version(path, str(name), str(v), spec, fail, declared=command is not None)
                     for v, spec in _items(family["versions"])}
         default = str(family.get("default_version", ""))
         if default not in versions:
             raise fail(family["__line__"], f"family {name!r}: default_version {default!r} is not one of its "
                                            f"versions ({', '.join(versions)}); set it to one of them")
+        if versions[default].problem:
+            raise fail(versions[default].line, f"{name} {default} (the default version) cannot be served: "
+                                                f"{versions[default].problem}")
         catalogue = family.get("catalogue") or {}
         if not isinstance(catalogue, dict):
             raise fail(family["__line__"], f"family {name!r}: catalogue must be a mapping (see the hippocampus family)")
         families[str(name)] = ModelFamily(str(name), str(family.get("description", "")), default, versions,
-                                          _plain(catalogue))
+                                          _plain(catalogue), command)
     return families
 
 
@@ -331,7 +351,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _parse_version(path: Path, family: str, name: str, spec: Any, fail) -> ModelVersion:
+def _parse_version(path: Path, family: str, name: str, spec: Any, fail, declared: bool = False) -> ModelVersion:
     if not isinstance(spec, dict):
         raise fail(1, f"{family} {name}: a version must be a mapping of {', '.join(VERSION_KEYS)}")
     line = spec["__line__"]
@@ -351,11 +371,17 @@ def _parse_version(path: Path, family: str, name: str, spec: Any, fail) -> Model
     labels = [s.label for s in structures]
     if not structures or len(set(labels)) != len(labels):
         raise fail(line, f"{family} {name}: structures must be a non-empty list with unique label values")
+    declaration, problem = None, None
+    if declared:
+        declaration, problems = parse_declaration(spec)
+        if problems:
+            problem = f"line {line}: " + "; ".join(problems)
     return ModelVersion(family, name, weights, sha, str(spec["architecture"]), str(spec["framework"]),
                         _plain(spec["input"]), _plain(spec["inference"]), structures,
                         _plain(spec["training_data"]), str(spec["date"]), _plain(spec.get("evaluation") or {}), line,
                         _plain(spec.get("validated_input") or {}), _plain(spec.get("uncertainty") or {}),
-                        (path.parent / str(spec["drift_reference"])).resolve() if spec.get("drift_reference") else None)
+                        (path.parent / str(spec["drift_reference"])).resolve() if spec.get("drift_reference") else None,
+                        declaration, problem)
 
 
 def _parse_code(value: Any) -> Code:
@@ -381,18 +407,29 @@ def _parse_structure(family: str, version: str, spec: Any, fail, line: int) -> S
 
 # -- command line -----------------------------------------------------------------------------------
 def add_version(manifest: Path, family: str, version: str, weights: Path, metrics: Path | None,
-                like: str | None, make_default: bool = False) -> dict:
-    """Register ``weights`` as a new version of ``family`` in ``manifest``; refuses an existing version."""
+                like: str | None, make_default: bool = False, command: str | None = None) -> dict:
+    """Register ``weights`` as a new version of ``family`` in ``manifest``; refuses an existing version.
+
+    ``like`` names the version whose settings are copied: one of the family's, or ``FAMILY/VERSION``
+    of another family, which a new family needs (created with ``command`` when it is a declared one).
+    """
     families = parse_manifest(manifest)
-    if family not in families:
-        raise ManifestError(f"no family {family!r} in {manifest.name}; families: {', '.join(families)}")
-    if version in families[family].versions:
+    if family in families and version in families[family].versions:
         raise ManifestError(f"{family} {version} exists already; versions are never overwritten: choose a new "
                             "version name")
-    template = families[family].versions[like or families[family].default_version]
+    source_family, _, source_version = (like or "").rpartition("/")
+    source_family = source_family or family
+    if source_family not in families:
+        raise ManifestError(f"no family {source_family!r} in {manifest.name} (families: {', '.join(families)}); "
+                            "for a new family name the version to copy settings from as --like FAMILY/VERSION")
+    source = families[source_family]
+    if (source_version or source.default_version) not in source.versions:
+        raise ManifestError(f"--like {like}: {source_family} has no version {source_version!r}; versions: "
+                            f"{', '.join(source.versions)}")
+    template = source.versions[source_version or source.default_version]
     data = yaml.safe_load(manifest.read_text(encoding="utf-8"))
     # a deep copy: shared blocks would be written as YAML anchors and aliases (&id001 / *id001)
-    entry = copy.deepcopy(data["families"][family]["versions"][template.version])
+    entry = copy.deepcopy(data["families"][source_family]["versions"][template.version])
     try:
         entry["weights"] = weights.resolve().relative_to(manifest.parent.resolve()).as_posix()
     except ValueError:
@@ -408,9 +445,127 @@ def add_version(manifest: Path, family: str, version: str, weights: Path, metric
             entry["evaluation"]["n"] = int(test["n"])
         entry["evaluation"]["metrics_file"] = metrics.name
     text = manifest.read_text(encoding="utf-8")
-    manifest.write_text(_with_version(text, family, version, entry, make_default), encoding="utf-8")
-    parse_manifest(manifest)  # what was written must load
+    if family not in families:
+        if source.command is not None and command is None:
+            raise ManifestError(f"the new family {family} copies the declared {source_family}: give it its own "
+                                "--command (the inference command that will serve it)")
+        text = _with_family(text, family, source.description, command, version)
+    _write_checked(manifest, _with_version(text, family, version, entry, make_default), family, version)
     return entry
+
+
+def _write_checked(manifest: Path, text: str, family: str, version: str) -> None:
+    """Write ``text`` as the manifest if it loads with ``family`` ``version`` usable; else keep the old one."""
+    before = manifest.read_text(encoding="utf-8")
+    manifest.write_text(text, encoding="utf-8")
+    try:
+        written = parse_manifest(manifest)[family].versions[version]
+        if written.problem:
+            raise ManifestError(f"{family} {version} would not be servable: {written.problem}")
+    except ManifestError:
+        manifest.write_text(before, encoding="utf-8")
+        raise
+
+
+def _with_family(text: str, family: str, description: str, command: str | None, default: str) -> str:
+    """The manifest ``text`` with a new, empty ``family`` appended (its versions follow with ``_with_version``)."""
+    if not re.fullmatch(r"[a-z][a-z0-9_-]{0,62}", family):
+        raise ManifestError(f"family name {family!r}: use lower-case letters, digits, '-' and '_'")
+    if command is not None and not COMMAND_PATTERN.fullmatch(command):
+        raise ManifestError(f"--command {command!r} must be an inference command name (lower-case letters, digits "
+                            "and dashes, e.g. get-spleen-volume)")
+    block = {family: {"description": description, **({"command": command} if command else {}),
+                      "default_version": default, "versions": {}}}
+    dumped = yaml.safe_dump(block, sort_keys=False, allow_unicode=True, width=110).replace("versions: {}", "versions:")
+    return text.rstrip("\n") + "\n" + "".join("  " + line + "\n" for line in dumped.splitlines())
+
+
+def import_bundle(manifest: Path, bundle_dir: Path, family: str, version: str, command: str,
+                  structures: Sequence[str], make_default: bool = False) -> dict:
+    """Declare the MONAI bundle at ``bundle_dir`` as ``family`` ``version`` (served by ``command``), read as data.
+
+    ``structures`` are ``CHANNEL=NAME:SCHEME:CODE:MEANING``, one per output channel that is a structure.
+    The bundle's network file is copied next to the manifest and registered with its SHA-256.
+    """
+    import shutil
+
+    from models.declared.bundle import BundleError, read_bundle
+
+    families = parse_manifest(manifest)
+    if family in families and version in families[family].versions:
+        raise ManifestError(f"{family} {version} exists already; versions are never overwritten: choose a new "
+                            "version name")
+    if family in families and families[family].command != command:
+        raise ManifestError(f"family {family} is served by {families[family].command or 'its own handler'}, not "
+                            f"{command}; give the same --command or another family")
+    try:
+        bundle = read_bundle(bundle_dir)
+    except BundleError as exc:
+        raise ManifestError(f"bundle {bundle_dir}: {exc}") from None
+    parsed = [_structure_argument(text, bundle.threshold) for text in structures]
+    channels = bundle.channels
+    first = 0 if bundle.threshold else 1  # argmax: channel 0 is the background
+    wanted = range(first, channels) if channels else sorted({channel for channel, _ in parsed})
+    given = dict(parsed)
+    if len(given) != len(parsed):
+        raise ManifestError("a channel is given twice with --structure")
+    missing = [c for c in wanted if c not in given]
+    if missing or not given:
+        names = ", ".join(f"{c} ({bundle.channel_names.get(c, 'unnamed')})" for c in missing) or "any"
+        raise ManifestError(f"output channel {names} has no --structure CHANNEL=NAME:SCHEME:CODE:MEANING; "
+                            "give one per channel that is a structure; nothing was imported")
+    extra = [c for c in given if channels and not first <= c < channels]
+    if extra:
+        raise ManifestError(f"--structure for channel {extra[0]}, but the network has channels {first}.."
+                            f"{channels - 1} that are structures (metadata.json num_channels {channels})")
+    suffix = ".onnx" if bundle.framework == "onnx" else ".ts"
+    weights = manifest.parent / (re.sub(r"[^A-Za-z0-9._-]", "_", f"{family}-{version}") + suffix)
+    if weights.exists() and file_sha256(weights) != file_sha256(bundle.model):
+        raise ManifestError(f"{weights.name} exists next to the manifest with other contents; remove it or choose "
+                            "another version")
+    shutil.copyfile(bundle.model, weights)
+    meta = bundle.metadata
+    entry = {
+        "weights": weights.name, "sha256": file_sha256(weights),
+        "architecture": str(meta.get("name") or meta.get("task") or bundle_dir.name),
+        "framework": bundle.framework,
+        **bundle.declaration,
+        "structures": [given[c] for c in sorted(given)],
+        "training_data": {key: str(meta[k]) for key, k in (("name", "data_source"), ("licence", "data_license"),
+                                                             ("description", "description")) if meta.get(k)},
+        "date": date.today().isoformat(),
+        "imported_from": {"bundle": bundle_dir.name, "version": str(meta.get("version", "")),
+                          **{k: str(meta[k]) for k in ("monai_version", "authors", "copyright") if meta.get(k)}},
+    }
+    text = manifest.read_text(encoding="utf-8")
+    if family not in families:
+        text = _with_family(text, family, str(meta.get("description") or meta.get("name") or family), command,
+                            version)
+    try:
+        _write_checked(manifest, _with_version(text, family, version, entry, make_default), family, version)
+    except ManifestError:
+        weights.unlink(missing_ok=True)
+        raise
+    return entry
+
+
+#: Colours given to imported structures, in channel order.
+PALETTE = ((230, 80, 60), (60, 160, 230), (240, 200, 60), (120, 220, 120), (200, 120, 240), (240, 140, 40),
+           (80, 220, 220), (220, 90, 170))
+
+
+def _structure_argument(text: str, threshold: bool) -> tuple[int, dict]:
+    """``CHANNEL=NAME:SCHEME:CODE:MEANING`` as (channel, manifest structure); the label is the channel (argmax)
+    or the channel + 1 (thresholds)."""
+    channel, _, rest = text.partition("=")
+    parts = rest.split(":", 3)
+    if not channel.strip().isdigit() or len(parts) != 4 or not all(p.strip() for p in parts):
+        raise ManifestError(f"--structure {text!r}: write CHANNEL=NAME:SCHEME:CODE:MEANING, e.g. "
+                            "1=Spleen:SCT:78961009:Spleen")
+    name, scheme, code, meaning = (p.strip() for p in parts)
+    label = int(channel) + (1 if threshold else 0)
+    return int(channel), {"name": name, "label": label, "color": list(PALETTE[(label - 1) % len(PALETTE)]),
+                          "anatomy": {"value": code, "scheme": scheme, "meaning": meaning}}
 
 
 def _with_version(text: str, family: str, version: str, entry: dict, make_default: bool) -> str:
@@ -452,7 +607,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                "--metrics models/new.metrics.json --like 1.0")
     parser.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST,
                         help="the manifest (default: models/manifest.yaml)")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="action", required=True)
     commands.add_parser("list", help="families and versions, the default marked with *")
     commands.add_parser("verify", help="re-hash every weights file; exit 1 on any mismatch")
     add = commands.add_parser("add", help="register a new version from a weights file (never overwrites)")
@@ -460,14 +615,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     add.add_argument("version", help="the new version's name, e.g. 1.1")
     add.add_argument("--weights", type=Path, required=True, help="the weights file, inside models/")
     add.add_argument("--metrics", type=Path, help="its metrics JSON (models.train_hippocampus writes one)")
-    add.add_argument("--like", help="copy the other settings from this version (default: the family's default)")
+    add.add_argument("--like", help="copy the other settings from this version (default: the family's default); "
+                                    "FAMILY/VERSION for another family's, as a new family needs")
     add.add_argument("--default", action="store_true", help="make the new version the family's default")
+    add.add_argument("--command", dest="command_name", help="a new declared family's inference command")
+    bundle = commands.add_parser("import-bundle", help="declare a MONAI bundle's network as a version (its configs "
+                                                       "read as data, never executed)")
+    bundle.add_argument("bundle", type=Path, help="the bundle's folder (configs/, models/model.onnx or model.ts)")
+    bundle.add_argument("--family", required=True, help="the family, new or declared already")
+    bundle.add_argument("--version", required=True, help="the new version's name")
+    bundle.add_argument("--command", dest="command_name", required=True,
+                        help="the inference command serving the family")
+    bundle.add_argument("--structure", action="append", default=[], metavar="CHANNEL=NAME:SCHEME:CODE:MEANING",
+                        help="one per output channel that is a structure, e.g. 1=Spleen:SCT:78961009:Spleen")
+    bundle.add_argument("--default", action="store_true", help="make the new version the family's default")
     args = parser.parse_args(argv)
     try:
-        if args.command == "add":
+        if args.action == "add":
             entry = add_version(args.manifest, args.family, args.version, args.weights, args.metrics, args.like,
-                                args.default)
+                                args.default, args.command_name)
             print(f"added {args.family} {args.version}: {entry['weights']} sha256 {entry['sha256']}")
+            return 0
+        if args.action == "import-bundle":
+            entry = import_bundle(args.manifest, args.bundle, args.family, args.version, args.command_name,
+                                  args.structure, args.default)
+            print(f"imported {args.bundle} as {args.family} {args.version}: {entry['weights']} sha256 "
+                  f"{entry['sha256']}, served by {args.command_name}")
             return 0
         families = parse_manifest(args.manifest)
     except ManifestError as exc:
@@ -478,7 +651,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for version in family.versions.values():
             mark = "*" if version.version == family.default_version else " "
             line = f"{mark} {family.name} {version.version:<12} {version.weights.name} {version.sha256[:12]}"
-            if args.command == "verify":
+            if args.action == "verify":
                 try:
                     version.verify()
                     line += "  OK"

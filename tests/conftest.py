@@ -38,6 +38,19 @@ def write_study(folder: Path, shape=(8, 32, 40), spacing=(2.0, 0.7, 0.7), seed: 
                                            study_uid=study_uid), folder)
 
 
+def copy_shipped_weights(folder: Path) -> None:
+    """Copy every file the shipped manifest's versions name, of every family, next to a test manifest in ``folder``."""
+    from models.registry import DEFAULT_MANIFEST, ModelRegistry
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for family in ModelRegistry.load(DEFAULT_MANIFEST).families.values():
+        for version in family.versions.values():
+            target = folder / version.weights.relative_to(DEFAULT_MANIFEST.parent)
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(version.weights.read_bytes())
+
+
 def corrupt_manifest(folder: Path) -> Path:
     """A copy of the shipped model manifest whose weights files (copied next to it) are all corrupted."""
     import yaml
@@ -96,9 +109,12 @@ class RunningServer:
         self.url = f"http://127.0.0.1:{self.port}"
         # Each server gets its own metrics folder (gunicorn.conf.py makes one) unless ``env`` names one: a
         # folder inherited from this process would be shared, and every gunicorn empties its folder at start.
+        # Its stores (jobs, users, history, audit) are its own too unless ``env`` names a folder: the checkout's
+        # output/ may hold another release's stores, which a server refuses (inference-migrate).
         inherited = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
         full_env = {**inherited, "INFERENCE_PORT": str(self.port), "INFERENCE_HOST": "127.0.0.1",
-                    "INFERENCE_WORKERS": "1", "INFERENCE_THREADS": "4", **env}
+                    "INFERENCE_WORKERS": "1", "INFERENCE_THREADS": "4",
+                    "INFERENCE_OUTPUT_ROOT": str(Path(log_dir) / f"output-{self.port}"), **env}
         # ``{port}`` in ``args`` is replaced by the port chosen for this server
         command = [a.replace("{port}", str(self.port)) for a in args] if args else \
             [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"]
@@ -171,3 +187,11 @@ def require(missing_reason: str | None) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"CI: {missing_reason}")
     pytest.skip(missing_reason)
+
+
+@pytest.fixture(scope="session")
+def phantom_networks(tmp_path_factory) -> dict[str, dict[str, Path]]:
+    """Small segmentation networks trained on synthetic spheres (tests/declared_models.py), once per session."""
+    from tests.declared_models import trained_networks
+
+    return trained_networks(tmp_path_factory.mktemp("phantom-networks"))

@@ -164,7 +164,7 @@ def local_outputs(data: Path, tmp_path: Path, **job) -> Path:
     while (response := client.get(f"/query/{uid}")).status_code == 202 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert response.status_code == 200, response.get_json()
-    return Path(response.get_json()["output_dir"])
+    return tmp_path / "local-jobs" / response.get_json()["output_dir"]
 
 
 def assert_whole(folder: Path) -> dict:
@@ -186,7 +186,7 @@ def test_results_are_identical_to_the_local_backend(cluster, api, tmp_path):
         done = poll(api.url, response.json()["uid"])
         assert done.status_code == 200, done.text
         assert done.json()["attempts"] == 1 and done.json()["msg"] == "Job has completed"
-        celery_dir, local_dir = Path(done.json()["output_dir"]), local_outputs(cluster.data, tmp_path, **job)
+        celery_dir, local_dir = cluster.output / done.json()["output_dir"], local_outputs(cluster.data, tmp_path, **job)
         celery_json, local_json = assert_whole(celery_dir), assert_whole(local_dir)
         assert celery_json == local_json
         for part in celery_json["parts"]:

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
@@ -84,6 +85,28 @@ def test_report_holds_each_volume_referencing_its_segment(source, tmp_path):
     assert back.StudyInstanceUID == volume.datasets[0].StudyInstanceUID
     assert report_volumes(back) == {"Left thing": 101.25, "Right thing": 88.0}
     assert str(seg.SOPInstanceUID) in str(back.CurrentRequestedProcedureEvidenceSequence)
+    assert dciodvfy_errors(path) == []
+
+
+def test_a_one_structure_report_references_its_segment_and_both_name_the_model(source, tmp_path):
+    volume, labels = source
+    one = STRUCTURES[:1]
+    labels = np.where(labels == 3, 3, 0).astype(np.uint8)
+    seg = segmentation(volume.datasets, labels, one, ALGORITHM)
+    report = measurement_report(volume.datasets, seg, {"Left thing": 101.25}, one, ALGORITHM)  # AttributeError before
+    path = tmp_path / "sr.dcm"
+    report.save_as(path)
+    back = pydicom.dcmread(path)
+    assert report_volumes(back) == {"Left thing": 101.25}
+    group = hd.sr.Comprehensive3DSR.from_dataset(back).content.get_volumetric_roi_measurement_groups()[0]
+    referenced = group.referenced_segment
+    assert referenced.referenced_sop_instance_uid == seg.SOPInstanceUID
+    assert referenced.referenced_segment_numbers == [1]
+    assert {image.referenced_sop_instance_uid for image in referenced.source_images_for_segmentation} == \
+           {ds.SOPInstanceUID for ds in volume.datasets}
+    for written in (seg, back):
+        assert "Hippocampus" not in written.Manufacturer
+        assert (written.ManufacturerModelName, written.SoftwareVersions) == ("Test net", "1.2.3 (abcdef)")
     assert dciodvfy_errors(path) == []
 
 

@@ -208,7 +208,7 @@ def test_review_decisions_decide_which_result_is_the_prior(tmp_path):
     """Rejected: never a prior. Corrected: the prior, with the correction's volumes. Flagged then accepted: the
     prior, saying so. A result whose flag was never recorded: not trusted."""
     from handlers.hippocampus import history as module
-    from handlers.hippocampus.history import ResultHistory, compare, learn_decision
+    from handlers.hippocampus.history import compare, learn_decision, result_history
     from inference.jobs.reviews import ACCEPTED, CORRECTED, DECISIONS, REJECTED, Review
     from inference.pacs.priors import Patient, PriorResult
 
@@ -216,7 +216,7 @@ def test_review_decisions_decide_which_result_is_the_prior(tmp_path):
         set(DECISIONS) == {ACCEPTED, REJECTED, CORRECTED}  # the history's copy of the review's names
 
     settings = settings_for(tmp_path)
-    history = ResultHistory(settings.history_db)
+    history = result_history(settings)
     patient, volumes = Patient("P1"), {"Anterior": 1000.0, "Posterior": 900.0, "Total": 1900.0}
     for uid, date, flagged in (("1.1", "20190101", False), ("1.2", "20180101", True), ("1.3", "20170101", False)):
         history.record(patient, PriorResult(uid, date, "hippocampus", "1.0", volumes, flagged=flagged,
@@ -249,11 +249,14 @@ def test_review_decisions_decide_which_result_is_the_prior(tmp_path):
 
 
 def test_results_recorded_before_flags_were_kept_are_not_trusted(tmp_path):
-    """A history file of the first schema (no flag columns) gets them; its results' flags are unknown."""
+    """A history file of the first schema (no flag columns) gets them by its migration; its results' flags are
+    unknown."""
     import sqlite3
 
     from handlers.hippocampus.history import ResultHistory, compare
     from inference.pacs.priors import Patient
+    from inference.storage.history import SqliteHistoryRows
+    from inference.storage.migrations import HISTORY, migrate_sqlite
 
     path = tmp_path / "old.sqlite3"
     with sqlite3.connect(path) as db:
@@ -262,7 +265,9 @@ def test_results_recorded_before_flags_were_kept_are_not_trusted(tmp_path):
                    "volumes TEXT NOT NULL, recorded TEXT NOT NULL, PRIMARY KEY (study_uid, family, version))")
         db.execute("INSERT INTO results VALUES ('P1', '', '', '1.1', '20190101', 'hippocampus', '1.0', "
                    "'{\"Total\": 1900.0}', '2019-01-01')")
-    earlier = ResultHistory(path).earlier(Patient("P1"), "9.9")
+    db.close()
+    assert migrate_sqlite(path, HISTORY) == (0, 2)
+    earlier = ResultHistory(SqliteHistoryRows(path)).earlier(Patient("P1"), "9.9")
     assert earlier[0].flagged is None
     change = compare("20200101", {"Total": 1890.0}, "hippocampus", "1.0", earlier, ["result store"])
     assert change["prior"] is None and change["untrusted"][0]["reason"].startswith("its quality flag is not known")

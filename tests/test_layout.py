@@ -21,6 +21,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("PACS spool, routing, outbox, delivery", ("inference.pacs",)),
     ("the pipeline", ("inference.pipeline",)),
     ("protocol, DICOM, imaging", ("inference.protocol", "inference.dicom", "inference.imaging")),
+    ("the storage layer", ("inference.storage",)),
     ("ground floor", ("inference.config", "inference.disk_space", "inference.errors", "inference.folders",
                       "inference.logs", "inference.metrics", "inference.metrics_dir", "inference.paths",
                       "inference.audit", "inference")),

@@ -585,6 +585,7 @@ def _tiny_manifest(folder: Path) -> Path:
     shutil.move(weights, folder / "tiny.pt")
     data = yaml.safe_load(DEFAULT_MANIFEST.read_text())
     family = data["families"]["hippocampus"]
+    data["families"] = {"hippocampus": family}  # the other families' files are not next to this manifest
     template = family["versions"]["1.0"]
     sha = file_sha256(folder / "tiny.pt")
     family["versions"] = {

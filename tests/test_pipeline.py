@@ -181,7 +181,8 @@ def test_an_app_warms_up_the_models_of_its_own_settings(tmp_path):
 def test_production_app_serves_the_real_handlers_only(tmp_path, study):
     app = server.create_app(settings=dataclasses.replace(Settings(), output_root=tmp_path / "jobs"))
     listed = {m["inference_command"] for m in app.test_client().get("/models").get_json()["models"]}
-    assert listed == {HIPPOCAMPUS, "gaussian-blur-3d"}
+    declared = {f.command for f in registry_for(Settings().model_manifest).families.values() if f.command}
+    assert listed == {HIPPOCAMPUS, "gaussian-blur-3d"} | declared  # and any family the manifest declares
     bare = post(app, study, {"studyUID": "1"})
     assert bare.status_code == 400
     assert "names no inference_command" in bare.get_json()["error"]
@@ -339,3 +340,28 @@ def test_the_input_hash_tags_the_run_and_does_not_leak_into_the_callers_later_li
     Pipeline(Settings(), registry).run({"inference_command": "tagged"}, [], "f" * 64)
     assert seen["input_hash"] == "f" * 64
     assert current_request_tags() == before
+
+
+def test_a_posted_volume_gets_the_checks_of_an_upload_response_size_included():
+    """run_volume and run share their output checks: a response over INFERENCE_MAX_RESPONSE_BYTES is a 413
+    before anything is sent, whatever the input (run_volume lacked the check)."""
+    from inference.dicom.series import Volume
+    from inference.errors import PayloadTooLarge
+
+    registry = HandlerRegistry()
+
+    @registry.register("mask-volume", volume_input=True)
+    def mask_volume(instances, context):
+        depth, height, width = context.volume.voxels.shape
+        mask = np.ones((depth, height, width), dtype=np.uint8)
+        return {"protocol_version": "1.0", "parts": [{"label": "mask", "binary_type": "numeric_label_mask",
+                                                      "label_map": {"1": "everything"},
+                                                      "binary_data_shape": {"depth": depth, "height": height,
+                                                                            "width": width}}]}, [mask]
+
+    volume = Volume(np.zeros((4, 16, 16), dtype=np.int16), (1.0, 1.0, 1.0), [], uid="1.2.3")
+    roomy = Pipeline(dataclasses.replace(Settings(), max_response_bytes=1 << 20), registry)
+    assert roomy.run_volume({}, volume, "ab" * 32, command="mask-volume").buffers[0].nbytes == 4 * 16 * 16
+    tight = Pipeline(dataclasses.replace(Settings(), max_response_bytes=512), registry)
+    with pytest.raises(PayloadTooLarge, match="over the limit of 512 bytes"):
+        tight.run_volume({}, volume, "ab" * 32, command="mask-volume")

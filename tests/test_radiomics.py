@@ -30,7 +30,7 @@ from inference.pipeline.pipeline import Pipeline
 from inference.protocol.client import send_inference_request
 from inference.radiomics.catalogue import Catalogue
 from inference.radiomics.records import FEEDBACK, TELEMETRY, SqliteRadiomicsRecords
-from inference.radiomics.routes import add_radiomics_routes, family_commands
+from inference.radiomics.routes import RadiomicsDoor, family_commands, radiomics_blueprint
 from models.registry import registry_for
 from tests.conftest import RunningServer
 from tests.test_radiomics_wire import example_model_family, example_telemetry
@@ -343,8 +343,8 @@ def test_results_are_kept_for_the_grace_period_then_deleted(tmp_path):
     app = Gateway(__name__, pipeline=pipeline)
     store, runner = add_job_routes(app, pipeline)
     catalogue = Catalogue(registry_for(settings.model_manifest), family_commands(pipeline))
-    door = add_radiomics_routes(app, pipeline, catalogue, store, runner,
-                                SqliteRadiomicsRecords(tmp_path / "records.sqlite3"))
+    door = RadiomicsDoor(pipeline, catalogue, store, runner, SqliteRadiomicsRecords(tmp_path / "records.sqlite3"))
+    app.register_blueprint(radiomics_blueprint(door))
     client = app.test_client()
     headers = {"Accept": PROTOBUF, "Content-Type": PROTOBUF}
     voxels = np.random.default_rng(0).integers(0, 400, (16, 24, 20)).astype("<i2")

@@ -15,6 +15,7 @@ from inference.radiomics.catalogue import Catalogue, model_id, version_numbers
 from inference.radiomics.proto import Model_pb2 as M
 from inference.radiomics.volumes import InputRejected, channel_volume, gunzip_exact, output_channels
 from models.registry import DEFAULT_MANIFEST, ModelRegistry, add_version
+from tests.conftest import copy_shipped_weights
 
 COMMANDS = {"hippocampus": "get-hippocampus-volume"}
 
@@ -98,8 +99,7 @@ def test_one_output_channel_per_structure_on_the_input_grid():
 def test_a_version_added_with_the_registry_command_is_listed(tmp_path):
     """Nothing configured twice: ``add`` alone puts the new version in the Radiomics model list."""
     shutil.copy(DEFAULT_MANIFEST, tmp_path / "manifest.yaml")
-    for version in ModelRegistry.load(DEFAULT_MANIFEST).family("hippocampus").versions.values():
-        shutil.copy(version.weights, tmp_path / version.weights.name)  # every shipped version's file
+    copy_shipped_weights(tmp_path)  # every shipped version's file, of every family
     retrained = tmp_path / "retrained.pt"
     retrained.write_bytes((tmp_path / "hippocampus_unet.pt").read_bytes() + b"retrained")
     add_version(tmp_path / "manifest.yaml", "hippocampus", "1.9", retrained, None, like="1.0")  # a name not shipped

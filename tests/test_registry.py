@@ -21,7 +21,7 @@ from inference.dicom.writing import series_from_volume, write_series
 from inference.protocol.client import build_multipart_request, related_content_type
 from inference.protocol.multipart_response import decode_multipart_response
 from models.registry import DEFAULT_MANIFEST, ManifestError, ModelRegistry, add_version, file_sha256, parse_manifest
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, copy_shipped_weights
 
 HIPPOCAMPUS = "get-hippocampus-volume"
 
@@ -69,8 +69,7 @@ def test_command_line_list_and_verify():
 def test_verify_exits_1_on_a_corrupt_weights_file(tmp_path):
     data = shipped()
     versions = data["families"]["hippocampus"]["versions"]
-    for entry in versions.values():  # every version's file present: only 1.0's is then damaged
-        copy_weights(tmp_path, entry)
+    copy_shipped_weights(tmp_path)  # every version's file present (every family's): only 1.0's is then damaged
     version = versions["1.0"]
     with open(tmp_path / version["weights"], "r+b") as handle:
         handle.seek(1000)
@@ -122,9 +121,7 @@ def test_add_registers_a_new_version_and_never_overwrites(tmp_path):
     data = shipped()
     new_version = "9.9-test"  # a name no shipped version takes
     version = data["families"]["hippocampus"]["versions"]["1.0"]
-    for entry in data["families"]["hippocampus"]["versions"].values():
-        if not (tmp_path / entry["weights"]).exists():
-            copy_weights(tmp_path, entry)
+    copy_shipped_weights(tmp_path)
     manifest = write_manifest(tmp_path, data)
     new_weights = tmp_path / "retrained.pt"
     shutil.copy(tmp_path / version["weights"], new_weights)
@@ -145,9 +142,7 @@ def test_add_keeps_the_manifests_comments_and_lines_and_switches_the_default(tmp
     text = DEFAULT_MANIFEST.read_text()
     manifest = tmp_path / "manifest.yaml"
     manifest.write_text(text)
-    for entry in shipped()["families"]["hippocampus"]["versions"].values():
-        if not (tmp_path / entry["weights"]).exists():
-            copy_weights(tmp_path, entry)
+    copy_shipped_weights(tmp_path)
     new_weights = tmp_path / "retrained.pt"
     new_weights.write_bytes((tmp_path / "hippocampus_unet.pt").read_bytes() + b"retrained")
     add_version(manifest, "hippocampus", "9.9-test", new_weights, None, like="1.0-fast", make_default=True)
@@ -229,8 +224,7 @@ def test_a_corrupt_version_is_refused_and_the_others_keep_serving(tmp_path):
     data = shipped()
     versions = data["families"]["hippocampus"]["versions"]
     corrupt = next(name for name in versions if name != data["families"]["hippocampus"]["default_version"])
-    for entry in versions.values():
-        copy_weights(tmp_path, entry)
+    copy_shipped_weights(tmp_path)
     bad = tmp_path / "corrupt.pt"
     shutil.copy(tmp_path / versions["1.0"]["weights"], bad)
     with open(bad, "r+b") as handle:

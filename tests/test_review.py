@@ -24,8 +24,9 @@ from inference.jobs.reviews import (
     SqliteReviews,
     is_flagged,
     must_hold,
-    review_store,
+    review_records,
 )
+from inference.storage.backend import backend_for
 from tests.conftest import require, write_study
 from tests.test_security import add_user, bearer
 
@@ -63,7 +64,7 @@ def test_decisions_are_final_in_redis_beside_the_jobs(redis_url):
     from inference.jobs.store import Job
 
     jobs = RedisJobStore(redis_url)
-    reviews = review_store(jobs)
+    reviews = review_records(backend_for(dataclasses.replace(Settings(), job_backend="celery", broker_url=redis_url)))
     assert isinstance(reviews, RedisReviews), "the celery backend's reviews are in its Redis"
     decisions_hold(reviews)
     job = jobs.add(Job(job_name=SC, command=SC, in_dir="study", review="flagged"))

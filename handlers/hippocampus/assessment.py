@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from handlers.hippocampus.history import ResultHistory, compare, empty_change, history_path
+from handlers.hippocampus.history import compare, empty_change, result_history
 from handlers.hippocampus.orientation import ras_affine
 from inference import metrics
 from inference.config import Settings
@@ -64,7 +64,7 @@ def change_since_prior(settings: Settings, volume: Volume, version: ModelVersion
     study_uid, study_date = str(header.get("StudyInstanceUID", "")), str(header.get("StudyDate", "") or "")
     if patient is None:
         return empty_change([], "the study has no PatientID: earlier results are never matched on the name alone")
-    history = ResultHistory(history_path(settings))
+    history = result_history(settings)
     candidates: list[PriorResult] = history.earlier(patient, study_uid)
     searched = ["result store"]
     if settings.prior_dicomweb_url:

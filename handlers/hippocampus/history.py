@@ -1,4 +1,4 @@
-"""Change since the prior: our own record of earlier hippocampus results (SQLite), and the comparison with them.
+"""Change since the prior: our own record of earlier hippocampus results, and the comparison with them.
 
 Every result made from DICOM is recorded with the patient's identity (Patient ID, issuer, birth date), its
 study and date, the model (family and version), the volumes, its quality flag and, once a reviewer decides,
@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import datetime
 import json
-import sqlite3
-import threading
 from collections.abc import Iterable, Mapping
-from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from inference.config import Settings
 from inference.pacs.priors import Patient, PriorResult
+from inference.storage.backend import REDIS, Backend, backend_for
+from inference.storage.history import HistoryRows, RedisHistoryRows, SqliteHistoryRows
 
 #: A reviewer's decisions, as ``inference.jobs.reviews`` names them (that module is in a layer above this one).
 ACCEPTED, REJECTED, CORRECTED = "accepted", "rejected", "corrected"
@@ -33,97 +32,78 @@ class Decision(Protocol):
     status: str
     correction: dict | None
 
-_SCHEMA = """CREATE TABLE IF NOT EXISTS results (
-    patient_id TEXT NOT NULL, issuer TEXT NOT NULL, birth_date TEXT NOT NULL, study_uid TEXT NOT NULL,
-    study_date TEXT NOT NULL, family TEXT NOT NULL, version TEXT NOT NULL, volumes TEXT NOT NULL,
-    recorded TEXT NOT NULL, PRIMARY KEY (study_uid, family, version))"""
-# ---- Schema change of issue 37 (the only one since the table above): columns added to ``results``. --------
-#: flagged: 1/0, NULL for a result recorded before flags were kept; flag_reasons: JSON list of the flag's
-#: reasons; review: the reviewer's decision (accepted, rejected, corrected), NULL until one is made;
-#: corrected_volumes: JSON of the correction's volumes (mm3) by structure, NULL unless corrected.
-#: A file made before them gets them by ALTER TABLE when opened (existing rows keep NULL: unknown).
-ADDED_COLUMNS = (("flagged", "INTEGER"), ("flag_reasons", "TEXT"), ("review", "TEXT"),
-                 ("corrected_volumes", "TEXT"))
-# ------------------------------------------------------------------------------------------------------------
-_COLUMNS = ("patient_id", "issuer", "birth_date", "study_uid", "study_date", "family", "version", "volumes",
-            "recorded", *(name for name, _ in ADDED_COLUMNS))
-_lock = threading.Lock()
-
-
-def history_path(settings: Settings) -> Path:
-    """The history's SQLite file: ``INFERENCE_HISTORY_DB``, or ``history.sqlite3`` in the output root."""
-    return settings.history_db or Path(settings.output_root) / "history.sqlite3"
-
 
 class ResultHistory:
-    """Earlier results by patient, in an SQLite file (``INFERENCE_HISTORY_DB``) shared by the processes of a machine."""
+    """Earlier results by patient, in the history of the stores' backend (``inference.storage.history``): an
+    SQLite file (``INFERENCE_HISTORY_DB``) shared by a machine's processes, or the celery backend's Redis."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with _lock, self._connect() as db:
-            db.execute(_SCHEMA)
-            present = {row[1] for row in db.execute("PRAGMA table_info(results)")}
-            for name, kind in ADDED_COLUMNS:
-                if name not in present:
-                    db.execute(f"ALTER TABLE results ADD COLUMN {name} {kind}")
-
-    def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, timeout=30)
+    def __init__(self, rows: HistoryRows) -> None:
+        self.rows = rows
 
     def record(self, patient: Patient, result: PriorResult) -> None:
         """Keep one result with its flag (a study processed again by the same version replaces its earlier
         record, review decision included: the new result has not been reviewed)."""
-        values = (patient.patient_id, patient.issuer, patient.birth_date, result.study_uid, result.study_date,
-                  result.family, result.version, json.dumps(result.volumes_mm3),
-                  datetime.datetime.now(datetime.UTC).isoformat(),
-                  None if result.flagged is None else int(result.flagged), json.dumps(result.flag_reasons), None, None)
-        with _lock, self._connect() as db:
-            db.execute(f"INSERT OR REPLACE INTO results ({', '.join(_COLUMNS)}) "
-                       f"VALUES ({', '.join('?' * len(_COLUMNS))})", values)
+        self.rows.put(to_row(patient, result))
 
     def learn_review(self, study_uid: str, family: str, version: str, decision: str,
                      corrected_volumes: Mapping[str, float] | None = None) -> bool:
         """Record a reviewer's decision on the result of a study by a model version; whether a result was found."""
-        with _lock, self._connect() as db:
-            cursor = db.execute("UPDATE results SET review = ?, corrected_volumes = ? "
-                                "WHERE study_uid = ? AND family = ? AND version = ?",
-                                (decision, None if corrected_volumes is None else json.dumps(dict(corrected_volumes)),
-                                 study_uid, family, version))
-        return cursor.rowcount > 0
+        return self.rows.update(study_uid, family, version, {
+            "review": decision,
+            "corrected_volumes": None if corrected_volumes is None else json.dumps(dict(corrected_volumes))})
 
     def earlier(self, patient: Patient, study_uid: str) -> list[PriorResult]:
         """The patient's results of other studies, any model (matched on ID, issuer and birth date when known);
         a corrected result carries the correction's volumes."""
-        with self._connect() as db:
-            rows = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM results "
-                              "WHERE patient_id = ? AND issuer = ? AND study_uid != ?",
-                              (patient.patient_id, patient.issuer, study_uid)).fetchall()
-        out = []
-        for row in rows:
-            item = dict(zip(_COLUMNS, row, strict=True))
-            if not patient.matches(Patient(item["patient_id"], item["issuer"], item["birth_date"])):
-                continue
-            corrected = json.loads(item["corrected_volumes"]) if item["corrected_volumes"] else None
-            out.append(PriorResult(item["study_uid"], item["study_date"], item["family"], item["version"],
-                                   corrected or json.loads(item["volumes"]),
-                                   flagged=None if item["flagged"] is None else bool(item["flagged"]),
-                                   flag_reasons=json.loads(item["flag_reasons"] or "[]"), review=item["review"]))
-        return out
+        rows = self.rows.of_patient(patient.patient_id, patient.issuer, study_uid)
+        return [result for row_patient, result in map(from_row, rows) if patient.matches(row_patient)]
+
+
+def history_rows(backend: Backend) -> HistoryRows:
+    """The history of ``backend``: its Redis with the celery backend (one for every machine), else the SQLite
+    file (``INFERENCE_HISTORY_DB``, ``<INFERENCE_OUTPUT_ROOT>/history.sqlite3`` by default)."""
+    if backend.kind == REDIS:
+        return RedisHistoryRows(backend.redis)
+    return SqliteHistoryRows(backend.history_path)
+
+
+def result_history(settings: Settings) -> ResultHistory:
+    """The history of ``settings``' stores."""
+    return ResultHistory(history_rows(backend_for(settings)))
+
+
+def to_row(patient: Patient, result: PriorResult) -> dict[str, Any]:
+    """One result of ``patient`` as a history row with its flag, recorded now (not reviewed yet)."""
+    return {"patient_id": patient.patient_id, "issuer": patient.issuer, "birth_date": patient.birth_date,
+            "study_uid": result.study_uid, "study_date": result.study_date, "family": result.family,
+            "version": result.version, "volumes": json.dumps(result.volumes_mm3),
+            "recorded": datetime.datetime.now(datetime.UTC).isoformat(),
+            "flagged": None if result.flagged is None else int(result.flagged),
+            "flag_reasons": json.dumps(result.flag_reasons), "review": None, "corrected_volumes": None}
+
+
+def from_row(row: Mapping[str, Any]) -> tuple[Patient, PriorResult]:
+    """The patient and result of a history row; a corrected result carries the correction's volumes, a row
+    recorded before flags were kept an unknown flag (None)."""
+    corrected = json.loads(row["corrected_volumes"]) if row.get("corrected_volumes") else None
+    return (Patient(row["patient_id"], row["issuer"], row["birth_date"]),
+            PriorResult(row["study_uid"], row["study_date"], row["family"], row["version"],
+                        corrected or json.loads(row["volumes"]),
+                        flagged=None if row.get("flagged") is None else bool(row["flagged"]),
+                        flag_reasons=json.loads(row.get("flag_reasons") or "[]"), review=row.get("review")))
 
 
 def learn_decision(settings: Settings, review: Decision) -> bool:
     """Tell the history a reviewer's decision on a held result (the review routes call it for every new
     decision); whether the history held that result. A correction's volumes replace the model's as the prior."""
     family, version = review.model.get("family"), review.model.get("version")
-    path = history_path(settings)
-    if not family or not version or not review.study_uid or not path.exists():
+    if not family or not version or not review.study_uid:
         return False
     corrected = None
     if review.status == CORRECTED and review.correction:
         volumes = {name: float(row["corrected_mm3"]) for name, row in review.correction["structures"].items()}
         corrected = {**volumes, "Total": round(sum(volumes.values()), 1)}
-    return ResultHistory(path).learn_review(review.study_uid, family, version, review.status, corrected)
+    return result_history(settings).learn_review(review.study_uid, family, version, review.status, corrected)
 
 
 def distrust(prior: PriorResult) -> str | None:

@@ -51,6 +51,7 @@ EVENTS: dict[str, str] = {
     "telemetry-received": "a Radiomics SegmentationTelemetry message was stored",
     "user-created": "``python -m inference.users add`` created a user (``detail``: name and role)",
     "user-revoked": "``python -m inference.users revoke`` revoked a user's token",
+    "authentication-failed": "a request's bearer token was not valid (``detail``: method, path, the token's id)",
     "request-refused": "a known user asked for a route that needs a higher role (``detail``: the role needed)",
 }
 

@@ -29,7 +29,8 @@ from pydicom.uid import generate_uid
 
 from inference.dicom.header import PIXEL_DATA
 
-MANUFACTURER = "Hippocampus inference gateway"
+#: The device that writes the objects; the model is named as its model name and software version (``Algorithm``).
+MANUFACTURER = "Medical-imaging inference gateway"
 SEG_SERIES_NUMBER = 9200
 SR_SERIES_NUMBER = 9300
 
@@ -203,7 +204,7 @@ def measurement_report(source: Sequence[Dataset], seg: Dataset, volumes_mm3: Map
                                    unit=codes.UCUM.CubicMillimeter)
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=structure.name[:64]),
-            referenced_segment=hd.sr.ReferencedSegment.from_segmentation(seg, segment_number=number),
+            referenced_segment=_referenced_segment(seg, number, headers),
             finding_type=structure.anatomy,
             finding_category=structure.category,
             finding_sites=[site],
@@ -219,7 +220,7 @@ def measurement_report(source: Sequence[Dataset], seg: Dataset, volumes_mm3: Map
         imaging_measurements=groups,
         title=codes.DCM.ImagingMeasurementReport,
     )
-    return hd.sr.Comprehensive3DSR(
+    sr = hd.sr.Comprehensive3DSR(
         evidence=[*headers, seg],
         content=report,
         series_instance_uid=generate_uid(),
@@ -232,4 +233,19 @@ def measurement_report(source: Sequence[Dataset], seg: Dataset, volumes_mm3: Map
         is_final=False,
         is_verified=False,
     )
+    sr.ManufacturerModelName, sr.SoftwareVersions = algorithm.name[:64], algorithm.version[:64]  # the model, by name
+    return sr
+
+
+def _referenced_segment(seg: Dataset, number: int, source: Sequence[Dataset]) -> hd.sr.ReferencedSegment:
+    """The SR's reference to segment ``number`` of ``seg`` and the source images it was made on.
+
+    highdicom reads the segment of each frame from the per-frame functional groups; a SEG of one
+    segment keeps it in the shared groups instead, so that reference is built from the source images.
+    """
+    if len(seg.SegmentSequence) > 1:
+        return hd.sr.ReferencedSegment.from_segmentation(seg, segment_number=number)
+    return hd.sr.ReferencedSegment(
+        sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID, segment_number=number,
+        source_images=[hd.sr.SourceImageForSegmentation(ds.SOPClassUID, ds.SOPInstanceUID) for ds in source])
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import selectors
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -191,6 +192,8 @@ class GatewayWorker(ThreadWorker):
     def _peek(conn) -> bytes | None:
         """The first bytes received on the connection (left in place), None when none arrived yet."""
         if conn.sock.gettimeout() != 0.0:  # peek only without blocking (the main loop must not wait)
+            return b""
+        if isinstance(conn.sock, ssl.SSLSocket):  # HTTPS keep-alive: the bytes are ciphertext, no peek
             return b""
         try:
             return conn.sock.recv(_PEEK_BYTES, socket.MSG_PEEK)

@@ -27,11 +27,13 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import flask
 import pydicom
 import pydicom.errors
 from flask import g, request
+from flask.blueprints import BlueprintSetupState
 
 from inference.disk_space import check_free_space, disk_full_as
 from inference.errors import (
@@ -41,6 +43,8 @@ from inference.errors import (
     NotFound,
     UnsupportedMediaType,
 )
+from inference.http.current import audit_event, may_read
+from inference.http.roles import needs
 from inference.jobs.executor import (
     HELD_REQUEST,
     JobExecutor,
@@ -51,7 +55,7 @@ from inference.jobs.executor import (
     study_files,
     write_outputs,
 )
-from inference.jobs.reviews import ACCEPTED, CORRECTED, review_mode, review_store
+from inference.jobs.reviews import ACCEPTED, CORRECTED, ReviewRecords, review_mode, review_records
 from inference.jobs.store import (
     COMPLETED,
     FAILED,
@@ -69,12 +73,24 @@ from inference.paths import is_inside
 from inference.pipeline.pipeline import InferenceResult, Pipeline
 from inference.protocol.multipart_request import ParsedBody
 from inference.protocol.request import parse_json_object
+from inference.storage.backend import REDIS, Backend, checked_backend
+from inference.users import SUBMITTER
 
 log = TaggedLogger(logging.getLogger("inference.jobs"))
 #: Job states reported by /metrics.
 JOB_STATES = (QUEUED, RUNNING, COMPLETED, FAILED)
 #: Keys of the job JSON that are about the job, not parameters of the handler.
 JOB_KEYS = ("job_name", "in_dir", "review")
+
+
+def shown_folder(output_dir: str | None, output_root: Path) -> str | None:
+    """A job's output folder as answers show it: relative to the output root (no server path)."""
+    if output_dir is None:
+        return None
+    try:
+        return Path(output_dir).relative_to(output_root).as_posix()
+    except ValueError:
+        return Path(output_dir).name
 
 
 def job_from_request(pipeline: Pipeline) -> Job:
@@ -109,39 +125,54 @@ def first_study_uid(files: list[Path]) -> str | None:
     return None
 
 
-def add_job_routes(app: flask.Flask, pipeline: Pipeline, *, store: JobRecords | None = None,
-                   runner: JobRunner | None = None) -> tuple[JobRecords, JobRunner]:
-    """Serve ``POST /job/`` and ``GET /query/<uid>`` on ``app``; recover interrupted jobs first. The store
-    and runner used (other front doors submit their jobs there too).
+def job_service(pipeline: Pipeline, backend: Backend, *, store: JobRecords | None = None,
+                runner: JobRunner | None = None) -> tuple[JobRecords, JobRunner]:
+    """The job store and runner of ``pipeline``'s settings, interrupted jobs recovered and their debris removed.
 
-    Jobs run ``pipeline``'s handlers with its settings. Default store:
-    ``<INFERENCE_OUTPUT_ROOT>/jobs.sqlite3``; default runner: a local pool of ``INFERENCE_JOB_WORKERS`` threads.
-    ``INFERENCE_JOB_BACKEND=celery``: records in Redis, jobs run by celery workers (``inference.jobs.celery_backend``)
-    with the same handlers. A ``store`` other than a ``JobStore`` comes with its ``runner``: the local pool
-    recovers interrupted jobs from a ``JobStore``.
+    Default store: ``<INFERENCE_OUTPUT_ROOT>/jobs.sqlite3``; default runner: a local pool of
+    ``INFERENCE_JOB_WORKERS`` threads. ``INFERENCE_JOB_BACKEND=celery``: records in Redis, jobs run by celery
+    workers (``inference.jobs.celery_backend``) with the same handlers. A ``store`` other than a ``JobStore``
+    comes with its ``runner``: the local pool recovers interrupted jobs from a ``JobStore``.
     """
     settings = pipeline.settings
     output_root = Path(settings.output_root)
-    if store is None and runner is None and settings.job_backend == "celery":
+    if store is None and runner is None and backend.kind == REDIS:
         from inference.jobs.celery_backend import (
             celery_backend,  # celery is imported only by servers that use it
         )
 
         store, runner = celery_backend(settings)
-    elif settings.job_backend not in ("local", "celery"):
-        raise ValueError(f"INFERENCE_JOB_BACKEND must be 'local' or 'celery', got {settings.job_backend!r}")
     if store is None:
-        store = JobStore(output_root / "jobs.sqlite3")
+        store = JobStore(backend.folder / "jobs.sqlite3")
     if runner is None:
         if not isinstance(store, JobStore):
             raise TypeError(f"a {type(store).__name__} needs its own runner: the local pool keeps jobs in a JobStore")
-        runner = LocalPoolRunner(store, JobExecutor(store, pipeline), workers=settings.job_workers,
-                                 lock_dir=output_root / ".owners")
+        runner = LocalPoolRunner(store, JobExecutor(store, pipeline, reviews=review_records(backend)),
+                                 workers=settings.job_workers, lock_dir=output_root / ".owners")
     runner.recover()
     remove_debris(output_root, store)
-    reviews = review_store(store)
-    if hasattr(app, "metrics_collectors"):  # a Gateway: /metrics counts jobs by state from the store
-        app.metrics_collectors.append(JobCountsCollector(store.count_by_status, JOB_STATES))
+    return store, runner
+
+
+def add_job_routes(app: flask.Flask, pipeline: Pipeline, *, store: JobRecords | None = None,
+                   runner: JobRunner | None = None) -> tuple[JobRecords, JobRunner]:
+    """The job API on a gateway built by hand: ``job_service``'s store and runner, ``job_blueprint`` registered."""
+    backend = checked_backend(pipeline.settings)
+    store, runner = job_service(pipeline, backend, store=store, runner=runner)
+    app.register_blueprint(job_blueprint(pipeline, store, runner, review_records(backend)))
+    return store, runner
+
+
+def job_blueprint(pipeline: Pipeline, store: JobRecords, runner: JobRunner,
+                  reviews: ReviewRecords) -> flask.Blueprint:
+    """``POST /job/``, ``GET /query/<uid>`` and a job's files, for the jobs of ``store`` run by ``runner``.
+
+    Registered on a Gateway, it counts jobs by state on ``/metrics`` and keeps the requests that ask for
+    review as held jobs (the gateway's ``hold_result``).
+    """
+    settings = pipeline.settings
+    output_root = Path(settings.output_root)
+    blueprint = flask.Blueprint("jobs", __name__)
 
     def keep_for_review(result: InferenceResult, body: ParsedBody, json_input: dict, study_uid: str | None,
                         mode: str) -> str:
@@ -163,50 +194,53 @@ def add_job_routes(app: flask.Flask, pipeline: Pipeline, *, store: JobRecords | 
         finally:
             shutil.rmtree(partial, ignore_errors=True)
         job.output_dir = str(output)
-        hold_result(store, pipeline, job, result.response_json, result.input_hash)  # before the job is seen
+        hold_result(reviews, pipeline, job, result.response_json, result.input_hash)  # before the job is seen
         store.add(job)
         return job.uid
 
-    if hasattr(app, "hold_result"):  # a Gateway: requests with "review" are held as jobs here
-        app.hold_result = keep_for_review
+    def joined(state: BlueprintSetupState) -> None:
+        app: Any = state.app
+        app.metrics_collectors.append(JobCountsCollector(store.count_by_status, JOB_STATES))
+        app.hold_result = keep_for_review  # requests with "review" are held as jobs here
 
-    def audit(event: str, **fields: object) -> None:
-        """Append ``event`` to the app's audit trail (a Gateway has one; a plain Flask app in tests has not)."""
-        if hasattr(app, "audit_event"):
-            app.audit_event(event, **fields)
+    blueprint.record_once(joined)
 
     def readable(uid: str) -> Job:
         """Job ``uid`` when this request's user may read it: 404 unknown, 403 another submitter's (audited)."""
         job = store.get(uid)
         if job is None:
             raise NotFound(f"no job with uid {uid!r}; POST /job/ answers the uid of a new job")
-        if hasattr(app, "may_read") and not app.may_read(job.user):
-            audit("result-viewed", outcome="refused", study_uid=job.study_uid, job=uid, path=request.path)
+        if not may_read(job.user):
+            audit_event("result-viewed", outcome="refused", study_uid=job.study_uid, job=uid, path=request.path)
             raise Forbidden(f"job {uid} was submitted by another user; a submitter reads only its own jobs",
                             required_role="reviewer")
         return job
 
-    @app.post("/job/", strict_slashes=False)  # POST /job answers too, without a redirect
+    @blueprint.post("/job/", strict_slashes=False)  # POST /job answers too, without a redirect
+    @needs(SUBMITTER)
     def submit_job() -> tuple[flask.Response, int]:
         job = job_from_request(pipeline)
         check_free_space("output", output_root, settings.min_free_space_mb)  # 507 now, not a job failing later
         job.owner = runner.owner
         job.user = g.get("user")
         store.add(job)
-        audit("study-received", study_uid=job.study_uid, door="job", job=job.uid, in_dir=job.in_dir,
-              command=job.command)
+        audit_event("study-received", study_uid=job.study_uid, door="job", job=job.uid, in_dir=job.in_dir,
+                    command=job.command)
         runner.submit(job)
         log.info("job %s queued: %s (%s) on %s", job.uid, job.job_name, job.command, job.in_dir)
         response = flask.jsonify({"uid": job.uid})
         response.headers["Location"] = f"/query/{job.uid}"
         return response, 201
 
-    @app.get("/query/<uid>")
+    @blueprint.get("/query/<uid>")
+    @needs(SUBMITTER)
     def query_job(uid: str) -> tuple[flask.Response, int]:
         job = readable(uid)
         if job.status == COMPLETED:
-            audit("result-viewed", study_uid=job.study_uid, job=uid, path=request.path)
-            answer = {"msg": "Job has completed", "output_dir": job.output_dir, "attempts": job.attempts}
+            audit_event("result-viewed", study_uid=job.study_uid, job=uid, path=request.path)
+            # the folder relative to INFERENCE_OUTPUT_ROOT, never the server's path; its files at /job/<uid>/files
+            answer = {"msg": "Job has completed", "output_dir": shown_folder(job.output_dir, output_root),
+                      "files": f"/job/{uid}/files", "attempts": job.attempts}
             review = reviews.get(uid) if job.review else None
             if review is not None:
                 answer["review"] = review.status
@@ -232,24 +266,26 @@ def add_job_routes(app: flask.Flask, pipeline: Pipeline, *, store: JobRecords | 
             folder = folder / "correction"  # the reviewer's segmentation and report, not the model's
         return job, folder
 
-    @app.get("/job/<uid>/files")
+    @blueprint.get("/job/<uid>/files")
+    @needs(SUBMITTER)
     def list_job_files(uid: str) -> flask.Response:
         """The files of a completed job: name and size of each (409 while it runs or when it failed)."""
         job, folder = completed_folder(uid)
         files = [{"name": path.name, "bytes": path.stat().st_size}
                  for path in sorted(folder.iterdir()) if path.is_file() and is_inside(folder, path)]
-        audit("result-viewed", study_uid=job.study_uid, job=uid, path=request.path)
+        audit_event("result-viewed", study_uid=job.study_uid, job=uid, path=request.path)
         return flask.jsonify({"uid": uid, "files": files})
 
-    @app.get("/job/<uid>/files/<name>")
+    @blueprint.get("/job/<uid>/files/<name>")
+    @needs(SUBMITTER)
     def get_job_file(uid: str, name: str) -> flask.Response:
         """One file of a completed job's own folder, as an attachment."""
         job, folder = completed_folder(uid)
         path = folder / name
         if "/" in name or name.startswith(".") or not path.is_file() or not is_inside(folder, path):
             raise NotFound(f"job {uid} has no file {name!r}; GET /job/{uid}/files lists them")
-        audit("result-downloaded", study_uid=job.study_uid, job=uid, file=name)
+        audit_event("result-downloaded", study_uid=job.study_uid, job=uid, file=name)
         return flask.send_file(path, as_attachment=True, download_name=name,
                                mimetype="application/json" if name.endswith(".json") else None)
 
-    return store, runner
+    return blueprint

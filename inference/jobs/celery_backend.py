@@ -37,6 +37,7 @@ from inference.config import Settings
 from inference.errors import ServiceUnavailable
 from inference.jobs.executor import JobExecutor
 from inference.jobs.redis_store import RedisJobStore
+from inference.jobs.reviews import RedisReviews
 from inference.jobs.store import FINISHED, TIMEOUT, Job
 from inference.pipeline.pipeline import Pipeline
 
@@ -71,6 +72,8 @@ def celery_config(settings: Settings) -> dict:
     restore_every = max(1, min(10, settings.broker_visibility_timeout // 10))
     return {
         "broker_url": settings.broker_url,
+        # rediss://: TLS with the CA and client certificate of INFERENCE_REDIS_TLS_* (None: plain redis://)
+        "broker_use_ssl": settings.redis_ssl_options(check=False),  # the stores check the files at start
         "broker_connection_retry_on_startup": True,
         "broker_connection_timeout": 2,
         "broker_transport_options": {
@@ -104,7 +107,7 @@ def _store(url: str) -> RedisJobStore:
 
 def job_store(settings: Settings) -> RedisJobStore:
     """This process's store for ``settings`` (one connection pool per process and URL)."""
-    return _store(settings.broker_url)
+    return _store(settings.redis_url())
 
 
 class JobTask(Task):
@@ -150,7 +153,8 @@ def run_job(task: Task, uid: str) -> None:
     log.info("job %s: attempt %d on %s", uid, job.attempts + 1, worker)
     try:
         with LeaseKeeper(store, uid, worker, settings.job_lease_seconds):
-            JobExecutor(store, pipeline, reraise=(SoftTimeLimitExceeded, *TRANSIENT_ERRORS))(job)
+            JobExecutor(store, pipeline, reviews=RedisReviews(store.client),
+                        reraise=(SoftTimeLimitExceeded, *TRANSIENT_ERRORS))(job)
     except SoftTimeLimitExceeded:
         log.error("job %s: past its time limit (%d s)", uid, settings.job_time_limit)
         store.mark_failed(uid, TIMEOUT, 500)

@@ -28,7 +28,7 @@ from inference.disk_space import StoreFull, check_free_space, disk_full_as
 from inference.errors import (
     GatewayError,
 )
-from inference.jobs.reviews import Review, is_flagged, must_hold, review_store
+from inference.jobs.reviews import Review, ReviewRecords, is_flagged, must_hold
 from inference.jobs.store import (
     UNFINISHED,
     Job,
@@ -91,15 +91,15 @@ def known_job_names(pipeline: Pipeline) -> dict[str, str]:
 def study_files(root: Path | None, in_dir: str) -> list[Path]:
     """The DICOM files of job folder ``in_dir``: 403 outside the data root, 422 for no DICOM there.
 
-    Errors name the data root as configured (``INFERENCE_DATA_ROOT``), so a client can tell
-    which folder ``in_dir`` is read from.
+    Errors say that ``in_dir`` is relative to the data root (``INFERENCE_DATA_ROOT``), never the root's path:
+    answers show no server paths.
     """
     try:
         return study_folder_files(root, in_dir, field="in_dir")
     except GatewayError as exc:
         if root is None:
             raise
-        raise type(exc)(f"{exc.message} (in_dir is relative to the data root INFERENCE_DATA_ROOT={root})",
+        raise type(exc)(f"{exc.message} (in_dir is relative to the server's data root, INFERENCE_DATA_ROOT)",
                         status=exc.status) from None
 
 
@@ -127,9 +127,10 @@ class JobExecutor:
     output folder appeared only records it completed: a re-delivered job is not written twice.
     """
 
-    def __init__(self, store: JobRecords, pipeline: Pipeline, *,
+    def __init__(self, store: JobRecords, pipeline: Pipeline, *, reviews: ReviewRecords,
                  reraise: tuple[type[BaseException], ...] = ()) -> None:
         self.store = store
+        self.reviews = reviews
         self.pipeline = pipeline
         self.reraise = reraise
 
@@ -191,7 +192,7 @@ class JobExecutor:
             audit_log(settings).append("result-produced", user=job.user, study_uid=job.study_uid,
                                        input_hash=result.input_hash, job=job.uid, command=result.command)
             if must_hold(job.review, result.response_json):  # held before it is seen completed: never released early
-                hold_result(self.store, self.pipeline, job, result.response_json, result.input_hash)
+                hold_result(self.reviews, self.pipeline, job, result.response_json, result.input_hash)
             self.store.mark_completed(job.uid, str(output))
             shutil.rmtree(volume_input, ignore_errors=True)
             log.info("job %s completed: %d outputs in %s", job.uid, len(result.buffers), output)
@@ -201,12 +202,12 @@ class JobExecutor:
                 remove_partials(output)
 
 
-def hold_result(store: JobRecords, pipeline: Pipeline, job: Job, response_json: dict, input_hash: str) -> Review:
+def hold_result(reviews: ReviewRecords, pipeline: Pipeline, job: Job, response_json: dict, input_hash: str) -> Review:
     """Keep a completed job's result for a reviewer (``inference.jobs.reviews``), with the model that made it."""
     version = pipeline.check_request(job_request_json(job), command=job.command).model_version
     model = {} if version is None else {"family": version.family, "version": version.version,
                                         "sha256": version.sha256}
-    review = review_store(store).hold(Review(
+    review = reviews.hold(Review(
         uid=job.uid, command=job.command, mode=str(job.review), study_uid=job.study_uid, input_hash=input_hash,
         flagged=is_flagged(response_json), model=model, submitter=job.user, node=job.spool))
     holder = job.user or (f"ae:{pipeline.settings.pacs_ae_title}" if job.spool else None)  # the node holds its own

@@ -3,8 +3,9 @@
 ``RedisJobStore`` has ``inference.jobs.store.JobStore``'s interface (``add``, ``get``, ``mark_*``). A job is
 one Redis hash, ``inference:job:<uid>``, each field a JSON value; state changes are one Lua
 script, so "change it only while its status is one of these" is atomic across machines. Records
-are kept, as the SQLite store keeps them: give Redis persistence (AOF) in production. Redis
-unreachable is a ``ServiceUnavailable`` (503) naming the server, never a hang: connects time out.
+are kept, as the SQLite store keeps them: give Redis persistence (AOF) in production. The client, its
+timeouts and the error policy (Redis unreachable: a 503 naming the server) are ``inference.storage``'s;
+keys sit under its versioned prefix.
 
 Leases: a running job holds one, a score in the sorted set ``inference:leases`` (its expiry, in
 Redis' own clock, so the machines' clocks do not matter). The worker running it renews it
@@ -16,21 +17,16 @@ expired leases back in the queue (see ``inference.jobs.celery_backend.LeaseReape
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import time
-from collections.abc import Iterator
 from typing import Any, cast
 
-import redis
+from inference.jobs.store import COMPLETED, FAILED, QUEUED, RUNNING, UNFINISHED, Job, job_fields, job_from_fields
+from inference.storage.migrations import redis_prefix
+from inference.storage.redis_client import client_for, reaching
 
-from inference.errors import ServiceUnavailable
-from inference.jobs.store import COMPLETED, FAILED, QUEUED, RUNNING, UNFINISHED, Job
-
-KEY_PREFIX = "inference:job:"
-LEASES = "inference:leases"
-#: Seconds to connect to / wait for Redis before the request is answered 503.
-CONNECT_TIMEOUT, SOCKET_TIMEOUT = 2.0, 10.0
+KEY_PREFIX = redis_prefix() + "job:"
+LEASES = redis_prefix() + "leases"
 
 # KEYS[1]: the job; ARGV[1]: "1" to count an attempt; ARGV[2]: JSON {field: encoded value};
 # ARGV[3..]: encoded statuses the job must be in. Returns 1 when changed, 0 otherwise.
@@ -100,40 +96,40 @@ return out
 """
 
 
+def to_hash(job: Job) -> dict[str, str]:
+    """A job as its Redis hash: each field a JSON value."""
+    return {name: json.dumps(value) for name, value in job_fields(job).items()}
+
+
+def from_hash(values: dict[bytes, bytes]) -> Job:
+    """The job of a Redis hash (fields this release does not know are left out)."""
+    return job_from_fields({name.decode(): json.loads(value) for name, value in values.items()})
+
+
 class RedisJobStore:
     """Jobs as Redis hashes; safe for any number of processes and machines."""
 
     def __init__(self, url: str) -> None:
-        self.client = redis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT,
-                                           socket_timeout=SOCKET_TIMEOUT, health_check_interval=30)
-        kwargs = self.client.connection_pool.connection_kwargs
-        self.where = f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"  # no password in messages
+        self.client = client_for(url)
         self._transition = self.client.register_script(TRANSITION)
         self._start = self.client.register_script(START)
         self._renew = self.client.register_script(RENEW)
         self._reap = self.client.register_script(REAP)
 
-    @contextlib.contextmanager
-    def _reaching(self) -> Iterator[None]:
-        try:
-            yield
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise ServiceUnavailable(f"the job store (Redis at {self.where}) is unreachable ({exc}); jobs can "
-                                     "be neither submitted nor queried until it is back: retry later") from exc
+    def _reaching(self) -> contextlib.AbstractContextManager[None]:
+        return reaching(self.client, "job store", "jobs can be neither submitted nor queried until it is back: "
+                                                  "retry later")
 
     def add(self, job: Job) -> Job:
-        values = {name: json.dumps(value) for name, value in dataclasses.asdict(job).items()}
         with self._reaching():
-            self.client.hset(KEY_PREFIX + job.uid, mapping=values)
+            self.client.hset(KEY_PREFIX + job.uid, mapping=to_hash(job))
         return job
 
     def get(self, uid: str) -> Job | None:
         with self._reaching():
             # redis-py types its sync and asyncio clients as one: this (sync) client answers a dict
             values = cast("dict[bytes, bytes]", self.client.hgetall(KEY_PREFIX + uid))
-        if not values:
-            return None
-        return Job(**{name.decode(): json.loads(value) for name, value in values.items()})
+        return from_hash(values) if values else None
 
     def count_by_status(self) -> dict[str, int]:
         """How many jobs are in each status (for the metrics): one scan of the job keys."""
@@ -165,8 +161,9 @@ class RedisJobStore:
         return done == 1
 
     def mark_running(self, uid: str, worker: str | None = None) -> bool:
-        """Queued (or running: re-delivered after its worker died) -> running, one more attempt by ``worker``."""
-        return self._update(uid, UNFINISHED, count_attempt=True, status=RUNNING, worker=worker, started=time.time())
+        """Queued -> running, one more attempt by ``worker``, as ``JobStore.mark_running``; the celery workers
+        ``start`` instead (a lease, and a running job whose lease ran out taken over)."""
+        return self._update(uid, (QUEUED,), count_attempt=True, status=RUNNING, worker=worker, started=time.time())
 
     def start(self, uid: str, worker: str, lease_seconds: float) -> int:
         """Queued (or running under an expired lease: its worker died) -> running by ``worker``, one more

@@ -15,14 +15,16 @@ import dataclasses
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol, cast
 
 import redis
 
-from inference.errors import BadRequest, Conflict, NotFound, ServiceUnavailable
-from inference.jobs.store import sqlite_connection
+from inference.errors import BadRequest, Conflict, NotFound
+from inference.storage.backend import REDIS, Backend
+from inference.storage.migrations import JOBS, open_sqlite, redis_prefix
+from inference.storage.redis_client import reaching
+from inference.storage.sqlite import connection
 
 AWAITING, ACCEPTED, REJECTED, CORRECTED = "awaiting review", "accepted", "rejected", "corrected"
 DECISIONS = (ACCEPTED, REJECTED, CORRECTED)
@@ -74,7 +76,22 @@ class Review:
     correction: dict | None = None
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        """The review as JSON values (what the routes answer and the stores keep)."""
+        return {"uid": self.uid, "command": self.command, "mode": self.mode, "study_uid": self.study_uid,
+                "input_hash": self.input_hash, "flagged": self.flagged, "model": self.model,
+                "submitter": self.submitter, "node": self.node, "held": self.held, "status": self.status,
+                "decided_by": self.decided_by, "decided": self.decided, "reason": self.reason,
+                "correction": self.correction}
+
+    @classmethod
+    def from_json(cls, values: dict) -> Review:
+        """The review of stored JSON: the fields this release knows, a default for any a record lacks."""
+        return cls(uid=values["uid"], command=values["command"], mode=values["mode"],
+                   study_uid=values.get("study_uid"), input_hash=values.get("input_hash"),
+                   flagged=bool(values.get("flagged")), model=dict(values.get("model") or {}),
+                   submitter=values.get("submitter"), node=bool(values.get("node")), held=values["held"],
+                   status=values.get("status", AWAITING), decided_by=values.get("decided_by"),
+                   decided=values.get("decided"), reason=values.get("reason"), correction=values.get("correction"))
 
 
 class ReviewRecords(Protocol):
@@ -114,44 +131,38 @@ def settle(current: Review | None, uid: str, status: str, user: str | None, reas
     return decided, True
 
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS reviews (uid TEXT PRIMARY KEY, held REAL NOT NULL, record TEXT NOT NULL);
-"""
-
-
 class SqliteReviews:
     """Reviews in the job store's SQLite file (their own table): every local process sees the same."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        with self._connect() as db:
-            db.executescript(SCHEMA)
+        open_sqlite(self.path, JOBS)  # created at this release's schema, or refused at another one
 
     def _connect(self, *, write: bool = False) -> contextlib.AbstractContextManager[sqlite3.Connection]:
-        return sqlite_connection(self.path, 30.0, write=write)
+        return connection(self.path, write=write)
 
     def hold(self, review: Review) -> Review:
         with self._connect(write=True) as db:
-            db.execute("INSERT OR IGNORE INTO reviews VALUES (?, ?, ?)",
+            db.execute("INSERT OR IGNORE INTO reviews (uid, held, record) VALUES (?, ?, ?)",
                        (review.uid, review.held, json.dumps(review.to_json())))
             row = db.execute("SELECT record FROM reviews WHERE uid = ?", (review.uid,)).fetchone()
-        return Review(**json.loads(row[0]))
+        return Review.from_json(json.loads(row[0]))
 
     def get(self, uid: str) -> Review | None:
         with self._connect() as db:
             row = db.execute("SELECT record FROM reviews WHERE uid = ?", (uid,)).fetchone()
-        return None if row is None else Review(**json.loads(row[0]))
+        return None if row is None else Review.from_json(json.loads(row[0]))
 
     def all(self) -> list[Review]:
         with self._connect() as db:
             rows = db.execute("SELECT record FROM reviews ORDER BY held").fetchall()
-        return [Review(**json.loads(row[0])) for row in rows]
+        return [Review.from_json(json.loads(row[0])) for row in rows]
 
     def decide(self, uid: str, status: str, user: str | None, *, reason: str | None = None,
                correction: dict | None = None) -> tuple[Review, bool]:
         with self._connect(write=True) as db:  # one writer at a time: two reviewers cannot both decide
             row = db.execute("SELECT record FROM reviews WHERE uid = ?", (uid,)).fetchone()
-            current = None if row is None else Review(**json.loads(row[0]))
+            current = None if row is None else Review.from_json(json.loads(row[0]))
             review, changed = settle(current, uid, status, user, reason, correction)
             if changed:
                 db.execute("UPDATE reviews SET record = ? WHERE uid = ?", (json.dumps(review.to_json()), uid))
@@ -161,19 +172,14 @@ class SqliteReviews:
 class RedisReviews:
     """Reviews in the celery backend's Redis: a JSON value per review, a sorted set of all by hold time."""
 
-    PREFIX = "inference:review:"
-    ALL = "inference:reviews"
+    PREFIX = redis_prefix() + "review:"
+    ALL = redis_prefix() + "reviews"
 
-    def __init__(self, client: redis.Redis, where: str = "Redis") -> None:
+    def __init__(self, client: redis.Redis) -> None:
         self.client = client
-        self.where = where
 
-    @contextlib.contextmanager
-    def _reaching(self) -> Iterator[None]:
-        try:
-            yield
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise ServiceUnavailable(f"the review records ({self.where}) are unreachable ({exc}); retry later") from exc
+    def _reaching(self) -> contextlib.AbstractContextManager[None]:
+        return reaching(self.client, "review records")
 
     def hold(self, review: Review) -> Review:
         with self._reaching():
@@ -186,14 +192,14 @@ class RedisReviews:
     def get(self, uid: str) -> Review | None:
         with self._reaching():
             value = cast("bytes | None", self.client.get(self.PREFIX + uid))
-        return None if value is None else Review(**json.loads(value))
+        return None if value is None else Review.from_json(json.loads(value))
 
     def all(self) -> list[Review]:
         with self._reaching():
             uids = cast("list[bytes]", self.client.zrange(self.ALL, 0, -1))
             values = cast("list[bytes | None]", self.client.mget([self.PREFIX + u.decode() for u in uids])) \
                 if uids else []
-        return [Review(**json.loads(value)) for value in values if value is not None]
+        return [Review.from_json(json.loads(value)) for value in values if value is not None]
 
     def decide(self, uid: str, status: str, user: str | None, *, reason: str | None = None,
                correction: dict | None = None) -> tuple[Review, bool]:
@@ -203,7 +209,7 @@ class RedisReviews:
                 try:
                     pipe.watch(key)
                     value = cast("bytes | None", pipe.get(key))
-                    current = None if value is None else Review(**json.loads(value))
+                    current = None if value is None else Review.from_json(json.loads(value))
                     review, changed = settle(current, uid, status, user, reason, correction)
                     if not changed:
                         pipe.unwatch()
@@ -216,12 +222,8 @@ class RedisReviews:
                     continue
 
 
-def review_store(jobs: object) -> ReviewRecords:
-    """The reviews beside a job store: its SQLite file (``JobStore``) or its Redis (``RedisJobStore``)."""
-    path = getattr(jobs, "path", None)
-    if path is not None:
-        return SqliteReviews(path)
-    client = getattr(jobs, "client", None)
-    if client is None:
-        raise TypeError(f"no review records beside a {type(jobs).__name__}")
-    return RedisReviews(client, f"Redis at {getattr(jobs, 'where', '?')}")
+def review_records(backend: Backend) -> ReviewRecords:
+    """The reviews of ``backend``, beside its jobs: the job file (SQLite) or the same Redis."""
+    if backend.kind == REDIS:
+        return RedisReviews(backend.redis)
+    return SqliteReviews(backend.folder / "jobs.sqlite3")

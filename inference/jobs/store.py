@@ -24,11 +24,14 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TextIO
+
+from inference.storage.migrations import JOBS, open_sqlite
+from inference.storage.sqlite import BUSY_TIMEOUT, connection
 
 log = logging.getLogger("inference.jobs")
 
@@ -41,55 +44,9 @@ FINISHED = (COMPLETED, FAILED)
 UNFINISHED = (QUEUED, RUNNING)
 _UNFINISHED_SQL = "('queued', 'running')"
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    uid TEXT PRIMARY KEY,
-    job_name TEXT NOT NULL,
-    command TEXT NOT NULL,
-    in_dir TEXT NOT NULL,
-    params TEXT NOT NULL,
-    status TEXT NOT NULL,
-    owner TEXT,
-    error TEXT,
-    error_status INTEGER,
-    output_dir TEXT,
-    created REAL NOT NULL,
-    updated REAL NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    worker TEXT,
-    started REAL,
-    finished REAL,
-    spool INTEGER NOT NULL DEFAULT 0,
-    user TEXT,
-    study_uid TEXT,
-    review TEXT
-);
-CREATE INDEX IF NOT EXISTS jobs_unfinished ON jobs (status, owner);
-"""
-#: Columns added after the first release, with their type: added to older files when opened.
-ADDED_COLUMNS = {"attempts": "INTEGER NOT NULL DEFAULT 0", "worker": "TEXT", "started": "REAL", "finished": "REAL",
-                 "spool": "INTEGER NOT NULL DEFAULT 0", "user": "TEXT",
-                 "study_uid": "TEXT", "review": "TEXT"}
-
-
-@contextlib.contextmanager
-def sqlite_connection(path: Path, busy_timeout: float, *, write: bool = False) -> Iterator[sqlite3.Connection]:
-    """A fresh connection to the job file (closed after), rows by name; with ``write``, one transaction
-    (``BEGIN IMMEDIATE``: one writer at a time) committed on success, rolled back on any error."""
-    db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
-    db.row_factory = sqlite3.Row
-    try:
-        if write:
-            db.execute("BEGIN IMMEDIATE")
-        yield db
-        if write:
-            db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
-    finally:
-        db.close()
+#: The job table's columns (``inference.storage.migrations.JOBS`` makes them), in the order written.
+COLUMNS = ("uid", "job_name", "command", "in_dir", "params", "status", "owner", "error", "error_status", "output_dir",
+           "created", "updated", "attempts", "worker", "started", "finished", "spool", "user", "study_uid", "review")
 
 
 @dataclass
@@ -120,6 +77,39 @@ class Job:
     study_uid: str | None = None
     #: ``required`` or ``flagged``: its result is held for a reviewer (``inference.jobs.reviews``); None: released
     review: str | None = None
+
+
+def job_fields(job: Job) -> dict[str, Any]:
+    """A job as plain values by name (what a store writes; ``params`` still a dict)."""
+    return {"uid": job.uid, "job_name": job.job_name, "command": job.command, "in_dir": job.in_dir,
+            "params": job.params, "status": job.status, "owner": job.owner, "error": job.error,
+            "error_status": job.error_status, "output_dir": job.output_dir, "created": job.created,
+            "updated": job.updated, "attempts": job.attempts, "worker": job.worker, "started": job.started,
+            "finished": job.finished, "spool": job.spool, "user": job.user, "study_uid": job.study_uid,
+            "review": job.review}
+
+
+def job_from_fields(values: Mapping[str, Any]) -> Job:
+    """The job of stored values by name: the fields this release knows, a default for any a record lacks."""
+    return Job(job_name=values["job_name"], command=values["command"], in_dir=values["in_dir"],
+               params=dict(values.get("params") or {}), uid=values["uid"], status=values["status"],
+               owner=values.get("owner"), error=values.get("error"), error_status=values.get("error_status"),
+               output_dir=values.get("output_dir"), created=values["created"], updated=values["updated"],
+               attempts=values.get("attempts") or 0, worker=values.get("worker"), started=values.get("started"),
+               finished=values.get("finished"), spool=bool(values.get("spool")), user=values.get("user"),
+               study_uid=values.get("study_uid"), review=values.get("review"))
+
+
+def to_row(job: Job) -> tuple:
+    """A job as the job table's row (``COLUMNS``)."""
+    fields = job_fields(job)
+    fields["params"], fields["spool"] = json.dumps(job.params), int(job.spool)
+    return tuple(fields[name] for name in COLUMNS)
+
+
+def from_row(row: Mapping[str, Any]) -> Job:
+    """The job of a job table row."""
+    return job_from_fields({**dict(row), "params": json.loads(row["params"])})
 
 
 class JobRecords(Protocol):
@@ -154,41 +144,24 @@ class JobRecords(Protocol):
 class JobStore:
     """Jobs in an SQLite file, safe for several processes and threads (a connection per call)."""
 
-    def __init__(self, path: str | os.PathLike, *, busy_timeout: float = 30.0) -> None:
+    def __init__(self, path: str | os.PathLike, *, busy_timeout: float = BUSY_TIMEOUT) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.busy_timeout = busy_timeout
-        with self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
-            db.executescript(SCHEMA)
-            present = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
-            for name, kind in ADDED_COLUMNS.items():
-                if name not in present:
-                    db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
+        open_sqlite(self.path, JOBS)  # created at this release's schema, or refused at another one
 
     def _connect(self, *, write: bool = False) -> contextlib.AbstractContextManager[sqlite3.Connection]:
-        return sqlite_connection(self.path, self.busy_timeout, write=write)
+        return connection(self.path, write=write, busy_timeout=self.busy_timeout)
 
     def add(self, job: Job) -> Job:
         with self._connect(write=True) as db:
-            db.execute(
-                "INSERT INTO jobs (uid, job_name, command, in_dir, params, status, owner, error, error_status,"
-                " output_dir, created, updated, attempts, worker, started, finished, spool, user, study_uid, review)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (job.uid, job.job_name, job.command, job.in_dir, json.dumps(job.params), job.status, job.owner,
-                 job.error, job.error_status, job.output_dir, job.created, job.updated, job.attempts, job.worker,
-                 job.started, job.finished, int(job.spool), job.user, job.study_uid, job.review))
+            db.execute(f"INSERT INTO jobs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
+                       to_row(job))
         return job
 
     def get(self, uid: str) -> Job | None:
         with self._connect() as db:
-            row = db.execute("SELECT * FROM jobs WHERE uid = ?", (uid,)).fetchone()
-        if row is None:
-            return None
-        values = dict(row)
-        values["params"] = json.loads(values["params"])
-        values["spool"] = bool(values["spool"])
-        return Job(**values)
+            row = db.execute(f"SELECT {', '.join(COLUMNS)} FROM jobs WHERE uid = ?", (uid,)).fetchone()
+        return None if row is None else from_row(row)
 
     def _update(self, uid: str, only_if: tuple[str, ...], *, count_attempt: bool = False, **changes: Any) -> bool:
         """Set ``changes`` on job ``uid`` when its status is one of ``only_if``; whether it was."""

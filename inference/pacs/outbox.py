@@ -15,13 +15,15 @@ import json
 import logging
 import re
 import shutil
+import ssl
 import threading
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
+import requests
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
@@ -48,13 +50,15 @@ class DicomDestination:
     port: int
     calling_ae: str = "HIPPOAI"
     timeout: float = 30.0
+    #: DICOM TLS (INFERENCE_PACS_TLS_*): the destination's certificate is verified for ``host``
+    tls: ssl.SSLContext | None = field(default=None, compare=False)
 
     @classmethod
-    def parse(cls, text: str, calling_ae: str) -> DicomDestination:
+    def parse(cls, text: str, calling_ae: str, tls: ssl.SSLContext | None = None) -> DicomDestination:
         match = re.fullmatch(r"([^@]{1,16})@(.+):(\d{1,5})", text.strip())
         if not match:
             raise ValueError(f"destination {text!r} must be AE@HOST:PORT, e.g. ORTHANC@127.0.0.1:4242")
-        return cls(match.group(1), match.group(2), int(match.group(3)), calling_ae)
+        return cls(match.group(1), match.group(2), int(match.group(3)), calling_ae, tls=tls)
 
     @property
     def key(self) -> str:
@@ -71,9 +75,11 @@ class DicomDestination:
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
         for sop_class in classes:
             ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        assoc = ae.associate(self.host, self.port, ae_title=self.ae_title, evt_handlers=NO_DELAY_HANDLERS)
+        assoc = ae.associate(self.host, self.port, ae_title=self.ae_title, evt_handlers=NO_DELAY_HANDLERS,
+                             tls_args=None if self.tls is None else (self.tls, self.host))
         if not assoc.is_established:
-            raise DeliveryError(f"{self}: association refused or destination unreachable")
+            raise DeliveryError(f"{self}: association refused or destination unreachable"
+                                + (" (or its TLS certificate not trusted)" if self.tls else ""))
         stored, failures = [], []
         try:
             for path in paths:
@@ -95,6 +101,8 @@ class StowDestination:
     """A DICOMweb server results go to by STOW-RS."""
 
     url: str
+    #: the session to send with (an https:// URL verified against INFERENCE_PACS_TLS_CA); None: requests' default
+    session: requests.Session | None = field(default=None, compare=False)
 
     @property
     def key(self) -> str:
@@ -107,7 +115,7 @@ class StowDestination:
         from dicomweb_client.api import DICOMwebClient
 
         try:
-            DICOMwebClient(url=self.url).store_instances([pydicom.dcmread(p) for p in paths])
+            DICOMwebClient(url=self.url, session=self.session).store_instances([pydicom.dcmread(p) for p in paths])
         except Exception as exc:  # requests' and the client's errors alike: the destination did not confirm
             raise DeliveryError(f"{self}: {type(exc).__name__}: {exc}") from exc
         return list(paths)

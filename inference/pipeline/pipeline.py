@@ -16,11 +16,10 @@ against the protocol and logs it under the input hash.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,22 +135,15 @@ class Pipeline:
             instances = validate_instances(parts, max_series_voxels=self.settings.max_series_voxels,
                                            early_headers=early_headers)
             context = HandlerContext(spec.command, json_input, params, input_hash, self.settings, version, parts)
-            started = time.perf_counter()
-            response_json, buffers = spec.handler(instances, context)
-            response_json, buffers = protocol.prepare_output(response_json, buffers)
-            seconds = time.perf_counter() - started
-            metrics.observe_model(spec.command, json_input.get("model_version"), seconds)
-            protocol.check_response_size(buffers, len(json.dumps(response_json)), self.settings.max_response_bytes)
-            log.info("%s on %d instances: %s in %.3fs", spec.command, len(instances),
-                     ", ".join(p["binary_type"] for p in response_json["parts"]) or "JSON only", seconds)
-            return InferenceResult(spec.command, response_json, buffers, input_hash, seconds)
+            return self._run_handler(spec, json_input, context, instances, f"{len(instances)} instances")
 
     def run_volume(self, json_input: dict, volume: Volume, input_hash: str, *,
                    command: str | None = None) -> InferenceResult:
         """Run a handler registered with ``volume_input`` on a volume of calibrated voxels (no DICOM).
 
         The handler gets no instances and ``context.volume``; every mask it returns must lie on the
-        volume's grid. ``input_hash`` is ``input_hash_of`` the request JSON and the posted body.
+        volume's grid. ``input_hash`` is ``input_hash_of`` (``inference.protocol.input_hash``) of the request JSON
+        and the posted body.
         """
         spec, params, version = self.check_request(json_input, command)
         if not spec.volume_input:
@@ -159,20 +151,33 @@ class Pipeline:
         with request_tags(input_hash=input_hash):  # the handler's own TaggedLoggers carry the hash too
             context = HandlerContext(spec.command, json_input, params, input_hash, self.settings, version, (),
                                      volume=volume)
-            started = time.perf_counter()
-            response_json, buffers = spec.handler([], context)
-            response_json, buffers = protocol.prepare_output(response_json, buffers)
-            seconds = time.perf_counter() - started
             grid = dict(zip(("depth", "height", "width"), volume.voxels.shape, strict=True))
-            for part in response_json["parts"]:
-                shape = part.get("binary_data_shape", {})
-                if "depth" in shape and {key: shape[key] for key in grid} != grid:
-                    raise OutputValidationError(f"{spec.command} returned a {part['binary_type']} of "
-                                                         f"{shape}, not on the posted volume's grid {grid}")
-            metrics.observe_model(spec.command, json_input.get("model_version"), seconds)
-            log.info("%s on a posted volume %s: %s in %.3fs", spec.command, volume.voxels.shape,
-                     ", ".join(p["binary_type"] for p in response_json["parts"]) or "JSON only", seconds)
-            return InferenceResult(spec.command, response_json, buffers, input_hash, seconds)
+
+            def on_the_volume(response_json: dict) -> None:
+                for part in response_json["parts"]:
+                    shape = part.get("binary_data_shape", {})
+                    if "depth" in shape and {key: shape[key] for key in grid} != grid:
+                        raise OutputValidationError(f"{spec.command} returned a {part['binary_type']} of "
+                                                    f"{shape}, not on the posted volume's grid {grid}")
+
+            return self._run_handler(spec, json_input, context, [], f"a posted volume {volume.voxels.shape}",
+                                     on_the_volume)
+
+    def _run_handler(self, spec: HandlerSpec, json_input: dict, context: HandlerContext, instances: list,
+                     described: str, check: Callable[[dict], None] | None = None) -> InferenceResult:
+        """Run the handler and check its output, the same for every kind of input: the protocol's rules
+        (``prepare_output``), ``check`` (the input's own), the response size limit; timed, counted, logged."""
+        started = time.perf_counter()
+        response_json, buffers = spec.handler(instances, context)
+        response_json, buffers = protocol.prepare_output(response_json, buffers)
+        seconds = time.perf_counter() - started
+        if check is not None:
+            check(response_json)
+        metrics.observe_model(spec.command, json_input.get("model_version"), seconds)
+        protocol.check_response_size(buffers, len(json.dumps(response_json)), self.settings.max_response_bytes)
+        log.info("%s on %s: %s in %.3fs", spec.command, described,
+                 ", ".join(p["binary_type"] for p in response_json["parts"]) or "JSON only", seconds)
+        return InferenceResult(spec.command, response_json, buffers, context.input_hash, seconds)
 
     def run_body(self, body: ParsedBody, *, command: str | None = None) -> InferenceResult:
         """Run on a parsed request body: part 0 is the request JSON, the rest are the instances."""
@@ -232,15 +237,6 @@ class WarmUp:
         if self.degraded:
             return "DEGRADED: " + "; ".join(f"{command}: {why}" for command, why in self.degraded.items())
         return "READY"
-
-
-def input_hash_of(parts: Iterable[bytes]) -> str:
-    """The input hash of a request that is not multipart (a posted volume): SHA-256 of its parts' contents in
-    order, the request JSON first, exactly as an upload's parts are hashed (``parse_multipart_related``)."""
-    digest = hashlib.sha256()
-    for part in parts:
-        digest.update(part)
-    return digest.hexdigest()
 
 
 def request_json(body: ParsedBody) -> dict:

@@ -98,10 +98,12 @@ def send_inference_request(
     token: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     timeout: float | None = None,
+    session: requests.Session | None = None,
 ) -> InferenceResponse:
     """POST a study (or, with no files, a JSON-only ``studyPath`` request) and decode the answer.
 
-    ``progress(sent, total)`` is called as the body goes out. Raises ``InferenceRequestError``
+    ``progress(sent, total)`` is called as the body goes out; ``session`` carries TLS settings (CA file,
+    client certificate) when the server needs them. Raises ``InferenceRequestError``
     for an error status; the caller checks the result with ``inference.protocol.rules``.
     """
     headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -115,7 +117,7 @@ def send_inference_request(
         headers["Content-Type"] = related_content_type(encoder)
         body = MultipartEncoderMonitor(encoder, (lambda m: progress(m.bytes_read, size)) if progress else None)
     try:
-        response = requests.post(url, data=body, headers=headers, timeout=timeout)
+        response = (session or requests).post(url, data=body, headers=headers, timeout=timeout)
     finally:
         if files:
             close_request_files(encoder)

@@ -9,11 +9,10 @@ same way (``parts_from_files``).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -29,6 +28,7 @@ from inference.errors import (
     RequestTimeout,
     UnsupportedMediaType,
 )
+from inference.protocol.input_hash import file_chunks, input_hasher
 
 READ_CHUNK = 1024 * 1024
 READ_AHEAD = 64 * 1024
@@ -306,7 +306,7 @@ def parse_multipart_related(
         raise PayloadTooLarge(f"request body of {content_length} bytes exceeds the limit of {max_bytes} bytes")
     # hashed on this thread: a hashing thread beside the parser measured slower (it takes the GIL back
     # after each piece while the parser and the header reads run Python), unlike the response's
-    digest = hashlib.sha256()
+    digest = input_hasher()
     early: dict[int, Any] = {}
     bytes_read = _split_parts(stream, boundary, spool, digest, max_bytes, content_length, on_part, early)
     return ParsedBody(spool.parts, digest.hexdigest(), bytes_read, spool, early)
@@ -361,12 +361,12 @@ def _split_parts(stream: BinaryIO, boundary: bytes, spool: PartSpool, digest: An
 
 def parts_from_files(json_bytes: bytes, paths: Iterable[Path], spool: PartSpool) -> ParsedBody:
     """Parts (and their hash) of a JSON part and files on disk, as if they had been uploaded."""
-    digest = hashlib.sha256()
+    digest = input_hasher()
     total = 0
     sources: list[tuple[list[tuple[str, str]], Iterable[bytes]]] = [
         ([("Content-Type", "application/json")], [json_bytes])]
     sources += [([("Content-Type", "application/dicom"),
-                  ("Content-Disposition", f'form-data; name="file"; filename="{path.name}"')], _file_chunks(path))
+                  ("Content-Disposition", f'form-data; name="file"; filename="{path.name}"')], file_chunks(path))
                 for path in paths]
     for headers, chunks in sources:
         part = spool.begin_part(headers)
@@ -375,9 +375,3 @@ def parts_from_files(json_bytes: bytes, paths: Iterable[Path], spool: PartSpool)
             spool.append(part, chunk)
             total += len(chunk)
     return ParsedBody(spool.parts, digest.hexdigest(), total, spool)
-
-
-def _file_chunks(path: Path) -> Iterator[bytes]:
-    with open(path, "rb") as handle:
-        while chunk := handle.read(READ_CHUNK):
-            yield chunk

@@ -14,13 +14,13 @@ import dataclasses
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol, cast
 
-import redis
-
-from inference.errors import ServiceUnavailable
+from inference.storage.backend import REDIS, Backend
+from inference.storage.migrations import RADIOMICS, open_sqlite, redis_prefix
+from inference.storage.redis_client import client_for, reaching
+from inference.storage.sqlite import connection
 
 FEEDBACK, TELEMETRY = "feedback", "telemetry"
 
@@ -37,6 +37,19 @@ class Segmentation:
     received: float = dataclasses.field(default_factory=time.time)
     error_code: int = 0
     error: str = ""
+
+    def to_json(self) -> dict:
+        """The record as the stores keep it."""
+        return {"uid": self.uid, "model_id": self.model_id, "family": self.family, "version": self.version,
+                "input_hash": self.input_hash, "received": self.received, "error_code": self.error_code,
+                "error": self.error}
+
+    @classmethod
+    def from_json(cls, values: dict) -> Segmentation:
+        """The record of stored JSON: the fields this release knows, a default for any a record lacks."""
+        return cls(uid=values["uid"], model_id=values["model_id"], family=values["family"],
+                   version=values["version"], input_hash=values["input_hash"], received=values["received"],
+                   error_code=values.get("error_code", 0), error=values.get("error", ""))
 
 
 class RadiomicsRecords(Protocol):
@@ -67,52 +80,36 @@ class RadiomicsRecords(Protocol):
         ...
 
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS segmentations (uid TEXT PRIMARY KEY, received REAL NOT NULL, record TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS segmentations_received ON segmentations (received);
-CREATE TABLE IF NOT EXISTS entries (id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, entry TEXT NOT NULL);
-"""
-
-
 class SqliteRadiomicsRecords:
     """The records in one SQLite file (WAL, a connection per call: safe across gunicorn's workers)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(SCHEMA)
+        open_sqlite(self.path, RADIOMICS)  # created at this release's schema, or refused at another one
 
-    @contextlib.contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30.0)
-        try:
-            with db:  # one transaction, committed on success
-                yield db
-        finally:
-            db.close()
+    def _connect(self, *, write: bool = False) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return connection(self.path, write=write)
 
     def add_segmentation(self, record: Segmentation) -> None:
-        with self._connect() as db:
-            db.execute("INSERT OR REPLACE INTO segmentations VALUES (?, ?, ?)",
-                       (record.uid, record.received, json.dumps(dataclasses.asdict(record))))
+        with self._connect(write=True) as db:
+            db.execute("INSERT OR REPLACE INTO segmentations (uid, received, record) VALUES (?, ?, ?)",
+                       (record.uid, record.received, json.dumps(record.to_json())))
 
     def segmentation(self, uid: str) -> Segmentation | None:
         with self._connect() as db:
             row = db.execute("SELECT record FROM segmentations WHERE uid = ?", (uid,)).fetchone()
-        return None if row is None else Segmentation(**json.loads(row[0]))
+        return None if row is None else Segmentation.from_json(json.loads(row[0]))
 
     def segmentations_before(self, received: float) -> list[str]:
         with self._connect() as db:
             return [row[0] for row in db.execute("SELECT uid FROM segmentations WHERE received < ?", (received,))]
 
     def remove_segmentation(self, uid: str) -> None:
-        with self._connect() as db:
+        with self._connect(write=True) as db:
             db.execute("DELETE FROM segmentations WHERE uid = ?", (uid,))
 
     def add_entry(self, kind: str, entry: dict) -> None:
-        with self._connect() as db:
+        with self._connect(write=True) as db:
             db.execute("INSERT INTO entries (kind, entry) VALUES (?, ?)", (kind, json.dumps(entry)))
 
     def entries(self, kind: str) -> list[dict]:
@@ -124,32 +121,25 @@ class SqliteRadiomicsRecords:
 class RedisRadiomicsRecords:
     """The records in Redis: a hash per segmentation (plus a sorted set by arrival), a list per entry kind."""
 
-    PREFIX = "inference:radiomics:"
+    PREFIX = redis_prefix() + "radiomics:"
 
     def __init__(self, url: str) -> None:
-        self.client = redis.Redis.from_url(url, socket_connect_timeout=2.0, socket_timeout=10.0)
-        kwargs = self.client.connection_pool.connection_kwargs
-        self.where = f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
+        self.client = client_for(url)
 
-    @contextlib.contextmanager
-    def _reaching(self) -> Iterator[None]:
-        try:
-            yield
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise ServiceUnavailable(f"the Radiomics records (Redis at {self.where}) are unreachable ({exc}); "
-                                     "retry later") from exc
+    def _reaching(self) -> contextlib.AbstractContextManager[None]:
+        return reaching(self.client, "Radiomics records")
 
     def add_segmentation(self, record: Segmentation) -> None:
         with self._reaching():
             pipe = self.client.pipeline()
-            pipe.set(f"{self.PREFIX}segmentation:{record.uid}", json.dumps(dataclasses.asdict(record)))
+            pipe.set(f"{self.PREFIX}segmentation:{record.uid}", json.dumps(record.to_json()))
             pipe.zadd(f"{self.PREFIX}segmentations", {record.uid: record.received})
             pipe.execute()
 
     def segmentation(self, uid: str) -> Segmentation | None:
         with self._reaching():
             value = cast("bytes | None", self.client.get(f"{self.PREFIX}segmentation:{uid}"))
-        return None if value is None else Segmentation(**json.loads(value))
+        return None if value is None else Segmentation.from_json(json.loads(value))
 
     def segmentations_before(self, received: float) -> list[str]:
         with self._reaching():
@@ -172,3 +162,10 @@ class RedisRadiomicsRecords:
         with self._reaching():
             values = cast("list[bytes]", self.client.lrange(f"{self.PREFIX}{kind}", 0, -1))
         return [json.loads(value) for value in values]
+
+
+def radiomics_records(backend: Backend) -> RadiomicsRecords:
+    """The records of ``backend``: its Redis (the broker's) with celery, else ``radiomics.sqlite3`` beside the jobs."""
+    if backend.kind == REDIS:
+        return RedisRadiomicsRecords(backend.url)
+    return SqliteRadiomicsRecords(backend.folder / "radiomics.sqlite3")

@@ -34,28 +34,30 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flask import Response, g, request
+from flask import Blueprint, Response, g, request
+from flask.blueprints import BlueprintSetupState
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError, Message
 
 from inference import metrics
-from inference.config import Settings
 from inference.errors import GatewayError
+from inference.http.current import audit_event, may_read
+from inference.http.roles import needs
 from inference.jobs.executor import VOLUME_JOB, save_volume_input, volume_input_folder
 from inference.jobs.store import COMPLETED, FAILED, FINISHED, QUEUED, RUNNING, Job, JobRecords, JobRunner
 from inference.logs import TaggedLogger
-from inference.pipeline.pipeline import Pipeline, input_hash_of
+from inference.pipeline.pipeline import Pipeline
+from inference.protocol.input_hash import input_hash_of
 from inference.radiomics.catalogue import Catalogue, CatalogueModel
 from inference.radiomics.proto import Model_pb2 as M
 from inference.radiomics.records import (
     FEEDBACK,
     TELEMETRY,
     RadiomicsRecords,
-    RedisRadiomicsRecords,
     Segmentation,
-    SqliteRadiomicsRecords,
 )
 from inference.radiomics.volumes import ERROR_CODES, InputRejected, channel_volume, output_channels
+from inference.users import SUBMITTER
 
 log = TaggedLogger(logging.getLogger("inference.radiomics"))
 
@@ -318,17 +320,23 @@ class RadiomicsDoor:
         return removed
 
 
-def add_radiomics_routes(app: Any, pipeline: Pipeline, catalogue: Catalogue, store: JobRecords, runner: JobRunner,
-                         records: RadiomicsRecords) -> RadiomicsDoor:
-    """Serve the Radiomics API on ``app`` (a Gateway), its jobs on ``store`` and ``runner``; the door.
+def radiomics_blueprint(door: RadiomicsDoor) -> Blueprint:
+    """The Radiomics API of ``door``.
 
-    ``/ping`` answers ApiInformation to GET (POST stays the gateway's liveness answer). Requests from
+    Registered on a Gateway, its paths are matched case-insensitively (``CanonicalPaths``) and ``GET /ping``
+    answers ApiInformation (POST stays the gateway's liveness answer). Requests from
     ``INFERENCE_RADIOMICS_NETWORKS`` reach these routes without the bearer token.
     """
-    settings = pipeline.settings
-    door = RadiomicsDoor(pipeline, catalogue, store, runner, records)
-    app.wsgi_app = CanonicalPaths(app.wsgi_app)
+    settings, catalogue = door.settings, door.catalogue
     networks = token_free_networks(settings.radiomics_networks)
+    blueprint = Blueprint("radiomics", __name__)
+
+    def joined(state: BlueprintSetupState) -> None:
+        app: Any = state.app
+        app.wsgi_app = CanonicalPaths(app.wsgi_app)
+        app.ping_information = ping
+
+    blueprint.record_once(joined)
 
     def route(rule: str, method: str, name: str, view: Callable[..., Response]) -> None:
         def serve(**kwargs: str) -> Response:
@@ -347,12 +355,11 @@ def add_radiomics_routes(app: Any, pipeline: Pipeline, catalogue: Catalogue, sto
             (log.error if status >= 500 else log.warning)("%s %s: %d %s", request.method, request.path, status, details)
             return answer(M.BadRequestResponse(ErrorMessage="Invalid request.", ExceptionDetails=details), status)
 
-        app.add_url_rule(rule, name, serve, methods=ALL_METHODS)
-        if networks:
-            app.token_free_networks[name] = networks
+        blueprint.add_url_rule(rule, name, needs(SUBMITTER, token_free_networks=networks)(serve), methods=ALL_METHODS)
 
     def ping() -> Response:
-        return answer(M.ApiInformation(Version=server_version()))
+        # the version only to a client that authenticated (a token): it helps an attacker pick an exploit
+        return answer(M.ApiInformation(Version=server_version() if g.get("user") else "inference-gateway"))
 
     def vendor_status() -> Response:
         url = settings.radiomics_service_url or request.host_url.rstrip("/") + "/api/v2/"
@@ -376,7 +383,7 @@ def add_radiomics_routes(app: Any, pipeline: Pipeline, catalogue: Catalogue, sto
             raise RadiomicsError(400, f"unknown model {model_id!r}; GET /api/v2/Model/ lists the model ids: "
                                       f"{', '.join(catalogue.models) or 'none'}")
         uid, received, input_hash = door.submit(model, read_body(settings.max_request_bytes), g.get("user"))
-        app.audit_event("study-received", input_hash=input_hash, door="radiomics", job=uid, model=model_id)
+        audit_event("study-received", input_hash=input_hash, door="radiomics", job=uid, model=model_id)
         task = M.SegmentationTask(SegmentationID=uid)
         task.StartTime.FromDatetime(datetime.fromtimestamp(received, UTC))
         return answer(task)
@@ -384,8 +391,8 @@ def add_radiomics_routes(app: Any, pipeline: Pipeline, catalogue: Catalogue, sto
     def readable(model_id: str, segmentation_id: str) -> tuple[Segmentation, Job]:
         """The segmentation when this request's user may read it (a submitter: only its own)."""
         record, job = door.find(model_id, segmentation_id)
-        if not app.may_read(job.user):
-            app.audit_event("result-viewed", outcome="refused", input_hash=record.input_hash, door="radiomics",
+        if not may_read(job.user):
+            audit_event("result-viewed", outcome="refused", input_hash=record.input_hash, door="radiomics",
                             job=job.uid)
             raise RadiomicsError(403, f"segmentation {segmentation_id} was posted by another user; a submitter "
                                       "reads only its own")
@@ -397,7 +404,7 @@ def add_radiomics_routes(app: Any, pipeline: Pipeline, catalogue: Catalogue, sto
     def get_result(model_id: str, segmentation_id: str) -> Response:
         record, job = readable(model_id, segmentation_id)
         result = door.result(record, job)
-        app.audit_event("result-downloaded", input_hash=record.input_hash, door="radiomics", job=job.uid,
+        audit_event("result-downloaded", input_hash=record.input_hash, door="radiomics", job=job.uid,
                         model=model_id)
         return answer(result)
 
@@ -409,7 +416,7 @@ def add_radiomics_routes(app: Any, pipeline: Pipeline, catalogue: Catalogue, sto
             raise RadiomicsError(400, "scores are between 0 and 1 inclusive (leave Score out for 'not rated')")
         entry = door.keep(FEEDBACK, feedback, feedback.SegmentationID, None,
                           "accepted" if feedback.SegmentationAccepted else "rejected")
-        app.audit_event("feedback-received", input_hash=entry["input_hash"], door="radiomics",
+        audit_event("feedback-received", input_hash=entry["input_hash"], door="radiomics",
                         job=feedback.SegmentationID, accepted=feedback.SegmentationAccepted)
         return Response("feedback stored", mimetype="text/plain")
 
@@ -417,7 +424,7 @@ def add_radiomics_routes(app: Any, pipeline: Pipeline, catalogue: Catalogue, sto
         telemetry = parse(M.SegmentationTelemetry, read_body(MAX_MESSAGE_BYTES))
         entry = door.keep(TELEMETRY, telemetry, telemetry.SegmentationID, telemetry.ModelID,
                           M.SegmentationTelemetry.ClientErrorType.Name(telemetry.ClientError))
-        app.audit_event("telemetry-received", input_hash=entry["input_hash"], door="radiomics",
+        audit_event("telemetry-received", input_hash=entry["input_hash"], door="radiomics",
                         job=telemetry.SegmentationID, model=entry["model_id"])
         return Response("telemetry stored", mimetype="text/plain")
 
@@ -430,21 +437,7 @@ def add_radiomics_routes(app: Any, pipeline: Pipeline, catalogue: Catalogue, sto
     route("/api/v2/Model/<model_id>/segmentation/<segmentation_id>/result", "GET", "radiomics_result", get_result)
     route("/api/v2/Feedback/segmentation", "POST", "radiomics_feedback", post_feedback)
     route("/api/v2/Telemetry/segmentation", "POST", "radiomics_telemetry", post_telemetry)
-    gateway_ping = app.view_functions["ping"]
-
-    def ping_either() -> Response:
-        """GET: the server's version (ApiInformation, the Radiomics ping); POST: the gateway's liveness answer."""
-        return ping() if request.method == "GET" else app.make_response(gateway_ping())
-
-    app.view_functions["ping"] = ping_either
-    return door
-
-
-def records_for(settings: Settings) -> RadiomicsRecords:
-    """The records of the configured job backend: Redis (the broker's) with celery, else SQLite beside the jobs."""
-    if settings.job_backend == "celery":
-        return RedisRadiomicsRecords(settings.broker_url)
-    return SqliteRadiomicsRecords(Path(settings.output_root) / "radiomics.sqlite3")
+    return blueprint
 
 
 def family_commands(pipeline: Pipeline) -> dict[str, str]:

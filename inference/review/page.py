@@ -1,8 +1,9 @@
 """The reviewer's page (``GET /review/``): the queue, one result as the test tool shows it, and the decisions.
 
 The page itself holds no patient data and needs no token: it asks for the reviewer's bearer token
-(kept in the tab's sessionStorage) and reads everything through the reviewer routes
-(``inference.review.routes``) with it, so each view and decision is the reviewer's in the audit trail.
+(kept in the page's memory only, never in web storage a script could read) and reads everything through
+the reviewer routes (``inference.review.routes``) with it, so each view and decision is the reviewer's in the audit
+trail.
 """
 
 REVIEW_PAGE = """<!doctype html>
@@ -32,10 +33,8 @@ img{max-width:32%;margin:.2em;border:1px solid #333}button{margin:.3em;padding:.
 "use strict";
 const $ = (id) => document.getElementById(id);
 let current = null;
-$("token").value = sessionStorage.getItem("reviewToken") || "";
 function headers(extra) {
   const token = $("token").value.trim();
-  sessionStorage.setItem("reviewToken", token);
   return Object.assign(token ? {"Authorization": "Bearer " + token} : {}, extra || {});
 }
 async function call(path, options) {
@@ -110,6 +109,5 @@ $("correct").addEventListener("click", () => {
   form.append("file", $("seg").files[0]);
   decide("correct", {body: form}, "Correction uploaded");
 });
-if ($("token").value) loadQueue();
 </script></body></html>
 """

@@ -32,9 +32,12 @@ from flask import g, request
 from PIL import Image
 
 from inference import protocol
+from inference.config import Settings
 from inference.dicom.results import Algorithm
 from inference.dicom.writing import dataset_bytes
 from inference.errors import BadRequest, Conflict, NotFound, UnprocessableInput, UnsupportedMediaType
+from inference.http.current import audit_event
+from inference.http.roles import PUBLIC, needs
 from inference.jobs.executor import job_root
 from inference.jobs.reviews import ACCEPTED, AWAITING, CORRECTED, REJECTED, Review, ReviewRecords
 from inference.jobs.store import Job, JobRecords
@@ -55,13 +58,16 @@ IMAGES_KEPT = 32
 MAX_CORRECTION_BYTES = 256 * 1024**2
 
 
-def add_review_routes(app: Any, jobs: JobRecords, reviews: ReviewRecords, records: RadiomicsRecords,
-                      registry: ModelRegistry, on_decision: Sequence[Callable[[Review], object]] = ()) -> None:
-    """Serve the reviewer's routes and page on ``app`` (a Gateway) for the jobs of ``jobs``; each new decision
-    is also passed to ``on_decision`` (e.g. the hippocampus result history, so a rejected result is no prior)."""
-    settings = app.settings
+def review_blueprint(settings: Settings, jobs: JobRecords, reviews: ReviewRecords, records: RadiomicsRecords,
+                     registry: ModelRegistry,
+                     on_decision: Sequence[Callable[[Review], object]] = ()) -> flask.Blueprint:
+    """The reviewer's routes and page for the jobs of ``jobs``; each new decision is also passed to ``on_decision``
+    (e.g. the hippocampus result history, so a rejected result is no prior). Registered on a Gateway, the review
+    counts join its ``/metrics``."""
     overdue_seconds = settings.review_overdue_seconds
-    app.metrics_collectors.append(ReviewCollector(reviews, lambda: records, overdue_seconds))
+    blueprint = flask.Blueprint("review", __name__)
+    blueprint.record_once(lambda state: state.app.metrics_collectors.append(  # type: ignore[attr-defined]
+        ReviewCollector(reviews, lambda: records, overdue_seconds)))
 
     def described(review: Review) -> dict:
         return {**review.to_json(), "overdue": is_overdue(review, overdue_seconds)}
@@ -93,7 +99,8 @@ def add_review_routes(app: Any, jobs: JobRecords, reviews: ReviewRecords, record
         return None
 
     def audit(event: str, review: Review, **fields: Any) -> None:
-        app.audit_event(event, study_uid=review.study_uid, input_hash=review.input_hash, job=review.uid, **fields)
+        audit_event(event, study_uid=review.study_uid,
+                    input_hash=review.input_hash, job=review.uid, **fields)
 
     def decided(review: Review, changed: bool, event: str, **fields: Any) -> flask.Response:
         if changed:
@@ -109,14 +116,16 @@ def add_review_routes(app: Any, jobs: JobRecords, reviews: ReviewRecords, record
             audit(event, review, decision=review.status, repeated=True)
         return flask.jsonify({"review": described(review), "new": changed})
 
-    @app.get("/reviews")
+    @blueprint.get("/reviews")
+    @needs(REVIEWER)
     def reviews_queue() -> flask.Response:
         everything = request.args.get("status") == "all"
         items = [described(r) for r in reviews.all() if everything or r.status == AWAITING]
         return flask.jsonify({"reviews": items, "awaiting": sum(r["status"] == AWAITING for r in items),
                               "overdue": sum(r["overdue"] for r in items), "overdue_seconds": overdue_seconds})
 
-    @app.get("/reviews/<uid>")
+    @blueprint.get("/reviews/<uid>")
+    @needs(REVIEWER)
     def review_show(uid: str) -> flask.Response:
         review, job, output = held(uid)
         response_json = json.loads((output / "response.json").read_text(encoding="utf-8"))
@@ -159,7 +168,8 @@ def add_review_routes(app: Any, jobs: JobRecords, reviews: ReviewRecords, record
                 drawn.popitem(last=False)
         return pngs
 
-    @app.get("/reviews/<uid>/images/<int:number>.png")
+    @blueprint.get("/reviews/<uid>/images/<int:number>.png")
+    @needs(REVIEWER)
     def review_image(uid: str, number: int) -> flask.Response:
         review, job, output = held(uid)
         images = review_images(review, job, output)
@@ -168,13 +178,15 @@ def add_review_routes(app: Any, jobs: JobRecords, reviews: ReviewRecords, record
         audit("result-viewed", review, path=request.path)
         return flask.Response(images[number], mimetype="image/png")
 
-    @app.post("/reviews/<uid>/accept")
+    @blueprint.post("/reviews/<uid>/accept")
+    @needs(REVIEWER)
     def review_accept(uid: str) -> flask.Response:
         held(uid)
         review, changed = reviews.decide(uid, ACCEPTED, g.get("user"))
         return decided(review, changed, "result-accepted")
 
-    @app.post("/reviews/<uid>/reject")
+    @blueprint.post("/reviews/<uid>/reject")
+    @needs(REVIEWER)
     def review_reject(uid: str) -> flask.Response:
         held(uid)
         body = request.get_json(silent=True) if request.mimetype == "application/json" else None
@@ -184,7 +196,8 @@ def add_review_routes(app: Any, jobs: JobRecords, reviews: ReviewRecords, record
         review, changed = reviews.decide(uid, REJECTED, g.get("user"), reason=reason.strip()[:2000])
         return decided(review, changed, "result-rejected")
 
-    @app.post("/reviews/<uid>/correct")
+    @blueprint.post("/reviews/<uid>/correct")
+    @needs(REVIEWER)
     def review_correct(uid: str) -> flask.Response:
         review, job, output = held(uid)
         if review.status == CORRECTED:
@@ -225,14 +238,13 @@ def add_review_routes(app: Any, jobs: JobRecords, reviews: ReviewRecords, record
             raise
         return decided(review, changed, "result-corrected", mean_dice=details["mean_dice"])
 
+    @blueprint.get("/review/")
+    @needs(PUBLIC)  # the page's shell holds no data: it asks for a token and reads through the routes above
     def review_page() -> flask.Response:
         """The reviewer's page: the queue, a result's images and volumes, the decisions (it asks for the token)."""
         return flask.Response(REVIEW_PAGE, mimetype="text/html")
 
-    app.add_url_rule("/review/", "review_page", review_page)
-    for endpoint in ("reviews_queue", "review_show", "review_image", "review_accept", "review_reject",
-                     "review_correct"):
-        app.route_roles[endpoint] = REVIEWER
+    return blueprint
 
 
 def uploaded_seg() -> bytes:

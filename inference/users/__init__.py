@@ -17,15 +17,15 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
-import redis
-
-from inference.config import Settings
-from inference.errors import ServiceUnavailable
+from inference.storage.backend import REDIS, Backend
+from inference.storage.migrations import JOBS, open_sqlite, redis_prefix
+from inference.storage.redis_client import client_for, reaching
+from inference.storage.sqlite import connection
 
 SUBMITTER, REVIEWER, ADMIN = "submitter", "reviewer", "admin"
 #: Roles, lowest first: each may do what the ones before it may.
@@ -33,6 +33,11 @@ ROLES = (SUBMITTER, REVIEWER, ADMIN)
 #: scrypt's cost (n, r, p): about 16 MiB and tens of milliseconds per check; a verified token is
 #: remembered by its SHA-256 for the process's life, so a request pays it once.
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
+
+
+#: What an unknown or revoked id's secret is checked against, at a known id's cost.
+UNKNOWN_ID_SALT = bytes(16)
+UNKNOWN_ID_HASH = "0" * 128
 
 
 def role_allows(role: str, needed: str) -> bool:
@@ -60,6 +65,23 @@ class User:
     def describe(self) -> dict:
         """What ``list`` shows: never the salt or hash."""
         return {"name": self.name, "role": self.role, "created": self.created, "revoked": self.revoked}
+
+    def to_row(self) -> dict[str, Any]:
+        """The user as the users table's row by column (``COLUMNS``), and its Redis hash's fields."""
+        return {"name": self.name, "role": self.role, "token_id": self.token_id, "salt": self.salt,
+                "token_hash": self.token_hash, "created": self.created, "revoked": self.revoked}
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> User:
+        """The user of a stored row: the fields this release knows (a Redis hash's values are text)."""
+        revoked = row.get("revoked")
+        return cls(name=row["name"], role=row["role"], token_id=row["token_id"], salt=row["salt"],
+                   token_hash=row["token_hash"], created=float(row["created"]),
+                   revoked=float(revoked) if revoked not in (None, "") else None)
+
+
+#: The users table's columns (``inference.storage.migrations.JOBS`` makes them).
+COLUMNS = ("name", "role", "token_id", "salt", "token_hash", "created", "revoked")
 
 
 def new_user(name: str, role: str) -> tuple[User, str]:
@@ -107,35 +129,24 @@ class SqliteUsers:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._reader: sqlite3.Connection | None = None
         self._reader_pid = 0
         self._reader_lock = threading.Lock()
-        with self._connect() as db:
-            db.execute("CREATE TABLE IF NOT EXISTS users (name TEXT PRIMARY KEY, role TEXT NOT NULL, "
-                       "token_id TEXT NOT NULL UNIQUE, salt TEXT NOT NULL, token_hash TEXT NOT NULL, "
-                       "created REAL NOT NULL, revoked REAL)")
+        open_sqlite(self.path, JOBS)  # created at this release's schema, or refused at another one
 
-    @contextlib.contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30.0)
-        db.row_factory = sqlite3.Row
-        try:
-            with db:
-                yield db
-        finally:
-            db.close()
+    def _connect(self, *, write: bool = False) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return connection(self.path, write=write)
 
     def _one(self, where: str, value: str) -> User | None:
         with self._connect() as db:
-            row = db.execute(f"SELECT * FROM users WHERE {where} = ?", (value,)).fetchone()
-        return None if row is None else User(**dict(row))
+            row = db.execute(f"SELECT {', '.join(COLUMNS)} FROM users WHERE {where} = ?", (value,)).fetchone()
+        return None if row is None else User.from_row(dict(row))
 
     def add(self, user: User) -> None:
         try:
-            with self._connect() as db:
-                db.execute("INSERT INTO users VALUES (:name, :role, :token_id, :salt, :token_hash, :created, :revoked)",
-                           asdict(user))
+            with self._connect(write=True) as db:
+                db.execute(f"INSERT INTO users ({', '.join(COLUMNS)}) VALUES ({', '.join(':' + c for c in COLUMNS)})",
+                           user.to_row())
         except sqlite3.IntegrityError:
             raise ValueError(f"user {user.name!r} already exists (revoked names stay taken)") from None
 
@@ -147,10 +158,11 @@ class SqliteUsers:
 
     def all(self) -> list[User]:
         with self._connect() as db:
-            return [User(**dict(row)) for row in db.execute("SELECT * FROM users ORDER BY name")]
+            rows = db.execute(f"SELECT {', '.join(COLUMNS)} FROM users ORDER BY name").fetchall()
+        return [User.from_row(dict(row)) for row in rows]
 
     def revoke(self, name: str) -> bool:
-        with self._connect() as db:
+        with self._connect(write=True) as db:
             cursor = db.execute("UPDATE users SET revoked = ? WHERE name = ? AND revoked IS NULL", (time.time(), name))
         return cursor.rowcount == 1
 
@@ -168,30 +180,23 @@ class RedisUsers:
     """Users in the celery backend's Redis: hash ``inference:user:<name>``, index ``inference:user-token:<id>``,
     sets of every name and of the active ones."""
 
-    PREFIX, TOKEN_PREFIX = "inference:user:", "inference:user-token:"
-    ALL, ACTIVE = "inference:users", "inference:users-active"
+    PREFIX, TOKEN_PREFIX = redis_prefix() + "user:", redis_prefix() + "user-token:"
+    ALL, ACTIVE = redis_prefix() + "users", redis_prefix() + "users-active"
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.redis = redis.Redis.from_url(url, socket_connect_timeout=2.0, socket_timeout=10.0,
-                                          decode_responses=True)
+        self.redis = client_for(url)
 
-    @contextlib.contextmanager
-    def _reaching(self) -> Iterator[None]:
-        try:
-            yield
-        except redis.RedisError as exc:
-            raise ServiceUnavailable(f"the user store (Redis) is unreachable: {exc}") from None
+    def _reaching(self) -> contextlib.AbstractContextManager[None]:
+        return reaching(self.redis, "user store")
 
-    def _load(self, values: dict) -> User | None:
+    def _load(self, values: dict[bytes, bytes]) -> User | None:
         if not values:
             return None
-        revoked = values.get("revoked")
-        return User(values["name"], values["role"], values["token_id"], values["salt"], values["token_hash"],
-                    float(values["created"]), float(revoked) if revoked else None)
+        return User.from_row({key.decode(): value.decode() for key, value in values.items()})
 
     def add(self, user: User) -> None:
-        values = {key: "" if value is None else str(value) for key, value in asdict(user).items()}
+        values = {key: "" if value is None else str(value) for key, value in user.to_row().items()}
         with self._reaching():
             if not self.redis.hsetnx(self.PREFIX + user.name, "name", user.name):
                 raise ValueError(f"user {user.name!r} already exists (revoked names stay taken)")
@@ -205,16 +210,17 @@ class RedisUsers:
     def get(self, name: str) -> User | None:
         with self._reaching():
             # redis-py types its sync and asyncio clients as one: this (sync) client answers plain values
-            return self._load(cast("dict", self.redis.hgetall(self.PREFIX + name)))
+            return self._load(cast("dict[bytes, bytes]", self.redis.hgetall(self.PREFIX + name)))
 
     def by_token_id(self, token_id: str) -> User | None:
         with self._reaching():
-            name = cast("str | None", self.redis.get(self.TOKEN_PREFIX + token_id))
-            return None if name is None else self._load(cast("dict", self.redis.hgetall(self.PREFIX + name)))
+            name = cast("bytes | None", self.redis.get(self.TOKEN_PREFIX + token_id))
+            return None if name is None else self._load(
+                cast("dict[bytes, bytes]", self.redis.hgetall(self.PREFIX + name.decode())))
 
     def all(self) -> list[User]:
         with self._reaching():
-            names = sorted(cast("set[str]", self.redis.smembers(self.ALL)))
+            names = sorted(name.decode() for name in cast("set[bytes]", self.redis.smembers(self.ALL)))
         return [user for user in map(self.get, names) if user is not None]
 
     def revoke(self, name: str) -> bool:
@@ -252,6 +258,8 @@ class Authenticator:
             return None
         user = self.store.by_token_id(token_id)
         if user is None or user.revoked is not None:
+            # the same scrypt as a known id: the answer's time tells nothing about which ids exist
+            hmac.compare_digest(hash_secret(secret, UNKNOWN_ID_SALT), UNKNOWN_ID_HASH)
             return None
         key = hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
         with self._guard:
@@ -266,8 +274,8 @@ class Authenticator:
         return user
 
 
-def user_store(settings: Settings) -> UserStore:
-    """The users of ``settings``' job store: Redis with the celery backend, else the local SQLite file."""
-    if settings.job_backend == "celery":
-        return RedisUsers(settings.broker_url)
-    return SqliteUsers(Path(settings.output_root) / "jobs.sqlite3")
+def user_store(backend: Backend) -> UserStore:
+    """The users of ``backend``, beside its jobs: Redis with the celery backend, else the job file."""
+    if backend.kind == REDIS:
+        return RedisUsers(backend.url)
+    return SqliteUsers(backend.folder / "jobs.sqlite3")

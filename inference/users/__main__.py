@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from inference.audit import audit_log
 from inference.config import get_settings
+from inference.storage.backend import checked_backend
 from inference.users import ROLES, new_user, user_store
 
 
@@ -29,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     revoke.add_argument("name")
     args = parser.parse_args(argv)
     settings = get_settings()
-    store, audit = user_store(settings), audit_log(settings)
+    store, audit = user_store(checked_backend(settings)), audit_log(settings)
     operator = f"cli:{getpass.getuser()}"
     if args.command == "add":
         try:
