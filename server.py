@@ -30,6 +30,7 @@ from inference.radiomics.catalogue import Catalogue
 from inference.radiomics.records import radiomics_records
 from inference.radiomics.routes import RadiomicsDoor, family_commands, radiomics_blueprint
 from inference.review.feedback import version_figures
+from inference.review.page import REVIEW_PAGE
 from inference.review.routes import review_blueprint
 from inference.storage.backend import checked_backend
 from inference.users import Authenticator, user_store
@@ -79,7 +80,8 @@ def create_app(mode: str | None = None, settings: Settings | None = None, *,
         raise SystemExit(f"model manifest: {exc}") from None
     pipeline = Pipeline(settings, REGISTRY, commands=commands, default_command=default)
     app = Gateway(__name__, pipeline=pipeline)
-    security_headers.install(app, settings)  # inference/http/headers.py: on every answer
+    # inference/http/headers.py: on every answer; the review page's CSP allows its own inline script and style
+    security_headers.install(app, settings, pages={"/review/": REVIEW_PAGE})
     auth_throttle.install(app, settings)  # inference/http/throttle.py: failed authentications audited, throttled
     backend = checked_backend(settings)  # the stores' backend: a store of another schema version stops here
     app.users = Authenticator(user_store(backend))  # named users, on the job store (python -m inference.users)

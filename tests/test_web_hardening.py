@@ -15,7 +15,7 @@ import requests
 
 import inference.users as users_module
 from inference.config import Settings
-from inference.http.headers import PAGE_CSPS
+from inference.http.headers import page_csp
 from inference.review.page import REVIEW_PAGE
 from tests.conftest import RunningServer, write_study
 from tests.test_page import browser  # noqa: F401  (the fixture: Debian's chromium through Playwright)
@@ -71,7 +71,7 @@ def test_patient_data_answers_are_not_cached(app):
 
 
 def test_the_review_page_policy_runs_only_its_own_script_and_style():
-    policy = PAGE_CSPS["/review/"]
+    policy = page_csp(REVIEW_PAGE)
     assert "'unsafe-inline'" not in policy and "'unsafe-eval'" not in policy
     assert policy.count("'sha256-") == REVIEW_PAGE.count("<script>") + REVIEW_PAGE.count("<style>") == 2
     assert "default-src 'none'" in policy and "frame-ancestors 'none'" in policy

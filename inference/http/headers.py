@@ -16,7 +16,6 @@ import re
 import flask
 
 from inference.config import Settings
-from inference.review.page import REVIEW_PAGE
 
 #: Strict-Transport-Security when the gateway serves HTTPS: two years, as browsers' preload lists ask.
 HSTS = "max-age=63072000"
@@ -37,18 +36,17 @@ def page_csp(page: str) -> str:
             "img-src 'self' blob:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
 
 
-#: The pages the gateway serves, by path, and their policies (computed once from the page text).
-PAGE_CSPS = {"/review/": page_csp(REVIEW_PAGE)}
-
-
-def install(app: flask.Flask, settings: Settings) -> None:
-    """Add the security headers to every response ``app`` sends (errors and probes included)."""
+def install(app: flask.Flask, settings: Settings, pages: dict[str, str]) -> dict[str, str]:
+    """Add the security headers to every response ``app`` sends (errors and probes included); ``pages`` maps the
+    path of each HTML page the app serves to its text (its policy is computed once from it). Returns the policies
+    by path. The pages are handed in by the app's builder, so this module stays below the doors that own them."""
     tls = settings.tls_cert is not None
+    page_csps = {path: page_csp(text) for path, text in pages.items()}
 
     @app.after_request
     def security_headers(response: flask.Response) -> flask.Response:
         headers = response.headers
-        headers.setdefault("Content-Security-Policy", PAGE_CSPS.get(flask.request.path, API_CSP))
+        headers.setdefault("Content-Security-Policy", page_csps.get(flask.request.path, API_CSP))
         headers.setdefault("X-Content-Type-Options", "nosniff")
         headers.setdefault("X-Frame-Options", "DENY")
         headers.setdefault("Referrer-Policy", "no-referrer")
@@ -56,3 +54,5 @@ def install(app: flask.Flask, settings: Settings) -> None:
         if tls:
             headers.setdefault("Strict-Transport-Security", HSTS)
         return response
+
+    return page_csps
