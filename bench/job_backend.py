@@ -65,6 +65,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_for_redis(client: redis.Redis, process: subprocess.Popen, what: str, timeout: float = 10) -> None:
+    """Return once ``client``'s server answers a PING; a RuntimeError naming ``what`` if ``process`` exits or
+    ``timeout`` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.ping()
+            return
+        except redis.ConnectionError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not start") from None
+            time.sleep(0.05)
+
+
 class RedisServer:
     """A redis-server on a free loopback port, in a subprocess: without persistence, or with its append-only
     file in ``log_dir``, fsynced at every write (``appendonly``, as the compose file runs it; a restart on
@@ -81,16 +95,7 @@ class RedisServer:
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "yes" if appendonly else "no", "--appendfsync", "always",
              "--dir", str(log_dir)], stdout=self._log, stderr=subprocess.STDOUT)
-        client = redis.Redis.from_url(self.url)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not start on port {self.port}") from None
-                time.sleep(0.05)
+        wait_for_redis(redis.Redis.from_url(self.url), self.process, f"redis-server on port {self.port}")
 
     def stop(self) -> None:
         self.process.terminate()

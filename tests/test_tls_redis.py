@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from bench.job_backend import wait_for_redis
 from inference.config import Settings
 from inference.jobs.celery_backend import job_store
 from inference.storage.backend import backend_for
@@ -43,16 +44,8 @@ class TlsRedis:
         self.url = f"rediss://inference:{PASSWORD}@127.0.0.1:{self.port}/0"
         self.env = {"INFERENCE_BROKER_URL": self.url, "INFERENCE_REDIS_TLS_CA": str(pki.ca_file),
                     "INFERENCE_REDIS_TLS_CERT": str(pki.client_cert), "INFERENCE_REDIS_TLS_KEY": str(pki.client_key)}
-        client = redis.Redis.from_url(self.settings().redis_url())
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"TLS redis-server did not start: {(folder / 'redis.log')}") from None
-                time.sleep(0.05)
+        wait_for_redis(redis.Redis.from_url(self.settings().redis_url()), self.process,
+                       f"TLS redis-server (log: {folder / f'redis-{self.port}.log'})")
 
     def settings(self, **changes) -> Settings:
         tls = {"broker_url": self.url, "redis_tls_ca": Path(self.env["INFERENCE_REDIS_TLS_CA"]),

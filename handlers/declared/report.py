@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from inference.dicom.series import Volume
-from inference.imaging.render import font, overlay_labels, to_rgb, upscale, window_values
+from inference.imaging.render import font, overlay_labels, report_slices, to_rgb, upscale, window_values
 from models.registry import Structure
 
 
@@ -36,12 +36,7 @@ def measure_structures(labels: np.ndarray, volume: Volume, structures: Sequence[
 def render_volume_report(volume: Volume, labels: np.ndarray, structures: Sequence[Structure], measures: dict,
                          model: str, title: str) -> np.ndarray:
     """The report image (RGB uint8): three slices with the overlay, each structure's volume, the model, a warning."""
-    counts = labels.reshape(labels.shape[0], -1).astype(bool).sum(axis=1)
-    present = np.flatnonzero(counts)
-    if present.size:
-        picks = [int(present[int(round(q * (present.size - 1)))]) for q in (0.25, 0.5, 0.75)]
-    else:
-        picks = [labels.shape[0] // 4, labels.shape[0] // 2, 3 * labels.shape[0] // 4]
+    picks = report_slices(labels)
     scale = max(1, 240 // max(volume.voxels.shape[1:]))
     low, high = np.percentile(volume.voxels, [0.5, 99.5])
     colors = {s.label: s.color for s in structures}

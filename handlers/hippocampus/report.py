@@ -12,7 +12,7 @@ from pydicom.sr.coding import Code
 from inference.dicom.results import Algorithm, ExtraMeasurement, measurement_report, segmentation
 from inference.dicom.series import Volume
 from inference.errors import UnprocessableInput
-from inference.imaging.render import font, overlay_labels, to_rgb, upscale, window_values
+from inference.imaging.render import font, overlay_labels, report_slices, to_rgb, upscale, window_values
 from inference.pacs import priors
 from models.quality import SERIES_AXES, short_reason
 from models.registry import Provenance, Structure
@@ -70,12 +70,7 @@ def render_report(volume: Volume, labels: np.ndarray, measures: dict, model_vers
                   change: dict | None = None) -> np.ndarray:
     """The report image (RGB uint8): three slices with the overlay, the volumes with their change since the
     prior, the quality flag with its reasons, the model, a warning."""
-    counts = labels.reshape(labels.shape[0], -1).astype(bool).sum(axis=1)
-    present = np.flatnonzero(counts)
-    if present.size:
-        picks = [int(present[int(round(q * (present.size - 1)))]) for q in (0.25, 0.5, 0.75)]
-    else:
-        picks = [labels.shape[0] // 4, labels.shape[0] // 2, 3 * labels.shape[0] // 4]
+    picks = report_slices(labels)
     scale = max(1, 300 // max(volume.voxels.shape[1:]))
     low, high = np.percentile(volume.voxels, [0.5, 99.5])  # one window for the whole crop
     colors = {s.label: s.color for s in structures}

@@ -142,6 +142,15 @@ def probability_cutoff(threshold: float | None) -> float:
     return DEFAULT_DRAW_THRESHOLD if threshold is None else float(threshold) * 255
 
 
+def report_slices(labels: np.ndarray) -> list[int]:
+    """Three slices (axis 0) for a report: at a quarter, half and three quarters of the slices holding a label,
+    or of the whole volume when none does."""
+    present = np.flatnonzero(labels.reshape(labels.shape[0], -1).any(axis=1))
+    if present.size:
+        return [int(present[int(round(q * (present.size - 1)))]) for q in (0.25, 0.5, 0.75)]
+    return [labels.shape[0] // 4, labels.shape[0] // 2, 3 * labels.shape[0] // 4]
+
+
 def overlay_labels(rgb: np.ndarray, labels: np.ndarray, colors: Mapping[int, Color],
                    alpha: float = MASK_ALPHA) -> np.ndarray:
     """A label map: each value in ``colors`` filled and outlined in its colour (0 and others untouched)."""
